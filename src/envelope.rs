@@ -1,0 +1,345 @@
+//! What travels on weir's topics: events, action tasks and results, and their two encodings.
+//!
+//! Every record carries a `content-type` header (the CloudEvents Kafka binding's name for it).
+//! JSON is the default and what internal topics use; Avro is accepted wherever JSON is, encoded
+//! with Avro's *single-object encoding* (a two-byte marker and the schema fingerprint before the
+//! datum), so a record names its own schema without a registry. The schemas are the files in
+//! `schemas/`, compiled into the binary.
+//!
+//! One codec serves all three types: a value is turned into JSON, its JSON-valued fields (event
+//! `data`, task `input`, result `output`) become JSON text as the schemas declare, and apache-avro
+//! checks the result against the schema while converting it. That keeps the serde structs the
+//! single definition of each record.
+
+use std::sync::OnceLock;
+
+use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value as Json;
+
+/// Header naming the encoding of the payload.
+pub const CONTENT_TYPE: &str = "content-type";
+pub const JSON: &str = "application/json";
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+pub const AVRO: &str = "application/avro";
+
+/// How a payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Json,
+    Avro,
+}
+
+impl Format {
+    /// Reads the `content-type` header; a missing header means JSON.
+    pub fn from_content_type(value: Option<&[u8]>) -> Result<Self, DecodeError> {
+        let Some(raw) = value else { return Ok(Format::Json) };
+        let text = std::str::from_utf8(raw).map_err(|_| DecodeError::ContentType("<not UTF-8>".into()))?;
+        let essence = text.split(';').next().unwrap_or("").trim();
+        match essence {
+            JSON | CLOUDEVENTS_JSON | "" => Ok(Format::Json),
+            AVRO | "application/cloudevents+avro" | "avro/binary" => Ok(Format::Avro),
+            other => Err(DecodeError::ContentType(other.to_string())),
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => JSON,
+            Format::Avro => AVRO,
+        }
+    }
+}
+
+/// Why a payload could not be decoded. Never retryable: the same bytes fail the same way, so the
+/// record goes to the dead-letter topic.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unsupported content-type {0:?} (expected application/json or application/avro)")]
+    ContentType(String),
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("invalid Avro: {0}")]
+    Avro(String),
+    #[error("invalid event: {0}")]
+    Invalid(String),
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+}
+
+/// A domain event: CloudEvents 1.0 attributes plus the `tenant` extension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    #[serde(default = "spec_version")]
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    #[serde(default)]
+    pub data: Json,
+}
+
+fn spec_version() -> String {
+    "1.0".to_string()
+}
+
+impl Event {
+    /// Checks the attributes the pipeline relies on.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        for (name, value) in
+            [("id", &self.id), ("source", &self.source), ("type", &self.kind), ("tenant", &self.tenant)]
+        {
+            if value.trim().is_empty() {
+                return Err(DecodeError::Invalid(format!("attribute '{name}' is empty")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One step of a workflow run for an executor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionTask {
+    pub task_id: String,
+    pub run_id: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub tenant: String,
+    pub workflow_id: String,
+    pub workflow_version: i64,
+    pub step_id: String,
+    pub service: String,
+    #[serde(default = "first_attempt")]
+    pub attempt: i32,
+    pub created_at: String,
+    pub input: Json,
+}
+
+fn first_attempt() -> i32 {
+    1
+}
+
+/// Outcome of an action task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Succeeded,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// What an executor reports for a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionResult {
+    pub task_id: String,
+    pub run_id: String,
+    pub event_id: String,
+    pub tenant: String,
+    pub workflow_id: String,
+    pub workflow_version: i64,
+    pub step_id: String,
+    pub service: String,
+    pub status: Status,
+    pub attempts: i32,
+    pub latency_ms: f64,
+    #[serde(default)]
+    pub http_status: Option<i32>,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub finished_at: String,
+    #[serde(default)]
+    pub output: Option<Json>,
+}
+
+/// A record type with an Avro schema in `schemas/`.
+pub trait Record: Serialize + DeserializeOwned {
+    /// The fields that hold arbitrary JSON, carried as JSON text in Avro.
+    const JSON_FIELDS: &'static [&'static str];
+    fn schema() -> &'static Schema;
+}
+
+macro_rules! record_schema {
+    ($ty:ty, $file:literal, [$($field:literal),*]) => {
+        impl Record for $ty {
+            const JSON_FIELDS: &'static [&'static str] = &[$($field),*];
+            fn schema() -> &'static Schema {
+                static SCHEMA: OnceLock<Schema> = OnceLock::new();
+                SCHEMA.get_or_init(|| {
+                    Schema::parse_str(include_str!(concat!("../schemas/", $file)))
+                        .expect(concat!("schemas/", $file, " is a valid Avro schema"))
+                })
+            }
+        }
+    };
+}
+
+record_schema!(Event, "event.avsc", ["data"]);
+record_schema!(ActionTask, "action_task.avsc", ["input"]);
+record_schema!(ActionResult, "action_result.avsc", ["output"]);
+
+/// Encodes `value` in `format`.
+pub fn encode<T: Record>(value: &T, format: Format) -> Result<Vec<u8>, DecodeError> {
+    match format {
+        Format::Json => Ok(serde_json::to_vec(value)?),
+        Format::Avro => {
+            let mut json = serde_json::to_value(value)?;
+            if let Json::Object(map) = &mut json {
+                for field in T::JSON_FIELDS {
+                    if let Some(v) = map.get_mut(*field) {
+                        if !v.is_null() {
+                            *v = Json::String(v.to_string());
+                        }
+                    }
+                }
+            }
+            let avro = apache_avro::types::Value::from(json)
+                .resolve(T::schema())
+                .map_err(|e| DecodeError::Avro(e.to_string()))?;
+            let mut writer = GenericSingleObjectWriter::new_with_capacity(T::schema(), 1024)
+                .map_err(|e| DecodeError::Avro(e.to_string()))?;
+            let mut out = Vec::with_capacity(256);
+            writer.write_value(avro, &mut out).map_err(|e| DecodeError::Avro(e.to_string()))?;
+            Ok(out)
+        }
+    }
+}
+
+/// Decodes a payload whose encoding the `content-type` header names.
+pub fn decode<T: Record>(payload: &[u8], content_type: Option<&[u8]>) -> Result<T, DecodeError> {
+    match Format::from_content_type(content_type)? {
+        Format::Json => Ok(serde_json::from_slice(payload)?),
+        Format::Avro => {
+            let reader =
+                GenericSingleObjectReader::new(T::schema().clone()).map_err(|e| DecodeError::Avro(e.to_string()))?;
+            let value = reader.read_value(&mut &payload[..]).map_err(|e| DecodeError::Avro(e.to_string()))?;
+            let mut json = Json::try_from(value).map_err(|e| DecodeError::Avro(e.to_string()))?;
+            if let Json::Object(map) = &mut json {
+                for field in T::JSON_FIELDS {
+                    if let Some(v) = map.get_mut(*field) {
+                        if let Json::String(text) = v {
+                            *v = serde_json::from_str(text)?;
+                        }
+                    }
+                }
+            }
+            Ok(serde_json::from_value(json)?)
+        }
+    }
+}
+
+/// Decodes and validates an event, refusing payloads over `max_bytes`.
+pub fn decode_event(payload: &[u8], content_type: Option<&[u8]>, max_bytes: usize) -> Result<Event, DecodeError> {
+    if payload.len() > max_bytes {
+        return Err(DecodeError::TooLarge { size: payload.len(), limit: max_bytes });
+    }
+    let event: Event = decode(payload, content_type)?;
+    event.validate()?;
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event() -> Event {
+        Event {
+            specversion: "1.0".into(),
+            id: "e-1".into(),
+            source: "/ghost/site-1".into(),
+            kind: "member.created".into(),
+            time: Some("2026-11-23T10:00:00Z".into()),
+            tenant: "t-1".into(),
+            datacontenttype: Some(JSON.into()),
+            data: json!({"member": {"email": "a@example.com", "paid": true, "n": 3}}),
+        }
+    }
+
+    #[test]
+    fn event_round_trips_in_both_formats() {
+        for format in [Format::Json, Format::Avro] {
+            let bytes = encode(&event(), format).unwrap();
+            let back: Event = decode(&bytes, Some(format.content_type().as_bytes())).unwrap();
+            assert_eq!(back, event(), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn task_and_result_round_trip_through_their_avro_schemas() {
+        let task = ActionTask {
+            task_id: "k".into(),
+            run_id: "r".into(),
+            event_id: "e".into(),
+            event_type: "member.created".into(),
+            tenant: "t".into(),
+            workflow_id: "w".into(),
+            workflow_version: 2,
+            step_id: "s".into(),
+            service: "webhook".into(),
+            attempt: 1,
+            created_at: "2026-11-23T10:00:00Z".into(),
+            input: json!({"a": [1, 2]}),
+        };
+        let bytes = encode(&task, Format::Avro).unwrap();
+        assert_eq!(decode::<ActionTask>(&bytes, Some(AVRO.as_bytes())).unwrap(), task);
+        let result = ActionResult {
+            task_id: "k".into(),
+            run_id: "r".into(),
+            event_id: "e".into(),
+            tenant: "t".into(),
+            workflow_id: "w".into(),
+            workflow_version: 2,
+            step_id: "s".into(),
+            service: "webhook".into(),
+            status: Status::Failed,
+            attempts: 3,
+            latency_ms: 1.5,
+            http_status: Some(503),
+            error: Some("unavailable".into()),
+            finished_at: "2026-11-23T10:00:01Z".into(),
+            output: None,
+        };
+        let bytes = encode(&result, Format::Avro).unwrap();
+        assert_eq!(decode::<ActionResult>(&bytes, Some(AVRO.as_bytes())).unwrap(), result);
+    }
+
+    #[test]
+    fn bad_payloads_name_what_is_wrong() {
+        let err = decode_event(b"{not json", None, 1 << 20).unwrap_err();
+        assert!(err.to_string().starts_with("invalid JSON"), "{err}");
+        let err = decode_event(b"\xC3\x01garbage", Some(b"application/avro"), 1 << 20).unwrap_err();
+        assert!(err.to_string().starts_with("invalid Avro"), "{err}");
+        let err = decode_event(b"{}", Some(b"text/csv"), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("text/csv"), "{err}");
+        let mut e = event();
+        e.tenant = " ".into();
+        let err = decode_event(&serde_json::to_vec(&e).unwrap(), None, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("tenant"), "{err}");
+        let err = decode_event(&[b' '; 100], None, 10).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { size: 100, limit: 10 }));
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes under either content type give an error or an event, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512), avro in proptest::bool::ANY) {
+            let ct: &[u8] = if avro { b"application/avro" } else { b"application/json" };
+            let _ = decode_event(&bytes, Some(ct), 1 << 20);
+        }
+    }
+}

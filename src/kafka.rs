@@ -1,0 +1,150 @@
+//! Kafka client set-up shared by every stage: one place that says how weir talks to the broker.
+//!
+//! Choices and why:
+//! - Producers are idempotent with `acks=all`: a retried send never duplicates or reorders a
+//!   partition, and an acknowledged record survives the loss of the leader.
+//! - `partitioner=murmur2_random` is the Java client's default partitioner, so a tenant's events
+//!   land where a Java producer would put them (see [`crate::partitioner`]).
+//! - Consumers keep `enable.auto.commit` on but `enable.auto.offset.store` off: librdkafka
+//!   commits in the background only what a stage explicitly *stored*, and a stage stores an offset
+//!   only after the work it stands for is durable. That is rust-rdkafka's at-least-once pattern.
+//! - Every client gets a bounded `socket.connection.setup.timeout.ms` and metadata timeout, so an
+//!   unreachable broker is an error within seconds rather than a silent retry loop.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::{
+    admin::AdminClient,
+    client::DefaultClientContext,
+    config::{ClientConfig, RDKafkaLogLevel},
+    consumer::{BaseConsumer, Consumer},
+    producer::FutureProducer,
+};
+
+use crate::config::Config;
+
+/// How long to wait for the broker to answer a metadata request before calling it unreachable.
+pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn base(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("socket.connection.setup.timeout.ms", "5000")
+        .set("client.id", "weir")
+        .set_log_level(RDKafkaLogLevel::Warning);
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The producer every stage uses for its output.
+pub fn producer_config(config: &Config) -> ClientConfig {
+    let mut c = base(config);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        // A few ms of linger lets librdkafka fill batches at high rates without hurting latency
+        // at low ones; lz4 is the cheapest codec per byte saved.
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("compression.type", "lz4")
+        // A record not acknowledged within this time fails its delivery future; the stage then
+        // stops without storing the offset, and the record is reprocessed.
+        .set("message.timeout.ms", "60000");
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
+    producer_config(config).create().context("creating Kafka producer")
+}
+
+/// A consumer in `group`, storing offsets only on request (see the module docs).
+pub fn consumer_config(config: &Config, group: &str) -> ClientConfig {
+    let mut c = base(config);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        // librdkafka's prefetch queue is the only buffer ahead of a stage; 32 MB keeps memory
+        // flat under any backlog while leaving room for full fetches.
+        .set("queued.max.messages.kbytes", "32768")
+        // Consumer lag per partition comes from librdkafka's statistics.
+        .set("statistics.interval.ms", "5000")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+pub fn admin(config: &Config) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    base(config).create().context("creating Kafka admin client")
+}
+
+/// Fails with a clear message unless the broker answers a metadata request within
+/// [`METADATA_TIMEOUT`].
+pub fn check_reachable(config: &Config) -> anyhow::Result<()> {
+    let probe: BaseConsumer = base(config).create().context("creating Kafka client")?;
+    probe.fetch_metadata(None, METADATA_TIMEOUT).map_err(|e| {
+        anyhow::anyhow!(
+            "Kafka at {} did not answer within {}s ({e}); is it running? (scripts/kafka.sh up, or set WEIR_BROKERS)",
+            config.brokers,
+            METADATA_TIMEOUT.as_secs()
+        )
+    })?;
+    Ok(())
+}
+
+/// Partition count of `topic`, or an error naming the missing topic.
+pub fn partition_count<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> anyhow::Result<i32> {
+    let md = client
+        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .with_context(|| format!("fetching metadata of topic {topic}"))?;
+    let t = md.topics().first().context("broker returned no topic metadata")?;
+    if t.error().is_some() || t.partitions().is_empty() {
+        anyhow::bail!("topic {topic} does not exist; run `weir topics apply`");
+    }
+    Ok(t.partitions().len() as i32)
+}
+
+/// Reads a header's value by name.
+pub fn header<'a, H: rdkafka::message::Headers>(headers: Option<&'a H>, name: &str) -> Option<&'a [u8]> {
+    headers?.iter().find(|h| h.key == name).and_then(|h| h.value)
+}
+
+/// Produces one record and waits for the broker's acknowledgement. Owns its data, so many can be
+/// in flight at once (a `FuturesUnordered` of them is how stages pipeline their output).
+pub async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> Result<(i32, i64), rdkafka::error::KafkaError> {
+    let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    producer
+        .send(record, rdkafka::util::Timeout::After(Duration::from_secs(30)))
+        .await
+        .map(|d| (d.partition, d.offset))
+        .map_err(|(e, _)| e)
+}
+
+/// Headers for a record of the given encoding.
+pub fn content_headers(format: crate::envelope::Format) -> rdkafka::message::OwnedHeaders {
+    rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header { key: crate::envelope::CONTENT_TYPE, value: Some(format.content_type()) })
+}

@@ -1,0 +1,50 @@
+//! weir: workflow automation for multi-tenant platforms on Kafka-compatible logs.
+//!
+//! # A tour of the layout
+//!
+//! An event travels through four stages, each a module with its own consumer group:
+//!
+//! ```text
+//!  produce ──► events ──► evaluate ──► actions.<service> ──► execute ──► results ──► sink ──► PostgreSQL
+//!                            │                                  │                       │
+//!                            └────────────── dlq ◄──────────────┴───────────────────────┘
+//! ```
+//!
+//! - [`produce`]: the Rust API that puts events on the events topic, keyed by tenant.
+//! - [`evaluate`]: matches each event against the [`workflow`] definitions and emits action tasks.
+//! - [`execute`]: calls each external service and reports a result per task.
+//! - [`sink`]: writes results into PostgreSQL in idempotent batches.
+//!
+//! Shared pieces:
+//! - [`source`]: the consumer loop every stage reads through: a polling thread, batches,
+//!   pause-instead-of-buffer backpressure, and offsets stored only once work is durable
+//!   ([`offsets`] does the bookkeeping, [`lanes`] keeps a tenant's tasks in order).
+//! - [`envelope`]: the records (CloudEvents event, task, result) and their JSON/Avro encodings.
+//! - [`kafka`]: how clients are configured; [`partitioner`]: Kafka's murmur2 key partitioning.
+//! - [`dead_letter`]: where unprocessable records go, with the reason in headers.
+//! - [`topics`]: topics as code (`topics/*.yaml`, `weir topics apply`).
+//! - [`config`]: `weir.yaml`; [`telemetry`]: typed events that log and count in one place, and
+//!   the Prometheus endpoint; [`shutdown`]: the broadcast signal every stage listens to.
+//! - [`pipeline`]: starts and stops stages in one process; [`receiver`]: a real local HTTP server
+//!   standing in for an external service in tests, the demo and the benchmark; [`demo`]: the
+//!   README's walk-through.
+
+pub mod config;
+pub mod dead_letter;
+pub mod demo;
+pub mod envelope;
+pub mod evaluate;
+pub mod execute;
+pub mod kafka;
+pub mod lanes;
+pub mod offsets;
+pub mod partitioner;
+pub mod pipeline;
+pub mod produce;
+pub mod receiver;
+pub mod shutdown;
+pub mod sink;
+pub mod source;
+pub mod telemetry;
+pub mod topics;
+pub mod workflow;

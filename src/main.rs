@@ -1,0 +1,135 @@
+//! The `weir` command line. Each subcommand is a thin shell over the library.
+
+use std::{io::BufReader, path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use weir::{
+    config::Config,
+    envelope::Format,
+    pipeline::{Pipeline, StageName},
+    produce::{self, Producer},
+    shutdown, telemetry, topics,
+};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "Workflow automation for multi-tenant platforms on Kafka")]
+struct Cli {
+    /// Config file. When it is the default and does not exist, built-in defaults are used.
+    #[arg(long, short, global = true, default_value = "weir.yaml", env = "WEIR_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run pipeline stages until interrupted (Ctrl-C finishes in-flight work, then exits).
+    Run {
+        /// Stages to run in this process (repeatable); default all.
+        #[arg(long = "stage", value_enum)]
+        stages: Vec<StageName>,
+    },
+    /// Topics as code (topics/*.yaml).
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Produce events (newline-delimited JSON CloudEvents) keyed by tenant.
+    Produce {
+        /// Logical topic name (the config's topic_prefix is prepended).
+        #[arg(long, default_value = "events")]
+        topic: String,
+        /// Read events from this file instead of stdin.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Encoding on the wire.
+        #[arg(long, value_enum, default_value = "json")]
+        format: Format,
+    },
+    /// Start everything in-process on sample events and show the outcome.
+    Demo {
+        #[arg(long, default_value_t = 2_000)]
+        events: usize,
+        #[arg(long, default_value_t = 20)]
+        tenants: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create missing topics, raise partition counts, correct config drift.
+    Apply {
+        /// Show what would change without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    if !path.exists() && path == std::path::Path::new("weir.yaml") {
+        let mut config = Config::default();
+        config.apply_env();
+        config.validate()?;
+        return Ok(config);
+    }
+    Config::load(path)
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(&cli.config)?;
+    match cli.command {
+        Command::Run { stages } => {
+            let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
+            let config = Arc::new(config);
+            let (stop_metrics, metrics_shutdown) = shutdown::channel();
+            if let Some(addr) = config.metrics_addr {
+                let (bound, _) = telemetry::serve_metrics(addr, metrics_shutdown).await?;
+                tracing::info!("metrics on http://{bound}/metrics");
+            }
+            let mut pipeline = Pipeline::start(config, &stages).await?;
+            tracing::info!(?stages, "running; Ctrl-C to stop");
+            let outcome = tokio::select! {
+                r = pipeline.wait() => r,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            };
+            tracing::info!("stopping: finishing in-flight work");
+            let stopped = pipeline.stop().await;
+            stop_metrics.fire();
+            outcome.and(stopped)
+        }
+        Command::Topics { action: TopicsAction::Apply { dry_run } } => {
+            let plan = topics::apply_dir(&config, dry_run).await?;
+            topics::print_plan(&plan, dry_run);
+            Ok(())
+        }
+        Command::Produce { topic, file, format } => {
+            let events = match &file {
+                Some(path) => produce::read_ndjson(BufReader::new(
+                    std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+                ))?,
+                None => produce::read_ndjson(std::io::stdin().lock())?,
+            };
+            let check = config.clone();
+            tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
+            let producer = Producer::for_topic(&config, &config.topic(&topic))?;
+            let sent = producer.send_all(events.into_iter().map(|e| (e, format)), 10_000).await?;
+            println!("produced {sent} events to {}", producer.topic());
+            Ok(())
+        }
+        Command::Demo { events, tenants } => weir::demo::run(config, events, tenants.max(1)).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    telemetry::init_logging();
+    let cli = Cli::parse();
+    match main_inner(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Stage 4: write results into PostgreSQL in batches, idempotently.
+//!
+//! A batch is whatever the source has ready, topped up for at most `sink.linger_ms`, up to
+//! `sink.batch_size` rows. It is written by one `INSERT … SELECT FROM UNNEST(…)` (one round trip
+//! for the whole batch) with `ON CONFLICT (task_id) DO NOTHING`, so results replayed after a crash
+//! are ignored. Offsets are stored only after the statement commits.
+//!
+//! When PostgreSQL is unreachable the stage holds the batch and retries with backoff: it takes
+//! no new batches (so the source pauses its partitions) and stores no offsets, and picks up where
+//! it was once the database answers. A row that can never be written (undecodable result) goes
+//! to the dead-letter topic instead of blocking the partition.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use rdkafka::Message;
+use sqlx::{postgres::PgPoolOptions, PgPool};
+
+use crate::{
+    config::Config,
+    dead_letter::DeadLetters,
+    envelope::{self, ActionResult},
+    kafka,
+    shutdown::Shutdown,
+    source::{Delivery, Source, Ticket},
+    telemetry::{Event, Stage},
+};
+
+/// Opens a pool without connecting: the sink must start (and wait) while the database is down.
+pub fn pool(config: &Config) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(config.sink.pool_size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(&config.database_url)
+        .context("database_url is not a valid PostgreSQL URL")
+}
+
+/// Creates or upgrades the tables (sqlx migrations in `migrations/`, compiled in).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("./migrations").run(pool).await.context("running database migrations")
+}
+
+/// Rows of one batch, column by column, as UNNEST wants them.
+#[derive(Default)]
+struct Columns {
+    task_id: Vec<String>,
+    run_id: Vec<String>,
+    event_id: Vec<String>,
+    tenant: Vec<String>,
+    workflow_id: Vec<String>,
+    workflow_version: Vec<i64>,
+    step_id: Vec<String>,
+    service: Vec<String>,
+    status: Vec<String>,
+    attempts: Vec<i32>,
+    latency_ms: Vec<f64>,
+    http_status: Vec<Option<i32>>,
+    error: Vec<Option<String>>,
+    output: Vec<Option<String>>,
+    finished_at: Vec<DateTime<Utc>>,
+}
+
+impl Columns {
+    fn push(&mut self, r: ActionResult, finished_at: DateTime<Utc>) {
+        self.task_id.push(r.task_id);
+        self.run_id.push(r.run_id);
+        self.event_id.push(r.event_id);
+        self.tenant.push(r.tenant);
+        self.workflow_id.push(r.workflow_id);
+        self.workflow_version.push(r.workflow_version);
+        self.step_id.push(r.step_id);
+        self.service.push(r.service);
+        self.status.push(r.status.as_str().to_string());
+        self.attempts.push(r.attempts);
+        self.latency_ms.push(r.latency_ms);
+        self.http_status.push(r.http_status);
+        self.error.push(r.error);
+        self.output.push(r.output.map(|o| o.to_string()));
+        self.finished_at.push(finished_at);
+    }
+
+    fn len(&self) -> usize {
+        self.task_id.len()
+    }
+
+    async fn insert(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "insert into action_results (task_id, run_id, event_id, tenant, workflow_id, workflow_version, step_id,
+                 service, status, attempts, latency_ms, http_status, error, output, finished_at)
+             select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f
+             from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
+                 $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
+                 $15::timestamptz[])
+                 as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f)
+             on conflict (task_id) do nothing",
+        )
+        .bind(&self.task_id)
+        .bind(&self.run_id)
+        .bind(&self.event_id)
+        .bind(&self.tenant)
+        .bind(&self.workflow_id)
+        .bind(&self.workflow_version)
+        .bind(&self.step_id)
+        .bind(&self.service)
+        .bind(&self.status)
+        .bind(&self.attempts)
+        .bind(&self.latency_ms)
+        .bind(&self.http_status)
+        .bind(&self.error)
+        .bind(&self.output)
+        .bind(&self.finished_at)
+        .execute(pool)
+        .await
+        .map(|_| ())
+    }
+}
+
+pub async fn run(config: Arc<Config>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    let pool = pool(&config)?;
+    let mut backoff = Backoff::default();
+    while let Err(e) = migrate(&pool).await {
+        Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &format!("{e:#}") }.emit();
+        if !backoff.wait(&mut shutdown).await {
+            return Ok(());
+        }
+    }
+    let mut source = Source::subscribe(&config, Stage::Sink, &config.topic("results"), &config.group("sink"))?;
+    let dead_letters = DeadLetters::new(kafka::producer(&config)?, config.topic("dlq"), Stage::Sink);
+    let (batch_size, linger) = (config.sink.batch_size, Duration::from_millis(config.sink.linger_ms));
+    'batches: loop {
+        let mut deliveries = tokio::select! {
+            _ = shutdown.recv() => break,
+            batch = source.recv() => match batch { Some(b) => b, None => break },
+        };
+        // Top up a partial batch for a moment: fewer, larger transactions.
+        let deadline = tokio::time::Instant::now() + linger;
+        while deliveries.len() < batch_size {
+            match tokio::time::timeout_at(deadline, source.recv()).await {
+                Ok(Some(more)) => deliveries.extend(more),
+                _ => break,
+            }
+        }
+        let (columns, tickets) = rows(deliveries, &dead_letters).await?;
+        let mut backoff = Backoff::default();
+        loop {
+            let started = std::time::Instant::now();
+            match columns.insert(&pool).await {
+                Ok(()) => {
+                    Event::SinkWrote { rows: columns.len(), elapsed: started.elapsed() }.emit();
+                    source.done_all(&tickets);
+                    break;
+                }
+                Err(e) => {
+                    Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &e.to_string() }
+                        .emit();
+                    if !backoff.wait(&mut shutdown).await {
+                        break 'batches;
+                    }
+                }
+            }
+        }
+    }
+    source.close();
+    Ok(())
+}
+
+/// Decodes a batch; records that are not results are dead-lettered (and count as done).
+async fn rows(deliveries: Vec<Delivery>, dead_letters: &DeadLetters) -> anyhow::Result<(Columns, Vec<Ticket>)> {
+    let mut columns = Columns::default();
+    let mut tickets = Vec::with_capacity(deliveries.len());
+    for Delivery { message, ticket } in deliveries {
+        let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
+        let decoded = envelope::decode::<ActionResult>(message.payload().unwrap_or_default(), content_type)
+            .map_err(|e| format!("undecodable result: {e}"))
+            .and_then(|r| match DateTime::parse_from_rfc3339(&r.finished_at) {
+                Ok(t) => Ok((r, t.with_timezone(&Utc))),
+                Err(e) => Err(format!("finished_at {:?}: {e}", r.finished_at)),
+            });
+        match decoded {
+            Ok((result, finished_at)) => columns.push(result, finished_at),
+            Err(reason) => {
+                Event::Failed { stage: Stage::Sink, reason: "decode", retryable: false, detail: &reason }.emit();
+                dead_letters.send(&message, &reason).await.context("sink: dead-lettering failed")?;
+            }
+        }
+        tickets.push(ticket);
+    }
+    Ok((columns, tickets))
+}
+
+/// Exponential backoff from 100 ms to 5 s, cut short by shutdown.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    /// Sleeps; returns false if shutdown fired instead.
+    async fn wait(&mut self, shutdown: &mut Shutdown) -> bool {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = shutdown.recv() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}

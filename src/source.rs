@@ -1,0 +1,276 @@
+//! Reading a topic as a consumer-group member, with at-least-once offsets.
+//!
+//! ## Why a polling thread and batches
+//! librdkafka's own benchmarks show a `BaseConsumer` polled in a tight loop far ahead of a
+//! per-message async stream: every message through a stream costs a waker, a queue event and a
+//! task switch. Here one OS thread per source polls the `BaseConsumer`, takes whatever is already
+//! fetched (up to [`BATCH`] messages) without waiting, and hands the batch to the stage's tokio
+//! task over a small bounded channel: one wake-up per batch, not per message, and the stage's
+//! async work (produce acknowledgements, HTTP calls, database writes) stays on tokio.
+//!
+//! ## Backpressure without buffering
+//! When the channel is full the stage is behind. The thread then *pauses* every assigned
+//! partition and keeps polling (so the group still sees it alive and rebalances still run)
+//! instead of buffering: memory stays flat whatever the backlog. It resumes once the stage takes
+//! the batch.
+//!
+//! ## Offsets
+//! Each message comes with a [`Ticket`]. The stage calls [`Source::done`] once the work the
+//! message stands for is durable; the [`OffsetTracker`] turns out-of-order completions into the
+//! highest safe offset, which is *stored* for librdkafka's background commit. Rebalance hooks in
+//! the [`ConsumerContext`] forget revoked partitions so late completions cannot store offsets a
+//! new owner relies on.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance},
+    error::KafkaResult,
+    message::OwnedMessage,
+    ClientContext, Message, Statistics, TopicPartitionList,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    config::Config,
+    kafka,
+    offsets::OffsetTracker,
+    telemetry::{Event, Stage},
+};
+
+/// Most messages handed to a stage at once.
+pub const BATCH: usize = 1_000;
+
+/// Identifies a message for [`Source::done`].
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    pub partition: i32,
+    pub offset: i64,
+    generation: u64,
+    received: Instant,
+}
+
+/// A message and its ticket.
+#[derive(Debug)]
+pub struct Delivery {
+    pub message: OwnedMessage,
+    pub ticket: Ticket,
+}
+
+struct Shared {
+    stage: Stage,
+    topic: String,
+    tracker: Mutex<OffsetTracker>,
+}
+
+/// Rebalance hooks and statistics for a source's consumer.
+pub struct SourceContext {
+    shared: Arc<Shared>,
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements().iter().map(|e| e.partition().to_string()).collect::<Vec<_>>().join(",")
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        let Some(topic) = stats.topics.get(&self.shared.topic) else { return };
+        for (partition, p) in &topic.partitions {
+            if *partition >= 0 && p.consumer_lag >= 0 {
+                Event::Lag { stage: self.shared.stage, partition: *partition, lag: p.consumer_lag }.emit();
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut tracker = self.shared.tracker.lock().expect("tracker lock");
+            for e in tpl.elements() {
+                tracker.forget(e.partition());
+            }
+            Event::Rebalanced { stage: self.shared.stage, kind: "revoke", partitions: &describe(tpl) }.emit();
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            Event::Rebalanced { stage: self.shared.stage, kind: "assign", partitions: &describe(tpl) }.emit();
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(e) = result {
+            // "No offset stored" is the normal answer of an idle consumer's periodic commit.
+            if !matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::NoOffset)) {
+                Event::Failed { stage: self.shared.stage, reason: "commit", retryable: true, detail: &e.to_string() }
+                    .emit();
+            }
+        }
+    }
+}
+
+/// A topic read by one member of a consumer group.
+pub struct Source {
+    consumer: Arc<BaseConsumer<SourceContext>>,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Vec<Delivery>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Source {
+    /// Joins `group` on `topic` (which must exist) and starts polling.
+    pub fn subscribe(config: &Config, stage: Stage, topic: &str, group: &str) -> anyhow::Result<Source> {
+        let shared = Arc::new(Shared { stage, topic: topic.to_string(), tracker: Mutex::new(OffsetTracker::new()) });
+        let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(config, group)
+            .create_with_context(SourceContext { shared: shared.clone() })
+            .context("creating Kafka consumer")?;
+        kafka::partition_count(consumer.client(), topic)?;
+        consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;
+        let consumer = Arc::new(consumer);
+        let (tx, rx) = mpsc::channel(2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name(format!("weir-{}-poll", stage.as_str()))
+            .spawn({
+                let (consumer, shared, stop) = (consumer.clone(), shared.clone(), stop.clone());
+                move || poll_loop(&consumer, &shared, &tx, &stop)
+            })
+            .context("spawning poll thread")?;
+        Ok(Source { consumer, shared, rx, stop, thread: Some(thread) })
+    }
+
+    /// The next batch, in partition order; `None` once the source is closed.
+    pub async fn recv(&mut self) -> Option<Vec<Delivery>> {
+        self.rx.recv().await
+    }
+
+    /// The work for `ticket` is durable: its offset may be committed once all before it are.
+    pub fn done(&self, ticket: &Ticket) {
+        self.done_all(std::slice::from_ref(ticket));
+    }
+
+    pub fn done_all(&self, tickets: &[Ticket]) {
+        let mut store = Vec::new();
+        {
+            let mut tracker = self.shared.tracker.lock().expect("tracker lock");
+            for t in tickets {
+                if let Some(next) = tracker.complete(t.partition, t.offset, t.generation) {
+                    store.push((t.partition, next));
+                }
+            }
+        }
+        for (partition, next) in store {
+            // rd_kafka_offset_store stores offset + 1, i.e. the next message to read. It fails for
+            // a partition revoked in the meantime, which is harmless: the new owner replays it.
+            if let Err(e) = self.consumer.store_offset(&self.shared.topic, partition, next - 1) {
+                tracing::debug!(stage = self.shared.stage.as_str(), partition, "offset not stored: {e}");
+            }
+        }
+        let now = Instant::now();
+        for t in tickets {
+            Event::Finished { stage: self.shared.stage, elapsed: now - t.received }.emit();
+        }
+    }
+
+    /// Offsets handed out and not yet done.
+    pub fn pending(&self) -> usize {
+        self.shared.tracker.lock().expect("tracker lock").pending()
+    }
+
+    /// Stops polling and leaves the group; librdkafka commits the stored offsets on the way out.
+    pub fn close(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.rx.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn poll_loop(
+    consumer: &BaseConsumer<SourceContext>,
+    shared: &Shared,
+    tx: &mpsc::Sender<Vec<Delivery>>,
+    stop: &AtomicBool,
+) {
+    let mut batch: Vec<Delivery> = Vec::new();
+    let mut raw: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
+    let mut paused = false;
+    while !stop.load(Ordering::Relaxed) {
+        // Wait for the first message only when there is nothing to hand over; then take what
+        // librdkafka has already fetched without waiting.
+        // While paused, poll anyway (a short wait, so this thread does not spin): polling keeps
+        // the group membership and serves rebalances, and returns at most the few messages that
+        // were fetched before the pause took effect.
+        let mut timeout = match (paused, batch.is_empty()) {
+            (true, _) => Duration::from_millis(20),
+            (false, true) => Duration::from_millis(100),
+            (false, false) => Duration::ZERO,
+        };
+        while paused || batch.len() + raw.len() < BATCH {
+            match consumer.poll(timeout) {
+                Some(Ok(m)) => raw.push(m.detach()),
+                Some(Err(e)) => {
+                    Event::Failed { stage: shared.stage, reason: "consume", retryable: true, detail: &e.to_string() }
+                        .emit();
+                    break;
+                }
+                None => break,
+            }
+            timeout = Duration::ZERO;
+        }
+        if !raw.is_empty() {
+            Event::Consumed { stage: shared.stage, count: raw.len() }.emit();
+            let now = Instant::now();
+            let mut tracker = shared.tracker.lock().expect("tracker lock");
+            batch.extend(raw.drain(..).map(|message| {
+                let (partition, offset) = (message.partition(), message.offset());
+                let generation = tracker.begin(partition, offset);
+                Delivery { message, ticket: Ticket { partition, offset, generation, received: now } }
+            }));
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match tx.try_send(std::mem::take(&mut batch)) {
+            Ok(()) => {
+                if paused {
+                    set_paused(consumer, shared, false);
+                    paused = false;
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                batch = back;
+                // Re-pausing every round also covers partitions assigned while paused.
+                set_paused(consumer, shared, true);
+                paused = true;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => break,
+        }
+    }
+}
+
+fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+    if let Err(e) = result {
+        Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &e.to_string() }.emit();
+    }
+}

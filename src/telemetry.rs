@@ -1,0 +1,145 @@
+//! Everything a stage reports goes through here, as in Vector's internal events: a stage emits a
+//! typed [`Event`], and `emit` is the one place that both logs it and counts it. Dashboards and
+//! logs therefore cannot disagree, and metric names live in one file.
+//!
+//! Metrics (Prometheus names):
+//! - `weir_consumed_total{stage}`: records taken from Kafka
+//! - `weir_produced_total{stage,topic}`: records acknowledged by the broker
+//! - `weir_failed_total{stage,reason,retryable}`: errors, by short reason
+//! - `weir_dead_lettered_total{stage}`: records sent to the dead-letter topic
+//! - `weir_stage_latency_seconds{stage}`: from taking a record to finishing its work
+//! - `weir_consumer_lag{stage,partition}`: messages behind the high watermark (librdkafka stats)
+//! - `weir_sink_rows_total`, `weir_actions_total{service,status}`
+
+use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// A pipeline stage, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Produce,
+    Evaluate,
+    Execute,
+    Sink,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Produce => "produce",
+            Stage::Evaluate => "evaluate",
+            Stage::Execute => "execute",
+            Stage::Sink => "sink",
+        }
+    }
+}
+
+/// Something worth counting happened.
+#[derive(Debug)]
+pub enum Event<'a> {
+    Consumed { stage: Stage, count: usize },
+    Produced { stage: Stage, topic: &'a str, count: usize },
+    Failed { stage: Stage, reason: &'static str, retryable: bool, detail: &'a str },
+    DeadLettered { stage: Stage, reason: &'a str, topic: &'a str, partition: i32, offset: i64 },
+    Finished { stage: Stage, elapsed: Duration },
+    Lag { stage: Stage, partition: i32, lag: i64 },
+    Rebalanced { stage: Stage, kind: &'static str, partitions: &'a str },
+    ActionDone { service: &'a str, succeeded: bool },
+    SinkWrote { rows: usize, elapsed: Duration },
+}
+
+impl Event<'_> {
+    pub fn emit(self) {
+        match self {
+            Event::Consumed { stage, count } => {
+                counter!("weir_consumed_total", "stage" => stage.as_str()).increment(count as u64)
+            }
+            Event::Produced { stage, topic, count } => {
+                counter!("weir_produced_total", "stage" => stage.as_str(), "topic" => topic.to_string())
+                    .increment(count as u64)
+            }
+            Event::Failed { stage, reason, retryable, detail } => {
+                if retryable {
+                    tracing::warn!(stage = stage.as_str(), reason, detail, "retryable failure");
+                } else {
+                    tracing::error!(stage = stage.as_str(), reason, detail, "failure");
+                }
+                counter!("weir_failed_total", "stage" => stage.as_str(), "reason" => reason,
+                    "retryable" => if retryable { "true" } else { "false" })
+                .increment(1)
+            }
+            Event::DeadLettered { stage, reason, topic, partition, offset } => {
+                tracing::warn!(stage = stage.as_str(), reason, topic, partition, offset, "dead-lettered");
+                counter!("weir_dead_lettered_total", "stage" => stage.as_str()).increment(1)
+            }
+            Event::Finished { stage, elapsed } => {
+                histogram!("weir_stage_latency_seconds", "stage" => stage.as_str()).record(elapsed.as_secs_f64())
+            }
+            Event::Lag { stage, partition, lag } => {
+                gauge!("weir_consumer_lag", "stage" => stage.as_str(), "partition" => partition.to_string())
+                    .set(lag as f64)
+            }
+            Event::Rebalanced { stage, kind, partitions } => {
+                tracing::info!(stage = stage.as_str(), kind, partitions, "rebalance")
+            }
+            Event::ActionDone { service, succeeded } => counter!("weir_actions_total",
+                "service" => service.to_string(), "status" => if succeeded { "succeeded" } else { "failed" })
+            .increment(1),
+            Event::SinkWrote { rows, elapsed } => {
+                tracing::debug!(rows, ms = elapsed.as_millis() as u64, "sink batch committed");
+                counter!("weir_sink_rows_total").increment(rows as u64)
+            }
+        }
+    }
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle (rendering the text
+/// format). Later calls return the same handle, so tests and the demo can all ask for it.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (a host application's); then ours
+            // renders nothing, which is the host's choice.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Serves `GET /metrics` until `shutdown` fires. Returns the bound address (port 0 picks one).
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    mut shutdown: crate::shutdown::Shutdown,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let handle = prometheus();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics_addr {addr}: cannot listen: {e}"))?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.recv().await }).await;
+    });
+    Ok((bound, task))
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

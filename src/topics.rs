@@ -1,0 +1,624 @@
+//! Topics as code: `topics/*.yaml` is the single source of truth for weir's topics, and
+//! `weir topics apply` makes the cluster match it.
+//!
+//! Why not let producers auto-create topics? An auto-created topic gets the broker's default
+//! partition count and config, so a typo silently becomes a stray one-partition topic and a
+//! missing retention setting is noticed only when data vanishes (or never does). Declaring topics
+//! in files puts partition counts and retention under review like any other change, and the same
+//! files bring up a laptop, a test run (under a random prefix) and production.
+//!
+//! `apply` is a reconciliation in two steps, [`plan`] then [`apply`], so `--dry-run` shows exactly
+//! what would change. What it will and will not do follows from what Kafka allows:
+//! - a missing topic is created with its declared partitions, replication factor and config;
+//! - partitions can only be *added*. Adding them moves keys to other partitions (ordering per key
+//!   is only kept within a partition), which is why it is an explicit, visible plan line;
+//! - a declared partition count below the actual one is refused: Kafka cannot remove partitions,
+//!   and quietly ignoring the declaration would let files and cluster disagree forever;
+//! - a different replication factor is refused too: changing it is a partition reassignment, an
+//!   operation with its own throttling and monitoring, not something to do as a side effect;
+//! - config drift is corrected. weir owns the config of its topics: the correction writes the
+//!   topic's *full declared config* with the (non-incremental) AlterConfigs API, which resets
+//!   every dynamic config not declared to the broker default. A setting made by hand with
+//!   `kafka-configs.sh` is therefore undone by the next apply that corrects drift; put it in the
+//!   file instead. Keys not declared are never reported as drift: the broker's defaults are fine
+//!   for them, and reporting every default would drown the real differences.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use rdkafka::{
+    admin::{
+        AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
+        TopicReplication,
+    },
+    client::DefaultClientContext,
+};
+use serde::Deserialize;
+
+use crate::{
+    config::Config,
+    kafka::{self, METADATA_TIMEOUT},
+};
+
+/// Kafka refuses longer topic names (they become directory names, with a suffix, on the broker).
+const MAX_TOPIC_NAME: usize = 249;
+
+/// How long [`apply`] waits for created or enlarged topics to have a leader on every partition.
+/// A single-node broker needs well under a second; a busy cluster a few.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One `topics/*.yaml` file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicFile {
+    /// The topics this file declares; names must be unique across all files of the directory.
+    pub topics: Vec<TopicSpec>,
+}
+
+/// The declared state of one topic.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Logical name (`events`, `actions.webhook`); the physical topic is
+    /// [`Config::topic`]`(name)`, i.e. prefixed with `topic_prefix`.
+    pub name: String,
+    /// Partition count: the upper bound of consumer parallelism for the topic. Can be raised by a
+    /// later apply, never lowered.
+    pub partitions: i32,
+    /// Copies of each partition. Fixed once the topic exists (see the module docs).
+    pub replication_factor: i32,
+    /// Topic-level configs (`retention.ms`, `cleanup.policy`, …). Values are strings, as Kafka
+    /// reports them, so that comparing declared and actual values is exact. This is the topic's
+    /// whole dynamic config: keys not listed here get the broker default on the next correction.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// Reads and validates every `*.yaml`/`*.yml` file of `dir`, in file-name order (so plans and
+/// error messages are the same on every machine).
+pub fn load_dir(dir: &Path) -> anyhow::Result<Vec<TopicSpec>> {
+    if !dir.is_dir() {
+        bail!("topics directory {} does not exist or is not a directory (set topics_dir in the config)", dir.display());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading topics directory {}", dir.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading topics directory {}", dir.display()))?;
+    files.retain(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")));
+    files.sort();
+    // An empty directory is almost certainly the wrong directory; planning against it would
+    // report "no changes" and hide the mistake.
+    if files.is_empty() {
+        bail!("topics directory {} holds no *.yaml or *.yml file", dir.display());
+    }
+
+    let mut specs = Vec::new();
+    // Logical name -> file that declared it first, to name both files of a duplicate.
+    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let parsed: TopicFile =
+            serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", file.display()))?;
+        for (i, spec) in parsed.topics.into_iter().enumerate() {
+            // One self-contained line, so the error reads the same however it is printed.
+            if let Err(e) = validate(&spec, i + 1) {
+                bail!("invalid {}: {e}", file.display());
+            }
+            if let Some(first) = seen.get(&spec.name) {
+                bail!(
+                    "invalid {}: topic {:?}: name: already declared in {}",
+                    file.display(),
+                    spec.name,
+                    first.display()
+                );
+            }
+            seen.insert(spec.name.clone(), file.clone());
+            specs.push(spec);
+        }
+    }
+    Ok(specs)
+}
+
+/// Checks one declaration; `position` (1-based, within its file) names the topic when its name
+/// is the problem.
+fn validate(spec: &TopicSpec, position: usize) -> anyhow::Result<()> {
+    let name = &spec.name;
+    if name.is_empty() {
+        bail!("topic #{position}: name: must not be empty");
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c))) {
+        bail!("topic {name:?}: name: {c:?} is not allowed; use only ASCII letters, digits, '.', '_' and '-'");
+    }
+    // "." and ".." are the only names of allowed characters Kafka still refuses.
+    if name == "." || name == ".." {
+        bail!("topic {name:?}: name: Kafka does not allow \".\" or \"..\" as a topic name");
+    }
+    if spec.partitions < 1 {
+        bail!("topic {name:?}: partitions: must be at least 1, not {}", spec.partitions);
+    }
+    if spec.replication_factor < 1 {
+        bail!("topic {name:?}: replication_factor: must be at least 1, not {}", spec.replication_factor);
+    }
+    if let Some(key) = spec.config.keys().find(|k| k.trim().is_empty()) {
+        bail!("topic {name:?}: config: key {key:?} is empty");
+    }
+    Ok(())
+}
+
+/// One step that brings the cluster closer to the declarations. Topic names are physical
+/// (prefixed), as that is what an operator looks up in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The topic does not exist.
+    Create { topic: String, partitions: i32, replication_factor: i32 },
+    /// The topic has fewer partitions than declared.
+    AddPartitions { topic: String, from: i32, to: i32 },
+    /// A declared config key has another value (or none: `actual` is `None`).
+    AlterConfig { topic: String, key: String, actual: Option<String>, declared: String },
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Create { topic, partitions, replication_factor } => {
+                let s = if *partitions == 1 { "" } else { "s" };
+                write!(f, "create topic {topic} ({partitions} partition{s}, rf {replication_factor})")
+            }
+            Change::AddPartitions { topic, from, to } => {
+                write!(f, "raise partitions of {topic} from {from} to {to}")
+            }
+            Change::AlterConfig { topic, key, actual, declared } => match actual {
+                Some(actual) => write!(f, "config drift on {topic}: {key} is {actual}, declared {declared}"),
+                None => write!(f, "config drift on {topic}: {key} is unset, declared {declared}"),
+            },
+        }
+    }
+}
+
+/// What [`apply`] will do, in order: creations, then partition raises, then config corrections.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub changes: Vec<Change>,
+    /// Full declared config of every topic created or corrected, by physical name. A change line
+    /// only carries the key that differs, but creating a topic or correcting its config writes
+    /// the whole declared config (see the module docs).
+    declared_configs: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// What metadata says about one existing topic, copied out of librdkafka's structures so it can
+/// leave the blocking thread that fetched it.
+struct TopicState {
+    partitions: i32,
+    /// Replica count of each partition; they differ only after a half-done reassignment.
+    replication_factors: Vec<i32>,
+    /// Every partition has a leader, so a producer can write to any of them.
+    all_led: bool,
+}
+
+type Admin = AdminClient<DefaultClientContext>;
+
+/// Topics of the cluster by name. `fetch_metadata` blocks, so it runs on the blocking pool rather
+/// than stalling the async runtime (it may take up to [`METADATA_TIMEOUT`]).
+async fn cluster_topics(admin: &Arc<Admin>, brokers: &str) -> anyhow::Result<HashMap<String, TopicState>> {
+    let admin = Arc::clone(admin);
+    let metadata = tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, METADATA_TIMEOUT))
+        .await
+        .context("metadata fetch task failed")?
+        .with_context(|| format!("fetching cluster metadata from {brokers}"))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        // A topic with a topic-level error (e.g. being deleted) cannot be compared; treating it
+        // as missing makes the plan try to create it, and Kafka then says why it cannot.
+        .filter(|t| t.error().is_none())
+        .map(|t| {
+            let parts = t.partitions();
+            let state = TopicState {
+                partitions: parts.len() as i32,
+                replication_factors: parts.iter().map(|p| p.replicas().len() as i32).collect(),
+                all_led: parts.iter().all(|p| p.error().is_none() && p.leader() >= 0),
+            };
+            (t.name().to_owned(), state)
+        })
+        .collect())
+}
+
+fn admin_options() -> AdminOptions {
+    // operation_timeout makes the controller answer only once the operation is done (or this
+    // time has passed), so a reported success means the change is committed.
+    AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT)).operation_timeout(Some(METADATA_TIMEOUT))
+}
+
+/// Compares the declarations with the cluster. Errors, rather than plan lines, for what apply
+/// cannot do (shrinking, changing the replication factor): a plan must be fully appliable.
+pub async fn plan(config: &Config, specs: &[TopicSpec]) -> anyhow::Result<Plan> {
+    let admin = Arc::new(kafka::admin(config)?);
+    let existing = cluster_topics(&admin, &config.brokers).await?;
+
+    let mut plan = Plan::default();
+    let mut creates = Vec::new();
+    let mut raises = Vec::new();
+    // Existing declared topics, whose configs are compared below: (physical name, spec).
+    let mut compare = Vec::new();
+    for spec in specs {
+        let topic = config.topic(&spec.name);
+        if topic.len() > MAX_TOPIC_NAME {
+            bail!(
+                "topic {topic}: the name with its prefix is {} characters, Kafka allows {MAX_TOPIC_NAME}",
+                topic.len()
+            );
+        }
+        let Some(actual) = existing.get(&topic) else {
+            plan.declared_configs.insert(topic.clone(), spec.config.clone());
+            creates.push(Change::Create {
+                topic,
+                partitions: spec.partitions,
+                replication_factor: spec.replication_factor,
+            });
+            continue;
+        };
+        if spec.partitions < actual.partitions {
+            bail!(
+                "refusing to shrink topic {topic} from {} to {} partitions: Kafka cannot remove \
+                 partitions; create a new topic and migrate",
+                actual.partitions,
+                spec.partitions
+            );
+        }
+        if let Some(rf) = actual.replication_factors.iter().find(|rf| **rf != spec.replication_factor) {
+            bail!(
+                "topic {topic} has replication factor {rf}, declared {}: apply cannot change a \
+                 replication factor; reassign the partitions (kafka-reassign-partitions.sh) and \
+                 then update the declaration",
+                spec.replication_factor
+            );
+        }
+        if spec.partitions > actual.partitions {
+            raises.push(Change::AddPartitions { topic: topic.clone(), from: actual.partitions, to: spec.partitions });
+        }
+        if !spec.config.is_empty() {
+            compare.push((topic, spec));
+        }
+    }
+
+    let mut drift = Vec::new();
+    if !compare.is_empty() {
+        let resources: Vec<ResourceSpecifier> =
+            compare.iter().map(|(topic, _)| ResourceSpecifier::Topic(topic)).collect();
+        let results = admin.describe_configs(&resources, &admin_options()).await.context("describing topic configs")?;
+        if results.len() != compare.len() {
+            bail!(
+                "describing topic configs: asked for {} topics, the broker answered for {}",
+                compare.len(),
+                results.len()
+            );
+        }
+        // librdkafka returns the results in request order (checked below: an error result does
+        // not carry its topic name, so the order is what names it).
+        for ((topic, spec), result) in compare.iter().zip(results) {
+            let resource = result.map_err(|code| anyhow::anyhow!("describing the config of topic {topic}: {code}"))?;
+            if resource.specifier != OwnedResourceSpecifier::Topic(topic.clone()) {
+                bail!("describing the config of topic {topic}: the broker answered for {:?}", resource.specifier);
+            }
+            let mut drifted = false;
+            for (key, declared) in &spec.config {
+                let actual = resource.get(key).and_then(|e| e.value.clone());
+                if actual.as_deref() != Some(declared.as_str()) {
+                    drifted = true;
+                    drift.push(Change::AlterConfig {
+                        topic: topic.clone(),
+                        key: key.clone(),
+                        actual,
+                        declared: declared.clone(),
+                    });
+                }
+            }
+            if drifted {
+                plan.declared_configs.insert(topic.clone(), spec.config.clone());
+            }
+        }
+    }
+
+    plan.changes.extend(creates);
+    plan.changes.extend(raises);
+    plan.changes.extend(drift);
+    Ok(plan)
+}
+
+/// Carries out a plan from [`plan`]. Each Kafka admin call is per topic and not transactional,
+/// so every topic's result is checked; the error names each topic that failed. On success every
+/// created or enlarged topic has a leader on all of its partitions, so callers can produce to it
+/// at once.
+pub async fn apply(config: &Config, plan: &Plan) -> anyhow::Result<()> {
+    if plan.changes.is_empty() {
+        return Ok(());
+    }
+    let admin = Arc::new(kafka::admin(config)?);
+    let opts = admin_options();
+    let no_config = BTreeMap::new();
+    // A hand-made plan may lack a new topic's config; the topic then gets broker defaults.
+    let declared = |topic: &str| plan.declared_configs.get(topic).unwrap_or(&no_config);
+    // Topic -> partition count it must reach before apply returns.
+    let mut wait_for: BTreeMap<&str, i32> = BTreeMap::new();
+
+    let new_topics: Vec<NewTopic> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Create { topic, partitions, replication_factor } => {
+                wait_for.insert(topic, *partitions);
+                let mut t = NewTopic::new(topic, *partitions, TopicReplication::Fixed(*replication_factor));
+                for (k, v) in declared(topic) {
+                    t = t.set(k, v);
+                }
+                Some(t)
+            }
+            _ => None,
+        })
+        .collect();
+    if !new_topics.is_empty() {
+        let results = admin.create_topics(&new_topics, &opts).await.context("creating topics")?;
+        check(results, "creating topic")?;
+    }
+
+    let new_partitions: Vec<NewPartitions> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::AddPartitions { topic, to, .. } => {
+                wait_for.insert(topic, *to);
+                Some(NewPartitions::new(topic, *to as usize))
+            }
+            _ => None,
+        })
+        .collect();
+    if !new_partitions.is_empty() {
+        let results = admin.create_partitions(&new_partitions, &opts).await.context("raising partition counts")?;
+        check(results, "raising the partitions of topic")?;
+    }
+
+    // One AlterConfig per drifted topic, holding its whole declared config: AlterConfigs replaces
+    // the topic's dynamic config, so sending only the drifted key would reset the others.
+    let drifted: BTreeSet<&str> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::AlterConfig { topic, .. } => Some(topic.as_str()),
+            _ => None,
+        })
+        .collect();
+    let alters: Vec<AlterConfig> = drifted
+        .iter()
+        .map(|topic| {
+            // Without the declared config, the request would reset every dynamic config of the
+            // topic: refuse a plan that was not made by `plan`.
+            let declared = plan.declared_configs.get(*topic).with_context(|| {
+                format!("plan has no declared config for topic {topic}; make plans with topics::plan")
+            })?;
+            Ok(declared.iter().fold(AlterConfig::new(ResourceSpecifier::Topic(topic)), |a, (k, v)| a.set(k, v)))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    if !alters.is_empty() {
+        let results = admin.alter_configs(&alters, &opts).await.context("altering topic configs")?;
+        let failures: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err())
+            .map(|(resource, code)| match resource {
+                OwnedResourceSpecifier::Topic(topic) => {
+                    format!("altering the config of topic {topic}: {code}")
+                }
+                other => format!("altering the config of {other:?}: {code}"),
+            })
+            .collect();
+        if !failures.is_empty() {
+            bail!("{}", failures.join("; "));
+        }
+    }
+
+    wait_until_ready(&admin, &config.brokers, &wait_for).await
+}
+
+/// Turns per-topic admin results into one error naming every topic that failed.
+fn check(results: Vec<rdkafka::admin::TopicResult>, what: &str) -> anyhow::Result<()> {
+    let failures: Vec<String> =
+        results.into_iter().filter_map(|r| r.err()).map(|(topic, code)| format!("{what} {topic}: {code}")).collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", failures.join("; "))
+    }
+}
+
+/// Polls metadata until every topic of `want` has its partition count and a leader on each
+/// partition. The controller acknowledges a creation before every broker's metadata shows the
+/// new partitions with leaders; a producer started in that window fails or waits.
+async fn wait_until_ready(admin: &Arc<Admin>, brokers: &str, want: &BTreeMap<&str, i32>) -> anyhow::Result<()> {
+    if want.is_empty() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let topics = cluster_topics(admin, brokers).await?;
+        let pending: Vec<&str> = want
+            .iter()
+            .filter(|(topic, partitions)| {
+                !topics.get(**topic).is_some_and(|t| t.partitions >= **partitions && t.all_led)
+            })
+            .map(|(topic, _)| *topic)
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "topics {} were changed but do not have a leader on every partition after {}s",
+                pending.join(", "),
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `weir topics apply [--dry-run]`: loads `config.topics_dir`, plans, and applies unless
+/// `dry_run`. Returns the plan for [`print_plan`].
+pub async fn apply_dir(config: &Config, dry_run: bool) -> anyhow::Result<Plan> {
+    let specs = load_dir(&config.topics_dir)?;
+    let plan = plan(config, &specs).await?;
+    if !dry_run {
+        apply(config, &plan).await?;
+    }
+    Ok(plan)
+}
+
+/// Prints one line per change to stdout, or `no changes`. Lines read as the action taken
+/// (`create topic …`, `correct config drift on …`), prefixed with "would " under `--dry-run`,
+/// since then nothing was done.
+pub fn print_plan(plan: &Plan, dry_run: bool) {
+    for line in plan_lines(plan, dry_run) {
+        println!("{line}");
+    }
+}
+
+fn plan_lines(plan: &Plan, dry_run: bool) -> Vec<String> {
+    if plan.changes.is_empty() {
+        return vec!["no changes".into()];
+    }
+    let would = if dry_run { "would " } else { "" };
+    plan.changes
+        .iter()
+        .map(|change| match change {
+            // A drift line describes a state, not an action; say what apply does about it.
+            Change::AlterConfig { .. } => format!("{would}correct {change}"),
+            _ => format!("{would}{change}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn load_err(files: &[(&str, &str)]) -> String {
+        let dir = dir_with(files);
+        // Plain Display: the message must stand on its own, without the anyhow context chain.
+        load_dir(dir.path()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn loads_files_in_name_order_and_ignores_other_files() {
+        let dir = dir_with(&[
+            (
+                "b.yml",
+                "topics:\n  - {name: b, partitions: 2, replication_factor: 1}\n",
+            ),
+            (
+                "a.yaml",
+                "topics:\n  - name: a\n    partitions: 1\n    replication_factor: 1\n    config: {retention.ms: \"1000\"}\n",
+            ),
+            ("README.md", "not yaml: ["),
+        ]);
+        let specs = load_dir(dir.path()).unwrap();
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(specs[0].config["retention.ms"], "1000");
+        assert!(specs[1].config.is_empty());
+    }
+
+    #[test]
+    fn repo_topics_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topics");
+        let specs = load_dir(&dir).unwrap();
+        assert!(specs.iter().any(|s| s.name == "events"));
+    }
+
+    #[test]
+    fn bad_counts_name_file_topic_and_field() {
+        let err = load_err(&[("p.yaml", "topics:\n  - {name: ev, partitions: 0, replication_factor: 1}\n")]);
+        assert!(err.contains("p.yaml") && err.contains("\"ev\"") && err.contains("partitions"), "{err}");
+        let err = load_err(&[("r.yaml", "topics:\n  - {name: ev, partitions: 1, replication_factor: 0}\n")]);
+        assert!(err.contains("r.yaml") && err.contains("\"ev\"") && err.contains("replication_factor"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let err = load_err(&[("n.yaml", "topics:\n  - {name: \"\", partitions: 1, replication_factor: 1}\n")]);
+        assert!(err.contains("n.yaml") && err.contains("topic #1") && err.contains("name"), "{err}");
+        let err = load_err(&[("n.yaml", "topics:\n  - {name: \"a/b\", partitions: 1, replication_factor: 1}\n")]);
+        assert!(err.contains("\"a/b\"") && err.contains("'/'"), "{err}");
+        let err = load_err(&[("n.yaml", "topics:\n  - {name: \"..\", partitions: 1, replication_factor: 1}\n")]);
+        assert!(err.contains("\"..\""), "{err}");
+    }
+
+    #[test]
+    fn duplicates_across_files_are_refused() {
+        let t = "topics:\n  - {name: ev, partitions: 1, replication_factor: 1}\n";
+        let err = load_err(&[("a.yaml", t), ("b.yaml", t)]);
+        assert!(err.contains("b.yaml") && err.contains("a.yaml") && err.contains("already declared"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_refused() {
+        let err =
+            load_err(&[("u.yaml", "topics:\n  - {name: ev, partitions: 1, replication_factor: 1, retention: 5}\n")]);
+        assert!(err.contains("u.yaml") && err.contains("retention"), "{err}");
+        let err = load_err(&[("w.yaml", "topics:\n  - {name: ev, partitions: many, replication_factor: 1}\n")]);
+        assert!(err.contains("w.yaml") && err.contains("partitions"), "{err}");
+    }
+
+    #[test]
+    fn missing_or_empty_dir_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = load_dir(&missing).unwrap_err().to_string();
+        assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no *.yaml"), "{err}");
+    }
+
+    #[test]
+    fn changes_read_as_one_line() {
+        let create = Change::Create { topic: "t.events".into(), partitions: 8, replication_factor: 1 };
+        assert_eq!(create.to_string(), "create topic t.events (8 partitions, rf 1)");
+        let raise = Change::AddPartitions { topic: "t.events".into(), from: 4, to: 8 };
+        assert_eq!(raise.to_string(), "raise partitions of t.events from 4 to 8");
+        let drift = Change::AlterConfig {
+            topic: "t.events".into(),
+            key: "retention.ms".into(),
+            actual: Some("1000".into()),
+            declared: "604800000".into(),
+        };
+        assert_eq!(drift.to_string(), "config drift on t.events: retention.ms is 1000, declared 604800000");
+        let one = Change::Create { topic: "t.dlq".into(), partitions: 1, replication_factor: 1 };
+        assert_eq!(one.to_string(), "create topic t.dlq (1 partition, rf 1)");
+
+        let plan = Plan { changes: vec![create, drift], ..Plan::default() };
+        assert_eq!(
+            plan_lines(&plan, true),
+            [
+                "would create topic t.events (8 partitions, rf 1)",
+                "would correct config drift on t.events: retention.ms is 1000, declared 604800000"
+            ]
+        );
+        assert_eq!(
+            plan_lines(&plan, false)[1],
+            "correct config drift on t.events: retention.ms is 1000, declared 604800000"
+        );
+        assert_eq!(plan_lines(&Plan::default(), true), ["no changes"]);
+    }
+}

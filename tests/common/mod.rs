@@ -1,0 +1,186 @@
+//! Shared set-up for integration tests: every test gets its own topic prefix (so its own topics
+//! and consumer groups) and its own PostgreSQL database, on the real broker and server that
+//! `scripts/test.sh` starts. Nothing here mocks Kafka or PostgreSQL.
+#![allow(dead_code)]
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::OwnedMessage,
+    ClientConfig, Message, Offset, TopicPartitionList,
+};
+use weir::{
+    config::{Config, ServiceConfig},
+    receiver::Receiver,
+};
+
+pub fn brokers() -> String {
+    std::env::var("WEIR_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://weir:weir@127.0.0.1:5432/weir".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Creates an empty database for one test and returns its URL.
+pub async fn fresh_database() -> String {
+    let admin = admin_database_url();
+    let name = unique("weir_t_");
+    let pool = sqlx::PgPool::connect(&admin).await.expect("admin database reachable");
+    sqlx::query(&format!("create database {name}")).execute(&pool).await.expect("create database");
+    pool.close().await;
+    let (base, _) = admin.rsplit_once('/').expect("URL has a database path");
+    format!("{base}/{name}")
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A config on fresh topics (applied from the repo's `topics/`) and a fresh database, with the
+/// webhook service pointing at `receiver`.
+pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Config, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, yaml) in workflows_yaml.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("wf{i}.yaml")), yaml).unwrap();
+    }
+    let mut config = Config {
+        brokers: brokers(),
+        topic_prefix: unique("t") + ".",
+        database_url: fresh_database().await,
+        metrics_addr: None,
+        topics_dir: repo_path("topics"),
+        workflows: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    config.services.insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000 });
+    config.validate().unwrap();
+    weir::topics::apply_dir(&config, false).await.expect("topics apply");
+    (config, dir)
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes; returns the last answer.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads `topic` from the beginning with a throw-away group until `want` messages arrived or
+/// `timeout` passed.
+pub fn read_topic(topic: &str, want: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader-"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < want && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+/// Sum over partitions of the offsets `group` has committed on `topic`.
+pub fn committed_total(group: &str, topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    weir::kafka::header(m.headers(), name).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// A TCP forwarder the test can cut: while down it refuses new connections and drops open ones,
+/// as a crashed or partitioned database looks to a client.
+pub struct CuttableProxy {
+    pub addr: std::net::SocketAddr,
+    up: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: std::net::SocketAddr) -> CuttableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let flag = up.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let mut cuts = cuts.clone();
+                // Only cuts after this connection was accepted end it.
+                cuts.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        CuttableProxy { addr, up, cut, task }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
