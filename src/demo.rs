@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::{
     config::{Config, ServiceConfig},
+    definitions,
     envelope::{Event, Format},
     pipeline::Pipeline,
     produce::Producer,
@@ -75,10 +76,9 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     let plan = topics::apply_dir(&config, false).await?;
     topics::print_plan(&plan, false);
 
-    println!(
-        "\n2. pipeline: evaluate → execute(webhook) → sink(PostgreSQL), workflows from {}",
-        config.workflows.display()
-    );
+    println!("\n2. workflows from {} → definitions topic", config.workflows.display());
+    definitions::apply_dir(&config, &config.workflows, false).await?.print(false);
+    println!("\n3. pipeline: evaluate → execute(webhook) → sink(PostgreSQL)");
     let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await?;
 
     let sample: Vec<Event> = (0..events).map(|n| sample_event(&run, n, tenants)).collect();
@@ -90,7 +90,7 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
         let ct = if i == 2 { "application/avro" } else { "application/json" };
         producer.send_raw(b"site-0", bad, ct).await?;
     }
-    println!("\n3. produced {events} events for {tenants} tenants (half JSON, half Avro) and 3 malformed records");
+    println!("\n4. produced {events} events for {tenants} tenants (half JSON, half Avro) and 3 malformed records");
     println!("   the welcome-webhook workflow matches {expected} of them (member.created)");
 
     let pool = sink::pool(&config)?;
@@ -112,7 +112,7 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     bar.finish();
 
     println!(
-        "\n4. outcome\n   webhook calls received: {} (expected {expected})\n   rows in action_results: {rows}",
+        "\n5. outcome\n   webhook calls received: {} (expected {expected})\n   rows in action_results: {rows}",
         receiver.succeeded()
     );
     let per_tenant: Vec<(String, i64, f64)> = sqlx::query_as(
@@ -125,7 +125,7 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     for (tenant, n, ms) in per_tenant {
         println!("   {tenant:<10} {n:>5}  {ms:>10.2}");
     }
-    println!("\n5. metrics (weir_* from /metrics)");
+    println!("\n6. metrics (weir_* from /metrics)");
     let text = telemetry::prometheus().render();
     for line in text.lines().filter(|l| l.starts_with("weir_") && !l.contains("_bucket") && !l.contains("consumer_lag"))
     {

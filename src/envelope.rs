@@ -120,6 +120,10 @@ pub struct ActionTask {
     pub attempt: i32,
     pub created_at: String,
     pub input: Json,
+    /// The triggering event, carried through multi-step runs so later steps can render their
+    /// input from it; null for single-step workflows.
+    #[serde(default, skip_serializing_if = "Json::is_null")]
+    pub event: Json,
 }
 
 fn first_attempt() -> i32 {
@@ -132,6 +136,8 @@ fn first_attempt() -> i32 {
 pub enum Status {
     Succeeded,
     Failed,
+    /// The step's `if` was false, or a step it needs was skipped.
+    Skipped,
 }
 
 impl Status {
@@ -139,6 +145,7 @@ impl Status {
         match self {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
+            Status::Skipped => "skipped",
         }
     }
 }
@@ -164,6 +171,9 @@ pub struct ActionResult {
     pub finished_at: String,
     #[serde(default)]
     pub output: Option<Json>,
+    /// The task's `event`, passed on for the run coordinator (null for single-step workflows).
+    #[serde(default, skip_serializing_if = "Json::is_null")]
+    pub event: Json,
 }
 
 /// A record type with an Avro schema in `schemas/`.
@@ -189,8 +199,8 @@ macro_rules! record_schema {
 }
 
 record_schema!(Event, "event.avsc", ["data"]);
-record_schema!(ActionTask, "action_task.avsc", ["input"]);
-record_schema!(ActionResult, "action_result.avsc", ["output"]);
+record_schema!(ActionTask, "action_task.avsc", ["input", "event"]);
+record_schema!(ActionResult, "action_result.avsc", ["output", "event"]);
 
 /// Encodes `value` in `format`.
 pub fn encode<T: Record>(value: &T, format: Format) -> Result<Vec<u8>, DecodeError> {
@@ -294,6 +304,7 @@ mod tests {
             attempt: 1,
             created_at: "2026-11-23T10:00:00Z".into(),
             input: json!({"a": [1, 2]}),
+            event: json!({"id": "e"}),
         };
         let bytes = encode(&task, Format::Avro).unwrap();
         assert_eq!(decode::<ActionTask>(&bytes, Some(AVRO.as_bytes())).unwrap(), task);
@@ -313,6 +324,7 @@ mod tests {
             error: Some("unavailable".into()),
             finished_at: "2026-11-23T10:00:01Z".into(),
             output: None,
+            event: Json::Null,
         };
         let bytes = encode(&result, Format::Avro).unwrap();
         assert_eq!(decode::<ActionResult>(&bytes, Some(AVRO.as_bytes())).unwrap(), result);

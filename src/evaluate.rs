@@ -1,51 +1,63 @@
 //! Stage 2: match events against workflow definitions and emit action tasks.
 //!
 //! The loop reads in one screen: take a batch from the [`Source`], evaluate each event (pure CPU
-//! work, no await), start producing its tasks, and mark the event done once *all* its tasks are
-//! acknowledged by the broker. A malformed or oversized event is dead-lettered instead, and its
-//! offset is done once the dead letter is acknowledged. At most `max_inflight` events are
-//! between "taken" and "done"; past that the stage stops taking batches and the source pauses.
+//! work, no await), start producing its outputs, and mark the event done once *all* of them are
+//! acknowledged by the broker. At most `max_inflight` events are between "taken" and "done";
+//! past that the stage stops taking batches and the source pauses.
+//!
+//! Per event, in order of cost: look up the candidate workflows for (tenant, type) in the
+//! definition store's cache (usually none: done); build the CEL scope *once*, from only the
+//! fields the candidates' conditions read; evaluate each condition; render the first steps'
+//! inputs. A malformed or oversized event is dead-lettered. A condition or template that fails on
+//! this event (a missing field, a wrong type) does not stop anything: it becomes a `failed`
+//! result naming the reason, which the sink stores like any other outcome.
 
 use std::{collections::HashMap, sync::Arc};
 
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
+use serde_json::Value as Json;
 
 use crate::{
+    condition::{FieldPaths, Scope},
     config::Config,
     dead_letter::DeadLetters,
-    envelope::{self, Format},
+    definitions::DefinitionStore,
+    envelope::{self, ActionResult, Event as DomainEvent, Format, Status},
     kafka,
     shutdown::Shutdown,
     source::{Source, Ticket},
     telemetry::{Event, Stage},
-    workflow::WorkflowSet,
+    workflow::{self, CompiledWorkflow},
 };
 
 type Outcome = (Ticket, Result<(), rdkafka::error::KafkaError>);
 
+/// A record to produce: topic, key, JSON payload.
+type Output = (String, String, Vec<u8>);
+
 struct Evaluator {
-    workflows: Arc<WorkflowSet>,
+    definitions: Arc<DefinitionStore>,
     producer: FutureProducer,
     dead_letters: DeadLetters,
     /// service name → physical action topic
-    action_topics: Arc<HashMap<String, String>>,
+    action_topics: HashMap<String, String>,
+    results_topic: String,
     max_event_bytes: usize,
 }
 
 /// Runs the evaluator until `shutdown` fires or an unrecoverable error occurs.
-pub async fn run(config: Arc<Config>, workflows: Arc<WorkflowSet>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let mut source = Source::subscribe(&config, Stage::Evaluate, &config.topic("events"), &config.group("evaluate"))?;
     let producer = kafka::producer(&config)?;
-    let evaluator = Evaluator {
-        workflows,
+    let evaluator = Arc::new(Evaluator {
+        definitions,
         dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Evaluate),
         producer,
-        action_topics: Arc::new(
-            config.services.keys().map(|s| (s.clone(), config.topic(&format!("actions.{s}")))).collect(),
-        ),
+        action_topics: config.services.keys().map(|s| (s.clone(), config.topic(&format!("actions.{s}")))).collect(),
+        results_topic: config.topic("results"),
         max_event_bytes: config.evaluator.max_event_bytes,
-    };
+    });
     let max_inflight = config.evaluator.max_inflight;
     let mut inflight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
     let result = loop {
@@ -56,7 +68,7 @@ pub async fn run(config: Arc<Config>, workflows: Arc<WorkflowSet>, mut shutdown:
                 source.done(&ticket);
             }
             batch = source.recv(), if inflight.len() < max_inflight => match batch {
-                Some(batch) => inflight.extend(batch.into_iter().map(|d| evaluator.evaluate(d.message, d.ticket))),
+                Some(batch) => inflight.extend(batch.into_iter().map(|d| evaluator.clone().evaluate(d.message, d.ticket))),
                 None => break Ok(()),
             },
         }
@@ -72,7 +84,7 @@ pub async fn run(config: Arc<Config>, workflows: Arc<WorkflowSet>, mut shutdown:
 }
 
 impl Evaluator {
-    fn evaluate(&self, message: OwnedMessage, ticket: Ticket) -> BoxFuture<'static, Outcome> {
+    fn evaluate(self: Arc<Self>, message: OwnedMessage, ticket: Ticket) -> BoxFuture<'static, Outcome> {
         let payload = message.payload().unwrap_or_default();
         let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
         let event = match envelope::decode_event(payload, content_type, self.max_event_bytes) {
@@ -80,36 +92,115 @@ impl Evaluator {
             Err(e) => {
                 Event::Failed { stage: Stage::Evaluate, reason: "decode", retryable: false, detail: &e.to_string() }
                     .emit();
-                let dead_letters = self.dead_letters.clone();
-                return async move { (ticket, dead_letters.send(&message, &e.to_string()).await) }.boxed();
+                return async move { (ticket, self.dead_letters.send(&message, &e.to_string()).await) }.boxed();
             }
         };
-        let now = chrono::Utc::now().to_rfc3339();
-        let tasks: Vec<_> = self.workflows.matching(&event).flat_map(|wf| wf.tasks_for(&event, &now)).collect();
-        if tasks.is_empty() {
+        let candidates = self.definitions.matching(&event.tenant, &event.kind);
+        if candidates.is_empty() {
             return futures::future::ready((ticket, Ok(()))).boxed();
         }
-        let (producer, topics) = (self.producer.clone(), self.action_topics.clone());
+        let runs = self.runs(&event, &candidates);
         async move {
-            let sends = tasks.iter().map(|task| {
-                let topic = &topics[&task.service];
-                let payload = serde_json::to_vec(task).expect("a task always serializes");
-                let producer = &producer;
-                async move {
-                    kafka::send(
-                        producer,
-                        topic,
-                        Some(task.tenant.as_bytes()),
-                        &payload,
-                        kafka::content_headers(Format::Json),
-                    )
-                    .await
-                    .map(|_| Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit())
-                }
-            });
-            let result = futures::future::try_join_all(sends).await.map(|_| ());
-            (ticket, result)
+            let mut outputs = Vec::new();
+            for (workflow, run) in runs {
+                // Over the tenant's runs-per-minute limit: wait for a permit (delay, never drop).
+                workflow.run_permit(&event.tenant).await;
+                outputs.extend(run);
+            }
+            (ticket, self.produce(outputs).await)
         }
         .boxed()
+    }
+
+    /// The runs `event` starts: per matching workflow, the records of its first steps (or a
+    /// failed result when its condition or a template cannot be evaluated on this event).
+    fn runs(
+        &self,
+        event: &DomainEvent,
+        candidates: &[Arc<CompiledWorkflow>],
+    ) -> Vec<(Arc<CompiledWorkflow>, Vec<Output>)> {
+        // The CEL scope is built at most once per event, from the union of the fields read.
+        let scope = candidates.iter().any(|w| w.trigger_if.is_some()).then(|| {
+            let mut paths = FieldPaths::default();
+            for c in candidates.iter().filter_map(|w| w.trigger_if.as_ref()) {
+                paths.add(c);
+            }
+            Scope::build(event, None, &paths)
+        });
+        let mut context: Option<Json> = None;
+        let now = chrono::Utc::now().to_rfc3339();
+        let mut runs = Vec::new();
+        for wf in candidates {
+            let matched = match &scope {
+                Some(scope) => wf.trigger_matches(scope),
+                None => Ok(true),
+            };
+            let run_id = wf.run_id(event);
+            let records = match matched {
+                Ok(false) => continue,
+                Err(reason) => vec![self.failure(wf, event, &run_id, "trigger", reason, &now)],
+                Ok(true) => {
+                    let context = context
+                        .get_or_insert_with(|| workflow::template_context(event, Json::Object(Default::default())));
+                    wf.roots()
+                        .map(|i| match wf.render_input(i, context) {
+                            Ok(input) => {
+                                let task = wf.task(i, event, &run_id, input, &now);
+                                let payload = serde_json::to_vec(&task).expect("a task always serializes");
+                                (self.action_topics[&task.service].clone(), task.tenant, payload)
+                            }
+                            Err(reason) => self.failure(wf, event, &run_id, &wf.def.steps[i].id, reason, &now),
+                        })
+                        .collect()
+                }
+            };
+            runs.push((wf.clone(), records));
+        }
+        runs
+    }
+
+    /// A failed result for a run that could not start, so the reason is stored and visible.
+    fn failure(
+        &self,
+        wf: &CompiledWorkflow,
+        event: &DomainEvent,
+        run_id: &str,
+        step: &str,
+        reason: String,
+        now: &str,
+    ) -> Output {
+        Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail: &reason }.emit();
+        let result = ActionResult {
+            task_id: CompiledWorkflow::task_id(run_id, step),
+            run_id: run_id.to_string(),
+            event_id: event.id.clone(),
+            tenant: event.tenant.clone(),
+            workflow_id: wf.def.id.clone(),
+            workflow_version: wf.def.version,
+            step_id: step.to_string(),
+            service: "evaluate".into(),
+            status: Status::Failed,
+            attempts: 0,
+            latency_ms: 0.0,
+            http_status: None,
+            error: Some(reason),
+            finished_at: now.to_string(),
+            output: None,
+            event: Json::Null,
+        };
+        (
+            self.results_topic.clone(),
+            event.tenant.clone(),
+            serde_json::to_vec(&result).expect("a result always serializes"),
+        )
+    }
+
+    async fn produce(&self, outputs: Vec<Output>) -> Result<(), rdkafka::error::KafkaError> {
+        let sends = outputs.iter().map(|(topic, key, payload)| async move {
+            kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, kafka::content_headers(Format::Json))
+                .await
+                .map(|_| Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit())
+        });
+        futures::future::try_join_all(sends).await.map(|_| ())
     }
 }

@@ -174,6 +174,7 @@ impl Executor {
             error,
             finished_at: chrono::Utc::now().to_rfc3339(),
             output,
+            event: task.event.clone(),
         }
     }
 }

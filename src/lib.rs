@@ -29,8 +29,11 @@
 //!   standing in for an external service in tests, the demo and the benchmark; [`demo`]: the
 //!   README's walk-through.
 
+pub mod condition;
 pub mod config;
+pub mod coordinate;
 pub mod dead_letter;
+pub mod definitions;
 pub mod demo;
 pub mod envelope;
 pub mod evaluate;
@@ -46,5 +49,6 @@ pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod template;
 pub mod topics;
 pub mod workflow;

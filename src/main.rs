@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir::{
     config::Config,
+    definitions,
     envelope::Format,
     pipeline::{Pipeline, StageName},
     produce::{self, Producer},
@@ -35,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         action: TopicsAction,
     },
+    /// Workflow definitions on the compacted definitions topic.
+    Workflows {
+        #[command(subcommand)]
+        action: WorkflowsAction,
+    },
     /// Produce events (newline-delimited JSON CloudEvents) keyed by tenant.
     Produce {
         /// Logical topic name (the config's topic_prefix is prepended).
@@ -53,6 +59,25 @@ enum Command {
         events: usize,
         #[arg(long, default_value_t = 20)]
         tenants: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkflowsAction {
+    /// Validate every definition in DIR and make the definitions topic equal to it: publish new
+    /// and changed ones, delete (tombstone) those no longer in DIR.
+    Apply {
+        /// Directory of workflow YAML files (default: the config's `workflows`).
+        dir: Option<PathBuf>,
+        /// Validate and show what would change without publishing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List the published definitions.
+    List {
+        /// Only this tenant's workflows (and the platform-wide ones).
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 
@@ -101,6 +126,25 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Topics { action: TopicsAction::Apply { dry_run } } => {
             let plan = topics::apply_dir(&config, dry_run).await?;
             topics::print_plan(&plan, dry_run);
+            Ok(())
+        }
+        Command::Workflows { action: WorkflowsAction::Apply { dir, dry_run } } => {
+            let dir = dir.unwrap_or_else(|| config.workflows.clone());
+            let plan = definitions::apply_dir(&config, &dir, dry_run).await?;
+            plan.print(dry_run);
+            Ok(())
+        }
+        Command::Workflows { action: WorkflowsAction::List { tenant } } => {
+            let current = tokio::task::spawn_blocking(move || definitions::read_current(&config)).await??;
+            println!("{:<40} {:>7}  {:<30} steps", "workflow", "version", "trigger");
+            for (key, wf) in current {
+                if tenant.as_deref().is_some_and(|t| wf.tenant.as_deref().is_some_and(|w| w != t)) {
+                    continue;
+                }
+                let trigger = wf.trigger.types.as_slice().join(",");
+                let steps: Vec<&str> = wf.steps.iter().map(|s| s.id.as_str()).collect();
+                println!("{key:<40} {:>7}  {trigger:<30} {}", wf.version, steps.join(" "));
+            }
             Ok(())
         }
         Command::Produce { topic, file, format } => {

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, sync::Arc};
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 
-use crate::{config::Config, evaluate, execute, kafka, shutdown, sink, workflow::WorkflowSet};
+use crate::{config::Config, definitions::DefinitionStore, evaluate, execute, kafka, shutdown, sink};
 
 /// Which stages a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -23,20 +23,24 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Checks the broker, loads the workflows and starts the requested stages.
+    /// Checks the broker, reads the workflow definitions topic and starts the requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
-        let services: BTreeSet<&str> = config.services.keys().map(String::as_str).collect();
-        let workflows = Arc::new(WorkflowSet::load(&config.workflows, &services).context("loading workflows")?);
-        tracing::info!(workflows = workflows.len(), "workflows loaded");
+        let store_config = config.clone();
+        let definitions = Arc::new(
+            tokio::task::spawn_blocking(move || DefinitionStore::start(&store_config))
+                .await?
+                .context("loading workflow definitions")?,
+        );
+        tracing::info!(workflows = definitions.len(), "workflow definitions loaded");
         let (trigger, _) = shutdown::channel();
         let mut tasks = Vec::new();
         for stage in stages.iter().copied().collect::<BTreeSet<_>>() {
             match stage {
                 StageName::Evaluate => tasks.push((
                     "evaluate".to_string(),
-                    tokio::spawn(evaluate::run(config.clone(), workflows.clone(), trigger.subscribe())),
+                    tokio::spawn(evaluate::run(config.clone(), definitions.clone(), trigger.subscribe())),
                 )),
                 StageName::Execute => {
                     for service in config.services.keys() {
@@ -46,9 +50,10 @@ impl Pipeline {
                         ));
                     }
                 }
-                StageName::Sink => {
-                    tasks.push(("sink".to_string(), tokio::spawn(sink::run(config.clone(), trigger.subscribe()))))
-                }
+                StageName::Sink => tasks.push((
+                    "sink".to_string(),
+                    tokio::spawn(sink::run(config.clone(), definitions.clone(), trigger.subscribe())),
+                )),
             }
         }
         Ok(Pipeline { trigger, tasks })

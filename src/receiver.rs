@@ -2,6 +2,11 @@
 //! benchmark: it records every call (time, tenant, `Idempotency-Key`, body) and can be told to
 //! add latency or to answer with an error status (429, 5xx) until told otherwise.
 //!
+//! Like a real idempotent API (Stripe's `Idempotency-Key`), a repeated key whose first call
+//! succeeded is answered with the stored response and recorded as `replayed` instead of being
+//! executed again. Its response echoes the task's step and input, so a later step's input can
+//! show which outputs it received.
+//!
 //! It is a real server on a real socket (port 0), so the executor's HTTP client, timeouts and
 //! error handling are exercised exactly as against a remote service.
 
@@ -28,6 +33,8 @@ pub struct Call {
     pub body: Value,
     /// What the receiver answered.
     pub status: u16,
+    /// A repeat of a key that had already succeeded: answered from the stored response.
+    pub replayed: bool,
 }
 
 /// How the receiver answers.
@@ -43,6 +50,10 @@ pub struct Mode {
 struct Inner {
     calls: Mutex<Vec<Call>>,
     mode: Mutex<Mode>,
+    /// Requests received, answered or not.
+    arrived: std::sync::atomic::AtomicUsize,
+    /// Responses of succeeded calls by idempotency key.
+    done: Mutex<std::collections::HashMap<String, Value>>,
 }
 
 pub struct Receiver {
@@ -78,9 +89,19 @@ impl Receiver {
         self.inner.calls.lock().expect("calls lock").clone()
     }
 
-    /// Calls answered with 2xx.
+    /// Requests received so far, including those still waiting for their answer.
+    pub fn arrived(&self) -> usize {
+        self.inner.arrived.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Calls answered with 2xx (replays included).
     pub fn succeeded(&self) -> usize {
         self.inner.calls.lock().expect("calls lock").iter().filter(|c| c.status < 300).count()
+    }
+
+    /// Calls executed successfully, replays of an already succeeded key excluded.
+    pub fn executed(&self) -> usize {
+        self.inner.calls.lock().expect("calls lock").iter().filter(|c| c.status < 300 && !c.replayed).count()
     }
 }
 
@@ -96,19 +117,29 @@ async fn handle(
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
     let at = Instant::now();
+    inner.arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mode = inner.mode.lock().expect("mode lock").clone();
-    if !mode.latency.is_zero() {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let key = header("idempotency-key");
+    let stored = key.as_ref().and_then(|k| inner.done.lock().expect("done lock").get(k).cloned());
+    if !mode.latency.is_zero() && stored.is_none() {
         tokio::time::sleep(mode.latency).await;
     }
-    let status = mode.fail_with.unwrap_or(200);
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let status = if stored.is_some() { 200 } else { mode.fail_with.unwrap_or(200) };
+    let response = stored
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({"ok": status < 300, "step": body["step_id"], "input": body["input"]}));
+    if let (Some(k), true, None) = (&key, status < 300, &stored) {
+        inner.done.lock().expect("done lock").insert(k.clone(), response.clone());
+    }
     inner.calls.lock().expect("calls lock").push(Call {
         at,
         tenant: header("x-weir-tenant"),
-        idempotency_key: header("idempotency-key"),
+        idempotency_key: key,
         body,
         status,
+        replayed: stored.is_some(),
     });
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, Json(serde_json::json!({"ok": code.is_success()})))
+    (code, Json(response))
 }

@@ -5,6 +5,9 @@
 //! for the whole batch) with `ON CONFLICT (task_id) DO NOTHING`, so results replayed after a crash
 //! are ignored. Offsets are stored only after the statement commits.
 //!
+//! Results of multi-step runs also advance their run ([`crate::coordinate`]) in the same
+//! transaction: the next steps' tasks are produced and acknowledged before the commit.
+//!
 //! When PostgreSQL is unreachable the stage holds the batch and retries with backoff: it takes
 //! no new batches (so the source pauses its partitions) and stores no offsets, and picks up where
 //! it was once the database answers. A row that can never be written (undecodable result) goes
@@ -17,10 +20,14 @@ use chrono::{DateTime, Utc};
 use rdkafka::Message;
 use sqlx::{postgres::PgPoolOptions, PgPool};
 
+use rdkafka::producer::FutureProducer;
+
 use crate::{
     config::Config,
+    coordinate::Coordinator,
     dead_letter::DeadLetters,
-    envelope::{self, ActionResult},
+    definitions::DefinitionStore,
+    envelope::{self, ActionResult, Format},
     kafka,
     shutdown::Shutdown,
     source::{Delivery, Source, Ticket},
@@ -84,7 +91,7 @@ impl Columns {
         self.task_id.len()
     }
 
-    async fn insert(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+    async fn insert(&self, db: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
         sqlx::query(
             "insert into action_results (task_id, run_id, event_id, tenant, workflow_id, workflow_version, step_id,
                  service, status, attempts, latency_ms, http_status, error, output, finished_at)
@@ -110,13 +117,57 @@ impl Columns {
         .bind(&self.error)
         .bind(&self.output)
         .bind(&self.finished_at)
-        .execute(pool)
+        .execute(db)
         .await
         .map(|_| ())
     }
 }
 
-pub async fn run(config: Arc<Config>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+/// Why a batch could not be written; every cause is retried with the batch held.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("run coordination: {0:#}")]
+    Coordinate(#[from] anyhow::Error),
+    #[error("producing next steps: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Writes one batch: results, then (for multi-step runs) the decisions they lead to, the next
+/// steps produced and acknowledged, and only then the commit.
+async fn write_batch(
+    pool: &PgPool,
+    columns: &Columns,
+    results: &[ActionResult],
+    coordinator: &Coordinator,
+    producer: &FutureProducer,
+    config: &Config,
+) -> Result<usize, WriteError> {
+    let mut tx = pool.begin().await?;
+    columns.insert(&mut tx).await?;
+    let advance = coordinator.advance(&mut tx, results).await?;
+    let mut decided = Columns::default();
+    for r in advance.results {
+        let finished_at =
+            DateTime::parse_from_rfc3339(&r.finished_at).map(|t| t.with_timezone(&Utc)).unwrap_or_else(|_| Utc::now());
+        decided.push(r, finished_at);
+    }
+    decided.insert(&mut tx).await?;
+    let sends = advance.tasks.iter().map(|task| {
+        let topic = config.topic(&format!("actions.{}", task.service));
+        let payload = serde_json::to_vec(task).expect("a task always serializes");
+        async move {
+            kafka::send(producer, &topic, Some(task.tenant.as_bytes()), &payload, kafka::content_headers(Format::Json))
+                .await
+        }
+    });
+    futures::future::try_join_all(sends).await?;
+    tx.commit().await?;
+    Ok(columns.len() + decided.len())
+}
+
+pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = pool(&config)?;
     let mut backoff = Backoff::default();
     while let Err(e) = migrate(&pool).await {
@@ -126,11 +177,18 @@ pub async fn run(config: Arc<Config>, mut shutdown: Shutdown) -> anyhow::Result<
         }
     }
     let mut source = Source::subscribe(&config, Stage::Sink, &config.topic("results"), &config.group("sink"))?;
-    let dead_letters = DeadLetters::new(kafka::producer(&config)?, config.topic("dlq"), Stage::Sink);
+    let producer = kafka::producer(&config)?;
+    let dead_letters = DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Sink);
+    let coordinator = Coordinator::new(definitions);
+    let mut sweep = tokio::time::interval(Duration::from_secs(5));
     let (batch_size, linger) = (config.sink.batch_size, Duration::from_millis(config.sink.linger_ms));
     'batches: loop {
         let mut deliveries = tokio::select! {
             _ = shutdown.recv() => break,
+            _ = sweep.tick() => {
+                expire_runs(&pool).await;
+                continue;
+            }
             batch = source.recv() => match batch { Some(b) => b, None => break },
         };
         // Top up a partial batch for a moment: fewer, larger transactions.
@@ -141,13 +199,13 @@ pub async fn run(config: Arc<Config>, mut shutdown: Shutdown) -> anyhow::Result<
                 _ => break,
             }
         }
-        let (columns, tickets) = rows(deliveries, &dead_letters).await?;
+        let (columns, results, tickets) = rows(deliveries, &dead_letters).await?;
         let mut backoff = Backoff::default();
         loop {
             let started = std::time::Instant::now();
-            match columns.insert(&pool).await {
-                Ok(()) => {
-                    Event::SinkWrote { rows: columns.len(), elapsed: started.elapsed() }.emit();
+            match write_batch(&pool, &columns, &results, &coordinator, &producer, &config).await {
+                Ok(rows) => {
+                    Event::SinkWrote { rows, elapsed: started.elapsed() }.emit();
                     source.done_all(&tickets);
                     break;
                 }
@@ -165,9 +223,27 @@ pub async fn run(config: Arc<Config>, mut shutdown: Shutdown) -> anyhow::Result<
     Ok(())
 }
 
-/// Decodes a batch; records that are not results are dead-lettered (and count as done).
-async fn rows(deliveries: Vec<Delivery>, dead_letters: &DeadLetters) -> anyhow::Result<(Columns, Vec<Ticket>)> {
+/// Fails running runs past their deadline, so a run whose step never reports still ends.
+async fn expire_runs(pool: &PgPool) {
+    let outcome = sqlx::query(
+        "update workflow_runs set status = 'failed', error = 'run time limit exceeded', finished_at = now()
+         where status = 'running' and deadline < now()",
+    )
+    .execute(pool)
+    .await;
+    if let Err(e) = outcome {
+        Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &e.to_string() }.emit();
+    }
+}
+
+/// Decodes a batch; records that are not results are dead-lettered (and count as done). Results
+/// of multi-step runs are also returned whole, for the coordinator.
+async fn rows(
+    deliveries: Vec<Delivery>,
+    dead_letters: &DeadLetters,
+) -> anyhow::Result<(Columns, Vec<ActionResult>, Vec<Ticket>)> {
     let mut columns = Columns::default();
+    let mut multi_step = Vec::new();
     let mut tickets = Vec::with_capacity(deliveries.len());
     for Delivery { message, ticket } in deliveries {
         let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
@@ -178,7 +254,12 @@ async fn rows(deliveries: Vec<Delivery>, dead_letters: &DeadLetters) -> anyhow::
                 Err(e) => Err(format!("finished_at {:?}: {e}", r.finished_at)),
             });
         match decoded {
-            Ok((result, finished_at)) => columns.push(result, finished_at),
+            Ok((result, finished_at)) => {
+                if !result.event.is_null() {
+                    multi_step.push(result.clone());
+                }
+                columns.push(result, finished_at)
+            }
             Err(reason) => {
                 Event::Failed { stage: Stage::Sink, reason: "decode", retryable: false, detail: &reason }.emit();
                 dead_letters.send(&message, &reason).await.context("sink: dead-lettering failed")?;
@@ -186,7 +267,7 @@ async fn rows(deliveries: Vec<Delivery>, dead_letters: &DeadLetters) -> anyhow::
         }
         tickets.push(ticket);
     }
-    Ok((columns, tickets))
+    Ok((columns, multi_step, tickets))
 }
 
 /// Exponential backoff from 100 ms to 5 s, cut short by shutdown.

@@ -1,54 +1,66 @@
-//! Workflow definitions and the index the evaluator matches events against.
+//! Workflow definitions: the YAML format, validation at apply time, and the compiled form the
+//! evaluator and the run coordinator use.
 //!
-//! A definition says which events start it (`trigger.type`, one or a list) and which steps run,
-//! each on a named service. A definition without `tenant` is platform-wide: it applies to every
-//! tenant's events. A tenant's own workflows only ever see that tenant's events, because the index
-//! is keyed by tenant.
-//!
-//! The index is built once per definition set, so matching an event is two hash look-ups without
-//! allocation: event type → (platform-wide workflows, tenant → workflows).
+//! A definition names the events that start it (`trigger.type`, optionally filtered by a CEL
+//! `trigger.if`), and a graph of steps, each calling a service with an `input` made of minijinja
+//! templates over the event and earlier steps' outputs. `needs` makes the graph: a step starts
+//! once every step it needs has succeeded; independent branches run in parallel. Everything that
+//! can be wrong with a definition is found when it is applied (CEL compiles, templates parse,
+//! the graph is acyclic, services exist, a step only reads steps it needs, limits are in range),
+//! never while events flow. See docs/workflows.md for the format with examples.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use anyhow::{bail, Context as _};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
-use crate::envelope::{ActionTask, Event};
+use crate::{
+    condition::{Condition, FieldPaths, Scope},
+    envelope::{ActionTask, Event},
+    template::InputTemplate,
+};
 
-/// One workflow definition, as written in YAML.
-#[derive(Debug, Clone, Deserialize)]
+/// Most steps a workflow may have (seed 000's MAX_STEPS).
+pub const MAX_STEPS: usize = 50;
+
+/// One workflow definition, as written in YAML (and published, as JSON, on the definitions topic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workflow {
-    /// Unique per tenant (or among platform-wide workflows).
+    /// Unique per tenant (or among platform-wide workflows). Letters, digits, `.`, `_`, `-`.
     pub id: String,
     /// The tenant it belongs to; absent means every tenant.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    /// Increases with every change; part of each task id, so a new version yields new tasks.
+    /// Must increase with every change; part of each task id, and what a run pins.
     #[serde(default = "first_version")]
     pub version: i64,
     pub trigger: Trigger,
     pub steps: Vec<Step>,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 fn first_version() -> i64 {
     1
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trigger {
     /// Event type(s) that start the workflow.
     #[serde(rename = "type")]
     pub types: OneOrMany,
+    /// CEL condition over `event` (attributes) and `data` (the body); the run starts if true.
+    #[serde(rename = "if", default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -64,190 +76,407 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     pub id: String,
     /// A service from the config's `services`.
     pub service: String,
-    /// Passed to the service as `params` beside the event.
-    #[serde(default)]
+    /// The request for the service: templates over `event`, `data` and `steps.<id>.output`.
+    /// Absent: the whole event.
+    #[serde(default, skip_serializing_if = "Json::is_null")]
     pub input: Json,
+    /// Steps that must succeed before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    /// CEL condition over `event`, `data` and `steps`, checked when the needs are done; false
+    /// skips the step and every step that needs it. Only on steps with `needs`.
+    #[serde(rename = "if", default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// Per-call timeout; the service's timeout when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Attempts in all, including the first (1–20).
+    pub attempts: u32,
+    /// First backoff; doubles per attempt.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+fn default_backoff_ms() -> u64 {
+    500
+}
+
+/// Per-workflow limits; defaults are seed 000's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// A run not finished after this long fails with "run time limit exceeded" (1 s – 1 day).
+    pub max_run_seconds: u64,
+    /// Runs a tenant may start per minute; excess runs are delayed, never dropped.
+    pub runs_per_minute: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_run_seconds: 300, runs_per_minute: 1_000 }
+    }
+}
+
+fn check_name(field: &str, value: &str) -> anyhow::Result<()> {
+    if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        bail!("{field}: {value:?} must be non-empty and hold only ASCII letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
 }
 
 impl Workflow {
-    /// Checks a definition against the services that exist; errors name the field.
-    pub fn validate(&self, services: &BTreeSet<&str>) -> anyhow::Result<()> {
-        if self.id.trim().is_empty() {
-            bail!("id: must not be empty");
+    /// Whether an event of `kind` triggers this workflow (before its condition).
+    pub fn triggers_on(&self, kind: &str) -> bool {
+        self.trigger.types.as_slice().iter().any(|t| t == kind)
+    }
+}
+
+/// A step ready to run: its condition and templates compiled, its place in the graph resolved.
+#[derive(Debug)]
+pub struct CompiledStep {
+    pub condition: Option<Condition>,
+    pub input: Option<InputTemplate>,
+    /// Indices of the steps it needs.
+    pub needs: Vec<usize>,
+}
+
+/// A validated definition with everything compiled once.
+#[derive(Debug)]
+pub struct CompiledWorkflow {
+    pub def: Workflow,
+    pub trigger_if: Option<Condition>,
+    pub steps: Vec<CompiledStep>,
+    /// The event fields the trigger condition reads.
+    pub paths: FieldPaths,
+    limiter: governor::DefaultKeyedRateLimiter<String>,
+}
+
+impl CompiledWorkflow {
+    /// Validates `def` against the configured services and compiles it. Errors name the field.
+    pub fn compile(def: Workflow, services: &BTreeSet<&str>) -> anyhow::Result<CompiledWorkflow> {
+        check_name("id", &def.id)?;
+        if let Some(t) = &def.tenant {
+            check_name("tenant", t)?;
         }
-        if self.trigger.types.as_slice().iter().any(|t| t.trim().is_empty()) || self.trigger.types.as_slice().is_empty()
-        {
+        if def.version < 1 {
+            bail!("version: must be at least 1");
+        }
+        let types = def.trigger.types.as_slice();
+        if types.is_empty() || types.iter().any(|t| t.trim().is_empty()) {
             bail!("trigger.type: must name at least one event type");
         }
-        if self.steps.is_empty() {
+        let trigger_if = def
+            .trigger
+            .condition
+            .as_deref()
+            .map(Condition::compile)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("trigger.if: {e}"))?;
+        if def.steps.is_empty() {
             bail!("steps: a workflow needs at least one step");
         }
-        let mut ids = BTreeSet::new();
-        for (i, step) in self.steps.iter().enumerate() {
-            if !ids.insert(step.id.as_str()) {
-                bail!("steps[{i}].id: duplicate step id {:?}", step.id);
+        if def.steps.len() > MAX_STEPS {
+            bail!("steps: {} steps, more than the limit of {MAX_STEPS}", def.steps.len());
+        }
+        if !(1..=86_400).contains(&def.limits.max_run_seconds) {
+            bail!("limits.max_run_seconds: {} is outside 1..=86400", def.limits.max_run_seconds);
+        }
+        if !(1..=1_000_000).contains(&def.limits.runs_per_minute) {
+            bail!("limits.runs_per_minute: {} is outside 1..=1000000", def.limits.runs_per_minute);
+        }
+        // First occurrence wins, so the error points at the duplicate.
+        let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, s) in def.steps.iter().enumerate() {
+            index.entry(s.id.as_str()).or_insert(i);
+        }
+        let mut steps = Vec::with_capacity(def.steps.len());
+        for (i, step) in def.steps.iter().enumerate() {
+            let at = |field: &str| format!("steps[{i}] ({}).{field}", step.id);
+            check_name(&at("id"), &step.id)?;
+            if index[step.id.as_str()] != i {
+                bail!("{}: duplicate step id", at("id"));
             }
             if !services.contains(step.service.as_str()) {
-                bail!("steps[{i}].service: unknown service {:?} (configured: {:?})", step.service, services);
+                bail!("{}: unknown service {:?} (configured: {:?})", at("service"), step.service, services);
+            }
+            let mut needs = Vec::new();
+            for need in &step.needs {
+                match index.get(need.as_str()) {
+                    Some(&j) if j != i => needs.push(j),
+                    Some(_) => bail!("{}: a step cannot need itself", at("needs")),
+                    None => bail!("{}: no step {need:?} in this workflow", at("needs")),
+                }
+            }
+            if step.condition.is_some() && needs.is_empty() {
+                bail!("{}: a first step has no earlier outputs to test; put the condition in trigger.if", at("if"));
+            }
+            let condition = step
+                .condition
+                .as_deref()
+                .map(Condition::compile)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", at("if")))?;
+            let input = (!step.input.is_null())
+                .then(|| InputTemplate::compile(&step.input))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", at("input")))?;
+            if let Some(timeout) = step.timeout_ms {
+                if !(1..=600_000).contains(&timeout) {
+                    bail!("{}: {timeout} is outside 1..=600000", at("timeout_ms"));
+                }
+            }
+            if let Some(retry) = &step.retry {
+                if !(1..=20).contains(&retry.attempts) {
+                    bail!("{}: {} is outside 1..=20", at("retry.attempts"), retry.attempts);
+                }
+            }
+            steps.push(CompiledStep { condition, input, needs });
+        }
+        check_acyclic(&def, &steps)?;
+        // A step may only read outputs that are certain to exist when it runs: its ancestors'.
+        for (i, step) in steps.iter().enumerate() {
+            let ancestors = ancestors(&steps, i);
+            let allowed: BTreeSet<&str> = ancestors.iter().map(|&j| def.steps[j].id.as_str()).collect();
+            if step.input.as_ref().is_some_and(InputTemplate::reads_steps_dynamically) {
+                bail!(
+                    "steps[{i}] ({}).input: reads `steps` by a computed name; name the steps it reads",
+                    def.steps[i].id
+                );
+            }
+            let read = step.input.as_ref().map(InputTemplate::references_steps).unwrap_or_default();
+            if let Some(bad) = read.iter().find(|r| !allowed.contains(r.as_str())) {
+                bail!(
+                    "steps[{i}] ({}).input: reads steps.{bad}, which is not among the steps it needs",
+                    def.steps[i].id
+                );
             }
         }
-        Ok(())
+        let mut paths = FieldPaths::default();
+        if let Some(c) = &trigger_if {
+            paths.add(c);
+        }
+        let quota =
+            governor::Quota::per_minute(std::num::NonZeroU32::new(def.limits.runs_per_minute).expect("validated"));
+        Ok(CompiledWorkflow { def, trigger_if, steps, paths, limiter: governor::RateLimiter::keyed(quota) })
     }
 
-    /// The tasks an event starts: one per step. Ids are derived from the event, workflow version
-    /// and step, so evaluating the same event again yields the same tasks (and the executor's
-    /// idempotency keys and the sink's primary key absorb the replay).
-    pub fn tasks_for(&self, event: &Event, created_at: &str) -> Vec<ActionTask> {
-        let run_name = format!("{}/{}/{}/{}", event.tenant, event.id, self.id, self.version);
-        let run_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, run_name.as_bytes()).to_string();
-        self.steps
-            .iter()
-            .map(|step| ActionTask {
-                task_id: uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{run_name}/{}", step.id).as_bytes())
-                    .to_string(),
-                run_id: run_id.clone(),
-                event_id: event.id.clone(),
-                event_type: event.kind.clone(),
-                tenant: event.tenant.clone(),
-                workflow_id: self.id.clone(),
-                workflow_version: self.version,
-                step_id: step.id.clone(),
-                service: step.service.clone(),
-                attempt: 1,
-                created_at: created_at.to_string(),
-                input: json!({
-                    "event": {"id": event.id, "type": event.kind, "source": event.source,
-                              "time": event.time, "data": event.data},
-                    "params": step.input,
-                }),
-            })
-            .collect()
+    /// More than one step: results must be coordinated to start the later ones.
+    pub fn is_multi_step(&self) -> bool {
+        self.steps.len() > 1
+    }
+
+    /// Waits until `tenant` may start another run of this workflow (`limits.runs_per_minute`).
+    pub async fn run_permit(&self, tenant: &str) {
+        if self.limiter.check_key(&tenant.to_string()).is_err() {
+            self.limiter.until_key_ready(&tenant.to_string()).await;
+        }
+    }
+
+    /// Whether the run starts for this event; `scope` holds at least the fields of [`Self::paths`].
+    pub fn trigger_matches(&self, scope: &Scope) -> Result<bool, String> {
+        match &self.trigger_if {
+            None => Ok(true),
+            Some(c) => c.evaluate(scope).map_err(|e| format!("trigger.if: {e}")),
+        }
+    }
+
+    /// The run id of this workflow for an event: the same event always gives the same run.
+    pub fn run_id(&self, event: &Event) -> String {
+        let name = format!("{}/{}/{}/{}", event.tenant, event.id, self.def.id, self.def.version);
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+    }
+
+    /// A step's task id: derived from the run and step, so repeating any decision repeats the id.
+    pub fn task_id(run_id: &str, step_id: &str) -> String {
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{run_id}/{step_id}").as_bytes()).to_string()
+    }
+
+    /// Renders step `i`'s input. `context` is [`template_context`]'s value.
+    pub fn render_input(&self, i: usize, context: &Json) -> Result<Json, String> {
+        match &self.steps[i].input {
+            Some(t) => t.render(context).map_err(|e| format!("steps.{}.input: {e}", self.def.steps[i].id)),
+            None => Ok(json!({"event": context["event"]})),
+        }
+    }
+
+    /// The task for step `i` of the run `run_id` started by `event`.
+    pub fn task(&self, i: usize, event: &Event, run_id: &str, input: Json, created_at: &str) -> ActionTask {
+        let step = &self.def.steps[i];
+        ActionTask {
+            task_id: Self::task_id(run_id, &step.id),
+            run_id: run_id.to_string(),
+            event_id: event.id.clone(),
+            event_type: event.kind.clone(),
+            tenant: event.tenant.clone(),
+            workflow_id: self.def.id.clone(),
+            workflow_version: self.def.version,
+            step_id: step.id.clone(),
+            service: step.service.clone(),
+            attempt: 1,
+            created_at: created_at.to_string(),
+            input,
+            // Later steps render their input from the event; carry it through the run.
+            event: if self.is_multi_step() { serde_json::to_value(event).unwrap_or_default() } else { Json::Null },
+        }
+    }
+
+    /// Indices of the steps with no needs: the ones a run starts with.
+    pub fn roots(&self) -> impl Iterator<Item = usize> + '_ {
+        self.steps.iter().enumerate().filter(|(_, s)| s.needs.is_empty()).map(|(i, _)| i)
     }
 }
 
-#[derive(Default)]
-struct ByType {
-    platform: Vec<Arc<Workflow>>,
-    by_tenant: HashMap<String, Vec<Arc<Workflow>>>,
+/// The value templates render against: `event` (attributes and data), `data`, and `steps`
+/// (`steps.<id>.output` for every finished step).
+pub fn template_context(event: &Event, steps: Json) -> Json {
+    json!({
+        "event": {"id": event.id, "type": event.kind, "source": event.source, "time": event.time,
+                  "tenant": event.tenant, "data": event.data},
+        "data": event.data,
+        "steps": steps,
+    })
 }
 
-/// All definitions, indexed by event type and tenant.
-#[derive(Default)]
-pub struct WorkflowSet {
-    index: HashMap<String, ByType>,
-    count: usize,
-}
-
-impl WorkflowSet {
-    pub fn new(workflows: Vec<Workflow>) -> WorkflowSet {
-        let mut set = WorkflowSet { index: HashMap::new(), count: workflows.len() };
-        for wf in workflows.into_iter().map(Arc::new) {
-            for kind in wf.trigger.types.as_slice() {
-                let entry = set.index.entry(kind.clone()).or_default();
-                match &wf.tenant {
-                    None => entry.platform.push(wf.clone()),
-                    Some(t) => entry.by_tenant.entry(t.clone()).or_default().push(wf.clone()),
+fn check_acyclic(def: &Workflow, steps: &[CompiledStep]) -> anyhow::Result<()> {
+    // Kahn's algorithm: whatever cannot be ordered is on (or behind) a cycle.
+    let mut waiting: Vec<usize> = steps.iter().map(|s| s.needs.len()).collect();
+    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut ordered = 0;
+    while let Some(i) = ready.pop() {
+        ordered += 1;
+        for (j, s) in steps.iter().enumerate() {
+            if s.needs.contains(&i) {
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.push(j);
                 }
             }
         }
-        set
     }
+    if ordered < steps.len() {
+        let stuck: Vec<&str> = (0..steps.len()).filter(|&i| waiting[i] > 0).map(|i| def.steps[i].id.as_str()).collect();
+        bail!("steps: the needs form a cycle through {}", stuck.join(", "));
+    }
+    Ok(())
+}
 
-    /// Reads a YAML file, or every `*.yaml`/`*.yml` file of a directory (one workflow per file),
-    /// validating each against `services`.
-    pub fn load(path: &Path, services: &BTreeSet<&str>) -> anyhow::Result<WorkflowSet> {
-        let files: Vec<PathBuf> = if path.is_dir() {
-            let mut files: Vec<_> = std::fs::read_dir(path)
-                .with_context(|| format!("reading workflows directory {}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-                .collect();
-            files.sort();
-            files
-        } else {
-            vec![path.to_path_buf()]
-        };
-        let mut workflows = Vec::new();
-        let mut seen = BTreeSet::new();
-        for file in files {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let wf: Workflow =
-                serde_yaml_ng::from_str(&text).with_context(|| format!("{}: invalid workflow", file.display()))?;
-            wf.validate(services).with_context(|| format!("{}: workflow {:?}", file.display(), wf.id))?;
-            if !seen.insert((wf.tenant.clone(), wf.id.clone())) {
-                bail!("{}: workflow {:?} is defined twice for the same tenant", file.display(), wf.id);
-            }
-            workflows.push(wf);
+fn ancestors(steps: &[CompiledStep], i: usize) -> BTreeSet<usize> {
+    let mut seen = BTreeSet::new();
+    let mut todo = steps[i].needs.clone();
+    while let Some(j) = todo.pop() {
+        if seen.insert(j) {
+            todo.extend(&steps[j].needs);
         }
-        Ok(WorkflowSet::new(workflows))
     }
+    seen
+}
 
-    /// Workflows that `event` triggers: the platform-wide ones, then the tenant's own.
-    pub fn matching<'a>(&'a self, event: &Event) -> impl Iterator<Item = &'a Arc<Workflow>> + 'a {
-        let by_type = self.index.get(&event.kind);
-        let platform = by_type.map(|b| b.platform.as_slice()).unwrap_or_default();
-        let tenant = by_type.and_then(|b| b.by_tenant.get(&event.tenant)).map(Vec::as_slice).unwrap_or_default();
-        platform.iter().chain(tenant.iter())
+/// Reads a YAML file, or every `*.yaml`/`*.yml` file of a directory (one workflow per file),
+/// validating each against `services`. Keyed by the definitions topic key.
+pub fn load(path: &Path, services: &BTreeSet<&str>) -> anyhow::Result<BTreeMap<String, Workflow>> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(path)
+            .with_context(|| format!("reading workflows directory {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut workflows = BTreeMap::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let wf: Workflow =
+            serde_yaml_ng::from_str(&text).with_context(|| format!("{}: not a valid workflow", file.display()))?;
+        let key = crate::definitions::key(wf.tenant.as_deref(), &wf.id);
+        CompiledWorkflow::compile(wf.clone(), services)
+            .with_context(|| format!("{}: workflow {key}", file.display()))?;
+        if workflows.insert(key.clone(), wf).is_some() {
+            bail!("{}: workflow {key} is defined twice", file.display());
+        }
     }
-
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
+    Ok(workflows)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn event(tenant: &str, kind: &str) -> Event {
-        serde_json::from_value(json!({"id": "e1", "source": "/s", "type": kind, "tenant": tenant, "data": {}})).unwrap()
-    }
-
     fn wf(yaml: &str) -> Workflow {
         serde_yaml_ng::from_str(yaml).unwrap()
     }
 
-    #[test]
-    fn tenants_only_see_their_own_workflows() {
-        let set = WorkflowSet::new(vec![
-            wf("{id: all, trigger: {type: a}, steps: [{id: s, service: x}]}"),
-            wf("{id: mine, tenant: t1, trigger: {type: [a, b]}, steps: [{id: s, service: x}]}"),
-        ]);
-        let ids = |t: &str, k: &str| set.matching(&event(t, k)).map(|w| w.id.clone()).collect::<Vec<_>>();
-        assert_eq!(ids("t1", "a"), ["all", "mine"]);
-        assert_eq!(ids("t2", "a"), ["all"]);
-        assert_eq!(ids("t1", "b"), ["mine"]);
-        assert!(ids("t2", "b").is_empty());
-    }
-
-    #[test]
-    fn task_ids_are_deterministic_and_versioned() {
-        let w1 = wf("{id: w, trigger: {type: a}, steps: [{id: s, service: x}]}");
-        let mut w2 = w1.clone();
-        w2.version = 2;
-        let e = event("t", "a");
-        assert_eq!(w1.tasks_for(&e, "now")[0].task_id, w1.tasks_for(&e, "later")[0].task_id);
-        assert_ne!(w1.tasks_for(&e, "now")[0].task_id, w2.tasks_for(&e, "now")[0].task_id);
+    fn compile(yaml: &str) -> anyhow::Result<CompiledWorkflow> {
+        CompiledWorkflow::compile(wf(yaml), &BTreeSet::from(["webhook", "slack"]))
     }
 
     #[test]
     fn validation_names_the_field() {
-        let services = BTreeSet::from(["webhook"]);
-        let err = wf("{id: w, trigger: {type: a}, steps: [{id: s, service: slack}]}").validate(&services).unwrap_err();
-        assert!(err.to_string().starts_with("steps[0].service"), "{err}");
-        let err = wf("{id: w, trigger: {type: a}, steps: [{id: s, service: webhook}, {id: s, service: webhook}]}")
-            .validate(&services)
-            .unwrap_err();
-        assert!(err.to_string().starts_with("steps[1].id"), "{err}");
+        let cases = [
+            ("{id: w, trigger: {type: a}, steps: [{id: s, service: nope}]}", "steps[0] (s).service"),
+            ("{id: w, trigger: {type: a}, steps: [{id: s, service: webhook}, {id: s, service: webhook}]}", "steps[1] (s).id"),
+            ("{id: w, trigger: {type: a}, steps: [{id: s, service: webhook, needs: [x]}]}", "steps[0] (s).needs"),
+            (
+                "{id: w, trigger: {type: a}, steps: [{id: a, service: webhook, needs: [b]}, {id: b, service: webhook, needs: [a]}]}",
+                "cycle",
+            ),
+            ("{id: w, trigger: {type: a, if: 'data.x >'}, steps: [{id: s, service: webhook}]}", "trigger.if"),
+            ("{id: w, trigger: {type: a}, steps: [{id: s, service: webhook, if: 'true'}]}", "steps[0] (s).if"),
+            ("{id: w, trigger: {type: a}, steps: [{id: s, service: webhook, input: {x: '{{ oops'}}]}", "steps[0] (s).input"),
+            (
+                "{id: w, trigger: {type: a}, steps: [{id: a, service: webhook}, {id: b, service: webhook, input: {x: '{{ steps.c.output }}'}}, {id: c, service: webhook}]}",
+                "reads steps.c",
+            ),
+            ("{id: w, trigger: {type: a}, limits: {max_run_seconds: 0}, steps: [{id: s, service: webhook}]}", "limits.max_run_seconds"),
+            ("{id: 'a/b', trigger: {type: a}, steps: [{id: s, service: webhook}]}", "id"),
+        ];
+        for (yaml, expected) in cases {
+            let err = format!("{:#}", compile(yaml).unwrap_err());
+            assert!(err.contains(expected), "{yaml}\n  gave: {err}\n  expected to mention: {expected}");
+        }
+    }
+
+    #[test]
+    fn more_than_fifty_steps_are_refused() {
+        let steps: Vec<String> = (0..51).map(|i| format!("{{id: s{i}, service: webhook}}")).collect();
+        let err = compile(&format!("{{id: w, trigger: {{type: a}}, steps: [{}]}}", steps.join(","))).unwrap_err();
+        assert!(err.to_string().contains("limit of 50"), "{err}");
+    }
+
+    #[test]
+    fn diamond_compiles_with_its_graph() {
+        let c = compile(
+            "{id: d, trigger: {type: a}, steps: [{id: a, service: webhook}, {id: b, service: webhook, needs: [a]},
+              {id: c, service: slack, needs: [a]}, {id: d, service: webhook, needs: [b, c],
+               input: {both: '{{ steps.b.output }}', c: '{{ steps.c.output }}'}}]}",
+        )
+        .unwrap();
+        assert_eq!(c.roots().collect::<Vec<_>>(), [0]);
+        assert_eq!(c.steps[3].needs, [1, 2]);
+        assert!(c.is_multi_step());
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_versioned() {
+        let e: Event = serde_json::from_value(json!({"id": "e1", "source": "/s", "type": "a", "tenant": "t"})).unwrap();
+        let v1 = compile("{id: w, trigger: {type: a}, steps: [{id: s, service: webhook}]}").unwrap();
+        let v2 = compile("{id: w, version: 2, trigger: {type: a}, steps: [{id: s, service: webhook}]}").unwrap();
+        assert_eq!(v1.run_id(&e), v1.run_id(&e));
+        assert_ne!(v1.run_id(&e), v2.run_id(&e));
     }
 }

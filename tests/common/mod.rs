@@ -69,6 +69,7 @@ pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Confi
     config.services.insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000 });
     config.validate().unwrap();
     weir::topics::apply_dir(&config, false).await.expect("topics apply");
+    weir::definitions::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
     (config, dir)
 }
 

@@ -1,0 +1,104 @@
+//! The per-event costs of conditions and templates: `cargo bench --bench engine`.
+//!
+//! - `condition/evaluate`: one compiled CEL condition on a prebuilt scope;
+//! - `scope/build/*`: the scope of a ~1 KB event, from the two fields the conditions read versus
+//!   the whole body (what pruning saves);
+//! - `template/render`: a three-leaf step input (a native value, an interpolated string, an object).
+
+use std::{hint::black_box, time::Duration};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use serde_json::{json, Value as Json};
+use weir::{
+    condition::{Condition, FieldPaths, Scope},
+    envelope::Event,
+    template::InputTemplate,
+};
+
+/// A member event of about 1 KB of JSON.
+fn event() -> Event {
+    let data = json!({
+        "member": {
+            "id": "6543a1b2c3d4e5f60718293a",
+            "uuid": "0b5c6f3e-2f7a-4a51-9a54-7c1d2e3f4a5b",
+            "email": "ada.lovelace@example.com",
+            "name": "Ada Lovelace",
+            "status": "paid",
+            "n": 3,
+            "note": "Signed up from the winter campaign landing page after reading two articles.",
+            "subscribed": true,
+            "comped": false,
+            "email_count": 42,
+            "email_opened_count": 17,
+            "email_open_rate": 40.5,
+            "created_at": "2026-11-23T10:00:00.000Z",
+            "updated_at": "2026-11-23T10:05:00.000Z",
+            "labels": [{"name": "VIP", "slug": "vip"}, {"name": "Early adopter", "slug": "early-adopter"}],
+            "newsletters": [
+                {"id": "n-1", "name": "Weekly digest", "status": "active"},
+                {"id": "n-2", "name": "Product updates", "status": "active"}
+            ],
+            "tiers": [{"id": "t-1", "name": "Gold", "monthly_price": 900, "currency": "EUR"}],
+            "geolocation": {"country": "United Kingdom", "country_code": "GB", "city": "London"}
+        },
+        "site": {"id": "site-1", "url": "https://example.com", "title": "An Example Publication"},
+        "previous": {"status": "free", "updated_at": "2026-10-01T08:00:00.000Z"}
+    });
+    Event {
+        specversion: "1.0".into(),
+        id: "e-1".into(),
+        source: "/ghost/site-1".into(),
+        kind: "member.updated".into(),
+        time: Some("2026-11-23T10:05:00Z".into()),
+        tenant: "t-1".into(),
+        datacontenttype: Some("application/json".into()),
+        data,
+    }
+}
+
+fn config(c: &mut Criterion) -> &mut Criterion {
+    c
+}
+
+fn benches(c: &mut Criterion) {
+    let event = event();
+    eprintln!("event data: {} bytes of JSON", serde_json::to_vec(&event.data).unwrap().len());
+
+    let condition = Condition::compile(r#"data.member.status == "paid" && data.member.n > 2"#).unwrap();
+    let mut two_fields = FieldPaths::new();
+    two_fields.add(&condition);
+    let scope = Scope::build(&event, None, &two_fields);
+    assert!(condition.evaluate(&scope).unwrap());
+
+    let mut group = config(c).benchmark_group("condition");
+    group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    group.bench_function("evaluate", |b| b.iter(|| condition.evaluate(black_box(&scope)).unwrap()));
+    group.finish();
+
+    let all = FieldPaths::all();
+    let mut group = c.benchmark_group("scope/build");
+    group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    group.bench_function("two_fields", |b| b.iter(|| Scope::build(black_box(&event), None, &two_fields)));
+    group.bench_function("full_data", |b| b.iter(|| Scope::build(black_box(&event), None, &all)));
+    group.finish();
+
+    let input = InputTemplate::compile(&json!({
+        "to": "{{ data.member.email }}",
+        "subject": "Welcome, {{ data.member.name }}!",
+        "article": "{{ steps.fetch.output }}",
+    }))
+    .unwrap();
+    let ctx: Json = json!({
+        "event": {"id": event.id, "type": event.kind, "source": event.source, "tenant": event.tenant},
+        "data": event.data,
+        "steps": {"fetch": {"output": {"title": "Hello", "words": 120, "url": "https://example.com/hello"}}},
+    });
+    assert_eq!(input.render(&ctx).unwrap()["subject"], "Welcome, Ada Lovelace!");
+    let mut group = c.benchmark_group("template");
+    group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    group.bench_function("render", |b| b.iter(|| input.render(black_box(&ctx)).unwrap()));
+    group.finish();
+}
+
+criterion_group!(engine, benches);
+criterion_main!(engine);

@@ -1,0 +1,303 @@
+//! Workflow definitions as a compacted Kafka topic, and the cached, hot-reloading set every
+//! evaluator matches against.
+//!
+//! `weir workflows apply DIR` publishes each definition keyed by `tenant/id` (`*/id` for
+//! platform-wide ones) and a tombstone for each definition no longer in the directory; compaction
+//! keeps the latest record per key. Every worker reads the topic from the beginning at start
+//! (and does not evaluate anything until it has caught up), then follows it: an apply reaches
+//! every running worker as fast as the broker delivers a record, without a restart.
+//!
+//! Matching an event asks a moka cache for the compiled workflows of (tenant, event type); a miss
+//! is computed from the definitions and cached, and any definition change invalidates the cache.
+//!
+//! Runs pin the version they started with: the store keeps every version it has read, and a
+//! run's later steps are looked up by (key, version). The topic's `min.compaction.lag.ms` (one day)
+//! keeps superseded versions readable for a worker that restarts while old runs finish; runs are
+//! limited to far less than that (`limits.max_run_seconds`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::OwnedHeaders,
+    Message, Offset, TopicPartitionList,
+};
+
+use crate::{
+    config::Config,
+    kafka,
+    workflow::{CompiledWorkflow, Workflow},
+};
+
+/// Key prefix of platform-wide workflows.
+pub const PLATFORM: &str = "*";
+
+/// The record key of a definition.
+pub fn key(tenant: Option<&str>, id: &str) -> String {
+    format!("{}/{}", tenant.unwrap_or(PLATFORM), id)
+}
+
+fn reader(config: &Config) -> anyhow::Result<(BaseConsumer, String, TopicPartitionList)> {
+    let topic = config.topic("definitions");
+    // No group: the store reads everything, always; nothing is committed.
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("definitions"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("creating definitions reader")?;
+    let partitions = kafka::partition_count(consumer.client(), &topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok((consumer, topic, tpl))
+}
+
+/// Decodes one definitions record: `None` for a tombstone.
+fn decode(payload: Option<&[u8]>) -> anyhow::Result<Option<Workflow>> {
+    payload.map(|p| serde_json::from_slice(p).context("definition record is not a workflow")).transpose()
+}
+
+/// Reads the definitions topic up to its current end: key → latest definition.
+pub fn read_current(config: &Config) -> anyhow::Result<BTreeMap<String, Workflow>> {
+    let (consumer, topic, tpl) = reader(config)?;
+    let mut current = BTreeMap::new();
+    catch_up(&consumer, &topic, &tpl, |key, wf| {
+        match wf {
+            Some(wf) => current.insert(key, wf),
+            None => current.remove(&key),
+        };
+    })?;
+    Ok(current)
+}
+
+/// Polls until every partition reached the high watermark it had when called.
+fn catch_up(
+    consumer: &BaseConsumer,
+    topic: &str,
+    tpl: &TopicPartitionList,
+    mut apply: impl FnMut(String, Option<Workflow>),
+) -> anyhow::Result<()> {
+    let mut remaining: HashMap<i32, i64> = HashMap::new();
+    for e in tpl.elements() {
+        // A just-created topic may not have a serving leader yet: that answer is transient.
+        let deadline = std::time::Instant::now() + kafka::METADATA_TIMEOUT;
+        let (low, high) = loop {
+            match consumer.fetch_watermarks(topic, e.partition(), kafka::METADATA_TIMEOUT) {
+                Ok(w) => break w,
+                Err(err) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(topic, "watermarks not available yet: {err}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(err) => return Err(err).with_context(|| format!("reading the end offsets of {topic}")),
+            }
+        };
+        if high > low {
+            remaining.insert(e.partition(), high);
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !remaining.is_empty() {
+        if std::time::Instant::now() > deadline {
+            bail!("reading {topic}: did not reach the end within 60 s");
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let msg = msg.with_context(|| format!("reading {topic}"))?;
+        if let Some(key) = msg.key().and_then(|k| std::str::from_utf8(k).ok()) {
+            match decode(msg.payload()) {
+                Ok(wf) => apply(key.to_string(), wf),
+                Err(e) => tracing::error!(key, offset = msg.offset(), "skipping definition: {e:#}"),
+            }
+        }
+        if remaining.get(&msg.partition()).is_some_and(|high| msg.offset() + 1 >= *high) {
+            remaining.remove(&msg.partition());
+        }
+    }
+    Ok(())
+}
+
+/// What `weir workflows apply` changes.
+#[derive(Debug, Default)]
+pub struct ApplyPlan {
+    pub publish: Vec<Workflow>,
+    pub delete: Vec<String>,
+    pub unchanged: usize,
+}
+
+impl ApplyPlan {
+    pub fn print(&self, dry_run: bool) {
+        let would = if dry_run { "would " } else { "" };
+        for wf in &self.publish {
+            println!("{would}publish {} version {}", key(wf.tenant.as_deref(), &wf.id), wf.version);
+        }
+        for k in &self.delete {
+            println!("{would}delete {k}");
+        }
+        if self.publish.is_empty() && self.delete.is_empty() {
+            println!("no changes ({} definitions up to date)", self.unchanged);
+        }
+    }
+}
+
+/// Validates every definition of `dir` and makes the definitions topic equal to it: new and
+/// changed definitions are published, definitions missing from `dir` are deleted (tombstones).
+/// A definition whose content changed without a higher `version` is refused, because running
+/// workers and in-flight runs tell versions apart by that number.
+pub async fn apply_dir(config: &Config, dir: &std::path::Path, dry_run: bool) -> anyhow::Result<ApplyPlan> {
+    let services: BTreeSet<&str> = config.services.keys().map(String::as_str).collect();
+    let local = crate::workflow::load(dir, &services)?;
+    let cfg = config.clone();
+    let current = tokio::task::spawn_blocking(move || read_current(&cfg)).await??;
+    let mut plan = ApplyPlan::default();
+    for wf in local.values() {
+        let k = key(wf.tenant.as_deref(), &wf.id);
+        match current.get(&k) {
+            Some(old) if old == wf => plan.unchanged += 1,
+            Some(old) if wf.version <= old.version => bail!(
+                "workflow {k}: definition changed but version {} is not above the published version {}; bump `version`",
+                wf.version,
+                old.version
+            ),
+            _ => plan.publish.push(wf.clone()),
+        }
+    }
+    let local_keys: BTreeSet<String> = local.keys().cloned().collect();
+    plan.delete = current.keys().filter(|k| !local_keys.contains(*k)).cloned().collect();
+    if dry_run {
+        return Ok(plan);
+    }
+    let producer = kafka::producer(config)?;
+    let topic = config.topic("definitions");
+    for wf in &plan.publish {
+        let k = key(wf.tenant.as_deref(), &wf.id);
+        let payload = serde_json::to_vec(wf)?;
+        kafka::send(&producer, &topic, Some(k.as_bytes()), &payload, OwnedHeaders::new())
+            .await
+            .with_context(|| format!("publishing {k}"))?;
+    }
+    for k in &plan.delete {
+        let record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(&topic).key(k.as_bytes());
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("deleting {k}"))?;
+    }
+    Ok(plan)
+}
+
+struct State {
+    latest: HashMap<String, Arc<CompiledWorkflow>>,
+    versions: HashMap<(String, i64), Arc<CompiledWorkflow>>,
+}
+
+struct Inner {
+    state: RwLock<State>,
+    /// (tenant, event type) → matching workflows, platform-wide first.
+    index: moka::sync::Cache<(String, String), Arc<[Arc<CompiledWorkflow>]>>,
+    services: BTreeSet<String>,
+}
+
+impl Inner {
+    fn apply(&self, key: String, wf: Option<Workflow>) {
+        let services: BTreeSet<&str> = self.services.iter().map(String::as_str).collect();
+        let mut state = self.state.write().expect("definitions lock");
+        match wf {
+            None => {
+                state.latest.remove(&key);
+            }
+            Some(wf) => match CompiledWorkflow::compile(wf, &services) {
+                Ok(compiled) => {
+                    let compiled = Arc::new(compiled);
+                    tracing::info!(key, version = compiled.def.version, "definition loaded");
+                    state.versions.insert((key.clone(), compiled.def.version), compiled.clone());
+                    state.latest.insert(key, compiled);
+                }
+                Err(e) => tracing::error!(key, "definition refused by this worker, keeping the previous one: {e:#}"),
+            },
+        }
+        drop(state);
+        self.index.invalidate_all();
+    }
+}
+
+/// The definitions a worker evaluates against, kept current by a follower thread.
+pub struct DefinitionStore {
+    inner: Arc<Inner>,
+    stop: Arc<AtomicBool>,
+}
+
+impl DefinitionStore {
+    /// Reads the definitions topic to its end, then follows it in the background.
+    pub fn start(config: &Config) -> anyhow::Result<DefinitionStore> {
+        let inner = Arc::new(Inner {
+            state: RwLock::new(State { latest: HashMap::new(), versions: HashMap::new() }),
+            index: moka::sync::Cache::builder().max_capacity(200_000).build(),
+            services: config.services.keys().cloned().collect(),
+        });
+        let (consumer, topic, tpl) = reader(config)?;
+        catch_up(&consumer, &topic, &tpl, |k, wf| inner.apply(k, wf))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (follower, flag) = (inner.clone(), stop.clone());
+        std::thread::Builder::new().name("weir-definitions".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(msg)) => match (msg.key().and_then(|k| std::str::from_utf8(k).ok()), decode(msg.payload()))
+                    {
+                        (Some(key), Ok(wf)) => follower.apply(key.to_string(), wf),
+                        (_, Err(e)) => tracing::error!(offset = msg.offset(), "skipping definition: {e:#}"),
+                        (None, _) => tracing::error!(offset = msg.offset(), "skipping definition without a key"),
+                    },
+                    Some(Err(e)) => tracing::warn!("reading definitions: {e}"),
+                    None => {}
+                }
+            }
+        })?;
+        Ok(DefinitionStore { inner, stop })
+    }
+
+    /// Workflows an event of `kind` for `tenant` may trigger: the platform-wide ones, then the
+    /// tenant's own. A tenant's workflows are only ever returned for that tenant.
+    pub fn matching(&self, tenant: &str, kind: &str) -> Arc<[Arc<CompiledWorkflow>]> {
+        self.inner.index.get_with((tenant.to_string(), kind.to_string()), || {
+            let state = self.inner.state.read().expect("definitions lock");
+            let mut found: Vec<Arc<CompiledWorkflow>> = state
+                .latest
+                .values()
+                .filter(|w| w.def.triggers_on(kind) && w.def.tenant.as_deref().is_none_or(|t| t == tenant))
+                .cloned()
+                .collect();
+            // Platform-wide first, then by id: a stable order, so task order is reproducible.
+            found.sort_by(|a, b| (a.def.tenant.is_some(), &a.def.id).cmp(&(b.def.tenant.is_some(), &b.def.id)));
+            found.into()
+        })
+    }
+
+    /// A definition at the version a run pinned.
+    pub fn version(&self, tenant: Option<&str>, id: &str, version: i64) -> Option<Arc<CompiledWorkflow>> {
+        self.inner.state.read().expect("definitions lock").versions.get(&(key(tenant, id), version)).cloned()
+    }
+
+    /// Definitions currently live (not deleted).
+    pub fn len(&self) -> usize {
+        self.inner.state.read().expect("definitions lock").latest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for DefinitionStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,413 @@
+//! Step inputs: a step's `input:` (any JSON/YAML value) whose strings may be minijinja templates,
+//! compiled once when the workflow loads and rendered per run.
+//!
+//! Every string leaf containing `{{` or `{%` is a template; every other leaf is passed through as
+//! is. Templates see one context, `{"event": {…attributes}, "data": {…}, "steps": {"<id>":
+//! {"output": …}}}`, and render in two ways:
+//!
+//! - a leaf that is exactly one expression, `{{ expr }}` (whitespace inside the braces allowed,
+//!   nothing outside them), renders to the expression's *native JSON value*: `{{ data.n }}` gives
+//!   a number, `{{ steps.fetch.output }}` an object, `{{ data.name }}` a string;
+//! - any other template (`"Hello {{ data.name }}!"`, `{% if … %}` blocks, two expressions) renders
+//!   to a string.
+//!
+//! ```yaml
+//! input:
+//!   to: "{{ data.member.email }}"            # string (the field's value)
+//!   count: "{{ data.items | length }}"       # number
+//!   article: "{{ steps.fetch.output }}"      # object
+//!   subject: "Welcome, {{ data.member.name }}!"
+//!   retries: 3                               # literal
+//! ```
+//!
+//! Undefined values are errors (minijinja's strict mode): `{{ data.missing }}` fails the render
+//! instead of producing an empty string, and the error names the leaf (`input.subject`). Output is
+//! never HTML-escaped, and a trailing newline (YAML's `|` blocks) is kept.
+
+use std::{
+    collections::BTreeSet,
+    fmt::{self, Write as _},
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::Arc,
+};
+
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use serde_json::{Map, Value as Json};
+
+/// The variable a single-expression leaf is assigned to, to read its value back natively.
+const VALUE: &str = "weir_value";
+
+/// Why an input could not be compiled or rendered. `path` is the leaf, e.g. `input.body.text`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{path}: invalid template: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path}: {message}")]
+    Render { path: String, message: String },
+}
+
+/// A step input with its templates compiled.
+///
+/// Each input has its own [`Environment`]: the templates are added to it as owned sources, named by
+/// the JSON path of their leaf (so minijinja's own messages name the leaf too), and looked up by
+/// that name when rendering. A shared environment would need a lock to add templates to (or
+/// leaked sources), and templates of replaced workflow versions would pile up in it; with one per
+/// input, dropping the workflow drops its templates. The cost is the built-in filter table per
+/// input, a few kilobytes, paid at load.
+#[derive(Clone)]
+pub struct InputTemplate {
+    env: Arc<Environment<'static>>,
+    root: Node,
+    steps: BTreeSet<String>,
+    all_steps: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    /// A subtree without templates.
+    Literal(Json),
+    /// A template rendered to a string; the value is its name (the leaf's path).
+    Text(String),
+    /// A single expression rendered to its value; the value is its name (the leaf's path).
+    Native(String),
+    Array(Vec<Node>),
+    Object(Vec<(String, Node)>),
+}
+
+impl fmt::Debug for InputTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InputTemplate").field("root", &self.root).field("steps", &self.steps).finish()
+    }
+}
+
+impl InputTemplate {
+    /// Compiles every template leaf of `input`; a syntax error names the leaf's path.
+    pub fn compile(input: &Json) -> Result<InputTemplate, TemplateError> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_keep_trailing_newline(true);
+        let root = compile_node(&mut env, input, &mut "input".to_string())?;
+
+        let mut steps = BTreeSet::new();
+        let mut all_steps = false;
+        for (_, template) in env.templates() {
+            for variable in template.undeclared_variables(true) {
+                match variable.strip_prefix("steps.") {
+                    Some(rest) => {
+                        steps.insert(rest.split('.').next().unwrap_or(rest).to_string());
+                    }
+                    None if variable == "steps" => all_steps = true,
+                    None => {}
+                }
+            }
+        }
+        Ok(InputTemplate { env: Arc::new(env), root, steps, all_steps })
+    }
+
+    /// Renders the input. `ctx` is `{"event": …, "data": …, "steps": {"<id>": {"output": …}}}`.
+    pub fn render(&self, ctx: &Json) -> Result<Json, TemplateError> {
+        match &self.root {
+            Node::Literal(value) => Ok(value.clone()),
+            root => {
+                // Converted once for all leaves; passing a minijinja value on is a cheap clone.
+                let ctx = minijinja::Value::from_serialize(ctx);
+                self.render_node(root, &ctx)
+            }
+        }
+    }
+
+    /// The step ids the templates read as `steps.<id>`, for checking that a step only reads steps
+    /// it needs.
+    pub fn references_steps(&self) -> BTreeSet<String> {
+        self.steps.clone()
+    }
+
+    /// Whether a template reads `steps` other than as `steps.<id>` (`steps["a-b"]`, a loop over
+    /// `steps`): then [`Self::references_steps`] cannot name every step read.
+    pub fn reads_steps_dynamically(&self) -> bool {
+        self.all_steps
+    }
+
+    fn render_node(&self, node: &Node, ctx: &minijinja::Value) -> Result<Json, TemplateError> {
+        match node {
+            Node::Literal(value) => Ok(value.clone()),
+            Node::Text(name) => {
+                let template = self.env.get_template(name).map_err(|e| render_error(name, "", &e))?;
+                template.render(ctx).map(Json::String).map_err(|e| render_error(name, template.source(), &e))
+            }
+            Node::Native(name) => {
+                let template = self.env.get_template(name).map_err(|e| render_error(name, "", &e))?;
+                let captured = template.render_captured(ctx).map_err(|e| {
+                    let expr = single_expression(template.source()).unwrap_or_default();
+                    render_error(name, &format!("{{{{{expr}}}}}"), &e)
+                })?;
+                let value = captured.state().lookup(VALUE).unwrap_or_default();
+                if value.is_undefined() {
+                    let expr = single_expression(template.source()).unwrap_or_default().trim();
+                    return Err(TemplateError::Render {
+                        path: name.clone(),
+                        message: format!("`{expr}` is undefined"),
+                    });
+                }
+                serde_json::to_value(&value).map_err(|e| TemplateError::Render {
+                    path: name.clone(),
+                    message: format!("the value is not JSON: {e}"),
+                })
+            }
+            Node::Array(items) => {
+                items.iter().map(|n| self.render_node(n, ctx)).collect::<Result<_, _>>().map(Json::Array)
+            }
+            Node::Object(fields) => {
+                let mut map = Map::with_capacity(fields.len());
+                for (key, node) in fields {
+                    map.insert(key.clone(), self.render_node(node, ctx)?);
+                }
+                Ok(Json::Object(map))
+            }
+        }
+    }
+}
+
+fn compile_node(env: &mut Environment<'static>, value: &Json, path: &mut String) -> Result<Node, TemplateError> {
+    let node = match value {
+        Json::String(s) if s.contains("{{") || s.contains("{%") => {
+            let syntax = |e: minijinja::Error| TemplateError::Syntax { path: path.clone(), message: message(&e) };
+            // A leaf that parses as one expression is assigned to a variable and read back as a
+            // value; everything else is an ordinary template. Only a valid expression is rewritten,
+            // so syntax errors always quote what the author wrote.
+            match single_expression(s).filter(|expr| is_expression(env, expr)) {
+                Some(expr) => {
+                    env.add_template_owned(path.clone(), format!("{{% set {VALUE} = ({expr}) %}}")).map_err(syntax)?;
+                    Node::Native(path.clone())
+                }
+                None => {
+                    env.add_template_owned(path.clone(), s.clone()).map_err(syntax)?;
+                    Node::Text(path.clone())
+                }
+            }
+        }
+        Json::Array(items) => {
+            let mut nodes = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                let _ = write!(path, "[{i}]");
+                nodes.push(compile_node(env, item, path)?);
+                path.truncate(len);
+            }
+            Node::Array(nodes)
+        }
+        Json::Object(map) => {
+            let mut fields = Vec::with_capacity(map.len());
+            for (key, item) in map {
+                let len = path.len();
+                push_key(path, key);
+                fields.push((key.clone(), compile_node(env, item, path)?));
+                path.truncate(len);
+            }
+            Node::Object(fields)
+        }
+        other => Node::Literal(other.clone()),
+    };
+    // Subtrees without templates collapse into one literal.
+    Ok(match node {
+        Node::Array(nodes) if nodes.iter().all(|n| matches!(n, Node::Literal(_))) => Node::Literal(value.clone()),
+        Node::Object(fields) if fields.iter().all(|(_, n)| matches!(n, Node::Literal(_))) => {
+            Node::Literal(value.clone())
+        }
+        node => node,
+    })
+}
+
+/// `.key` for identifier-like keys, `["key"]` otherwise.
+fn push_key(path: &mut String, key: &str) {
+    let plain = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if plain {
+        path.push('.');
+        path.push_str(key);
+    } else {
+        let _ = write!(path, "[{}]", Json::String(key.to_string()));
+    }
+}
+
+/// The expression of a leaf that is exactly `{{ expr }}`, without whitespace-control markers.
+fn single_expression(s: &str) -> Option<&str> {
+    // The rewritten form of a native leaf, for error messages.
+    if let Some(rest) = s.strip_prefix("{% set ").and_then(|r| r.strip_prefix(VALUE)) {
+        return rest.strip_prefix(" = (")?.strip_suffix(") %}");
+    }
+    let inner = s.strip_prefix("{{")?.strip_suffix("}}")?;
+    let inner = inner.strip_prefix(['-', '+']).unwrap_or(inner);
+    let inner = inner.strip_suffix(['-', '+']).unwrap_or(inner);
+    (!inner.trim().is_empty()).then_some(inner)
+}
+
+/// Whether `expr` parses as one minijinja expression.
+fn is_expression(env: &Environment<'static>, expr: &str) -> bool {
+    // minijinja 2.24's standalone expression lexer panics on block delimiters ("empty lexer
+    // stack"); they mean several expressions anyway (a quoted `}}` loses nothing: it is a string).
+    if ["{{", "}}", "{%", "%}", "{#", "#}"].iter().any(|d| expr.contains(d)) {
+        return false;
+    }
+    // And in case other input trips it: a panic here would take down definition loading.
+    catch_unwind(AssertUnwindSafe(|| env.compile_expression(expr).is_ok())).unwrap_or(false)
+}
+
+/// minijinja's message with its detail (its `Display` leaves out nothing important but the
+/// location, which the path replaces).
+fn message(e: &minijinja::Error) -> String {
+    let mut text = e.kind().to_string();
+    if let Some(detail) = e.detail() {
+        let _ = write!(text, ": {detail}");
+    }
+    if let Some(line) = e.line() {
+        let _ = write!(text, " (line {line})");
+    }
+    text
+}
+
+/// The error with the template it came from (minijinja does not name the undefined variable).
+fn render_error(path: &str, source: &str, e: &minijinja::Error) -> TemplateError {
+    let mut message = message(e);
+    if !source.is_empty() {
+        let shown: String = source.chars().take(120).collect();
+        let more = if shown.len() < source.len() { "…" } else { "" };
+        let _ = write!(message, " in `{shown}{more}`");
+    }
+    TemplateError::Render { path: path.to_string(), message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> Json {
+        json!({
+            "event": {"id": "e-1", "type": "member.created", "tenant": "t-1"},
+            "data": {"member": {"name": "Ada", "email": "ada@example.com", "n": 3, "tags": ["a", "b"]}},
+            "steps": {"fetch": {"output": {"title": "Hello", "words": 120}}},
+        })
+    }
+
+    fn render(input: Json) -> Result<Json, TemplateError> {
+        InputTemplate::compile(&input).unwrap().render(&ctx())
+    }
+
+    #[test]
+    fn literals_pass_through() {
+        let input =
+            json!({"retries": 3, "flag": true, "none": null, "list": [1, "two", {"x": 1.5}], "s": "plain {text}"});
+        assert_eq!(render(input.clone()).unwrap(), input);
+        assert_eq!(render(json!("no templates")).unwrap(), json!("no templates"));
+        assert_eq!(render(json!(null)).unwrap(), json!(null));
+    }
+
+    #[test]
+    fn strings_interpolate() {
+        let input = json!({
+            "subject": "Welcome, {{ data.member.name }}!",
+            "body": {"text": "{% if data.member.n > 2 %}many{% else %}few{% endif %}\n"},
+            "two": "{{ event.type }}{{ event.tenant }}",
+            "html": "<b>{{ '<&>' }}</b>",
+            "count": 7,
+        });
+        assert_eq!(
+            render(input).unwrap(),
+            json!({
+                "subject": "Welcome, Ada!",
+                "body": {"text": "many\n"},
+                "two": "member.createdt-1",
+                "html": "<b><&></b>",
+                "count": 7,
+            })
+        );
+    }
+
+    #[test]
+    fn a_single_expression_renders_to_its_native_value() {
+        let input = json!({
+            "n": "{{ data.member.n }}",
+            "sum": "{{data.member.n + 1}}",
+            "name": "{{ data.member.name }}",
+            "tags": "{{ data.member.tags }}",
+            "output": "{{- steps.fetch.output -}}",
+            "len": "{{ data.member.tags | length }}",
+            "quoted": "{{ '}}' }}",
+            "items": ["{{ data.member.n > 2 }}", "{{ event.id }}"],
+            "padded": " {{ data.member.n }}",
+        });
+        assert_eq!(
+            render(input).unwrap(),
+            json!({
+                "n": 3,
+                "sum": 4,
+                "name": "Ada",
+                "tags": ["a", "b"],
+                "output": {"title": "Hello", "words": 120},
+                "len": 2,
+                "quoted": "}}",
+                "items": [true, "e-1"],
+                "padded": " 3",
+            })
+        );
+    }
+
+    #[test]
+    fn undefined_values_are_errors() {
+        let err = render(json!({"body": {"text": "Hi {{ data.missing }}"}})).unwrap_err();
+        assert!(matches!(&err, TemplateError::Render { path, .. } if path == "input.body.text"), "{err:?}");
+        assert_eq!(err.to_string(), "input.body.text: undefined value (line 1) in `Hi {{ data.missing }}`");
+        let err = render(json!({"to": "{{ data.missing }}"})).unwrap_err();
+        assert_eq!(err.to_string(), "input.to: `data.missing` is undefined");
+        let err = render(json!({"to": "{{ data.missing.deeper }}"})).unwrap_err();
+        assert_eq!(err.to_string(), "input.to: undefined value (line 1) in `{{ data.missing.deeper }}`");
+        let err = render(json!(["ok", {"x": "{{ steps.other.output }}"}])).unwrap_err();
+        assert!(err.to_string().starts_with("input[1].x: "), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_leaf() {
+        let err = InputTemplate::compile(&json!({"body": {"text": "Hi {{ data.name "}})).unwrap_err();
+        assert!(matches!(&err, TemplateError::Syntax { path, .. } if path == "input.body.text"), "{err:?}");
+        assert!(err.to_string().starts_with("input.body.text: invalid template: syntax error"), "{err}");
+        let err = InputTemplate::compile(&json!({"a b": ["x", "{% if %}"]})).unwrap_err();
+        assert!(err.to_string().starts_with(r#"input["a b"][1]: invalid template: "#), "{err}");
+        let err = InputTemplate::compile(&json!("{{ data.n + }}")).unwrap_err();
+        assert!(err.to_string().starts_with("input: invalid template: syntax error"), "{err}");
+    }
+
+    #[test]
+    fn references_steps_lists_the_step_ids_read() {
+        let t = InputTemplate::compile(&json!({
+            "a": "{{ steps.fetch.output.title }}",
+            "b": "{% for w in steps.summarize.output.words %}{{ w }}{% endfor %}",
+            "c": ["{{ data.x }} {{ steps.fetch.output }}"],
+            "d": "{{ event.id }}",
+        }))
+        .unwrap();
+        assert_eq!(t.references_steps(), BTreeSet::from(["fetch".to_string(), "summarize".to_string()]));
+        assert!(!t.reads_steps_dynamically());
+        let t = InputTemplate::compile(&json!("{{ steps['a-b'].output }}")).unwrap();
+        assert!(t.references_steps().is_empty());
+        assert!(t.reads_steps_dynamically());
+        assert!(InputTemplate::compile(&json!({"x": 1})).unwrap().references_steps().is_empty());
+    }
+
+    proptest::proptest! {
+        /// Any string leaf compiles or is refused, and renders or fails, without panicking.
+        #[test]
+        fn arbitrary_leaves_never_panic(leaf in r#"(\{\{|\}\}|\{%|%\}|\{#|#\}|[-+a-z.()\[\]|'" 0-9_]){0,12}"#) {
+            if let Ok(t) = InputTemplate::compile(&json!({ "x": leaf })) {
+                let _ = t.render(&ctx());
+            }
+        }
+    }
+
+    #[test]
+    fn templates_can_cross_threads() {
+        fn check<T: Send + Sync + Clone + fmt::Debug>() {}
+        check::<InputTemplate>();
+    }
+}
