@@ -97,6 +97,9 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("template");
     group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     group.bench_function("render", |b| b.iter(|| input.render(black_box(&ctx)).unwrap()));
+    group.bench_function("ctx_convert", |b| b.iter(|| minijinja::Value::from_serialize(black_box(&ctx))));
+    let small = json!({"data": {"member": {"email": "a@b.c", "name": "Ada Lovelace"}}, "steps": ctx["steps"]});
+    group.bench_function("render_small_ctx", |b| b.iter(|| input.render(black_box(&small)).unwrap()));
     group.finish();
 }
 
