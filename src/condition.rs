@@ -154,7 +154,12 @@ impl Condition {
     pub fn compile(source: &str) -> Result<Condition, ConditionError> {
         let syntax = |e: cel_interpreter::ParseErrors| ConditionError::Syntax {
             expr: source.to_string(),
-            message: e.errors.iter().map(|e| e.msg.as_str()).collect::<Vec<_>>().join("; "),
+            message: e
+                .errors
+                .iter()
+                .map(|e| format!("{} at {}:{}", e.msg, e.pos.0, e.pos.1))
+                .collect::<Vec<_>>()
+                .join("; "),
         };
         // The program keeps its syntax tree private, so the walk parses a second time (load time
         // only). The ANTLR-generated parser panics on some malformed input (`data.n > `): that is
