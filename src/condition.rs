@@ -191,7 +191,7 @@ impl Condition {
 
     /// Evaluates against a scope built from paths that include this condition's.
     pub fn evaluate(&self, scope: &Scope) -> Result<bool, ConditionError> {
-        // cel-interpreter 0.10 still has `todo!()`s for input it cannot handle (a comprehension
+        // cel-interpreter 0.10 still has unfinished match arms (todo macros) for input it cannot handle (a comprehension
         // over a string, say); an event must never take the evaluator down with it.
         let outcome = catch_unwind(AssertUnwindSafe(|| self.program.execute(&scope.context)));
         match outcome {
@@ -684,7 +684,7 @@ mod tests {
         assert_eq!(err.to_string(), "condition `data.n + 1` returned int, expected bool");
         assert!(eval("data.n / 0 == 1", data.clone()).is_err());
         assert!(eval("data.s.startsWith(1)", data.clone()).is_err());
-        // The interpreter has a todo!() for this; it must come back as an error.
+        // The interpreter leaves this case unimplemented (a todo macro); it must come back as an error.
         let err = eval("data.items.exists(i, i == 1)", data).unwrap_err();
         assert!(err.to_string().contains("cannot evaluate"), "{err}");
     }
