@@ -22,7 +22,7 @@ cluster() {
 up() {
   if [ -n "${DATABASE_URL:-}" ]; then
     psql "$DATABASE_URL" -qtAc 'select 1' >/dev/null || { say "DATABASE_URL does not answer"; exit 1; }
-    say "using your database"; echo "$DATABASE_URL"; return 0
+    say "using your database"; url="$DATABASE_URL"; return 0
   fi
   if ! command -v pg_lsclusters >/dev/null || [ -z "$(cluster)" ]; then
     say "installing PostgreSQL from Debian's packages"
@@ -41,7 +41,7 @@ up() {
   as_postgres psql -qtAc "select 1 from pg_database where datname='weir'" | grep -q 1 \
     || as_postgres psql -qc "create database weir owner weir"
   say "serving at $url_default"
-  echo "$url_default"
+  url="$url_default"
 }
 
 down() {
@@ -50,7 +50,9 @@ down() {
 }
 
 case "${1:-}" in
-  up) up ;;
+  # Only the URL goes to stdout, since callers capture it; whatever apt, pg_ctlcluster and psql
+  # print goes to stderr.
+  up) up >&2; echo "$url" ;;
   down|stop) down ;;
   *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac
