@@ -23,7 +23,7 @@ use crate::{
     config::Config,
     dead_letter::DeadLetters,
     definitions::DefinitionStore,
-    envelope::{self, ActionResult, Event as DomainEvent, Format, Status},
+    envelope::{self, ActionResult, ActionTask, Event as DomainEvent, Format, Status},
     kafka,
     shutdown::Shutdown,
     source::{Source, Ticket},
@@ -112,87 +112,34 @@ impl Evaluator {
         .boxed()
     }
 
-    /// The runs `event` starts: per matching workflow, the records of its first steps (or a
-    /// failed result when its condition or a template cannot be evaluated on this event).
+    /// The records of the runs `event` starts, per workflow (for its runs-per-minute permit).
     fn runs(
         &self,
         event: &DomainEvent,
         candidates: &[Arc<CompiledWorkflow>],
     ) -> Vec<(Arc<CompiledWorkflow>, Vec<Output>)> {
-        // The CEL scope is built at most once per event, from the union of the fields read.
-        let scope = candidates.iter().any(|w| w.trigger_if.is_some()).then(|| {
-            let mut paths = FieldPaths::default();
-            for c in candidates.iter().filter_map(|w| w.trigger_if.as_ref()) {
-                paths.add(c);
-            }
-            Scope::build(event, None, &paths)
-        });
-        let mut context: Option<Json> = None;
-        let now = chrono::Utc::now().to_rfc3339();
-        let mut runs = Vec::new();
-        for wf in candidates {
-            let matched = match &scope {
-                Some(scope) => wf.trigger_matches(scope),
-                None => Ok(true),
-            };
-            let run_id = wf.run_id(event);
-            let records = match matched {
-                Ok(false) => continue,
-                Err(reason) => vec![self.failure(wf, event, &run_id, "trigger", reason, &now)],
-                Ok(true) => {
-                    let context = context
-                        .get_or_insert_with(|| workflow::template_context(event, Json::Object(Default::default())));
-                    wf.roots()
-                        .map(|i| match wf.render_input(i, context) {
-                            Ok(input) => {
-                                let task = wf.task(i, event, &run_id, input, &now);
-                                let payload = serde_json::to_vec(&task).expect("a task always serializes");
-                                (self.action_topics[&task.service].clone(), task.tenant, payload)
-                            }
-                            Err(reason) => self.failure(wf, event, &run_id, &wf.def.steps[i].id, reason, &now),
-                        })
-                        .collect()
-                }
-            };
-            runs.push((wf.clone(), records));
-        }
-        runs
-    }
-
-    /// A failed result for a run that could not start, so the reason is stored and visible.
-    fn failure(
-        &self,
-        wf: &CompiledWorkflow,
-        event: &DomainEvent,
-        run_id: &str,
-        step: &str,
-        reason: String,
-        now: &str,
-    ) -> Output {
-        Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail: &reason }.emit();
-        let result = ActionResult {
-            task_id: CompiledWorkflow::task_id(run_id, step),
-            run_id: run_id.to_string(),
-            event_id: event.id.clone(),
-            tenant: event.tenant.clone(),
-            workflow_id: wf.def.id.clone(),
-            workflow_version: wf.def.version,
-            step_id: step.to_string(),
-            service: "evaluate".into(),
-            status: Status::Failed,
-            attempts: 0,
-            latency_ms: 0.0,
-            http_status: None,
-            error: Some(reason),
-            finished_at: now.to_string(),
-            output: None,
-            event: Json::Null,
-        };
-        (
-            self.results_topic.clone(),
-            event.tenant.clone(),
-            serde_json::to_vec(&result).expect("a result always serializes"),
-        )
+        plan(event, candidates, &chrono::Utc::now().to_rfc3339())
+            .into_iter()
+            .map(|(wf, planned)| {
+                let records = planned
+                    .into_iter()
+                    .map(|p| match p {
+                        Planned::Task(task) => {
+                            let payload = serde_json::to_vec(&task).expect("a task always serializes");
+                            (self.action_topics[&task.service].clone(), task.tenant, payload)
+                        }
+                        Planned::Failed(result) => {
+                            let detail = result.error.as_deref().unwrap_or_default();
+                            Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }
+                                .emit();
+                            let payload = serde_json::to_vec(&result).expect("a result always serializes");
+                            (self.results_topic.clone(), result.tenant, payload)
+                        }
+                    })
+                    .collect();
+                (wf, records)
+            })
+            .collect()
     }
 
     async fn produce(&self, outputs: Vec<Output>) -> Result<(), rdkafka::error::KafkaError> {
@@ -203,4 +150,91 @@ impl Evaluator {
         });
         futures::future::try_join_all(sends).await.map(|_| ())
     }
+}
+
+/// What evaluating an event against one workflow produces.
+#[derive(Debug)]
+pub enum Planned {
+    /// A root step's task, for `actions.<service>`.
+    Task(ActionTask),
+    /// The run cannot start: its condition or a root input failed on this event. Stored like any
+    /// other outcome, so the reason is visible.
+    Failed(ActionResult),
+}
+
+/// Whether each candidate's trigger condition holds for `event`. The CEL scope is built at most
+/// once, and only from the fields the candidates' conditions read: turning the whole event into
+/// CEL values costs ten times more than evaluating the conditions.
+pub fn triggered<'a>(
+    event: &DomainEvent,
+    candidates: &'a [Arc<CompiledWorkflow>],
+) -> impl Iterator<Item = (&'a Arc<CompiledWorkflow>, Result<bool, String>)> {
+    let scope = candidates.iter().any(|w| w.trigger_if.is_some()).then(|| {
+        let mut paths = FieldPaths::default();
+        for c in candidates.iter().filter_map(|w| w.trigger_if.as_ref()) {
+            paths.add(c);
+        }
+        Scope::build(event, None, &paths)
+    });
+    candidates.iter().map(move |wf| {
+        let matched = match &scope {
+            Some(scope) => wf.trigger_matches(scope),
+            None => Ok(true),
+        };
+        (wf, matched)
+    })
+}
+
+/// The runs `event` starts among `candidates` (from [`DefinitionStore::matching`]): per workflow
+/// whose trigger holds, its root steps' tasks, or a failure when the condition or an input
+/// cannot be evaluated on this event. Pure: the same event and definitions give the same tasks
+/// (ids included), which is what makes reprocessing an event harmless.
+pub fn plan(
+    event: &DomainEvent,
+    candidates: &[Arc<CompiledWorkflow>],
+    now: &str,
+) -> Vec<(Arc<CompiledWorkflow>, Vec<Planned>)> {
+    // Built on the first match only: most events start nothing.
+    let mut context: Option<Json> = None;
+    let mut runs = Vec::new();
+    for (wf, matched) in triggered(event, candidates) {
+        let run_id = wf.run_id(event);
+        let planned = match matched {
+            Ok(false) => continue,
+            Err(reason) => vec![failure(wf, event, &run_id, "trigger", reason, now)],
+            Ok(true) => {
+                let context =
+                    context.get_or_insert_with(|| workflow::template_context(event, Json::Object(Default::default())));
+                wf.roots()
+                    .map(|i| match wf.render_input(i, context) {
+                        Ok(input) => Planned::Task(wf.task(i, event, &run_id, input, now)),
+                        Err(reason) => failure(wf, event, &run_id, &wf.def.steps[i].id, reason, now),
+                    })
+                    .collect()
+            }
+        };
+        runs.push((wf.clone(), planned));
+    }
+    runs
+}
+
+fn failure(wf: &CompiledWorkflow, event: &DomainEvent, run_id: &str, step: &str, reason: String, now: &str) -> Planned {
+    Planned::Failed(ActionResult {
+        task_id: CompiledWorkflow::task_id(run_id, step),
+        run_id: run_id.to_string(),
+        event_id: event.id.clone(),
+        tenant: event.tenant.clone(),
+        workflow_id: wf.def.id.clone(),
+        workflow_version: wf.def.version,
+        step_id: step.to_string(),
+        service: "evaluate".into(),
+        status: Status::Failed,
+        attempts: 0,
+        latency_ms: 0.0,
+        http_status: None,
+        error: Some(reason),
+        finished_at: now.to_string(),
+        output: None,
+        event: Json::Null,
+    })
 }

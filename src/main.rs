@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run pipeline stages until interrupted (Ctrl-C finishes in-flight work, then exits).
+    /// Run pipeline stages until interrupted (Ctrl-C or SIGTERM finishes in-flight work, then exits).
     Run {
         /// Stages to run in this process (repeatable); default all.
         #[arg(long = "stage", value_enum)]
@@ -113,10 +113,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!("metrics on http://{bound}/metrics");
             }
             let mut pipeline = Pipeline::start(config, &stages).await?;
-            tracing::info!(?stages, "running; Ctrl-C to stop");
+            tracing::info!(?stages, "running; Ctrl-C or SIGTERM to stop");
             let outcome = tokio::select! {
                 r = pipeline.wait() => r,
-                _ = tokio::signal::ctrl_c() => Ok(()),
+                _ = stop_signal() => Ok(()),
             };
             tracing::info!("stopping: finishing in-flight work");
             let stopped = pipeline.stop().await;
@@ -162,6 +162,16 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { events, tenants } => weir::demo::run(config, events, tenants.max(1)).await,
+    }
+}
+
+/// Ctrl-C, or SIGTERM (what systemd, Kubernetes and `docker stop` send): both finish in-flight
+/// work before exiting.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(_) = async { term.as_mut()?.recv().await } => {}
     }
 }
 

@@ -280,8 +280,9 @@ impl CompiledWorkflow {
 
     /// Waits until `tenant` may start another run of this workflow (`limits.runs_per_minute`).
     pub async fn run_permit(&self, tenant: &str) {
-        if self.limiter.check_key(&tenant.to_string()).is_err() {
-            self.limiter.until_key_ready(&tenant.to_string()).await;
+        let tenant = tenant.to_string();
+        if self.limiter.check_key(&tenant).is_err() {
+            self.limiter.until_key_ready(&tenant).await;
         }
     }
 

@@ -6,10 +6,11 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::*;
+use rdkafka::Message;
 use serde_json::json;
 use weir::{
     envelope::{Event, Format},
-    pipeline::Pipeline,
+    pipeline::{Pipeline, StageName},
     produce::Producer,
     receiver::{Mode, Receiver},
 };
@@ -179,4 +180,173 @@ async fn a_condition_that_fails_on_an_event_is_a_failed_result_not_a_crash() {
         assert!(error.contains("trigger.if") && error.contains("data.amount > 100"), "{id}: {error}");
     }
     assert_eq!(receiver.calls().len(), 2);
+}
+
+/// Event types of the fleet test: three that tenants' workflows use, one only platform-wide
+/// workflows use, one nothing listens to.
+const FLEET_KINDS: [&str; 5] = ["member.created", "post.published", "email.opened", "order.paid", "email.clicked"];
+
+/// Tenant `i`'s workflow: its trigger type and condition, and the same condition as a Rust
+/// predicate over (plan, n), which is how the test knows the answer without asking weir.
+fn tenant_workflow(i: usize) -> (String, impl Fn(&str, u64) -> bool) {
+    let kind = FLEET_KINDS[i % 3];
+    let (cel, k) = match i % 3 {
+        0 => (format!("data.plan == 'paid' && data.n % 4 == {}", i % 4), i as u64 % 4),
+        1 => (format!("data.n > {}", 40 + i % 50), 40 + i as u64 % 50),
+        _ => ("true".to_string(), 0),
+    };
+    let yaml = format!(
+        "{{id: w, tenant: t{i:04}, trigger: {{type: {kind}, if: \"{cel}\"}}, steps: [{{id: s, service: webhook, input: {{n: '{{{{ data.n }}}}'}}}}]}}"
+    );
+    let predicate = move |plan: &str, n: u64| match i % 3 {
+        0 => plan == "paid" && n % 4 == k,
+        1 => n > k,
+        _ => true,
+    };
+    (yaml, predicate)
+}
+
+/// Platform-wide workflow `j` (every tenant): a type among the first four, a condition on the
+/// body or on the tenant attribute, and two root steps (plus a dependent one) when `j % 5 == 0`.
+fn platform_workflow(j: usize) -> (String, &'static str, Vec<&'static str>) {
+    let kind = FLEET_KINDS[j % 4];
+    let cel = if j < 10 { format!("data.n % 10 == {j}") } else { format!("event.tenant.endsWith('{}')", j % 10) };
+    let (steps, roots) = if j % 5 == 0 {
+        (
+            "[{id: a, service: webhook}, {id: b, service: webhook}, {id: c, service: webhook, needs: [a, b]}]",
+            vec!["a", "b"],
+        )
+    } else {
+        ("[{id: a, service: webhook}]", vec!["a"])
+    };
+    (format!("{{id: p{j:02}, trigger: {{type: {kind}, if: \"{cel}\"}}, steps: {steps}}}"), kind, roots)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_a_thousand_tenants_gets_exactly_the_expected_tasks() {
+    const TENANTS: usize = 1_000;
+    const EVENTS: usize = 100_000;
+    let tenants: Vec<_> = (0..TENANTS).map(tenant_workflow).collect();
+    let platform: Vec<_> = (0..20).map(platform_workflow).collect();
+    let yamls: Vec<&str> =
+        tenants.iter().map(|(y, _)| y.as_str()).chain(platform.iter().map(|(y, ..)| y.as_str())).collect();
+    let receiver = Receiver::start().await.unwrap();
+    let (config, _dir) = test_config(&receiver, &yamls).await;
+    let config = Arc::new(config);
+
+    // Event i: tenant spread by a stride, type cycling over all five, body {plan, n}.
+    let events: Vec<Event> = (0..EVENTS)
+        .map(|i| {
+            let plan = if i % 3 == 0 { "free" } else { "paid" };
+            let mut e = event(&format!("e{i}"), FLEET_KINDS[i % 5], json!({"plan": plan, "n": (i / 5) % 100}));
+            e.tenant = format!("t{:04}", (i * 7_919) % TENANTS);
+            e
+        })
+        .collect();
+    // The expected tasks, computed from the definitions above: (event id, tenant, workflow, step).
+    let mut expected = std::collections::BTreeSet::new();
+    for e in &events {
+        let (plan, n) = (e.data["plan"].as_str().unwrap(), e.data["n"].as_u64().unwrap());
+        let i: usize = e.tenant[1..].parse().unwrap();
+        if FLEET_KINDS[i % 3] == e.kind && (tenants[i].1)(plan, n) {
+            expected.insert((e.id.clone(), e.tenant.clone(), "w".to_string(), "s".to_string()));
+        }
+        for (j, (_, kind, roots)) in platform.iter().enumerate() {
+            let holds = if j < 10 { n % 10 == j as u64 } else { e.tenant.ends_with(&(j % 10).to_string()) };
+            if *kind == e.kind && holds {
+                for step in roots {
+                    expected.insert((e.id.clone(), e.tenant.clone(), format!("p{j:02}"), step.to_string()));
+                }
+            }
+        }
+    }
+
+    let pipeline = Pipeline::start(config.clone(), &[StageName::Evaluate]).await.unwrap();
+    let producer = Producer::new(&config).unwrap();
+    let sent = producer.send_all(events.into_iter().map(|e| (e, Format::Json)), 5_000).await.unwrap();
+    assert_eq!(sent, EVENTS as u64);
+
+    let tasks = read_topic(&config.topic("actions.webhook"), expected.len(), Duration::from_secs(240));
+    // Everything the evaluator will ever produce for these events is out once it has stored the
+    // offset of the last event; anything beyond the expected tasks would be on the topic by then.
+    let group = config.group("evaluate");
+    let events_topic = config.topic("events");
+    assert!(
+        eventually(Duration::from_secs(60), || async { committed_total(&group, &events_topic, 8) == EVENTS as i64 })
+            .await,
+        "the evaluator committed every event"
+    );
+    pipeline.stop().await.unwrap();
+    let all = read_topic(&config.topic("actions.webhook"), expected.len() + 1, Duration::from_secs(5));
+    assert!(all.len() >= tasks.len());
+
+    let mut got = std::collections::BTreeSet::new();
+    for m in &all {
+        let task: weir::envelope::ActionTask = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(m.key(), Some(task.tenant.as_bytes()), "tasks are keyed by tenant");
+        let fresh = got.insert((task.event_id, task.tenant, task.workflow_id, task.step_id));
+        assert!(fresh, "a task was produced twice");
+    }
+    assert_eq!(got.len(), expected.len(), "as many tasks as expected");
+    assert!(got == expected, "the tasks are exactly the expected ones (tenant isolation included)");
+    assert!(expected.len() > 30_000, "the fleet test exercises many matches ({})", expected.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_is_replaced_and_every_step_runs_once() {
+    const RUNS: usize = 5;
+    let receiver = Receiver::start().await.unwrap();
+    let (config, dir) = test_config(&receiver, &[DIAMOND]).await;
+    let file = write_config_file(&config, dir.path());
+    // Slow calls, so the kill lands while runs are between steps.
+    receiver.set_mode(Mode { latency: Duration::from_millis(300), fail_with: None });
+    let mut worker = WeirProcess::start(&file, &["run"]);
+    let events = (0..RUNS).map(|i| (event(&format!("o-{i}"), "order.paid", json!({"n": i})), Format::Json));
+    Producer::new(&config).unwrap().send_all(events, 100).await.unwrap();
+
+    let branch_done = eventually(Duration::from_secs(60), || async {
+        receiver.calls().iter().any(|c| c.body["step_id"] == "b" || c.body["step_id"] == "c")
+    })
+    .await;
+    assert!(
+        branch_done,
+        "a run reached its branches; {} calls arrived; worker log:\n{}",
+        receiver.arrived(),
+        worker.output()
+    );
+    worker.kill();
+    let joins_before_kill = receiver.calls().iter().filter(|c| c.body["step_id"] == "d").count();
+    assert!(joins_before_kill < RUNS, "the kill happened mid-run");
+
+    let replacement = WeirProcess::start(&file, &["run"]);
+    let url = config.database_url.clone();
+    let finished = eventually(Duration::from_secs(120), || async {
+        query_scalar(&url, "select count(*) from workflow_runs where status = 'succeeded'").await == RUNS as i64
+    })
+    .await;
+    assert!(
+        finished,
+        "every run completed after the restart; killed worker's log:\n{}\nreplacement's log:\n{}",
+        worker.output(),
+        replacement.output()
+    );
+    drop(replacement);
+
+    // Each step of each run was executed by the service exactly once. A call repeated after the
+    // crash carries the same Idempotency-Key and is answered from the service's record.
+    let calls = receiver.calls();
+    let mut executed = std::collections::BTreeMap::new();
+    for c in calls.iter().filter(|c| c.status == 200 && !c.replayed) {
+        *executed.entry((c.body["event_id"].to_string(), c.body["step_id"].to_string())).or_insert(0) += 1;
+    }
+    assert_eq!(executed.len(), RUNS * 4, "every step of every run executed: {executed:?}");
+    assert!(executed.values().all(|n| *n == 1), "no step executed twice: {executed:?}");
+    assert_eq!(
+        query_scalar(&url, "select count(distinct task_id) from action_results where status = 'succeeded'").await,
+        (RUNS * 4) as i64
+    );
+    for c in calls.iter().filter(|c| c.body["step_id"] == "d" && !c.replayed) {
+        assert_eq!(c.body["input"]["b"]["step"], "b", "the join saw b's output after the restart");
+        assert_eq!(c.body["input"]["c"]["step"], "c");
+    }
 }

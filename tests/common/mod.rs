@@ -185,3 +185,67 @@ impl Drop for CuttableProxy {
         self.task.abort();
     }
 }
+
+/// Writes `config` as a `weir.yaml` in `dir`, for tests that run the `weir` binary.
+pub fn write_config_file(config: &Config, dir: &std::path::Path) -> PathBuf {
+    let services: serde_json::Map<String, serde_json::Value> = config
+        .services
+        .iter()
+        .map(|(name, s)| (name.clone(), serde_json::json!({"url": s.url, "timeout_ms": s.timeout_ms})))
+        .collect();
+    let yaml = serde_yaml_ng::to_string(&serde_json::json!({
+        "brokers": config.brokers,
+        "topic_prefix": config.topic_prefix,
+        "database_url": config.database_url,
+        "metrics_addr": null,
+        "topics_dir": config.topics_dir,
+        "workflows": config.workflows,
+        "services": services,
+    }))
+    .unwrap();
+    let path = dir.join("weir.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// A `weir` process started by a test; killed (SIGKILL, no clean-up) when dropped.
+pub struct WeirProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl WeirProcess {
+    /// Starts `weir --config <config> <args>`, logging to `<config's dir>/weir-<n>.log`.
+    pub fn start(config: &std::path::Path, args: &[&str]) -> WeirProcess {
+        let log = config.with_file_name(format!("{}.log", unique("weir-")));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            // The file says where everything is; the test's own environment must not override it.
+            .env_remove("DATABASE_URL")
+            .env_remove("WEIR_BROKERS")
+            .env("RUST_LOG", std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("starting the weir binary");
+        WeirProcess { child, log }
+    }
+
+    /// Kills the process the way a crash or `kill -9` would: nothing is flushed or committed.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
