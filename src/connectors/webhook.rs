@@ -1,0 +1,204 @@
+//! `type: webhook`: any HTTP endpoint. By default the task is POSTed as JSON (weir's original
+//! behaviour); `method`, `headers` and `body` change the request, and `hmac_secret_env` signs it.
+//!
+//! ```yaml
+//! services:
+//!   crm:
+//!     url: https://crm.example.com/api/contacts
+//!     connector:
+//!       type: webhook
+//!       method: PUT
+//!       headers: {X-Trace: "{{ task_id }}", Content-Type: application/json}
+//!       body: {email: "{{ input.email }}", source: weir}   # JSON; a string template sends text
+//!       hmac_secret_env: CRM_WEBHOOK_SECRET
+//! ```
+//!
+//! The signature is GitHub's scheme: `X-Weir-Signature: sha256=<hex HMAC-SHA256 of the exact body
+//! bytes, keyed with the secret>`, next to `X-Weir-Timestamp` (Unix seconds of sending).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context as _};
+use futures::{future::BoxFuture, FutureExt};
+use hmac::{Hmac, Mac};
+use reqwest::{
+    header::{HeaderName, HeaderValue, CONTENT_TYPE},
+    Method,
+};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{client, compile, context, exchange, secret, target, text, CallOutcome, Connector, NetworkPolicy};
+use crate::{
+    config::ServiceConfig,
+    envelope::ActionTask,
+    execute::{IDEMPOTENCY_KEY, TENANT_HEADER},
+    template::InputTemplate,
+};
+
+/// `X-Weir-Signature: sha256=<hex>`: the HMAC-SHA256 of the body.
+pub const SIGNATURE_HEADER: &str = "X-Weir-Signature";
+/// When the request was signed, in Unix seconds.
+pub const TIMESTAMP_HEADER: &str = "X-Weir-Timestamp";
+
+/// `connector:` of `type: webhook`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// HTTP method.
+    pub method: String,
+    /// Extra request headers; values are minijinja templates over the task.
+    pub headers: BTreeMap<String, String>,
+    /// The body: a template (any YAML value whose strings may be templates, as a step input).
+    /// Rendering to a string sends that text (`text/plain` unless `headers` set a Content-Type);
+    /// to anything else, its JSON. Default: the task as JSON (GET and HEAD: no body).
+    pub body: Option<Value>,
+    /// Name of the environment variable holding the HMAC-SHA256 secret; when set, every request
+    /// is signed (`X-Weir-Signature`, `X-Weir-Timestamp`).
+    pub hmac_secret_env: Option<String>,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig { method: "POST".into(), headers: BTreeMap::new(), body: None, hmac_secret_env: None }
+    }
+}
+
+/// The parts of a request known at build time.
+#[derive(Debug)]
+pub(super) struct Request {
+    method: Method,
+    /// Header names, in the order of the template's `headers` object.
+    headers: Vec<HeaderName>,
+    /// `{"headers": {…}, "body": …}`, rendered in one go per call.
+    template: InputTemplate,
+    has_body: bool,
+    user_content_type: bool,
+}
+
+impl WebhookConfig {
+    /// Checks the method and header names and compiles the templates.
+    pub(super) fn validate(&self, name: &str) -> anyhow::Result<Request> {
+        let at = |field: &str| format!("services.{name}.connector.{field}");
+        let method = Method::from_bytes(self.method.to_ascii_uppercase().as_bytes())
+            .ok()
+            .filter(|_| !self.method.is_empty())
+            .with_context(|| format!("{}: {:?} is not an HTTP method", at("method"), self.method))?;
+        let mut headers = Vec::with_capacity(self.headers.len());
+        for key in self.headers.keys() {
+            let header = HeaderName::from_bytes(key.as_bytes())
+                .with_context(|| format!("{}: {key:?} is not a valid header name", at("headers")))?;
+            let reserved = [IDEMPOTENCY_KEY, TENANT_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER];
+            if reserved.iter().any(|r| r.eq_ignore_ascii_case(key)) {
+                bail!("{}: {key} is set by weir and cannot be overridden", at("headers"));
+            }
+            headers.push(header);
+        }
+        let mut template = Map::new();
+        template.insert("headers".into(), Value::Object(self.headers.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect()));
+        if let Some(body) = &self.body {
+            template.insert("body".into(), body.clone());
+        }
+        Ok(Request {
+            method,
+            user_content_type: headers.contains(&CONTENT_TYPE),
+            headers,
+            template: compile(&Value::Object(template), &format!("services.{name}.connector"))?,
+            has_body: self.body.is_some(),
+        })
+    }
+}
+
+pub struct Webhook {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    request: Request,
+    secret: Option<Vec<u8>>,
+}
+
+impl Webhook {
+    pub fn new(
+        name: &str,
+        service: &ServiceConfig,
+        config: &WebhookConfig,
+        network: &NetworkPolicy,
+    ) -> anyhow::Result<Webhook> {
+        let request = config.validate(name)?;
+        let secret = match &config.hmac_secret_env {
+            Some(var) => Some(secret(&format!("services.{name}.connector.hmac_secret_env"), var)?.into_bytes()),
+            None => None,
+        };
+        Ok(Webhook {
+            url: target(name, service, network)?,
+            http: client(name, service, network)?,
+            request,
+            secret,
+        })
+    }
+
+    /// Headers and body of the request for `task`; an error is the reason it cannot be sent.
+    fn render(&self, task: &ActionTask) -> Result<(Vec<(HeaderName, HeaderValue)>, Option<(Vec<u8>, &'static str)>), String> {
+        let r = &self.request;
+        let rendered = if r.headers.is_empty() && !r.has_body {
+            Value::Null
+        } else {
+            r.template.render(&context(task)).map_err(|e| e.to_string())?
+        };
+        let mut headers = Vec::with_capacity(r.headers.len());
+        for name in &r.headers {
+            let value = text(rendered["headers"][name.as_str()].clone());
+            let value = HeaderValue::from_str(&value)
+                .map_err(|_| format!("header {name}: rendered value {value:?} is not a valid header value"))?;
+            headers.push((name.clone(), value));
+        }
+        let body = match rendered.get("body") {
+            Some(Value::String(s)) => Some((s.clone().into_bytes(), "text/plain; charset=utf-8")),
+            Some(value) => Some((serde_json::to_vec(value).unwrap_or_default(), "application/json")),
+            None if matches!(r.method, Method::GET | Method::HEAD) => None,
+            None => Some((serde_json::to_vec(task).unwrap_or_default(), "application/json")),
+        };
+        Ok((headers, body))
+    }
+}
+
+/// `sha256=<hex>` of the HMAC-SHA256 of `body` keyed with `secret`, as in `X-Weir-Signature`.
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl Connector for Webhook {
+    fn estimate_cost(&self, _task: &ActionTask) -> u64 {
+        1
+    }
+
+    fn call<'a>(&'a self, task: &'a ActionTask) -> BoxFuture<'a, CallOutcome> {
+        async move {
+            let (headers, body) = match self.render(task) {
+                Ok(parts) => parts,
+                Err(reason) => return CallOutcome::Permanent { reason, http_status: None },
+            };
+            let mut request = self.http.request(self.request.method.clone(), self.url.clone());
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            if let (Some((_, content_type)), false) = (&body, self.request.user_content_type) {
+                request = request.header(CONTENT_TYPE, *content_type);
+            }
+            if let Some(secret) = &self.secret {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let signature = sign(secret, body.as_ref().map_or(&[][..], |(bytes, _)| bytes));
+                request = request.header(TIMESTAMP_HEADER, now.as_secs()).header(SIGNATURE_HEADER, signature);
+            }
+            if let Some((bytes, _)) = body {
+                request = request.body(bytes);
+            }
+            match exchange(request, task).await {
+                Ok(reply) => reply.succeeded(reply.output(), None),
+                Err(outcome) => outcome,
+            }
+        }
+        .boxed()
+    }
+}
