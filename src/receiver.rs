@@ -22,9 +22,9 @@ use std::{
 
 use axum::{
     extract::State,
-    http::{HeaderMap, StatusCode, Uri},
+    http::{HeaderMap, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::any,
     Json, Router,
 };
 use bytes::Bytes;
@@ -40,6 +40,7 @@ pub struct Call {
     pub body: Value,
     /// The body as received, e.g. to check a signature.
     pub raw: Bytes,
+    pub method: String,
     pub path: String,
     pub headers: HeaderMap,
     /// What the receiver answered.
@@ -79,7 +80,7 @@ impl Receiver {
     /// Starts on 127.0.0.1 with an OS-chosen port.
     pub async fn start() -> std::io::Result<Receiver> {
         let inner = Arc::new(Inner::default());
-        let app = Router::new().route("/{*path}", post(handle)).with_state(inner.clone());
+        let app = Router::new().route("/{*path}", any(handle)).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
@@ -124,7 +125,13 @@ impl Drop for Receiver {
     }
 }
 
-async fn handle(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap, raw: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Arc<Inner>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Response {
     let at = Instant::now();
     let body = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into()));
     inner.arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -146,6 +153,7 @@ async fn handle(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap, r
         idempotency_key: key,
         body,
         raw,
+        method: method.to_string(),
         path: uri.path().to_string(),
         headers,
         status,

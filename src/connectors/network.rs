@@ -157,23 +157,24 @@ impl Resolve for GuardedResolver {
     }
 }
 
-/// `allow:` entries: CIDRs or single addresses, with an error naming the bad entry.
+/// `allow:` entries: CIDRs or single addresses.
 fn cidrs<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
-    let entries = Vec::<String>::deserialize(deserializer)?;
-    entries
-        .iter()
-        .map(|entry| {
-            let entry = entry.trim();
-            entry
-                .parse::<IpNet>()
-                .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "{entry:?} is not a CIDR range or an address (e.g. 10.1.0.0/16, 127.0.0.1, fd00::/8)"
-                    ))
-                })
+    Ok(Vec::<Entry>::deserialize(deserializer)?.into_iter().map(|e| e.0).collect())
+}
+
+/// One `allow:` entry, parsed as an element so the error carries its path (`network.allow`).
+struct Entry(IpNet);
+
+impl<'de> Deserialize<'de> for Entry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let entry = String::deserialize(deserializer)?;
+        let entry = entry.trim();
+        entry.parse::<IpNet>().or_else(|_| entry.parse::<IpAddr>().map(IpNet::from)).map(Entry).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{entry:?} is not a CIDR range or an address (e.g. 10.1.0.0/16, 127.0.0.1, fd00::/8)"
+            ))
         })
-        .collect()
+    }
 }
 
 #[cfg(test)]

@@ -68,8 +68,8 @@ impl Default for WebhookConfig {
 #[derive(Debug)]
 pub(super) struct Request {
     method: Method,
-    /// Header names, in the order of the template's `headers` object.
-    headers: Vec<HeaderName>,
+    /// Header names as configured (the keys of the rendered `headers` object) and parsed.
+    headers: Vec<(String, HeaderName)>,
     /// `{"headers": {…}, "body": …}`, rendered in one go per call.
     template: InputTemplate,
     has_body: bool,
@@ -92,7 +92,7 @@ impl WebhookConfig {
             if reserved.iter().any(|r| r.eq_ignore_ascii_case(key)) {
                 bail!("{}: {key} is set by weir and cannot be overridden", at("headers"));
             }
-            headers.push(header);
+            headers.push((key.clone(), header));
         }
         let mut template = Map::new();
         template.insert("headers".into(), Value::Object(self.headers.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect()));
@@ -101,7 +101,7 @@ impl WebhookConfig {
         }
         Ok(Request {
             method,
-            user_content_type: headers.contains(&CONTENT_TYPE),
+            user_content_type: headers.iter().any(|(_, h)| h == CONTENT_TYPE),
             headers,
             template: compile(&Value::Object(template), &format!("services.{name}.connector"))?,
             has_body: self.body.is_some(),
@@ -145,8 +145,8 @@ impl Webhook {
             r.template.render(&context(task)).map_err(|e| e.to_string())?
         };
         let mut headers = Vec::with_capacity(r.headers.len());
-        for name in &r.headers {
-            let value = text(rendered["headers"][name.as_str()].clone());
+        for (key, name) in &r.headers {
+            let value = text(rendered["headers"][key].clone());
             let value = HeaderValue::from_str(&value)
                 .map_err(|_| format!("header {name}: rendered value {value:?} is not a valid header value"))?;
             headers.push((name.clone(), value));
