@@ -217,7 +217,10 @@ mod tests {
         let err = serde_yaml_ng::from_str::<Config>("brokers: x\nbrokerz: y\n").unwrap_err();
         assert!(err.to_string().contains("brokerz"), "{err}");
         let mut c = Config::default();
-        c.services.insert("hook".into(), ServiceConfig { url: "ftp://x".into(), timeout_ms: 1, connector: Default::default() });
+        c.services.insert(
+            "hook".into(),
+            ServiceConfig { url: "ftp://x".into(), timeout_ms: 1, connector: Default::default() },
+        );
         assert!(c.validate().unwrap_err().to_string().contains("services.hook.url"));
     }
 

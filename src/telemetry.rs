@@ -49,7 +49,6 @@ pub enum Event<'a> {
     Rebalanced { stage: Stage, kind: &'static str, partitions: &'a str },
     ActionDone { service: &'a str, succeeded: bool },
     SinkWrote { rows: usize, elapsed: Duration },
-    /// A connector's host resolved to an address the network policy refuses.
     OutboundRefused { service: &'a str, host: &'a str, addr: std::net::IpAddr },
 }
 

@@ -201,7 +201,9 @@ async fn slack_posts_the_rendered_text_and_reads_ok() {
     let outcome = call(&default, &task(json!({"text": "plain"}))).await;
     assert_eq!(outcome, CallOutcome::Succeeded { http_status: Some(200), output: Some(json!("ok")), cost: None });
 
-    let custom = service(&format!("{{url: {url}, connector: {{type: slack, text: '[{{{{ tenant }}}}] {{{{ input.n }}}} new'}}}}"));
+    let custom = service(&format!(
+        "{{url: {url}, connector: {{type: slack, text: '[{{{{ tenant }}}}] {{{{ input.n }}}} new'}}}}"
+    ));
     let t = task(json!({"n": 3}));
     assert!(matches!(call(&custom, &t).await, CallOutcome::Succeeded { .. }));
     let calls = receiver.calls();
@@ -262,7 +264,9 @@ async fn openai_sends_chat_completions_and_reports_the_tokens_used() {
     assert_eq!(header(&calls[0], "authorization"), Some("Bearer sk-test"));
     assert_eq!(calls[0].idempotency_key.as_deref(), Some(prompt.task_id.as_str()));
 
-    for bad in [json!("just text"), json!({"prompt": 3}), json!({"messages": []}), json!({"prompt": "a", "messages": []})] {
+    for bad in
+        [json!("just text"), json!({"prompt": 3}), json!({"messages": []}), json!({"prompt": "a", "messages": []})]
+    {
         let outcome = connector.call(&task(bad.clone())).await;
         assert!(matches!(outcome, CallOutcome::Permanent { http_status: None, .. }), "{bad}: {outcome:?}");
         assert!(connector.estimate_cost(&task(bad)) >= 1, "an estimate never fails");
@@ -284,7 +288,12 @@ async fn an_openai_cost_estimate_template_overrides_the_default() {
 #[tokio::test]
 async fn internal_addresses_are_refused_unless_allow_listed() {
     let none = NetworkPolicy::default();
-    for url in ["http://10.0.0.1/hook", "http://169.254.169.254/latest/meta-data", "http://[::1]:8080/x", "http://127.0.0.1:1/"] {
+    for url in [
+        "http://10.0.0.1/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]:8080/x",
+        "http://127.0.0.1:1/",
+    ] {
         let err = connectors::build("svc", &service(&format!("url: '{url}'")), &none).err().expect(url);
         let text = format!("{err:#}");
         let host = url.split('/').nth(2).unwrap().trim_start_matches('[').split([']', ':']).next().unwrap();
@@ -324,23 +333,33 @@ async fn config_errors_name_the_field() {
     let err = load("network: {allow: [example.com]}\n").unwrap_err();
     assert!(err.contains("\"example.com\" is not a CIDR"), "{err}");
     let err = load("services: {hook: {url: 'http://169.254.169.254/'}}\n").unwrap_err();
-    assert!(err.contains("services.hook.url") && err.contains("169.254.169.254 is in 169.254.0.0/16 (link-local)"), "{err}");
+    assert!(
+        err.contains("services.hook.url") && err.contains("169.254.169.254 is in 169.254.0.0/16 (link-local)"),
+        "{err}"
+    );
     load("network: {allow: [169.254.169.254]}\nservices: {hook: {url: 'http://169.254.169.254/'}}\n").unwrap();
 
-    let err = load("services: {hook: {url: 'http://example.com/', connector: {type: webhook, method: 'GE T'}}}\n").unwrap_err();
-    assert!(err.contains("services.hook.connector.method"), "{err}");
-    let err = load("services: {hook: {url: 'http://example.com/', connector: {type: webhook, headers: {Idempotency-Key: x}}}}\n")
+    let err = load("services: {hook: {url: 'http://example.com/', connector: {type: webhook, method: 'GE T'}}}\n")
         .unwrap_err();
+    assert!(err.contains("services.hook.connector.method"), "{err}");
+    let err = load(
+        "services: {hook: {url: 'http://example.com/', connector: {type: webhook, headers: {Idempotency-Key: x}}}}\n",
+    )
+    .unwrap_err();
     assert!(err.contains("services.hook.connector.headers") && err.contains("set by weir"), "{err}");
-    let err = load("services: {hook: {url: 'http://example.com/', connector: {type: slack, text: '{{ input.text'}}}\n").unwrap_err();
+    let err = load("services: {hook: {url: 'http://example.com/', connector: {type: slack, text: '{{ input.text'}}}\n")
+        .unwrap_err();
     assert!(err.contains("services.hook.connector.text"), "{err}");
-    let err = load("services: {ai: {url: 'http://example.com/', connector: {type: openai, model: m, max_tokens: 0}}}\n").unwrap_err();
+    let err =
+        load("services: {ai: {url: 'http://example.com/', connector: {type: openai, model: m, max_tokens: 0}}}\n")
+            .unwrap_err();
     assert!(err.contains("services.ai.connector.max_tokens"), "{err}");
     let err = load("services: {ai: {url: 'http://example.com/', connector: {type: openai}}}\n").unwrap_err();
     assert!(err.contains("model"), "{err}");
 
     // Secrets are read when the connector is built, and a missing one names its variable.
-    let svc = service("{url: 'http://example.com/', connector: {type: webhook, hmac_secret_env: WEIR_TEST_UNSET_SECRET}}");
+    let svc =
+        service("{url: 'http://example.com/', connector: {type: webhook, hmac_secret_env: WEIR_TEST_UNSET_SECRET}}");
     let err = format!("{:#}", connectors::build("hook", &svc, &NetworkPolicy::default()).err().unwrap());
     assert!(err.contains("services.hook.connector.hmac_secret_env") && err.contains("WEIR_TEST_UNSET_SECRET"), "{err}");
 }
@@ -364,9 +383,10 @@ async fn a_slack_service_runs_end_to_end_through_the_executor() {
     let producer = Producer::new(&config).unwrap();
     let count = 20;
     for n in 0..count {
-        let event: Event = serde_json::from_value(json!({"id": format!("e-{n}"), "source": "/ghost", "type": "member.created",
+        let event: Event =
+            serde_json::from_value(json!({"id": format!("e-{n}"), "source": "/ghost", "type": "member.created",
             "tenant": format!("site-{}", n % 4), "data": {"email": format!("m{n}@example.com")}}))
-        .unwrap();
+            .unwrap();
         producer.send(&event, Format::Json).await.unwrap();
     }
     let url = config.database_url.clone();
@@ -380,7 +400,8 @@ async fn a_slack_service_runs_end_to_end_through_the_executor() {
         }
     };
     let done = eventually(Duration::from_secs(60), || async {
-        rows("select count(*) from action_results where status = 'succeeded' and output = '\"ok\"'::jsonb").await == count
+        rows("select count(*) from action_results where status = 'succeeded' and output = '\"ok\"'::jsonb").await
+            == count
     })
     .await;
     assert!(done, "calls {}, rows {}", receiver.calls().len(), rows("select count(*) from action_results").await);
@@ -390,7 +411,8 @@ async fn a_slack_service_runs_end_to_end_through_the_executor() {
     assert_eq!(calls.len(), count as usize);
     let mut texts: Vec<String> = calls.iter().map(|c| c.body["text"].as_str().unwrap().to_string()).collect();
     texts.sort();
-    let mut expected: Vec<String> = (0..count).map(|n| format!("[site-{}] New member m{n}@example.com", n % 4)).collect();
+    let mut expected: Vec<String> =
+        (0..count).map(|n| format!("[site-{}] New member m{n}@example.com", n % 4)).collect();
     expected.sort();
     assert_eq!(texts, expected);
     assert!(calls.iter().all(|c| c.path == "/slack/T0/B0/x" && c.idempotency_key.is_some()));

@@ -40,11 +40,22 @@ use crate::{
 /// What one call came to; the executor decides retries and dead letters from it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallOutcome {
-    Succeeded { http_status: Option<u16>, output: Option<Value>, cost: Option<u64> },
+    Succeeded {
+        http_status: Option<u16>,
+        output: Option<Value>,
+        cost: Option<u64>,
+    },
     /// Worth retrying: timeouts, connection errors, 429 (with Retry-After parsed: seconds or HTTP date), 5xx.
-    Retryable { reason: String, http_status: Option<u16>, retry_after: Option<Duration> },
+    Retryable {
+        reason: String,
+        http_status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
     /// Retrying cannot help: other 4xx, input that cannot be rendered, refused URL.
-    Permanent { reason: String, http_status: Option<u16> },
+    Permanent {
+        reason: String,
+        http_status: Option<u16>,
+    },
 }
 
 pub trait Connector: Send + Sync + 'static {
@@ -153,9 +164,9 @@ struct Reply {
 impl Reply {
     /// The body as JSON, else as text (Slack answers `ok`); nothing if empty.
     fn output(&self) -> Option<Value> {
-        serde_json::from_slice(&self.body).ok().or_else(|| {
-            (!self.body.is_empty()).then(|| Value::String(snippet(&self.body, 4096)))
-        })
+        serde_json::from_slice(&self.body)
+            .ok()
+            .or_else(|| (!self.body.is_empty()).then(|| Value::String(snippet(&self.body, 4096))))
     }
 
     fn succeeded(&self, output: Option<Value>, cost: Option<u64>) -> CallOutcome {

@@ -236,7 +236,10 @@ mod tests {
     #[test]
     fn allow_entries_parse_or_name_the_bad_one() {
         let p: NetworkPolicy = serde_yaml_ng::from_str("allow: [127.0.0.1, 10.1.0.0/16, 'fd00::/8']").unwrap();
-        assert_eq!(p.allow, vec!["127.0.0.1/32".parse::<IpNet>().unwrap(), "10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()]);
+        assert_eq!(
+            p.allow,
+            vec!["127.0.0.1/32".parse::<IpNet>().unwrap(), "10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()]
+        );
         for bad in ["10.0.0.0/33", "10.0.0", "localhost"] {
             let err = serde_yaml_ng::from_str::<NetworkPolicy>(&format!("allow: ['{bad}']")).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?} is not a CIDR")), "{err}");

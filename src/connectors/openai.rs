@@ -89,7 +89,12 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    pub fn new(name: &str, service: &ServiceConfig, config: &OpenAiConfig, network: &NetworkPolicy) -> anyhow::Result<OpenAi> {
+    pub fn new(
+        name: &str,
+        service: &ServiceConfig,
+        config: &OpenAiConfig,
+        network: &NetworkPolicy,
+    ) -> anyhow::Result<OpenAi> {
         let cost_estimate = config.compile(name)?;
         let api_key = match &config.api_key_env {
             Some(var) => Some(secret(&format!("services.{name}.connector.api_key_env"), var)?),
@@ -146,12 +151,14 @@ impl OpenAi {
 impl Connector for OpenAi {
     fn estimate_cost(&self, task: &ActionTask) -> u64 {
         let Some(template) = &self.cost_estimate else { return self.default_estimate(&task.input) };
-        let estimate = template.render(&context(task)).map_err(|e| e.to_string()).and_then(|v| match &v {
-            Value::Number(n) => n.as_f64().filter(|f| *f >= 0.0).map(|f| f.ceil() as u64),
-            Value::String(s) => s.trim().parse::<u64>().ok(),
-            _ => None,
-        }
-        .ok_or_else(|| format!("services.{}.connector.cost_estimate: {v} is not a number of tokens", self.service)));
+        let estimate = template.render(&context(task)).map_err(|e| e.to_string()).and_then(|v| {
+            match &v {
+                Value::Number(n) => n.as_f64().filter(|f| *f >= 0.0).map(|f| f.ceil() as u64),
+                Value::String(s) => s.trim().parse::<u64>().ok(),
+                _ => None,
+            }
+            .ok_or_else(|| format!("services.{}.connector.cost_estimate: {v} is not a number of tokens", self.service))
+        });
         estimate.unwrap_or_else(|detail| {
             Event::Failed { stage: Stage::Execute, reason: "cost_estimate", retryable: false, detail: &detail }.emit();
             self.default_estimate(&task.input)
@@ -173,7 +180,9 @@ impl Connector for OpenAi {
                     let output = reply.output();
                     let usage = output.as_ref().map(|o| &o["usage"]);
                     let cost = usage.and_then(|u| {
-                        u["total_tokens"].as_u64().or_else(|| Some(u["prompt_tokens"].as_u64()? + u["completion_tokens"].as_u64()?))
+                        u["total_tokens"]
+                            .as_u64()
+                            .or_else(|| Some(u["prompt_tokens"].as_u64()? + u["completion_tokens"].as_u64()?))
                     });
                     reply.succeeded(output, cost)
                 }
@@ -181,5 +190,50 @@ impl Connector for OpenAi {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn openai() -> OpenAi {
+        let service: ServiceConfig = serde_yaml_ng::from_str(
+            "{url: 'http://example.com/v1/chat/completions', connector: {type: openai, model: m1}}",
+        )
+        .unwrap();
+        let crate::connectors::ConnectorConfig::OpenAi(config) = &service.connector else { panic!("not openai") };
+        OpenAi::new("ai", &service, config, &NetworkPolicy::default()).unwrap()
+    }
+
+    #[test]
+    fn prompts_become_one_user_message_and_settings_fill_the_gaps() {
+        let ai = openai();
+        assert_eq!(
+            ai.request(&json!({"prompt": "hi", "temperature": 0})).unwrap(),
+            json!({"model": "m1", "max_tokens": 256, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]})
+        );
+        let messages = json!({"messages": [{"role": "user", "content": "x"}], "model": "m2", "max_tokens": 5});
+        assert_eq!(ai.request(&messages).unwrap(), messages, "the input's model and max_tokens win");
+        for (bad, want) in [
+            (json!(null), "must be an object"),
+            (json!({"prompt": "a", "messages": [{}]}), "both"),
+            (json!({"prompt": ["a"]}), "input.prompt must be a string"),
+            (json!({"messages": {}}), "non-empty array"),
+            (json!({}), "needs `messages`"),
+        ] {
+            let err = ai.request(&bad).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_default_estimate_is_prompt_characters_over_four_plus_max_tokens() {
+        let ai = openai();
+        assert_eq!(ai.default_estimate(&json!({"prompt": "abcdefgh"})), 2 + 256);
+        assert_eq!(ai.default_estimate(&json!({"prompt": "é"})), 1 + 256, "characters, not bytes, rounded up");
+        let parts = json!({"messages": [{"content": "abcd"}, {"content": [{"type": "text", "text": "abcd"}, {"type": "image_url"}]}], "max_tokens": 7});
+        assert_eq!(ai.default_estimate(&parts), 2 + 7);
+        assert_eq!(ai.default_estimate(&json!("not an object")), 256);
     }
 }

@@ -45,8 +45,17 @@ pub struct Slack {
 }
 
 impl Slack {
-    pub fn new(name: &str, service: &ServiceConfig, config: &SlackConfig, network: &NetworkPolicy) -> anyhow::Result<Slack> {
-        Ok(Slack { text: config.compile(name)?, url: target(name, service, network)?, http: client(name, service, network)? })
+    pub fn new(
+        name: &str,
+        service: &ServiceConfig,
+        config: &SlackConfig,
+        network: &NetworkPolicy,
+    ) -> anyhow::Result<Slack> {
+        Ok(Slack {
+            text: config.compile(name)?,
+            url: target(name, service, network)?,
+            http: client(name, service, network)?,
+        })
     }
 }
 

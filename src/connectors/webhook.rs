@@ -95,7 +95,10 @@ impl WebhookConfig {
             headers.push((key.clone(), header));
         }
         let mut template = Map::new();
-        template.insert("headers".into(), Value::Object(self.headers.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect()));
+        template.insert(
+            "headers".into(),
+            Value::Object(self.headers.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect()),
+        );
         if let Some(body) = &self.body {
             template.insert("body".into(), body.clone());
         }
@@ -108,6 +111,10 @@ impl WebhookConfig {
         })
     }
 }
+
+/// A request body and its default Content-Type.
+type Body = (Vec<u8>, &'static str);
+type Headers = Vec<(HeaderName, HeaderValue)>;
 
 pub struct Webhook {
     http: reqwest::Client,
@@ -128,16 +135,11 @@ impl Webhook {
             Some(var) => Some(secret(&format!("services.{name}.connector.hmac_secret_env"), var)?.into_bytes()),
             None => None,
         };
-        Ok(Webhook {
-            url: target(name, service, network)?,
-            http: client(name, service, network)?,
-            request,
-            secret,
-        })
+        Ok(Webhook { url: target(name, service, network)?, http: client(name, service, network)?, request, secret })
     }
 
     /// Headers and body of the request for `task`; an error is the reason it cannot be sent.
-    fn render(&self, task: &ActionTask) -> Result<(Vec<(HeaderName, HeaderValue)>, Option<(Vec<u8>, &'static str)>), String> {
+    fn render(&self, task: &ActionTask) -> Result<(Headers, Option<Body>), String> {
         let r = &self.request;
         let rendered = if r.headers.is_empty() && !r.has_body {
             Value::Null
@@ -200,5 +202,73 @@ impl Connector for Webhook {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn webhook(yaml: &str) -> anyhow::Result<Webhook> {
+        let service: ServiceConfig =
+            serde_yaml_ng::from_str(&format!("{{url: 'http://example.com/', connector: {yaml}}}"))?;
+        let crate::connectors::ConnectorConfig::Webhook(config) = &service.connector else { panic!("not a webhook") };
+        Webhook::new("hook", &service, config, &NetworkPolicy::default())
+    }
+
+    fn task() -> ActionTask {
+        serde_json::from_value(json!({"task_id": "t-1", "run_id": "r", "event_id": "e", "event_type": "x", "tenant": "site-1",
+            "workflow_id": "w", "workflow_version": 1, "step_id": "s", "service": "hook", "created_at": "2026-11-23T10:00:00Z",
+            "input": {"name": "Ada", "n": 2}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_in_hex() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            sign(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn bodies_render_as_json_text_the_task_or_nothing() {
+        let (headers, body) = webhook("{type: webhook}").unwrap().render(&task()).unwrap();
+        assert!(headers.is_empty());
+        let (bytes, content_type) = body.unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap(), serde_json::to_value(task()).unwrap());
+        assert_eq!(content_type, "application/json");
+
+        let (_, body) = webhook("{type: webhook, body: {who: '{{ input.name }}', n: '{{ input.n }}'}}")
+            .unwrap()
+            .render(&task())
+            .unwrap();
+        assert_eq!(body.unwrap(), (br#"{"n":2,"who":"Ada"}"#.to_vec(), "application/json"));
+        let (_, body) = webhook("{type: webhook, body: 'Hi {{ input.name }}'}").unwrap().render(&task()).unwrap();
+        assert_eq!(body.unwrap(), (b"Hi Ada".to_vec(), "text/plain; charset=utf-8"));
+        let (_, body) = webhook("{type: webhook, method: get}").unwrap().render(&task()).unwrap();
+        assert_eq!(body, None);
+
+        let w = webhook("{type: webhook, headers: {X-Who: '{{ input.name }}', X-Bad: \"{{ 'a\\nb' }}\"}}").unwrap();
+        let err = w.render(&task()).unwrap_err();
+        assert!(err.contains("x-bad") && err.contains("not a valid header value"), "{err}");
+    }
+
+    #[test]
+    fn bad_settings_name_the_field() {
+        for (yaml, want) in [
+            ("{type: webhook, method: ''}", "services.hook.connector.method"),
+            ("{type: webhook, method: 'GE T'}", "services.hook.connector.method"),
+            ("{type: webhook, headers: {'Bad Header': x}}", "not a valid header name"),
+            ("{type: webhook, headers: {x-weir-signature: x}}", "set by weir"),
+            ("{type: webhook, headers: {X-A: '{{ tenant'}}", "services.hook.connector.headers.X-A"),
+            ("{type: webhook, body: {a: ['{% if %}']}}", "services.hook.connector.body.a[0]"),
+            ("{type: webhook, hmac_secret_env: WEIR_UNIT_TEST_UNSET}", "WEIR_UNIT_TEST_UNSET is not set"),
+        ] {
+            let err = format!("{:#}", webhook(yaml).err().unwrap_or_else(|| panic!("{yaml} was accepted")));
+            assert!(err.contains(want), "{yaml}: {err}");
+        }
     }
 }
