@@ -120,7 +120,8 @@ impl Default for SinkConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Where tasks are POSTed (JSON body: the task; `Idempotency-Key`: the task id).
+    /// The service's endpoint. The default webhook connector POSTs each task here as JSON, with
+    /// the task id as `Idempotency-Key`; `connector` says otherwise.
     pub url: String,
     /// Per-call timeout.
     #[serde(default = "default_timeout_ms")]
