@@ -44,12 +44,13 @@ struct Executor {
 }
 
 pub async fn run(config: Arc<Config>, service: String, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?.clone();
+    let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?;
+    let connector = connectors::build(&service, settings, &config.network)?;
     let topic = config.topic(&format!("actions.{service}"));
     let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("execute-{service}")))?;
     let producer = kafka::producer(&config)?;
     let executor = Arc::new(Executor {
-        connector: connectors::build(&service, &settings, &config.network)?,
+        connector,
         dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Execute),
         producer,
         results_topic: config.topic("results"),

@@ -123,7 +123,7 @@ fn canonical(addr: IpAddr) -> IpAddr {
 }
 
 /// Resolves with the system resolver and drops refused addresses; a name with none left is an
-/// error carrying the first [`Refused`].
+/// error carrying the first [`Refused`] (and counted).
 #[derive(Debug)]
 pub struct GuardedResolver {
     policy: NetworkPolicy,
@@ -140,18 +140,15 @@ impl Resolve for GuardedResolver {
             let mut refused = None;
             let allowed: Vec<SocketAddr> = resolved
                 .into_iter()
-                .filter(|a| match policy.check(a.ip()) {
-                    Ok(()) => true,
-                    Err(r) => {
-                        Event::OutboundRefused { service: &service, host: &host, addr: r.addr }.emit();
-                        refused.get_or_insert(Refused { host: Some(host.clone()), ..r });
-                        false
-                    }
-                })
+                .filter(|a| policy.check(a.ip()).map_err(|r| refused.get_or_insert(r)).is_ok())
                 .collect();
             match (allowed.is_empty(), refused) {
-                (true, Some(refused)) => Err(refused.into()),
-                _ => Ok(Box::new(allowed.into_iter()) as Addrs),
+                // Some addresses allowed (localhost's 127.0.0.1 but not ::1): connect to those.
+                (false, _) | (true, None) => Ok(Box::new(allowed.into_iter()) as Addrs),
+                (true, Some(refused)) => {
+                    Event::OutboundRefused { service: &service, host: &host, addr: refused.addr }.emit();
+                    Err(Refused { host: Some(host), ..refused }.into())
+                }
             }
         })
     }
