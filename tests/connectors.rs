@@ -133,6 +133,29 @@ async fn a_string_body_is_sent_as_text_and_a_get_sends_none() {
 }
 
 #[tokio::test]
+async fn a_webhook_url_may_be_a_template_and_each_rendered_url_is_checked() {
+    let receiver = Receiver::start().await.unwrap();
+    let svc =
+        service(&format!("url: '{}/{{{{ input.id | urlencode }}}}?tenant={{{{ tenant }}}}'", receiver.url("users")));
+    let outcome = call(&svc, &task(json!({"id": "a b"}))).await;
+    assert!(matches!(outcome, CallOutcome::Succeeded { .. }), "{outcome:?}");
+    let calls = receiver.calls();
+    assert_eq!(calls[0].path, "/users/a%20b");
+
+    // A template cannot stand for the host, but a value can still smuggle one in (userinfo):
+    // the rendered URL is checked before the call.
+    let smuggle = service("url: 'http://{{ input.user }}@example.com/'");
+    let outcome = call(&smuggle, &task(json!({"user": "x@169.254.169.254/#"}))).await;
+    let CallOutcome::Permanent { reason, http_status: None } = outcome else { panic!("{outcome:?}") };
+    assert!(reason.contains("169.254.169.254 is in 169.254.0.0/16 (link-local)"), "{reason}");
+    let err = connectors::build("svc", &service("url: 'http://{{ input.host }}/'"), &NetworkPolicy::default()).err();
+    assert!(format!("{:#}", err.unwrap()).contains("services.svc.url"));
+    let slack = service("{url: 'http://example.com/{{ tenant }}', connector: {type: slack}}");
+    let err = format!("{:#}", connectors::build("svc", &slack, &NetworkPolicy::default()).err().unwrap());
+    assert!(err.contains("only the webhook connector renders templates"), "{err}");
+}
+
+#[tokio::test]
 async fn a_template_that_cannot_render_is_permanent_and_calls_nothing() {
     let receiver = Receiver::start().await.unwrap();
     let svc = service(&format!(

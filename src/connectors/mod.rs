@@ -101,19 +101,35 @@ pub fn build(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> an
 /// [`build`] when the executor starts): the URL against the network policy, templates, values.
 pub fn validate(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<()> {
     match &service.connector {
-        ConnectorConfig::Webhook(c) => c.validate(name).map(drop),
-        ConnectorConfig::Slack(c) => c.compile(name).map(drop),
-        ConnectorConfig::OpenAi(c) => c.validate(name),
-        ConnectorConfig::Noop(_) => return Ok(()),
-    }?;
-    target(name, service, network).map(drop)
+        ConnectorConfig::Webhook(c) => c.validate(name, service, network).map(drop),
+        ConnectorConfig::Slack(c) => c.compile(name).and(target(name, service, network)).map(drop),
+        ConnectorConfig::OpenAi(c) => c.validate(name).and(target(name, service, network)).map(drop),
+        ConnectorConfig::Noop(_) => Ok(()),
+    }
 }
 
-/// The service's URL, refused if it is a literal address the policy does not allow.
+/// The service's URL, refused if it is a literal address the policy does not allow, or a
+/// template (only the webhook connector renders its URL).
 fn target(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<reqwest::Url> {
-    let url = reqwest::Url::parse(&service.url).with_context(|| format!("services.{name}.url"))?;
-    network.check_url(&url).with_context(|| format!("services.{name}.url: {} is refused", service.url))?;
-    Ok(url)
+    if is_template(&service.url) {
+        anyhow::bail!("services.{name}.url: only the webhook connector renders templates in its URL");
+    }
+    parse_target(&format!("services.{name}.url"), &service.url, network)
+}
+
+/// A URL as [`target`] accepts it, whoever wrote it (config or template).
+fn parse_target(field: &str, url: &str, network: &NetworkPolicy) -> anyhow::Result<reqwest::Url> {
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("{field}: {url:?} is not a URL"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        anyhow::bail!("{field}: scheme must be http or https, not {}", parsed.scheme());
+    }
+    network.check_url(&parsed).with_context(|| format!("{field}: {url} is refused"))?;
+    Ok(parsed)
+}
+
+/// Whether a string holds minijinja syntax, as step inputs decide it.
+fn is_template(s: &str) -> bool {
+    s.contains("{{") || s.contains("{%")
 }
 
 /// The HTTP client of a service: its timeout, the guarded resolver, no redirects (a redirect

@@ -4,7 +4,7 @@
 //! ```yaml
 //! services:
 //!   crm:
-//!     url: https://crm.example.com/api/contacts
+//!     url: "https://crm.example.com/api/contacts/{{ input.id | urlencode }}"
 //!     connector:
 //!       type: webhook
 //!       method: PUT
@@ -12,6 +12,10 @@
 //!       body: {email: "{{ input.email }}", source: weir}   # JSON; a string template sends text
 //!       hmac_secret_env: CRM_WEBHOOK_SECRET
 //! ```
+//!
+//! The URL may be a template too. Its host is checked when the config loads (a template cannot
+//! stand for the host: the URL must parse with the template in it), and each rendered URL is
+//! checked again against the network policy before the call.
 //!
 //! The signature is GitHub's scheme: `X-Weir-Signature: sha256=<hex HMAC-SHA256 of the exact body
 //! bytes, keyed with the secret>`, next to `X-Weir-Timestamp` (Unix seconds of sending).
@@ -28,7 +32,9 @@ use reqwest::{
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{client, compile, context, exchange, secret, target, text, CallOutcome, Connector, NetworkPolicy};
+use super::{
+    client, compile, context, exchange, is_template, parse_target, secret, text, CallOutcome, Connector, NetworkPolicy,
+};
 use crate::{
     config::ServiceConfig,
     envelope::ActionTask,
@@ -67,6 +73,7 @@ impl Default for WebhookConfig {
 /// The parts of a request known at build time.
 #[derive(Debug)]
 pub(super) struct Request {
+    url: Target,
     method: Method,
     /// Header names as configured (the keys of the rendered `headers` object) and parsed.
     headers: Vec<(String, HeaderName)>,
@@ -77,9 +84,20 @@ pub(super) struct Request {
 }
 
 impl WebhookConfig {
-    /// Checks the method and header names and compiles the templates.
-    pub(super) fn validate(&self, name: &str) -> anyhow::Result<Request> {
+    /// Checks the URL, method and header names and compiles the templates.
+    pub(super) fn validate(
+        &self,
+        name: &str,
+        service: &ServiceConfig,
+        network: &NetworkPolicy,
+    ) -> anyhow::Result<Request> {
         let at = |field: &str| format!("services.{name}.connector.{field}");
+        let field = format!("services.{name}.url");
+        let fixed = parse_target(&field, &service.url, network)?;
+        let url = match is_template(&service.url) {
+            true => Target::Template(compile(&Value::String(service.url.clone()), &field)?),
+            false => Target::Fixed(fixed),
+        };
         let method = Method::from_bytes(self.method.to_ascii_uppercase().as_bytes())
             .ok()
             .filter(|_| !self.method.is_empty())
@@ -103,6 +121,7 @@ impl WebhookConfig {
             template.insert("body".into(), body.clone());
         }
         Ok(Request {
+            url,
             method,
             user_content_type: headers.iter().any(|(_, h)| h == CONTENT_TYPE),
             headers,
@@ -116,9 +135,16 @@ impl WebhookConfig {
 type Body = (Vec<u8>, &'static str);
 type Headers = Vec<(HeaderName, HeaderValue)>;
 
+/// Where requests go: the service's URL, or a template rendered per task.
+#[derive(Debug)]
+enum Target {
+    Fixed(reqwest::Url),
+    Template(InputTemplate),
+}
+
 pub struct Webhook {
     http: reqwest::Client,
-    url: reqwest::Url,
+    network: NetworkPolicy,
     request: Request,
     secret: Option<Vec<u8>>,
 }
@@ -130,12 +156,23 @@ impl Webhook {
         config: &WebhookConfig,
         network: &NetworkPolicy,
     ) -> anyhow::Result<Webhook> {
-        let request = config.validate(name)?;
+        let request = config.validate(name, service, network)?;
         let secret = match &config.hmac_secret_env {
             Some(var) => Some(secret(&format!("services.{name}.connector.hmac_secret_env"), var)?.into_bytes()),
             None => None,
         };
-        Ok(Webhook { url: target(name, service, network)?, http: client(name, service, network)?, request, secret })
+        Ok(Webhook { http: client(name, service, network)?, network: network.clone(), request, secret })
+    }
+
+    /// The URL for `task`; a rendered one is checked as the config's is.
+    fn url(&self, task: &ActionTask) -> Result<reqwest::Url, String> {
+        match &self.request.url {
+            Target::Fixed(url) => Ok(url.clone()),
+            Target::Template(template) => {
+                let rendered = text(template.render(&context(task)).map_err(|e| e.to_string())?);
+                parse_target("rendered URL", &rendered, &self.network).map_err(|e| format!("{e:#}"))
+            }
+        }
     }
 
     /// Headers and body of the request for `task`; an error is the reason it cannot be sent.
@@ -177,11 +214,11 @@ impl Connector for Webhook {
 
     fn call<'a>(&'a self, task: &'a ActionTask) -> BoxFuture<'a, CallOutcome> {
         async move {
-            let (headers, body) = match self.render(task) {
-                Ok(parts) => parts,
+            let (url, headers, body) = match self.url(task).and_then(|url| Ok((url, self.render(task)?))) {
+                Ok((url, (headers, body))) => (url, headers, body),
                 Err(reason) => return CallOutcome::Permanent { reason, http_status: None },
             };
-            let mut request = self.http.request(self.request.method.clone(), self.url.clone());
+            let mut request = self.http.request(self.request.method.clone(), url);
             for (name, value) in headers {
                 request = request.header(name, value);
             }
