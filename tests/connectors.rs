@@ -328,14 +328,21 @@ async fn internal_addresses_are_refused_unless_allow_listed() {
     }
 
     // A name is checked where it resolves, on every connection.
+    let refusals = || {
+        let text = weir::telemetry::prometheus().render();
+        let line = text.lines().find(|l| l.starts_with("weir_outbound_refused_total{service=\"by-name\"}"));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    let before = refusals();
     let receiver = Receiver::start().await.unwrap();
     let by_name = service(&format!("url: {}", receiver.url("hook").replace("127.0.0.1", "localhost")));
-    let connector = connectors::build("svc", &by_name, &none).expect("names pass the build-time check");
+    let connector = connectors::build("by-name", &by_name, &none).expect("names pass the build-time check");
     let outcome = connector.call(&task(json!({}))).await;
     let CallOutcome::Permanent { reason, http_status: None } = outcome else { panic!("{outcome:?}") };
     assert!(reason.contains("refused by the network policy") && reason.contains("resolved from localhost"), "{reason}");
     assert!(reason.contains("(loopback)"), "{reason}");
     assert_eq!(receiver.arrived(), 0, "nothing reached the server");
+    assert_eq!(refusals(), before + 1.0, "weir_outbound_refused_total counts the refusal");
 
     let connector = connectors::build("svc", &by_name, &allow(&["127.0.0.1/32"])).unwrap();
     let outcome = connector.call(&task(json!({}))).await;

@@ -230,6 +230,17 @@ mod tests {
         assert_eq!(p.check_url(&"http://localhost:1/".parse().unwrap()), Ok(()), "names are checked when resolved");
     }
 
+    #[tokio::test]
+    async fn the_resolver_returns_only_allowed_addresses() {
+        let err = policy(&[]).resolver("svc").resolve("localhost".parse().unwrap()).await.err().expect("refused");
+        let refused = err.downcast_ref::<Refused>().expect("the refusal is the error");
+        assert_eq!((refused.host.as_deref(), refused.kind), (Some("localhost"), "loopback"));
+        let addrs: Vec<SocketAddr> =
+            policy(&["127.0.0.1/32"]).resolver("svc").resolve("localhost".parse().unwrap()).await.unwrap().collect();
+        assert!(!addrs.is_empty(), "localhost resolves to 127.0.0.1");
+        assert!(addrs.iter().all(|a| a.ip() == IpAddr::from([127, 0, 0, 1])), "::1 is dropped: {addrs:?}");
+    }
+
     #[test]
     fn allow_entries_parse_or_name_the_bad_one() {
         let p: NetworkPolicy = serde_yaml_ng::from_str("allow: [127.0.0.1, 10.1.0.0/16, 'fd00::/8']").unwrap();
