@@ -94,9 +94,10 @@ impl WebhookConfig {
         let at = |field: &str| format!("services.{name}.connector.{field}");
         let field = format!("services.{name}.url");
         let fixed = parse_target(&field, &service.url, network)?;
-        let url = match is_template(&service.url) {
-            true => Target::Template(compile(&Value::String(service.url.clone()), &field)?),
-            false => Target::Fixed(fixed),
+        let url = if is_template(&service.url) {
+            Target::Template(compile(&Value::String(service.url.clone()), &field)?)
+        } else {
+            Target::Fixed(fixed)
         };
         let method = Method::from_bytes(self.method.to_ascii_uppercase().as_bytes())
             .ok()
