@@ -45,6 +45,8 @@ pub struct Config {
     pub services: BTreeMap<String, ServiceConfig>,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`).
     pub kafka: BTreeMap<String, String>,
+    /// Which internal addresses connectors may call (see `docs/connectors.md`).
+    pub network: crate::connectors::NetworkPolicy,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             sink: SinkConfig::default(),
             services: BTreeMap::new(),
             kafka: BTreeMap::new(),
+            network: Default::default(),
         }
     }
 }
@@ -117,11 +120,15 @@ impl Default for SinkConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Where tasks are POSTed (JSON body: the task; `Idempotency-Key`: the task id).
+    /// The service's endpoint. The default webhook connector POSTs each task here as JSON, with
+    /// the task id as `Idempotency-Key`; `connector` says otherwise.
     pub url: String,
     /// Per-call timeout.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// How calls are made: `type: webhook` (the default), `slack`, `openai` or `noop`.
+    #[serde(default)]
+    pub connector: crate::connectors::ConnectorConfig,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -186,6 +193,7 @@ impl Config {
             if service.timeout_ms == 0 {
                 bail!("services.{name}.timeout_ms: must be at least 1");
             }
+            crate::connectors::validate(name, service, &self.network)?;
         }
         Ok(())
     }
@@ -210,7 +218,10 @@ mod tests {
         let err = serde_yaml_ng::from_str::<Config>("brokers: x\nbrokerz: y\n").unwrap_err();
         assert!(err.to_string().contains("brokerz"), "{err}");
         let mut c = Config::default();
-        c.services.insert("hook".into(), ServiceConfig { url: "ftp://x".into(), timeout_ms: 1 });
+        c.services.insert(
+            "hook".into(),
+            ServiceConfig { url: "ftp://x".into(), timeout_ms: 1, connector: Default::default() },
+        );
         assert!(c.validate().unwrap_err().to_string().contains("services.hook.url"));
     }
 

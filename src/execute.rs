@@ -17,7 +17,8 @@ use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt}
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
 
 use crate::{
-    config::{Config, ServiceConfig},
+    config::Config,
+    connectors::{self, CallOutcome, Connector},
     dead_letter::DeadLetters,
     envelope::{self, ActionResult, ActionTask, Format, Status},
     kafka,
@@ -36,25 +37,24 @@ type Outcome = (Option<String>, Ticket, Result<(), rdkafka::error::KafkaError>);
 
 struct Executor {
     service: String,
-    settings: ServiceConfig,
-    http: reqwest::Client,
+    connector: Arc<dyn Connector>,
     producer: FutureProducer,
     results_topic: String,
     dead_letters: DeadLetters,
 }
 
 pub async fn run(config: Arc<Config>, service: String, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?.clone();
+    let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?;
+    let connector = connectors::build(&service, settings, &config.network)?;
     let topic = config.topic(&format!("actions.{service}"));
     let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("execute-{service}")))?;
     let producer = kafka::producer(&config)?;
     let executor = Arc::new(Executor {
-        http: reqwest::Client::builder().timeout(settings.timeout()).build().context("building HTTP client")?,
+        connector,
         dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Execute),
         producer,
         results_topic: config.topic("results"),
         service,
-        settings,
     });
     let (concurrency, max_buffered) = (config.executor.concurrency, config.executor.max_buffered);
     let mut lanes: Lanes<(ActionTask, Ticket)> = Lanes::default();
@@ -133,31 +133,16 @@ impl Executor {
         .boxed()
     }
 
-    /// POSTs the task to the service's URL; any outcome becomes a result.
+    /// Calls the service through its connector; any outcome becomes a result.
     async fn call(&self, task: &ActionTask) -> ActionResult {
         let started = Instant::now();
-        let response = self
-            .http
-            .post(&self.settings.url)
-            .header(IDEMPOTENCY_KEY, &task.task_id)
-            .header(TENANT_HEADER, &task.tenant)
-            .json(task)
-            .send()
-            .await;
-        let (status, http_status, error, output) = match response {
-            Ok(r) => {
-                let code = r.status();
-                let body = r.bytes().await.unwrap_or_default();
-                let output = serde_json::from_slice(&body).ok();
-                if code.is_success() {
-                    (Status::Succeeded, Some(code.as_u16() as i32), None, output)
-                } else {
-                    let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-                    (Status::Failed, Some(code.as_u16() as i32), Some(format!("HTTP {code}: {text}")), output)
-                }
+        let (status, http_status, error, output) = match self.connector.call(task).await {
+            CallOutcome::Succeeded { http_status, output, .. } => (Status::Succeeded, http_status, None, output),
+            CallOutcome::Retryable { reason, http_status, .. } | CallOutcome::Permanent { reason, http_status } => {
+                (Status::Failed, http_status, Some(reason), None)
             }
-            Err(e) => (Status::Failed, None, Some(format!("request failed: {e}")), None),
         };
+        let http_status = http_status.map(i32::from);
         ActionResult {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),

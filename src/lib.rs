@@ -12,7 +12,8 @@
 //!
 //! - [`produce`]: the Rust API that puts events on the events topic, keyed by tenant.
 //! - [`evaluate`]: matches each event against the [`workflow`] definitions and emits action tasks.
-//! - [`execute`]: calls each external service and reports a result per task.
+//! - [`execute`]: calls each external service and reports a result per task, through the
+//!   service's [`connectors`] (webhook, Slack, OpenAI, no-op), which also guard the network.
 //! - [`sink`]: writes results into PostgreSQL in idempotent batches.
 //!
 //! Shared pieces:
@@ -31,6 +32,7 @@
 
 pub mod condition;
 pub mod config;
+pub mod connectors;
 pub mod coordinate;
 pub mod dead_letter;
 pub mod definitions;

@@ -9,6 +9,10 @@
 //!
 //! It is a real server on a real socket (port 0), so the executor's HTTP client, timeouts and
 //! error handling are exercised exactly as against a remote service.
+//!
+//! Paths ending in `chat/completions` answer like OpenAI's chat completions (with `usage`
+//! derived from the request: prompt characters ÷ 4 rounded up, and half of `max_tokens`), and
+//! paths under `slack/` answer `ok` as text like a Slack incoming webhook. Every other path echoes.
 
 use std::{
     net::SocketAddr,
@@ -18,10 +22,12 @@ use std::{
 
 use axum::{
     extract::State,
-    http::{HeaderMap, StatusCode},
-    routing::post,
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::any,
     Json, Router,
 };
+use bytes::Bytes;
 use serde_json::Value;
 
 /// One recorded request.
@@ -30,7 +36,13 @@ pub struct Call {
     pub at: Instant,
     pub tenant: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The body as JSON, or as a string if it is not JSON.
     pub body: Value,
+    /// The body as received, e.g. to check a signature.
+    pub raw: Bytes,
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
     /// What the receiver answered.
     pub status: u16,
     /// A repeat of a key that had already succeeded: answered from the stored response.
@@ -44,6 +56,8 @@ pub struct Mode {
     pub latency: Duration,
     /// Answer with this status instead of 200 (e.g. 429, 503).
     pub fail_with: Option<u16>,
+    /// Sent as `Retry-After` (whole seconds) with failures.
+    pub retry_after: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -66,7 +80,7 @@ impl Receiver {
     /// Starts on 127.0.0.1 with an OS-chosen port.
     pub async fn start() -> std::io::Result<Receiver> {
         let inner = Arc::new(Inner::default());
-        let app = Router::new().route("/{*path}", post(handle)).with_state(inner.clone());
+        let app = Router::new().route("/{*path}", any(handle)).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
@@ -111,12 +125,9 @@ impl Drop for Receiver {
     }
 }
 
-async fn handle(
-    State(inner): State<Arc<Inner>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> (StatusCode, Json<Value>) {
+async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, headers: HeaderMap, raw: Bytes) -> Response {
     let at = Instant::now();
+    let body = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into()));
     inner.arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mode = inner.mode.lock().expect("mode lock").clone();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -126,9 +137,7 @@ async fn handle(
         tokio::time::sleep(mode.latency).await;
     }
     let status = if stored.is_some() { 200 } else { mode.fail_with.unwrap_or(200) };
-    let response = stored
-        .clone()
-        .unwrap_or_else(|| serde_json::json!({"ok": status < 300, "step": body["step_id"], "input": body["input"]}));
+    let response = stored.clone().unwrap_or_else(|| answer(uri.path(), status, &body));
     if let (Some(k), true, None) = (&key, status < 300, &stored) {
         inner.done.lock().expect("done lock").insert(k.clone(), response.clone());
     }
@@ -137,9 +146,46 @@ async fn handle(
         tenant: header("x-weir-tenant"),
         idempotency_key: key,
         body,
+        raw,
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        headers,
         status,
         replayed: stored.is_some(),
     });
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, Json(response))
+    let mut reply = match response {
+        Value::String(text) => (code, text).into_response(),
+        json => (code, Json(json)).into_response(),
+    };
+    if let (Some(after), true) = (mode.retry_after, status >= 300) {
+        reply.headers_mut().insert("retry-after", after.as_secs().into());
+    }
+    reply
+}
+
+/// The answer of a call that was not answered before, shaped by the path.
+fn answer(path: &str, status: u16, body: &Value) -> Value {
+    let ok = status < 300;
+    if path.ends_with("chat/completions") {
+        if !ok {
+            return serde_json::json!({"error": {"message": format!("status {status}"), "type": "server_error"}});
+        }
+        let chars = |c: &Value| c.as_str().map_or(0, |s| s.chars().count() as u64);
+        let messages = body["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let prompt_tokens = messages.iter().map(|m| chars(&m["content"])).sum::<u64>().div_ceil(4);
+        let completion_tokens = (body["max_tokens"].as_u64().unwrap_or(16) / 2).max(1);
+        let last = messages.last().map(|m| m["content"].clone()).unwrap_or_default();
+        serde_json::json!({
+            "id": "chatcmpl-receiver", "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": format!("echo: {}", last.as_str().unwrap_or_default())}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens},
+        })
+    } else if path.starts_with("/slack/") {
+        Value::String(if ok { "ok" } else { "rate_limited" }.into())
+    } else {
+        serde_json::json!({"ok": ok, "step": body["step_id"], "input": body["input"]})
+    }
 }

@@ -10,6 +10,7 @@
 //! - `weir_stage_latency_seconds{stage}`: from taking a record to finishing its work
 //! - `weir_consumer_lag{stage,partition}`: messages behind the high watermark (librdkafka stats)
 //! - `weir_sink_rows_total`, `weir_actions_total{service,status}`
+//! - `weir_outbound_refused_total{service}`: resolved addresses the network policy refused
 
 use std::{net::SocketAddr, sync::OnceLock, time::Duration};
 
@@ -48,6 +49,7 @@ pub enum Event<'a> {
     Rebalanced { stage: Stage, kind: &'static str, partitions: &'a str },
     ActionDone { service: &'a str, succeeded: bool },
     SinkWrote { rows: usize, elapsed: Duration },
+    OutboundRefused { service: &'a str, host: &'a str, addr: std::net::IpAddr },
 }
 
 impl Event<'_> {
@@ -90,6 +92,10 @@ impl Event<'_> {
             Event::SinkWrote { rows, elapsed } => {
                 tracing::debug!(rows, ms = elapsed.as_millis() as u64, "sink batch committed");
                 counter!("weir_sink_rows_total").increment(rows as u64)
+            }
+            Event::OutboundRefused { service, host, addr } => {
+                tracing::warn!(service, host, %addr, "outbound address refused by the network policy");
+                counter!("weir_outbound_refused_total", "service" => service.to_string()).increment(1)
             }
         }
     }

@@ -83,11 +83,17 @@ impl fmt::Debug for InputTemplate {
 impl InputTemplate {
     /// Compiles every template leaf of `input`; a syntax error names the leaf's path.
     pub fn compile(input: &Json) -> Result<InputTemplate, TemplateError> {
+        Self::compile_at(input, "input")
+    }
+
+    /// Like [`Self::compile`], for a value found at `root` (e.g. `services.hook.connector.body`),
+    /// so errors name the leaf from there.
+    pub fn compile_at(input: &Json, root: &str) -> Result<InputTemplate, TemplateError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_keep_trailing_newline(true);
-        let root = compile_node(&mut env, input, &mut "input".to_string())?;
+        let root = compile_node(&mut env, input, &mut root.to_string())?;
 
         let mut steps = BTreeSet::new();
         let mut all_steps = false;

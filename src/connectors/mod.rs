@@ -1,0 +1,294 @@
+//! Connectors: how the executor calls one kind of external service, and what the call came to.
+//!
+//! A service's `connector:` in `weir.yaml` picks one (see `docs/connectors.md`):
+//!
+//! - [`webhook`] (the default): any HTTP endpoint, with method, header and body templates and an
+//!   optional HMAC-SHA256 signature;
+//! - [`slack`]: a Slack-compatible incoming webhook (`{"text": …}`);
+//! - [`openai`]: OpenAI-compatible chat completions, whose cost is the tokens used;
+//! - [`noop`]: makes no call, for measuring the executor itself.
+//!
+//! Every HTTP call carries `Idempotency-Key: <task id>` and `X-Weir-Tenant`, goes only to
+//! addresses the [`NetworkPolicy`] allows, and ends in a [`CallOutcome`] that tells the executor
+//! whether trying again can help. Templates (minijinja, as in step inputs) are compiled when the
+//! connector is built and see the task: `input`, `tenant`, `task_id`, `event`, `step_id`, …
+
+pub mod network;
+pub mod noop;
+pub mod openai;
+pub mod slack;
+pub mod webhook;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use reqwest::{header::HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::Value;
+
+pub use network::{NetworkPolicy, Refused};
+
+use crate::{
+    config::ServiceConfig,
+    envelope::ActionTask,
+    execute::{IDEMPOTENCY_KEY, TENANT_HEADER},
+    template::InputTemplate,
+};
+
+/// What one call came to; the executor decides retries and dead letters from it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallOutcome {
+    Succeeded {
+        http_status: Option<u16>,
+        output: Option<Value>,
+        cost: Option<u64>,
+    },
+    /// Worth retrying: timeouts, connection errors, 429 (with Retry-After parsed: seconds or HTTP date), 5xx.
+    Retryable {
+        reason: String,
+        http_status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying cannot help: other 4xx, input that cannot be rendered, refused URL.
+    Permanent {
+        reason: String,
+        http_status: Option<u16>,
+    },
+}
+
+pub trait Connector: Send + Sync + 'static {
+    /// Cost of the task in the service's weighted unit (e.g. tokens), estimated before the
+    /// call; 1 for connectors without a weighted cost. Never fails (fall back to a default).
+    fn estimate_cost(&self, task: &ActionTask) -> u64;
+    /// Makes the call. Must send `Idempotency-Key: <task.task_id>` and `X-Weir-Tenant`.
+    /// `cost` in `Succeeded` is the usage the service reported (OpenAI: total_tokens), if any.
+    fn call<'a>(&'a self, task: &'a ActionTask) -> BoxFuture<'a, CallOutcome>;
+}
+
+/// `services.<name>.connector`: which kind of service it is and how to call it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+pub enum ConnectorConfig {
+    #[serde(rename = "webhook")]
+    Webhook(webhook::WebhookConfig),
+    #[serde(rename = "slack")]
+    Slack(slack::SlackConfig),
+    #[serde(rename = "openai")]
+    OpenAi(openai::OpenAiConfig),
+    #[serde(rename = "noop")]
+    Noop(noop::NoopConfig),
+}
+
+impl Default for ConnectorConfig {
+    fn default() -> Self {
+        ConnectorConfig::Webhook(webhook::WebhookConfig::default())
+    }
+}
+
+/// Builds the connector of a service from its config. Errors name the service and field.
+pub fn build(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<Arc<dyn Connector>> {
+    Ok(match &service.connector {
+        ConnectorConfig::Webhook(c) => Arc::new(webhook::Webhook::new(name, service, c, network)?),
+        ConnectorConfig::Slack(c) => Arc::new(slack::Slack::new(name, service, c, network)?),
+        ConnectorConfig::OpenAi(c) => Arc::new(openai::OpenAi::new(name, service, c, network)?),
+        ConnectorConfig::Noop(_) => Arc::new(noop::Noop),
+    })
+}
+
+/// What can be checked when the config loads, without the environment (secrets are read by
+/// [`build`] when the executor starts): the URL against the network policy, templates, values.
+pub fn validate(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<()> {
+    match &service.connector {
+        ConnectorConfig::Webhook(c) => c.validate(name, service, network).map(drop),
+        ConnectorConfig::Slack(c) => c.compile(name).and(target(name, service, network)).map(drop),
+        ConnectorConfig::OpenAi(c) => c.validate(name).and(target(name, service, network)).map(drop),
+        ConnectorConfig::Noop(_) => Ok(()),
+    }
+}
+
+/// The service's URL, refused if it is a literal address the policy does not allow, or a
+/// template (only the webhook connector renders its URL).
+fn target(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<reqwest::Url> {
+    if is_template(&service.url) {
+        anyhow::bail!("services.{name}.url: only the webhook connector renders templates in its URL");
+    }
+    parse_target(&format!("services.{name}.url"), &service.url, network)
+}
+
+/// A URL as [`target`] accepts it, whoever wrote it (config or template).
+fn parse_target(field: &str, url: &str, network: &NetworkPolicy) -> anyhow::Result<reqwest::Url> {
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("{field}: {url:?} is not a URL"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        anyhow::bail!("{field}: scheme must be http or https, not {}", parsed.scheme());
+    }
+    network.check_url(&parsed).with_context(|| format!("{field}: {url} is refused"))?;
+    Ok(parsed)
+}
+
+/// Whether a string holds minijinja syntax, as step inputs decide it.
+fn is_template(s: &str) -> bool {
+    s.contains("{{") || s.contains("{%")
+}
+
+/// The HTTP client of a service: its timeout, the guarded resolver, no redirects (a redirect
+/// could point at a literal address the resolver never sees) and no proxy (the proxy would do
+/// the resolving).
+fn client(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(service.timeout())
+        .dns_resolver(network.resolver(name))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .with_context(|| format!("services.{name}: building the HTTP client"))
+}
+
+/// A secret from the environment variable a config field names.
+fn secret(field: &str, var: &str) -> anyhow::Result<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Ok(value),
+        _ => anyhow::bail!("{field}: environment variable {var} is not set (or empty)"),
+    }
+}
+
+/// A template over the task, compiled from the config (errors name the field).
+fn compile(template: &Value, field: &str) -> anyhow::Result<InputTemplate> {
+    InputTemplate::compile_at(template, field).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// What templates see: the task's fields (`input`, `tenant`, `task_id`, `event`, …).
+fn context(task: &ActionTask) -> Value {
+    serde_json::to_value(task).unwrap_or_default()
+}
+
+/// A rendered value as text: strings as they are, anything else as JSON.
+fn text(value: Value) -> String {
+    match value {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// A 2xx answer.
+struct Reply {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON, else as text (Slack answers `ok`); nothing if empty.
+    fn output(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body)
+            .ok()
+            .or_else(|| (!self.body.is_empty()).then(|| Value::String(snippet(&self.body, 4096))))
+    }
+
+    fn succeeded(&self, output: Option<Value>, cost: Option<u64>) -> CallOutcome {
+        CallOutcome::Succeeded { http_status: Some(self.status.as_u16()), output, cost }
+    }
+}
+
+/// Sends `request` with the identity headers. A 2xx is a [`Reply`]; anything else is the
+/// outcome of the call: retryable for 408, 429, 5xx and network failures, permanent otherwise.
+async fn exchange(request: reqwest::RequestBuilder, task: &ActionTask) -> Result<Reply, CallOutcome> {
+    let response = request
+        .header(IDEMPOTENCY_KEY, &task.task_id)
+        .header(TENANT_HEADER, &task.tenant)
+        .send()
+        .await
+        .map_err(failed)?;
+    let status = response.status();
+    let retry_after = retry_after(response.headers());
+    let body = response.bytes().await.map_err(failed)?;
+    if status.is_success() {
+        return Ok(Reply { status, body });
+    }
+    let (reason, http_status) = (format!("HTTP {status}: {}", snippet(&body, 200)), Some(status.as_u16()));
+    Err(match status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
+            CallOutcome::Retryable { reason, http_status, retry_after }
+        }
+        s if s.is_server_error() => CallOutcome::Retryable { reason, http_status, retry_after },
+        _ => CallOutcome::Permanent { reason, http_status },
+    })
+}
+
+/// A request that got no answer: refused by the network policy or unbuildable (permanent), or a
+/// timeout or network failure (retryable).
+fn failed(e: reqwest::Error) -> CallOutcome {
+    let mut reason = format!("request failed: {e}");
+    let mut refused = None;
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        reason.push_str(&format!(": {s}"));
+        refused = refused.or_else(|| s.downcast_ref::<Refused>().cloned());
+        source = s.source();
+    }
+    match refused {
+        Some(r) => CallOutcome::Permanent { reason: format!("refused by the network policy: {r}"), http_status: None },
+        None if e.is_builder() => CallOutcome::Permanent { reason, http_status: None },
+        None => CallOutcome::Retryable { reason, http_status: None, retry_after: None },
+    }
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date (a past date means now).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
+/// At most `max` characters of a body, for messages and outputs.
+fn snippet(body: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(body);
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        h.insert("retry-after", httpdate::fmt_http_date(later).parse().unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(d > Duration::from_secs(110) && d <= Duration::from_secs(120), "{d:?}");
+        h.insert("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::ZERO), "a past date means now");
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn connector_config_is_tagged_by_type_and_strict() {
+        let c: ConnectorConfig = serde_yaml_ng::from_str("type: slack\ntext: 'hi {{ tenant }}'").unwrap();
+        assert!(matches!(c, ConnectorConfig::Slack(s) if s.text == "hi {{ tenant }}"));
+        let c: ConnectorConfig = serde_yaml_ng::from_str("type: noop").unwrap();
+        assert!(matches!(c, ConnectorConfig::Noop(_)));
+        let err = serde_yaml_ng::from_str::<ConnectorConfig>("type: slack\ntxt: x").unwrap_err();
+        assert!(err.to_string().contains("txt"), "{err}");
+        let err = serde_yaml_ng::from_str::<ConnectorConfig>("type: noop\nurl: x").unwrap_err();
+        assert!(err.to_string().contains("url"), "{err}");
+        let err = serde_yaml_ng::from_str::<ConnectorConfig>("type: smtp").unwrap_err();
+        assert!(err.to_string().contains("smtp"), "{err}");
+    }
+
+    #[test]
+    fn snippets_cut_on_characters() {
+        assert_eq!(snippet("héllo".as_bytes(), 2), "hé…");
+        assert_eq!(snippet(b"ok", 200), "ok");
+    }
+}

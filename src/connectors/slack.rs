@@ -1,0 +1,80 @@
+//! `type: slack`: a Slack-compatible incoming webhook. Each task POSTs `{"text": <text>}`; Slack
+//! answers `ok` as plain text, and 429 with `Retry-After` when a channel is over its rate limit
+//! (about one message per second), which is retryable like any 429.
+//!
+//! ```yaml
+//! services:
+//!   slack:
+//!     url: https://hooks.slack.com/services/T000/B000/XXXX
+//!     connector:
+//!       type: slack
+//!       text: "New member on {{ tenant }}: {{ input.email }}"   # default: "{{ input.text }}"
+//! ```
+
+use futures::{future::BoxFuture, FutureExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{client, compile, context, exchange, target, text, CallOutcome, Connector, NetworkPolicy};
+use crate::{config::ServiceConfig, envelope::ActionTask, template::InputTemplate};
+
+/// `connector:` of `type: slack`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlackConfig {
+    /// The message: a minijinja template over the task.
+    pub text: String,
+}
+
+impl Default for SlackConfig {
+    fn default() -> Self {
+        SlackConfig { text: "{{ input.text }}".into() }
+    }
+}
+
+impl SlackConfig {
+    pub(super) fn compile(&self, name: &str) -> anyhow::Result<InputTemplate> {
+        compile(&Value::String(self.text.clone()), &format!("services.{name}.connector.text"))
+    }
+}
+
+pub struct Slack {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    text: InputTemplate,
+}
+
+impl Slack {
+    pub fn new(
+        name: &str,
+        service: &ServiceConfig,
+        config: &SlackConfig,
+        network: &NetworkPolicy,
+    ) -> anyhow::Result<Slack> {
+        Ok(Slack {
+            text: config.compile(name)?,
+            url: target(name, service, network)?,
+            http: client(name, service, network)?,
+        })
+    }
+}
+
+impl Connector for Slack {
+    fn estimate_cost(&self, _task: &ActionTask) -> u64 {
+        1
+    }
+
+    fn call<'a>(&'a self, task: &'a ActionTask) -> BoxFuture<'a, CallOutcome> {
+        async move {
+            let message = match self.text.render(&context(task)) {
+                Ok(message) => text(message),
+                Err(e) => return CallOutcome::Permanent { reason: e.to_string(), http_status: None },
+            };
+            match exchange(self.http.post(self.url.clone()).json(&json!({"text": message})), task).await {
+                Ok(reply) => reply.succeeded(reply.output(), None),
+                Err(outcome) => outcome,
+            }
+        }
+        .boxed()
+    }
+}
