@@ -299,7 +299,7 @@ async fn a_worker_killed_mid_run_is_replaced_and_every_step_runs_once() {
     let (config, dir) = test_config(&receiver, &[DIAMOND]).await;
     let file = write_config_file(&config, dir.path());
     // Slow calls, so the kill lands while runs are between steps.
-    receiver.set_mode(Mode { latency: Duration::from_millis(300), fail_with: None });
+    receiver.set_mode(Mode { latency: Duration::from_millis(300), ..Mode::default() });
     let mut worker = WeirProcess::start(&file, &["run"]);
     let events = (0..RUNS).map(|i| (event(&format!("o-{i}"), "order.paid", json!({"n": i})), Format::Json));
     Producer::new(&config).unwrap().send_all(events, 100).await.unwrap();

@@ -203,6 +203,7 @@ pub fn write_config_file(config: &Config, dir: &std::path::Path) -> PathBuf {
         "topics_dir": config.topics_dir,
         "workflows": config.workflows,
         "services": services,
+        "network": {"allow": config.network.allow.iter().map(|net| net.to_string()).collect::<Vec<_>>()},
     }))
     .unwrap();
     let path = dir.join("weir.yaml");
