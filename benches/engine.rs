@@ -6,19 +6,21 @@
 //! - `template/render`: a three-leaf step input (a native value, an interpolated string, an object);
 //! - `match/*`: events of the seeds' mix against 1,000 tenants' workflows plus 20 platform-wide
 //!   ones (2.1 candidates per event on average): the index lookup alone, lookup + trigger
-//!   conditions (issue 4's figure), and the whole plan (root inputs rendered, tasks built).
+//!   conditions (issue 4's figure), the same without index and pruning (`scan_baseline`: scan
+//!   every definition, convert the whole body), and the whole plan (root inputs rendered, tasks
+//!   built).
 
-use std::{hint::black_box, time::Duration};
+use std::{hint::black_box, sync::Arc, time::Duration};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde_json::{json, Value as Json};
+use serde_json::json;
 use weir::{
     condition::{Condition, FieldPaths, Scope},
     definitions::DefinitionStore,
     envelope::Event,
     evaluate,
     template::InputTemplate,
-    workflow::Workflow,
+    workflow::{self, CompiledWorkflow, Workflow},
 };
 
 /// A member event of about 1 KB of JSON.
@@ -90,15 +92,16 @@ fn benches(c: &mut Criterion) {
         "article": "{{ steps.fetch.output }}",
     }))
     .unwrap();
-    let ctx: Json = json!({
-        "event": {"id": event.id, "type": event.kind, "source": event.source, "tenant": event.tenant},
-        "data": event.data,
-        "steps": {"fetch": {"output": {"title": "Hello", "words": 120, "url": "https://example.com/hello"}}},
-    });
+    let steps = json!({"fetch": {"output": {"title": "Hello", "words": 120, "url": "https://example.com/hello"}}});
+    let ctx = workflow::template_context(&event, steps.clone());
     assert_eq!(input.render(&ctx).unwrap()["subject"], "Welcome, Ada Lovelace!");
     let mut group = c.benchmark_group("template");
     group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     group.bench_function("render", |b| b.iter(|| input.render(black_box(&ctx)).unwrap()));
+    // What a run pays per event: the context (the body copied once) and one render.
+    group.bench_function("context_and_render", |b| {
+        b.iter(|| input.render(&workflow::template_context(black_box(&event), steps.clone())).unwrap())
+    });
     group.finish();
 }
 
@@ -118,7 +121,7 @@ const KINDS: [&str; 10] = [
 
 /// One welcome workflow (on member.created) per tenant, and 20 platform-wide workflows, two per
 /// event type of the mix.
-fn fleet(tenants: usize) -> DefinitionStore {
+fn fleet(tenants: usize) -> Vec<Workflow> {
     let own = (0..tenants).map(|i| {
         json!({"id": "welcome", "tenant": format!("tenant-{i}"), "trigger": {"type": "member.created",
                "if": format!("data.member.status == 'paid' && data.member.email_count > {}", i % 50)},
@@ -128,14 +131,17 @@ fn fleet(tenants: usize) -> DefinitionStore {
         json!({"id": format!("platform-{j}"), "trigger": {"type": KINDS[j % KINDS.len()], "if": format!("data.member.n > {}", j % 5)},
                "steps": [{"id": "audit", "service": "webhook", "input": {"member": "{{ data.member.id }}"}}]})
     });
-    let workflows = own.chain(platform).map(|v| serde_json::from_value::<Workflow>(v).unwrap());
-    DefinitionStore::fixed(&["webhook"], workflows).unwrap()
+    own.chain(platform).map(|v| serde_json::from_value::<Workflow>(v).unwrap()).collect()
 }
 
 fn matching(c: &mut Criterion) {
     const TENANTS: usize = 1_000;
-    let store = fleet(TENANTS);
+    let workflows = fleet(TENANTS);
+    let store = DefinitionStore::fixed(&["webhook"], workflows.clone()).unwrap();
     assert_eq!(store.len(), TENANTS + 20);
+    let services = ["webhook"].into_iter().collect();
+    let compiled: Vec<Arc<CompiledWorkflow>> =
+        workflows.into_iter().map(|w| Arc::new(CompiledWorkflow::compile(w, &services).unwrap())).collect();
     // Event i is of tenant i and type i mod 10: one event in ten is a member.created that has
     // three candidates (the tenant's workflow and two platform-wide), the others have two.
     let events: Vec<Event> = (0..TENANTS)
@@ -162,6 +168,20 @@ fn matching(c: &mut Criterion) {
         b.iter(|| {
             let event = next();
             store.matching(black_box(&event.tenant), &event.kind)
+        })
+    });
+    // The baseline: no index and no pruning. Scan every definition for the event's tenant and
+    // type, convert the whole body to CEL values, evaluate the candidates.
+    let all = FieldPaths::all();
+    group.bench_function("scan_baseline", |b| {
+        b.iter(|| {
+            let event = next();
+            let candidates: Vec<&Arc<CompiledWorkflow>> = compiled
+                .iter()
+                .filter(|w| w.def.triggers_on(&event.kind) && w.def.tenant.as_deref().is_none_or(|t| t == event.tenant))
+                .collect();
+            let scope = Scope::build(black_box(event), None, &all);
+            candidates.iter().filter(|w| w.trigger_matches(&scope) == Ok(true)).count()
         })
     });
     group.bench_function("lookup_and_conditions", |b| {

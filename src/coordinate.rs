@@ -34,6 +34,7 @@ use crate::{
     condition::{FieldPaths, Scope},
     definitions::DefinitionStore,
     envelope::{ActionResult, ActionTask, Event, Status},
+    template::Context,
     workflow::{self, CompiledWorkflow},
 };
 
@@ -206,7 +207,7 @@ impl Coordinator {
             }
         }
         let steps_json = Json::Object(outputs);
-        let mut context: Option<Json> = None;
+        let mut context: Option<Context> = None;
         // Started and not finished: neither startable again nor a satisfied need.
         let mut running: BTreeSet<&str> = started.clone();
         loop {
@@ -250,7 +251,7 @@ impl Coordinator {
                     continue;
                 }
                 let context = context.get_or_insert_with(|| workflow::template_context(&run.event, steps_json.clone()));
-                match wf.render_input(i, context) {
+                match wf.render_input(i, context, &run.event) {
                     Ok(input) => {
                         advance.tasks.push(wf.task(i, &run.event, &run.first.run_id, input, now));
                         running.insert(id);

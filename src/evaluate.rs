@@ -28,6 +28,7 @@ use crate::{
     shutdown::Shutdown,
     source::{Source, Ticket},
     telemetry::{Event, Stage},
+    template::Context,
     workflow::{self, CompiledWorkflow},
 };
 
@@ -195,7 +196,7 @@ pub fn plan(
     now: &str,
 ) -> Vec<(Arc<CompiledWorkflow>, Vec<Planned>)> {
     // Built on the first match only: most events start nothing.
-    let mut context: Option<Json> = None;
+    let mut context: Option<Context> = None;
     let mut runs = Vec::new();
     for (wf, matched) in triggered(event, candidates) {
         let run_id = wf.run_id(event);
@@ -206,7 +207,7 @@ pub fn plan(
                 let context =
                     context.get_or_insert_with(|| workflow::template_context(event, Json::Object(Default::default())));
                 wf.roots()
-                    .map(|i| match wf.render_input(i, context) {
+                    .map(|i| match wf.render_input(i, context, event) {
                         Ok(input) => Planned::Task(wf.task(i, event, &run_id, input, now)),
                         Err(reason) => failure(wf, event, &run_id, &wf.def.steps[i].id, reason, now),
                     })

@@ -21,7 +21,7 @@ use serde_json::{json, Value as Json};
 use crate::{
     condition::{Condition, FieldPaths, Scope},
     envelope::{ActionTask, Event},
-    template::InputTemplate,
+    template::{Context, InputTemplate},
 };
 
 /// Most steps a workflow may have (seed 000's MAX_STEPS).
@@ -306,10 +306,15 @@ impl CompiledWorkflow {
     }
 
     /// Renders step `i`'s input. `context` is [`template_context`]'s value.
-    pub fn render_input(&self, i: usize, context: &Json) -> Result<Json, String> {
+    pub fn render_input(&self, i: usize, context: &Context, event: &Event) -> Result<Json, String> {
         match &self.steps[i].input {
             Some(t) => t.render(context).map_err(|e| format!("steps.{}.input: {e}", self.def.steps[i].id)),
-            None => Ok(json!({"event": context["event"]})),
+            None => {
+                let mut attributes: serde_json::Map<String, Json> =
+                    event_attributes(event).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                attributes.insert("data".into(), event.data.clone());
+                Ok(json!({ "event": attributes }))
+            }
         }
     }
 
@@ -342,13 +347,27 @@ impl CompiledWorkflow {
 
 /// The value templates render against: `event` (attributes and data), `data`, and `steps`
 /// (`steps.<id>.output` for every finished step).
-pub fn template_context(event: &Event, steps: Json) -> Json {
-    json!({
-        "event": {"id": event.id, "type": event.kind, "source": event.source, "time": event.time,
-                  "tenant": event.tenant, "data": event.data},
-        "data": event.data,
-        "steps": steps,
-    })
+pub fn template_context(event: &Event, steps: Json) -> Context {
+    // The body is copied once and shared by `data` and `event.data`.
+    let data = Context::from(event.data.clone());
+    let attributes = Context::from_parts(
+        event_attributes(event)
+            .into_iter()
+            .map(|(name, value)| (name, Context::from(value)))
+            .chain([("data", data.clone())]),
+    );
+    Context::from_parts([("event", attributes), ("data", data), ("steps", Context::from(steps))])
+}
+
+/// The CloudEvents attributes templates see as `event.*` (besides `event.data`).
+fn event_attributes(event: &Event) -> [(&'static str, Json); 5] {
+    [
+        ("id", json!(event.id)),
+        ("type", json!(event.kind)),
+        ("source", json!(event.source)),
+        ("time", json!(event.time)),
+        ("tenant", json!(event.tenant)),
+    ]
 }
 
 fn check_acyclic(def: &Workflow, steps: &[CompiledStep]) -> anyhow::Result<()> {

@@ -159,8 +159,8 @@ fn compile(template: &Value, field: &str) -> anyhow::Result<InputTemplate> {
 }
 
 /// What templates see: the task's fields (`input`, `tenant`, `task_id`, `event`, …).
-fn context(task: &ActionTask) -> Value {
-    serde_json::to_value(task).unwrap_or_default()
+fn context(task: &ActionTask) -> crate::template::Context {
+    serde_json::to_value(task).unwrap_or_default().into()
 }
 
 /// A rendered value as text: strings as they are, anything else as JSON.
