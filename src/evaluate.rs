@@ -32,7 +32,9 @@ use crate::{
     workflow::{self, CompiledWorkflow},
 };
 
-type Outcome = (Ticket, Result<(), rdkafka::error::KafkaError>);
+/// Whether an event's records reached the broker.
+type Produced = Result<(), rdkafka::error::KafkaError>;
+type Outcome = (Ticket, Produced);
 
 /// A record to produce: topic, key, JSON payload.
 type Output = (String, String, Vec<u8>);
@@ -69,7 +71,18 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
                 source.done(&ticket);
             }
             batch = source.recv(), if inflight.len() < max_inflight => match batch {
-                Some(batch) => inflight.extend(batch.into_iter().map(|d| evaluator.clone().evaluate(d.message, d.ticket))),
+                Some(batch) => {
+                    // Most events start nothing: they are done as soon as they are evaluated, and
+                    // are marked done together, one tracker lock per batch.
+                    let mut finished = Vec::new();
+                    for d in batch {
+                        match evaluator.clone().evaluate(d.message) {
+                            Some(work) => inflight.push(work.map(move |r| (d.ticket, r)).boxed()),
+                            None => finished.push(d.ticket),
+                        }
+                    }
+                    source.done_all(&finished);
+                }
                 None => break Ok(()),
             },
         }
@@ -85,7 +98,9 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
 }
 
 impl Evaluator {
-    fn evaluate(self: Arc<Self>, message: OwnedMessage, ticket: Ticket) -> BoxFuture<'static, Outcome> {
+    /// The work an event needs before it is done (producing its tasks, or dead-lettering it);
+    /// `None` when it needs none.
+    fn evaluate(self: Arc<Self>, message: OwnedMessage) -> Option<BoxFuture<'static, Produced>> {
         let payload = message.payload().unwrap_or_default();
         let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
         let event = match envelope::decode_event(payload, content_type, self.max_event_bytes) {
@@ -93,24 +108,29 @@ impl Evaluator {
             Err(e) => {
                 Event::Failed { stage: Stage::Evaluate, reason: "decode", retryable: false, detail: &e.to_string() }
                     .emit();
-                return async move { (ticket, self.dead_letters.send(&message, &e.to_string()).await) }.boxed();
+                return Some(async move { self.dead_letters.send(&message, &e.to_string()).await }.boxed());
             }
         };
         let candidates = self.definitions.matching(&event.tenant, &event.kind);
         if candidates.is_empty() {
-            return futures::future::ready((ticket, Ok(()))).boxed();
+            return None;
         }
         let runs = self.runs(&event, &candidates);
-        async move {
-            let mut outputs = Vec::new();
-            for (workflow, run) in runs {
-                // Over the tenant's runs-per-minute limit: wait for a permit (delay, never drop).
-                workflow.run_permit(&event.tenant).await;
-                outputs.extend(run);
-            }
-            (ticket, self.produce(outputs).await)
+        if runs.is_empty() {
+            return None;
         }
-        .boxed()
+        Some(
+            async move {
+                let mut outputs = Vec::new();
+                for (workflow, run) in runs {
+                    // Over the tenant's runs-per-minute limit: wait for a permit (delay, never drop).
+                    workflow.run_permit(&event.tenant).await;
+                    outputs.extend(run);
+                }
+                self.produce(outputs).await
+            }
+            .boxed(),
+        )
     }
 
     /// The records of the runs `event` starts, per workflow (for its runs-per-minute permit).
