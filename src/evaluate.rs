@@ -183,6 +183,7 @@ impl Evaluator {
             attempts: 0,
             latency_ms: 0.0,
             http_status: None,
+            cost: None,
             error: Some(reason),
             finished_at: now.to_string(),
             output: None,

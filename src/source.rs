@@ -22,6 +22,7 @@
 //! new owner relies on.
 
 use std::{
+    collections::BTreeSet,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -37,7 +38,7 @@ use rdkafka::{
     message::OwnedMessage,
     ClientContext, Message, Statistics, TopicPartitionList,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::Config,
@@ -65,10 +66,23 @@ pub struct Delivery {
     pub ticket: Ticket,
 }
 
+/// The partitions of the topic this member owns, and how many the topic has: what a stage needs
+/// to take its share of a limit shared by the whole group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assignment {
+    pub owned: BTreeSet<i32>,
+    pub partitions: i32,
+}
+
 struct Shared {
     stage: Stage,
     topic: String,
     tracker: Mutex<OffsetTracker>,
+    /// Partitions the stage asked to pause (see [`Source::pause_partition`]).
+    held: Mutex<BTreeSet<i32>>,
+    /// Set when `held` changed or a rebalance happened: the poll thread re-applies pauses.
+    pauses_dirty: AtomicBool,
+    assignment: watch::Sender<Assignment>,
 }
 
 /// Rebalance hooks and statistics for a source's consumer.
@@ -95,15 +109,32 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut tracker = self.shared.tracker.lock().expect("tracker lock");
+            let mut held = self.shared.held.lock().expect("held lock");
             for e in tpl.elements() {
                 tracker.forget(e.partition());
+                held.remove(&e.partition());
             }
+            self.shared.pauses_dirty.store(true, Ordering::Relaxed);
+            self.shared.assignment.send_modify(|a| {
+                for e in tpl.elements() {
+                    a.owned.remove(&e.partition());
+                }
+            });
             Event::Rebalanced { stage: self.shared.stage, kind: "revoke", partitions: &describe(tpl) }.emit();
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // Partitions may have been added since the last look; a failed lookup keeps the count.
+            let partitions = kafka::partition_count(consumer.client(), &self.shared.topic).ok();
+            self.shared.pauses_dirty.store(true, Ordering::Relaxed);
+            self.shared.assignment.send_modify(|a| {
+                a.owned.extend(tpl.elements().iter().map(|e| e.partition()));
+                if let Some(n) = partitions {
+                    a.partitions = n;
+                }
+            });
             Event::Rebalanced { stage: self.shared.stage, kind: "assign", partitions: &describe(tpl) }.emit();
         }
     }
@@ -131,11 +162,20 @@ pub struct Source {
 impl Source {
     /// Joins `group` on `topic` (which must exist) and starts polling.
     pub fn subscribe(config: &Config, stage: Stage, topic: &str, group: &str) -> anyhow::Result<Source> {
-        let shared = Arc::new(Shared { stage, topic: topic.to_string(), tracker: Mutex::new(OffsetTracker::new()) });
+        let (assignment, _) = watch::channel(Assignment::default());
+        let shared = Arc::new(Shared {
+            stage,
+            topic: topic.to_string(),
+            tracker: Mutex::new(OffsetTracker::new()),
+            held: Mutex::new(BTreeSet::new()),
+            pauses_dirty: AtomicBool::new(false),
+            assignment,
+        });
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(config, group)
             .create_with_context(SourceContext { shared: shared.clone() })
             .context("creating Kafka consumer")?;
-        kafka::partition_count(consumer.client(), topic)?;
+        let partitions = kafka::partition_count(consumer.client(), topic)?;
+        shared.assignment.send_modify(|a| a.partitions = partitions);
         consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(2);
@@ -183,6 +223,33 @@ impl Source {
         }
     }
 
+    /// Stops fetching `partition` until [`resume_partition`](Self::resume_partition), while
+    /// the others go on: for a stage whose work for one partition piles up. librdkafka drops what
+    /// it had prefetched for the partition and fetches again from the next undelivered offset on
+    /// resume, so nothing is lost or buffered. Batches already handed over still arrive.
+    pub fn pause_partition(&self, partition: i32) {
+        if self.shared.held.lock().expect("held lock").insert(partition) {
+            self.shared.pauses_dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn resume_partition(&self, partition: i32) {
+        if self.shared.held.lock().expect("held lock").remove(&partition) {
+            self.shared.pauses_dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The owned partitions, updated on every rebalance.
+    pub fn assignment(&self) -> watch::Receiver<Assignment> {
+        self.shared.assignment.subscribe()
+    }
+
+    /// Answers, from any task, whether a ticket's partition is still owned by the assignment that
+    /// handed it out: work for a revoked partition is left to its new owner.
+    pub fn ownership(&self) -> Ownership {
+        Ownership(self.shared.clone())
+    }
+
     /// Offsets handed out and not yet done.
     pub fn pending(&self) -> usize {
         self.shared.tracker.lock().expect("tracker lock").pending()
@@ -195,6 +262,16 @@ impl Source {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// See [`Source::ownership`].
+#[derive(Clone)]
+pub struct Ownership(Arc<Shared>);
+
+impl Ownership {
+    pub fn owns(&self, ticket: &Ticket) -> bool {
+        self.0.tracker.lock().expect("tracker lock").is_current(ticket.partition, ticket.generation)
     }
 }
 
@@ -213,7 +290,12 @@ fn poll_loop(
     let mut batch: Vec<Delivery> = Vec::new();
     let mut raw: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
     let mut paused = false;
+    // Partitions currently paused, by the full-channel rule or at the stage's request.
+    let mut applied = BTreeSet::new();
     while !stop.load(Ordering::Relaxed) {
+        if shared.pauses_dirty.swap(false, Ordering::Relaxed) {
+            sync_pauses(consumer, shared, paused, &mut applied);
+        }
         // Wait for the first message only when there is nothing to hand over; then take what
         // librdkafka has already fetched without waiting.
         // While paused, poll anyway (a short wait, so this thread does not spin): polling keeps
@@ -252,25 +334,52 @@ fn poll_loop(
         match tx.try_send(std::mem::take(&mut batch)) {
             Ok(()) => {
                 if paused {
-                    set_paused(consumer, shared, false);
                     paused = false;
+                    sync_pauses(consumer, shared, paused, &mut applied);
                 }
             }
             Err(mpsc::error::TrySendError::Full(back)) => {
                 batch = back;
                 // Re-pausing every round also covers partitions assigned while paused.
-                set_paused(consumer, shared, true);
                 paused = true;
+                sync_pauses(consumer, shared, paused, &mut applied);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
 }
 
-fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {
+/// Pauses what should be paused (everything while the stage is behind, else what the stage
+/// holds) and resumes the rest of what this function paused before.
+fn sync_pauses(consumer: &BaseConsumer<SourceContext>, shared: &Shared, all: bool, applied: &mut BTreeSet<i32>) {
     let Ok(assignment) = consumer.assignment() else { return };
-    let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
-    if let Err(e) = result {
-        Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &e.to_string() }.emit();
+    let assigned: BTreeSet<i32> = assignment.elements().iter().map(|e| e.partition()).collect();
+    // A partition revoked (and perhaps assigned again) starts unpaused.
+    applied.retain(|p| assigned.contains(p));
+    let want: BTreeSet<i32> = if all {
+        assigned.clone()
+    } else {
+        shared.held.lock().expect("held lock").intersection(&assigned).copied().collect()
+    };
+    // Pausing an already paused partition is harmless (and catches partitions a rebalance
+    // resumed behind our back); resuming one that is not paused is not done.
+    let list = |ps: &mut dyn Iterator<Item = &i32>| {
+        let mut tpl = TopicPartitionList::new();
+        for p in ps {
+            tpl.add_partition(&shared.topic, *p);
+        }
+        tpl
+    };
+    let pause = list(&mut want.iter());
+    let resume = list(&mut applied.difference(&want));
+    for (tpl, result) in [
+        (&pause, if pause.count() > 0 { consumer.pause(&pause) } else { Ok(()) }),
+        (&resume, if resume.count() > 0 { consumer.resume(&resume) } else { Ok(()) }),
+    ] {
+        if let Err(e) = result {
+            let detail = format!("partitions {}: {e}", describe(tpl));
+            Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &detail }.emit();
+        }
     }
+    *applied = want;
 }
