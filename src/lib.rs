@@ -21,7 +21,7 @@
 //!   ([`offsets`] does the bookkeeping, [`lanes`] keeps a tenant's tasks in order).
 //! - [`envelope`]: the records (CloudEvents event, task, result) and their JSON/Avro encodings.
 //! - [`kafka`]: how clients are configured; [`partitioner`]: Kafka's murmur2 key partitioning.
-//! - [`dead_letter`]: where unprocessable records go, with the reason in headers.
+//! - [`dead_letter`]: where unprocessable records go, with the reason in headers; [`dlq`]: `weir dlq`.
 //! - [`topics`]: topics as code (`topics/*.yaml`, `weir topics apply`).
 //! - [`config`]: `weir.yaml`; [`telemetry`]: typed events that log and count in one place, and
 //!   the Prometheus endpoint; [`shutdown`]: the broadcast signal every stage listens to.
@@ -33,6 +33,7 @@ pub mod condition;
 pub mod config;
 pub mod coordinate;
 pub mod dead_letter;
+pub mod dlq;
 pub mod definitions;
 pub mod demo;
 pub mod envelope;

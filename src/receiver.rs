@@ -7,6 +7,11 @@
 //! executed again. Its response echoes the task's step and input, so a later step's input can
 //! show which outputs it received.
 //!
+//! Like a rate-limited API, it can enforce its own limit ([`Mode::rate_limit`]): a request over
+//! it is answered 429 with `Retry-After`. It can follow a script of failures
+//! ([`Receiver::fail_for`]: e.g. 429 for 2 s, then 503 for 3 s, then normal again), and reports
+//! `usage.total_tokens` (the task input's `tokens`) like an OpenAI-style API, for cost limits.
+//!
 //! It is a real server on a real socket (port 0), so the executor's HTTP client, timeouts and
 //! error handling are exercised exactly as against a remote service.
 
@@ -18,7 +23,7 @@ use std::{
 
 use axum::{
     extract::State,
-    http::{HeaderMap, StatusCode},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     routing::post,
     Json, Router,
 };
@@ -44,6 +49,9 @@ pub struct Mode {
     pub latency: Duration,
     /// Answer with this status instead of 200 (e.g. 429, 503).
     pub fail_with: Option<u16>,
+    /// Requests accepted per second at most, counted over the last second at each arrival;
+    /// over it the answer is 429 with `Retry-After: 1`.
+    pub rate_limit: Option<usize>,
 }
 
 #[derive(Default)]
@@ -54,6 +62,10 @@ struct Inner {
     arrived: std::sync::atomic::AtomicUsize,
     /// Responses of succeeded calls by idempotency key.
     done: Mutex<std::collections::HashMap<String, Value>>,
+    /// Scripted failures: (until, status), in order; see [`Receiver::fail_for`].
+    script: Mutex<Vec<(Instant, u16)>>,
+    /// Arrival times of accepted requests in the last second, for `rate_limit`.
+    recent: Mutex<std::collections::VecDeque<Instant>>,
 }
 
 pub struct Receiver {
@@ -82,6 +94,19 @@ impl Receiver {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.inner.mode.lock().expect("mode lock") = mode;
+    }
+
+    /// From now on, answers each phase's status for its duration, one phase after the other,
+    /// then answers normally again: `fail_for(&[(429, 2s), (503, 3s)])` is a 5-second outage.
+    pub fn fail_for(&self, phases: &[(u16, Duration)]) {
+        let mut until = Instant::now();
+        *self.inner.script.lock().expect("script lock") = phases
+            .iter()
+            .map(|(status, length)| {
+                until += *length;
+                (until, *status)
+            })
+            .collect();
     }
 
     /// Every call so far, in arrival order.
@@ -115,7 +140,7 @@ async fn handle(
     State(inner): State<Arc<Inner>>,
     headers: HeaderMap,
     Json(body): Json<Value>,
-) -> (StatusCode, Json<Value>) {
+) -> (StatusCode, HeaderMap, Json<Value>) {
     let at = Instant::now();
     inner.arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mode = inner.mode.lock().expect("mode lock").clone();
@@ -125,10 +150,31 @@ async fn handle(
     if !mode.latency.is_zero() && stored.is_none() {
         tokio::time::sleep(mode.latency).await;
     }
-    let status = if stored.is_some() { 200 } else { mode.fail_with.unwrap_or(200) };
-    let response = stored
-        .clone()
-        .unwrap_or_else(|| serde_json::json!({"ok": status < 300, "step": body["step_id"], "input": body["input"]}));
+    let scripted = inner.script.lock().expect("script lock").iter().find(|(until, _)| *until > at).map(|(_, s)| *s);
+    let over_limit = mode.rate_limit.is_some_and(|limit| {
+        let mut recent = inner.recent.lock().expect("recent lock");
+        while recent.front().is_some_and(|t| at.duration_since(*t) >= Duration::from_secs(1)) {
+            recent.pop_front();
+        }
+        let over = recent.len() >= limit;
+        if !over {
+            recent.push_back(at);
+        }
+        over
+    });
+    let status = match (over_limit, &stored, scripted) {
+        (true, _, _) => 429,
+        (false, Some(_), _) => 200,
+        (false, None, Some(s)) => s,
+        (false, None, None) => mode.fail_with.unwrap_or(200),
+    };
+    let response = stored.clone().unwrap_or_else(|| {
+        let mut r = serde_json::json!({"ok": status < 300, "step": body["step_id"], "input": body["input"]});
+        if let Some(tokens) = body["input"]["tokens"].as_u64() {
+            r["usage"] = serde_json::json!({"total_tokens": tokens});
+        }
+        r
+    });
     if let (Some(k), true, None) = (&key, status < 300, &stored) {
         inner.done.lock().expect("done lock").insert(k.clone(), response.clone());
     }
@@ -141,5 +187,9 @@ async fn handle(
         replayed: stored.is_some(),
     });
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, Json(response))
+    let mut headers = HeaderMap::new();
+    if code == StatusCode::TOO_MANY_REQUESTS {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    (code, headers, Json(response))
 }

@@ -81,7 +81,7 @@ async fn an_apply_reaches_a_running_worker_and_runs_in_flight_keep_their_version
     let producer = Producer::new(&config).unwrap();
 
     // A v1 run whose first call is slow, so the apply happens while it is in flight.
-    receiver.set_mode(Mode { latency: Duration::from_millis(1_500), fail_with: None });
+    receiver.set_mode(Mode { latency: Duration::from_millis(1_500), fail_with: None, ..Default::default() });
     producer.send(&event("before", "order.paid", json!({})), Format::Json).await.unwrap();
     assert!(
         eventually(Duration::from_secs(30), || async { receiver.arrived() > 0 }).await,
