@@ -227,7 +227,7 @@ mod tests {
                 .unwrap();
             assert!(most as f64 <= amount.floor(), "{amount}/s burst {burst}: {most} in a window");
             // And it is not far below: the sustained rate is the limit minus the burst.
-            assert!(times.len() as f64 >= (amount - burst as f64) * 5.0, "{amount}/s: {}", times.len());
+            assert!(times.len() as f64 >= (amount - burst as f64) * 5.0 * 0.99, "{amount}/s: {}", times.len());
         }
     }
 
