@@ -361,8 +361,8 @@ impl Executor {
                 self.retry(message, task, &reason, retry_after).await
             }
             CallOutcome::Retryable { reason, http_status, .. } | CallOutcome::Permanent { reason, http_status } => {
-                let retryable = task.attempt >= attempts;
-                Event::Failed { stage: Stage::Execute, reason: "call", retryable, detail: &reason }.emit();
+                // Retryable or not, this task is out of attempts: a final failure.
+                Event::Failed { stage: Stage::Execute, reason: "call", retryable: false, detail: &reason }.emit();
                 let attempt = task.attempt.to_string();
                 let now = chrono::Utc::now().to_rfc3339();
                 let first = retry::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();

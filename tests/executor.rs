@@ -285,6 +285,12 @@ async fn two_executor_processes_share_one_global_limit() {
     assert_eq!(calls.iter().filter(|c| c.status == 429).count(), 0);
     let busiest = busiest_window(calls.iter().map(|c| (c.at, 1)).collect(), Duration::from_secs(1));
     assert!(busiest <= 40, "{busiest} calls in one second from both processes");
+    // Both were members of the group, each owning some of the partitions.
+    let group = config.group("execute-webhook");
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let groups = consumer.fetch_group_list(Some(&group), Duration::from_secs(10)).unwrap();
+    let members = groups.groups().first().map(|g| g.members().len()).unwrap_or(0);
+    assert_eq!(members, 2, "two executor processes in {group}");
     first.stop().await.unwrap();
     second.stop().await.unwrap();
 }
