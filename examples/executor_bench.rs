@@ -3,9 +3,11 @@
 //! Needs the local broker (scripts/kafka.sh up). Two measurements, each against a baseline taken
 //! in the same run:
 //!
-//! 1. Throttle accuracy: the webhook service limited to 1,000 requests/s calls the real local
-//!    receiver for SECONDS (default 60) with a backlog far above the limit. Reported: calls per
-//!    second over the run against the configured limit, and the busiest 1-second window.
+//! 1. Throttle accuracy: the webhook service limited to 1,000 requests/s, with a backlog far
+//!    above the limit, for SECONDS (default 60), twice: with a connector that only records the
+//!    time of each call (the throttle inside the whole executor loop: Kafka in, results out), and
+//!    with the webhook connector calling the real local receiver over HTTP. Reported: calls per
+//!    second against the configured limit, and the busiest 1-second window.
 //! 2. Executor overhead: TASKS (default 200,000) tasks on a fresh action topic, read once by a
 //!    plain consumer loop (the baseline: poll every message, nothing else), then executed with
 //!    the no-op connector (lanes, throttle and breaker checks, a result produced per task and
@@ -16,12 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{stream::FuturesUnordered, StreamExt};
+use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use weir::{
     config::{Config, LimitConfig, Per, Scope, ServiceConfig},
     envelope::ActionTask,
-    execute::{self, call::Noop},
+    execute::{self, call::Noop, CallOutcome, Connector},
     produce::Producer,
     receiver::{Mode, Receiver},
 };
@@ -76,7 +78,37 @@ fn succeeded() -> f64 {
         .sum()
 }
 
-async fn throttle_accuracy(seconds: u64) {
+/// Records when each call was made, and succeeds.
+#[derive(Default)]
+struct Counting(std::sync::Mutex<Vec<Instant>>);
+
+impl Connector for Counting {
+    fn estimate_cost(&self, _: &ActionTask) -> u64 {
+        1
+    }
+
+    fn call<'a>(&'a self, _: &'a ActionTask) -> BoxFuture<'a, CallOutcome> {
+        self.0.lock().expect("lock").push(Instant::now());
+        futures::future::ready(CallOutcome::Succeeded { http_status: None, output: None, cost: None }).boxed()
+    }
+}
+
+/// Calls per second over `seconds` from the first call, and the busiest 1-second window.
+fn rate(mut times: Vec<Instant>, seconds: u64) -> (usize, f64, usize) {
+    times.sort();
+    let Some(start) = times.first().copied() else { return (0, 0.0, 0) };
+    times.retain(|t| *t < start + Duration::from_secs(seconds));
+    let (mut lo, mut busiest) = (0, 0);
+    for hi in 0..times.len() {
+        while times[hi] - times[lo] >= Duration::from_secs(1) {
+            lo += 1;
+        }
+        busiest = busiest.max(hi - lo + 1);
+    }
+    (times.len(), times.len() as f64 / seconds as f64, busiest)
+}
+
+async fn throttle_accuracy(seconds: u64, http: bool) {
     let receiver = Receiver::start().await.expect("receiver");
     receiver.set_mode(Mode::default());
     let limit = 1_000;
@@ -85,30 +117,25 @@ async fn throttle_accuracy(seconds: u64) {
     weir::topics::apply_dir(&config, false).await.expect("topics");
     // A backlog well above what the run can call, so the limit is the only brake.
     produce(&config, (limit as u64 * (seconds + 10)) as usize).await;
+    let counting = Arc::new(Counting::default());
+    let connector: Arc<dyn Connector> = if http {
+        execute::call::build("webhook", &config.services["webhook"]).expect("connector")
+    } else {
+        counting.clone()
+    };
     let (trigger, shutdown) = weir::shutdown::channel();
-    let executor = tokio::spawn(execute::run(config.clone(), "webhook".into(), shutdown));
-    // Measure from the first call, once the group has formed.
-    while receiver.arrived() == 0 {
+    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown));
+    let called = || if http { receiver.arrived() } else { counting.0.lock().expect("lock").len() };
+    while called() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let calls = receiver.calls();
-    let end = start + Duration::from_secs(seconds);
-    let mut times: Vec<Instant> = calls.iter().map(|c| c.at).filter(|t| *t >= start && *t < end).collect();
-    times.sort();
-    let (mut lo, mut busiest) = (0, 0);
-    for hi in 0..times.len() {
-        while times[hi] - times[lo] >= Duration::from_secs(1) {
-            lo += 1;
-        }
-        busiest = busiest.max(hi - lo + 1);
-    }
-    let rate = times.len() as f64 / seconds as f64;
-    let refused = calls.iter().filter(|c| c.status == 429).count();
+    tokio::time::sleep(Duration::from_secs(seconds) + Duration::from_millis(500)).await;
+    let times = if http { receiver.calls().iter().map(|c| c.at).collect() } else { counting.0.lock().expect("lock").clone() };
+    let (calls, rate, busiest) = rate(times, seconds);
+    let refused = receiver.calls().iter().filter(|c| c.status == 429).count();
     println!(
-        "throttle: limit {limit}/s, {} calls in {seconds} s = {rate:.1}/s ({:+.2} % of the limit), busiest 1-s window {busiest}, {refused} refused",
-        times.len(),
+        "throttle ({}): limit {limit}/s, {calls} calls in {seconds} s = {rate:.1}/s ({:+.2} % of the limit), busiest 1-s window {busiest}, {refused} refused",
+        if http { "webhook over HTTP to the local receiver" } else { "recording connector" },
         (rate / limit as f64 - 1.0) * 100.0
     );
     trigger.fire();
@@ -170,6 +197,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let seconds = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
     let tasks = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
-    throttle_accuracy(seconds).await;
+    throttle_accuracy(seconds, false).await;
+    throttle_accuracy(seconds, true).await;
     overhead(tasks).await;
 }

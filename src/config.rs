@@ -479,6 +479,15 @@ mod tests {
     }
 
     #[test]
+    fn the_repo_weir_yaml_loads_and_states_the_defaults() {
+        let config = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("weir.yaml")).unwrap();
+        let webhook = &config.services["webhook"];
+        let defaults = ServiceConfig::default();
+        assert_eq!((&webhook.retry, &webhook.breaker), (&defaults.retry, &defaults.breaker));
+        assert_eq!(config.executor.partition_max_buffered, ExecutorConfig::default().partition_max_buffered);
+    }
+
+    #[test]
     fn defaults_validate() {
         Config::default().validate().unwrap();
         assert_eq!(Config { topic_prefix: "t1.".into(), ..Config::default() }.topic("events"), "t1.events");

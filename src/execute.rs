@@ -17,7 +17,9 @@
 //!    attempt or permanent failure: a dead letter with the reason, attempts and first failure
 //!    time, and a failed result.
 //!
-//! A task's offset is stored only once what step 5 produced is acknowledged, so a crash repeats
+//! The tenant's lane is freed as soon as the call returns: its next call need not wait for this
+//! one's result to be acknowledged. A task's offset is stored only once what step 5 produced is
+//! acknowledged, so a crash repeats
 //! the call, with the same `Idempotency-Key`, for the service to drop.
 //!
 //! In-flight work is bounded: `executor.max_buffered` tasks per process (past it the stage takes
@@ -31,14 +33,17 @@ pub mod throttle;
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 pub use self::call::{CallOutcome, Connector, IDEMPOTENCY_KEY, TENANT_HEADER};
 use self::{
@@ -56,12 +61,25 @@ use crate::{
     telemetry::{Event, Stage},
 };
 
-/// A finished piece of work: the lane it ran in (none for records that never entered one), its
-/// ticket, and whether its offset may be stored (`Ok(false)`: dropped, its partition was revoked).
+/// A finished piece of work.
 struct Finished {
+    /// The lane to free: a tenant's next task may start (its call is over).
     lane: Option<String>,
     ticket: Ticket,
+    /// More to do before the offset may be stored (making the call's outcome durable); it runs
+    /// after the lane is freed, so a tenant's next call does not wait for this one's result to
+    /// be acknowledged.
+    then: Option<BoxFuture<'static, Finished>>,
+    /// Whether the task counted towards its partition's in-flight bound (and now no longer does).
+    counted: bool,
+    /// Whether the offset may be stored (`Ok(false)`: dropped, e.g. its partition was revoked).
     stored: Result<bool, rdkafka::error::KafkaError>,
+}
+
+impl Finished {
+    fn done(lane: Option<String>, counted: bool, ticket: Ticket, stored: Result<bool, rdkafka::error::KafkaError>) -> Self {
+        Finished { lane, ticket, then: None, counted, stored }
+    }
 }
 
 struct Job {
@@ -84,6 +102,10 @@ struct Executor {
     dead_letters: DeadLetters,
     ownership: Ownership,
     tenant_max_buffered: usize,
+    /// Set on shutdown: tasks still waiting for a permit give up (their offsets are not stored,
+    /// so whoever owns the partition next runs them), calls already made finish.
+    stopping: AtomicBool,
+    stopped: Notify,
 }
 
 /// Runs the executor of `service` with its configured connector until `shutdown`.
@@ -151,17 +173,22 @@ async fn main_loop(
         tiers,
         ownership: source.ownership(),
         tenant_max_buffered: config.executor.tenant_max_buffered,
+        stopping: AtomicBool::new(false),
+        stopped: Notify::new(),
         service,
         settings,
     });
     let limits = &config.executor;
     let mut lanes: Lanes<Job> = Lanes::with_per_key(executor.settings.tenant_concurrency);
     let mut per_partition: HashMap<i32, usize> = HashMap::new();
+    // Tasks taken and not finished: in the lanes, or settling.
+    let mut in_flight = 0usize;
     // Per tenant being deferred: when its last deferred task is due.
     let mut deferred_until: HashMap<String, u64> = HashMap::new();
     let mut running: FuturesUnordered<BoxFuture<'static, Finished>> = FuturesUnordered::new();
     let mut tidy = tokio::time::interval(Duration::from_secs(30));
-    let release = |source: &Source, per_partition: &mut HashMap<i32, usize>, partition: i32| {
+    let release = |source: &Source, per_partition: &mut HashMap<i32, usize>, in_flight: &mut usize, partition: i32| {
+        *in_flight -= 1;
         let n = per_partition.entry(partition).or_default();
         *n = n.saturating_sub(1);
         // Resume at half the bound, so a busy partition is not paused and resumed on every task.
@@ -175,27 +202,33 @@ async fn main_loop(
                 running.push(executor.clone().execute(job));
             } else {
                 lanes.finish(&tenant);
-                release(&source, &mut per_partition, job.ticket.partition);
+                release(&source, &mut per_partition, &mut in_flight, job.ticket.partition);
             }
         }
         tokio::select! {
             _ = shutdown.recv() => break Ok(()),
             Some(f) = running.next() => {
+                if let Some(lane) = &f.lane {
+                    lanes.finish(lane);
+                }
+                if let Some(then) = f.then {
+                    running.push(then);
+                    continue;
+                }
                 match f.stored {
                     Err(e) => break Err(e),
                     Ok(true) => source.done(&f.ticket),
                     Ok(false) => {}
                 }
-                if let Some(lane) = f.lane {
-                    lanes.finish(&lane);
-                    release(&source, &mut per_partition, f.ticket.partition);
+                if f.counted {
+                    release(&source, &mut per_partition, &mut in_flight, f.ticket.partition);
                 }
             }
             Ok(()) = assignment.changed() => {
                 let a = assignment.borrow_and_update().clone();
                 executor.throttle.set_share(a.owned.len(), a.partitions.max(0) as usize);
             }
-            batch = source.recv(), if lanes.len() < limits.max_buffered => match batch {
+            batch = source.recv(), if in_flight < limits.max_buffered => match batch {
                 Some(batch) => {
                     let now = retry::epoch_ms();
                     for d in batch {
@@ -213,6 +246,7 @@ async fn main_loop(
                         let partition = d.ticket.partition;
                         let n = per_partition.entry(partition).or_default();
                         *n += 1;
+                        in_flight += 1;
                         if *n >= limits.partition_max_buffered {
                             source.pause_partition(partition);
                         }
@@ -228,11 +262,15 @@ async fn main_loop(
             }
         }
     };
-    // Calls already made finish and report; queued ones are left for whoever owns the partition
-    // next (their offsets were not stored).
+    // Calls already made finish and report; queued and waiting ones are left for whoever owns the
+    // partition next (their offsets were not stored).
     drop(lanes);
+    executor.stopping.store(true, Ordering::SeqCst);
+    executor.stopped.notify_waiters();
     while let Some(f) = running.next().await {
-        if let Ok(true) = f.stored {
+        if let Some(then) = f.then {
+            running.push(then);
+        } else if let Ok(true) = f.stored {
             source.done(&f.ticket);
         }
     }
@@ -282,8 +320,11 @@ impl Executor {
 
     fn dead_letter(self: Arc<Self>, d: Delivery, reason: String) -> BoxFuture<'static, Finished> {
         Event::Failed { stage: Stage::Execute, reason: "decode", retryable: false, detail: &reason }.emit();
-        async move { Finished { lane: None, ticket: d.ticket, stored: self.dead_letters.send(&d.message, &reason).await.map(|_| true) } }
-            .boxed()
+        async move {
+            let stored = self.dead_letters.send(&d.message, &reason).await.map(|_| true);
+            Finished::done(None, false, d.ticket, stored)
+        }
+        .boxed()
     }
 
     /// Moves a task to the delay tier covering `due`, unchanged (a deferral uses no attempt).
@@ -303,7 +344,7 @@ impl Executor {
                 let tenant = d.message.key().map(String::from_utf8_lossy).unwrap_or_default();
                 Event::Deferred { service: &self.service, tenant: &tenant, tier }.emit();
             }
-            Finished { lane: None, ticket: d.ticket, stored: sent.map(|_| true) }
+            Finished::done(None, false, d.ticket, sent.map(|_| true))
         }
         .boxed()
     }
@@ -312,14 +353,26 @@ impl Executor {
         async move {
             let Job { message, task, ticket } = job;
             let estimate = self.connector.estimate_cost(&task);
-            self.throttle.wait_tenant(&task.tenant, estimate).await;
-            let slot = self.slots.acquire().await.expect("the semaphore is never closed");
-            let admission = self.breaker.admit().await;
-            self.throttle.wait_global(estimate).await;
+            // Registered before the flag is read, so a shutdown in between still wakes it.
+            let stopped = self.stopped.notified();
+            if self.stopping.load(Ordering::SeqCst) {
+                return Finished::done(Some(task.tenant), true, ticket, Ok(false));
+            }
+            let ready = async {
+                self.throttle.wait_tenant(&task.tenant, estimate).await;
+                let slot = self.slots.acquire().await.expect("the semaphore is never closed");
+                let admission = self.breaker.admit().await;
+                self.throttle.wait_global(estimate).await;
+                (slot, admission)
+            };
+            let (slot, admission) = tokio::select! {
+                ready = ready => ready,
+                _ = stopped => return Finished::done(Some(task.tenant.clone()), true, ticket, Ok(false)),
+            };
             // Waiting may have outlasted the partition's assignment; its new owner calls instead.
-            if !self.ownership.owns(&ticket) {
+            if !self.ownership.owns(&ticket) || self.stopping.load(Ordering::SeqCst) {
                 self.breaker.record(admission, Verdict::Neutral);
-                return Finished { lane: Some(task.tenant), ticket, stored: Ok(false) };
+                return Finished::done(Some(task.tenant), true, ticket, Ok(false));
             }
             let started = Instant::now();
             let outcome = self.connector.call(&task).await;
@@ -331,8 +384,12 @@ impl Executor {
             };
             self.breaker.record(admission, verdict);
             drop(slot);
-            let stored = self.settle(&message, &task, outcome, latency, estimate).await.map(|_| true);
-            Finished { lane: Some(task.tenant), ticket, stored }
+            let lane = Some(task.tenant.clone());
+            let settle = async move {
+                let stored = self.settle(&message, &task, outcome, latency, estimate).await.map(|_| true);
+                Finished::done(None, true, ticket, stored)
+            };
+            Finished { lane, ticket, then: Some(settle.boxed()), counted: false, stored: Ok(false) }
         }
         .boxed()
     }
