@@ -78,10 +78,11 @@ struct Shared {
     stage: Stage,
     topic: String,
     tracker: Mutex<OffsetTracker>,
-    /// Partitions the stage asked to pause (see [`Source::pause_partition`]).
+    /// Partitions the stage asked to pause (see [`Source::pause_partition`]). Every pause and
+    /// resume is made under this lock, so the stage's and the poll thread's cannot interleave.
     held: Mutex<BTreeSet<i32>>,
-    /// Set when `held` changed or a rebalance happened: the poll thread re-applies pauses.
-    pauses_dirty: AtomicBool,
+    /// Whether the poll thread paused everything (the stage is behind).
+    all_paused: AtomicBool,
     assignment: watch::Sender<Assignment>,
 }
 
@@ -114,7 +115,6 @@ impl ConsumerContext for SourceContext {
                 tracker.forget(e.partition());
                 held.remove(&e.partition());
             }
-            self.shared.pauses_dirty.store(true, Ordering::Relaxed);
             self.shared.assignment.send_modify(|a| {
                 for e in tpl.elements() {
                     a.owned.remove(&e.partition());
@@ -128,7 +128,6 @@ impl ConsumerContext for SourceContext {
         if let Rebalance::Assign(tpl) = rebalance {
             // Partitions may have been added since the last look; a failed lookup keeps the count.
             let partitions = kafka::partition_count(consumer.client(), &self.shared.topic).ok();
-            self.shared.pauses_dirty.store(true, Ordering::Relaxed);
             self.shared.assignment.send_modify(|a| {
                 a.owned.extend(tpl.elements().iter().map(|e| e.partition()));
                 if let Some(n) = partitions {
@@ -168,7 +167,7 @@ impl Source {
             topic: topic.to_string(),
             tracker: Mutex::new(OffsetTracker::new()),
             held: Mutex::new(BTreeSet::new()),
-            pauses_dirty: AtomicBool::new(false),
+            all_paused: AtomicBool::new(false),
             assignment,
         });
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(config, group)
@@ -227,15 +226,21 @@ impl Source {
     /// the others go on: for a stage whose work for one partition piles up. librdkafka drops what
     /// it had prefetched for the partition and fetches again from the next undelivered offset on
     /// resume, so nothing is lost or buffered. Batches already handed over still arrive.
+    ///
+    /// Made directly on the caller's thread (librdkafka queues the operation), not through the
+    /// poll thread, which may be blocked in a poll for a while.
     pub fn pause_partition(&self, partition: i32) {
-        if self.shared.held.lock().expect("held lock").insert(partition) {
-            self.shared.pauses_dirty.store(true, Ordering::Relaxed);
+        let mut held = self.shared.held.lock().expect("held lock");
+        if held.insert(partition) {
+            apply(&self.consumer, &self.shared, true, [partition]);
         }
     }
 
     pub fn resume_partition(&self, partition: i32) {
-        if self.shared.held.lock().expect("held lock").remove(&partition) {
-            self.shared.pauses_dirty.store(true, Ordering::Relaxed);
+        let mut held = self.shared.held.lock().expect("held lock");
+        // While the poll thread holds everything it resumes what is not held itself.
+        if held.remove(&partition) && !self.shared.all_paused.load(Ordering::Relaxed) {
+            apply(&self.consumer, &self.shared, false, [partition]);
         }
     }
 
@@ -290,12 +295,7 @@ fn poll_loop(
     let mut batch: Vec<Delivery> = Vec::new();
     let mut raw: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
     let mut paused = false;
-    // Partitions currently paused, by the full-channel rule or at the stage's request.
-    let mut applied = BTreeSet::new();
     while !stop.load(Ordering::Relaxed) {
-        if shared.pauses_dirty.swap(false, Ordering::Relaxed) {
-            sync_pauses(consumer, shared, paused, &mut applied);
-        }
         // Wait for the first message only when there is nothing to hand over; then take what
         // librdkafka has already fetched without waiting.
         // While paused, poll anyway (a short wait, so this thread does not spin): polling keeps
@@ -334,52 +334,42 @@ fn poll_loop(
         match tx.try_send(std::mem::take(&mut batch)) {
             Ok(()) => {
                 if paused {
+                    set_paused(consumer, shared, false);
                     paused = false;
-                    sync_pauses(consumer, shared, paused, &mut applied);
                 }
             }
             Err(mpsc::error::TrySendError::Full(back)) => {
                 batch = back;
                 // Re-pausing every round also covers partitions assigned while paused.
+                set_paused(consumer, shared, true);
                 paused = true;
-                sync_pauses(consumer, shared, paused, &mut applied);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
 }
 
-/// Pauses what should be paused (everything while the stage is behind, else what the stage
-/// holds) and resumes the rest of what this function paused before.
-fn sync_pauses(consumer: &BaseConsumer<SourceContext>, shared: &Shared, all: bool, applied: &mut BTreeSet<i32>) {
+/// Pauses every assigned partition, or resumes those the stage does not hold.
+fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {
     let Ok(assignment) = consumer.assignment() else { return };
-    let assigned: BTreeSet<i32> = assignment.elements().iter().map(|e| e.partition()).collect();
-    // A partition revoked (and perhaps assigned again) starts unpaused.
-    applied.retain(|p| assigned.contains(p));
-    let want: BTreeSet<i32> = if all {
-        assigned.clone()
-    } else {
-        shared.held.lock().expect("held lock").intersection(&assigned).copied().collect()
-    };
-    // Pausing an already paused partition is harmless (and catches partitions a rebalance
-    // resumed behind our back); resuming one that is not paused is not done.
-    let list = |ps: &mut dyn Iterator<Item = &i32>| {
-        let mut tpl = TopicPartitionList::new();
-        for p in ps {
-            tpl.add_partition(&shared.topic, *p);
-        }
-        tpl
-    };
-    let pause = list(&mut want.iter());
-    let resume = list(&mut applied.difference(&want));
-    for (tpl, result) in [
-        (&pause, if pause.count() > 0 { consumer.pause(&pause) } else { Ok(()) }),
-        (&resume, if resume.count() > 0 { consumer.resume(&resume) } else { Ok(()) }),
-    ] {
-        if let Err(e) = result {
-            let detail = format!("partitions {}: {e}", describe(tpl));
-            Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &detail }.emit();
-        }
+    let held = shared.held.lock().expect("held lock");
+    shared.all_paused.store(pause, Ordering::Relaxed);
+    let partitions = assignment.elements().iter().map(|e| e.partition()).filter(|p| pause || !held.contains(p)).collect::<Vec<_>>();
+    apply(consumer, shared, pause, partitions);
+}
+
+/// Pauses or resumes `partitions`; call with the `held` lock taken.
+fn apply(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool, partitions: impl IntoIterator<Item = i32>) {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(&shared.topic, p);
     }
-    *applied = want;
+    if tpl.count() == 0 {
+        return;
+    }
+    let result = if pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+    if let Err(e) = result {
+        let detail = format!("partitions {}: {e}", describe(&tpl));
+        Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &detail }.emit();
+    }
 }
