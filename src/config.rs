@@ -180,9 +180,12 @@ pub struct LimitConfig {
     /// owns, by all executor processes; `tenant`: the same limit for each tenant separately.
     #[serde(default)]
     pub scope: Scope,
-    /// Calls (or cost units) that may go at once after an idle period. Default 1 for `requests`
-    /// (calls evenly spaced) and a tenth of the limit for `cost`; a single call's cost above the
-    /// burst is charged as the burst before the call and the rest after it.
+    /// Calls (or cost units) that may go at once after an idle period. The sustained rate is the
+    /// limit minus the burst (so that no window holds more than the limit; see
+    /// `docs/executor.md`). Default for `requests`: 1 (calls evenly spaced) up to 200 per window,
+    /// above that half a percent of the limit, which absorbs late timer wake-ups at high rates;
+    /// for `cost`: a tenth of the limit. A single call's cost above the burst is charged as the
+    /// burst before the call and the rest after it.
     #[serde(default)]
     pub burst: Option<u32>,
 }
@@ -201,7 +204,7 @@ impl LimitConfig {
     pub fn burst(&self) -> u32 {
         match (self.burst, self.is_cost()) {
             (Some(b), _) => b,
-            (None, false) => 1,
+            (None, false) => (self.amount() / 200).max(1),
             (None, true) => (self.amount() / 10).max(1),
         }
     }
@@ -466,13 +469,16 @@ mod tests {
         };
         let ok = "url: http://x/\nlimits: [{requests: 450, per: minute}, {cost: 450000, per: minute}, {requests: 20, per: minute, scope: tenant}]\n";
         assert_eq!(service(ok), "");
-        assert!(service("url: http://x/\nlimits: [{requests: 1, cost: 2, per: second}]").contains("services.ai.limits[0]"));
+        assert!(
+            service("url: http://x/\nlimits: [{requests: 1, cost: 2, per: second}]").contains("services.ai.limits[0]")
+        );
         assert!(service("url: http://x/\nlimits: [{requests: 5, per: second, burst: 9}]").contains("limits[0].burst"));
         assert!(service("url: http://x/\nretry: {attempts: 0}").contains("services.ai.retry.attempts"));
         assert!(service("url: http://x/\nretry: {tiers_ms: [5000, 1000]}").contains("services.ai.retry.tiers_ms"));
         assert!(service("url: http://x/\nbreaker: {failure_ratio: 2}").contains("services.ai.breaker.failure_ratio"));
         assert!(service("url: http://x/\ntenant_concurrency: 0").contains("services.ai.tenant_concurrency"));
-        let err = serde_yaml_ng::from_str::<ServiceConfig>("url: http://x/\nlimits: [{requests: 1, per: day}]").unwrap_err();
+        let err =
+            serde_yaml_ng::from_str::<ServiceConfig>("url: http://x/\nlimits: [{requests: 1, per: day}]").unwrap_err();
         assert!(err.to_string().contains("day"), "{err}");
         assert_eq!(RetryConfig::default().tier_names(), ["1s", "10s", "1m", "10m"]);
         assert_eq!(tier_name(1_500), "1500ms");

@@ -56,7 +56,9 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     config.topic_prefix = run.clone();
     let receiver = Receiver::start().await.context("starting the local HTTP receiver")?;
     config.services.clear();
-    config.services.insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
+    config
+        .services
+        .insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
     config.validate()?;
     let config = Arc::new(config);
     println!(

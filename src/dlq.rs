@@ -72,7 +72,8 @@ pub fn parse_since(text: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> 
         return Ok(t.with_timezone(&chrono::Utc));
     }
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: i64 = number.parse().with_context(|| format!("--since {text:?}: expected an RFC 3339 time or e.g. 30m, 2h, 1d"))?;
+    let n: i64 =
+        number.parse().with_context(|| format!("--since {text:?}: expected an RFC 3339 time or e.g. 30m, 2h, 1d"))?;
     let back = match unit {
         "s" => chrono::Duration::seconds(n),
         "m" => chrono::Duration::minutes(n),

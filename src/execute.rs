@@ -77,7 +77,12 @@ struct Finished {
 }
 
 impl Finished {
-    fn done(lane: Option<String>, counted: bool, ticket: Ticket, stored: Result<bool, rdkafka::error::KafkaError>) -> Self {
+    fn done(
+        lane: Option<String>,
+        counted: bool,
+        ticket: Ticket,
+        stored: Result<bool, rdkafka::error::KafkaError>,
+    ) -> Self {
         Finished { lane, ticket, then: None, counted, stored }
     }
 }
@@ -128,9 +133,7 @@ pub async fn run_with(
     let (stop, _) = shutdown::channel();
     let mut parts: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
     for tier in settings.retry.tier_names() {
-        parts.push(
-            retry::run_tier(config.clone(), service.clone(), tier, producer.clone(), stop.subscribe()).boxed(),
-        );
+        parts.push(retry::run_tier(config.clone(), service.clone(), tier, producer.clone(), stop.subscribe()).boxed());
     }
     parts.push(main_loop(config, service, settings, connector, producer, stop.subscribe()).boxed());
     parts.push(
@@ -444,12 +447,16 @@ impl Executor {
         reason: &str,
         retry_after: Option<Duration>,
     ) -> Result<(), rdkafka::error::KafkaError> {
-        let wait = retry::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
+        let wait =
+            retry::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
         let (_, tier, topic) = &self.tiers[retry::tier_for(&self.settings.retry.tiers_ms, wait)];
         let next = ActionTask { attempt: task.attempt + 1, ..task.clone() };
         let payload = serde_json::to_vec(&next).expect("a task always serializes");
-        let (due, attempt, now) =
-            ((retry::epoch_ms() + wait.as_millis() as u64).to_string(), next.attempt.to_string(), chrono::Utc::now().to_rfc3339());
+        let (due, attempt, now) = (
+            (retry::epoch_ms() + wait.as_millis() as u64).to_string(),
+            next.attempt.to_string(),
+            chrono::Utc::now().to_rfc3339(),
+        );
         let first = retry::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
         let reason: String = reason.chars().take(500).collect();
         let headers = retry::rewrite_headers(

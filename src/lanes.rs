@@ -42,10 +42,11 @@ impl<T> Lanes<T> {
     /// Queues `item` behind earlier items of `key`.
     pub fn push(&mut self, key: &str, item: T) {
         self.len += 1;
-        let lane = self
-            .queues
-            .entry(key.to_string())
-            .or_insert_with(|| Lane { queue: VecDeque::new(), running: 0, in_ready: false });
+        let lane = self.queues.entry(key.to_string()).or_insert_with(|| Lane {
+            queue: VecDeque::new(),
+            running: 0,
+            in_ready: false,
+        });
         lane.queue.push_back(item);
         if !lane.in_ready && lane.running < self.per_key {
             lane.in_ready = true;

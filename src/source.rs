@@ -354,12 +354,18 @@ fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bo
     let Ok(assignment) = consumer.assignment() else { return };
     let held = shared.held.lock().expect("held lock");
     shared.all_paused.store(pause, Ordering::Relaxed);
-    let partitions = assignment.elements().iter().map(|e| e.partition()).filter(|p| pause || !held.contains(p)).collect::<Vec<_>>();
+    let partitions =
+        assignment.elements().iter().map(|e| e.partition()).filter(|p| pause || !held.contains(p)).collect::<Vec<_>>();
     apply(consumer, shared, pause, partitions);
 }
 
 /// Pauses or resumes `partitions`; call with the `held` lock taken.
-fn apply(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool, partitions: impl IntoIterator<Item = i32>) {
+fn apply(
+    consumer: &BaseConsumer<SourceContext>,
+    shared: &Shared,
+    pause: bool,
+    partitions: impl IntoIterator<Item = i32>,
+) {
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         tpl.add_partition(&shared.topic, p);

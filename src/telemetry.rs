@@ -116,8 +116,11 @@ impl Event<'_> {
             }
             Event::Breaker { service, state } => {
                 tracing::warn!(service, state, "circuit breaker");
-                gauge!("weir_breaker_open", "service" => service.to_string())
-                    .set(if state == "closed" { 0.0 } else { 1.0 })
+                gauge!("weir_breaker_open", "service" => service.to_string()).set(if state == "closed" {
+                    0.0
+                } else {
+                    1.0
+                })
             }
             Event::Redriven { count } => {
                 tracing::info!(count, "dead letters redriven");

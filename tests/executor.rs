@@ -95,8 +95,7 @@ fn results(config: &Config, want: usize) -> Vec<ActionResult> {
 
 /// Sum of the end offsets of `topic`'s partitions.
 fn end_offsets(topic: &str, partitions: i32) -> i64 {
-    let consumer: BaseConsumer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     (0..partitions).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).sum()
 }
 
@@ -109,7 +108,11 @@ async fn fifty_per_second_over_twenty_tenants_never_exceeds_the_services_limit()
     let tasks: Vec<ActionTask> = (0..500).map(|n| task(n, &format!("tenant-{}", n % 20), json!({}))).collect();
     produce(&config, &tasks).await;
 
-    assert!(eventually(Duration::from_secs(40), || async { receiver.executed() >= 500 }).await, "{}", receiver.executed());
+    assert!(
+        eventually(Duration::from_secs(40), || async { receiver.executed() >= 500 }).await,
+        "{}",
+        receiver.executed()
+    );
     let calls = receiver.calls();
     assert_eq!(calls.iter().filter(|c| c.status == 429).count(), 0, "the service never had to refuse a call");
     let busiest = busiest_window(calls.iter().map(|c| (c.at, 1)).collect(), Duration::from_secs(1));
@@ -136,7 +139,11 @@ async fn an_outage_is_retried_through_delay_topics_until_every_task_succeeds_onc
     receiver.fail_for(&[(429, Duration::from_millis(2_500)), (503, Duration::from_millis(2_500))]);
     produce(&config, &tasks).await;
 
-    assert!(eventually(Duration::from_secs(60), || async { receiver.executed() >= 200 }).await, "{}", receiver.executed());
+    assert!(
+        eventually(Duration::from_secs(60), || async { receiver.executed() >= 200 }).await,
+        "{}",
+        receiver.executed()
+    );
     let calls = receiver.calls();
     assert!(calls.iter().any(|c| c.status == 429) && calls.iter().any(|c| c.status == 503), "the outage happened");
     let mut successes: HashMap<String, usize> = HashMap::new();
@@ -163,7 +170,11 @@ async fn an_outage_is_retried_through_delay_topics_until_every_task_succeeds_onc
     pipeline.stop().await.unwrap();
 }
 
-async fn dead_letters_after_rejection(receiver: &Receiver, config: &Config, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+async fn dead_letters_after_rejection(
+    receiver: &Receiver,
+    config: &Config,
+    n: usize,
+) -> Vec<rdkafka::message::OwnedMessage> {
     receiver.set_mode(Mode { fail_with: Some(400), ..Default::default() });
     let tasks: Vec<ActionTask> = (0..n).map(|i| task(i, &format!("tenant-{i}"), json!({"n": i}))).collect();
     produce(config, &tasks).await;
@@ -220,12 +231,20 @@ async fn weir_dlq_redrive_through_the_binary() {
         &file,
         format!(
             "brokers: {}\ntopic_prefix: {}\ndatabase_url: {}\nmetrics_addr: null\nservices:\n  webhook:\n    url: {}\n",
-            config.brokers, config.topic_prefix, config.database_url, receiver.url("hook")
+            config.brokers,
+            config.topic_prefix,
+            config.database_url,
+            receiver.url("hook")
         ),
     )
     .unwrap();
     let weir = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir")).arg("--config").arg(&file).args(args).output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -280,7 +299,11 @@ async fn two_executor_processes_share_one_global_limit() {
     let tasks: Vec<ActionTask> = (0..400).map(|n| task(n, &format!("tenant-{}", n % 20), json!({}))).collect();
     produce(&config, &tasks).await;
 
-    assert!(eventually(Duration::from_secs(50), || async { receiver.executed() >= 400 }).await, "{}", receiver.executed());
+    assert!(
+        eventually(Duration::from_secs(50), || async { receiver.executed() >= 400 }).await,
+        "{}",
+        receiver.executed()
+    );
     let calls = receiver.calls();
     assert_eq!(calls.iter().filter(|c| c.status == 429).count(), 0);
     let busiest = busiest_window(calls.iter().map(|c| (c.at, 1)).collect(), Duration::from_secs(1));
@@ -315,7 +338,13 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = setup(&receiver, |c| {
         let s = webhook(c);
-        s.limits = vec![LimitConfig { requests: None, cost: Some(rate as u32), per: Per::Second, scope: Scope::Global, burst: Some(burst) }];
+        s.limits = vec![LimitConfig {
+            requests: None,
+            cost: Some(rate as u32),
+            per: Per::Second,
+            scope: Scope::Global,
+            burst: Some(burst),
+        }];
         s.concurrency = Some(concurrency);
     })
     .await;
@@ -340,7 +369,8 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
     // GCRA grants at most the burst plus (limit - burst) per second; under-estimates are charged
     // after their call, so at most `concurrency` calls' worth of extra can be in use ahead of it.
     let max_extra = concurrency as u64 * (0..60).map(|n| tokens(n) - tokens(n) / 2).max().unwrap();
-    let span = (used.iter().map(|(t, _)| *t).max().unwrap() - used.iter().map(|(t, _)| *t).min().unwrap()).as_secs_f64();
+    let span =
+        (used.iter().map(|(t, _)| *t).max().unwrap() - used.iter().map(|(t, _)| *t).min().unwrap()).as_secs_f64();
     let allowed = burst as f64 + (rate - burst as u64) as f64 * span + max_extra as f64;
     assert!((total as f64) <= allowed, "{total} tokens in {span:.2}s, allowed {allowed:.0}");
     let busiest = busiest_window(used, Duration::from_secs(1));

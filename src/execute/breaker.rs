@@ -28,6 +28,8 @@ struct State {
     phase: Phase,
     /// Closed: (time, failed) of recent calls.
     window: VecDeque<(Instant, bool)>,
+    /// Failed calls in `window`, kept up to date so a call costs O(1), not O(window).
+    failures: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,7 +60,7 @@ impl Breaker {
         Breaker {
             service: service.to_string(),
             config,
-            state: Mutex::new(State { phase: Phase::Closed, window: VecDeque::new() }),
+            state: Mutex::new(State { phase: Phase::Closed, window: VecDeque::new(), failures: 0 }),
             changed: Notify::new(),
         }
     }
@@ -104,6 +106,7 @@ impl Breaker {
             (Admission::Probe, Phase::HalfOpen { .. }, Verdict::Succeeded) => {
                 state.phase = Phase::Closed;
                 state.window.clear();
+                state.failures = 0;
                 Event::Breaker { service: &self.service, state: "closed" }.emit();
             }
             (Admission::Probe, Phase::HalfOpen { .. }, Verdict::Failed) => self.open(&mut state, now),
@@ -111,15 +114,16 @@ impl Breaker {
                 state.phase = Phase::HalfOpen { probes: probes.saturating_sub(1) };
             }
             (Admission::Normal, Phase::Closed, Verdict::Succeeded | Verdict::Failed) => {
-                state.window.push_back((now, verdict == Verdict::Failed));
+                let failed = verdict == Verdict::Failed;
+                state.window.push_back((now, failed));
+                state.failures += usize::from(failed);
                 let horizon = Duration::from_millis(self.config.window_ms);
-                while state.window.front().is_some_and(|(t, _)| now - *t > horizon) {
+                while let Some((_, f)) = state.window.front().copied().filter(|(t, _)| now - *t > horizon) {
                     state.window.pop_front();
+                    state.failures -= usize::from(f);
                 }
-                let calls = state.window.len();
-                let failed = state.window.iter().filter(|(_, f)| *f).count();
-                if calls >= self.config.min_calls as usize
-                    && failed as f64 >= self.config.failure_ratio * calls as f64
+                let (calls, failed) = (state.window.len(), state.failures);
+                if calls >= self.config.min_calls as usize && failed as f64 >= self.config.failure_ratio * calls as f64
                 {
                     self.open(&mut state, now);
                 }
@@ -135,6 +139,7 @@ impl Breaker {
     fn open(&self, state: &mut State, now: Instant) {
         state.phase = Phase::Open { until: now + Duration::from_millis(self.config.open_ms) };
         state.window.clear();
+        state.failures = 0;
         Event::Breaker { service: &self.service, state: "open" }.emit();
     }
 
@@ -150,7 +155,14 @@ mod tests {
     fn breaker(open_ms: u64) -> Breaker {
         Breaker::new(
             "s",
-            BreakerConfig { enabled: true, failure_ratio: 0.5, window_ms: 60_000, min_calls: 4, open_ms, half_open_probes: 1 },
+            BreakerConfig {
+                enabled: true,
+                failure_ratio: 0.5,
+                window_ms: 60_000,
+                min_calls: 4,
+                open_ms,
+                half_open_probes: 1,
+            },
         )
     }
 

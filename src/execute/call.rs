@@ -19,12 +19,23 @@ pub const TENANT_HEADER: &str = "X-Weir-Tenant";
 /// How one call went.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallOutcome {
-    Succeeded { http_status: Option<u16>, output: Option<serde_json::Value>, cost: Option<u64> },
+    Succeeded {
+        http_status: Option<u16>,
+        output: Option<serde_json::Value>,
+        cost: Option<u64>,
+    },
     /// Worth trying again later: timeouts, connection errors, 429 (with the service's
     /// Retry-After), 5xx.
-    Retryable { reason: String, http_status: Option<u16>, retry_after: Option<Duration> },
+    Retryable {
+        reason: String,
+        http_status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
     /// The same call would fail the same way: other 4xx, a task the connector cannot express.
-    Permanent { reason: String, http_status: Option<u16> },
+    Permanent {
+        reason: String,
+        http_status: Option<u16>,
+    },
 }
 
 pub trait Connector: Send + Sync + 'static {
@@ -84,8 +95,14 @@ impl Connector for Webhook {
                 }
                 // A request that could not even be built will not build next time either; every
                 // other transport error (connect, timeout, reset) may well pass later.
-                Err(e) if e.is_builder() => CallOutcome::Permanent { reason: format!("request: {e}"), http_status: None },
-                Err(e) => CallOutcome::Retryable { reason: format!("request failed: {e}"), http_status: None, retry_after: None },
+                Err(e) if e.is_builder() => {
+                    CallOutcome::Permanent { reason: format!("request: {e}"), http_status: None }
+                }
+                Err(e) => CallOutcome::Retryable {
+                    reason: format!("request failed: {e}"),
+                    http_status: None,
+                    retry_after: None,
+                },
             }
         }
         .boxed()
@@ -144,7 +161,9 @@ mod tests {
         assert!(matches!(classify(StatusCode::SERVICE_UNAVAILABLE, None, b""), CallOutcome::Retryable { .. }));
         assert!(matches!(classify(StatusCode::REQUEST_TIMEOUT, None, b""), CallOutcome::Retryable { .. }));
         let bad = classify(StatusCode::BAD_REQUEST, None, b"no such channel");
-        assert!(matches!(&bad, CallOutcome::Permanent { reason, http_status: Some(400) } if reason.contains("no such channel")));
+        assert!(
+            matches!(&bad, CallOutcome::Permanent { reason, http_status: Some(400) } if reason.contains("no such channel"))
+        );
         assert!(matches!(classify(StatusCode::NOT_FOUND, None, b""), CallOutcome::Permanent { .. }));
     }
 

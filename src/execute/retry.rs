@@ -93,7 +93,8 @@ pub async fn run_tier(
 ) -> anyhow::Result<()> {
     let topic = config.topic(&format!("actions.{service}.retry.{tier}"));
     let main = config.topic(&format!("actions.{service}"));
-    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("retry-{service}-{tier}")))?;
+    let mut source =
+        Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("retry-{service}-{tier}")))?;
     let ownership = source.ownership();
     let mut waiting: BTreeMap<i32, VecDeque<Delivery>> = BTreeMap::new();
     let mut sending = FuturesUnordered::new();
@@ -163,7 +164,13 @@ mod tests {
 
     #[test]
     fn backoff_grows_caps_and_jitters_down() {
-        let r = RetryConfig { initial_backoff_ms: 1_000, multiplier: 2.0, max_backoff_ms: 5_000, jitter: 0.5, ..Default::default() };
+        let r = RetryConfig {
+            initial_backoff_ms: 1_000,
+            multiplier: 2.0,
+            max_backoff_ms: 5_000,
+            jitter: 0.5,
+            ..Default::default()
+        };
         assert_eq!(backoff(&r, 1, 0.0), Duration::from_secs(1));
         assert_eq!(backoff(&r, 3, 0.0), Duration::from_secs(4));
         assert_eq!(backoff(&r, 10, 0.0), Duration::from_secs(5));

@@ -66,7 +66,9 @@ pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Confi
         workflows: dir.path().to_path_buf(),
         ..Config::default()
     };
-    config.services.insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
+    config
+        .services
+        .insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
     config.validate().unwrap();
     weir::topics::apply_dir(&config, false).await.expect("topics apply");
     weir::definitions::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
