@@ -5,8 +5,9 @@
 //! A limit of N per window with burst b lets through, in *any* window of that length (both ends
 //! included), at most N calls or cost units. GCRA with burst b and emission interval T admits
 //! b + ⌊W/T⌋ in a window W, so the interval is window ÷ (N − b): the sustained rate is N − b per
-//! window, plus the burst. With the default burst of 1 a limit of 1 000/s runs at 999/s and a
-//! receiver counting any sliding second never sees more than 1 000.
+//! window, plus the burst: a limit of 50/s with the default burst of 1 runs at 49/s, evenly
+//! spaced. A burst of a few calls at high rates lets the limiter catch up after late timer
+//! wake-ups, which at burst 1 are capacity lost for good.
 //!
 //! ## Sharing a global limit between processes
 //! There is no shared store: each process takes limit × owned partitions ÷ topic partitions,
