@@ -298,6 +298,7 @@ impl Coordinator {
             attempts: 0,
             latency_ms: 0.0,
             http_status: None,
+            cost: None,
             error,
             finished_at: now.to_string(),
             output: None,

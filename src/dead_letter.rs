@@ -10,6 +10,7 @@
 //! | `weir.error.stage` | stage that gave up (`evaluate`, `execute`, `sink`) |
 //! | `weir.error.time` | RFC 3339 time of the decision |
 //! | `weir.origin.topic` / `.partition` / `.offset` | where the record was read |
+//! | `weir.error.attempts` / `weir.error.first-failure` | for action tasks: calls made, and when the first failed |
 
 use rdkafka::{
     message::{Header, Headers, OwnedHeaders, OwnedMessage},
@@ -28,6 +29,8 @@ pub const TIME: &str = "weir.error.time";
 pub const ORIGIN_TOPIC: &str = "weir.origin.topic";
 pub const ORIGIN_PARTITION: &str = "weir.origin.partition";
 pub const ORIGIN_OFFSET: &str = "weir.origin.offset";
+pub const ATTEMPTS: &str = "weir.error.attempts";
+pub const FIRST_FAILURE: &str = "weir.error.first-failure";
 
 #[derive(Clone)]
 pub struct DeadLetters {
@@ -44,6 +47,16 @@ impl DeadLetters {
     /// Sends `message` with `reason`; resolves once the dead letter is acknowledged, after which
     /// the original's offset may be committed.
     pub async fn send(&self, message: &OwnedMessage, reason: &str) -> Result<(), rdkafka::error::KafkaError> {
+        self.send_with(message, reason, &[]).await
+    }
+
+    /// [`send`](Self::send) with more headers (e.g. [`ATTEMPTS`], [`FIRST_FAILURE`]).
+    pub async fn send_with(
+        &self,
+        message: &OwnedMessage,
+        reason: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<(), rdkafka::error::KafkaError> {
         let mut headers = OwnedHeaders::new();
         if let Some(original) = message.headers() {
             for h in original.iter() {
@@ -59,7 +72,10 @@ impl DeadLetters {
             (ORIGIN_TOPIC, message.topic()),
             (ORIGIN_PARTITION, partition.as_str()),
             (ORIGIN_OFFSET, offset.as_str()),
-        ] {
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        {
             headers = headers.insert(Header { key, value: Some(value) });
         }
         let payload = message.payload().unwrap_or_default();

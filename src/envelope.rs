@@ -166,6 +166,9 @@ pub struct ActionResult {
     pub latency_ms: f64,
     #[serde(default)]
     pub http_status: Option<i32>,
+    /// What the call cost in the service's weighted unit (tokens, …): reported, else estimated.
+    #[serde(default)]
+    pub cost: Option<u64>,
     #[serde(default)]
     pub error: Option<String>,
     pub finished_at: String,
@@ -321,6 +324,7 @@ mod tests {
             attempts: 3,
             latency_ms: 1.5,
             http_status: Some(503),
+            cost: Some(7),
             error: Some("unavailable".into()),
             finished_at: "2026-11-23T10:00:01Z".into(),
             output: None,

@@ -1,92 +1,279 @@
 //! Stage 3: call an external service for each action task, and report the outcome.
 //!
-//! One executor per service reads that service's action topic. Tasks go into [`Lanes`] keyed by
-//! tenant: a tenant's tasks are called one at a time in event order, different tenants
-//! concurrently (up to `executor.concurrency` calls). A task is done once its result is
-//! acknowledged on the results topic; only then may its offset be committed, so a crash between
-//! call and result repeats the call, with the same `Idempotency-Key` (the task id) so the service
-//! can drop the duplicate.
+//! One executor per service reads that service's action topic. A task goes through:
 //!
-//! At most `executor.max_buffered` tasks are taken and not finished; past that the stage stops
-//! taking batches and the source pauses its partitions.
+//! 1. [`Lanes`] keyed by tenant: a tenant's tasks start in event order, `tenant_concurrency` at a
+//!    time, while other tenants go on. Tasks therefore finish out of partition order; the
+//!    [`OffsetTracker`](crate::offsets::OffsetTracker) commits only below the lowest unfinished.
+//! 2. The tenant's own limits ([`throttle`]), *before* taking a concurrency slot: a tenant over
+//!    its limit waits without holding what other tenants need. A tenant with more than
+//!    `executor.tenant_max_buffered` tasks waiting is deferred to a delay topic instead
+//!    ([`retry`]), spaced at its own rate, so it cannot fill the buffer or block its partition.
+//! 3. A slot (`concurrency` calls at once per process), the circuit [`breaker`] (while open,
+//!    tasks wait), then the global limits (this process's share of them).
+//! 4. The [`Connector`]'s call, with an `Idempotency-Key` derived from the task id.
+//! 5. Success: a result on the results topic. Retryable failure with attempts left: a copy on a
+//!    delay topic (no result, since the coordinator would take it as the step failing). Last
+//!    attempt or permanent failure: a dead letter with the reason, attempts and first failure
+//!    time, and a failed result.
+//!
+//! The tenant's lane is freed as soon as the call returns: its next call need not wait for this
+//! one's result to be acknowledged. A task's offset is stored only once what step 5 produced is
+//! acknowledged, so a crash repeats
+//! the call, with the same `Idempotency-Key`, for the service to drop.
+//!
+//! In-flight work is bounded: `executor.max_buffered` tasks per process (past it the stage takes
+//! no batches and the source pauses every partition) and `executor.partition_max_buffered` per
+//! partition (past it that partition alone is paused). Memory stays flat whatever the backlog.
 
-use std::{sync::Arc, time::Instant};
+pub mod breaker;
+pub mod retry;
+pub mod throttle;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
+use tokio::sync::{Notify, Semaphore};
 
+use self::{
+    breaker::{Breaker, Verdict},
+    throttle::Throttle,
+};
+pub use crate::connectors::{CallOutcome, Connector, IDEMPOTENCY_KEY, TENANT_HEADER};
 use crate::{
-    config::Config,
-    connectors::{self, CallOutcome, Connector},
-    dead_letter::DeadLetters,
+    config::{Config, ServiceConfig},
+    dead_letter::{self, DeadLetters},
     envelope::{self, ActionResult, ActionTask, Format, Status},
     kafka,
     lanes::Lanes,
-    shutdown::Shutdown,
-    source::{Source, Ticket},
+    shutdown::{self, Shutdown},
+    source::{Delivery, Ownership, Source, Ticket},
     telemetry::{Event, Stage},
 };
 
-/// Header with the task id on every call, for the service to deduplicate retries.
-pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
-pub const TENANT_HEADER: &str = "X-Weir-Tenant";
+/// A finished piece of work.
+struct Finished {
+    /// The lane to free: a tenant's next task may start (its call is over).
+    lane: Option<String>,
+    ticket: Ticket,
+    /// More to do before the offset may be stored (making the call's outcome durable); it runs
+    /// after the lane is freed, so a tenant's next call does not wait for this one's result to
+    /// be acknowledged.
+    then: Option<BoxFuture<'static, Finished>>,
+    /// Whether the task counted towards its partition's in-flight bound (and now no longer does).
+    counted: bool,
+    /// Whether the offset may be stored (`Ok(false)`: dropped, e.g. its partition was revoked).
+    stored: Result<bool, rdkafka::error::KafkaError>,
+}
 
-/// A finished task: its lane (none for a dead-lettered record) and whether its result is durable.
-type Outcome = (Option<String>, Ticket, Result<(), rdkafka::error::KafkaError>);
+impl Finished {
+    fn done(
+        lane: Option<String>,
+        counted: bool,
+        ticket: Ticket,
+        stored: Result<bool, rdkafka::error::KafkaError>,
+    ) -> Self {
+        Finished { lane, ticket, then: None, counted, stored }
+    }
+}
+
+struct Job {
+    message: OwnedMessage,
+    task: ActionTask,
+    ticket: Ticket,
+}
 
 struct Executor {
     service: String,
+    settings: ServiceConfig,
     connector: Arc<dyn Connector>,
+    throttle: Throttle,
+    breaker: Breaker,
+    slots: Semaphore,
     producer: FutureProducer,
     results_topic: String,
+    /// (delay in ms, tier name, physical topic) of each delay tier.
+    tiers: Vec<(u64, String, String)>,
     dead_letters: DeadLetters,
+    ownership: Ownership,
+    tenant_max_buffered: usize,
+    /// Set on shutdown: tasks still waiting for a permit give up (their offsets are not stored,
+    /// so whoever owns the partition next runs them), calls already made finish.
+    stopping: AtomicBool,
+    stopped: Notify,
 }
 
-pub async fn run(config: Arc<Config>, service: String, mut shutdown: Shutdown) -> anyhow::Result<()> {
+/// Runs the executor of `service` with its configured connector until `shutdown`.
+pub async fn run(config: Arc<Config>, service: String, shutdown: Shutdown) -> anyhow::Result<()> {
     let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?;
-    let connector = connectors::build(&service, settings, &config.network)?;
+    let connector = crate::connectors::build(&service, settings, &config.network)?;
+    run_with(config, service, connector, shutdown).await
+}
+
+/// Runs the executor of `service` with `connector`: the main consumer and one consumer per delay
+/// tier, until `shutdown` or the first error.
+pub async fn run_with(
+    config: Arc<Config>,
+    service: String,
+    connector: Arc<dyn Connector>,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?.clone();
+    let producer = kafka::producer(&config)?;
+    let (stop, _) = shutdown::channel();
+    let mut parts: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
+    for tier in settings.retry.tier_names() {
+        parts.push(retry::run_tier(config.clone(), service.clone(), tier, producer.clone(), stop.subscribe()).boxed());
+    }
+    parts.push(main_loop(config, service, settings, connector, producer, stop.subscribe()).boxed());
+    parts.push(
+        async move {
+            shutdown.recv().await;
+            stop.fire();
+            Ok(())
+        }
+        .boxed(),
+    );
+    futures::future::try_join_all(parts).await.map(|_| ())
+}
+
+async fn main_loop(
+    config: Arc<Config>,
+    service: String,
+    settings: ServiceConfig,
+    connector: Arc<dyn Connector>,
+    producer: FutureProducer,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let topic = config.topic(&format!("actions.{service}"));
     let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("execute-{service}")))?;
-    let producer = kafka::producer(&config)?;
+    let mut assignment = source.assignment();
+    let tiers = settings
+        .retry
+        .tiers_ms
+        .iter()
+        .zip(settings.retry.tier_names())
+        .map(|(ms, name)| (*ms, name.clone(), config.topic(&format!("actions.{service}.retry.{name}"))))
+        .collect();
     let executor = Arc::new(Executor {
         connector,
+        throttle: Throttle::new(&service, &settings.limits),
+        breaker: Breaker::new(&service, settings.breaker.clone()),
+        slots: Semaphore::new(settings.concurrency.unwrap_or(config.executor.concurrency)),
         dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Execute),
         producer,
         results_topic: config.topic("results"),
+        tiers,
+        ownership: source.ownership(),
+        tenant_max_buffered: config.executor.tenant_max_buffered,
+        stopping: AtomicBool::new(false),
+        stopped: Notify::new(),
         service,
+        settings,
     });
-    let (concurrency, max_buffered) = (config.executor.concurrency, config.executor.max_buffered);
-    let mut lanes: Lanes<(ActionTask, Ticket)> = Lanes::default();
-    let mut running: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
+    let limits = &config.executor;
+    let mut lanes: Lanes<Job> = Lanes::with_per_key(executor.settings.tenant_concurrency);
+    let mut per_partition: HashMap<i32, usize> = HashMap::new();
+    // Tasks taken and not finished: in the lanes, or settling.
+    let mut in_flight = 0usize;
+    // Per tenant being deferred: when its last deferred task is due.
+    let mut deferred_until: HashMap<String, u64> = HashMap::new();
+    let mut running: FuturesUnordered<BoxFuture<'static, Finished>> = FuturesUnordered::new();
+    let mut tidy = tokio::time::interval(Duration::from_secs(30));
+    let release = |source: &Source, per_partition: &mut HashMap<i32, usize>, in_flight: &mut usize, partition: i32| {
+        *in_flight -= 1;
+        let n = per_partition.entry(partition).or_default();
+        *n = n.saturating_sub(1);
+        // Resume at half the bound, so a busy partition is not paused and resumed on every task.
+        if *n <= limits.partition_max_buffered / 2 {
+            source.resume_partition(partition);
+        }
+    };
     let result = loop {
-        while running.len() < concurrency {
-            let Some((_, (task, ticket))) = lanes.start_next() else { break };
-            running.push(executor.clone().execute(task, ticket));
+        while let Some((tenant, job)) = lanes.start_next() {
+            if executor.ownership.owns(&job.ticket) {
+                running.push(executor.clone().execute(job));
+            } else {
+                lanes.finish(&tenant);
+                release(&source, &mut per_partition, &mut in_flight, job.ticket.partition);
+            }
         }
         tokio::select! {
             _ = shutdown.recv() => break Ok(()),
-            Some((lane, ticket, r)) = running.next() => {
-                if let Err(e) = r { break Err(e) }
-                source.done(&ticket);
-                if let Some(lane) = lane { lanes.finish(&lane) }
+            Some(f) = running.next() => {
+                if let Some(lane) = &f.lane {
+                    lanes.finish(lane);
+                }
+                if let Some(then) = f.then {
+                    running.push(then);
+                    continue;
+                }
+                match f.stored {
+                    Err(e) => break Err(e),
+                    Ok(true) => source.done(&f.ticket),
+                    Ok(false) => {}
+                }
+                if f.counted {
+                    release(&source, &mut per_partition, &mut in_flight, f.ticket.partition);
+                }
             }
-            batch = source.recv(), if lanes.len() < max_buffered => match batch {
-                Some(batch) => for d in batch {
-                    match executor.decode(&d.message) {
-                        Ok(task) => lanes.push(&task.tenant.clone(), (task, d.ticket)),
-                        Err(reason) => running.push(executor.clone().dead_letter(d.message, d.ticket, reason)),
+            Ok(()) = assignment.changed() => {
+                let a = assignment.borrow_and_update().clone();
+                executor.throttle.set_share(a.owned.len(), a.partitions.max(0) as usize);
+            }
+            batch = source.recv(), if in_flight < limits.max_buffered => match batch {
+                Some(batch) => {
+                    let now = retry::epoch_ms();
+                    for d in batch {
+                        let task = match executor.decode(&d.message) {
+                            Ok(task) => task,
+                            Err(reason) => {
+                                running.push(executor.clone().dead_letter(d, reason));
+                                continue;
+                            }
+                        };
+                        if let Some(due) = executor.deferral(&d.message, &task, &lanes, &mut deferred_until, now) {
+                            running.push(executor.clone().defer(d, due));
+                            continue;
+                        }
+                        let partition = d.ticket.partition;
+                        let n = per_partition.entry(partition).or_default();
+                        *n += 1;
+                        in_flight += 1;
+                        if *n >= limits.partition_max_buffered {
+                            source.pause_partition(partition);
+                        }
+                        lanes.push(&task.tenant.clone(), Job { message: d.message, task, ticket: d.ticket });
                     }
-                },
+                }
                 None => break Ok(()),
             },
+            _ = tidy.tick() => {
+                executor.throttle.forget_idle_tenants();
+                let now = retry::epoch_ms();
+                deferred_until.retain(|_, due| *due > now);
+            }
         }
     };
-    // Calls already made finish and report; queued ones are left for whoever owns the partition
-    // next (their offsets were not stored).
-    while let Some((_, ticket, r)) = running.next().await {
-        if r.is_ok() {
-            source.done(&ticket);
+    // Calls already made finish and report; queued and waiting ones are left for whoever owns the
+    // partition next (their offsets were not stored).
+    drop(lanes);
+    executor.stopping.store(true, Ordering::SeqCst);
+    executor.stopped.notify_waiters();
+    while let Some(f) = running.next().await {
+        if let Some(then) = f.then {
+            running.push(then);
+        } else if let Ok(true) = f.stored {
+            source.done(&f.ticket);
         }
     }
     source.close();
@@ -104,46 +291,202 @@ impl Executor {
         Ok(task)
     }
 
-    fn dead_letter(
-        self: Arc<Self>,
-        message: OwnedMessage,
-        ticket: Ticket,
-        reason: String,
-    ) -> BoxFuture<'static, Outcome> {
-        Event::Failed { stage: Stage::Execute, reason: "decode", retryable: false, detail: &reason }.emit();
-        async move { (None, ticket, self.dead_letters.send(&message, &reason).await) }.boxed()
+    /// When a task of a tenant over its own limit should be deferred, the time it is due. A
+    /// tenant is deferred once it has `tenant_max_buffered` tasks waiting; while it is, its new
+    /// tasks are deferred too (behind the earlier ones, each one limit interval later), and a
+    /// deferred task that comes back due joins the lane.
+    fn deferral(
+        &self,
+        message: &OwnedMessage,
+        task: &ActionTask,
+        lanes: &Lanes<Job>,
+        deferred_until: &mut HashMap<String, u64>,
+        now: u64,
+    ) -> Option<u64> {
+        if !self.throttle.has_tenant_limits() || self.tiers.is_empty() {
+            return None;
+        }
+        let queued = lanes.queued(&task.tenant);
+        let returning = retry::header_str(message, retry::KIND) == Some("deferral");
+        let horizon = deferred_until.get(&task.tenant).copied().filter(|due| *due > now);
+        let limit = self.tenant_max_buffered;
+        if queued < limit && (returning || horizon.is_none()) {
+            return None;
+        }
+        let step = self.throttle.tenant_backlog_delay(1).as_millis().max(1) as u64;
+        let start = horizon.unwrap_or(now + self.throttle.tenant_backlog_delay(queued).as_millis() as u64);
+        let due = start + step;
+        deferred_until.insert(task.tenant.clone(), due);
+        Some(due)
     }
 
-    fn execute(self: Arc<Self>, task: ActionTask, ticket: Ticket) -> BoxFuture<'static, Outcome> {
+    fn dead_letter(self: Arc<Self>, d: Delivery, reason: String) -> BoxFuture<'static, Finished> {
+        Event::Failed { stage: Stage::Execute, reason: "decode", retryable: false, detail: &reason }.emit();
         async move {
-            let result = self.call(&task).await;
-            Event::ActionDone { service: &self.service, succeeded: result.status == Status::Succeeded }.emit();
-            let payload = serde_json::to_vec(&result).expect("a result always serializes");
-            let sent = kafka::send(
-                &self.producer,
-                &self.results_topic,
-                Some(task.tenant.as_bytes()),
-                &payload,
-                kafka::content_headers(Format::Json),
-            )
-            .await
-            .map(|_| Event::Produced { stage: Stage::Execute, topic: &self.results_topic, count: 1 }.emit());
-            (Some(task.tenant), ticket, sent)
+            let stored = self.dead_letters.send(&d.message, &reason).await.map(|_| true);
+            Finished::done(None, false, d.ticket, stored)
         }
         .boxed()
     }
 
-    /// Calls the service through its connector; any outcome becomes a result.
-    async fn call(&self, task: &ActionTask) -> ActionResult {
-        let started = Instant::now();
-        let (status, http_status, error, output) = match self.connector.call(task).await {
-            CallOutcome::Succeeded { http_status, output, .. } => (Status::Succeeded, http_status, None, output),
-            CallOutcome::Retryable { reason, http_status, .. } | CallOutcome::Permanent { reason, http_status } => {
-                (Status::Failed, http_status, Some(reason), None)
+    /// Moves a task to the delay tier covering `due`, unchanged (a deferral uses no attempt).
+    fn defer(self: Arc<Self>, d: Delivery, due: u64) -> BoxFuture<'static, Finished> {
+        async move {
+            let wait = Duration::from_millis(due.saturating_sub(retry::epoch_ms()));
+            let (_, tier, topic) = &self.tiers[retry::tier_for(&self.settings.retry.tiers_ms, wait)];
+            let due = due.to_string();
+            let headers = retry::rewrite_headers(
+                &d.message,
+                |k| k == retry::KIND || k == retry::DUE,
+                &[(retry::KIND, "deferral"), (retry::DUE, &due)],
+            );
+            let payload = d.message.payload().unwrap_or_default();
+            let sent = kafka::send(&self.producer, topic, d.message.key(), payload, headers).await;
+            if sent.is_ok() {
+                let tenant = d.message.key().map(String::from_utf8_lossy).unwrap_or_default();
+                Event::Deferred { service: &self.service, tenant: &tenant, tier }.emit();
             }
-        };
-        let http_status = http_status.map(i32::from);
-        ActionResult {
+            Finished::done(None, false, d.ticket, sent.map(|_| true))
+        }
+        .boxed()
+    }
+
+    fn execute(self: Arc<Self>, job: Job) -> BoxFuture<'static, Finished> {
+        async move {
+            let Job { message, task, ticket } = job;
+            let estimate = self.connector.estimate_cost(&task);
+            // Registered before the flag is read, so a shutdown in between still wakes it.
+            let stopped = self.stopped.notified();
+            if self.stopping.load(Ordering::SeqCst) {
+                return Finished::done(Some(task.tenant), true, ticket, Ok(false));
+            }
+            let ready = async {
+                self.throttle.wait_tenant(&task.tenant, estimate).await;
+                let slot = self.slots.acquire().await.expect("the semaphore is never closed");
+                let admission = self.breaker.admit().await;
+                self.throttle.wait_global(estimate).await;
+                (slot, admission)
+            };
+            let (slot, admission) = tokio::select! {
+                ready = ready => ready,
+                _ = stopped => return Finished::done(Some(task.tenant.clone()), true, ticket, Ok(false)),
+            };
+            // Waiting may have outlasted the partition's assignment; its new owner calls instead.
+            if !self.ownership.owns(&ticket) || self.stopping.load(Ordering::SeqCst) {
+                self.breaker.record(admission, Verdict::Neutral);
+                return Finished::done(Some(task.tenant), true, ticket, Ok(false));
+            }
+            let started = Instant::now();
+            let outcome = self.connector.call(&task).await;
+            let latency = started.elapsed();
+            let verdict = match &outcome {
+                CallOutcome::Succeeded { .. } => Verdict::Succeeded,
+                CallOutcome::Retryable { .. } => Verdict::Failed,
+                CallOutcome::Permanent { .. } => Verdict::Neutral,
+            };
+            self.breaker.record(admission, verdict);
+            drop(slot);
+            let lane = Some(task.tenant.clone());
+            let settle = async move {
+                let stored = self.settle(&message, &task, outcome, latency, estimate).await.map(|_| true);
+                Finished::done(None, true, ticket, stored)
+            };
+            Finished { lane, ticket, then: Some(settle.boxed()), counted: false, stored: Ok(false) }
+        }
+        .boxed()
+    }
+
+    /// Makes the outcome of a call durable: a result, a delayed retry, or a dead letter and a
+    /// failed result.
+    async fn settle(
+        &self,
+        message: &OwnedMessage,
+        task: &ActionTask,
+        outcome: CallOutcome,
+        latency: Duration,
+        estimate: u64,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let attempts = self.settings.retry.attempts as i32;
+        match outcome {
+            CallOutcome::Succeeded { http_status, output, cost } => {
+                if let Some(reported) = cost {
+                    self.throttle.charge_extra(&task.tenant, estimate, reported).await;
+                }
+                Event::ActionDone { service: &self.service, succeeded: true }.emit();
+                let cost = cost.or(Some(estimate));
+                self.send_result(task, Status::Succeeded, http_status, None, output, cost, latency).await
+            }
+            CallOutcome::Retryable { reason, retry_after, .. } if task.attempt < attempts => {
+                self.retry(message, task, &reason, retry_after).await
+            }
+            CallOutcome::Retryable { reason, http_status, .. } | CallOutcome::Permanent { reason, http_status } => {
+                // Retryable or not, this task is out of attempts: a final failure.
+                Event::Failed { stage: Stage::Execute, reason: "call", retryable: false, detail: &reason }.emit();
+                let attempt = task.attempt.to_string();
+                let now = chrono::Utc::now().to_rfc3339();
+                let first = retry::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
+                self.dead_letters
+                    .send_with(
+                        message,
+                        &reason,
+                        &[(dead_letter::ATTEMPTS, &attempt), (dead_letter::FIRST_FAILURE, &first)],
+                    )
+                    .await?;
+                Event::ActionDone { service: &self.service, succeeded: false }.emit();
+                self.send_result(task, Status::Failed, http_status, Some(reason), None, None, latency).await
+            }
+        }
+    }
+
+    /// Sends the task, its attempt counted up, to the delay tier covering its backoff.
+    async fn retry(
+        &self,
+        message: &OwnedMessage,
+        task: &ActionTask,
+        reason: &str,
+        retry_after: Option<Duration>,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let wait =
+            retry::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
+        let (_, tier, topic) = &self.tiers[retry::tier_for(&self.settings.retry.tiers_ms, wait)];
+        let next = ActionTask { attempt: task.attempt + 1, ..task.clone() };
+        let payload = serde_json::to_vec(&next).expect("a task always serializes");
+        let (due, attempt, now) = (
+            (retry::epoch_ms() + wait.as_millis() as u64).to_string(),
+            next.attempt.to_string(),
+            chrono::Utc::now().to_rfc3339(),
+        );
+        let first = retry::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
+        let reason: String = reason.chars().take(500).collect();
+        let headers = retry::rewrite_headers(
+            message,
+            |k| k.starts_with("weir.retry.") || k == envelope::CONTENT_TYPE,
+            &[
+                (envelope::CONTENT_TYPE, Format::Json.content_type()),
+                (retry::KIND, "retry"),
+                (retry::DUE, &due),
+                (retry::ATTEMPT, &attempt),
+                (retry::FIRST_FAILURE, &first),
+                (retry::LAST_ERROR, &reason),
+            ],
+        );
+        kafka::send(&self.producer, topic, Some(task.tenant.as_bytes()), &payload, headers).await?;
+        Event::Retried { service: &self.service, tier, attempt: task.attempt, reason: &reason }.emit();
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_result(
+        &self,
+        task: &ActionTask,
+        status: Status,
+        http_status: Option<u16>,
+        error: Option<String>,
+        output: Option<serde_json::Value>,
+        cost: Option<u64>,
+        latency: Duration,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let result = ActionResult {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),
             event_id: task.event_id.clone(),
@@ -154,12 +497,24 @@ impl Executor {
             service: task.service.clone(),
             status,
             attempts: task.attempt,
-            latency_ms: started.elapsed().as_secs_f64() * 1e3,
-            http_status,
+            latency_ms: latency.as_secs_f64() * 1e3,
+            http_status: http_status.map(i32::from),
+            cost,
             error,
             finished_at: chrono::Utc::now().to_rfc3339(),
             output,
             event: task.event.clone(),
-        }
+        };
+        let payload = serde_json::to_vec(&result).expect("a result always serializes");
+        kafka::send(
+            &self.producer,
+            &self.results_topic,
+            Some(task.tenant.as_bytes()),
+            &payload,
+            kafka::content_headers(Format::Json),
+        )
+        .await?;
+        Event::Produced { stage: Stage::Execute, topic: &self.results_topic, count: 1 }.emit();
+        Ok(())
     }
 }

@@ -9,50 +9,80 @@
 use std::collections::{HashMap, VecDeque};
 
 #[derive(Debug)]
+struct Lane<T> {
+    queue: VecDeque<T>,
+    running: usize,
+    /// Whether the key is in `ready` (at most once).
+    in_ready: bool,
+}
+
+#[derive(Debug)]
 pub struct Lanes<T> {
-    queues: HashMap<String, VecDeque<T>>,
-    /// Keys with queued work and nothing running, in the order they became ready.
+    queues: HashMap<String, Lane<T>>,
+    /// Keys with queued work and a free running place, in the order they became ready.
     ready: VecDeque<String>,
     len: usize,
+    /// Items of one key running at once; 1 keeps a key's items in order.
+    per_key: usize,
 }
 
 impl<T> Default for Lanes<T> {
     fn default() -> Self {
-        Lanes { queues: HashMap::new(), ready: VecDeque::new(), len: 0 }
+        Self::with_per_key(1)
     }
 }
 
 impl<T> Lanes<T> {
+    /// Lanes running up to `per_key` items of a key at once (at least 1). Above 1, a key's items
+    /// start in order but may finish in any order.
+    pub fn with_per_key(per_key: usize) -> Self {
+        Lanes { queues: HashMap::new(), ready: VecDeque::new(), len: 0, per_key: per_key.max(1) }
+    }
+
     /// Queues `item` behind earlier items of `key`.
     pub fn push(&mut self, key: &str, item: T) {
         self.len += 1;
-        match self.queues.get_mut(key) {
-            // An existing queue means the key is running or already ready.
-            Some(q) => q.push_back(item),
-            None => {
-                self.queues.insert(key.to_string(), VecDeque::from([item]));
-                self.ready.push_back(key.to_string());
-            }
+        let lane = self.queues.entry(key.to_string()).or_insert_with(|| Lane {
+            queue: VecDeque::new(),
+            running: 0,
+            in_ready: false,
+        });
+        lane.queue.push_back(item);
+        if !lane.in_ready && lane.running < self.per_key {
+            lane.in_ready = true;
+            self.ready.push_back(key.to_string());
         }
     }
 
-    /// The next item whose key has nothing running; the key is busy until [`finish`](Self::finish).
+    /// The next item whose key has a free running place; it runs until [`finish`](Self::finish).
     pub fn start_next(&mut self) -> Option<(String, T)> {
         let key = self.ready.pop_front()?;
-        let item = self.queues.get_mut(&key).and_then(|q| q.pop_front()).expect("a ready key has queued work");
+        let lane = self.queues.get_mut(&key).expect("a ready key has a lane");
+        let item = lane.queue.pop_front().expect("a ready key has queued work");
+        lane.running += 1;
+        lane.in_ready = !lane.queue.is_empty() && lane.running < self.per_key;
+        if lane.in_ready {
+            self.ready.push_back(key.clone());
+        }
         Some((key, item))
     }
 
-    /// The running item of `key` finished: its next item, if any, becomes ready.
+    /// A running item of `key` finished: the key's next item, if any, may start.
     pub fn finish(&mut self, key: &str) {
+        let Some(lane) = self.queues.get_mut(key) else { return };
         self.len -= 1;
-        match self.queues.get(key) {
-            Some(q) if q.is_empty() => {
-                self.queues.remove(key);
-            }
-            Some(_) => self.ready.push_back(key.to_string()),
-            None => {}
+        lane.running = lane.running.saturating_sub(1);
+        if lane.queue.is_empty() && lane.running == 0 {
+            self.queues.remove(key);
+        } else if !lane.in_ready && !lane.queue.is_empty() && lane.running < self.per_key {
+            lane.in_ready = true;
+            self.ready.push_back(key.to_string());
         }
+    }
+
+    /// Items of `key` queued or running.
+    pub fn queued(&self, key: &str) -> usize {
+        self.queues.get(key).map_or(0, |l| l.queue.len() + l.running)
     }
 
     /// Items queued or running.
@@ -86,5 +116,25 @@ mod tests {
         lanes.finish("a");
         assert!(lanes.is_empty());
         assert!(lanes.queues.is_empty() && lanes.ready.is_empty());
+    }
+
+    #[test]
+    fn several_per_key_start_in_order() {
+        let mut lanes = Lanes::with_per_key(2);
+        for i in 1..=3 {
+            lanes.push("a", i);
+        }
+        lanes.push("b", 1);
+        assert_eq!(lanes.queued("a"), 3);
+        assert_eq!(lanes.start_next(), Some(("a".into(), 1)));
+        assert_eq!(lanes.start_next(), Some(("b".into(), 1)));
+        assert_eq!(lanes.start_next(), Some(("a".into(), 2)));
+        assert_eq!(lanes.start_next(), None, "a has two running");
+        lanes.finish("a");
+        assert_eq!(lanes.start_next(), Some(("a".into(), 3)));
+        for k in ["a", "a", "b"] {
+            lanes.finish(k);
+        }
+        assert!(lanes.is_empty() && lanes.queues.is_empty() && lanes.ready.is_empty());
     }
 }

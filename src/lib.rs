@@ -22,7 +22,7 @@
 //!   ([`offsets`] does the bookkeeping, [`lanes`] keeps a tenant's tasks in order).
 //! - [`envelope`]: the records (CloudEvents event, task, result) and their JSON/Avro encodings.
 //! - [`kafka`]: how clients are configured; [`partitioner`]: Kafka's murmur2 key partitioning.
-//! - [`dead_letter`]: where unprocessable records go, with the reason in headers.
+//! - [`dead_letter`]: where unprocessable records go, with the reason in headers; [`dlq`]: `weir dlq`.
 //! - [`topics`]: topics as code (`topics/*.yaml`, `weir topics apply`).
 //! - [`config`]: `weir.yaml`; [`telemetry`]: typed events that log and count in one place, and
 //!   the Prometheus endpoint; [`shutdown`]: the broadcast signal every stage listens to.
@@ -37,6 +37,7 @@ pub mod coordinate;
 pub mod dead_letter;
 pub mod definitions;
 pub mod demo;
+pub mod dlq;
 pub mod envelope;
 pub mod evaluate;
 pub mod execute;

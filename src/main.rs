@@ -53,6 +53,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
     },
+    /// Inspect the dead-letter topic and send records back to where they failed.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
         #[arg(long, default_value_t = 2_000)]
@@ -79,6 +84,46 @@ enum WorkflowsAction {
         #[arg(long)]
         tenant: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters (id, time, origin, key, attempts, reason).
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Show one dead letter's headers and payload.
+    Show {
+        /// `partition:offset`, as `list` prints it.
+        id: String,
+    },
+    /// Re-produce the matching dead letters to their origin topics (attempts reset); prints how
+    /// many.
+    Redrive {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+}
+
+#[derive(clap::Args)]
+struct DlqFilter {
+    /// Only dead letters of this service's action topic.
+    #[arg(long)]
+    service: Option<String>,
+    /// Only this tenant's.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only those dead-lettered since this RFC 3339 time or this long ago (30m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+}
+
+impl DlqFilter {
+    fn parse(self) -> anyhow::Result<weir::dlq::Filter> {
+        let since = self.since.as_deref().map(weir::dlq::parse_since).transpose()?;
+        Ok(weir::dlq::Filter { service: self.service, tenant: self.tenant, since })
+    }
 }
 
 #[derive(Subcommand)]
@@ -159,6 +204,22 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let producer = Producer::for_topic(&config, &config.topic(&topic))?;
             let sent = producer.send_all(events.into_iter().map(|e| (e, format)), 10_000).await?;
             println!("produced {sent} events to {}", producer.topic());
+            Ok(())
+        }
+        Command::Dlq { action: DlqAction::List { filter } } => {
+            let filter = filter.parse()?;
+            let letters = tokio::task::spawn_blocking(move || weir::dlq::list(&config, &filter)).await??;
+            weir::dlq::print_list(&letters);
+            Ok(())
+        }
+        Command::Dlq { action: DlqAction::Show { id } } => {
+            let letter = tokio::task::spawn_blocking(move || weir::dlq::show(&config, &id)).await??;
+            weir::dlq::print_one(&letter);
+            Ok(())
+        }
+        Command::Dlq { action: DlqAction::Redrive { filter } } => {
+            let count = weir::dlq::redrive(&config, &filter.parse()?).await?;
+            println!("redrove {count} dead letters");
             Ok(())
         }
         Command::Demo { events, tenants } => weir::demo::run(config, events, tenants.max(1)).await,

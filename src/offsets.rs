@@ -76,6 +76,11 @@ impl OffsetTracker {
         self.partitions.remove(&partition);
     }
 
+    /// Whether offsets handed out under `generation` still belong to the current assignment.
+    pub fn is_current(&self, partition: i32, generation: u64) -> bool {
+        self.partitions.get(&partition).is_some_and(|s| s.generation == generation)
+    }
+
     /// Number of offsets handed out and not yet done, over all partitions.
     pub fn pending(&self) -> usize {
         self.partitions.values().map(|s| s.pending.len()).sum()

@@ -7,6 +7,11 @@
 //! executed again. Its response echoes the task's step and input, so a later step's input can
 //! show which outputs it received.
 //!
+//! Like a rate-limited API, it can enforce its own limit ([`Mode::rate_limit`]): a request over
+//! it is answered 429 with `Retry-After`. It can follow a script of failures
+//! ([`Receiver::fail_for`]: e.g. 429 for 2 s, then 503 for 3 s, then normal again), and reports
+//! `usage.total_tokens` (the task input's `tokens`) like an OpenAI-style API, for cost limits.
+//!
 //! It is a real server on a real socket (port 0), so the executor's HTTP client, timeouts and
 //! error handling are exercised exactly as against a remote service.
 //!
@@ -58,6 +63,9 @@ pub struct Mode {
     pub fail_with: Option<u16>,
     /// Sent as `Retry-After` (whole seconds) with failures.
     pub retry_after: Option<Duration>,
+    /// Requests accepted per second at most, counted over the last second at each arrival;
+    /// over it the answer is 429 with `Retry-After: 1`.
+    pub rate_limit: Option<usize>,
 }
 
 #[derive(Default)]
@@ -68,6 +76,10 @@ struct Inner {
     arrived: std::sync::atomic::AtomicUsize,
     /// Responses of succeeded calls by idempotency key.
     done: Mutex<std::collections::HashMap<String, Value>>,
+    /// Scripted failures: (until, status), in order; see [`Receiver::fail_for`].
+    script: Mutex<Vec<(Instant, u16)>>,
+    /// Arrival times of accepted requests in the last second, for `rate_limit`.
+    recent: Mutex<std::collections::VecDeque<Instant>>,
 }
 
 pub struct Receiver {
@@ -96,6 +108,19 @@ impl Receiver {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.inner.mode.lock().expect("mode lock") = mode;
+    }
+
+    /// From now on, answers each phase's status for its duration, one phase after the other,
+    /// then answers normally again: `fail_for(&[(429, 2s), (503, 3s)])` is a 5-second outage.
+    pub fn fail_for(&self, phases: &[(u16, Duration)]) {
+        let mut until = Instant::now();
+        *self.inner.script.lock().expect("script lock") = phases
+            .iter()
+            .map(|(status, length)| {
+                until += *length;
+                (until, *status)
+            })
+            .collect();
     }
 
     /// Every call so far, in arrival order.
@@ -136,7 +161,24 @@ async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, heade
     if !mode.latency.is_zero() && stored.is_none() {
         tokio::time::sleep(mode.latency).await;
     }
-    let status = if stored.is_some() { 200 } else { mode.fail_with.unwrap_or(200) };
+    let scripted = inner.script.lock().expect("script lock").iter().find(|(until, _)| *until > at).map(|(_, s)| *s);
+    let over_limit = mode.rate_limit.is_some_and(|limit| {
+        let mut recent = inner.recent.lock().expect("recent lock");
+        while recent.front().is_some_and(|t| at.duration_since(*t) >= Duration::from_secs(1)) {
+            recent.pop_front();
+        }
+        let over = recent.len() >= limit;
+        if !over {
+            recent.push_back(at);
+        }
+        over
+    });
+    let status = match (over_limit, &stored, scripted) {
+        (true, _, _) => 429,
+        (false, Some(_), _) => 200,
+        (false, None, Some(s)) => s,
+        (false, None, None) => mode.fail_with.unwrap_or(200),
+    };
     let response = stored.clone().unwrap_or_else(|| answer(uri.path(), status, &body));
     if let (Some(k), true, None) = (&key, status < 300, &stored) {
         inner.done.lock().expect("done lock").insert(k.clone(), response.clone());
@@ -158,7 +200,9 @@ async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, heade
         Value::String(text) => (code, text).into_response(),
         json => (code, Json(json)).into_response(),
     };
-    if let (Some(after), true) = (mode.retry_after, status >= 300) {
+    // A 429 always says when to come back, like real rate-limited APIs.
+    let retry_after = mode.retry_after.or((status == 429).then_some(Duration::from_secs(1)));
+    if let (Some(after), true) = (retry_after, status >= 300) {
         reply.headers_mut().insert("retry-after", after.as_secs().into());
     }
     reply
@@ -186,6 +230,10 @@ fn answer(path: &str, status: u16, body: &Value) -> Value {
     } else if path.starts_with("/slack/") {
         Value::String(if ok { "ok" } else { "rate_limited" }.into())
     } else {
-        serde_json::json!({"ok": ok, "step": body["step_id"], "input": body["input"]})
+        let mut echo = serde_json::json!({"ok": ok, "step": body["step_id"], "input": body["input"]});
+        if let Some(tokens) = body["input"]["tokens"].as_u64() {
+            echo["usage"] = serde_json::json!({"total_tokens": tokens});
+        }
+        echo
     }
 }

@@ -22,6 +22,7 @@
 //! new owner relies on.
 
 use std::{
+    collections::BTreeSet,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -37,7 +38,7 @@ use rdkafka::{
     message::OwnedMessage,
     ClientContext, Message, Statistics, TopicPartitionList,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::Config,
@@ -65,10 +66,24 @@ pub struct Delivery {
     pub ticket: Ticket,
 }
 
+/// The partitions of the topic this member owns, and how many the topic has: what a stage needs
+/// to take its share of a limit shared by the whole group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assignment {
+    pub owned: BTreeSet<i32>,
+    pub partitions: i32,
+}
+
 struct Shared {
     stage: Stage,
     topic: String,
     tracker: Mutex<OffsetTracker>,
+    /// Partitions the stage asked to pause (see [`Source::pause_partition`]). Every pause and
+    /// resume is made under this lock, so the stage's and the poll thread's cannot interleave.
+    held: Mutex<BTreeSet<i32>>,
+    /// Whether the poll thread paused everything (the stage is behind).
+    all_paused: AtomicBool,
+    assignment: watch::Sender<Assignment>,
 }
 
 /// Rebalance hooks and statistics for a source's consumer.
@@ -95,15 +110,30 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut tracker = self.shared.tracker.lock().expect("tracker lock");
+            let mut held = self.shared.held.lock().expect("held lock");
             for e in tpl.elements() {
                 tracker.forget(e.partition());
+                held.remove(&e.partition());
             }
+            self.shared.assignment.send_modify(|a| {
+                for e in tpl.elements() {
+                    a.owned.remove(&e.partition());
+                }
+            });
             Event::Rebalanced { stage: self.shared.stage, kind: "revoke", partitions: &describe(tpl) }.emit();
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // Partitions may have been added since the last look; a failed lookup keeps the count.
+            let partitions = kafka::partition_count(consumer.client(), &self.shared.topic).ok();
+            self.shared.assignment.send_modify(|a| {
+                a.owned.extend(tpl.elements().iter().map(|e| e.partition()));
+                if let Some(n) = partitions {
+                    a.partitions = n;
+                }
+            });
             Event::Rebalanced { stage: self.shared.stage, kind: "assign", partitions: &describe(tpl) }.emit();
         }
     }
@@ -131,11 +161,20 @@ pub struct Source {
 impl Source {
     /// Joins `group` on `topic` (which must exist) and starts polling.
     pub fn subscribe(config: &Config, stage: Stage, topic: &str, group: &str) -> anyhow::Result<Source> {
-        let shared = Arc::new(Shared { stage, topic: topic.to_string(), tracker: Mutex::new(OffsetTracker::new()) });
+        let (assignment, _) = watch::channel(Assignment::default());
+        let shared = Arc::new(Shared {
+            stage,
+            topic: topic.to_string(),
+            tracker: Mutex::new(OffsetTracker::new()),
+            held: Mutex::new(BTreeSet::new()),
+            all_paused: AtomicBool::new(false),
+            assignment,
+        });
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(config, group)
             .create_with_context(SourceContext { shared: shared.clone() })
             .context("creating Kafka consumer")?;
-        kafka::partition_count(consumer.client(), topic)?;
+        let partitions = kafka::partition_count(consumer.client(), topic)?;
+        shared.assignment.send_modify(|a| a.partitions = partitions);
         consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(2);
@@ -183,6 +222,39 @@ impl Source {
         }
     }
 
+    /// Stops fetching `partition` until [`resume_partition`](Self::resume_partition), while
+    /// the others go on: for a stage whose work for one partition piles up. librdkafka drops what
+    /// it had prefetched for the partition and fetches again from the next undelivered offset on
+    /// resume, so nothing is lost or buffered. Batches already handed over still arrive.
+    ///
+    /// Made directly on the caller's thread (librdkafka queues the operation), not through the
+    /// poll thread, which may be blocked in a poll for a while.
+    pub fn pause_partition(&self, partition: i32) {
+        let mut held = self.shared.held.lock().expect("held lock");
+        if held.insert(partition) {
+            apply(&self.consumer, &self.shared, true, [partition]);
+        }
+    }
+
+    pub fn resume_partition(&self, partition: i32) {
+        let mut held = self.shared.held.lock().expect("held lock");
+        // While the poll thread holds everything it resumes what is not held itself.
+        if held.remove(&partition) && !self.shared.all_paused.load(Ordering::Relaxed) {
+            apply(&self.consumer, &self.shared, false, [partition]);
+        }
+    }
+
+    /// The owned partitions, updated on every rebalance.
+    pub fn assignment(&self) -> watch::Receiver<Assignment> {
+        self.shared.assignment.subscribe()
+    }
+
+    /// Answers, from any task, whether a ticket's partition is still owned by the assignment that
+    /// handed it out: work for a revoked partition is left to its new owner.
+    pub fn ownership(&self) -> Ownership {
+        Ownership(self.shared.clone())
+    }
+
     /// Offsets handed out and not yet done.
     pub fn pending(&self) -> usize {
         self.shared.tracker.lock().expect("tracker lock").pending()
@@ -195,6 +267,16 @@ impl Source {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// See [`Source::ownership`].
+#[derive(Clone)]
+pub struct Ownership(Arc<Shared>);
+
+impl Ownership {
+    pub fn owns(&self, ticket: &Ticket) -> bool {
+        self.0.tracker.lock().expect("tracker lock").is_current(ticket.partition, ticket.generation)
     }
 }
 
@@ -267,10 +349,33 @@ fn poll_loop(
     }
 }
 
+/// Pauses every assigned partition, or resumes those the stage does not hold.
 fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {
     let Ok(assignment) = consumer.assignment() else { return };
-    let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+    let held = shared.held.lock().expect("held lock");
+    shared.all_paused.store(pause, Ordering::Relaxed);
+    let partitions =
+        assignment.elements().iter().map(|e| e.partition()).filter(|p| pause || !held.contains(p)).collect::<Vec<_>>();
+    apply(consumer, shared, pause, partitions);
+}
+
+/// Pauses or resumes `partitions`; call with the `held` lock taken.
+fn apply(
+    consumer: &BaseConsumer<SourceContext>,
+    shared: &Shared,
+    pause: bool,
+    partitions: impl IntoIterator<Item = i32>,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(&shared.topic, p);
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    let result = if pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
     if let Err(e) = result {
-        Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &e.to_string() }.emit();
+        let detail = format!("partitions {}: {e}", describe(&tpl));
+        Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &detail }.emit();
     }
 }

@@ -11,6 +11,11 @@
 //! - `weir_consumer_lag{stage,partition}`: messages behind the high watermark (librdkafka stats)
 //! - `weir_sink_rows_total`, `weir_actions_total{service,status}`
 //! - `weir_outbound_refused_total{service}`: resolved addresses the network policy refused
+//! - `weir_throttle_wait_seconds{service,scope}`: time a call waited for rate-limit permits
+//! - `weir_retries_total{service,tier}`: retryable failures sent to a delay topic
+//! - `weir_deferred_total{service}`: tasks of a tenant over its own limit moved to a delay topic
+//! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
+//! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
 
 use std::{net::SocketAddr, sync::OnceLock, time::Duration};
 
@@ -50,6 +55,11 @@ pub enum Event<'a> {
     ActionDone { service: &'a str, succeeded: bool },
     SinkWrote { rows: usize, elapsed: Duration },
     OutboundRefused { service: &'a str, host: &'a str, addr: std::net::IpAddr },
+    Throttled { service: &'a str, scope: &'static str, waited: Duration },
+    Retried { service: &'a str, tier: &'a str, attempt: i32, reason: &'a str },
+    Deferred { service: &'a str, tenant: &'a str, tier: &'a str },
+    Breaker { service: &'a str, state: &'static str },
+    Redriven { count: usize },
 }
 
 impl Event<'_> {
@@ -96,6 +106,31 @@ impl Event<'_> {
             Event::OutboundRefused { service, host, addr } => {
                 tracing::warn!(service, host, %addr, "outbound address refused by the network policy");
                 counter!("weir_outbound_refused_total", "service" => service.to_string()).increment(1)
+            }
+            Event::Throttled { service, scope, waited } => {
+                histogram!("weir_throttle_wait_seconds", "service" => service.to_string(), "scope" => scope)
+                    .record(waited.as_secs_f64())
+            }
+            Event::Retried { service, tier, attempt, reason } => {
+                tracing::debug!(service, tier, attempt, reason, "retry scheduled");
+                counter!("weir_retries_total", "service" => service.to_string(), "tier" => tier.to_string())
+                    .increment(1)
+            }
+            Event::Deferred { service, tenant, tier } => {
+                tracing::debug!(service, tenant, tier, "tenant over its limit: task deferred");
+                counter!("weir_deferred_total", "service" => service.to_string()).increment(1)
+            }
+            Event::Breaker { service, state } => {
+                tracing::warn!(service, state, "circuit breaker");
+                gauge!("weir_breaker_open", "service" => service.to_string()).set(if state == "closed" {
+                    0.0
+                } else {
+                    1.0
+                })
+            }
+            Event::Redriven { count } => {
+                tracing::info!(count, "dead letters redriven");
+                counter!("weir_redriven_total").increment(count as u64)
             }
         }
     }

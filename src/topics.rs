@@ -470,12 +470,32 @@ async fn wait_until_ready(admin: &Arc<Admin>, brokers: &str, want: &BTreeMap<&st
 /// `weir topics apply [--dry-run]`: loads `config.topics_dir`, plans, and applies unless
 /// `dry_run`. Returns the plan for [`print_plan`].
 pub async fn apply_dir(config: &Config, dry_run: bool) -> anyhow::Result<Plan> {
-    let specs = load_dir(&config.topics_dir)?;
+    let mut specs = load_dir(&config.topics_dir)?;
+    specs.extend(service_topics(config, &specs));
     let plan = plan(config, &specs).await?;
     if !dry_run {
         apply(config, &plan).await?;
     }
     Ok(plan)
+}
+
+/// The delay topics (`actions.<service>.retry.<tier>`) of every configured service that the files
+/// do not declare, derived from the service's declared `actions.<service>`: same partitions,
+/// replication and config. The files stay the source of truth (a declared delay topic wins), and
+/// adding a service or a tier to the config cannot leave its retries without a topic.
+pub fn service_topics(config: &Config, declared: &[TopicSpec]) -> Vec<TopicSpec> {
+    let mut derived = Vec::new();
+    for (name, service) in &config.services {
+        let main = format!("actions.{name}");
+        let Some(base) = declared.iter().find(|s| s.name == main) else { continue };
+        for tier in service.retry.tier_names() {
+            let name = format!("{main}.retry.{tier}");
+            if !declared.iter().any(|s| s.name == name) {
+                derived.push(TopicSpec { name, ..base.clone() });
+            }
+        }
+    }
+    derived
 }
 
 /// Prints one line per change to stdout, or `no changes`. Lines read as the action taken
@@ -538,6 +558,23 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         assert_eq!(specs[0].config["retention.ms"], "1000");
         assert!(specs[1].config.is_empty());
+    }
+
+    #[test]
+    fn delay_topics_are_derived_for_every_service_unless_declared() {
+        let specs = load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+        let mut config = Config::default();
+        config.services.insert("webhook".into(), Default::default());
+        assert!(service_topics(&config, &specs).is_empty(), "the repo declares webhook's delay topics");
+        let mut extra = specs.clone();
+        extra.push(TopicSpec { name: "actions.slack".into(), partitions: 3, ..specs[0].clone() });
+        let mut slack = crate::config::ServiceConfig::default();
+        slack.retry.tiers_ms = vec![5_000, 120_000];
+        config.services.insert("slack".into(), slack);
+        let derived = service_topics(&config, &extra);
+        let names: Vec<&str> = derived.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["actions.slack.retry.5s", "actions.slack.retry.2m"]);
+        assert!(derived.iter().all(|s| s.partitions == 3));
     }
 
     #[test]

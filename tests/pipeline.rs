@@ -175,7 +175,7 @@ async fn an_unreachable_broker_is_a_clear_error_not_a_hang() {
         weir::config::Config { brokers: "127.0.0.1:1".into(), workflows: dir.path().into(), ..Default::default() };
     config.services.insert(
         "webhook".into(),
-        weir::config::ServiceConfig { url: receiver.url("hook"), timeout_ms: 1_000, connector: Default::default() },
+        weir::config::ServiceConfig { url: receiver.url("hook"), timeout_ms: 1_000, ..Default::default() },
     );
     // The timeout only guards against a hang; the error is expected well before it.
     let outcome =

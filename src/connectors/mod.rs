@@ -30,12 +30,12 @@ use serde_json::Value;
 
 pub use network::{NetworkPolicy, Refused};
 
-use crate::{
-    config::ServiceConfig,
-    envelope::ActionTask,
-    execute::{IDEMPOTENCY_KEY, TENANT_HEADER},
-    template::InputTemplate,
-};
+/// Header with the task id on every call, for the service to deduplicate retries.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+/// Header naming the tenant a call is made for.
+pub const TENANT_HEADER: &str = "X-Weir-Tenant";
+
+use crate::{config::ServiceConfig, envelope::ActionTask, template::InputTemplate};
 
 /// What one call came to; the executor decides retries and dead letters from it.
 #[derive(Debug, Clone, PartialEq)]

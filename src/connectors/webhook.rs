@@ -235,7 +235,13 @@ impl Connector for Webhook {
                 request = request.body(bytes);
             }
             match exchange(request, task).await {
-                Ok(reply) => reply.succeeded(reply.output(), None),
+                Ok(reply) => {
+                    // A service that reports usage like OpenAI (`usage.total_tokens`) gets its cost
+                    // limits corrected by it, whatever its connector.
+                    let output = reply.output();
+                    let cost = output.as_ref().and_then(|o| o["usage"]["total_tokens"].as_u64());
+                    reply.succeeded(output, cost)
+                }
                 Err(outcome) => outcome,
             }
         }

@@ -66,8 +66,9 @@ pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Confi
         workflows: dir.path().to_path_buf(),
         ..Config::default()
     };
-    let hook = ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, connector: Default::default() };
-    config.services.insert("webhook".into(), hook);
+    config
+        .services
+        .insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
     config.network.allow = vec!["127.0.0.1/32".parse().unwrap()];
     config.validate().unwrap();
     weir::topics::apply_dir(&config, false).await.expect("topics apply");
