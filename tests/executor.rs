@@ -226,25 +226,9 @@ async fn weir_dlq_redrive_through_the_binary() {
     let (config, dir) = setup(&receiver, |_| {}).await;
     let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
     assert_eq!(dead_letters_after_rejection(&receiver, &config, 1).await.len(), 1);
-    let file = dir.path().join("weir.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "brokers: {}\ntopic_prefix: {}\ndatabase_url: {}\nmetrics_addr: null\nservices:\n  webhook:\n    url: {}\n",
-            config.brokers,
-            config.topic_prefix,
-            config.database_url,
-            receiver.url("hook")
-        ),
-    )
-    .unwrap();
+    let file = write_config_file(&config, dir.path());
     let weir = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .arg("--config")
-            .arg(&file)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = weir_command(&file, args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };

@@ -212,6 +212,19 @@ pub fn write_config_file(config: &Config, dir: &std::path::Path) -> PathBuf {
     path
 }
 
+/// `weir --config <config> <args>`, as a user would run it against that file.
+pub fn weir_command(config: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_weir"));
+    command
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        // The file says where everything is; the test's own environment must not override it.
+        .env_remove("DATABASE_URL")
+        .env_remove("WEIR_BROKERS");
+    command
+}
+
 /// A `weir` process started by a test; killed (SIGKILL, no clean-up) when dropped.
 pub struct WeirProcess {
     pub child: std::process::Child,
@@ -222,13 +235,7 @@ impl WeirProcess {
     /// Starts `weir --config <config> <args>`, logging to `<config's dir>/weir-<n>.log`.
     pub fn start(config: &std::path::Path, args: &[&str]) -> WeirProcess {
         let log = config.with_file_name(format!("{}.log", unique("weir-")));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            // The file says where everything is; the test's own environment must not override it.
-            .env_remove("DATABASE_URL")
-            .env_remove("WEIR_BROKERS")
+        let child = weir_command(config, args)
             .env("RUST_LOG", std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
