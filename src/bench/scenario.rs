@@ -49,7 +49,7 @@ fn set_throttle(workflow: &mut serde_json::Value, _config: &mut Config, per_seco
 }
 
 /// The configured rate of the throttled scenario, and the rate offered to it (twice as much).
-const THROTTLE_PER_SECOND: u64 = 200;
+const THROTTLE_PER_SECOND: u64 = 50;
 
 /// One scenario from set-up to clean-up.
 pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow::Result<ScenarioReport> {
