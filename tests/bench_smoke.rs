@@ -48,7 +48,8 @@ async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
     // The files: JSON that reads back with every scenario, an SVG with both charts.
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).expect("bench.json is JSON");
-    let names: Vec<&str> = json["scenarios"].as_array().unwrap().iter().map(|s| s["scenario"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        json["scenarios"].as_array().unwrap().iter().map(|s| s["scenario"].as_str().unwrap()).collect();
     assert_eq!(names, ["baseline", "evaluate", "pipeline", "throttled", "sink"]);
     assert!(json["scenarios"][0]["latency_ms"]["p99"].is_number());
     let svg = std::fs::read_to_string(out.path().join("bench.svg")).unwrap();

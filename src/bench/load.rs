@@ -175,7 +175,9 @@ pub enum Rate {
     PerSecond(u64),
     /// As fast as the scenario drains, keeping at most this many records produced but not yet
     /// observed at the scenario's output (so the stage always has work and memory stays bounded).
-    FlatOut { max_ahead: u64 },
+    FlatOut {
+        max_ahead: u64,
+    },
 }
 
 /// Counters shared by the generator and the observer.

@@ -105,7 +105,9 @@ impl FromStr for RateArg {
         match s {
             "flat-out" | "flatout" | "max" => Ok(RateArg::FlatOut),
             n => match n.replace('_', "").parse::<u64>() {
-                Ok(0) | Err(_) => Err(format!("rate {s:?}: expected a positive number of events per second or flat-out")),
+                Ok(0) | Err(_) => {
+                    Err(format!("rate {s:?}: expected a positive number of events per second or flat-out"))
+                }
                 Ok(n) => Ok(RateArg::PerSecond(n)),
             },
         }

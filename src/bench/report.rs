@@ -111,7 +111,17 @@ impl Report {
     pub fn table(&self) -> String {
         let mut t = format!(
             "{:<10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7}\n",
-            "scenario", "events/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "cpu/M", "cpu/M all", "rss MB", "ratio", "events"
+            "scenario",
+            "events/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "cpu/M",
+            "cpu/M all",
+            "rss MB",
+            "ratio",
+            "events"
         );
         for s in &self.scenarios {
             t += &format!(
@@ -139,7 +149,8 @@ impl Report {
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = dir.join("bench.json");
-        std::fs::write(&json, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", json.display()))?;
+        std::fs::write(&json, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", json.display()))?;
         let svg = dir.join("bench.svg");
         self.plot(&svg).map_err(|e| anyhow::anyhow!("drawing {}: {e}", svg.display()))
     }
@@ -196,6 +207,10 @@ fn machine() -> BTreeMap<&'static str, String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     if let Some(model) = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)) {
         m.insert("cpu", model.trim().to_string());
+    }
+    // Load when the report is written: other work on the machine skews every figure.
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        m.insert("loadavg", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
     }
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     if let Some(total) = meminfo.lines().find(|l| l.starts_with("MemTotal")).and_then(|l| l.split(':').nth(1)) {

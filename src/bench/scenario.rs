@@ -141,7 +141,12 @@ async fn drive(
             };
             let pipeline = Pipeline::start(Arc::new(config.clone()), stages).await?;
             let observer = if scenario == Scenario::Evaluate {
-                Observer::Topic(observe_topic(config, config.topic("actions.webhook"), meter.clone(), progress.clone())?)
+                Observer::Topic(observe_topic(
+                    config,
+                    config.topic("actions.webhook"),
+                    meter.clone(),
+                    progress.clone(),
+                )?)
             } else {
                 Observer::Receiver(observe_receiver(receiver.clone(), meter.clone(), progress.clone()))
             };
@@ -155,19 +160,20 @@ async fn drive(
     };
 
     let generator = load::spawn(config, input.0, input.1, mix.clone(), rate, head_start, progress.clone())?;
-    let measured = measure_window(options, scenario, &meter, &progress, warm_until).await;
+    let settle = (scenario == Scenario::Throttled).then_some(THROTTLE_PER_SECOND);
+    let measured = measure_window(options, scenario, &meter, &progress, warm_until, settle).await;
     progress.stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
     let stopped = match under_test {
-        UnderTest::Passthrough(t) => tokio::task::spawn_blocking(move || t.join()).await?.unwrap_or_else(|_| {
-            bail!("the passthrough panicked")
-        }),
+        UnderTest::Passthrough(t) => {
+            tokio::task::spawn_blocking(move || t.join()).await?.unwrap_or_else(|_| bail!("the passthrough panicked"))
+        }
         UnderTest::Stages(p) => p.stop().await,
     };
     let observed = match observer {
-        Observer::Topic(t) => tokio::task::spawn_blocking(move || t.join())
-            .await?
-            .unwrap_or_else(|_| bail!("the observer panicked")),
+        Observer::Topic(t) => {
+            tokio::task::spawn_blocking(move || t.join()).await?.unwrap_or_else(|_| bail!("the observer panicked"))
+        }
         Observer::Receiver(t) | Observer::Committed(t) => {
             t.abort();
             Ok(())
@@ -180,6 +186,9 @@ async fn drive(
         bail!(e);
     }
 
+    // What the generator offered in all (warm-up included): with what was seen, tells whether
+    // the scenario kept up.
+    report.extra.insert("produced".into(), json!(progress.produced.load(Ordering::Relaxed)));
     match scenario {
         Scenario::Pipeline => {
             let (rows, latency) = stored_latency(&config.database_url, &window).await?;
@@ -222,9 +231,27 @@ async fn measure_window(
     meter: &Meter,
     progress: &Progress,
     warm_until: u64,
+    settle_per_s: Option<u64>,
 ) -> anyhow::Result<(Window, ScenarioReport)> {
     let warm_up = Instant::now();
-    while progress.observed.load(Ordering::Relaxed) < warm_until {
+    let mut last: Option<(Instant, u64)> = None;
+    loop {
+        let observed = progress.observed.load(Ordering::Relaxed);
+        if observed >= warm_until {
+            // Throttled: also wait until what queued behind the limiter's burst has drained, i.e.
+            // a second's calls are within half again of the limit.
+            let Some(limit) = settle_per_s else { break };
+            match last {
+                Some((at, seen)) if at.elapsed() >= Duration::from_secs(1) => {
+                    if (observed - seen) as f64 / at.elapsed().as_secs_f64() <= limit as f64 * 1.5 {
+                        break;
+                    }
+                    last = Some((Instant::now(), observed));
+                }
+                Some(_) => {}
+                None => last = Some((Instant::now(), observed)),
+            }
+        }
         if let Some(e) = progress.error.lock().expect("error lock").clone() {
             bail!(e);
         }
@@ -312,7 +339,10 @@ fn write_workflows(dir: &Path, workflows: &[serde_json::Value]) -> anyhow::Resul
 
 /// The ceiling: consume the events topic and produce every record as it is (key, headers,
 /// payload) to the results topic, with weir's own client settings.
-fn passthrough(config: &Config, progress: Arc<Progress>) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+fn passthrough(
+    config: &Config,
+    progress: Arc<Progress>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
     let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("baseline"))
         .set("enable.auto.offset.store", "true")
         .set("statistics.interval.ms", "0")
@@ -378,7 +408,11 @@ fn observe_topic(
 }
 
 /// Takes the receiver's recorded calls every 50 ms; a call's arrival is its action start.
-fn observe_receiver(receiver: Arc<Receiver>, meter: Arc<Meter>, progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+fn observe_receiver(
+    receiver: Arc<Receiver>,
+    meter: Arc<Meter>,
+    progress: Arc<Progress>,
+) -> tokio::task::JoinHandle<()> {
     // Receiver times are `Instant`s: anchor them to the wall clock once.
     let (anchor, anchor_us) = (Instant::now(), load::now_us());
     tokio::spawn(async move {
@@ -401,7 +435,8 @@ fn observe_receiver(receiver: Arc<Receiver>, meter: Arc<Meter>, progress: Arc<Pr
 
 /// The sink's progress for the flat-out pacing: offsets it committed on the results topic.
 fn observe_committed(config: &Config, progress: Arc<Progress>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("sink")).set("statistics.interval.ms", "0").create()?;
+    let consumer: BaseConsumer =
+        kafka::consumer_config(config, &config.group("sink")).set("statistics.interval.ms", "0").create()?;
     let topic = config.topic("results");
     let partitions = kafka::partition_count(consumer.client(), &topic)?;
     let consumer = Arc::new(consumer);
@@ -526,7 +561,8 @@ fn copy_line(r: &ActionResult, out: &mut Vec<u8>) {
         out.push(b'\t');
     }
     let output = r.output.as_ref().map(|o| o.to_string());
-    let (version, attempts, latency) = (r.workflow_version.to_string(), r.attempts.to_string(), r.latency_ms.to_string());
+    let (version, attempts, latency) =
+        (r.workflow_version.to_string(), r.attempts.to_string(), r.latency_ms.to_string());
     let http = r.http_status.map(|h| h.to_string());
     for v in [&r.task_id, &r.run_id, &r.event_id, &r.tenant, &r.workflow_id] {
         text(out, Some(v));
