@@ -24,7 +24,7 @@ async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
     };
     let options = bench::Options {
         scenarios: Scenario::ALL.to_vec(),
-        duration: Duration::from_secs(3),
+        duration: Duration::from_secs(5),
         rate: RateArg::FlatOut,
         tenants: 50,
         out: out.path().to_path_buf(),

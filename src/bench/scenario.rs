@@ -34,6 +34,10 @@ use crate::{
 /// Produced but not yet observed, at most, when flat out: enough that the stage never waits for
 /// input, few enough that the backlog (and librdkafka's queues) stay small.
 const FLAT_OUT_AHEAD: u64 = 50_000;
+/// The same for the sink, whose progress is seen through its committed offsets: they trail what
+/// it wrote by up to the auto-commit interval (1 s), so the margin must cover a second of writes
+/// and more, or the generator (not the sink) sets the pace.
+const FLAT_OUT_AHEAD_SINK: u64 = 300_000;
 /// How long a scenario may take to show its first output (consumer groups joining, definitions
 /// loading) before it counts as broken.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(90);
@@ -112,6 +116,7 @@ async fn drive(
     let mix = Arc::new(Mix::new(tenants)?);
     let (mut rate, mut head_start) = match options.rate {
         RateArg::PerSecond(r) => (Rate::PerSecond(r), 0),
+        RateArg::FlatOut if scenario == Scenario::Sink => (Rate::FlatOut { max_ahead: FLAT_OUT_AHEAD_SINK }, 0),
         RateArg::FlatOut => (Rate::FlatOut { max_ahead: FLAT_OUT_AHEAD }, 0),
     };
     let mut warm_until = 1;
