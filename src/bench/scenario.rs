@@ -73,7 +73,11 @@ pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow
     }
     let outcome = async {
         crate::topics::apply_dir(&config, false).await.context("creating the scenario's topics")?;
-        drive(&mut config, options, scenario, &receiver, &workdir).await
+        // Ctrl-C ends the scenario here, so its topics and database are still removed below.
+        tokio::select! {
+            outcome = drive(&mut config, options, scenario, &receiver, &workdir) => outcome,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
     }
     .await;
     // Clean up whatever happened; a failed clean-up is reported but does not hide the outcome.
