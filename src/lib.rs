@@ -30,6 +30,7 @@
 //!   standing in for an external service in tests, the demo and the benchmark; [`demo`]: the
 //!   README's walk-through.
 
+pub mod bench;
 pub mod condition;
 pub mod config;
 pub mod connectors;

@@ -58,6 +58,24 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
+    Bench {
+        /// baseline, evaluate, pipeline, throttled, sink or all.
+        #[arg(long, default_value = "all")]
+        scenario: weir::bench::Selection,
+        /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).
+        #[arg(long, default_value = "60s", value_parser = weir::bench::parse_duration)]
+        duration: std::time::Duration,
+        /// Events per second offered, or flat-out.
+        #[arg(long, default_value = "flat-out")]
+        rate: weir::bench::RateArg,
+        /// Tenants in the load (Zipf-skewed volume), each with workflows of its own.
+        #[arg(long, default_value_t = 1_000)]
+        tenants: usize,
+        /// Where bench.json and bench.svg are written.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
         #[arg(long, default_value_t = 2_000)]
@@ -220,6 +238,14 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { action: DlqAction::Redrive { filter } } => {
             let count = weir::dlq::redrive(&config, &filter.parse()?).await?;
             println!("redrove {count} dead letters");
+            Ok(())
+        }
+        Command::Bench { scenario, duration, rate, tenants, out } => {
+            let options =
+                weir::bench::Options { scenarios: scenario.scenarios(), duration, rate, tenants, out, progress: true };
+            let report = weir::bench::run(&config, &options).await?;
+            print!("{}", report.table());
+            println!("wrote {0}/bench.json and {0}/bench.svg", options.out.display());
             Ok(())
         }
         Command::Demo { events, tenants } => weir::demo::run(config, events, tenants.max(1)).await,

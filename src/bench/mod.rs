@@ -1,0 +1,200 @@
+//! `weir bench`: measures the pipeline's stages beside a raw Kafka passthrough on the same
+//! broker, in one run.
+//!
+//! Every scenario runs on its own random topic prefix (topics from `topics/`, deleted afterwards)
+//! and, where it writes, its own fresh database (dropped afterwards):
+//!
+//! - `baseline`: a raw rdkafka consume → produce passthrough of the same topic shape: the ceiling;
+//! - `evaluate`: the evaluator with every tenant's workflows (plus a platform-wide one);
+//! - `pipeline`: evaluate + execute against an in-process [`Receiver`](crate::receiver::Receiver)
+//!   + the PostgreSQL sink;
+//! - `throttled`: a rate limit set, measuring the call rate reached against the one configured;
+//! - `sink`: results → PostgreSQL through the sink, beside a standalone `COPY` of as many rows.
+//!
+//! A scenario warms up until its output shows the first record, then measures for `duration`:
+//! distinct input events seen at its output per second, end-to-end latency from the produce time
+//! each record carries ([`load::STAMP`]) to where the output is observed, CPU seconds of this
+//! process, the broker and PostgreSQL, and this process's peak RSS. [`report`] prints the table,
+//! writes `bench.json` and `bench.svg`.
+
+pub mod load;
+pub mod measure;
+pub mod report;
+pub mod scenario;
+
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+use anyhow::bail;
+
+use crate::config::Config;
+
+/// A scenario, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    Baseline,
+    Evaluate,
+    Pipeline,
+    Throttled,
+    Sink,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 5] =
+        [Scenario::Baseline, Scenario::Evaluate, Scenario::Pipeline, Scenario::Throttled, Scenario::Sink];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Baseline => "baseline",
+            Scenario::Evaluate => "evaluate",
+            Scenario::Pipeline => "pipeline",
+            Scenario::Throttled => "throttled",
+            Scenario::Sink => "sink",
+        }
+    }
+
+    /// Where its output is observed (what its latency ends at).
+    pub fn observed_at(self) -> &'static str {
+        match self {
+            Scenario::Baseline => "passthrough output topic, consumed",
+            Scenario::Evaluate => "action task on actions.webhook, consumed",
+            Scenario::Pipeline | Scenario::Throttled => "HTTP call arriving at the receiver (action start)",
+            Scenario::Sink => "row's recorded_at in PostgreSQL (transaction start of its batch)",
+        }
+    }
+}
+
+/// `--scenario`: one scenario or `all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    One(Scenario),
+    All,
+}
+
+impl FromStr for Selection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "all" {
+            return Ok(Selection::All);
+        }
+        <Scenario as clap::ValueEnum>::from_str(s, true).map(Selection::One).map_err(|_| {
+            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink or all")
+        })
+    }
+}
+
+impl Selection {
+    pub fn scenarios(self) -> Vec<Scenario> {
+        match self {
+            Selection::One(s) => vec![s],
+            Selection::All => Scenario::ALL.to_vec(),
+        }
+    }
+}
+
+/// `--rate`: events per second, or `flat-out`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateArg {
+    PerSecond(u64),
+    FlatOut,
+}
+
+impl FromStr for RateArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "flat-out" | "flatout" | "max" => Ok(RateArg::FlatOut),
+            n => match n.replace('_', "").parse::<u64>() {
+                Ok(0) | Err(_) => {
+                    Err(format!("rate {s:?}: expected a positive number of events per second or flat-out"))
+                }
+                Ok(n) => Ok(RateArg::PerSecond(n)),
+            },
+        }
+    }
+}
+
+/// Parses `60s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("duration {s:?}: expected e.g. 60s, 500ms or 2m"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" | "min" => Duration::from_secs(n * 60),
+        _ => return Err(format!("duration {s:?}: unknown unit {unit:?} (ms, s or m)")),
+    };
+    if d.is_zero() {
+        return Err(format!("duration {s:?}: must be more than zero"));
+    }
+    Ok(d)
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub scenarios: Vec<Scenario>,
+    /// Measured time per scenario (after its warm-up).
+    pub duration: Duration,
+    pub rate: RateArg,
+    /// Tenants in the load (Zipf-skewed) and with workflows of their own.
+    pub tenants: usize,
+    /// Where `bench.json` and `bench.svg` go.
+    pub out: PathBuf,
+    /// Show a progress bar (off in tests).
+    pub progress: bool,
+}
+
+impl Options {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.scenarios.is_empty() {
+            bail!("no scenario selected");
+        }
+        if !(1..=100_000).contains(&self.tenants) {
+            bail!("--tenants: {} is outside 1..=100000", self.tenants);
+        }
+        Ok(())
+    }
+}
+
+/// Runs the scenarios in order (the baseline first when selected, so ratios refer to it) and
+/// writes the report. Each scenario's topics and database are removed even when it fails.
+pub async fn run(config: &Config, options: &Options) -> anyhow::Result<report::Report> {
+    options.validate()?;
+    let check = config.clone();
+    tokio::task::spawn_blocking(move || crate::kafka::check_reachable(&check)).await??;
+    let mut scenarios = options.scenarios.clone();
+    scenarios.sort_by_key(|s| Scenario::ALL.iter().position(|a| a == s));
+    scenarios.dedup();
+    let mut results = Vec::new();
+    for scenario in scenarios {
+        let outcome = scenario::run(config, options, scenario).await;
+        results.push(outcome.map_err(|e| e.context(format!("scenario {}", scenario.name())))?);
+    }
+    let report = report::Report::new(options, results);
+    report.write(&options.out)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert_eq!("flat-out".parse::<RateArg>(), Ok(RateArg::FlatOut));
+        assert_eq!("20_000".parse::<RateArg>(), Ok(RateArg::PerSecond(20_000)));
+        assert!("0".parse::<RateArg>().is_err());
+        assert_eq!("all".parse::<Selection>().unwrap().scenarios().len(), 5);
+        assert_eq!("sink".parse::<Selection>(), Ok(Selection::One(Scenario::Sink)));
+        assert!("sinks".parse::<Selection>().unwrap_err().contains("sinks"));
+    }
+}

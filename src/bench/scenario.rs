@@ -1,0 +1,629 @@
+//! Setting up, driving and tearing down one scenario.
+
+use std::{
+    path::Path,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use futures::TryStreamExt as _;
+use rdkafka::{
+    admin::AdminOptions,
+    consumer::{BaseConsumer, Consumer},
+    error::{KafkaError, RDKafkaErrorCode},
+    producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer},
+    Message, Offset, TopicPartitionList,
+};
+use serde_json::json;
+
+use super::{
+    load::{self, Mix, Progress, Rate, Shape},
+    measure::{self, CpuSample, Meter},
+    report::ScenarioReport,
+    Options, RateArg, Scenario,
+};
+use crate::{
+    config::{Config, ServiceConfig},
+    envelope::{self, ActionResult},
+    kafka,
+    pipeline::{Pipeline, StageName},
+    receiver::Receiver,
+};
+
+/// Produced but not yet observed, at most, when flat out: enough that the stage never waits for
+/// input, few enough that the backlog (and librdkafka's queues) stay small.
+const FLAT_OUT_AHEAD: u64 = 50_000;
+/// The same for the sink, whose progress is seen through its committed offsets: they trail what
+/// it wrote by up to the auto-commit interval (1 s), so the margin must cover a second of writes
+/// and more, or the generator (not the sink) sets the pace.
+const FLAT_OUT_AHEAD_SINK: u64 = 300_000;
+/// How long a scenario may take to show its first output (consumer groups joining, definitions
+/// loading) before it counts as broken.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(90);
+/// The service the workflows call.
+const SERVICE: &str = "webhook";
+
+/// THE place where the throttled scenario sets its limit: the service's own request limit
+/// (`services.<name>.limits`, a governor GCRA limit in the executor). The receiver's call times
+/// measure what is reached.
+fn set_throttle(_workflow: &mut serde_json::Value, config: &mut Config, per_second: u64) -> anyhow::Result<()> {
+    let service = config.services.get_mut(SERVICE).context("the bench service")?;
+    service.limits = serde_json::from_value(json!([{"requests": per_second, "per": "second"}]))?;
+    Ok(())
+}
+
+/// The configured rate of the throttled scenario, and the rate offered to it (twice as much).
+const THROTTLE_PER_SECOND: u64 = 50;
+
+/// One scenario from set-up to clean-up.
+pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow::Result<ScenarioReport> {
+    let mut config = base.clone();
+    config.topic_prefix = format!("bench{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    config.metrics_addr = None;
+    let receiver = Arc::new(Receiver::start().await.context("starting the HTTP receiver")?);
+    let service: ServiceConfig = serde_json::from_value(json!({"url": receiver.url("hook"), "timeout_ms": 10_000}))?;
+    config.services = [(SERVICE.to_string(), service)].into();
+    // The receiver is on this machine, which the network policy refuses unless allowed.
+    config.network.allow.push(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    let workdir = std::env::temp_dir().join(format!("weir-{}", config.topic_prefix.trim_end_matches('.')));
+    let database = match scenario {
+        Scenario::Pipeline | Scenario::Sink => Some(Database::create(&config.database_url).await?),
+        _ => None,
+    };
+    if let Some(db) = &database {
+        config.database_url = db.url.clone();
+    }
+    let outcome = async {
+        crate::topics::apply_dir(&config, false).await.context("creating the scenario's topics")?;
+        // Ctrl-C ends the scenario here, so its topics and database are still removed below.
+        tokio::select! {
+            outcome = drive(&mut config, options, scenario, &receiver, &workdir) => outcome,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    }
+    .await;
+    // Clean up whatever happened; a failed clean-up is reported but does not hide the outcome.
+    let _ = std::fs::remove_dir_all(&workdir);
+    if let Err(e) = delete_topics(&config).await {
+        tracing::warn!("deleting the topics of {}: {e:#}", config.topic_prefix);
+    }
+    if let Some(db) = database {
+        if let Err(e) = db.drop().await {
+            tracing::warn!("dropping database {}: {e:#}", db.name);
+        }
+    }
+    outcome
+}
+
+/// What runs under test, to stop once measured.
+enum UnderTest {
+    Passthrough(std::thread::JoinHandle<anyhow::Result<()>>),
+    Stages(Pipeline),
+}
+
+/// Where output is observed.
+enum Observer {
+    Topic(std::thread::JoinHandle<anyhow::Result<()>>),
+    Receiver(tokio::task::JoinHandle<()>),
+    /// The sink's committed offsets: only progress; latency is read from the table afterwards.
+    Committed(tokio::task::JoinHandle<()>),
+}
+
+async fn drive(
+    config: &mut Config,
+    options: &Options,
+    scenario: Scenario,
+    receiver: &Arc<Receiver>,
+    workdir: &Path,
+) -> anyhow::Result<ScenarioReport> {
+    let progress = Arc::new(Progress::default());
+    let meter = Arc::new(Meter::new(progress.clone()));
+    let tenants = if scenario == Scenario::Throttled { 1 } else { options.tenants };
+    let mix = Arc::new(Mix::new(tenants)?);
+    let (mut rate, mut head_start) = match options.rate {
+        RateArg::PerSecond(r) => (Rate::PerSecond(r), 0),
+        RateArg::FlatOut if scenario == Scenario::Sink => (Rate::FlatOut { max_ahead: FLAT_OUT_AHEAD_SINK }, 0),
+        RateArg::FlatOut => (Rate::FlatOut { max_ahead: FLAT_OUT_AHEAD }, 0),
+    };
+    let mut warm_until = 1;
+
+    // Set up what is measured and where its output is seen.
+    let (under_test, observer, input) = match scenario {
+        Scenario::Baseline => {
+            let passthrough = passthrough(config, progress.clone())?;
+            let observer = observe_topic(config, config.topic("results"), meter.clone(), progress.clone())?;
+            (UnderTest::Passthrough(passthrough), Observer::Topic(observer), (config.topic("events"), Shape::Events))
+        }
+        Scenario::Evaluate | Scenario::Pipeline | Scenario::Throttled => {
+            let mut workflows = workflows(tenants, scenario != Scenario::Throttled);
+            if scenario == Scenario::Throttled {
+                set_throttle(&mut workflows[0], config, THROTTLE_PER_SECOND)?;
+                rate = Rate::PerSecond(THROTTLE_PER_SECOND * 2);
+                // Start once a backlog has formed (the limiter's burst is a single call at this
+                // rate), so the window sees the limit and not the offered rate.
+                head_start = THROTTLE_PER_SECOND * 2;
+                warm_until = head_start;
+            }
+            write_workflows(workdir, &workflows)?;
+            crate::definitions::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
+            let stages: &[StageName] = match scenario {
+                Scenario::Evaluate => &[StageName::Evaluate],
+                Scenario::Throttled => &[StageName::Evaluate, StageName::Execute],
+                _ => &Pipeline::ALL,
+            };
+            let pipeline = Pipeline::start(Arc::new(config.clone()), stages).await?;
+            let observer = if scenario == Scenario::Evaluate {
+                Observer::Topic(observe_topic(
+                    config,
+                    config.topic("actions.webhook"),
+                    meter.clone(),
+                    progress.clone(),
+                )?)
+            } else {
+                Observer::Receiver(observe_receiver(receiver.clone(), meter.clone(), progress.clone()))
+            };
+            (UnderTest::Stages(pipeline), observer, (config.topic("events"), Shape::Events))
+        }
+        Scenario::Sink => {
+            let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
+            let observer = observe_committed(config, progress.clone())?;
+            (UnderTest::Stages(pipeline), Observer::Committed(observer), (config.topic("results"), Shape::Results))
+        }
+    };
+
+    let generator = load::spawn(config, input.0, input.1, mix.clone(), rate, head_start, progress.clone())?;
+    let settle = (scenario == Scenario::Throttled).then_some(THROTTLE_PER_SECOND);
+    let measured = measure_window(options, scenario, &meter, &progress, warm_until, settle).await;
+    progress.stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || generator.join()).await;
+    let stopped = match under_test {
+        UnderTest::Passthrough(t) => {
+            tokio::task::spawn_blocking(move || t.join()).await?.unwrap_or_else(|_| bail!("the passthrough panicked"))
+        }
+        UnderTest::Stages(p) => p.stop().await,
+    };
+    let observed = match observer {
+        Observer::Topic(t) => {
+            tokio::task::spawn_blocking(move || t.join()).await?.unwrap_or_else(|_| bail!("the observer panicked"))
+        }
+        Observer::Receiver(t) | Observer::Committed(t) => {
+            t.abort();
+            Ok(())
+        }
+    };
+    let (window, mut report) = measured?;
+    stopped?;
+    observed?;
+    if let Some(e) = progress.error.lock().expect("error lock").take() {
+        bail!(e);
+    }
+
+    // What the generator offered in all (warm-up included): with what was seen, tells whether
+    // the scenario kept up.
+    report.extra.insert("produced".into(), json!(progress.produced.load(Ordering::Relaxed)));
+    match scenario {
+        Scenario::Pipeline => {
+            let (rows, latency) = stored_latency(&config.database_url, &window).await?;
+            report.extra.insert("sink_rows_in_window".into(), json!(rows));
+            report.extra.insert("event_to_row_ms".into(), json!(latency));
+        }
+        Scenario::Throttled => {
+            let achieved = report.throughput;
+            report.extra.insert("configured_per_s".into(), json!(THROTTLE_PER_SECOND));
+            report.extra.insert("offered_per_s".into(), json!(THROTTLE_PER_SECOND * 2));
+            report.extra.insert("achieved_per_s".into(), json!(achieved));
+            report.extra.insert("accuracy".into(), json!(achieved / THROTTLE_PER_SECOND as f64));
+            report.extra.insert("limit_set_by".into(), json!("workflow limits.runs_per_minute (per tenant)"));
+        }
+        Scenario::Sink => {
+            // The rows the sink wrote in the window are its output: read them back with their
+            // recorded_at for the throughput, series and latency.
+            let rows = feed_rows(&config.database_url, &window, &meter).await?;
+            let m = meter.close(options.duration.as_secs_f64().ceil() as usize);
+            report.fill(&m, options.duration);
+            let copy = standalone_copy(&config.database_url, &mix, rows.max(1)).await?;
+            report.extra.insert("copy_rows".into(), json!(rows.max(1)));
+            report.extra.insert("copy_rows_per_s".into(), json!(copy));
+            report.extra.insert("sink_vs_copy".into(), json!(report.throughput / copy));
+        }
+        _ => {}
+    }
+    Ok(report)
+}
+
+/// Start and end of the measured window, µs since the epoch.
+struct Window {
+    start_us: u64,
+    end_us: u64,
+}
+
+async fn measure_window(
+    options: &Options,
+    scenario: Scenario,
+    meter: &Meter,
+    progress: &Progress,
+    warm_until: u64,
+    settle_per_s: Option<u64>,
+) -> anyhow::Result<(Window, ScenarioReport)> {
+    let warm_up = Instant::now();
+    let mut last: Option<(Instant, u64)> = None;
+    loop {
+        let observed = progress.observed.load(Ordering::Relaxed);
+        if observed >= warm_until {
+            // Throttled: also wait until what queued behind the limiter's burst has drained, i.e.
+            // a second's calls are within half again of the limit.
+            let Some(limit) = settle_per_s else { break };
+            match last {
+                Some((at, seen)) if at.elapsed() >= Duration::from_secs(1) => {
+                    if (observed - seen) as f64 / at.elapsed().as_secs_f64() <= limit as f64 * 1.5 {
+                        break;
+                    }
+                    last = Some((Instant::now(), observed));
+                }
+                Some(_) => {}
+                None => last = Some((Instant::now(), observed)),
+            }
+        }
+        if let Some(e) = progress.error.lock().expect("error lock").clone() {
+            bail!(e);
+        }
+        if warm_up.elapsed() > WARM_UP_LIMIT {
+            bail!("no output within {}s of starting (is the stage running?)", WARM_UP_LIMIT.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bar = if options.progress {
+        indicatif::ProgressBar::new(options.duration.as_millis() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {elapsed:>4} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(scenario.name());
+    measure::reset_peak_rss();
+    let cpu = CpuSample::now();
+    let start_us = load::now_us();
+    meter.open(start_us);
+    let started = Instant::now();
+    while started.elapsed() < options.duration {
+        tokio::time::sleep(Duration::from_millis(250).min(options.duration.saturating_sub(started.elapsed()))).await;
+        let elapsed = started.elapsed().as_secs_f64().max(1e-3);
+        bar.set_position(started.elapsed().as_millis() as u64);
+        if scenario != Scenario::Sink {
+            bar.set_message(format!("{:>9.0} events/s", meter.events() as f64 / elapsed));
+        }
+        if let Some(e) = progress.error.lock().expect("error lock").clone() {
+            bar.abandon();
+            bail!(e);
+        }
+    }
+    let end_us = load::now_us();
+    let cpu = CpuSample::now().since(&cpu);
+    let peak_rss_mb = measure::peak_rss_mb();
+    bar.finish_and_clear();
+    let mut report = ScenarioReport::new(scenario, cpu, peak_rss_mb);
+    if scenario != Scenario::Sink {
+        let m = meter.close(options.duration.as_secs_f64().ceil() as usize);
+        report.fill(&m, options.duration);
+    }
+    Ok((Window { start_us, end_us }, report))
+}
+
+/// Workflows of the load: one platform-wide workflow on every event type (so every event
+/// becomes one task) and, per tenant, two with conditions (a paid member's welcome, a public
+/// post's announcement). No practical per-tenant run limit: the load is Zipf-skewed on purpose.
+fn workflows(tenants: usize, per_tenant: bool) -> Vec<serde_json::Value> {
+    let limits = json!({"runs_per_minute": 1_000_000});
+    let kinds: Vec<&str> = load::EVENT_MIX.iter().map(|(k, _)| *k).collect();
+    let mut all = vec![json!({
+        "id": "bench-all", "version": 1, "trigger": {"type": kinds}, "limits": limits,
+        "steps": [{"id": "notify", "service": SERVICE, "input": {"type": "{{ event.type }}"}}],
+    })];
+    if per_tenant {
+        for rank in 1..=tenants {
+            let tenant = Mix::tenant_name(rank);
+            all.push(json!({
+                "id": "welcome-paid", "tenant": tenant, "version": 1, "limits": limits,
+                "trigger": {"type": "member.created", "if": "data.member.status == \"paid\""},
+                "steps": [{"id": "welcome", "service": SERVICE, "input": {"to": "{{ data.member.email }}"}}],
+            }));
+            all.push(json!({
+                "id": "announce-post", "tenant": tenant, "version": 1, "limits": limits,
+                "trigger": {"type": "post.published", "if": "data.post.visibility == \"public\""},
+                "steps": [{"id": "announce", "service": SERVICE, "input": {"title": "{{ data.post.title }}"}}],
+            }));
+        }
+    }
+    all
+}
+
+fn write_workflows(dir: &Path, workflows: &[serde_json::Value]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (i, wf) in workflows.iter().enumerate() {
+        // JSON is YAML.
+        std::fs::write(dir.join(format!("wf{i:05}.yaml")), serde_json::to_vec(wf)?)?;
+    }
+    Ok(())
+}
+
+/// The ceiling: consume the events topic and produce every record as it is (key, headers,
+/// payload) to the results topic, with weir's own client settings.
+fn passthrough(
+    config: &Config,
+    progress: Arc<Progress>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("baseline"))
+        .set("enable.auto.offset.store", "true")
+        .set("statistics.interval.ms", "0")
+        .create()
+        .context("creating the passthrough consumer")?;
+    consumer.subscribe(&[&config.topic("events")])?;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        kafka::producer_config(config).create().context("creating the passthrough producer")?;
+    let out = config.topic("results");
+    Ok(std::thread::Builder::new().name("bench-passthrough".into()).spawn(move || {
+        while !progress.stop.load(Ordering::Relaxed) {
+            let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
+            let message = message.context("passthrough consume")?;
+            let mut record = BaseRecord::to(&out).payload(message.payload().unwrap_or_default());
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(headers) = message.headers() {
+                record = record.headers(headers.detach());
+            }
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => return Err(e).context("passthrough produce"),
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(10)).context("passthrough flush")?;
+        Ok(())
+    })?)
+}
+
+/// Consumes `topic` from the beginning with a group of its own and records every stamped record.
+fn observe_topic(
+    config: &Config,
+    topic: String,
+    meter: Arc<Meter>,
+    progress: Arc<Progress>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("bench-observer"))
+        .set("enable.auto.commit", "false")
+        .set("statistics.interval.ms", "0")
+        .create()
+        .context("creating the observer")?;
+    consumer.subscribe(&[&topic])?;
+    Ok(std::thread::Builder::new().name("bench-observe".into()).spawn(move || {
+        while !progress.stop.load(Ordering::Relaxed) {
+            let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
+            let message = message.with_context(|| format!("observing {topic}"))?;
+            let stamp = kafka::header(message.headers(), load::STAMP)
+                .and_then(load::parse_stamp)
+                .or_else(|| load::stamp_in_json(message.payload().unwrap_or_default()));
+            if let Some((seq, produced_us)) = stamp {
+                meter.record(seq, produced_us, load::now_us());
+            }
+        }
+        Ok(())
+    })?)
+}
+
+/// Takes the receiver's recorded calls every 50 ms; a call's arrival is its action start.
+fn observe_receiver(
+    receiver: Arc<Receiver>,
+    meter: Arc<Meter>,
+    progress: Arc<Progress>,
+) -> tokio::task::JoinHandle<()> {
+    // Receiver times are `Instant`s: anchor them to the wall clock once.
+    let (anchor, anchor_us) = (Instant::now(), load::now_us());
+    tokio::spawn(async move {
+        while !progress.stop.load(Ordering::Relaxed) {
+            for call in receiver.drain() {
+                let Some(stamp) = call.body["event_id"].as_str().and_then(|s| load::parse_stamp(s.as_bytes())) else {
+                    continue;
+                };
+                let at_us = if call.at >= anchor {
+                    anchor_us + (call.at - anchor).as_micros() as u64
+                } else {
+                    anchor_us - (anchor - call.at).as_micros() as u64
+                };
+                meter.record(stamp.0, stamp.1, at_us);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// The sink's progress for the flat-out pacing: offsets it committed on the results topic.
+fn observe_committed(config: &Config, progress: Arc<Progress>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let consumer: BaseConsumer =
+        kafka::consumer_config(config, &config.group("sink")).set("statistics.interval.ms", "0").create()?;
+    let topic = config.topic("results");
+    let partitions = kafka::partition_count(consumer.client(), &topic)?;
+    let consumer = Arc::new(consumer);
+    Ok(tokio::spawn(async move {
+        while !progress.stop.load(Ordering::Relaxed) {
+            let (c, topic) = (consumer.clone(), topic.clone());
+            let committed = tokio::task::spawn_blocking(move || {
+                let mut tpl = TopicPartitionList::new();
+                for p in 0..partitions {
+                    tpl.add_partition(&topic, p);
+                }
+                c.committed_offsets(tpl, Duration::from_secs(5)).ok().map(|t| {
+                    t.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o as u64 } else { 0 }).sum()
+                })
+            })
+            .await;
+            if let Ok(Some(n)) = committed {
+                progress.observed.store(n, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }))
+}
+
+/// Rows the pipeline stored in the window, and the event → row latency percentiles (ms).
+async fn stored_latency(url: &str, window: &Window) -> anyhow::Result<(i64, serde_json::Value)> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    let row: (i64, Option<Vec<f64>>) = sqlx::query_as(
+        "select count(*), percentile_disc(array[0.5, 0.9, 0.99, 0.999]) within group (order by l)
+         from (select extract(epoch from recorded_at) * 1e3 - split_part(event_id, '-', 2)::float8 / 1e3 as l
+               from action_results where recorded_at between to_timestamp($1::float8 / 1e6) and to_timestamp($2::float8 / 1e6)) x",
+    )
+    .bind(window.start_us as f64)
+    .bind(window.end_us as f64)
+    .fetch_one(&pool)
+    .await
+    .context("reading the stored results")?;
+    pool.close().await;
+    let p = row.1.unwrap_or_default();
+    let at = |i: usize| p.get(i).copied().map(|v| (v * 1e3).round() / 1e3);
+    Ok((row.0, json!({"p50": at(0), "p90": at(1), "p99": at(2), "p999": at(3)})))
+}
+
+/// Feeds the rows the sink stored in the window to the meter; returns how many.
+async fn feed_rows(url: &str, window: &Window, meter: &Meter) -> anyhow::Result<u64> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    let mut rows = sqlx::query_as::<_, (String, f64)>(
+        "select event_id, extract(epoch from recorded_at)::float8 * 1e6 from action_results
+         where recorded_at between to_timestamp($1::float8 / 1e6) and to_timestamp($2::float8 / 1e6)",
+    )
+    .bind(window.start_us as f64)
+    .bind(window.end_us as f64)
+    .fetch(&pool);
+    let mut n = 0;
+    while let Some((event_id, recorded_us)) = rows.try_next().await.context("reading the stored results")? {
+        if let Some((seq, produced_us)) = load::parse_stamp(event_id.as_bytes()) {
+            meter.record(seq, produced_us, recorded_us as u64);
+            n += 1;
+        }
+    }
+    drop(rows);
+    pool.close().await;
+    Ok(n)
+}
+
+/// COPYs `rows` results of the same shape into a copy of the results table (same indexes) and
+/// returns rows per second; the text is prepared before the clock starts.
+async fn standalone_copy(url: &str, mix: &Mix, rows: u64) -> anyhow::Result<f64> {
+    use rand::SeedableRng as _;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::with_capacity(1 << 20);
+    for seq in 0..rows {
+        let (_, json) = mix.record(Shape::Results, seq, load::now_us(), &mut rng);
+        let r: ActionResult = envelope::decode(json.as_bytes(), None)?;
+        copy_line(&r, &mut chunk);
+        if chunk.len() >= 1 << 20 {
+            chunks.push(std::mem::replace(&mut chunk, Vec::with_capacity(1 << 20)));
+        }
+    }
+    chunks.push(chunk);
+    let pool = sqlx::PgPool::connect(url).await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query("create table bench_copy (like action_results including all)").execute(&mut *conn).await?;
+    let started = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(
+            "copy bench_copy (task_id, run_id, event_id, tenant, workflow_id, workflow_version, step_id, service,
+             status, attempts, latency_ms, http_status, error, output, finished_at) from stdin (format text)",
+        )
+        .await?;
+    for c in chunks {
+        copy.send(c).await?;
+    }
+    let copied = copy.finish().await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(conn);
+    pool.close().await;
+    if copied != rows {
+        bail!("COPY wrote {copied} rows of {rows}");
+    }
+    Ok(rows as f64 / elapsed)
+}
+
+/// One row in COPY's text format.
+fn copy_line(r: &ActionResult, out: &mut Vec<u8>) {
+    fn text(out: &mut Vec<u8>, value: Option<&str>) {
+        match value {
+            None => out.extend_from_slice(b"\\N"),
+            Some(v) => {
+                for b in v.bytes() {
+                    match b {
+                        b'\\' => out.extend_from_slice(b"\\\\"),
+                        b'\t' => out.extend_from_slice(b"\\t"),
+                        b'\n' => out.extend_from_slice(b"\\n"),
+                        b'\r' => out.extend_from_slice(b"\\r"),
+                        _ => out.push(b),
+                    }
+                }
+            }
+        }
+        out.push(b'\t');
+    }
+    let output = r.output.as_ref().map(|o| o.to_string());
+    let (version, attempts, latency) =
+        (r.workflow_version.to_string(), r.attempts.to_string(), r.latency_ms.to_string());
+    let http = r.http_status.map(|h| h.to_string());
+    for v in [&r.task_id, &r.run_id, &r.event_id, &r.tenant, &r.workflow_id] {
+        text(out, Some(v));
+    }
+    text(out, Some(&version));
+    text(out, Some(&r.step_id));
+    text(out, Some(&r.service));
+    text(out, Some(r.status.as_str()));
+    text(out, Some(&attempts));
+    text(out, Some(&latency));
+    text(out, http.as_deref());
+    text(out, r.error.as_deref());
+    text(out, output.as_deref());
+    text(out, Some(&r.finished_at));
+    out.pop();
+    out.push(b'\n');
+}
+
+/// A database of its own for one scenario.
+struct Database {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create(admin: &str) -> anyhow::Result<Database> {
+        let name = format!("weir_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let pool = sqlx::PgPool::connect(admin).await.with_context(|| format!("connecting to {admin}"))?;
+        sqlx::query(&format!("create database {name}")).execute(&pool).await.context("creating a database")?;
+        pool.close().await;
+        let (base, _) = admin.rsplit_once('/').context("database_url has no database path")?;
+        Ok(Database { admin: admin.to_string(), url: format!("{base}/{name}"), name })
+    }
+
+    async fn drop(&self) -> anyhow::Result<()> {
+        let pool = sqlx::PgPool::connect(&self.admin).await?;
+        sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&pool).await?;
+        pool.close().await;
+        Ok(())
+    }
+}
+
+/// Deletes every topic declared in `topics/` under the scenario's prefix.
+async fn delete_topics(config: &Config) -> anyhow::Result<()> {
+    let names: Vec<String> =
+        crate::topics::load_dir(&config.topics_dir)?.iter().map(|t| config.topic(&t.name)).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    kafka::admin(config)?.delete_topics(&refs, &AdminOptions::new()).await?;
+    Ok(())
+}
