@@ -184,6 +184,9 @@ pub trait Record: Serialize + DeserializeOwned {
     /// The fields that hold arbitrary JSON, carried as JSON text in Avro.
     const JSON_FIELDS: &'static [&'static str];
     fn schema() -> &'static Schema;
+    /// The single-object reader of the schema, built once: building one per record (it copies
+    /// the schema and fingerprints it) cost 8× the JSON decode.
+    fn reader() -> &'static GenericSingleObjectReader;
 }
 
 macro_rules! record_schema {
@@ -195,6 +198,13 @@ macro_rules! record_schema {
                 SCHEMA.get_or_init(|| {
                     Schema::parse_str(include_str!(concat!("../schemas/", $file)))
                         .expect(concat!("schemas/", $file, " is a valid Avro schema"))
+                })
+            }
+            fn reader() -> &'static GenericSingleObjectReader {
+                static READER: OnceLock<GenericSingleObjectReader> = OnceLock::new();
+                READER.get_or_init(|| {
+                    GenericSingleObjectReader::new(Self::schema().clone())
+                        .expect(concat!("schemas/", $file, " has a single-object reader"))
                 })
             }
         }
@@ -237,9 +247,7 @@ pub fn decode<T: Record>(payload: &[u8], content_type: Option<&[u8]>) -> Result<
     match Format::from_content_type(content_type)? {
         Format::Json => Ok(serde_json::from_slice(payload)?),
         Format::Avro => {
-            let reader =
-                GenericSingleObjectReader::new(T::schema().clone()).map_err(|e| DecodeError::Avro(e.to_string()))?;
-            let value = reader.read_value(&mut &payload[..]).map_err(|e| DecodeError::Avro(e.to_string()))?;
+            let value = T::reader().read_value(&mut &payload[..]).map_err(|e| DecodeError::Avro(e.to_string()))?;
             let mut json = Json::try_from(value).map_err(|e| DecodeError::Avro(e.to_string()))?;
             if let Json::Object(map) = &mut json {
                 for field in T::JSON_FIELDS {
