@@ -11,14 +11,14 @@
 
 use std::{hint::black_box, time::Duration};
 
-use chrono::{DateTime, Utc};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::SeedableRng;
 use sqlx::Arguments as _;
 use weir::{
     bench::load::{Mix, Shape},
-    envelope::{self, ActionResult, Event, Format},
+    envelope::{self, Event, Format},
     partitioner,
+    sink::{self, Columns},
 };
 
 const BATCH: usize = 2_000;
@@ -78,60 +78,19 @@ fn partitioner(c: &mut Criterion) {
     group.finish();
 }
 
-/// The sink's bind arrays (its `Columns`) for a decoded batch.
-#[derive(Default)]
-struct Columns {
-    text: [Vec<String>; 8],
-    workflow_version: Vec<i64>,
-    attempts: Vec<i32>,
-    latency_ms: Vec<f64>,
-    http_status: Vec<Option<i32>>,
-    error: Vec<Option<String>>,
-    output: Vec<Option<String>>,
-    finished_at: Vec<DateTime<Utc>>,
-}
-
+/// What the sink does per batch before its round trip: decode every result into the columns.
 fn decode_batch(payloads: &[String]) -> Columns {
-    let mut c = Columns::default();
+    let mut columns = Columns::default();
     for p in payloads {
-        let r: ActionResult = envelope::decode(p.as_bytes(), Some(envelope::JSON.as_bytes())).unwrap();
-        let finished_at = DateTime::parse_from_rfc3339(&r.finished_at).unwrap().with_timezone(&Utc);
-        for (column, value) in c.text.iter_mut().zip([
-            r.task_id,
-            r.run_id,
-            r.event_id,
-            r.tenant,
-            r.workflow_id,
-            r.step_id,
-            r.service,
-            r.status.as_str().to_string(),
-        ]) {
-            column.push(value);
-        }
-        c.workflow_version.push(r.workflow_version);
-        c.attempts.push(r.attempts);
-        c.latency_ms.push(r.latency_ms);
-        c.http_status.push(r.http_status);
-        c.error.push(r.error);
-        c.output.push(r.output.map(|o| o.to_string()));
-        c.finished_at.push(finished_at);
+        let (result, finished_at) = sink::decode_row(p.as_bytes(), Some(envelope::JSON.as_bytes())).unwrap();
+        columns.push(result, finished_at);
     }
-    c
+    columns
 }
 
-fn encode_batch(c: &Columns) -> usize {
-    let mut args = sqlx::postgres::PgArguments::default();
-    for column in &c.text {
-        args.add(column).unwrap();
-    }
-    args.add(&c.workflow_version).unwrap();
-    args.add(&c.attempts).unwrap();
-    args.add(&c.latency_ms).unwrap();
-    args.add(&c.http_status).unwrap();
-    args.add(&c.error).unwrap();
-    args.add(&c.output).unwrap();
-    args.add(&c.finished_at).unwrap();
-    args.len()
+/// Then encode the columns as the statement's bind arguments.
+fn encode_batch(columns: &Columns) -> usize {
+    columns.arguments().unwrap().len()
 }
 
 fn sink_batch(c: &mut Criterion) {

@@ -14,7 +14,12 @@
 //! - [`evaluate`]: matches each event against the [`workflow`] definitions and emits action tasks.
 //! - [`execute`]: calls each external service and reports a result per task, through the
 //!   service's [`connectors`] (webhook, Slack, OpenAI, no-op), which also guard the network.
-//! - [`sink`]: writes results into PostgreSQL in idempotent batches.
+//! - [`sink`]: writes results into PostgreSQL in idempotent batches, and through [`coordinate`]
+//!   starts the next steps of multi-step runs in the same transaction.
+//!
+//! The workflow engine: [`definitions`] keeps the compacted definitions topic as a cached,
+//! hot-reloading set; [`workflow`] validates and compiles a definition; [`condition`] (CEL) and
+//! [`template`] (minijinja) are what it compiles to.
 //!
 //! Shared pieces:
 //! - [`source`]: the consumer loop every stage reads through: a polling thread, batches,
@@ -28,7 +33,7 @@
 //!   the Prometheus endpoint; [`shutdown`]: the broadcast signal every stage listens to.
 //! - [`pipeline`]: starts and stops stages in one process; [`receiver`]: a real local HTTP server
 //!   standing in for an external service in tests, the demo and the benchmark; [`demo`]: the
-//!   README's walk-through.
+//!   README's walk-through; [`bench`]: `weir bench`, the stages measured beside a raw passthrough.
 
 pub mod bench;
 pub mod condition;

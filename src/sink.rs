@@ -18,7 +18,10 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use rdkafka::Message;
-use sqlx::{postgres::PgPoolOptions, PgPool};
+use sqlx::{
+    postgres::{PgArguments, PgPoolOptions},
+    Arguments as _, PgPool,
+};
 
 use rdkafka::producer::FutureProducer;
 
@@ -50,7 +53,7 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 
 /// Rows of one batch, column by column, as UNNEST wants them.
 #[derive(Default)]
-struct Columns {
+pub struct Columns {
     task_id: Vec<String>,
     run_id: Vec<String>,
     event_id: Vec<String>,
@@ -69,7 +72,7 @@ struct Columns {
 }
 
 impl Columns {
-    fn push(&mut self, r: ActionResult, finished_at: DateTime<Utc>) {
+    pub fn push(&mut self, r: ActionResult, finished_at: DateTime<Utc>) {
         self.task_id.push(r.task_id);
         self.run_id.push(r.run_id);
         self.event_id.push(r.event_id);
@@ -87,39 +90,57 @@ impl Columns {
         self.finished_at.push(finished_at);
     }
 
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.task_id.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.task_id.is_empty()
+    }
+
+    /// The batch as the bind arguments of [`INSERT`]: one array per column.
+    pub fn arguments(&self) -> Result<PgArguments, sqlx::error::BoxDynError> {
+        let mut args = PgArguments::default();
+        args.add(&self.task_id)?;
+        args.add(&self.run_id)?;
+        args.add(&self.event_id)?;
+        args.add(&self.tenant)?;
+        args.add(&self.workflow_id)?;
+        args.add(&self.workflow_version)?;
+        args.add(&self.step_id)?;
+        args.add(&self.service)?;
+        args.add(&self.status)?;
+        args.add(&self.attempts)?;
+        args.add(&self.latency_ms)?;
+        args.add(&self.http_status)?;
+        args.add(&self.error)?;
+        args.add(&self.output)?;
+        args.add(&self.finished_at)?;
+        Ok(args)
+    }
+
     async fn insert(&self, db: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "insert into action_results (task_id, run_id, event_id, tenant, workflow_id, workflow_version, step_id,
-                 service, status, attempts, latency_ms, http_status, error, output, finished_at)
-             select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f
-             from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
-                 $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
-                 $15::timestamptz[])
-                 as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f)
-             on conflict (task_id) do nothing",
-        )
-        .bind(&self.task_id)
-        .bind(&self.run_id)
-        .bind(&self.event_id)
-        .bind(&self.tenant)
-        .bind(&self.workflow_id)
-        .bind(&self.workflow_version)
-        .bind(&self.step_id)
-        .bind(&self.service)
-        .bind(&self.status)
-        .bind(&self.attempts)
-        .bind(&self.latency_ms)
-        .bind(&self.http_status)
-        .bind(&self.error)
-        .bind(&self.output)
-        .bind(&self.finished_at)
-        .execute(db)
-        .await
-        .map(|_| ())
+        let args = self.arguments().map_err(sqlx::Error::Encode)?;
+        sqlx::query_with(INSERT, args).execute(db).await.map(|_| ())
+    }
+}
+
+/// One statement per batch: the columns unnested back into rows, duplicates (replays) ignored.
+const INSERT: &str = "insert into action_results (task_id, run_id, event_id, tenant, workflow_id, workflow_version,
+        step_id, service, status, attempts, latency_ms, http_status, error, output, finished_at)
+    select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f
+    from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
+        $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
+        $15::timestamptz[])
+        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f)
+    on conflict (task_id) do nothing";
+
+/// Decodes one result record into what [`Columns::push`] takes; the error is the dead-letter reason.
+pub fn decode_row(payload: &[u8], content_type: Option<&[u8]>) -> Result<(ActionResult, DateTime<Utc>), String> {
+    let r = envelope::decode::<ActionResult>(payload, content_type).map_err(|e| format!("undecodable result: {e}"))?;
+    match DateTime::parse_from_rfc3339(&r.finished_at) {
+        Ok(t) => Ok((r, t.with_timezone(&Utc))),
+        Err(e) => Err(format!("finished_at {:?}: {e}", r.finished_at)),
     }
 }
 
@@ -247,13 +268,7 @@ async fn rows(
     let mut tickets = Vec::with_capacity(deliveries.len());
     for Delivery { message, ticket } in deliveries {
         let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
-        let decoded = envelope::decode::<ActionResult>(message.payload().unwrap_or_default(), content_type)
-            .map_err(|e| format!("undecodable result: {e}"))
-            .and_then(|r| match DateTime::parse_from_rfc3339(&r.finished_at) {
-                Ok(t) => Ok((r, t.with_timezone(&Utc))),
-                Err(e) => Err(format!("finished_at {:?}: {e}", r.finished_at)),
-            });
-        match decoded {
+        match decode_row(message.payload().unwrap_or_default(), content_type) {
             Ok((result, finished_at)) => {
                 if !result.event.is_null() {
                     multi_step.push(result.clone());

@@ -226,20 +226,11 @@ pub fn spawn(
                 let headers = OwnedHeaders::new_with_capacity(2)
                     .insert(Header { key: envelope::CONTENT_TYPE, value: Some(envelope::JSON) })
                     .insert(Header { key: STAMP, value: Some(stamp.as_str()) });
-                let mut record = BaseRecord::to(&topic).key(key.as_str()).payload(payload.as_str()).headers(headers);
-                loop {
-                    match producer.send(record) {
-                        Ok(()) => break,
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                            record = back;
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        Err((e, _)) => {
-                            progress.error.lock().expect("error lock").get_or_insert(format!("producing load: {e}"));
-                            progress.stop.store(true, Ordering::Relaxed);
-                            return;
-                        }
-                    }
+                let record = BaseRecord::to(&topic).key(key.as_str()).payload(payload.as_str()).headers(headers);
+                if let Err(e) = send_waiting(&producer, record) {
+                    progress.error.lock().expect("error lock").get_or_insert(format!("producing load: {e}"));
+                    progress.stop.store(true, Ordering::Relaxed);
+                    return;
                 }
                 seq += 1;
                 progress.produced.store(seq, Ordering::Relaxed);
@@ -248,6 +239,28 @@ pub fn spawn(
         let _ = producer.flush(Duration::from_secs(10));
     })?;
     Ok(handle)
+}
+
+/// Sends `record`, waiting while the producer's queue is full: load is never dropped, it slows
+/// down to what the broker takes.
+pub fn send_waiting<K, P>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

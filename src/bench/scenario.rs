@@ -11,7 +11,6 @@ use futures::TryStreamExt as _;
 use rdkafka::{
     admin::AdminOptions,
     consumer::{BaseConsumer, Consumer},
-    error::{KafkaError, RDKafkaErrorCode},
     producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer},
     Message, Offset, TopicPartitionList,
 };
@@ -214,7 +213,9 @@ async fn drive(
             report.extra.insert("offered_per_s".into(), json!(THROTTLE_PER_SECOND * 2));
             report.extra.insert("achieved_per_s".into(), json!(achieved));
             report.extra.insert("accuracy".into(), json!(achieved / THROTTLE_PER_SECOND as f64));
-            report.extra.insert("limit_set_by".into(), json!("workflow limits.runs_per_minute (per tenant)"));
+            report
+                .extra
+                .insert("limit_set_by".into(), json!("services.<name>.limits (executor, global requests per second)"));
         }
         Scenario::Sink => {
             // The rows the sink wrote in the window are its output: read them back with their
@@ -376,16 +377,7 @@ fn passthrough(
             if let Some(headers) = message.headers() {
                 record = record.headers(headers.detach());
             }
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => return Err(e).context("passthrough produce"),
-                }
-            }
+            load::send_waiting(&producer, record).context("passthrough produce")?;
         }
         producer.flush(Duration::from_secs(10)).context("passthrough flush")?;
         Ok(())
