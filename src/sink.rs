@@ -174,7 +174,10 @@ async fn write_batch(
             DateTime::parse_from_rfc3339(&r.finished_at).map(|t| t.with_timezone(&Utc)).unwrap_or_else(|_| Utc::now());
         decided.push(r, finished_at);
     }
-    decided.insert(&mut tx).await?;
+    // Only multi-step runs decide rows here; a batch of single-step results saves the round trip.
+    if !decided.is_empty() {
+        decided.insert(&mut tx).await?;
+    }
     let sends = advance.tasks.iter().map(|task| {
         let topic = config.topic(&format!("actions.{}", task.service));
         let payload = serde_json::to_vec(task).expect("a task always serializes");
