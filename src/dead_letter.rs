@@ -12,11 +12,7 @@
 //! | `weir.origin.topic` / `.partition` / `.offset` | where the record was read |
 //! | `weir.error.attempts` / `weir.error.first-failure` | for action tasks: calls made, and when the first failed |
 
-use rdkafka::{
-    message::{Header, Headers, OwnedHeaders, OwnedMessage},
-    producer::FutureProducer,
-    Message,
-};
+use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
 
 use crate::{
     kafka,
@@ -57,15 +53,9 @@ impl DeadLetters {
         reason: &str,
         extra: &[(&str, &str)],
     ) -> Result<(), rdkafka::error::KafkaError> {
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = message.headers() {
-            for h in original.iter() {
-                headers = headers.insert(h);
-            }
-        }
         let (partition, offset, time) =
             (message.partition().to_string(), message.offset().to_string(), chrono::Utc::now().to_rfc3339());
-        for (key, value) in [
+        let added: Vec<(&str, &str)> = [
             (REASON, reason),
             (STAGE, self.stage.as_str()),
             (TIME, time.as_str()),
@@ -75,9 +65,8 @@ impl DeadLetters {
         ]
         .into_iter()
         .chain(extra.iter().copied())
-        {
-            headers = headers.insert(Header { key, value: Some(value) });
-        }
+        .collect();
+        let headers = kafka::rewrite_headers(message, |_| false, &added);
         let payload = message.payload().unwrap_or_default();
         kafka::send(&self.producer, &self.topic, message.key(), payload, headers).await?;
         Event::DeadLettered {

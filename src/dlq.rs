@@ -18,7 +18,7 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
 };
 
-use crate::{config::Config, dead_letter, envelope, execute::retry, kafka, telemetry::Event};
+use crate::{config::Config, dead_letter, envelope, kafka, telemetry::Event};
 
 /// Which dead letters a command applies to; every field set must match.
 #[derive(Debug, Clone, Default)]
@@ -46,7 +46,7 @@ impl DeadLetter {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        retry::header_str(&self.message, name)
+        kafka::header_str(&self.message, name)
     }
 
     pub fn key(&self) -> String {
@@ -154,7 +154,7 @@ pub async fn redrive(config: &Config, filter: &Filter) -> anyhow::Result<usize> 
         let origin = letter
             .header(dead_letter::ORIGIN_TOPIC)
             .with_context(|| format!("dead letter {} has no {} header", letter.id(), dead_letter::ORIGIN_TOPIC))?;
-        let headers = retry::rewrite_headers(
+        let headers = kafka::rewrite_headers(
             &letter.message,
             |k| k.starts_with("weir.error.") || k.starts_with("weir.origin.") || k.starts_with("weir.retry."),
             &[],

@@ -307,7 +307,7 @@ impl Executor {
             return None;
         }
         let queued = lanes.queued(&task.tenant);
-        let returning = retry::header_str(message, retry::KIND) == Some("deferral");
+        let returning = kafka::header_str(message, retry::KIND) == Some("deferral");
         let horizon = deferred_until.get(&task.tenant).copied().filter(|due| *due > now);
         let limit = self.tenant_max_buffered;
         if queued < limit && (returning || horizon.is_none()) {
@@ -335,7 +335,7 @@ impl Executor {
             let wait = Duration::from_millis(due.saturating_sub(retry::epoch_ms()));
             let (_, tier, topic) = &self.tiers[retry::tier_for(&self.settings.retry.tiers_ms, wait)];
             let due = due.to_string();
-            let headers = retry::rewrite_headers(
+            let headers = kafka::rewrite_headers(
                 &d.message,
                 |k| k == retry::KIND || k == retry::DUE,
                 &[(retry::KIND, "deferral"), (retry::DUE, &due)],
@@ -424,7 +424,7 @@ impl Executor {
                 Event::Failed { stage: Stage::Execute, reason: "call", retryable: false, detail: &reason }.emit();
                 let attempt = task.attempt.to_string();
                 let now = chrono::Utc::now().to_rfc3339();
-                let first = retry::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
+                let first = kafka::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
                 self.dead_letters
                     .send_with(
                         message,
@@ -456,9 +456,9 @@ impl Executor {
             next.attempt.to_string(),
             chrono::Utc::now().to_rfc3339(),
         );
-        let first = retry::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
+        let first = kafka::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
         let reason: String = reason.chars().take(500).collect();
-        let headers = retry::rewrite_headers(
+        let headers = kafka::rewrite_headers(
             message,
             |k| k.starts_with("weir.retry.") || k == envelope::CONTENT_TYPE,
             &[

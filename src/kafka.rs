@@ -19,7 +19,9 @@ use rdkafka::{
     client::DefaultClientContext,
     config::{ClientConfig, RDKafkaLogLevel},
     consumer::{BaseConsumer, Consumer},
+    message::{Header, Headers as _, OwnedHeaders, OwnedMessage},
     producer::FutureProducer,
+    Message as _,
 };
 
 use crate::config::Config;
@@ -121,6 +123,26 @@ pub fn partition_count<C: rdkafka::ClientContext>(
 /// Reads a header's value by name.
 pub fn header<'a, H: rdkafka::message::Headers>(headers: Option<&'a H>, name: &str) -> Option<&'a [u8]> {
     headers?.iter().find(|h| h.key == name).and_then(|h| h.value)
+}
+
+/// A header's value as text.
+pub fn header_str<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    header(message.headers(), name).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// `message`'s headers without those `drop` names, plus `add`: what a record keeps when it is
+/// forwarded (to a delay topic, back from one, to the dead-letter topic).
+pub fn rewrite_headers(message: &OwnedMessage, drop: impl Fn(&str) -> bool, add: &[(&str, &str)]) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    if let Some(original) = message.headers() {
+        for h in original.iter().filter(|h| !drop(h.key)) {
+            headers = headers.insert(h);
+        }
+    }
+    for (key, value) in add {
+        headers = headers.insert(Header { key, value: Some(*value) });
+    }
+    headers
 }
 
 /// Produces one record and waits for the broker's acknowledgement. Owns its data, so many can be

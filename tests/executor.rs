@@ -99,6 +99,20 @@ fn end_offsets(topic: &str, partitions: i32) -> i64 {
     (0..partitions).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).sum()
 }
 
+/// Waits until `tasks` calls were executed, then checks the service never had to refuse one
+/// (429) and no one-second window held more than `per_second` calls.
+async fn all_executed_within(receiver: &Receiver, tasks: usize, per_second: u64, timeout: Duration) {
+    assert!(
+        eventually(timeout, || async { receiver.executed() >= tasks }).await,
+        "{} of {tasks} executed",
+        receiver.executed()
+    );
+    let calls = receiver.calls();
+    assert_eq!(calls.iter().filter(|c| c.status == 429).count(), 0, "the service never had to refuse a call");
+    let busiest = busiest_window(calls.iter().map(|c| (c.at, 1)).collect(), Duration::from_secs(1));
+    assert!(busiest <= per_second, "{busiest} calls in one second (limit {per_second})");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_per_second_over_twenty_tenants_never_exceeds_the_services_limit() {
     let receiver = Receiver::start().await.unwrap();
@@ -108,15 +122,7 @@ async fn fifty_per_second_over_twenty_tenants_never_exceeds_the_services_limit()
     let tasks: Vec<ActionTask> = (0..500).map(|n| task(n, &format!("tenant-{}", n % 20), json!({}))).collect();
     produce(&config, &tasks).await;
 
-    assert!(
-        eventually(Duration::from_secs(40), || async { receiver.executed() >= 500 }).await,
-        "{}",
-        receiver.executed()
-    );
-    let calls = receiver.calls();
-    assert_eq!(calls.iter().filter(|c| c.status == 429).count(), 0, "the service never had to refuse a call");
-    let busiest = busiest_window(calls.iter().map(|c| (c.at, 1)).collect(), Duration::from_secs(1));
-    assert!(busiest <= 50, "{busiest} calls in one second");
+    all_executed_within(&receiver, 500, 50, Duration::from_secs(40)).await;
     let results = results(&config, 500);
     assert_eq!(results.len(), 500);
     assert!(results.iter().all(|r| r.status == Status::Succeeded && r.attempts == 1));
@@ -283,15 +289,7 @@ async fn two_executor_processes_share_one_global_limit() {
     let tasks: Vec<ActionTask> = (0..400).map(|n| task(n, &format!("tenant-{}", n % 20), json!({}))).collect();
     produce(&config, &tasks).await;
 
-    assert!(
-        eventually(Duration::from_secs(50), || async { receiver.executed() >= 400 }).await,
-        "{}",
-        receiver.executed()
-    );
-    let calls = receiver.calls();
-    assert_eq!(calls.iter().filter(|c| c.status == 429).count(), 0);
-    let busiest = busiest_window(calls.iter().map(|c| (c.at, 1)).collect(), Duration::from_secs(1));
-    assert!(busiest <= 40, "{busiest} calls in one second from both processes");
+    all_executed_within(&receiver, 400, 40, Duration::from_secs(50)).await;
     // Both were members of the group, each owning some of the partitions.
     let group = config.group("execute-webhook");
     let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();

@@ -25,11 +25,7 @@ use std::{
 };
 
 use futures::{stream::FuturesUnordered, StreamExt};
-use rdkafka::{
-    message::{Header, Headers, OwnedHeaders, OwnedMessage},
-    producer::FutureProducer,
-    Message,
-};
+use rdkafka::{producer::FutureProducer, Message};
 
 use crate::{
     config::{Config, RetryConfig},
@@ -64,25 +60,6 @@ pub fn tier_for(tiers_ms: &[u64], wait: Duration) -> usize {
     tiers_ms.iter().position(|t| *t >= wait).unwrap_or(tiers_ms.len().saturating_sub(1))
 }
 
-/// A header's value as text.
-pub fn header_str<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
-    kafka::header(message.headers(), name).and_then(|v| std::str::from_utf8(v).ok())
-}
-
-/// `message`'s headers without those named in `replace`, plus `add`.
-pub fn rewrite_headers(message: &OwnedMessage, drop: impl Fn(&str) -> bool, add: &[(&str, &str)]) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new();
-    if let Some(original) = message.headers() {
-        for h in original.iter().filter(|h| !drop(h.key)) {
-            headers = headers.insert(h);
-        }
-    }
-    for (key, value) in add {
-        headers = headers.insert(Header { key, value: Some(*value) });
-    }
-    headers
-}
-
 /// The consumer of one tier: see the module docs.
 pub async fn run_tier(
     config: Arc<Config>,
@@ -103,7 +80,7 @@ pub async fn run_tier(
         let mut next_due = now + 60_000;
         for (partition, queue) in waiting.iter_mut() {
             while let Some(head) = queue.front() {
-                let due = header_str(&head.message, DUE).and_then(|d| d.parse::<u64>().ok()).unwrap_or(0);
+                let due = kafka::header_str(&head.message, DUE).and_then(|d| d.parse::<u64>().ok()).unwrap_or(0);
                 if due > now {
                     next_due = next_due.min(due);
                     break;
@@ -150,7 +127,7 @@ async fn forward(
     main: String,
     d: Delivery,
 ) -> (Ticket, Result<(), rdkafka::error::KafkaError>) {
-    let headers = rewrite_headers(&d.message, |_| false, &[]);
+    let headers = kafka::rewrite_headers(&d.message, |_| false, &[]);
     let payload = d.message.payload().unwrap_or_default();
     let sent = kafka::send(&producer, &main, d.message.key(), payload, headers)
         .await

@@ -16,7 +16,7 @@ use std::{
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     message::OwnedMessage,
-    ClientConfig, Message, Offset, TopicPartitionList,
+    ClientConfig, Offset, TopicPartitionList,
 };
 use weir::{
     config::{Config, ServiceConfig},
@@ -135,7 +135,7 @@ pub fn committed_total(group: &str, topic: &str, partitions: i32) -> i64 {
 }
 
 pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
-    weir::kafka::header(m.headers(), name).and_then(|v| std::str::from_utf8(v).ok())
+    weir::kafka::header_str(m, name)
 }
 
 /// A TCP forwarder the test can cut: while down it refuses new connections and drops open ones,
