@@ -218,9 +218,8 @@ impl Source {
             }
         }
         let now = Instant::now();
-        for t in tickets {
-            Event::Finished { stage: self.shared.stage, elapsed: now - t.received }.emit();
-        }
+        let elapsed: Vec<Duration> = tickets.iter().map(|t| now - t.received).collect();
+        Event::Finished { stage: self.shared.stage, elapsed: &elapsed }.emit();
     }
 
     /// Stops fetching `partition` until [`resume_partition`](Self::resume_partition), while

@@ -45,21 +45,79 @@ impl Stage {
 /// Something worth counting happened.
 #[derive(Debug)]
 pub enum Event<'a> {
-    Consumed { stage: Stage, count: usize },
-    Produced { stage: Stage, topic: &'a str, count: usize },
-    Failed { stage: Stage, reason: &'static str, retryable: bool, detail: &'a str },
-    DeadLettered { stage: Stage, reason: &'a str, topic: &'a str, partition: i32, offset: i64 },
-    Finished { stage: Stage, elapsed: Duration },
-    Lag { stage: Stage, partition: i32, lag: i64 },
-    Rebalanced { stage: Stage, kind: &'static str, partitions: &'a str },
-    ActionDone { service: &'a str, succeeded: bool },
-    SinkWrote { rows: usize, elapsed: Duration },
-    OutboundRefused { service: &'a str, host: &'a str, addr: std::net::IpAddr },
-    Throttled { service: &'a str, scope: &'static str, waited: Duration },
-    Retried { service: &'a str, tier: &'a str, attempt: i32, reason: &'a str },
-    Deferred { service: &'a str, tenant: &'a str, tier: &'a str },
-    Breaker { service: &'a str, state: &'static str },
-    Redriven { count: usize },
+    Consumed {
+        stage: Stage,
+        count: usize,
+    },
+    Produced {
+        stage: Stage,
+        topic: &'a str,
+        count: usize,
+    },
+    Failed {
+        stage: Stage,
+        reason: &'static str,
+        retryable: bool,
+        detail: &'a str,
+    },
+    DeadLettered {
+        stage: Stage,
+        reason: &'a str,
+        topic: &'a str,
+        partition: i32,
+        offset: i64,
+    },
+    /// Records done, with the time each spent in the stage (one histogram lookup per batch).
+    Finished {
+        stage: Stage,
+        elapsed: &'a [Duration],
+    },
+    Lag {
+        stage: Stage,
+        partition: i32,
+        lag: i64,
+    },
+    Rebalanced {
+        stage: Stage,
+        kind: &'static str,
+        partitions: &'a str,
+    },
+    ActionDone {
+        service: &'a str,
+        succeeded: bool,
+    },
+    SinkWrote {
+        rows: usize,
+        elapsed: Duration,
+    },
+    OutboundRefused {
+        service: &'a str,
+        host: &'a str,
+        addr: std::net::IpAddr,
+    },
+    Throttled {
+        service: &'a str,
+        scope: &'static str,
+        waited: Duration,
+    },
+    Retried {
+        service: &'a str,
+        tier: &'a str,
+        attempt: i32,
+        reason: &'a str,
+    },
+    Deferred {
+        service: &'a str,
+        tenant: &'a str,
+        tier: &'a str,
+    },
+    Breaker {
+        service: &'a str,
+        state: &'static str,
+    },
+    Redriven {
+        count: usize,
+    },
 }
 
 impl Event<'_> {
@@ -87,7 +145,10 @@ impl Event<'_> {
                 counter!("weir_dead_lettered_total", "stage" => stage.as_str()).increment(1)
             }
             Event::Finished { stage, elapsed } => {
-                histogram!("weir_stage_latency_seconds", "stage" => stage.as_str()).record(elapsed.as_secs_f64())
+                let histogram = histogram!("weir_stage_latency_seconds", "stage" => stage.as_str());
+                for e in elapsed {
+                    histogram.record(e.as_secs_f64());
+                }
             }
             Event::Lag { stage, partition, lag } => {
                 gauge!("weir_consumer_lag", "stage" => stage.as_str(), "partition" => partition.to_string())
