@@ -5,16 +5,29 @@
 //! each selected record, as it was before it failed, to the topic it was read from
 //! (`weir.origin.topic`): the key and payload unchanged except an action task's `attempt`, which
 //! starts again at 1, and the headers without weir's error, origin and retry headers. The dead
-//! letters stay where they are (the topic is a log); narrow a redrive with `--since` to avoid
-//! sending the same ones twice. Sending an action task twice is harmless anyway: its
-//! `Idempotency-Key` is the task id.
+//! letters stay where they are (the topic is a log).
+//!
+//! What was redriven is remembered the Kafka way, in a consumer group of its own
+//! (`<prefix>weir-dlq-redrive`): per dead-letter partition, the committed offset marks "every
+//! letter below was resent", and the commit's metadata lists the resent letters above it (as
+//! ranges). A filter may skip letters between resent ones; moving the offset past them would hide
+//! them from the next redrive, so the offset only moves over a contiguous run of resent letters
+//! and the rest is kept in the metadata. The record is committed after the broker acknowledged
+//! the resent records, so a crash can at worst send a letter twice (harmless: an action task's
+//! `Idempotency-Key` is its task id), never skip one. A later redrive leaves marked letters alone
+//! unless asked `again`.
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use anyhow::Context as _;
+use futures::{stream::FuturesUnordered, StreamExt};
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
+    consumer::{BaseConsumer, CommitMode, Consumer},
     message::{Headers, OwnedMessage},
+    producer::FutureProducer,
     Message, Offset, TopicPartitionList,
 };
 
@@ -37,6 +50,8 @@ pub struct DeadLetter {
     pub partition: i32,
     pub offset: i64,
     pub message: OwnedMessage,
+    /// Whether a redrive has sent it (see [`Mark`]).
+    pub redriven: bool,
 }
 
 impl DeadLetter {
@@ -84,32 +99,133 @@ pub fn parse_since(text: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> 
     Ok(chrono::Utc::now() - back)
 }
 
-/// The dead letters matching `filter`, oldest first per partition. Blocking.
-pub fn list(config: &Config, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
+/// How far a dead-letter partition has been redriven: the `dlq-redrive` group's committed
+/// offset (`below`: every letter under it was resent) and, in that commit's metadata, the letters
+/// above it that were resent too (a filter skipped some in between, which must stay visible).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mark {
+    pub below: i64,
+    pub above: BTreeSet<i64>,
+}
+
+/// The broker's default `offset.metadata.max.bytes` is 4,096; keep below it.
+const MAX_METADATA: usize = 4_000;
+
+impl Mark {
+    pub fn contains(&self, offset: i64) -> bool {
+        offset < self.below || self.above.contains(&offset)
+    }
+
+    /// The mark after `resent` were acknowledged: the committed offset moves over every letter
+    /// (`offsets`, ascending, all letters of the partition read up to `end`) now marked, and stops
+    /// at the first that is not; resent letters beyond it are kept in `above`.
+    pub fn advance(&self, offsets: &[i64], end: i64, resent: &BTreeSet<i64>) -> Mark {
+        let mut done: BTreeSet<i64> = self.above.union(resent).copied().filter(|o| *o >= self.below).collect();
+        let mut below = self.below;
+        let mut stopped = false;
+        for o in offsets.iter().copied().filter(|o| *o >= self.below) {
+            if !done.contains(&o) {
+                stopped = true;
+                break;
+            }
+            below = o + 1;
+        }
+        if !stopped {
+            // Every letter read is marked: the gaps up to the end (transaction markers) are too.
+            below = below.max(end);
+        }
+        done.retain(|o| *o >= below);
+        Mark { below, above: done }
+    }
+
+    /// `above` as ranges (`5-9,12`), and how many offsets did not fit the metadata limit; those
+    /// are left out of the record, so a later redrive sends them again (harmless: the
+    /// `Idempotency-Key` is the task id), never hides them.
+    fn encode(&self) -> (String, usize) {
+        let mut text = String::new();
+        let mut dropped = 0;
+        let mut offsets = self.above.iter().copied().peekable();
+        while let Some(first) = offsets.next() {
+            let mut last = first;
+            while offsets.peek() == Some(&(last + 1)) {
+                last = offsets.next().unwrap_or(last);
+            }
+            let range = if first == last { first.to_string() } else { format!("{first}-{last}") };
+            if dropped > 0 || text.len() + range.len() + 1 > MAX_METADATA {
+                dropped += (last - first + 1) as usize;
+                continue;
+            }
+            if !text.is_empty() {
+                text.push(',');
+            }
+            text.push_str(&range);
+        }
+        (text, dropped)
+    }
+
+    fn decode(below: i64, text: &str) -> anyhow::Result<Mark> {
+        let mut above = BTreeSet::new();
+        for range in text.split(',').filter(|r| !r.is_empty()) {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            let (first, last): (i64, i64) = (first.parse()?, last.parse()?);
+            anyhow::ensure!(first <= last && last - first < 10_000_000, "bad range {range:?}");
+            above.extend(first..=last);
+        }
+        Ok(Mark { below, above })
+    }
+}
+
+/// The dead-letter topic read to its current end, with the redrive record of each partition.
+struct Read {
+    consumer: BaseConsumer,
+    /// Every letter, oldest first per partition.
+    letters: Vec<DeadLetter>,
+    /// Per partition read: its end then, and its mark.
+    partitions: BTreeMap<i32, (i64, Mark)>,
+}
+
+/// Reads the whole dead-letter topic with a consumer of the `dlq-redrive` group that never joins
+/// it (assigned, not subscribed) and commits only what [`redrive`] decides. Blocking.
+fn read(config: &Config) -> anyhow::Result<Read> {
     let topic = config.topic("dlq");
-    let consumer: BaseConsumer = kafka::consumer_config(config, &format!("{}weir-dlq-reader", config.topic_prefix))
+    let group = config.group("dlq-redrive");
+    let consumer: BaseConsumer = kafka::consumer_config(config, &group)
         .set("enable.auto.commit", "false")
         .create()
         .context("creating Kafka consumer")?;
-    let partitions = kafka::partition_count(consumer.client(), &topic)?;
-    let mut ends = Vec::new();
+    let count = kafka::partition_count(consumer.client(), &topic)?;
+    let mut all = TopicPartitionList::new();
+    for p in 0..count {
+        all.add_partition(&topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(all, kafka::METADATA_TIMEOUT)
+        .with_context(|| format!("reading what group {group} has redriven"))?;
+    let mut partitions = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
+    for e in committed.elements() {
+        let p = e.partition();
+        let below = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        let mark = Mark::decode(below, e.metadata()).with_context(|| {
+            format!("group {group}'s record of {topic} partition {p} is unreadable ({:?})", e.metadata())
+        })?;
         let (low, high) = consumer
             .fetch_watermarks(&topic, p, kafka::METADATA_TIMEOUT)
             .with_context(|| format!("reading the end of {topic} partition {p}"))?;
         if high > low {
             tpl.add_partition_offset(&topic, p, Offset::Offset(low)).context("assigning")?;
-            ends.push((p, high));
         }
+        partitions.insert(p, (high.max(low), mark));
     }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return Ok(out);
+    let mut letters = Vec::new();
+    let mut remaining = tpl.count();
+    if remaining > 0 {
+        consumer.assign(&tpl).context("assigning the dead-letter topic")?;
     }
-    consumer.assign(&tpl).context("assigning the dead-letter topic")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut remaining = ends.len();
     let mut reached = std::collections::HashSet::new();
     while remaining > 0 {
         if std::time::Instant::now() > deadline {
@@ -118,11 +234,8 @@ pub fn list(config: &Config, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>>
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let (p, o) = (m.partition(), m.offset());
-                let end = ends.iter().find(|(q, _)| *q == p).map(|(_, h)| *h).unwrap_or(0);
-                let letter = DeadLetter { partition: p, offset: o, message: m.detach() };
-                if letter.matches(config, filter) {
-                    out.push(letter);
-                }
+                let (end, mark) = partitions.get(&p).map(|(end, mark)| (*end, mark.contains(o))).unwrap_or((0, false));
+                letters.push(DeadLetter { partition: p, offset: o, message: m.detach(), redriven: mark });
                 if o + 1 >= end && reached.insert(p) {
                     remaining -= 1;
                 }
@@ -131,7 +244,15 @@ pub fn list(config: &Config, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>>
             None => {}
         }
     }
-    Ok(out)
+    Ok(Read { consumer, letters, partitions })
+}
+
+/// The dead letters matching `filter`, oldest first per partition, each saying whether it was
+/// redriven. Blocking.
+pub fn list(config: &Config, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut letters = read(config)?.letters;
+    letters.retain(|d| d.matches(config, filter));
+    Ok(letters)
 }
 
 /// The dead letter at `id` (`partition:offset`). Blocking.
@@ -144,29 +265,101 @@ pub fn show(config: &Config, id: &str) -> anyhow::Result<DeadLetter> {
         .with_context(|| format!("no dead letter {id} in {}", config.topic("dlq")))
 }
 
-/// Re-produces every dead letter matching `filter` to its origin topic; returns how many.
-pub async fn redrive(config: &Config, filter: &Filter) -> anyhow::Result<usize> {
-    let (c, f) = (config.clone(), filter.clone());
-    let letters = tokio::task::spawn_blocking(move || list(&c, &f)).await??;
+/// What a redrive did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Redriven {
+    /// Dead letters re-produced (and acknowledged).
+    pub sent: usize,
+    /// Matching dead letters left alone because an earlier redrive had sent them.
+    pub skipped: usize,
+    /// Resent letters the record could not hold (metadata limit): a later redrive sends them again.
+    pub unrecorded: usize,
+}
+
+/// Re-produces every dead letter matching `filter` to its origin topic, except those an earlier
+/// redrive sent (unless `again`), then records what was acknowledged in the `dlq-redrive` group.
+/// On a failed send the letters acknowledged before it are still recorded.
+pub async fn redrive(config: &Config, filter: &Filter, again: bool) -> anyhow::Result<Redriven> {
+    let c = config.clone();
+    let read = tokio::task::spawn_blocking(move || read(&c)).await??;
     let producer = kafka::producer(config)?;
-    let mut count = 0;
-    for letter in &letters {
-        let origin = letter
-            .header(dead_letter::ORIGIN_TOPIC)
-            .with_context(|| format!("dead letter {} has no {} header", letter.id(), dead_letter::ORIGIN_TOPIC))?;
-        let headers = kafka::rewrite_headers(
-            &letter.message,
-            |k| k.starts_with("weir.error.") || k.starts_with("weir.origin.") || k.starts_with("weir.retry."),
-            &[],
-        );
-        let payload = reset_attempt(&letter.message);
-        kafka::send(&producer, origin, letter.message.key(), &payload, headers)
-            .await
-            .with_context(|| format!("redriving {} to {origin}", letter.id()))?;
-        count += 1;
+    let mut outcome = Redriven::default();
+    let mut resent: BTreeMap<i32, BTreeSet<i64>> = BTreeMap::new();
+    let mut sends = FuturesUnordered::new();
+    let mut failure = None;
+    for letter in read.letters.iter().filter(|d| d.matches(config, filter)) {
+        if letter.redriven && !again {
+            outcome.skipped += 1;
+            continue;
+        }
+        // Sent concurrently: the idempotent producer keeps each origin partition's order.
+        sends.push(resend(&producer, letter));
+        if sends.len() >= 1_000 {
+            collect(sends.next().await, &mut resent, &mut failure);
+        }
     }
-    Event::Redriven { count }.emit();
-    Ok(count)
+    while let Some(sent) = sends.next().await {
+        collect(Some(sent), &mut resent, &mut failure);
+    }
+    drop(sends);
+    outcome.sent = resent.values().map(BTreeSet::len).sum();
+    let topic = config.topic("dlq");
+    let mut commit = TopicPartitionList::new();
+    for (p, (end, mark)) in &read.partitions {
+        let Some(resent) = resent.get(p) else { continue };
+        let offsets: Vec<i64> = read.letters.iter().filter(|d| d.partition == *p).map(|d| d.offset).collect();
+        let next = mark.advance(&offsets, *end, resent);
+        let (metadata, dropped) = next.encode();
+        outcome.unrecorded += dropped;
+        let mut e = commit.add_partition(&topic, *p);
+        e.set_offset(Offset::Offset(next.below)).context("recording")?;
+        e.set_metadata(metadata);
+    }
+    if commit.count() > 0 {
+        let consumer = read.consumer;
+        tokio::task::spawn_blocking(move || consumer.commit(&commit, CommitMode::Sync))
+            .await?
+            .with_context(|| format!("recording the redrive in group {}", config.group("dlq-redrive")))?;
+    }
+    Event::Redriven { count: outcome.sent }.emit();
+    match failure {
+        Some(e) => Err(e.context(format!("{} dead letters were redriven and recorded before", outcome.sent))),
+        None => Ok(outcome),
+    }
+}
+
+fn collect(
+    sent: Option<anyhow::Result<(i32, i64)>>,
+    resent: &mut BTreeMap<i32, BTreeSet<i64>>,
+    failure: &mut Option<anyhow::Error>,
+) {
+    match sent {
+        Some(Ok((p, o))) => {
+            resent.entry(p).or_default().insert(o);
+        }
+        Some(Err(e)) => {
+            failure.get_or_insert(e);
+        }
+        None => {}
+    }
+}
+
+/// Sends `letter` back to its origin topic as it was before it failed; returns its id's
+/// partition and offset once the broker has acknowledged it.
+async fn resend(producer: &FutureProducer, letter: &DeadLetter) -> anyhow::Result<(i32, i64)> {
+    let origin = letter
+        .header(dead_letter::ORIGIN_TOPIC)
+        .with_context(|| format!("dead letter {} has no {} header", letter.id(), dead_letter::ORIGIN_TOPIC))?;
+    let headers = kafka::rewrite_headers(
+        &letter.message,
+        |k| k.starts_with("weir.error.") || k.starts_with("weir.origin.") || k.starts_with("weir.retry."),
+        &[],
+    );
+    let payload = reset_attempt(&letter.message);
+    kafka::send(producer, origin, letter.message.key(), &payload, headers)
+        .await
+        .with_context(|| format!("redriving {} to {origin}", letter.id()))?;
+    Ok((letter.partition, letter.offset))
 }
 
 /// The payload, with an action task's attempt back at 1 (JSON only; anything else unchanged).
@@ -185,7 +378,7 @@ fn reset_attempt(message: &OwnedMessage) -> Vec<u8> {
 
 /// `weir dlq list` output: one line per dead letter.
 pub fn print_list(letters: &[DeadLetter]) {
-    println!("{:<10} {:<26} {:<28} {:<16} {:>8}  reason", "id", "time", "origin", "key", "attempts");
+    println!("{:<10} {:<26} {:<28} {:<16} {:>8}  {:<8}  reason", "id", "time", "origin", "key", "attempts", "redriven");
     for d in letters {
         let origin = format!(
             "{}/{}@{}",
@@ -194,12 +387,13 @@ pub fn print_list(letters: &[DeadLetter]) {
             d.header(dead_letter::ORIGIN_OFFSET).unwrap_or("?")
         );
         println!(
-            "{:<10} {:<26} {:<28} {:<16} {:>8}  {}",
+            "{:<10} {:<26} {:<28} {:<16} {:>8}  {:<8}  {}",
             d.id(),
             d.header(dead_letter::TIME).unwrap_or("?"),
             origin,
             d.key(),
             d.header(dead_letter::ATTEMPTS).unwrap_or("-"),
+            if d.redriven { "yes" } else { "no" },
             d.header(dead_letter::REASON).unwrap_or("?")
         );
     }
@@ -207,7 +401,7 @@ pub fn print_list(letters: &[DeadLetter]) {
 
 /// `weir dlq show` output: headers, then the payload (pretty JSON when it is JSON).
 pub fn print_one(d: &DeadLetter) {
-    println!("id: {}\nkey: {}", d.id(), d.key());
+    println!("id: {}\nkey: {}\nredriven: {}", d.id(), d.key(), if d.redriven { "yes" } else { "no" });
     if let Some(headers) = d.message.headers() {
         for h in headers.iter() {
             println!("{}: {}", h.key, h.value.map(String::from_utf8_lossy).unwrap_or_default());
@@ -231,5 +425,42 @@ mod tests {
         assert!((two_hours.num_minutes() - 120).abs() <= 1);
         assert!(parse_since("2w").unwrap_err().to_string().contains("unit"));
         assert!(parse_since("yesterday").unwrap_err().to_string().contains("--since"));
+    }
+
+    fn set(offsets: &[i64]) -> BTreeSet<i64> {
+        offsets.iter().copied().collect()
+    }
+
+    #[test]
+    fn the_offset_moves_over_resent_letters_only_and_keeps_the_rest_above() {
+        let letters = [3, 4, 5, 6, 7, 9];
+        // A filter took 3, 4 and 6: the offset moves to 5, 6 is kept above it.
+        let first = Mark { below: 3, above: BTreeSet::new() }.advance(&letters, 10, &set(&[3, 4, 6]));
+        assert_eq!(first, Mark { below: 5, above: set(&[6]) });
+        assert!(first.contains(4) && first.contains(6) && !first.contains(5) && !first.contains(7));
+        // The rest later: the offset moves past the end (10, after the gap at 8).
+        assert_eq!(first.advance(&letters, 10, &set(&[5, 7, 9])), Mark { below: 10, above: set(&[]) });
+        // Resending an already marked letter again changes nothing.
+        assert_eq!(first.advance(&letters, 10, &set(&[3])), first);
+    }
+
+    #[test]
+    fn marks_round_trip_as_ranges_and_bad_records_are_refused() {
+        let mark = Mark { below: 2, above: set(&[5, 6, 7, 9, 11, 12]) };
+        let (text, dropped) = mark.encode();
+        assert_eq!((text.as_str(), dropped), ("5-7,9,11-12", 0));
+        assert_eq!(Mark::decode(2, &text).unwrap(), mark);
+        assert_eq!(Mark::decode(4, "").unwrap(), Mark { below: 4, above: set(&[]) });
+        assert!(Mark::decode(0, "7-x").is_err() && Mark::decode(0, "9-3").is_err());
+    }
+
+    #[test]
+    fn what_does_not_fit_the_metadata_is_left_out_to_be_resent() {
+        let mark = Mark { below: 0, above: (0..2_000).map(|i| 1_000_000 + 2 * i).collect() };
+        let (text, dropped) = mark.encode();
+        assert!(text.len() <= MAX_METADATA);
+        let kept = Mark::decode(0, &text).unwrap().above;
+        assert_eq!(kept.len() + dropped, 2_000);
+        assert!(kept.iter().all(|o| mark.above.contains(o)) && dropped > 0);
     }
 }

@@ -106,7 +106,7 @@ enum WorkflowsAction {
 
 #[derive(Subcommand)]
 enum DlqAction {
-    /// List dead letters (id, time, origin, key, attempts, reason).
+    /// List dead letters (id, time, origin, key, attempts, whether redriven, reason).
     List {
         #[command(flatten)]
         filter: DlqFilter,
@@ -117,10 +117,13 @@ enum DlqAction {
         id: String,
     },
     /// Re-produce the matching dead letters to their origin topics (attempts reset); prints how
-    /// many.
+    /// many. Letters an earlier redrive sent are skipped (recorded in the `dlq-redrive` group).
     Redrive {
         #[command(flatten)]
         filter: DlqFilter,
+        /// Send the matching letters an earlier redrive already sent, too.
+        #[arg(long)]
+        again: bool,
     },
 }
 
@@ -235,9 +238,18 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             weir::dlq::print_one(&letter);
             Ok(())
         }
-        Command::Dlq { action: DlqAction::Redrive { filter } } => {
-            let count = weir::dlq::redrive(&config, &filter.parse()?).await?;
-            println!("redrove {count} dead letters");
+        Command::Dlq { action: DlqAction::Redrive { filter, again } } => {
+            let done = weir::dlq::redrive(&config, &filter.parse()?, again).await?;
+            println!("redrove {} dead letters", done.sent);
+            if done.skipped > 0 {
+                println!("skipped {} already redriven (--again sends them too)", done.skipped);
+            }
+            if done.unrecorded > 0 {
+                eprintln!(
+                    "warning: {} redriven letters did not fit the record; a later redrive resends them",
+                    done.unrecorded
+                );
+            }
             Ok(())
         }
         Command::Bench { scenario, duration, rate, tenants, out } => {

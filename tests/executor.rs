@@ -207,23 +207,62 @@ async fn a_permanent_failure_is_dead_lettered_after_one_attempt_then_redriven() 
 
     receiver.set_mode(Mode::default());
     let filter = weir::dlq::Filter { service: Some("webhook".into()), ..Default::default() };
-    let listed = tokio::task::spawn_blocking({
-        let (c, f) = (config.clone(), filter.clone());
-        move || weir::dlq::list(&c, &f)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let listed = list(&config, &filter).await;
     assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|d| !d.redriven));
     let other = weir::dlq::Filter { tenant: Some("nobody".into()), ..Default::default() };
-    assert_eq!(weir::dlq::redrive(&config, &other).await.unwrap(), 0);
-    assert_eq!(weir::dlq::redrive(&config, &filter).await.unwrap(), 3);
+    assert_eq!(weir::dlq::redrive(&config, &other, false).await.unwrap().sent, 0);
+    assert_eq!(weir::dlq::redrive(&config, &filter, false).await.unwrap().sent, 3);
     assert!(eventually(Duration::from_secs(30), || async { receiver.executed() == 3 }).await);
     let all = results(&config, 6);
     let succeeded: Vec<_> = all.iter().filter(|r| r.status == Status::Succeeded).collect();
     assert_eq!(succeeded.len(), 3);
     assert!(succeeded.iter().all(|r| r.attempts == 1), "attempts start again");
+
+    // Remembered: a second redrive sends nothing, unless asked again.
+    assert!(list(&config, &filter).await.iter().all(|d| d.redriven));
+    let twice = weir::dlq::redrive(&config, &filter, false).await.unwrap();
+    assert_eq!((twice.sent, twice.skipped), (0, 3));
+    let again = weir::dlq::redrive(&config, &filter, true).await.unwrap();
+    assert_eq!((again.sent, again.skipped), (3, 0));
     pipeline.stop().await.unwrap();
+}
+
+async fn list(config: &Arc<Config>, filter: &weir::dlq::Filter) -> Vec<weir::dlq::DeadLetter> {
+    let (c, f) = (config.clone(), filter.clone());
+    tokio::task::spawn_blocking(move || weir::dlq::list(&c, &f)).await.unwrap().unwrap()
+}
+
+/// A filtered redrive records what it sent without hiding the letters it skipped, even those
+/// below a resent one in the same dead-letter partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_redrive_marks_only_what_it_sent() {
+    let receiver = Receiver::start().await.unwrap();
+    let (config, _dir) = setup(&receiver, |_| {}).await;
+    let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
+    // Six tenants over the four dead-letter partitions: one partition holds two or more.
+    assert_eq!(dead_letters_after_rejection(&receiver, &config, 6).await.len(), 6);
+    pipeline.stop().await.unwrap();
+    let all = weir::dlq::Filter::default();
+    let letters = list(&config, &all).await;
+    let shared = (0..4)
+        .map(|p| letters.iter().filter(|d| d.partition == p).collect::<Vec<_>>())
+        .find(|in_p| in_p.len() >= 2)
+        .expect("a partition with two letters");
+    let (earlier, later) = (shared[0], shared[shared.len() - 1]);
+    assert_ne!(earlier.key(), later.key());
+
+    let one = weir::dlq::Filter { tenant: Some(later.key()), ..Default::default() };
+    assert_eq!(weir::dlq::redrive(&config, &one, false).await.unwrap().sent, 1);
+    let marked: Vec<String> = list(&config, &all).await.into_iter().filter(|d| d.redriven).map(|d| d.id()).collect();
+    assert_eq!(marked, vec![later.id()], "only the letter sent is marked; {} below it is not", earlier.id());
+
+    let rest = weir::dlq::redrive(&config, &all, false).await.unwrap();
+    assert_eq!((rest.sent, rest.skipped, rest.unrecorded), (5, 1, 0));
+    assert!(list(&config, &all).await.iter().all(|d| d.redriven));
+    assert_eq!(weir::dlq::redrive(&config, &all, false).await.unwrap().sent, 0);
+    // Every dead letter reached the action topic exactly once: 6 tasks, then 6 redriven.
+    assert_eq!(read_topic(&config.topic("actions.webhook"), 13, Duration::from_secs(3)).len(), 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,6 +284,12 @@ async fn weir_dlq_redrive_through_the_binary() {
     receiver.set_mode(Mode::default());
     assert!(weir(&["dlq", "redrive", "--service", "webhook"]).contains("redrove 1 dead letters"));
     assert!(eventually(Duration::from_secs(30), || async { receiver.executed() == 1 }).await);
+    let listed = weir(&["dlq", "list"]);
+    assert!(listed.lines().next().unwrap().contains("redriven"), "{listed}");
+    assert!(listed.lines().nth(1).unwrap().contains(" yes "), "{listed}");
+    let twice = weir(&["dlq", "redrive", "--service", "webhook"]);
+    assert!(twice.contains("redrove 0 dead letters") && twice.contains("skipped 1 already redriven"), "{twice}");
+    assert!(weir(&["dlq", "redrive", "--again"]).contains("redrove 1 dead letters"));
     pipeline.stop().await.unwrap();
 }
 
