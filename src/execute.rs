@@ -56,14 +56,14 @@ use crate::{
     kafka,
     lanes::Lanes,
     shutdown::{self, Shutdown},
-    source::{Delivery, Ownership, Source, Ticket},
+    source::{self, Delivery, Ownership, Source, Ticket},
     telemetry::{Event, Stage},
 };
 
 /// A finished piece of work.
 struct Finished {
     /// The lane to free: a tenant's next task may start (its call is over).
-    lane: Option<String>,
+    lane: Option<Arc<str>>,
     ticket: Ticket,
     /// More to do before the offset may be stored (making the call's outcome durable); it runs
     /// after the lane is freed, so a tenant's next call does not wait for this one's result to
@@ -77,7 +77,7 @@ struct Finished {
 
 impl Finished {
     fn done(
-        lane: Option<String>,
+        lane: Option<Arc<str>>,
         counted: bool,
         ticket: Ticket,
         stored: Result<bool, rdkafka::error::KafkaError>,
@@ -188,6 +188,8 @@ async fn main_loop(
     // Per tenant being deferred: when its last deferred task is due.
     let mut deferred_until: HashMap<String, u64> = HashMap::new();
     let mut running: FuturesUnordered<BoxFuture<'static, Finished>> = FuturesUnordered::new();
+    // Tickets of the completions handled together, stored with one call (one tracker lock).
+    let mut durable: Vec<Ticket> = Vec::new();
     let mut tidy = tokio::time::interval(Duration::from_secs(30));
     let release = |source: &Source, per_partition: &mut HashMap<i32, usize>, in_flight: &mut usize, partition: i32| {
         *in_flight -= 1;
@@ -201,7 +203,7 @@ async fn main_loop(
     let result = loop {
         while let Some((tenant, job)) = lanes.start_next() {
             if executor.ownership.owns(&job.ticket) {
-                running.push(executor.clone().execute(job));
+                running.push(executor.clone().execute(tenant, job));
             } else {
                 lanes.finish(&tenant);
                 release(&source, &mut per_partition, &mut in_flight, job.ticket.partition);
@@ -210,20 +212,38 @@ async fn main_loop(
         tokio::select! {
             _ = shutdown.recv() => break Ok(()),
             Some(f) = running.next() => {
-                if let Some(lane) = &f.lane {
-                    lanes.finish(lane);
+                // Take every completion that is ready too: their offsets are stored together.
+                let mut next = Some(f);
+                let mut failed = None;
+                while let Some(f) = next.take() {
+                    if let Some(lane) = &f.lane {
+                        lanes.finish(lane);
+                    }
+                    if let Some(then) = f.then {
+                        running.push(then);
+                    } else {
+                        match f.stored {
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                            Ok(true) => durable.push(f.ticket),
+                            Ok(false) => {}
+                        }
+                        if f.counted {
+                            release(&source, &mut per_partition, &mut in_flight, f.ticket.partition);
+                        }
+                    }
+                    if durable.len() < source::BATCH {
+                        next = running.next().now_or_never().flatten();
+                    }
                 }
-                if let Some(then) = f.then {
-                    running.push(then);
-                    continue;
+                if !durable.is_empty() {
+                    source.done_all(&durable);
+                    durable.clear();
                 }
-                match f.stored {
-                    Err(e) => break Err(e),
-                    Ok(true) => source.done(&f.ticket),
-                    Ok(false) => {}
-                }
-                if f.counted {
-                    release(&source, &mut per_partition, &mut in_flight, f.ticket.partition);
+                if let Some(e) = failed {
+                    break Err(e);
                 }
             }
             Ok(()) = assignment.changed() => {
@@ -252,7 +272,7 @@ async fn main_loop(
                         if *n >= limits.partition_max_buffered {
                             source.pause_partition(partition);
                         }
-                        lanes.push(&task.tenant.clone(), Job { message: d.message, task, ticket: d.ticket });
+                        lanes.push_keyed(Job { message: d.message, task, ticket: d.ticket }, |j| &j.task.tenant);
                     }
                 }
                 None => break Ok(()),
@@ -351,14 +371,15 @@ impl Executor {
         .boxed()
     }
 
-    fn execute(self: Arc<Self>, job: Job) -> BoxFuture<'static, Finished> {
+    /// Runs `job`, holding the lane of `tenant` until the call returns.
+    fn execute(self: Arc<Self>, tenant: Arc<str>, job: Job) -> BoxFuture<'static, Finished> {
         async move {
             let Job { message, task, ticket } = job;
             let estimate = self.connector.estimate_cost(&task);
             // Registered before the flag is read, so a shutdown in between still wakes it.
             let stopped = self.stopped.notified();
             if self.stopping.load(Ordering::SeqCst) {
-                return Finished::done(Some(task.tenant), true, ticket, Ok(false));
+                return Finished::done(Some(tenant), true, ticket, Ok(false));
             }
             let ready = async {
                 self.throttle.wait_tenant(&task.tenant, estimate).await;
@@ -369,12 +390,12 @@ impl Executor {
             };
             let (slot, admission) = tokio::select! {
                 ready = ready => ready,
-                _ = stopped => return Finished::done(Some(task.tenant.clone()), true, ticket, Ok(false)),
+                _ = stopped => return Finished::done(Some(tenant), true, ticket, Ok(false)),
             };
             // Waiting may have outlasted the partition's assignment; its new owner calls instead.
             if !self.ownership.owns(&ticket) || self.stopping.load(Ordering::SeqCst) {
                 self.breaker.record(admission, Verdict::Neutral);
-                return Finished::done(Some(task.tenant), true, ticket, Ok(false));
+                return Finished::done(Some(tenant), true, ticket, Ok(false));
             }
             let started = Instant::now();
             let outcome = self.connector.call(&task).await;
@@ -386,7 +407,7 @@ impl Executor {
             };
             self.breaker.record(admission, verdict);
             drop(slot);
-            let lane = Some(task.tenant.clone());
+            let lane = Some(tenant);
             let settle = async move {
                 let stored = self.settle(&message, &task, outcome, latency, estimate).await.map(|_| true);
                 Finished::done(None, true, ticket, stored)

@@ -6,10 +6,16 @@
 //! not this module's concern: items finish out of partition order, and the
 //! [`OffsetTracker`](crate::offsets::OffsetTracker) commits only below the lowest unfinished one.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
 
 #[derive(Debug)]
 struct Lane<T> {
+    /// The key, shared with `ready` and handed out with each item: allocated once per lane, not
+    /// once per item.
+    key: Arc<str>,
     queue: VecDeque<T>,
     running: usize,
     /// Whether the key is in `ready` (at most once).
@@ -18,9 +24,9 @@ struct Lane<T> {
 
 #[derive(Debug)]
 pub struct Lanes<T> {
-    queues: HashMap<String, Lane<T>>,
+    queues: HashMap<Arc<str>, Lane<T>>,
     /// Keys with queued work and a free running place, in the order they became ready.
-    ready: VecDeque<String>,
+    ready: VecDeque<Arc<str>>,
     len: usize,
     /// Items of one key running at once; 1 keeps a key's items in order.
     per_key: usize,
@@ -41,21 +47,21 @@ impl<T> Lanes<T> {
 
     /// Queues `item` behind earlier items of `key`.
     pub fn push(&mut self, key: &str, item: T) {
+        let lane = lane(&mut self.queues, key);
+        enqueue(lane, item, &mut self.ready, self.per_key);
         self.len += 1;
-        let lane = self.queues.entry(key.to_string()).or_insert_with(|| Lane {
-            queue: VecDeque::new(),
-            running: 0,
-            in_ready: false,
-        });
-        lane.queue.push_back(item);
-        if !lane.in_ready && lane.running < self.per_key {
-            lane.in_ready = true;
-            self.ready.push_back(key.to_string());
-        }
+    }
+
+    /// Queues `item` behind earlier items of its key, which `key` reads from the item (the key
+    /// then need not be copied out of it first).
+    pub fn push_keyed(&mut self, item: T, key: impl FnOnce(&T) -> &str) {
+        let lane = lane(&mut self.queues, key(&item));
+        enqueue(lane, item, &mut self.ready, self.per_key);
+        self.len += 1;
     }
 
     /// The next item whose key has a free running place; it runs until [`finish`](Self::finish).
-    pub fn start_next(&mut self) -> Option<(String, T)> {
+    pub fn start_next(&mut self) -> Option<(Arc<str>, T)> {
         let key = self.ready.pop_front()?;
         let lane = self.queues.get_mut(&key).expect("a ready key has a lane");
         let item = lane.queue.pop_front().expect("a ready key has queued work");
@@ -76,7 +82,7 @@ impl<T> Lanes<T> {
             self.queues.remove(key);
         } else if !lane.in_ready && !lane.queue.is_empty() && lane.running < self.per_key {
             lane.in_ready = true;
-            self.ready.push_back(key.to_string());
+            self.ready.push_back(lane.key.clone());
         }
     }
 
@@ -95,24 +101,46 @@ impl<T> Lanes<T> {
     }
 }
 
+/// The lane of `key`, created if there is none.
+fn lane<'m, T>(queues: &'m mut HashMap<Arc<str>, Lane<T>>, key: &str) -> &'m mut Lane<T> {
+    if !queues.contains_key(key) {
+        let key: Arc<str> = Arc::from(key);
+        queues.insert(key.clone(), Lane { key, queue: VecDeque::new(), running: 0, in_ready: false });
+    }
+    queues.get_mut(key).expect("inserted above")
+}
+
+fn enqueue<T>(lane: &mut Lane<T>, item: T, ready: &mut VecDeque<Arc<str>>, per_key: usize) {
+    lane.queue.push_back(item);
+    if !lane.in_ready && lane.running < per_key {
+        lane.in_ready = true;
+        ready.push_back(lane.key.clone());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn k(key: &str) -> Arc<str> {
+        Arc::from(key)
+    }
+
     #[test]
     fn one_running_per_key_in_order_and_keys_interleave() {
         let mut lanes = Lanes::default();
-        for (k, i) in [("a", 1), ("a", 2), ("b", 1), ("a", 3)] {
+        for (k, i) in [("a", 1), ("a", 2), ("b", 1)] {
             lanes.push(k, i);
         }
-        assert_eq!(lanes.start_next(), Some(("a".into(), 1)));
-        assert_eq!(lanes.start_next(), Some(("b".into(), 1)));
+        lanes.push_keyed(3, |_| "a");
+        assert_eq!(lanes.start_next(), Some((k("a"), 1)));
+        assert_eq!(lanes.start_next(), Some((k("b"), 1)));
         assert_eq!(lanes.start_next(), None, "a is busy, b has nothing more");
         lanes.finish("a");
-        assert_eq!(lanes.start_next(), Some(("a".into(), 2)));
+        assert_eq!(lanes.start_next(), Some((k("a"), 2)));
         lanes.finish("b");
         lanes.finish("a");
-        assert_eq!(lanes.start_next(), Some(("a".into(), 3)));
+        assert_eq!(lanes.start_next(), Some((k("a"), 3)));
         lanes.finish("a");
         assert!(lanes.is_empty());
         assert!(lanes.queues.is_empty() && lanes.ready.is_empty());
@@ -126,12 +154,12 @@ mod tests {
         }
         lanes.push("b", 1);
         assert_eq!(lanes.queued("a"), 3);
-        assert_eq!(lanes.start_next(), Some(("a".into(), 1)));
-        assert_eq!(lanes.start_next(), Some(("b".into(), 1)));
-        assert_eq!(lanes.start_next(), Some(("a".into(), 2)));
+        assert_eq!(lanes.start_next(), Some((k("a"), 1)));
+        assert_eq!(lanes.start_next(), Some((k("b"), 1)));
+        assert_eq!(lanes.start_next(), Some((k("a"), 2)));
         assert_eq!(lanes.start_next(), None, "a has two running");
         lanes.finish("a");
-        assert_eq!(lanes.start_next(), Some(("a".into(), 3)));
+        assert_eq!(lanes.start_next(), Some((k("a"), 3)));
         for k in ["a", "a", "b"] {
             lanes.finish(k);
         }
