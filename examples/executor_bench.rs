@@ -14,7 +14,7 @@
 //!    no-op connector that only records when it was called (lanes, throttle and breaker checks, a
 //!    result produced per task and acknowledged, offsets stored). Reported: both rates and
 //!    executor ÷ raw consume. BENCH_MAX_BUFFERED and BENCH_PARTITION_MAX_BUFFERED override the
-//!    executor's in-flight bounds.
+//!    executor's in-flight bounds; BENCH_KAFKA (`name=value,...`) adds librdkafka properties.
 
 use std::{
     sync::Arc,
@@ -42,6 +42,11 @@ fn config(receiver: &Receiver, limits: Vec<LimitConfig>) -> Config {
     let service = ServiceConfig { url: receiver.url("hook"), limits, concurrency: Some(256), ..Default::default() };
     config.services.insert("webhook".into(), service);
     config.network.allow = vec!["127.0.0.1/32".parse().expect("a CIDR")];
+    // librdkafka properties to try, `name=value,name=value` (for both producer and consumer).
+    for pair in std::env::var("BENCH_KAFKA").unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').expect("BENCH_KAFKA is name=value,...");
+        config.kafka.insert(k.into(), v.into());
+    }
     if let Ok(n) = std::env::var("BENCH_MAX_BUFFERED") {
         config.executor.max_buffered = n.parse().expect("a number");
     }

@@ -60,6 +60,9 @@ use crate::{
     telemetry::{Event, Stage},
 };
 
+/// How long a partition may stay over `partition_max_buffered` before it is paused.
+const PAUSE_GRACE: Duration = Duration::from_millis(100);
+
 /// A finished piece of work.
 struct Finished {
     /// The lane to free: a tenant's next task may start (its call is over).
@@ -69,8 +72,8 @@ struct Finished {
     /// after the lane is freed, so a tenant's next call does not wait for this one's result to
     /// be acknowledged.
     then: Option<BoxFuture<'static, Finished>>,
-    /// Whether the task counted towards its partition's in-flight bound (and now no longer does).
-    counted: bool,
+    /// Which in-flight bounds the task no longer counts towards.
+    frees: Frees,
     /// Whether the offset may be stored (`Ok(false)`: dropped, e.g. its partition was revoked).
     stored: Result<bool, rdkafka::error::KafkaError>,
 }
@@ -78,12 +81,27 @@ struct Finished {
 impl Finished {
     fn done(
         lane: Option<Arc<str>>,
-        counted: bool,
+        frees: Frees,
         ticket: Ticket,
         stored: Result<bool, rdkafka::error::KafkaError>,
     ) -> Self {
-        Finished { lane, ticket, then: None, counted, stored }
+        Finished { lane, ticket, then: None, frees, stored }
     }
+}
+
+/// The bounds a task taken into the lanes counts towards until it finishes: its partition's
+/// (`partition_max_buffered`) until its call returns, the process's (`max_buffered`) until its
+/// outcome is durable. A partition's bound is about fairness between partitions (tasks waiting
+/// for a tenant or a call); once called, a task only waits for Kafka's acknowledgement, which
+/// holds back no partition, so it counts towards the process's bound only and its partition need
+/// not be paused (each pause costs a refetch of what librdkafka had prefetched for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frees {
+    /// Not in the lanes (a dead letter, a deferral).
+    Nothing,
+    Partition,
+    InFlight,
+    Both,
 }
 
 struct Job {
@@ -182,8 +200,10 @@ async fn main_loop(
     });
     let limits = &config.executor;
     let mut lanes: Lanes<Job> = Lanes::with_per_key(executor.settings.tenant_concurrency);
-    let mut per_partition: HashMap<i32, usize> = HashMap::new();
-    // Tasks taken and not finished: in the lanes, or settling.
+    // Per partition: tasks not yet called (see `Frees`), and since when that is over the bound.
+    let mut per_partition: HashMap<i32, (usize, Option<Instant>)> = HashMap::new();
+    // Tasks taken and not finished: in the lanes, or settling. Per partition: not yet called
+    // (see `Frees`).
     let mut in_flight = 0usize;
     // Per tenant being deferred: when its last deferred task is due.
     let mut deferred_until: HashMap<String, u64> = HashMap::new();
@@ -191,10 +211,12 @@ async fn main_loop(
     // Tickets of the completions handled together, stored with one call (one tracker lock).
     let mut durable: Vec<Ticket> = Vec::new();
     let mut tidy = tokio::time::interval(Duration::from_secs(30));
-    let release = |source: &Source, per_partition: &mut HashMap<i32, usize>, in_flight: &mut usize, partition: i32| {
-        *in_flight -= 1;
-        let n = per_partition.entry(partition).or_default();
+    let release = |source: &Source, per_partition: &mut HashMap<i32, (usize, Option<Instant>)>, partition: i32| {
+        let (n, over_since) = per_partition.entry(partition).or_default();
         *n = n.saturating_sub(1);
+        if *n < limits.partition_max_buffered {
+            *over_since = None;
+        }
         // Resume at half the bound, so a busy partition is not paused and resumed on every task.
         if *n <= limits.partition_max_buffered / 2 {
             source.resume_partition(partition);
@@ -206,7 +228,8 @@ async fn main_loop(
                 running.push(executor.clone().execute(tenant, job));
             } else {
                 lanes.finish(&tenant);
-                release(&source, &mut per_partition, &mut in_flight, job.ticket.partition);
+                in_flight -= 1;
+                release(&source, &mut per_partition, job.ticket.partition);
             }
         }
         tokio::select! {
@@ -219,6 +242,12 @@ async fn main_loop(
                     if let Some(lane) = &f.lane {
                         lanes.finish(lane);
                     }
+                    if matches!(f.frees, Frees::Partition | Frees::Both) {
+                        release(&source, &mut per_partition, f.ticket.partition);
+                    }
+                    if matches!(f.frees, Frees::InFlight | Frees::Both) {
+                        in_flight -= 1;
+                    }
                     if let Some(then) = f.then {
                         running.push(then);
                     } else {
@@ -229,9 +258,6 @@ async fn main_loop(
                             }
                             Ok(true) => durable.push(f.ticket),
                             Ok(false) => {}
-                        }
-                        if f.counted {
-                            release(&source, &mut per_partition, &mut in_flight, f.ticket.partition);
                         }
                     }
                     if durable.len() < source::BATCH {
@@ -253,6 +279,7 @@ async fn main_loop(
             batch = source.recv(), if in_flight < limits.max_buffered => match batch {
                 Some(batch) => {
                     let now = retry::epoch_ms();
+                    let received = Instant::now();
                     for d in batch {
                         let task = match executor.decode(&d.message) {
                             Ok(task) => task,
@@ -266,11 +293,18 @@ async fn main_loop(
                             continue;
                         }
                         let partition = d.ticket.partition;
-                        let n = per_partition.entry(partition).or_default();
+                        let (n, over_since) = per_partition.entry(partition).or_default();
                         *n += 1;
                         in_flight += 1;
                         if *n >= limits.partition_max_buffered {
-                            source.pause_partition(partition);
+                            // librdkafka hands over a partition's messages in runs of thousands, so
+                            // a batch often puts one partition over its bound for the moment it
+                            // takes to call them; pausing then would throw away its prefetched
+                            // messages for nothing. Only a partition still over its bound a while
+                            // later, with more of its tasks arriving, is paused.
+                            if received.duration_since(*over_since.get_or_insert(received)) >= PAUSE_GRACE {
+                                source.pause_partition(partition);
+                            }
                         }
                         lanes.push_keyed(Job { message: d.message, task, ticket: d.ticket }, |j| &j.task.tenant);
                     }
@@ -344,7 +378,7 @@ impl Executor {
         Event::Failed { stage: Stage::Execute, reason: "decode", retryable: false, detail: &reason }.emit();
         async move {
             let stored = self.dead_letters.send(&d.message, &reason).await.map(|_| true);
-            Finished::done(None, false, d.ticket, stored)
+            Finished::done(None, Frees::Nothing, d.ticket, stored)
         }
         .boxed()
     }
@@ -366,7 +400,7 @@ impl Executor {
                 let tenant = d.message.key().map(String::from_utf8_lossy).unwrap_or_default();
                 Event::Deferred { service: &self.service, tenant: &tenant, tier }.emit();
             }
-            Finished::done(None, false, d.ticket, sent.map(|_| true))
+            Finished::done(None, Frees::Nothing, d.ticket, sent.map(|_| true))
         }
         .boxed()
     }
@@ -379,7 +413,7 @@ impl Executor {
             // Registered before the flag is read, so a shutdown in between still wakes it.
             let stopped = self.stopped.notified();
             if self.stopping.load(Ordering::SeqCst) {
-                return Finished::done(Some(tenant), true, ticket, Ok(false));
+                return Finished::done(Some(tenant), Frees::Both, ticket, Ok(false));
             }
             let ready = async {
                 self.throttle.wait_tenant(&task.tenant, estimate).await;
@@ -390,12 +424,12 @@ impl Executor {
             };
             let (slot, admission) = tokio::select! {
                 ready = ready => ready,
-                _ = stopped => return Finished::done(Some(tenant), true, ticket, Ok(false)),
+                _ = stopped => return Finished::done(Some(tenant), Frees::Both, ticket, Ok(false)),
             };
             // Waiting may have outlasted the partition's assignment; its new owner calls instead.
             if !self.ownership.owns(&ticket) || self.stopping.load(Ordering::SeqCst) {
                 self.breaker.record(admission, Verdict::Neutral);
-                return Finished::done(Some(tenant), true, ticket, Ok(false));
+                return Finished::done(Some(tenant), Frees::Both, ticket, Ok(false));
             }
             let started = Instant::now();
             let outcome = self.connector.call(&task).await;
@@ -409,10 +443,10 @@ impl Executor {
             drop(slot);
             let lane = Some(tenant);
             let settle = async move {
-                let stored = self.settle(&message, &task, outcome, latency, estimate).await.map(|_| true);
-                Finished::done(None, true, ticket, stored)
+                let stored = self.settle(&message, task, outcome, latency, estimate).await.map(|_| true);
+                Finished::done(None, Frees::InFlight, ticket, stored)
             };
-            Finished { lane, ticket, then: Some(settle.boxed()), counted: false, stored: Ok(false) }
+            Finished { lane, ticket, then: Some(settle.boxed()), frees: Frees::Partition, stored: Ok(false) }
         }
         .boxed()
     }
@@ -422,7 +456,7 @@ impl Executor {
     async fn settle(
         &self,
         message: &OwnedMessage,
-        task: &ActionTask,
+        task: ActionTask,
         outcome: CallOutcome,
         latency: Duration,
         estimate: u64,
@@ -438,7 +472,7 @@ impl Executor {
                 self.send_result(task, Status::Succeeded, http_status, None, output, cost, latency).await
             }
             CallOutcome::Retryable { reason, retry_after, .. } if task.attempt < attempts => {
-                self.retry(message, task, &reason, retry_after).await
+                self.retry(message, &task, &reason, retry_after).await
             }
             CallOutcome::Retryable { reason, http_status, .. } | CallOutcome::Permanent { reason, http_status } => {
                 // Retryable or not, this task is out of attempts: a final failure.
@@ -499,7 +533,7 @@ impl Executor {
     #[allow(clippy::too_many_arguments)]
     async fn send_result(
         &self,
-        task: &ActionTask,
+        task: ActionTask,
         status: Status,
         http_status: Option<u16>,
         error: Option<String>,
@@ -507,15 +541,16 @@ impl Executor {
         cost: Option<u64>,
         latency: Duration,
     ) -> Result<(), rdkafka::error::KafkaError> {
+        // The task is finished with: its fields move into the result rather than being copied.
         let result = ActionResult {
-            task_id: task.task_id.clone(),
-            run_id: task.run_id.clone(),
-            event_id: task.event_id.clone(),
-            tenant: task.tenant.clone(),
-            workflow_id: task.workflow_id.clone(),
+            task_id: task.task_id,
+            run_id: task.run_id,
+            event_id: task.event_id,
+            tenant: task.tenant,
+            workflow_id: task.workflow_id,
             workflow_version: task.workflow_version,
-            step_id: task.step_id.clone(),
-            service: task.service.clone(),
+            step_id: task.step_id,
+            service: task.service,
             status,
             attempts: task.attempt,
             latency_ms: latency.as_secs_f64() * 1e3,
@@ -524,13 +559,13 @@ impl Executor {
             error,
             finished_at: chrono::Utc::now().to_rfc3339(),
             output,
-            event: task.event.clone(),
+            event: task.event,
         };
         let payload = serde_json::to_vec(&result).expect("a result always serializes");
         kafka::send(
             &self.producer,
             &self.results_topic,
-            Some(task.tenant.as_bytes()),
+            Some(result.tenant.as_bytes()),
             &payload,
             kafka::content_headers(Format::Json),
         )
