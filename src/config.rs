@@ -91,8 +91,9 @@ pub struct ExecutorConfig {
     /// Tasks taken from Kafka but not finished (running or waiting behind an earlier task of the
     /// same tenant); past this the consumer pauses.
     pub max_buffered: usize,
-    /// The same bound for one partition: past it only that partition is paused, so one busy
-    /// partition cannot take the whole `max_buffered` and stall the others. Default 500.
+    /// The same bound for one partition, counting its tasks until they are called: past it (for
+    /// 100 ms) only that partition is paused, so one busy partition cannot take the whole
+    /// `max_buffered` and stall the others. Default 500.
     pub partition_max_buffered: usize,
     /// Tasks of one tenant held in memory while the tenant waits for its own (`scope: tenant`)
     /// limit; further tasks of that tenant are deferred to a delay topic and come back later, so

@@ -22,9 +22,10 @@
 //! acknowledged, so a crash repeats
 //! the call, with the same `Idempotency-Key`, for the service to drop.
 //!
-//! In-flight work is bounded: `executor.max_buffered` tasks per process (past it the stage takes
-//! no batches and the source pauses every partition) and `executor.partition_max_buffered` per
-//! partition (past it that partition alone is paused). Memory stays flat whatever the backlog.
+//! In-flight work is bounded: `executor.max_buffered` tasks per process until their outcome is
+//! durable (past it the stage takes no batches and the source pauses every partition) and
+//! `executor.partition_max_buffered` per partition until they are called (a partition over it
+//! for [`PAUSE_GRACE`] is paused). Memory stays flat whatever the backlog.
 
 pub mod breaker;
 pub mod retry;
