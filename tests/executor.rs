@@ -265,6 +265,30 @@ async fn a_filtered_redrive_marks_only_what_it_sent() {
     assert_eq!(read_topic(&config.topic("actions.webhook"), 13, Duration::from_secs(3)).len(), 12);
 }
 
+/// A letter that cannot be resent stops the redrive with an error naming it; what was
+/// acknowledged before is recorded, the failed one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_resend_is_not_recorded_as_redriven() {
+    let receiver = Receiver::start().await.unwrap();
+    let (config, _dir) = setup(&receiver, |_| {}).await;
+    let producer = weir::kafka::producer(&config).unwrap();
+    let payload = serde_json::to_vec(&task(0, "tenant-0", json!({}))).unwrap();
+    let (good, dlq) = (config.topic("actions.webhook"), config.topic("dlq"));
+    for origin in [good.as_str(), "not a valid topic name!"] {
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: dead_letter::ORIGIN_TOPIC, value: Some(origin) });
+        let record =
+            rdkafka::producer::FutureRecord::to(&dlq).partition(0).key("tenant-0").payload(&payload).headers(headers);
+        producer.send(record, Duration::from_secs(10)).await.unwrap();
+    }
+    let err = weir::dlq::redrive(&config, &weir::dlq::Filter::default(), false).await.unwrap_err();
+    assert!(format!("{err:#}").contains("redriving 0:1 to not a valid topic name!"), "{err:#}");
+    let marked: Vec<(String, bool)> =
+        list(&config, &weir::dlq::Filter::default()).await.iter().map(|d| (d.id(), d.redriven)).collect();
+    assert_eq!(marked, vec![("0:0".to_string(), true), ("0:1".to_string(), false)]);
+    assert_eq!(read_topic(&good, 2, Duration::from_secs(3)).len(), 1, "the good letter was resent once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_dlq_redrive_through_the_binary() {
     let receiver = Receiver::start().await.unwrap();
