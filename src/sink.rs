@@ -188,14 +188,15 @@ impl Writer {
     /// Writes one batch: results, then (for multi-step runs) the decisions they lead to, the next
     /// steps produced and acknowledged, and only then the commit.
     async fn write_batch(&self, columns: &Columns, results: &[ActionResult]) -> Result<usize, WriteError> {
-            let Writer { pool, producer, coordinator, config, .. } = self;
+        let Writer { pool, producer, coordinator, config, .. } = self;
         let mut tx = pool.begin().await?;
         columns.insert(&mut tx).await?;
         let advance = coordinator.advance(&mut tx, results).await?;
         let mut decided = Columns::default();
         for r in advance.results {
-            let finished_at =
-                DateTime::parse_from_rfc3339(&r.finished_at).map(|t| t.with_timezone(&Utc)).unwrap_or_else(|_| Utc::now());
+            let finished_at = DateTime::parse_from_rfc3339(&r.finished_at)
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_else(|_| Utc::now());
             decided.push(r, finished_at);
         }
         // Only multi-step runs decide rows here; a batch of single-step results saves the round trip.
@@ -206,8 +207,14 @@ impl Writer {
             let topic = config.topic(&format!("actions.{}", task.service));
             let payload = serde_json::to_vec(task).expect("a task always serializes");
             async move {
-                kafka::send(producer, &topic, Some(task.tenant.as_bytes()), &payload, kafka::content_headers(Format::Json))
-                    .await
+                kafka::send(
+                    producer,
+                    &topic,
+                    Some(task.tenant.as_bytes()),
+                    &payload,
+                    kafka::content_headers(Format::Json),
+                )
+                .await
             }
         });
         futures::future::try_join_all(sends).await?;
@@ -340,7 +347,12 @@ async fn lane(
                 Err(e) => {
                     Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &e.to_string() }
                         .emit();
-                    if !backoff.wait(async { let _ = stop.wait_for(|s| *s).await; }).await {
+                    if !backoff
+                        .wait(async {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                    {
                         return Ok(());
                     }
                 }

@@ -24,7 +24,10 @@ fn result(n: usize, tenants: usize, cost: Option<u64>) -> Value {
 }
 
 async fn send(results: &Producer, r: &Value) {
-    results.send_raw(r["tenant"].as_str().unwrap().as_bytes(), r.to_string().as_bytes(), "application/json").await.unwrap();
+    results
+        .send_raw(r["tenant"].as_str().unwrap().as_bytes(), r.to_string().as_bytes(), "application/json")
+        .await
+        .unwrap();
 }
 
 async fn query<T>(url: &str, sql: &str) -> T
@@ -81,7 +84,12 @@ async fn lanes_write_every_partition_once_and_store_every_offset() {
     }
     for n in (0..distinct).step_by(3) {
         let r = result(n, tenants, Some(n as u64));
-        written.push(results.send_raw(r["tenant"].as_str().unwrap().as_bytes(), r.to_string().as_bytes(), "application/json").await.unwrap());
+        written.push(
+            results
+                .send_raw(r["tenant"].as_str().unwrap().as_bytes(), r.to_string().as_bytes(), "application/json")
+                .await
+                .unwrap(),
+        );
     }
     let partitions: std::collections::BTreeSet<i32> = written.iter().map(|w| w.partition).collect();
     assert!(partitions.len() > 4, "the results cover more partitions than lanes: {partitions:?}");
