@@ -102,3 +102,15 @@ async fn lanes_write_every_partition_once_and_store_every_offset() {
     assert_eq!(total, (0..distinct).sum::<usize>() as f64, "each row kept its own result's cost");
     pipeline.stop().await.unwrap();
 }
+
+#[test]
+fn more_transactions_than_connections_is_a_config_error_naming_both() {
+    let mut config = weir::config::Config::default();
+    config.sink.transactions = 5;
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("sink.transactions") && err.contains("sink.pool_size (4)"), "{err}");
+    config.sink.transactions = 0;
+    assert!(config.validate().unwrap_err().to_string().contains("sink.transactions"));
+    config.sink.transactions = 4;
+    config.validate().unwrap();
+}
