@@ -116,11 +116,15 @@ pub struct SinkConfig {
     pub linger_ms: u64,
     /// PostgreSQL connections.
     pub pool_size: u32,
+    /// Transactions in flight at once, each on its own connection and for its own share of the
+    /// results topic's partitions (partition modulo this number), so a run's results are still
+    /// written one batch at a time. At most `pool_size`.
+    pub transactions: usize,
 }
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        SinkConfig { batch_size: 2_000, linger_ms: 20, pool_size: 4 }
+        SinkConfig { batch_size: 2_000, linger_ms: 20, pool_size: 4, transactions: 4 }
     }
 }
 
@@ -435,6 +439,9 @@ impl Config {
         }
         if self.sink.batch_size == 0 || self.sink.pool_size == 0 {
             bail!("sink.batch_size and sink.pool_size must be at least 1");
+        }
+        if self.sink.transactions == 0 || self.sink.transactions > self.sink.pool_size as usize {
+            bail!("sink.transactions must be between 1 and sink.pool_size ({})", self.sink.pool_size);
         }
         for (name, service) in &self.services {
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {

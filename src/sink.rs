@@ -1,29 +1,45 @@
 //! Stage 4: write results into PostgreSQL in batches, idempotently.
 //!
-//! A batch is whatever the source has ready, topped up for at most `sink.linger_ms`, up to
+//! ## Lanes: several transactions in flight
+//! Each transaction waits for PostgreSQL's commit (with `synchronous_commit` on: the WAL flush,
+//! which is what makes storing the offset afterwards safe) and for the broker's acknowledgements
+//! of a multi-step run's next steps. One transaction at a time leaves the database and this
+//! process idle for most of that wait, so the stage runs `sink.transactions` *lanes*, each with
+//! its own connection, and hands every lane the results of a fixed share of the partitions
+//! (partition modulo the number of lanes). A partition's batches are thus written in order, one
+//! at a time, and because results are keyed by tenant (the executor produces them with the
+//! tenant as key, and the coordinator produces next steps the same way) all results of a run
+//! reach the same lane: two lanes never advance one run at once. (They would still be correct if
+//! they did: [`crate::coordinate`] locks the run's row and reads the results after the lock.)
+//! While a lane commits, its queue already holds the next batch and the other lanes write theirs.
+//!
+//! ## A batch
+//! A lane's batch is whatever is queued, topped up for at most `sink.linger_ms`, up to
 //! `sink.batch_size` rows. It is written by one `INSERT … SELECT FROM UNNEST(…)` (one round trip
 //! for the whole batch) with `ON CONFLICT (task_id) DO NOTHING`, so results replayed after a crash
-//! are ignored. Offsets are stored only after the statement commits.
+//! are ignored. Offsets are stored only after the transaction commits: the lane hands its tickets
+//! back to the stage's task, which owns the source; the source's offset tracker accepts the
+//! lanes' completions in any order and stores an offset only once everything below it is done.
 //!
 //! Results of multi-step runs also advance their run ([`crate::coordinate`]) in the same
 //! transaction: the next steps' tasks are produced and acknowledged before the commit.
 //!
-//! When PostgreSQL is unreachable the stage holds the batch and retries with backoff: it takes
-//! no new batches (so the source pauses its partitions) and stores no offsets, and picks up where
-//! it was once the database answers. A row that can never be written (undecodable result) goes
-//! to the dead-letter topic instead of blocking the partition.
+//! When PostgreSQL is unreachable a lane holds its batch and retries with backoff: its queue
+//! fills, the stage stops taking batches (so the source pauses its partitions), no offsets are
+//! stored, and the lanes pick up where they were once the database answers. A row that can never
+//! be written (undecodable result) goes to the dead-letter topic instead of blocking the
+//! partition.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use rdkafka::Message;
+use rdkafka::{producer::FutureProducer, Message};
 use sqlx::{
     postgres::{PgArguments, PgPoolOptions},
     Arguments as _, PgPool,
 };
-
-use rdkafka::producer::FutureProducer;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::Config,
@@ -33,7 +49,7 @@ use crate::{
     envelope::{self, ActionResult, Format},
     kafka,
     shutdown::Shutdown,
-    source::{Delivery, Source, Ticket},
+    source::{self, Delivery, Source, Ticket},
     telemetry::{Event, Stage},
 };
 
@@ -66,6 +82,7 @@ pub struct Columns {
     attempts: Vec<i32>,
     latency_ms: Vec<f64>,
     http_status: Vec<Option<i32>>,
+    cost: Vec<Option<f64>>,
     error: Vec<Option<String>>,
     output: Vec<Option<String>>,
     finished_at: Vec<DateTime<Utc>>,
@@ -85,6 +102,8 @@ impl Columns {
         self.attempts.push(r.attempts);
         self.latency_ms.push(r.latency_ms);
         self.http_status.push(r.http_status);
+        // A u64 count of the service's units; double precision holds it exactly up to 2^53.
+        self.cost.push(r.cost.map(|c| c as f64));
         self.error.push(r.error);
         self.output.push(r.output.map(|o| o.to_string()));
         self.finished_at.push(finished_at);
@@ -116,6 +135,7 @@ impl Columns {
         args.add(&self.error)?;
         args.add(&self.output)?;
         args.add(&self.finished_at)?;
+        args.add(&self.cost)?;
         Ok(args)
     }
 
@@ -127,12 +147,12 @@ impl Columns {
 
 /// One statement per batch: the columns unnested back into rows, duplicates (replays) ignored.
 const INSERT: &str = "insert into action_results (task_id, run_id, event_id, tenant, workflow_id, workflow_version,
-        step_id, service, status, attempts, latency_ms, http_status, error, output, finished_at)
-    select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f
+        step_id, service, status, attempts, latency_ms, http_status, error, output, finished_at, cost)
+    select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f, c
     from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
         $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
-        $15::timestamptz[])
-        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f)
+        $15::timestamptz[], $16::float8[])
+        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c)
     on conflict (task_id) do nothing";
 
 /// Decodes one result record into what [`Columns::push`] takes; the error is the dead-letter reason.
@@ -155,40 +175,52 @@ enum WriteError {
     Kafka(#[from] rdkafka::error::KafkaError),
 }
 
-/// Writes one batch: results, then (for multi-step runs) the decisions they lead to, the next
-/// steps produced and acknowledged, and only then the commit.
-async fn write_batch(
-    pool: &PgPool,
-    columns: &Columns,
-    results: &[ActionResult],
-    coordinator: &Coordinator,
-    producer: &FutureProducer,
-    config: &Config,
-) -> Result<usize, WriteError> {
-    let mut tx = pool.begin().await?;
-    columns.insert(&mut tx).await?;
-    let advance = coordinator.advance(&mut tx, results).await?;
-    let mut decided = Columns::default();
-    for r in advance.results {
-        let finished_at =
-            DateTime::parse_from_rfc3339(&r.finished_at).map(|t| t.with_timezone(&Utc)).unwrap_or_else(|_| Utc::now());
-        decided.push(r, finished_at);
-    }
-    // Only multi-step runs decide rows here; a batch of single-step results saves the round trip.
-    if !decided.is_empty() {
-        decided.insert(&mut tx).await?;
-    }
-    let sends = advance.tasks.iter().map(|task| {
-        let topic = config.topic(&format!("actions.{}", task.service));
-        let payload = serde_json::to_vec(task).expect("a task always serializes");
-        async move {
-            kafka::send(producer, &topic, Some(task.tenant.as_bytes()), &payload, kafka::content_headers(Format::Json))
-                .await
+/// What every lane shares: where it writes, and what it needs to advance runs.
+struct Writer {
+    pool: PgPool,
+    producer: FutureProducer,
+    dead_letters: DeadLetters,
+    coordinator: Coordinator,
+    config: Arc<Config>,
+}
+
+impl Writer {
+    /// Writes one batch: results, then (for multi-step runs) the decisions they lead to, the next
+    /// steps produced and acknowledged, and only then the commit.
+    async fn write_batch(&self, columns: &Columns, results: &[ActionResult]) -> Result<usize, WriteError> {
+        let Writer { pool, producer, coordinator, config, .. } = self;
+        let mut tx = pool.begin().await?;
+        columns.insert(&mut tx).await?;
+        let advance = coordinator.advance(&mut tx, results).await?;
+        let mut decided = Columns::default();
+        for r in advance.results {
+            let finished_at = DateTime::parse_from_rfc3339(&r.finished_at)
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_else(|_| Utc::now());
+            decided.push(r, finished_at);
         }
-    });
-    futures::future::try_join_all(sends).await?;
-    tx.commit().await?;
-    Ok(columns.len() + decided.len())
+        // Only multi-step runs decide rows here; a batch of single-step results saves the round trip.
+        if !decided.is_empty() {
+            decided.insert(&mut tx).await?;
+        }
+        let sends = advance.tasks.iter().map(|task| {
+            let topic = config.topic(&format!("actions.{}", task.service));
+            let payload = serde_json::to_vec(task).expect("a task always serializes");
+            async move {
+                kafka::send(
+                    producer,
+                    &topic,
+                    Some(task.tenant.as_bytes()),
+                    &payload,
+                    kafka::content_headers(Format::Json),
+                )
+                .await
+            }
+        });
+        futures::future::try_join_all(sends).await?;
+        tx.commit().await?;
+        Ok(columns.len() + decided.len())
+    }
 }
 
 pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shutdown: Shutdown) -> anyhow::Result<()> {
@@ -196,55 +228,137 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
     let mut backoff = Backoff::default();
     while let Err(e) = migrate(&pool).await {
         Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &format!("{e:#}") }.emit();
-        if !backoff.wait(&mut shutdown).await {
+        if !backoff.wait(shutdown.recv()).await {
             return Ok(());
         }
     }
     let mut source = Source::subscribe(&config, Stage::Sink, &config.topic("results"), &config.group("sink"))?;
     let producer = kafka::producer(&config)?;
-    let dead_letters = DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Sink);
-    let coordinator = Coordinator::new(definitions);
+    let writer = Arc::new(Writer {
+        pool: pool.clone(),
+        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Sink),
+        producer,
+        coordinator: Coordinator::new(definitions),
+        config: config.clone(),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let (done, mut committed) = mpsc::unbounded_channel::<Vec<Ticket>>();
+    let count = config.sink.transactions;
+    let queue = lane_queue(config.sink.batch_size, count);
+    let (mut lanes, mut tasks) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    for _ in 0..count {
+        let (tx, rx) = mpsc::channel(queue);
+        lanes.push(tx);
+        tasks.push(tokio::spawn(lane(writer.clone(), rx, done.clone(), stopped.clone())));
+    }
+    drop(done);
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
-    let (batch_size, linger) = (config.sink.batch_size, Duration::from_millis(config.sink.linger_ms));
-    'batches: loop {
-        let mut deliveries = tokio::select! {
+    loop {
+        tokio::select! {
+            biased;
             _ = shutdown.recv() => break,
-            _ = sweep.tick() => {
-                expire_runs(&pool).await;
-                continue;
+            Some(tickets) = committed.recv() => source.done_all(&tickets),
+            _ = sweep.tick() => expire_runs(&pool).await,
+            batch = source.recv() => {
+                let Some(batch) = batch else { break };
+                // A full lane (the database is down) holds the dispatch up; shutdown must not wait.
+                tokio::select! {
+                    // A lane that ended early failed (dead-lettering): its error is returned below.
+                    delivered = dispatch(&lanes, batch) => if !delivered { break },
+                    _ = shutdown.recv() => break,
+                }
             }
-            batch = source.recv() => match batch { Some(b) => b, None => break },
+        }
+    }
+    // Lanes finish the transaction they are in (a retry loop gives up at once), and the offsets
+    // of every transaction that committed are stored before the source closes and commits them.
+    let _ = stop.send(true);
+    drop(lanes);
+    while let Some(tickets) = committed.recv().await {
+        source.done_all(&tickets);
+    }
+    source.close();
+    for task in tasks {
+        task.await.context("sink lane panicked")??;
+    }
+    Ok(())
+}
+
+/// Messages a lane's queue holds: about two batches' worth, so the next batch is ready when a
+/// transaction commits, while the dispatcher (which hands out source batches of up to
+/// [`source::BATCH`] messages, split over the lanes) seldom waits for a busy lane.
+fn lane_queue(batch_size: usize, lanes: usize) -> usize {
+    (2 * batch_size * lanes).div_ceil(source::BATCH).max(2)
+}
+
+/// Splits a source batch over the lanes by partition: a partition always goes to the same lane,
+/// so its batches are written in order, and (results being keyed by tenant) so are a run's.
+/// Returns false when a lane has ended.
+async fn dispatch(lanes: &[mpsc::Sender<Vec<Delivery>>], batch: Vec<Delivery>) -> bool {
+    let mut parts: Vec<Vec<Delivery>> = (0..lanes.len()).map(|_| Vec::new()).collect();
+    for d in batch {
+        parts[lane_of(d.ticket.partition, lanes.len())].push(d);
+    }
+    for (lane, part) in lanes.iter().zip(parts) {
+        if !part.is_empty() && lane.send(part).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+fn lane_of(partition: i32, lanes: usize) -> usize {
+    partition.unsigned_abs() as usize % lanes
+}
+
+/// One transaction at a time for the partitions of one lane: take what is queued (topped up for
+/// `linger_ms`), decode it, write it (retrying while the database is down), hand the tickets back.
+async fn lane(
+    writer: Arc<Writer>,
+    mut queue: mpsc::Receiver<Vec<Delivery>>,
+    done: mpsc::UnboundedSender<Vec<Ticket>>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (batch_size, linger) = (writer.config.sink.batch_size, Duration::from_millis(writer.config.sink.linger_ms));
+    loop {
+        let mut deliveries = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            batch = queue.recv() => match batch { Some(b) => b, None => return Ok(()) },
         };
         // Top up a partial batch for a moment: fewer, larger transactions.
         let deadline = tokio::time::Instant::now() + linger;
         while deliveries.len() < batch_size {
-            match tokio::time::timeout_at(deadline, source.recv()).await {
+            match tokio::time::timeout_at(deadline, queue.recv()).await {
                 Ok(Some(more)) => deliveries.extend(more),
                 _ => break,
             }
         }
-        let (columns, results, tickets) = rows(deliveries, &dead_letters).await?;
+        let (columns, results, tickets) = rows(deliveries, &writer.dead_letters).await?;
         let mut backoff = Backoff::default();
         loop {
             let started = std::time::Instant::now();
-            match write_batch(&pool, &columns, &results, &coordinator, &producer, &config).await {
+            match writer.write_batch(&columns, &results).await {
                 Ok(rows) => {
                     Event::SinkWrote { rows, elapsed: started.elapsed() }.emit();
-                    source.done_all(&tickets);
+                    // The receiver is gone only once the stage stopped; the batch is replayed.
+                    let _ = done.send(tickets);
                     break;
                 }
                 Err(e) => {
                     Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &e.to_string() }
                         .emit();
-                    if !backoff.wait(&mut shutdown).await {
-                        break 'batches;
+                    if !backoff
+                        .wait(async {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                    {
+                        return Ok(());
                     }
                 }
             }
         }
     }
-    source.close();
-    Ok(())
 }
 
 /// Fails running runs past their deadline, so a run whose step never reports still ends.
@@ -298,12 +412,12 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// Sleeps; returns false if shutdown fired instead.
-    async fn wait(&mut self, shutdown: &mut Shutdown) -> bool {
+    /// Sleeps; returns false if `stop` completed first.
+    async fn wait(&mut self, stop: impl std::future::Future<Output = ()>) -> bool {
         let delay = self.0;
         self.0 = (self.0 * 2).min(Duration::from_secs(5));
         tokio::select! {
-            _ = shutdown.recv() => false,
+            _ = stop => false,
             _ = tokio::time::sleep(delay) => true,
         }
     }
