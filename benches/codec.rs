@@ -5,7 +5,7 @@
 //!   benchmark's load;
 //! - `partitioner/partition_for_key`: Kafka's murmur2 partition of a tenant key;
 //! - `sink_batch/decode_2000` and `sink_batch/encode_2000`: the sink's CPU work per batch before
-//!   the round trip: decoding 2,000 results and parsing their times, then encoding the 15 column
+//!   the round trip: decoding 2,000 results and parsing their times, then encoding the 16 column
 //!   arrays as PostgreSQL bind arguments (what `INSERT … SELECT FROM UNNEST` sends).
 //!   Engine costs (condition, scope, template) are in `benches/engine.rs`.
 
