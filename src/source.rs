@@ -26,7 +26,7 @@ use std::{
     collections::BTreeSet,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -84,6 +84,10 @@ struct Shared {
     held: Mutex<BTreeSet<i32>>,
     /// Whether the poll thread paused everything (the stage is behind).
     all_paused: AtomicBool,
+    /// Batches the stage has taken, and its signal: what the poll thread waits on when the
+    /// channel is full (see [`wait_for_room`]).
+    taken: Mutex<u64>,
+    room: Condvar,
     assignment: watch::Sender<Assignment>,
 }
 
@@ -169,6 +173,8 @@ impl Source {
             tracker: Mutex::new(OffsetTracker::new()),
             held: Mutex::new(BTreeSet::new()),
             all_paused: AtomicBool::new(false),
+            taken: Mutex::new(0),
+            room: Condvar::new(),
             assignment,
         });
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(config, group)
@@ -192,7 +198,12 @@ impl Source {
 
     /// The next batch, in partition order; `None` once the source is closed.
     pub async fn recv(&mut self) -> Option<Vec<Delivery>> {
-        self.rx.recv().await
+        let batch = self.rx.recv().await;
+        if batch.is_some() {
+            *self.shared.taken.lock().expect("taken lock") += 1;
+            self.shared.room.notify_one();
+        }
+        batch
     }
 
     /// The work for `ticket` is durable: its offset may be committed once all before it are.
@@ -338,7 +349,7 @@ fn poll_loop(
                     paused = false;
                 }
             }
-            Err(mpsc::error::TrySendError::Full(back)) if !paused => match wait_for_room(tx, back, STALL) {
+            Err(mpsc::error::TrySendError::Full(back)) if !paused => match wait_for_room(tx, shared, back, STALL) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(back)) => {
                     batch = back;
@@ -368,19 +379,28 @@ fn poll_loop(
 /// longer (a database down) gets its partitions paused.
 const STALL: Duration = Duration::from_millis(1_000);
 
-/// Hands `batch` over as soon as the stage has room, or gives it back after `patience`.
+/// Hands `batch` over as soon as the stage has room, or gives it back after `patience`. Sleeps
+/// until the stage takes a batch (no polling of the channel), so the hand-over follows at once.
 fn wait_for_room(
     tx: &mpsc::Sender<Vec<Delivery>>,
+    shared: &Shared,
     mut batch: Vec<Delivery>,
     patience: Duration,
 ) -> Result<(), mpsc::error::TrySendError<Vec<Delivery>>> {
     let deadline = Instant::now() + patience;
     loop {
-        std::thread::sleep(Duration::from_millis(1));
+        // Read before trying, so a batch taken between the try and the wait is not missed.
+        let seen = *shared.taken.lock().expect("taken lock");
         match tx.try_send(batch) {
-            Err(mpsc::error::TrySendError::Full(back)) if Instant::now() < deadline => batch = back,
+            Err(mpsc::error::TrySendError::Full(back)) => batch = back,
             other => return other,
         }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(mpsc::error::TrySendError::Full(batch));
+        }
+        let taken = shared.taken.lock().expect("taken lock");
+        let _ = shared.room.wait_timeout_while(taken, deadline - now, |taken| *taken == seen).expect("taken lock");
     }
 }
 
