@@ -371,8 +371,8 @@ enum Selection {
 }
 
 impl FieldPaths {
-    pub fn new() -> FieldPaths {
-        FieldPaths::default()
+    pub const fn new() -> FieldPaths {
+        FieldPaths { roots: BTreeMap::new() }
     }
 
     /// Every variable whole: what a scope without pruning holds.
@@ -432,6 +432,11 @@ impl FieldPaths {
 
     pub fn is_empty(&self) -> bool {
         self.roots.is_empty()
+    }
+
+    /// Whether any path starts with the variable `root`.
+    pub fn reads(&self, root: &str) -> bool {
+        self.roots.contains_key(root)
     }
 
     /// Parses from the JSON text `json` (the value of variable `root`, e.g. an event's `data`)

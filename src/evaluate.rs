@@ -190,11 +190,15 @@ impl Evaluator {
 /// ([`CompiledWorkflow::start_paths`]): an event parsed with only these plans exactly as the
 /// whole event would.
 pub fn start_paths(candidates: &[Arc<CompiledWorkflow>]) -> Cow<'_, FieldPaths> {
-    match candidates {
-        [one] => Cow::Borrowed(&one.start_paths),
-        many => {
+    static NOTHING: FieldPaths = FieldPaths::new();
+    // Usually at most one candidate reads the body: its paths serve as they are.
+    let mut reading = candidates.iter().filter(|wf| wf.start_paths.reads("data"));
+    match (reading.next(), reading.next()) {
+        (None, _) => Cow::Borrowed(&NOTHING),
+        (Some(one), None) => Cow::Borrowed(&one.start_paths),
+        (Some(_), Some(_)) => {
             let mut paths = FieldPaths::new();
-            for wf in many {
+            for wf in candidates {
                 paths.extend(&wf.start_paths);
             }
             Cow::Owned(paths)
