@@ -10,9 +10,10 @@
 //! none: done); parse from the body only what the candidates read ([`start_paths`]: the body is
 //! most of an event's bytes, and building all of it as values was most of the evaluator's
 //! allocations); build the CEL scope *once*, from only the fields the candidates' conditions
-//! read; evaluate each condition; render the first steps' inputs. A malformed or oversized event is dead-lettered. A condition or template that fails on
-//! this event (a missing field, a wrong type) does not stop anything: it becomes a `failed`
-//! result naming the reason, which the sink stores like any other outcome.
+//! read; evaluate each condition; render the first steps' inputs. A malformed or oversized event
+//! is dead-lettered. A condition or template that fails on this event (a missing field, a wrong
+//! type) does not stop anything: it becomes a `failed` result naming the reason, which the sink
+//! stores like any other outcome.
 
 use std::{borrow::Cow, collections::HashMap, sync::Arc};
 

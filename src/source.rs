@@ -200,8 +200,7 @@ impl Source {
     pub async fn recv(&mut self) -> Option<Vec<Delivery>> {
         let batch = self.rx.recv().await;
         if batch.is_some() {
-            *self.shared.taken.lock().expect("taken lock") += 1;
-            self.shared.room.notify_one();
+            self.shared.wake_poll_thread();
         }
         batch
     }
@@ -275,6 +274,7 @@ impl Source {
     pub fn close(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.rx.close();
+        self.shared.wake_poll_thread();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -294,6 +294,15 @@ impl Ownership {
 impl Drop for Source {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.shared.wake_poll_thread();
+    }
+}
+
+impl Shared {
+    /// Wakes the poll thread if it waits for room: a batch was taken, or the source is closing.
+    fn wake_poll_thread(&self) {
+        *self.taken.lock().expect("taken lock") += 1;
+        self.room.notify_one();
     }
 }
 
@@ -349,7 +358,8 @@ fn poll_loop(
                     paused = false;
                 }
             }
-            Err(mpsc::error::TrySendError::Full(back)) if !paused => match wait_for_room(tx, shared, back, STALL) {
+            Err(mpsc::error::TrySendError::Full(back)) if !paused => match wait_for_room(tx, shared, stop, back, STALL)
+            {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(back)) => {
                     batch = back;
@@ -379,16 +389,21 @@ fn poll_loop(
 /// longer (a database down) gets its partitions paused.
 const STALL: Duration = Duration::from_millis(1_000);
 
-/// Hands `batch` over as soon as the stage has room, or gives it back after `patience`. Sleeps
-/// until the stage takes a batch (no polling of the channel), so the hand-over follows at once.
+/// Hands `batch` over as soon as the stage has room, or gives it back after `patience`; `Closed`
+/// once the source stops. Sleeps until the stage takes a batch (no polling of the channel), so the
+/// hand-over follows at once.
 fn wait_for_room(
     tx: &mpsc::Sender<Vec<Delivery>>,
     shared: &Shared,
+    stop: &AtomicBool,
     mut batch: Vec<Delivery>,
     patience: Duration,
 ) -> Result<(), mpsc::error::TrySendError<Vec<Delivery>>> {
     let deadline = Instant::now() + patience;
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(mpsc::error::TrySendError::Closed(batch));
+        }
         // Read before trying, so a batch taken between the try and the wait is not missed.
         let seen = *shared.taken.lock().expect("taken lock");
         match tx.try_send(batch) {
