@@ -8,7 +8,9 @@
 //!   ones (2.1 candidates per event on average): the index lookup alone, lookup + trigger
 //!   conditions (issue 4's figure), the same without index and pruning (`scan_baseline`: scan
 //!   every definition, convert the whole body), and the whole plan (root inputs rendered, tasks
-//!   built).
+//!   built);
+//! - `decode_and_plan/*`: the same events from their bytes to their tasks' bytes, decoding the
+//!   whole body versus only the parts the candidates read (the evaluator's per-event CPU).
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 
@@ -17,7 +19,7 @@ use serde_json::json;
 use weir::{
     condition::{Condition, FieldPaths, Scope},
     definitions::DefinitionStore,
-    envelope::Event,
+    envelope::{self, Event},
     evaluate,
     template::InputTemplate,
     workflow::{self, CompiledWorkflow, Workflow},
@@ -196,6 +198,44 @@ fn matching(c: &mut Criterion) {
             let event = next();
             let candidates = store.matching(&event.tenant, &event.kind);
             evaluate::plan(black_box(event), &candidates, "2026-11-23T10:05:00Z").len()
+        })
+    });
+    group.finish();
+
+    // From the record's bytes to the tasks' bytes, as the evaluator does per event: the whole
+    // body decoded (as before), or the attributes first and only the body's parts the candidates
+    // read.
+    let payloads: Vec<Vec<u8>> = events.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
+    let encode = |planned: Vec<(Arc<CompiledWorkflow>, Vec<evaluate::Planned>)>| {
+        let mut bytes = 0;
+        for p in planned.into_iter().flat_map(|(_, p)| p) {
+            if let evaluate::Planned::Task(task) = p {
+                bytes += serde_json::to_vec(&task).unwrap().len();
+            }
+        }
+        bytes
+    };
+    let mut group = c.benchmark_group("decode_and_plan");
+    group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    let mut i = 0;
+    let mut next = || {
+        i = (i + 1) % TENANTS;
+        &payloads[i]
+    };
+    group.bench_function("whole_body", |b| {
+        b.iter(|| {
+            let event = envelope::decode_event(black_box(next()), None, 1 << 20).unwrap();
+            let candidates = store.matching(&event.tenant, &event.kind);
+            encode(evaluate::plan(&event, &candidates, "2026-11-23T10:05:00Z"))
+        })
+    });
+    group.bench_function("read_paths", |b| {
+        b.iter(|| {
+            let event = envelope::decode_unparsed_event(black_box(next()), None, 1 << 20).unwrap();
+            let candidates = store.matching(&event.tenant, &event.kind);
+            let paths = evaluate::start_paths(&candidates);
+            let event = event.map_data(|body| body.parse(|text| paths.parse_selected("data", text))).unwrap();
+            encode(evaluate::plan(&event, &candidates, "2026-11-23T10:05:00Z"))
         })
     });
     group.finish();

@@ -371,8 +371,8 @@ enum Selection {
 }
 
 impl FieldPaths {
-    pub fn new() -> FieldPaths {
-        FieldPaths::default()
+    pub const fn new() -> FieldPaths {
+        FieldPaths { roots: BTreeMap::new() }
     }
 
     /// Every variable whole: what a scope without pruning holds.
@@ -382,7 +382,12 @@ impl FieldPaths {
 
     /// Adds the paths `condition` reads.
     pub fn add(&mut self, condition: &Condition) {
-        for (name, selection) in &condition.paths.roots {
+        self.extend(&condition.paths);
+    }
+
+    /// Adds `other`'s paths.
+    pub fn extend(&mut self, other: &FieldPaths) {
+        for (name, selection) in &other.roots {
             match self.roots.get_mut(name) {
                 Some(mine) => mine.merge(selection),
                 None => {
@@ -427,6 +432,124 @@ impl FieldPaths {
 
     pub fn is_empty(&self) -> bool {
         self.roots.is_empty()
+    }
+
+    /// Whether any path starts with the variable `root`.
+    pub fn reads(&self, root: &str) -> bool {
+        self.roots.contains_key(root)
+    }
+
+    /// Parses from the JSON text `json` (the value of variable `root`, e.g. an event's `data`)
+    /// only what the paths select under `root`, skipping the rest without building it; `Null`
+    /// when no path reads `root`. What is kept is what [`Scope::build`] would select from the
+    /// whole value, so an expression or template reading only these paths sees no difference.
+    pub fn parse_selected(&self, root: &str, json: &str) -> serde_json::Result<Json> {
+        let Some(selection) = self.roots.get(root) else { return Ok(Json::Null) };
+        let mut de = serde_json::Deserializer::from_str(json);
+        let value = serde::de::DeserializeSeed::deserialize(selection, &mut de)?;
+        de.end()?;
+        Ok(value)
+    }
+}
+
+/// Parsing a selection's part of a JSON value (see [`FieldPaths::parse_selected`]).
+impl<'de> serde::de::DeserializeSeed<'de> for &Selection {
+    type Value = Json;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Json, D::Error> {
+        match self {
+            Selection::All => serde::Deserialize::deserialize(de),
+            Selection::Fields(fields) => de.deserialize_any(SelectFields(fields)),
+        }
+    }
+}
+
+/// An object keeps only the selected fields; any other value is taken whole (as [`select`] does).
+struct SelectFields<'s>(&'s BTreeMap<String, Selection>);
+
+impl<'de> serde::de::Visitor<'de> for SelectFields<'_> {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(field) = map.next_key_seed(SelectedKey(self.0))? {
+            match field {
+                Some((name, child)) => {
+                    out.insert(name.clone(), map.next_value_seed(child)?);
+                }
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Json::Object(out))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Json::Array(items))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Json, E> {
+        Ok(Json::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Json, E> {
+        Ok(Json::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Json, E> {
+        Ok(Json::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Json, E> {
+        Ok(Json::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Json, E> {
+        Ok(Json::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Json, E> {
+        Ok(Json::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Json, E> {
+        Ok(Json::Null)
+    }
+}
+
+/// An object key: the selected field it names, if any, without allocating for the others.
+struct SelectedKey<'s>(&'s BTreeMap<String, Selection>);
+
+impl<'de, 's> serde::de::DeserializeSeed<'de> for SelectedKey<'s> {
+    type Value = Option<(&'s String, &'s Selection)>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl<'de, 's> serde::de::Visitor<'de> for SelectedKey<'s> {
+    type Value = Option<(&'s String, &'s Selection)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.get_key_value(key))
     }
 }
 
@@ -736,6 +859,26 @@ mod tests {
     }
 
     #[test]
+    fn parsing_only_the_selected_fields_keeps_what_the_scope_reads() {
+        let data = json!({"member": {"status": "paid", "bio": "x".repeat(1000), "tags": [1, {"a": 2}]},
+                          "other": [1, 2, 3], "n": 1.5});
+        let text = data.to_string();
+        let mut paths = FieldPaths::new();
+        paths.insert(&["data", "member", "status"]);
+        paths.insert(&["data", "member", "tags"]);
+        paths.insert(&["data", "n", "deeper"]);
+        paths.insert(&["event", "type"]);
+        assert_eq!(
+            paths.parse_selected("data", &text).unwrap(),
+            json!({"member": {"status": "paid", "tags": [1, {"a": 2}]}, "n": 1.5})
+        );
+        assert_eq!(paths.parse_selected("steps", &text).unwrap(), Json::Null);
+        assert_eq!(FieldPaths::all().parse_selected("data", &text).unwrap(), data);
+        let err = paths.parse_selected("data", r#"{"member": {"status": "paid"}} trailing"#).unwrap_err();
+        assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    #[test]
     fn conditions_and_scopes_can_cross_threads() {
         fn check<T: Send + Sync>() {}
         check::<Condition>();
@@ -804,6 +947,22 @@ mod tests {
             if let Ok(c) = Condition::compile(&source) {
                 let e = event(json!({"a": {"b": 1}, "data": [1, "x"]}));
                 let _ = c.evaluate(&Scope::build(&e, Some(&json!({})), &FieldPaths::all()));
+            }
+        }
+
+        /// Parsing only the selected fields of a body's text gives the scope the whole body gives.
+        #[test]
+        fn selected_parse_agrees_with_the_full_body(data in arb_json()) {
+            let mut paths = FieldPaths::new();
+            for c in CONDITIONS {
+                paths.add(&Condition::compile(c).unwrap());
+            }
+            let text = data.to_string();
+            // Past serde_json's nesting limit the body is refused either way.
+            if let Ok(full) = serde_json::from_str::<Json>(&text) {
+                let selection = &paths.roots["data"];
+                let parsed = paths.parse_selected("data", &text).unwrap();
+                prop_assert_eq!(select(&parsed, selection), select(&full, selection));
             }
         }
 

@@ -69,8 +69,11 @@ pub enum DecodeError {
 }
 
 /// A domain event: CloudEvents 1.0 attributes plus the `tenant` extension.
+///
+/// `D` is how the body is held: parsed JSON everywhere but in the evaluator, which first decodes
+/// an [`UnparsedEvent`] and parses only the parts of the body its workflows read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
+pub struct Event<D = Json> {
     #[serde(default = "spec_version")]
     pub specversion: String,
     pub id: String,
@@ -83,14 +86,41 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datacontenttype: Option<String>,
     #[serde(default)]
-    pub data: Json,
+    pub data: D,
 }
 
 fn spec_version() -> String {
     "1.0".to_string()
 }
 
-impl Event {
+/// An event whose body is still JSON text (`None` when absent or null), or, from Avro, already
+/// parsed: the attributes are enough to find the candidate workflows, and most events need
+/// little or nothing of a body that is most of their bytes.
+pub type UnparsedEvent<'a> = Event<Body<'a>>;
+
+/// See [`UnparsedEvent`].
+#[derive(Debug, Clone)]
+pub enum Body<'a> {
+    /// Borrowed from the payload: the text is checked, not copied.
+    Text(Option<&'a serde_json::value::RawValue>),
+    Parsed(Json),
+}
+
+impl<D> Event<D> {
+    /// The same attributes with the body turned into another form.
+    pub fn map_data<E, F>(self, f: impl FnOnce(D) -> Result<E, F>) -> Result<Event<E>, F> {
+        Ok(Event {
+            specversion: self.specversion,
+            id: self.id,
+            source: self.source,
+            kind: self.kind,
+            time: self.time,
+            tenant: self.tenant,
+            datacontenttype: self.datacontenttype,
+            data: f(self.data)?,
+        })
+    }
+
     /// Checks the attributes the pipeline relies on.
     pub fn validate(&self) -> Result<(), DecodeError> {
         for (name, value) in
@@ -265,12 +295,44 @@ pub fn decode<T: Record>(payload: &[u8], content_type: Option<&[u8]>) -> Result<
 
 /// Decodes and validates an event, refusing payloads over `max_bytes`.
 pub fn decode_event(payload: &[u8], content_type: Option<&[u8]>, max_bytes: usize) -> Result<Event, DecodeError> {
+    decode_unparsed_event(payload, content_type, max_bytes)?
+        .map_data(|body| body.parse(|text| serde_json::from_str(text)))
+}
+
+/// Like [`decode_event`], leaving a JSON body as text: it is checked to be well-formed JSON, but
+/// not turned into values. [`Body::parse`] does that, for what is read.
+pub fn decode_unparsed_event<'a>(
+    payload: &'a [u8],
+    content_type: Option<&[u8]>,
+    max_bytes: usize,
+) -> Result<UnparsedEvent<'a>, DecodeError> {
     if payload.len() > max_bytes {
         return Err(DecodeError::TooLarge { size: payload.len(), limit: max_bytes });
     }
-    let event: Event = decode(payload, content_type)?;
+    let event = match Format::from_content_type(content_type)? {
+        Format::Json => {
+            let event: Event<Option<&serde_json::value::RawValue>> = serde_json::from_slice(payload)?;
+            event.map_data(|text| Ok::<_, DecodeError>(Body::Text(text)))?
+        }
+        Format::Avro => {
+            let event: Event = decode(payload, content_type)?;
+            event.map_data(|json| Ok::<_, DecodeError>(Body::Parsed(json)))?
+        }
+    };
     event.validate()?;
     Ok(event)
+}
+
+impl Body<'_> {
+    /// The body as JSON values; `parse` turns JSON text into them (all of it, or only what is
+    /// read: see [`crate::condition::FieldPaths::parse_selected`]).
+    pub fn parse(self, parse: impl FnOnce(&str) -> serde_json::Result<Json>) -> Result<Json, DecodeError> {
+        match self {
+            Body::Text(Some(text)) => Ok(parse(text.get())?),
+            Body::Text(None) => Ok(Json::Null),
+            Body::Parsed(json) => Ok(json),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use std::{
     collections::BTreeSet,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, Condvar, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -84,6 +84,10 @@ struct Shared {
     held: Mutex<BTreeSet<i32>>,
     /// Whether the poll thread paused everything (the stage is behind).
     all_paused: AtomicBool,
+    /// Batches the stage has taken, and its signal: what the poll thread waits on when the
+    /// channel is full (see [`wait_for_room`]).
+    taken: Mutex<u64>,
+    room: Condvar,
     assignment: watch::Sender<Assignment>,
 }
 
@@ -169,6 +173,8 @@ impl Source {
             tracker: Mutex::new(OffsetTracker::new()),
             held: Mutex::new(BTreeSet::new()),
             all_paused: AtomicBool::new(false),
+            taken: Mutex::new(0),
+            room: Condvar::new(),
             assignment,
         });
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(config, group)
@@ -192,7 +198,11 @@ impl Source {
 
     /// The next batch, in partition order; `None` once the source is closed.
     pub async fn recv(&mut self) -> Option<Vec<Delivery>> {
-        self.rx.recv().await
+        let batch = self.rx.recv().await;
+        if batch.is_some() {
+            self.shared.wake_poll_thread();
+        }
+        batch
     }
 
     /// The work for `ticket` is durable: its offset may be committed once all before it are.
@@ -264,6 +274,7 @@ impl Source {
     pub fn close(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.rx.close();
+        self.shared.wake_poll_thread();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -283,6 +294,15 @@ impl Ownership {
 impl Drop for Source {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.shared.wake_poll_thread();
+    }
+}
+
+impl Shared {
+    /// Wakes the poll thread if it waits for room: a batch was taken, or the source is closing.
+    fn wake_poll_thread(&self) {
+        *self.taken.lock().expect("taken lock") += 1;
+        self.room.notify_one();
     }
 }
 
@@ -338,7 +358,8 @@ fn poll_loop(
                     paused = false;
                 }
             }
-            Err(mpsc::error::TrySendError::Full(back)) if !paused => match wait_for_room(tx, back, STALL) {
+            Err(mpsc::error::TrySendError::Full(back)) if !paused => match wait_for_room(tx, shared, stop, back, STALL)
+            {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(back)) => {
                     batch = back;
@@ -368,19 +389,33 @@ fn poll_loop(
 /// longer (a database down) gets its partitions paused.
 const STALL: Duration = Duration::from_millis(1_000);
 
-/// Hands `batch` over as soon as the stage has room, or gives it back after `patience`.
+/// Hands `batch` over as soon as the stage has room, or gives it back after `patience`; `Closed`
+/// once the source stops. Sleeps until the stage takes a batch (no polling of the channel), so the
+/// hand-over follows at once.
 fn wait_for_room(
     tx: &mpsc::Sender<Vec<Delivery>>,
+    shared: &Shared,
+    stop: &AtomicBool,
     mut batch: Vec<Delivery>,
     patience: Duration,
 ) -> Result<(), mpsc::error::TrySendError<Vec<Delivery>>> {
     let deadline = Instant::now() + patience;
     loop {
-        std::thread::sleep(Duration::from_millis(1));
+        if stop.load(Ordering::Relaxed) {
+            return Err(mpsc::error::TrySendError::Closed(batch));
+        }
+        // Read before trying, so a batch taken between the try and the wait is not missed.
+        let seen = *shared.taken.lock().expect("taken lock");
         match tx.try_send(batch) {
-            Err(mpsc::error::TrySendError::Full(back)) if Instant::now() < deadline => batch = back,
+            Err(mpsc::error::TrySendError::Full(back)) => batch = back,
             other => return other,
         }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(mpsc::error::TrySendError::Full(batch));
+        }
+        let taken = shared.taken.lock().expect("taken lock");
+        let _ = shared.room.wait_timeout_while(taken, deadline - now, |taken| *taken == seen).expect("taken lock");
     }
 }
 

@@ -37,6 +37,8 @@ use minijinja::{
 };
 use serde_json::{Map, Value as Json};
 
+use crate::condition::FieldPaths;
+
 /// The variable a single-expression leaf is assigned to, to read its value back natively.
 const VALUE: &str = "weir_value";
 
@@ -63,6 +65,8 @@ pub struct InputTemplate {
     root: Node,
     steps: BTreeSet<String>,
     all_steps: bool,
+    /// The parts of the event body the templates read, as paths from `data`.
+    data: FieldPaths,
 }
 
 #[derive(Debug, Clone)]
@@ -71,8 +75,9 @@ enum Node {
     Literal(Json),
     /// A template rendered to a string; the value is its name (the leaf's path).
     Text(String),
-    /// A single expression rendered to its value; the value is its name (the leaf's path).
-    Native(String),
+    /// A single expression rendered to its value; the value is its name (the leaf's path), and
+    /// the expression as an attribute path when it is only that (see [`attribute_path`]).
+    Native(String, Option<Vec<String>>),
     Array(Vec<Node>),
     Object(Vec<(String, Node)>),
 }
@@ -100,6 +105,7 @@ impl InputTemplate {
 
         let mut steps = BTreeSet::new();
         let mut all_steps = false;
+        let mut data = FieldPaths::new();
         for (_, template) in env.templates() {
             for variable in template.undeclared_variables(true) {
                 match variable.strip_prefix("steps.") {
@@ -109,9 +115,10 @@ impl InputTemplate {
                     None if variable == "steps" => all_steps = true,
                     None => {}
                 }
+                add_data_path(&mut data, &variable);
             }
         }
-        Ok(InputTemplate { env: Arc::new(env), root, steps, all_steps })
+        Ok(InputTemplate { env: Arc::new(env), root, steps, all_steps, data })
     }
 
     /// Renders the input against `ctx` (usually `{"event": …, "data": …, "steps": {"<id>":
@@ -129,6 +136,13 @@ impl InputTemplate {
         self.steps.clone()
     }
 
+    /// The parts of the event body (`data`, also seen as `event.data`) the templates read, as
+    /// paths starting with `data`: rendering against a context whose body holds only these
+    /// gives the same result as against the whole body.
+    pub fn data_paths(&self) -> &FieldPaths {
+        &self.data
+    }
+
     /// Whether a template reads `steps` other than as `steps.<id>` (`steps["a-b"]`, a loop over
     /// `steps`): then [`Self::references_steps`] cannot name every step read.
     pub fn reads_steps_dynamically(&self) -> bool {
@@ -142,7 +156,12 @@ impl InputTemplate {
                 let template = self.env.get_template(name).map_err(|e| render_error(name, "", &e))?;
                 template.render(ctx).map(Json::String).map_err(|e| render_error(name, template.source(), &e))
             }
-            Node::Native(name) => {
+            Node::Native(name, path) => {
+                // The common `{{ data.member.email }}` is a lookup: no need to start the engine. What
+                // the lookup does not find goes through the engine after all, for its own error.
+                if let Some(value) = path.as_deref().and_then(|path| lookup(ctx, path)) {
+                    return to_json(name, &value);
+                }
                 let template = self.env.get_template(name).map_err(|e| render_error(name, "", &e))?;
                 let captured = template.render_captured(ctx).map_err(|e| {
                     let expr = single_expression(template.source()).unwrap_or_default();
@@ -156,10 +175,7 @@ impl InputTemplate {
                         message: format!("`{expr}` is undefined"),
                     });
                 }
-                serde_json::to_value(&value).map_err(|e| TemplateError::Render {
-                    path: name.clone(),
-                    message: format!("the value is not JSON: {e}"),
-                })
+                to_json(name, &value)
             }
             Node::Array(items) => {
                 items.iter().map(|n| self.render_node(n, ctx)).collect::<Result<_, _>>().map(Json::Array)
@@ -185,7 +201,7 @@ fn compile_node(env: &mut Environment<'static>, value: &Json, path: &mut String)
             match single_expression(s).filter(|expr| is_expression(env, expr)) {
                 Some(expr) => {
                     env.add_template_owned(path.clone(), format!("{{% set {VALUE} = ({expr}) %}}")).map_err(syntax)?;
-                    Node::Native(path.clone())
+                    Node::Native(path.clone(), attribute_path(expr))
                 }
                 None => {
                     env.add_template_owned(path.clone(), s.clone()).map_err(syntax)?;
@@ -223,6 +239,50 @@ fn compile_node(env: &mut Environment<'static>, value: &Json, path: &mut String)
         }
         node => node,
     })
+}
+
+/// The value of a rendered single expression, as JSON.
+fn to_json(name: &str, value: &minijinja::Value) -> Result<Json, TemplateError> {
+    serde_json::to_value(value)
+        .map_err(|e| TemplateError::Render { path: name.to_string(), message: format!("the value is not JSON: {e}") })
+}
+
+/// `expr` as the attribute path it is, when it is nothing else: `data.member.email` (a context
+/// variable, then names), not `data.items[0]`, `data.n + 1` or `data.x | upper`.
+fn attribute_path(expr: &str) -> Option<Vec<String>> {
+    let names: Vec<&str> = expr.trim().split('.').collect();
+    let name = |s: &&str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    (["event", "data", "steps"].contains(&names[0]) && names.iter().all(name))
+        .then(|| names.iter().map(|s| s.to_string()).collect())
+}
+
+/// What the engine would find at `path` in `ctx`, if it finds anything there.
+fn lookup(ctx: &minijinja::Value, path: &[String]) -> Option<minijinja::Value> {
+    let mut value = ctx.clone();
+    for name in path {
+        value = value.get_attr(name).ok().filter(|v| !v.is_undefined())?;
+    }
+    Some(value)
+}
+
+/// Adds the part of the body that reading `variable` (minijinja's nested name of a variable read,
+/// `data.member.email`: as far as attribute access goes, so `data.items[0]` is `data.items`)
+/// needs.
+fn add_data_path(data: &mut FieldPaths, variable: &str) {
+    let mut path: Vec<&str> = variable.split('.').collect();
+    match path.as_slice() {
+        // `event` whole holds the body too; `debug()` prints the whole context.
+        ["event"] | ["debug", ..] => data.insert(&["data"]),
+        ["event", "data", ..] => {
+            path.remove(0);
+            data.insert(&path);
+        }
+        ["data", ..] => data.insert(&path),
+        _ => {}
+    }
 }
 
 /// `.key` for identifier-like keys, `["key"]` otherwise.
@@ -509,6 +569,31 @@ mod tests {
         assert!(t.references_steps().is_empty());
         assert!(t.reads_steps_dynamically());
         assert!(InputTemplate::compile(&json!({"x": 1})).unwrap().references_steps().is_empty());
+    }
+
+    #[test]
+    fn data_paths_name_the_parts_of_the_body_read() {
+        let paths = |input: Json| InputTemplate::compile(&input).unwrap().data_paths().paths();
+        let strings = |paths: &[&[&str]]| -> Vec<Vec<String>> {
+            paths.iter().map(|p| p.iter().map(|s| s.to_string()).collect()).collect()
+        };
+        assert_eq!(
+            paths(json!({
+                "to": "{{ data.member.email }}",
+                "n": "{{ data.items[0].n | default(1) }}",
+                "t": "{{ event.type }} {{ event.data.post.title | upper }}",
+                "s": "{{ steps.fetch.output }}",
+            })),
+            strings(&[&["data", "items"], &["data", "member", "email"], &["data", "post", "title"]])
+        );
+        assert!(paths(json!({"t": "{{ event.type }}", "x": 1})).is_empty());
+        assert!(paths(json!("literal")).is_empty());
+        // Whatever could see the whole body takes it whole.
+        for whole in ["{{ event }}", "{{ data }}", "{{ data | tojson }}", "{{ debug() }}", "{{ event['data'].x }}"] {
+            assert_eq!(paths(json!({ "x": whole })), strings(&[&["data"]]), "{whole}");
+        }
+        // A local variable named like the body reads nothing of it.
+        assert!(paths(json!("{% set data = 1 %}{{ data }}")).is_empty());
     }
 
     proptest::proptest! {

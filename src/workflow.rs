@@ -161,6 +161,10 @@ pub struct CompiledWorkflow {
     pub steps: Vec<CompiledStep>,
     /// The event fields the trigger condition reads.
     pub paths: FieldPaths,
+    /// The parts of the event body (paths from `data`) that deciding and starting a run reads:
+    /// the trigger condition's, the first steps' inputs', or the whole body when a first step
+    /// has no input (it gets the whole event) or the tasks carry the event (multi-step).
+    pub start_paths: FieldPaths,
     limiter: governor::DefaultKeyedRateLimiter<String>,
 }
 
@@ -268,9 +272,21 @@ impl CompiledWorkflow {
         if let Some(c) = &trigger_if {
             paths.add(c);
         }
+        let mut start_paths = FieldPaths::default();
+        start_paths.extend(&paths);
+        for step in steps.iter().filter(|s| s.needs.is_empty()) {
+            match &step.input {
+                Some(input) => start_paths.extend(input.data_paths()),
+                None => start_paths.insert(&["data"]),
+            }
+        }
+        if steps.len() > 1 {
+            start_paths.insert(&["data"]);
+        }
         let quota =
             governor::Quota::per_minute(std::num::NonZeroU32::new(def.limits.runs_per_minute).expect("validated"));
-        Ok(CompiledWorkflow { def, trigger_if, steps, paths, limiter: governor::RateLimiter::keyed(quota) })
+        let limiter = governor::RateLimiter::keyed(quota);
+        Ok(CompiledWorkflow { def, trigger_if, steps, paths, start_paths, limiter })
     }
 
     /// More than one step: results must be coordinated to start the later ones.
