@@ -77,6 +77,10 @@ pub fn consumer_config(config: &Config, group: &str) -> ClientConfig {
         // librdkafka's prefetch queue is the only buffer ahead of a stage; 32 MB keeps memory
         // flat under any backlog while leaving room for full fetches.
         .set("queued.max.messages.kbytes", "32768")
+        // After a resume (a stage that was over its bound) librdkafka waits this long before it
+        // fetches again; its 1 s default turned every pause into a second of idleness (measured in
+        // the executor benchmark: 27.5k → 40.8k tasks/s with 10 ms).
+        .set("fetch.queue.backoff.ms", "10")
         // Consumer lag per partition comes from librdkafka's statistics.
         .set("statistics.interval.ms", "5000")
         .set("session.timeout.ms", "10000")
