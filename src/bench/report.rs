@@ -32,6 +32,9 @@ pub struct ScenarioReport {
     /// Throughput over the baseline's, when the baseline ran.
     pub ratio_to_baseline: Option<f64>,
     pub series: Vec<Point>,
+    /// RSS of the process under test once a second, MB (the backlog scenario's child).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rss_series_mb: Vec<f64>,
     /// Scenario-specific figures (throttle accuracy, COPY comparison, sink latency).
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -51,6 +54,7 @@ impl ScenarioReport {
             peak_rss_mb,
             ratio_to_baseline: None,
             series: Vec::new(),
+            rss_series_mb: Vec::new(),
             extra: BTreeMap::new(),
         }
     }
