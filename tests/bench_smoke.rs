@@ -117,7 +117,11 @@ async fn the_backlog_is_drained_by_a_separate_process_whose_memory_is_sampled() 
         assert!(!s.rss_series_mb.is_empty() && s.rss_series_mb.iter().all(|r| *r > 0.0), "{stages:?}: RSS sampled");
         // (The samples are rounded to 0.01 MB.)
         let sampled_max = s.extra["rss_max_sampled_mb"].as_f64().unwrap();
-        assert!(s.peak_rss_mb + 0.01 >= sampled_max, "{stages:?}: VmHWM {} below a sample {sampled_max}", s.peak_rss_mb);
+        assert!(
+            s.peak_rss_mb + 0.01 >= sampled_max,
+            "{stages:?}: VmHWM {} below a sample {sampled_max}",
+            s.peak_rss_mb
+        );
         assert!(s.cpu_s.weir_s > 0.0, "{stages:?}: the child's CPU is read");
         assert!(s.extra["within_limit"].is_boolean());
         assert_eq!(s.extra["body_bytes"], 300);
