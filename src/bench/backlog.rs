@@ -255,13 +255,17 @@ async fn watch(
     let (mut last_evaluated, mut last_total, mut last_change) = (0, 0, Instant::now());
     let mut startup = None;
     let mut calls = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Samples a second apart from a second after the start (not at once: the child may still be
+    // starting up).
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
     loop {
         tick.tick().await;
         if let Some(status) = child.exited()? {
             bail!("weir run exited ({status}) before the backlog was drained:\n{}", child.log_tail());
         }
-        if let Some(rss) = measure::status_mb(&pid, "VmRSS") {
+        // A process between fork and exec reports no RSS of its own: not a sample.
+        if let Some(rss) = measure::status_mb(&pid, "VmRSS").filter(|r| *r > 0.0) {
             rss_mb.push(round(rss));
         }
         calls += receiver.drain().len() as u64;
