@@ -133,6 +133,8 @@ async fn the_backlog_is_drained_by_a_separate_process_whose_memory_is_sampled() 
             serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
         assert_eq!(json["scenarios"][0]["scenario"], "backlog");
         assert!(json["scenarios"][0]["rss_series_mb"].as_array().is_some_and(|a| !a.is_empty()));
+        let svg = std::fs::read_to_string(out.path().join("bench.svg")).unwrap();
+        assert!(svg.contains("RSS of the process under test"), "{stages:?}: the RSS chart is drawn");
 
         // Its topics were deleted (they hold the backlog).
         let prefix = s.extra["topic_prefix"].as_str().unwrap().to_string();
