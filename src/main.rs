@@ -60,7 +60,7 @@ enum Command {
     },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
-        /// baseline, evaluate, pipeline, throttled, sink or all.
+        /// baseline, evaluate, pipeline, throttled, sink, backlog or all (all = every one but backlog).
         #[arg(long, default_value = "all")]
         scenario: weir::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).
@@ -75,6 +75,15 @@ enum Command {
         /// Where bench.json and bench.svg are written.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+        /// backlog: events put on the topic before the stages start.
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// backlog: size of each event's data body in bytes (the record is ~180 more).
+        #[arg(long, default_value_t = 400)]
+        body_bytes: usize,
+        /// backlog: stages of the separate `weir run` process that drains it.
+        #[arg(long, value_enum, default_value = "evaluate")]
+        stages: weir::bench::backlog::BacklogStages,
     },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
@@ -252,9 +261,17 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { scenario, duration, rate, tenants, out } => {
-            let options =
-                weir::bench::Options { scenarios: scenario.scenarios(), duration, rate, tenants, out, progress: true };
+        Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages } => {
+            let backlog = weir::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
+            let options = weir::bench::Options {
+                scenarios: scenario.scenarios(),
+                duration,
+                rate,
+                tenants,
+                out,
+                progress: true,
+                backlog,
+            };
             let report = weir::bench::run(&config, &options).await?;
             print!("{}", report.table());
             println!("wrote {0}/bench.json and {0}/bench.svg", options.out.display());

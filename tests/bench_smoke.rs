@@ -7,21 +7,33 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer as _},
+    ClientConfig,
+};
 use weir::{
-    bench::{self, RateArg, Scenario},
+    bench::{
+        self,
+        backlog::{BacklogOptions, BacklogStages},
+        RateArg, Scenario,
+    },
     config::Config,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
-    let out = tempfile::tempdir().unwrap();
-    let config = Config {
+fn bench_config() -> Config {
+    Config {
         brokers: brokers(),
         database_url: admin_database_url(),
         metrics_addr: None,
         topics_dir: repo_path("topics"),
         ..Config::default()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
+    let out = tempfile::tempdir().unwrap();
+    let config = bench_config();
     let options = bench::Options {
         scenarios: Scenario::ALL.to_vec(),
         duration: Duration::from_secs(5),
@@ -29,6 +41,7 @@ async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
         tenants: 50,
         out: out.path().to_path_buf(),
         progress: false,
+        backlog: Default::default(),
     };
     let report = bench::run(&config, &options).await.expect("every scenario runs");
     assert_eq!(report.scenarios.len(), Scenario::ALL.len());
@@ -67,8 +80,88 @@ async fn bad_options_are_refused_with_the_reason() {
         tenants: 0,
         out: std::env::temp_dir(),
         progress: false,
+        backlog: Default::default(),
     };
     let err = bench::run(&Config::default(), &options).await.unwrap_err();
     assert!(err.to_string().contains("--tenants"), "{err}");
     assert!("fast".parse::<RateArg>().unwrap_err().contains("flat-out"));
+}
+
+/// The backlog scenario with a few thousand events, once with the evaluator alone and once with
+/// every stage: the backlog is drained by a separate `weir run` whose RSS was sampled, the report
+/// says so, and the scenario's topics are gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_is_drained_by_a_separate_process_whose_memory_is_sampled() {
+    for (stages, events) in [(BacklogStages::Evaluate, 3_000), (BacklogStages::All, 1_000)] {
+        let out = tempfile::tempdir().unwrap();
+        let options = bench::Options {
+            scenarios: vec![Scenario::Backlog],
+            duration: Duration::from_secs(1),
+            rate: RateArg::FlatOut,
+            tenants: 20,
+            out: out.path().to_path_buf(),
+            progress: false,
+            backlog: BacklogOptions {
+                events,
+                body_bytes: 300,
+                stages,
+                binary: Some(env!("CARGO_BIN_EXE_weir").into()),
+            },
+        };
+        let report = bench::run(&bench_config(), &options).await.expect("the backlog scenario runs");
+        let s = &report.scenarios[0];
+        assert_eq!(s.scenario, Scenario::Backlog);
+        assert_eq!(s.events, events, "{stages:?}: every event drained");
+        assert!(s.throughput > 0.0 && !s.series.is_empty(), "{stages:?}: a drain rate and series");
+        assert_eq!(s.series.iter().map(|p| p.events_per_s).sum::<u64>(), events, "{stages:?}: the series adds up");
+        assert!(!s.rss_series_mb.is_empty() && s.rss_series_mb.iter().all(|r| *r > 0.0), "{stages:?}: RSS sampled");
+        // (The samples are rounded to 0.01 MB.)
+        let sampled_max = s.extra["rss_max_sampled_mb"].as_f64().unwrap();
+        assert!(
+            s.peak_rss_mb + 0.01 >= sampled_max,
+            "{stages:?}: VmHWM {} below a sample {sampled_max}",
+            s.peak_rss_mb
+        );
+        assert!(s.cpu_s.weir_s > 0.0, "{stages:?}: the child's CPU is read");
+        assert!(s.extra["within_limit"].is_boolean());
+        assert_eq!(s.extra["body_bytes"], 300);
+        if stages == BacklogStages::All {
+            // Every event starts the platform-wide workflow: at least one call each.
+            assert!(s.outputs >= events, "{} calls for {events} events", s.outputs);
+        }
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
+        assert_eq!(json["scenarios"][0]["scenario"], "backlog");
+        assert!(json["scenarios"][0]["rss_series_mb"].as_array().is_some_and(|a| !a.is_empty()));
+        let svg = std::fs::read_to_string(out.path().join("bench.svg")).unwrap();
+        assert!(svg.contains("RSS of the process under test"), "{stages:?}: the RSS chart is drawn");
+
+        // Its topics were deleted (they hold the backlog).
+        let prefix = s.extra["topic_prefix"].as_str().unwrap().to_string();
+        let gone = eventually(Duration::from_secs(30), || {
+            let prefix = prefix.clone();
+            async move {
+                let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+                let metadata = client.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+                !metadata.topics().iter().any(|t| t.name().starts_with(&prefix))
+            }
+        })
+        .await;
+        assert!(gone, "{stages:?}: topics of {prefix} deleted");
+    }
+}
+
+#[tokio::test]
+async fn bad_backlog_options_are_refused_with_the_flag() {
+    let options = bench::Options {
+        scenarios: vec![Scenario::Backlog],
+        duration: Duration::from_secs(1),
+        rate: RateArg::FlatOut,
+        tenants: 10,
+        out: std::env::temp_dir(),
+        progress: false,
+        backlog: BacklogOptions { body_bytes: 5, ..Default::default() },
+    };
+    let err = bench::run(&Config::default(), &options).await.unwrap_err();
+    assert!(err.to_string().contains("--body-bytes"), "{err}");
 }

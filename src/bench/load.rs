@@ -87,13 +87,27 @@ pub struct Mix {
 
 impl Mix {
     pub fn new(tenants: usize) -> anyhow::Result<Mix> {
+        Mix::with_body_bytes(tenants, None)
+    }
+
+    /// Like [`Mix::new`], but with every `data` body `body_bytes` long (at least
+    /// [`MIN_BODY_BYTES`]) instead of 0.5–10 KB: the backlog scenario's small events, so that
+    /// millions of them fit on the disk.
+    pub fn with_body_bytes(tenants: usize, body_bytes: Option<usize>) -> anyhow::Result<Mix> {
         let tenants = tenants.max(1);
         let mut rng = SmallRng::seed_from_u64(6);
         let mut kinds = Vec::new();
         let mut bodies = Vec::new();
         for (kind, weight) in EVENT_MIX {
             kinds.extend(std::iter::repeat_n(kind, weight as usize));
-            bodies.push((0..32).map(|i| body(kind, i, &mut rng)).collect());
+            bodies.push(
+                (0..32)
+                    .map(|i| match body_bytes {
+                        None => body(kind, i, &mut rng),
+                        Some(bytes) => small_body(i, bytes),
+                    })
+                    .collect(),
+            );
         }
         Ok(Mix {
             tenants: Zipf::new(tenants as f64, 1.0).context("Zipf distribution")?,
@@ -169,6 +183,27 @@ fn body(kind: &str, variant: usize, rng: &mut SmallRng) -> String {
     text
 }
 
+/// Shortest `data` body [`Mix::with_body_bytes`] makes: the fields the bench workflows read.
+pub const MIN_BODY_BYTES: usize = 200;
+
+/// A `data` body of `bytes` bytes holding only what the bench workflows read (member status and
+/// email, post visibility and title), padded with HTML.
+fn small_body(variant: usize, bytes: usize) -> String {
+    let status = ["paid", "free", "comped"][variant % 3];
+    let vis = if variant % 4 == 0 { "paid" } else { "public" };
+    let mut text = format!(
+        r#"{{"member":{{"id":"m-{variant}","email":"reader{variant}@example.com","status":"{status}"}},"post":{{"id":"p-{variant}","title":"A post {variant}","visibility":"{vis}"}},"html":""#
+    );
+    const FILLER: &str = "<p>Lorem ipsum dolor sit amet.</p>";
+    let bytes = bytes.max(MIN_BODY_BYTES);
+    while text.len() + 2 < bytes {
+        let room = bytes - 2 - text.len();
+        text.push_str(&FILLER[..room.min(FILLER.len())]);
+    }
+    text.push_str("\"}");
+    text
+}
+
 /// How fast the generator produces.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
@@ -178,6 +213,9 @@ pub enum Rate {
     FlatOut {
         max_ahead: u64,
     },
+    /// Exactly this many records as fast as the broker takes them, then the generator ends (the
+    /// backlog scenario's fill).
+    Total(u64),
 }
 
 /// Counters shared by the generator and the observer.
@@ -213,6 +251,8 @@ pub fn spawn(
             let due = match rate {
                 Rate::PerSecond(r) => head_start + (started.elapsed().as_secs_f64() * r as f64) as u64,
                 Rate::FlatOut { max_ahead } => progress.observed.load(Ordering::Relaxed) + max_ahead,
+                Rate::Total(n) if seq >= n => break,
+                Rate::Total(n) => n,
             };
             if seq >= due {
                 std::thread::sleep(Duration::from_micros(500));
@@ -236,7 +276,9 @@ pub fn spawn(
                 progress.produced.store(seq, Ordering::Relaxed);
             }
         }
-        let _ = producer.flush(Duration::from_secs(10));
+        if let Err(e) = producer.flush(Duration::from_secs(60)) {
+            progress.error.lock().expect("error lock").get_or_insert(format!("flushing the load: {e}"));
+        }
     })?;
     Ok(handle)
 }
@@ -285,6 +327,20 @@ mod tests {
         assert!(sizes.iter().all(|s| (500..=10_600).contains(s)), "{:?}", sizes.iter().max());
         // Zipf: the busiest tenant has far more than an even share (2 of 2,000).
         assert!(tenants["site-1"] > 100, "{}", tenants["site-1"]);
+    }
+
+    #[test]
+    fn small_bodies_have_the_asked_size_and_what_the_workflows_read() {
+        for bytes in [MIN_BODY_BYTES, 333, 500] {
+            let mix = Mix::with_body_bytes(10, Some(bytes)).unwrap();
+            for variants in &mix.bodies {
+                for body in variants {
+                    assert_eq!(body.len(), bytes, "{body}");
+                    let data: serde_json::Value = serde_json::from_str(body).unwrap();
+                    assert!(data["member"]["status"].is_string() && data["post"]["visibility"].is_string());
+                }
+            }
+        }
     }
 
     #[test]

@@ -174,8 +174,17 @@ pub struct CpuUsed {
 
 impl CpuSample {
     pub fn now() -> CpuSample {
+        CpuSample::with_weir("self")
+    }
+
+    /// The same, with `pid` (a `weir run` child) in place of this process as `weir`.
+    pub fn of_child(pid: u32) -> CpuSample {
+        CpuSample::with_weir(&pid.to_string())
+    }
+
+    fn with_weir(weir: &str) -> CpuSample {
         let tick = clock_ticks();
-        let mut sample = CpuSample { weir: process_cpu("self", tick).unwrap_or(0.0), ..Default::default() };
+        let mut sample = CpuSample { weir: process_cpu(weir, tick).unwrap_or(0.0), ..Default::default() };
         for (pid, kind) in service_pids() {
             let Some(cpu) = process_cpu(&pid.to_string(), tick) else { continue };
             match kind {
@@ -247,15 +256,16 @@ pub fn reset_peak_rss() {
 
 /// Peak RSS (VmHWM) of this process in MB.
 pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    status_mb("self", "VmHWM").unwrap_or(0.0)
+}
+
+/// A memory figure (`VmRSS`, `VmHWM`, ...) of `/proc/<pid>/status` in MB; `None` once the process
+/// is gone.
+pub fn status_mb(pid: &str, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 #[cfg(test)]
@@ -290,5 +300,8 @@ mod tests {
         std::hint::black_box(x);
         assert!(CpuSample::now().since(&before).weir_s >= 0.0);
         assert!(peak_rss_mb() > 1.0);
+        let rss = status_mb("self", "VmRSS").unwrap();
+        assert!(rss > 1.0 && rss <= peak_rss_mb() + 1.0, "{rss}");
+        assert_eq!(status_mb("self", "NoSuchField"), None);
     }
 }

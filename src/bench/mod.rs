@@ -9,7 +9,9 @@
 //! - `pipeline`: evaluate + execute against an in-process [`Receiver`](crate::receiver::Receiver)
 //!   + the PostgreSQL sink;
 //! - `throttled`: a rate limit set, measuring the call rate reached against the one configured;
-//! - `sink`: results → PostgreSQL through the sink, beside a standalone `COPY` of as many rows.
+//! - `sink`: results → PostgreSQL through the sink, beside a standalone `COPY` of as many rows;
+//! - `backlog` (not in `all`): fills the events topic with `--events` events, then drains it with
+//!   the stages in a separate `weir run` process whose RSS is sampled ([`backlog`]).
 //!
 //! A scenario warms up until its output shows the first record, then measures for `duration`:
 //! distinct input events seen at its output per second, end-to-end latency from the produce time
@@ -17,6 +19,7 @@
 //! process, the broker and PostgreSQL, and this process's peak RSS. [`report`] prints the table,
 //! writes `bench.json` and `bench.svg`.
 
+pub mod backlog;
 pub mod load;
 pub mod measure;
 pub mod report;
@@ -37,6 +40,8 @@ pub enum Scenario {
     Pipeline,
     Throttled,
     Sink,
+    /// Not part of `all`: it runs on its own options ([`backlog::BacklogOptions`]).
+    Backlog,
 }
 
 impl Scenario {
@@ -50,6 +55,7 @@ impl Scenario {
             Scenario::Pipeline => "pipeline",
             Scenario::Throttled => "throttled",
             Scenario::Sink => "sink",
+            Scenario::Backlog => "backlog",
         }
     }
 
@@ -60,6 +66,7 @@ impl Scenario {
             Scenario::Evaluate => "action task on actions.webhook, consumed",
             Scenario::Pipeline | Scenario::Throttled => "HTTP call arriving at the receiver (action start)",
             Scenario::Sink => "row's recorded_at in PostgreSQL (transaction start of its batch)",
+            Scenario::Backlog => "offsets committed by the stages' consumer groups (a separate weir run process)",
         }
     }
 }
@@ -78,7 +85,7 @@ impl FromStr for Selection {
             return Ok(Selection::All);
         }
         <Scenario as clap::ValueEnum>::from_str(s, true).map(Selection::One).map_err(|_| {
-            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink or all")
+            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog or all")
         })
     }
 }
@@ -144,6 +151,8 @@ pub struct Options {
     pub out: PathBuf,
     /// Show a progress bar (off in tests).
     pub progress: bool,
+    /// What the backlog scenario fills and runs.
+    pub backlog: backlog::BacklogOptions,
 }
 
 impl Options {
@@ -153,6 +162,9 @@ impl Options {
         }
         if !(1..=100_000).contains(&self.tenants) {
             bail!("--tenants: {} is outside 1..=100000", self.tenants);
+        }
+        if self.scenarios.contains(&Scenario::Backlog) {
+            self.backlog.validate()?;
         }
         Ok(())
     }
@@ -165,11 +177,15 @@ pub async fn run(config: &Config, options: &Options) -> anyhow::Result<report::R
     let check = config.clone();
     tokio::task::spawn_blocking(move || crate::kafka::check_reachable(&check)).await??;
     let mut scenarios = options.scenarios.clone();
-    scenarios.sort_by_key(|s| Scenario::ALL.iter().position(|a| a == s));
+    // The backlog (not in ALL) last: it is the longest and fills the most disk.
+    scenarios.sort_by_key(|s| Scenario::ALL.iter().position(|a| a == s).unwrap_or(Scenario::ALL.len()));
     scenarios.dedup();
     let mut results = Vec::new();
     for scenario in scenarios {
-        let outcome = scenario::run(config, options, scenario).await;
+        let outcome = match scenario {
+            Scenario::Backlog => backlog::run(config, options).await,
+            _ => scenario::run(config, options, scenario).await,
+        };
         results.push(outcome.map_err(|e| e.context(format!("scenario {}", scenario.name())))?);
     }
     let report = report::Report::new(options, results);
@@ -196,5 +212,7 @@ mod tests {
         assert_eq!("all".parse::<Selection>().unwrap().scenarios().len(), 5);
         assert_eq!("sink".parse::<Selection>(), Ok(Selection::One(Scenario::Sink)));
         assert!("sinks".parse::<Selection>().unwrap_err().contains("sinks"));
+        assert_eq!("backlog".parse::<Selection>(), Ok(Selection::One(Scenario::Backlog)));
+        assert!(!Selection::All.scenarios().contains(&Scenario::Backlog));
     }
 }

@@ -32,6 +32,9 @@ pub struct ScenarioReport {
     /// Throughput over the baseline's, when the baseline ran.
     pub ratio_to_baseline: Option<f64>,
     pub series: Vec<Point>,
+    /// RSS of the process under test once a second, MB (the backlog scenario's child).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rss_series_mb: Vec<f64>,
     /// Scenario-specific figures (throttle accuracy, COPY comparison, sink latency).
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -51,6 +54,7 @@ impl ScenarioReport {
             peak_rss_mb,
             ratio_to_baseline: None,
             series: Vec::new(),
+            rss_series_mb: Vec::new(),
             extra: BTreeMap::new(),
         }
     }
@@ -156,9 +160,13 @@ impl Report {
     }
 
     fn plot(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::new(path, (1000, 720)).into_drawing_area();
+        // A third chart, the process's RSS per second, when a scenario sampled it (backlog).
+        let rss: Vec<&ScenarioReport> = self.scenarios.iter().filter(|s| !s.rss_series_mb.is_empty()).collect();
+        let height = if rss.is_empty() { 720 } else { 1080 };
+        let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
         root.fill(&WHITE)?;
-        let (top, bottom) = root.split_vertically(360);
+        let (top, rest) = root.split_vertically(360);
+        let (bottom, rss_area) = rest.split_vertically(360);
         let seconds = self.scenarios.iter().map(|s| s.series.len()).max().unwrap_or(1).max(2) as u64;
         let max_eps = self.scenarios.iter().flat_map(|s| &s.series).map(|p| p.events_per_s).max().unwrap_or(1).max(1);
         let max_p99 = self.scenarios.iter().flat_map(|s| &s.series).map(|p| p.p99_ms).fold(1.0, f64::max);
@@ -195,6 +203,28 @@ impl Report {
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
         }
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        if !rss.is_empty() {
+            let seconds = rss.iter().map(|s| s.rss_series_mb.len()).max().unwrap_or(1).max(2) as u64;
+            let max_mb = rss.iter().flat_map(|s| &s.rss_series_mb).copied().fold(1.0, f64::max);
+            let mut chart = ChartBuilder::on(&rss_area)
+                .caption("RSS of the process under test (MB)", ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(30)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0..seconds, 0.0..max_mb * 1.1)?;
+            chart.configure_mesh().x_desc("second").draw()?;
+            for (s, colour) in rss.iter().zip(colours.iter().cycle()) {
+                let colour = (*colour).to_owned();
+                chart
+                    .draw_series(LineSeries::new(
+                        s.rss_series_mb.iter().enumerate().map(|(t, mb)| (t as u64, *mb)),
+                        colour.stroke_width(2),
+                    ))?
+                    .label(s.scenario.name())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+            }
+            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        }
         root.present()?;
         Ok(())
     }

@@ -41,7 +41,7 @@ const FLAT_OUT_AHEAD_SINK: u64 = 300_000;
 /// loading) before it counts as broken.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(90);
 /// The service the workflows call.
-const SERVICE: &str = "webhook";
+pub(super) const SERVICE: &str = "webhook";
 
 /// THE place where the throttled scenario sets its limit: the service's own request limit
 /// (`services.<name>.limits`, a governor GCRA limit in the executor). The receiver's call times
@@ -57,42 +57,62 @@ const THROTTLE_PER_SECOND: u64 = 50;
 
 /// One scenario from set-up to clean-up.
 pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow::Result<ScenarioReport> {
-    let mut config = base.clone();
-    config.topic_prefix = format!("bench{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    config.metrics_addr = None;
-    let receiver = Arc::new(Receiver::start().await.context("starting the HTTP receiver")?);
-    let service: ServiceConfig = serde_json::from_value(json!({"url": receiver.url("hook"), "timeout_ms": 10_000}))?;
-    config.services = [(SERVICE.to_string(), service)].into();
-    // The receiver is on this machine, which the network policy refuses unless allowed.
-    config.network.allow.push(std::net::IpAddr::from([127, 0, 0, 1]).into());
-    let workdir = std::env::temp_dir().join(format!("weir-{}", config.topic_prefix.trim_end_matches('.')));
-    let database = match scenario {
-        Scenario::Pipeline | Scenario::Sink => Some(Database::create(&config.database_url).await?),
-        _ => None,
-    };
-    if let Some(db) = &database {
-        config.database_url = db.url.clone();
-    }
+    let mut setting = Setting::new(base, "bench", matches!(scenario, Scenario::Pipeline | Scenario::Sink)).await?;
     let outcome = async {
-        crate::topics::apply_dir(&config, false).await.context("creating the scenario's topics")?;
+        crate::topics::apply_dir(&setting.config, false).await.context("creating the scenario's topics")?;
         // Ctrl-C ends the scenario here, so its topics and database are still removed below.
         tokio::select! {
-            outcome = drive(&mut config, options, scenario, &receiver, &workdir) => outcome,
+            outcome = drive(&mut setting.config, options, scenario, &setting.receiver, &setting.workdir) => outcome,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         }
     }
     .await;
-    // Clean up whatever happened; a failed clean-up is reported but does not hide the outcome.
-    let _ = std::fs::remove_dir_all(&workdir);
-    if let Err(e) = delete_topics(&config).await {
-        tracing::warn!("deleting the topics of {}: {e:#}", config.topic_prefix);
+    setting.clean_up().await;
+    outcome
+}
+
+/// What a scenario runs in: a config on a random topic prefix (and its own database when it
+/// writes), the HTTP receiver its service points at, and a work directory.
+pub(super) struct Setting {
+    pub config: Config,
+    pub receiver: Arc<Receiver>,
+    pub workdir: std::path::PathBuf,
+    database: Option<Database>,
+}
+
+impl Setting {
+    /// `kind` starts the topic prefix (`bench`, `backlog`), so leftovers say what left them.
+    pub async fn new(base: &Config, kind: &str, database: bool) -> anyhow::Result<Setting> {
+        let mut config = base.clone();
+        config.topic_prefix = format!("{kind}{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        config.metrics_addr = None;
+        let receiver = Arc::new(Receiver::start().await.context("starting the HTTP receiver")?);
+        let service: ServiceConfig =
+            serde_json::from_value(json!({"url": receiver.url("hook"), "timeout_ms": 10_000}))?;
+        config.services = [(SERVICE.to_string(), service)].into();
+        // The receiver is on this machine, which the network policy refuses unless allowed.
+        config.network.allow.push(std::net::IpAddr::from([127, 0, 0, 1]).into());
+        let workdir = std::env::temp_dir().join(format!("weir-{}", config.topic_prefix.trim_end_matches('.')));
+        let database = if database { Some(Database::create(&config.database_url).await?) } else { None };
+        if let Some(db) = &database {
+            config.database_url = db.url.clone();
+        }
+        Ok(Setting { config, receiver, workdir, database })
     }
-    if let Some(db) = database {
-        if let Err(e) = db.drop().await {
-            tracing::warn!("dropping database {}: {e:#}", db.name);
+
+    /// Removes the work directory, the topics and the database, whatever happened; a failed
+    /// clean-up is logged but does not hide the outcome.
+    pub async fn clean_up(self) {
+        let _ = std::fs::remove_dir_all(&self.workdir);
+        if let Err(e) = delete_topics(&self.config).await {
+            tracing::warn!("deleting the topics of {}: {e:#}", self.config.topic_prefix);
+        }
+        if let Some(db) = self.database {
+            if let Err(e) = db.drop().await {
+                tracing::warn!("dropping database {}: {e:#}", db.name);
+            }
         }
     }
-    outcome
 }
 
 /// What runs under test, to stop once measured.
@@ -164,6 +184,7 @@ async fn drive(
             };
             (UnderTest::Stages(pipeline), observer, (config.topic("events"), Shape::Events))
         }
+        Scenario::Backlog => bail!("the backlog scenario runs through bench::backlog"),
         Scenario::Sink => {
             let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
             let observer = observe_committed(config, progress.clone())?;
@@ -317,7 +338,7 @@ async fn measure_window(
 /// Workflows of the load: one platform-wide workflow on every event type (so every event
 /// becomes one task) and, per tenant, two with conditions (a paid member's welcome, a public
 /// post's announcement). No practical per-tenant run limit: the load is Zipf-skewed on purpose.
-fn workflows(tenants: usize, per_tenant: bool) -> Vec<serde_json::Value> {
+pub(super) fn workflows(tenants: usize, per_tenant: bool) -> Vec<serde_json::Value> {
     let limits = json!({"runs_per_minute": 1_000_000});
     let kinds: Vec<&str> = load::EVENT_MIX.iter().map(|(k, _)| *k).collect();
     let mut all = vec![json!({
@@ -342,7 +363,7 @@ fn workflows(tenants: usize, per_tenant: bool) -> Vec<serde_json::Value> {
     all
 }
 
-fn write_workflows(dir: &Path, workflows: &[serde_json::Value]) -> anyhow::Result<()> {
+pub(super) fn write_workflows(dir: &Path, workflows: &[serde_json::Value]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (i, wf) in workflows.iter().enumerate() {
         // JSON is YAML.
@@ -448,22 +469,24 @@ fn observe_committed(config: &Config, progress: Arc<Progress>) -> anyhow::Result
     Ok(tokio::spawn(async move {
         while !progress.stop.load(Ordering::Relaxed) {
             let (c, topic) = (consumer.clone(), topic.clone());
-            let committed = tokio::task::spawn_blocking(move || {
-                let mut tpl = TopicPartitionList::new();
-                for p in 0..partitions {
-                    tpl.add_partition(&topic, p);
-                }
-                c.committed_offsets(tpl, Duration::from_secs(5)).ok().map(|t| {
-                    t.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o as u64 } else { 0 }).sum()
-                })
-            })
-            .await;
+            let committed = tokio::task::spawn_blocking(move || committed_total(&c, &topic, partitions)).await;
             if let Ok(Some(n)) = committed {
                 progress.observed.store(n, Ordering::Relaxed);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }))
+}
+
+/// Sum over `topic`'s partitions of the offsets committed by `consumer`'s group (a partition
+/// without a commit counts 0); `None` when the broker does not answer.
+pub(super) fn committed_total(consumer: &BaseConsumer, topic: &str, partitions: i32) -> Option<u64> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(5)).ok()?;
+    Some(committed.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o as u64 } else { 0 }).sum())
 }
 
 /// Rows the pipeline stored in the window, and the event → row latency percentiles (ms).
@@ -587,14 +610,14 @@ fn copy_line(r: &ActionResult, out: &mut Vec<u8>) {
 }
 
 /// A database of its own for one scenario.
-struct Database {
+pub(super) struct Database {
     admin: String,
-    name: String,
-    url: String,
+    pub(super) name: String,
+    pub(super) url: String,
 }
 
 impl Database {
-    async fn create(admin: &str) -> anyhow::Result<Database> {
+    pub(super) async fn create(admin: &str) -> anyhow::Result<Database> {
         let name = format!("weir_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let pool = sqlx::PgPool::connect(admin).await.with_context(|| format!("connecting to {admin}"))?;
         sqlx::query(&format!("create database {name}")).execute(&pool).await.context("creating a database")?;
@@ -603,7 +626,7 @@ impl Database {
         Ok(Database { admin: admin.to_string(), url: format!("{base}/{name}"), name })
     }
 
-    async fn drop(&self) -> anyhow::Result<()> {
+    pub(super) async fn drop(&self) -> anyhow::Result<()> {
         let pool = sqlx::PgPool::connect(&self.admin).await?;
         sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&pool).await?;
         pool.close().await;
@@ -612,7 +635,7 @@ impl Database {
 }
 
 /// Deletes every topic declared in `topics/` under the scenario's prefix.
-async fn delete_topics(config: &Config) -> anyhow::Result<()> {
+pub(super) async fn delete_topics(config: &Config) -> anyhow::Result<()> {
     let names: Vec<String> =
         crate::topics::load_dir(&config.topics_dir)?.iter().map(|t| config.topic(&t.name)).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
