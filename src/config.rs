@@ -79,7 +79,7 @@ pub struct EvaluatorConfig {
 
 impl Default for EvaluatorConfig {
     fn default() -> Self {
-        EvaluatorConfig { max_inflight: 20_000, max_event_bytes: 1 << 20 }
+        EvaluatorConfig { max_inflight: 2_000, max_event_bytes: 1 << 20 }
     }
 }
 

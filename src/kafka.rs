@@ -74,9 +74,11 @@ pub fn consumer_config(config: &Config, group: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        // librdkafka's prefetch queue is the only buffer ahead of a stage; 32 MB keeps memory
-        // flat under any backlog while leaving room for full fetches.
-        .set("queued.max.messages.kbytes", "32768")
+        // librdkafka's prefetch queue is the only buffer ahead of a stage. It is checked against
+        // the *compressed* size fetched and each message adds bookkeeping, so 32 MB of small lz4
+        // events held ~120 MB; 4 MB keeps a full fetch ahead of the stage and the 10-million-event
+        // backlog flat at ~160 MB (docs/BENCHMARKS.md, "backlog").
+        .set("queued.max.messages.kbytes", "4096")
         // After a resume (a stage that was over its bound) librdkafka waits this long before it
         // fetches again; its 1 s default turned every pause into a second of idleness (measured in
         // the executor benchmark: 27.5k → 40.8k tasks/s with 10 ms).
