@@ -258,6 +258,8 @@ async fn drive(
 struct Window {
     start_us: u64,
     end_us: u64,
+    /// Events produced before this are not measured (0 unless paced: see `Meter::open`).
+    produced_from_us: u64,
 }
 
 async fn measure_window(
@@ -309,7 +311,10 @@ async fn measure_window(
     measure::reset_peak_rss();
     let cpu = CpuSample::now();
     let start_us = load::now_us();
-    meter.open(start_us);
+    // At a paced rate (not flat out, not the throttled backlog) only events produced inside the
+    // window count: see `Meter::open`.
+    let paced = matches!(options.rate, RateArg::PerSecond(_)) && scenario != Scenario::Throttled;
+    meter.open(start_us, paced);
     let started = Instant::now();
     while started.elapsed() < options.duration {
         tokio::time::sleep(Duration::from_millis(250).min(options.duration.saturating_sub(started.elapsed()))).await;
@@ -332,7 +337,7 @@ async fn measure_window(
         let m = meter.close(options.duration.as_secs_f64().ceil() as usize);
         report.fill(&m, options.duration);
     }
-    Ok((Window { start_us, end_us }, report))
+    Ok((Window { start_us, end_us, produced_from_us: if paced { start_us } else { 0 } }, report))
 }
 
 /// Workflows of the load: one platform-wide workflow on every event type (so every event
@@ -495,10 +500,12 @@ async fn stored_latency(url: &str, window: &Window) -> anyhow::Result<(i64, serd
     let row: (i64, Option<Vec<f64>>) = sqlx::query_as(
         "select count(*), percentile_disc(array[0.5, 0.9, 0.99, 0.999]) within group (order by l)
          from (select extract(epoch from recorded_at) * 1e3 - split_part(event_id, '-', 2)::float8 / 1e3 as l
-               from action_results where recorded_at between to_timestamp($1::float8 / 1e6) and to_timestamp($2::float8 / 1e6)) x",
+               from action_results where recorded_at between to_timestamp($1::float8 / 1e6) and to_timestamp($2::float8 / 1e6)
+                 and split_part(event_id, '-', 2)::float8 >= $3) x",
     )
     .bind(window.start_us as f64)
     .bind(window.end_us as f64)
+    .bind(window.produced_from_us as f64)
     .fetch_one(&pool)
     .await
     .context("reading the stored results")?;
