@@ -479,6 +479,24 @@ pub async fn apply_dir(config: &Config, dry_run: bool) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
+/// Deletes every topic whose name starts with `config.topic_prefix`: how tests and benchmarks,
+/// each on its own random prefix, leave the broker as they found it (a broker holding thousands of
+/// stale partitions runs out of file handles). Refused without a prefix, where it would delete
+/// the deployment's own topics.
+pub async fn delete_all(config: &Config) -> anyhow::Result<()> {
+    if config.topic_prefix.is_empty() {
+        bail!("refusing to delete topics without a topic_prefix");
+    }
+    let admin = kafka::admin(config)?;
+    let metadata = admin.inner().fetch_metadata(None, METADATA_TIMEOUT).context("listing topics")?;
+    let names: Vec<&str> =
+        metadata.topics().iter().map(|t| t.name()).filter(|n| n.starts_with(&config.topic_prefix)).collect();
+    if !names.is_empty() {
+        admin.delete_topics(&names, &AdminOptions::new()).await.context("deleting topics")?;
+    }
+    Ok(())
+}
+
 /// The delay topics (`actions.<service>.retry.<tier>`) of every configured service that the files
 /// do not declare, derived from the service's declared `actions.<service>`: same partitions,
 /// replication and config. The files stay the source of truth (a declared delay topic wins), and

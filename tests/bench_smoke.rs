@@ -120,7 +120,8 @@ async fn the_backlog_is_drained_by_a_separate_process_whose_memory_is_sampled() 
         let sampled_max = s.extra["rss_max_sampled_mb"].as_f64().unwrap();
         let hwm = s.extra["vm_hwm_mb"].as_f64().expect("VmHWM read");
         assert!(hwm + 1.0 >= sampled_max, "{stages:?}: VmHWM {hwm} well below a sample {sampled_max}");
-        assert!(s.peak_rss_mb >= hwm && s.peak_rss_mb >= sampled_max, "{stages:?}: peak is the larger reading");
+        // (The extra figures are rounded to 0.01 MB, the peak is not.)
+        assert!(s.peak_rss_mb + 0.01 >= hwm.max(sampled_max), "{stages:?}: peak is the larger reading");
         assert!(s.cpu_s.weir_s > 0.0, "{stages:?}: the child's CPU is read");
         assert!(s.extra["within_limit"].is_boolean());
         assert_eq!(s.extra["body_bytes"], 300);

@@ -29,7 +29,7 @@ const WELCOME: &str =
 
 /// A config whose webhook service points at `receiver`, changed by `tweak`; topics applied again
 /// so that any delay tiers the tweak adds exist.
-async fn setup(receiver: &Receiver, tweak: impl FnOnce(&mut Config)) -> (Arc<Config>, tempfile::TempDir) {
+async fn setup(receiver: &Receiver, tweak: impl FnOnce(&mut Config)) -> (Arc<Config>, common::TestDir) {
     let (mut config, dir) = test_config(receiver, &[WELCOME]).await;
     tweak(&mut config);
     config.validate().unwrap();

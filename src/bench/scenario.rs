@@ -9,7 +9,6 @@ use std::{
 use anyhow::{bail, Context as _};
 use futures::TryStreamExt as _;
 use rdkafka::{
-    admin::AdminOptions,
     consumer::{BaseConsumer, Consumer},
     producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer},
     Message, Offset, TopicPartitionList,
@@ -104,7 +103,7 @@ impl Setting {
     /// clean-up is logged but does not hide the outcome.
     pub async fn clean_up(self) {
         let _ = std::fs::remove_dir_all(&self.workdir);
-        if let Err(e) = delete_topics(&self.config).await {
+        if let Err(e) = crate::topics::delete_all(&self.config).await {
             tracing::warn!("deleting the topics of {}: {e:#}", self.config.topic_prefix);
         }
         if let Some(db) = self.database {
@@ -639,13 +638,4 @@ impl Database {
         pool.close().await;
         Ok(())
     }
-}
-
-/// Deletes every topic declared in `topics/` under the scenario's prefix.
-pub(super) async fn delete_topics(config: &Config) -> anyhow::Result<()> {
-    let names: Vec<String> =
-        crate::topics::load_dir(&config.topics_dir)?.iter().map(|t| config.topic(&t.name)).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    kafka::admin(config)?.delete_topics(&refs, &AdminOptions::new()).await?;
-    Ok(())
 }

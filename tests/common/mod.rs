@@ -52,7 +52,7 @@ pub fn repo_path(rel: &str) -> PathBuf {
 
 /// A config on fresh topics (applied from the repo's `topics/`) and a fresh database, with the
 /// webhook service pointing at `receiver`.
-pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Config, tempfile::TempDir) {
+pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Config, TestDir) {
     let dir = tempfile::tempdir().unwrap();
     for (i, yaml) in workflows_yaml.iter().enumerate() {
         std::fs::write(dir.path().join(format!("wf{i}.yaml")), yaml).unwrap();
@@ -73,7 +73,37 @@ pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Confi
     config.validate().unwrap();
     weir::topics::apply_dir(&config, false).await.expect("topics apply");
     weir::definitions::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
+    let dir = TestDir { dir, topic_config: config.clone() };
     (config, dir)
+}
+
+/// A test's work directory (its workflow files) that, when the test ends, also deletes the test's
+/// topics, so that running the suite again and again does not pile partitions up on the broker.
+pub struct TestDir {
+    dir: tempfile::TempDir,
+    topic_config: Config,
+}
+
+impl TestDir {
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        // Drop cannot await, and the test's runtime may be the one calling: delete from a thread
+        // of its own. A failure only leaves topics behind; it must not fail the test.
+        let config = self.topic_config.clone();
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(weir::topics::delete_all(&config))
+        })
+        .join();
+        if let Ok(Err(e)) = deleted {
+            eprintln!("leaving the test's topics behind: {e:#}");
+        }
+    }
 }
 
 /// Polls `check` every 50 ms until it returns true or `timeout` passes; returns the last answer.
