@@ -15,10 +15,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rand::SeedableRng;
 use sqlx::Arguments as _;
 use weir::{
-    bench::load::{Mix, Shape},
     envelope::{self, Event, Format},
-    partitioner,
-    sink::{self, Columns},
+    kafka::partitioner,
+    ops::bench::load::{Mix, Shape},
+    stages::record::{self, Columns},
 };
 
 const BATCH: usize = 2_000;
@@ -82,7 +82,7 @@ fn partitioner(c: &mut Criterion) {
 fn decode_batch(payloads: &[String]) -> Columns {
     let mut columns = Columns::default();
     for p in payloads {
-        let (result, finished_at) = sink::decode_row(p.as_bytes(), Some(envelope::JSON.as_bytes())).unwrap();
+        let (result, finished_at) = record::decode_row(p.as_bytes(), Some(envelope::JSON.as_bytes())).unwrap();
         columns.push(result, finished_at);
     }
     columns

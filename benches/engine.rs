@@ -17,12 +17,12 @@ use std::{hint::black_box, sync::Arc, time::Duration};
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
 use weir::{
-    condition::{Condition, FieldPaths, Scope},
-    definitions::DefinitionStore,
+    engine::condition::{Condition, FieldPaths, Scope},
+    engine::definitions::DefinitionStore,
+    engine::template::InputTemplate,
+    engine::workflow::{self, CompiledWorkflow, Workflow},
     envelope::{self, Event},
-    evaluate,
-    template::InputTemplate,
-    workflow::{self, CompiledWorkflow, Workflow},
+    stages::evaluate,
 };
 
 /// A member event of about 1 KB of JSON.

@@ -26,9 +26,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use weir::{
     config::{Config, LimitConfig, Per, Scope, ServiceConfig},
     envelope::ActionTask,
-    execute::{self, CallOutcome, Connector},
-    produce::Producer,
-    receiver::{Mode, Receiver},
+    ops::produce::Producer,
+    ops::receiver::{Mode, Receiver},
+    stages::execute::{self, CallOutcome, Connector},
 };
 
 fn config(receiver: &Receiver, limits: Vec<LimitConfig>) -> Config {
@@ -121,7 +121,7 @@ async fn throttle_accuracy(seconds: u64, http: bool) {
         &receiver,
         vec![LimitConfig { requests: Some(limit), cost: None, per: Per::Second, scope: Scope::Global, burst: None }],
     ));
-    weir::topics::apply_dir(&config, false).await.expect("topics");
+    weir::kafka::topics::apply_dir(&config, false).await.expect("topics");
     // A backlog well above what the run can call, so the limit is the only brake.
     produce(&config, (limit as u64 * (seconds + 10)) as usize).await;
     let counting = Arc::new(Counting::default());
@@ -153,7 +153,7 @@ async fn throttle_accuracy(seconds: u64, http: bool) {
 async fn overhead(tasks: usize) {
     let receiver = Receiver::start().await.expect("receiver");
     let config = Arc::new(config(&receiver, Vec::new()));
-    weir::topics::apply_dir(&config, false).await.expect("topics");
+    weir::kafka::topics::apply_dir(&config, false).await.expect("topics");
     produce(&config, tasks).await;
     let topic = config.topic("actions.webhook");
 

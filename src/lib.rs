@@ -35,29 +35,13 @@
 //!   standing in for an external service in tests, the demo and the benchmark; [`demo`]: the
 //!   README's walk-through; [`bench`]: `weir bench`, the stages measured beside a raw passthrough.
 
-pub mod bench;
-pub mod condition;
 pub mod config;
 pub mod connectors;
-pub mod coordinate;
-pub mod dead_letter;
-pub mod definitions;
-pub mod demo;
-pub mod dlq;
+pub mod engine;
 pub mod envelope;
-pub mod evaluate;
-pub mod execute;
 pub mod kafka;
-pub mod lanes;
-pub mod offsets;
-pub mod partitioner;
+pub mod ops;
 pub mod pipeline;
-pub mod produce;
-pub mod receiver;
 pub mod shutdown;
-pub mod sink;
-pub mod source;
+pub mod stages;
 pub mod telemetry;
-pub mod template;
-pub mod topics;
-pub mod workflow;

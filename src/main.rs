@@ -6,11 +6,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir::{
     config::Config,
-    definitions,
+    engine::definitions,
     envelope::Format,
+    kafka::topics,
+    ops::produce::{self, Producer},
     pipeline::{Pipeline, StageName},
-    produce::{self, Producer},
-    shutdown, telemetry, topics,
+    shutdown, telemetry,
 };
 
 #[derive(Parser)]
@@ -62,13 +63,13 @@ enum Command {
     Bench {
         /// baseline, evaluate, pipeline, throttled, sink, backlog or all (all = every one but backlog).
         #[arg(long, default_value = "all")]
-        scenario: weir::bench::Selection,
+        scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).
-        #[arg(long, default_value = "60s", value_parser = weir::bench::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = weir::ops::bench::parse_duration)]
         duration: std::time::Duration,
         /// Events per second offered, or flat-out.
         #[arg(long, default_value = "flat-out")]
-        rate: weir::bench::RateArg,
+        rate: weir::ops::bench::RateArg,
         /// Tenants in the load (Zipf-skewed volume), each with workflows of its own.
         #[arg(long, default_value_t = 1_000)]
         tenants: usize,
@@ -83,7 +84,7 @@ enum Command {
         body_bytes: usize,
         /// backlog: stages of the separate `weir run` process that drains it.
         #[arg(long, value_enum, default_value = "evaluate")]
-        stages: weir::bench::backlog::BacklogStages,
+        stages: weir::ops::bench::backlog::BacklogStages,
     },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
@@ -150,9 +151,9 @@ struct DlqFilter {
 }
 
 impl DlqFilter {
-    fn parse(self) -> anyhow::Result<weir::dlq::Filter> {
-        let since = self.since.as_deref().map(weir::dlq::parse_since).transpose()?;
-        Ok(weir::dlq::Filter { service: self.service, tenant: self.tenant, since })
+    fn parse(self) -> anyhow::Result<weir::ops::dlq::Filter> {
+        let since = self.since.as_deref().map(weir::ops::dlq::parse_since).transpose()?;
+        Ok(weir::ops::dlq::Filter { service: self.service, tenant: self.tenant, since })
     }
 }
 
@@ -238,17 +239,17 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dlq { action: DlqAction::List { filter } } => {
             let filter = filter.parse()?;
-            let letters = tokio::task::spawn_blocking(move || weir::dlq::list(&config, &filter)).await??;
-            weir::dlq::print_list(&letters);
+            let letters = tokio::task::spawn_blocking(move || weir::ops::dlq::list(&config, &filter)).await??;
+            weir::ops::dlq::print_list(&letters);
             Ok(())
         }
         Command::Dlq { action: DlqAction::Show { id } } => {
-            let letter = tokio::task::spawn_blocking(move || weir::dlq::show(&config, &id)).await??;
-            weir::dlq::print_one(&letter);
+            let letter = tokio::task::spawn_blocking(move || weir::ops::dlq::show(&config, &id)).await??;
+            weir::ops::dlq::print_one(&letter);
             Ok(())
         }
         Command::Dlq { action: DlqAction::Redrive { filter, again } } => {
-            let done = weir::dlq::redrive(&config, &filter.parse()?, again).await?;
+            let done = weir::ops::dlq::redrive(&config, &filter.parse()?, again).await?;
             println!("redrove {} dead letters", done.sent);
             if done.skipped > 0 {
                 println!("skipped {} already redriven (--again sends them too)", done.skipped);
@@ -262,8 +263,8 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages } => {
-            let backlog = weir::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
-            let options = weir::bench::Options {
+            let backlog = weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
+            let options = weir::ops::bench::Options {
                 scenarios: scenario.scenarios(),
                 duration,
                 rate,
@@ -272,12 +273,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 progress: true,
                 backlog,
             };
-            let report = weir::bench::run(&config, &options).await?;
+            let report = weir::ops::bench::run(&config, &options).await?;
             print!("{}", report.table());
             println!("wrote {0}/bench.json and {0}/bench.svg", options.out.display());
             Ok(())
         }
-        Command::Demo { events, tenants } => weir::demo::run(config, events, tenants.max(1)).await,
+        Command::Demo { events, tenants } => weir::ops::demo::run(config, events, tenants.max(1)).await,
     }
 }
 

@@ -7,7 +7,10 @@ use std::{collections::BTreeSet, sync::Arc};
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 
-use crate::{config::Config, definitions::DefinitionStore, evaluate, execute, kafka, shutdown, sink};
+use crate::{
+    config::Config, engine::definitions::DefinitionStore, kafka, shutdown, stages::evaluate, stages::execute,
+    stages::record,
+};
 
 /// Which stages a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -52,7 +55,7 @@ impl Pipeline {
                 }
                 StageName::Sink => tasks.push((
                     "sink".to_string(),
-                    tokio::spawn(sink::run(config.clone(), definitions.clone(), trigger.subscribe())),
+                    tokio::spawn(record::run(config.clone(), definitions.clone(), trigger.subscribe())),
                 )),
             }
         }

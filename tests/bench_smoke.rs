@@ -12,12 +12,12 @@ use rdkafka::{
     ClientConfig,
 };
 use weir::{
-    bench::{
+    config::Config,
+    ops::bench::{
         self,
         backlog::{BacklogOptions, BacklogStages},
         RateArg, Scenario,
     },
-    config::Config,
 };
 
 fn bench_config() -> Config {

@@ -1,4 +1,4 @@
-//! Connectors against a real local HTTP server (`weir::receiver`): request shapes, signatures,
+//! Connectors against a real local HTTP server (`weir::ops::receiver`): request shapes, signatures,
 //! how each answer is classified, the SSRF guard, and one run through the real broker and
 //! database to show the executor calls through them.
 
@@ -13,9 +13,9 @@ use weir::{
     config::{Config, ServiceConfig},
     connectors::{self, CallOutcome, NetworkPolicy},
     envelope::{ActionTask, Event, Format},
+    ops::produce::Producer,
+    ops::receiver::{Mode, Receiver},
     pipeline::Pipeline,
-    produce::Producer,
-    receiver::{Mode, Receiver},
 };
 
 fn task(input: Value) -> ActionTask {
@@ -49,7 +49,7 @@ async fn call(service: &ServiceConfig, task: &ActionTask) -> CallOutcome {
     connectors::build("svc", service, &allow(&["127.0.0.1/32"])).unwrap().call(task).await
 }
 
-fn header<'a>(call: &'a weir::receiver::Call, name: &str) -> Option<&'a str> {
+fn header<'a>(call: &'a weir::ops::receiver::Call, name: &str) -> Option<&'a str> {
     call.headers.get(name).and_then(|v| v.to_str().ok())
 }
 

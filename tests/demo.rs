@@ -12,5 +12,7 @@ async fn the_demo_runs_to_completion() {
         workflows: common::repo_path("workflows"),
         ..Default::default()
     };
-    weir::demo::run(config, 300, 7).await.expect("demo completes: every matching event called once and stored once");
+    weir::ops::demo::run(config, 300, 7)
+        .await
+        .expect("demo completes: every matching event called once and stored once");
 }

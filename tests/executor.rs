@@ -16,12 +16,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
 use weir::{
     config::{Config, LimitConfig, Per, Scope, ServiceConfig},
-    dead_letter,
     envelope::{ActionResult, ActionTask, Status},
-    execute::{self, CallOutcome, Connector},
+    kafka::dead_letter,
+    ops::produce::Producer,
+    ops::receiver::{Call, Mode, Receiver},
     pipeline::{Pipeline, StageName},
-    produce::Producer,
-    receiver::{Call, Mode, Receiver},
+    stages::execute::{self, CallOutcome, Connector},
 };
 
 const WELCOME: &str =
@@ -33,7 +33,7 @@ async fn setup(receiver: &Receiver, tweak: impl FnOnce(&mut Config)) -> (Arc<Con
     let (mut config, dir) = test_config(receiver, &[WELCOME]).await;
     tweak(&mut config);
     config.validate().unwrap();
-    weir::topics::apply_dir(&config, false).await.unwrap();
+    weir::kafka::topics::apply_dir(&config, false).await.unwrap();
     (Arc::new(config), dir)
 }
 
@@ -206,13 +206,13 @@ async fn a_permanent_failure_is_dead_lettered_after_one_attempt_then_redriven() 
     assert!(failed.iter().all(|r| r.status == Status::Failed && r.error.as_deref().unwrap().contains("400")));
 
     receiver.set_mode(Mode::default());
-    let filter = weir::dlq::Filter { service: Some("webhook".into()), ..Default::default() };
+    let filter = weir::ops::dlq::Filter { service: Some("webhook".into()), ..Default::default() };
     let listed = list(&config, &filter).await;
     assert_eq!(listed.len(), 3);
     assert!(listed.iter().all(|d| !d.redriven));
-    let other = weir::dlq::Filter { tenant: Some("nobody".into()), ..Default::default() };
-    assert_eq!(weir::dlq::redrive(&config, &other, false).await.unwrap().sent, 0);
-    assert_eq!(weir::dlq::redrive(&config, &filter, false).await.unwrap().sent, 3);
+    let other = weir::ops::dlq::Filter { tenant: Some("nobody".into()), ..Default::default() };
+    assert_eq!(weir::ops::dlq::redrive(&config, &other, false).await.unwrap().sent, 0);
+    assert_eq!(weir::ops::dlq::redrive(&config, &filter, false).await.unwrap().sent, 3);
     assert!(eventually(Duration::from_secs(30), || async { receiver.executed() == 3 }).await);
     let all = results(&config, 6);
     let succeeded: Vec<_> = all.iter().filter(|r| r.status == Status::Succeeded).collect();
@@ -221,16 +221,16 @@ async fn a_permanent_failure_is_dead_lettered_after_one_attempt_then_redriven() 
 
     // Remembered: a second redrive sends nothing, unless asked again.
     assert!(list(&config, &filter).await.iter().all(|d| d.redriven));
-    let twice = weir::dlq::redrive(&config, &filter, false).await.unwrap();
+    let twice = weir::ops::dlq::redrive(&config, &filter, false).await.unwrap();
     assert_eq!((twice.sent, twice.skipped), (0, 3));
-    let again = weir::dlq::redrive(&config, &filter, true).await.unwrap();
+    let again = weir::ops::dlq::redrive(&config, &filter, true).await.unwrap();
     assert_eq!((again.sent, again.skipped), (3, 0));
     pipeline.stop().await.unwrap();
 }
 
-async fn list(config: &Arc<Config>, filter: &weir::dlq::Filter) -> Vec<weir::dlq::DeadLetter> {
+async fn list(config: &Arc<Config>, filter: &weir::ops::dlq::Filter) -> Vec<weir::ops::dlq::DeadLetter> {
     let (c, f) = (config.clone(), filter.clone());
-    tokio::task::spawn_blocking(move || weir::dlq::list(&c, &f)).await.unwrap().unwrap()
+    tokio::task::spawn_blocking(move || weir::ops::dlq::list(&c, &f)).await.unwrap().unwrap()
 }
 
 /// A filtered redrive records what it sent without hiding the letters it skipped, even those
@@ -243,7 +243,7 @@ async fn a_filtered_redrive_marks_only_what_it_sent() {
     // Six tenants over the four dead-letter partitions: one partition holds two or more.
     assert_eq!(dead_letters_after_rejection(&receiver, &config, 6).await.len(), 6);
     pipeline.stop().await.unwrap();
-    let all = weir::dlq::Filter::default();
+    let all = weir::ops::dlq::Filter::default();
     let letters = list(&config, &all).await;
     let shared = (0..4)
         .map(|p| letters.iter().filter(|d| d.partition == p).collect::<Vec<_>>())
@@ -252,15 +252,15 @@ async fn a_filtered_redrive_marks_only_what_it_sent() {
     let (earlier, later) = (shared[0], shared[shared.len() - 1]);
     assert_ne!(earlier.key(), later.key());
 
-    let one = weir::dlq::Filter { tenant: Some(later.key()), ..Default::default() };
-    assert_eq!(weir::dlq::redrive(&config, &one, false).await.unwrap().sent, 1);
+    let one = weir::ops::dlq::Filter { tenant: Some(later.key()), ..Default::default() };
+    assert_eq!(weir::ops::dlq::redrive(&config, &one, false).await.unwrap().sent, 1);
     let marked: Vec<String> = list(&config, &all).await.into_iter().filter(|d| d.redriven).map(|d| d.id()).collect();
     assert_eq!(marked, vec![later.id()], "only the letter sent is marked; {} below it is not", earlier.id());
 
-    let rest = weir::dlq::redrive(&config, &all, false).await.unwrap();
+    let rest = weir::ops::dlq::redrive(&config, &all, false).await.unwrap();
     assert_eq!((rest.sent, rest.skipped, rest.unrecorded), (5, 1, 0));
     assert!(list(&config, &all).await.iter().all(|d| d.redriven));
-    assert_eq!(weir::dlq::redrive(&config, &all, false).await.unwrap().sent, 0);
+    assert_eq!(weir::ops::dlq::redrive(&config, &all, false).await.unwrap().sent, 0);
     // Every dead letter reached the action topic exactly once: 6 tasks, then 6 redriven.
     assert_eq!(read_topic(&config.topic("actions.webhook"), 13, Duration::from_secs(3)).len(), 12);
 }
@@ -281,10 +281,10 @@ async fn a_failed_resend_is_not_recorded_as_redriven() {
             rdkafka::producer::FutureRecord::to(&dlq).partition(0).key("tenant-0").payload(&payload).headers(headers);
         producer.send(record, Duration::from_secs(10)).await.unwrap();
     }
-    let err = weir::dlq::redrive(&config, &weir::dlq::Filter::default(), false).await.unwrap_err();
+    let err = weir::ops::dlq::redrive(&config, &weir::ops::dlq::Filter::default(), false).await.unwrap_err();
     assert!(format!("{err:#}").contains("redriving 0:1 to not a valid topic name!"), "{err:#}");
     let marked: Vec<(String, bool)> =
-        list(&config, &weir::dlq::Filter::default()).await.iter().map(|d| (d.id(), d.redriven)).collect();
+        list(&config, &weir::ops::dlq::Filter::default()).await.iter().map(|d| (d.id(), d.redriven)).collect();
     assert_eq!(marked, vec![("0:0".to_string(), true), ("0:1".to_string(), false)]);
     assert_eq!(read_topic(&good, 2, Duration::from_secs(3)).len(), 1, "the good letter was resent once");
 }
@@ -439,9 +439,13 @@ async fn a_paused_partition_stops_while_the_others_flow_and_resumes_where_it_sto
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = setup(&receiver, |_| {}).await;
     let topic = config.topic("actions.webhook");
-    let mut source =
-        weir::source::Source::subscribe(&config, weir::telemetry::Stage::Execute, &topic, &config.group("pause-test"))
-            .unwrap();
+    let mut source = weir::kafka::source::Source::subscribe(
+        &config,
+        weir::telemetry::Stage::Execute,
+        &topic,
+        &config.group("pause-test"),
+    )
+    .unwrap();
     let mut assignment = source.assignment();
     assert!(
         tokio::time::timeout(Duration::from_secs(30), assignment.wait_for(|a| a.owned.len() == 8)).await.is_ok(),
@@ -452,7 +456,7 @@ async fn a_paused_partition_stops_while_the_others_flow_and_resumes_where_it_sto
     let tenant_in = |p: i32| {
         (0..)
             .map(|n| format!("tenant-{n}"))
-            .find(|t| weir::partitioner::partition_for_key(t.as_bytes(), 8) == p)
+            .find(|t| weir::kafka::partitioner::partition_for_key(t.as_bytes(), 8) == p)
             .unwrap()
     };
     let (held, flowing) = (tenant_in(0), tenant_in(1));
@@ -472,7 +476,7 @@ async fn a_paused_partition_stops_while_the_others_flow_and_resumes_where_it_sto
 }
 
 /// Takes batches for `until`, counting messages per partition and marking them done.
-async fn take(source: &mut weir::source::Source, seen: &mut HashMap<i32, usize>, until: Duration) {
+async fn take(source: &mut weir::kafka::source::Source, seen: &mut HashMap<i32, usize>, until: Duration) {
     let deadline = tokio::time::Instant::now() + until;
     while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, source.recv()).await {
         for d in batch {

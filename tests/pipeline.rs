@@ -8,12 +8,12 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use common::*;
 use serde_json::json;
 use weir::{
-    dead_letter,
     envelope::{Event, Format},
-    partitioner,
+    kafka::dead_letter,
+    kafka::partitioner,
+    ops::produce::Producer,
+    ops::receiver::Receiver,
     pipeline::{Pipeline, StageName},
-    produce::Producer,
-    receiver::Receiver,
 };
 
 const WELCOME: &str =
@@ -34,7 +34,7 @@ fn event(n: usize, tenants: usize) -> Event {
     .unwrap()
 }
 
-fn seq_of(call: &weir::receiver::Call) -> u64 {
+fn seq_of(call: &weir::ops::receiver::Call) -> u64 {
     call.body["input"]["event"]["data"]["seq"].as_u64().expect("the task carries the event")
 }
 

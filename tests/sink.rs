@@ -7,9 +7,9 @@ use std::{sync::Arc, time::Duration};
 use common::*;
 use serde_json::{json, Value};
 use weir::{
+    ops::produce::Producer,
+    ops::receiver::Receiver,
     pipeline::{Pipeline, StageName},
-    produce::Producer,
-    receiver::Receiver,
 };
 
 fn result(n: usize, tenants: usize, cost: Option<u64>) -> Value {

@@ -7,8 +7,8 @@ use std::{collections::HashMap, path::PathBuf};
 use rdkafka::admin::AdminOptions;
 use weir::{
     config::Config,
+    kafka::topics::{self, Change},
     kafka::{self, METADATA_TIMEOUT},
-    topics::{self, Change},
 };
 
 fn config(topics_dir: PathBuf) -> Config {

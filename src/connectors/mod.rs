@@ -35,7 +35,7 @@ pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// Header naming the tenant a call is made for.
 pub const TENANT_HEADER: &str = "X-Weir-Tenant";
 
-use crate::{config::ServiceConfig, envelope::ActionTask, template::InputTemplate};
+use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
 
 /// What one call came to; the executor decides retries and dead letters from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,7 +159,7 @@ fn compile(template: &Value, field: &str) -> anyhow::Result<InputTemplate> {
 }
 
 /// What templates see: the task's fields (`input`, `tenant`, `task_id`, `event`, …).
-fn context(task: &ActionTask) -> crate::template::Context {
+fn context(task: &ActionTask) -> crate::engine::template::Context {
     serde_json::to_value(task).unwrap_or_default().into()
 }
 

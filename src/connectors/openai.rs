@@ -33,9 +33,9 @@ use serde_json::{json, Value};
 use super::{client, compile, context, exchange, secret, target, CallOutcome, Connector, NetworkPolicy};
 use crate::{
     config::ServiceConfig,
+    engine::template::InputTemplate,
     envelope::ActionTask,
     telemetry::{Event, Stage},
-    template::InputTemplate,
 };
 
 /// `connector:` of `type: openai`.

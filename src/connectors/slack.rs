@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{client, compile, context, exchange, target, text, CallOutcome, Connector, NetworkPolicy};
-use crate::{config::ServiceConfig, envelope::ActionTask, template::InputTemplate};
+use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
 
 /// `connector:` of `type: slack`.
 #[derive(Debug, Clone, Deserialize)]

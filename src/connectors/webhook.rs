@@ -37,9 +37,9 @@ use super::{
 };
 use crate::{
     config::ServiceConfig,
+    engine::template::InputTemplate,
     envelope::ActionTask,
-    execute::{IDEMPOTENCY_KEY, TENANT_HEADER},
-    template::InputTemplate,
+    stages::execute::{IDEMPOTENCY_KEY, TENANT_HEADER},
 };
 
 /// `X-Weir-Signature: sha256=<hex>`: the HMAC-SHA256 of the body.

@@ -20,7 +20,7 @@ use rdkafka::{
 };
 use weir::{
     config::{Config, ServiceConfig},
-    receiver::Receiver,
+    ops::receiver::Receiver,
 };
 
 pub fn brokers() -> String {
@@ -71,8 +71,8 @@ pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Confi
         .insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
     config.network.allow = vec!["127.0.0.1/32".parse().unwrap()];
     config.validate().unwrap();
-    weir::topics::apply_dir(&config, false).await.expect("topics apply");
-    weir::definitions::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
+    weir::kafka::topics::apply_dir(&config, false).await.expect("topics apply");
+    weir::engine::definitions::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
     let dir = TestDir { dir, topic_config: config.clone() };
     (config, dir)
 }
@@ -97,7 +97,7 @@ impl Drop for TestDir {
         let config = self.topic_config.clone();
         let deleted = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(weir::topics::delete_all(&config))
+            runtime.block_on(weir::kafka::topics::delete_all(&config))
         })
         .join();
         if let Ok(Err(e)) = deleted {

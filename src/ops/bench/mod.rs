@@ -6,7 +6,7 @@
 //!
 //! - `baseline`: a raw rdkafka consume → produce passthrough of the same topic shape: the ceiling;
 //! - `evaluate`: the evaluator with every tenant's workflows (plus a platform-wide one);
-//! - `pipeline`: evaluate + execute against an in-process [`Receiver`](crate::receiver::Receiver)
+//! - `pipeline`: evaluate + execute against an in-process [`Receiver`](crate::ops::receiver::Receiver)
 //!   + the PostgreSQL sink;
 //! - `throttled`: a rate limit set, measuring the call rate reached against the one configured;
 //! - `sink`: results → PostgreSQL through the sink, beside a standalone `COPY` of as many rows;

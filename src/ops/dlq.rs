@@ -31,7 +31,7 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
 };
 
-use crate::{config::Config, dead_letter, envelope, kafka, telemetry::Event};
+use crate::{config::Config, envelope, kafka, kafka::dead_letter, telemetry::Event};
 
 /// Which dead letters a command applies to; every field set must match.
 #[derive(Debug, Clone, Default)]

@@ -30,8 +30,8 @@ use rdkafka::{producer::FutureProducer, Message};
 use crate::{
     config::{Config, RetryConfig},
     kafka,
+    kafka::source::{Delivery, Source, Ticket},
     shutdown::Shutdown,
-    source::{Delivery, Source, Ticket},
     telemetry::{Event, Stage},
 };
 

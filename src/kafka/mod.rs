@@ -4,12 +4,18 @@
 //! - Producers are idempotent with `acks=all`: a retried send never duplicates or reorders a
 //!   partition, and an acknowledged record survives the loss of the leader.
 //! - `partitioner=murmur2_random` is the Java client's default partitioner, so a tenant's events
-//!   land where a Java producer would put them (see [`crate::partitioner`]).
+//!   land where a Java producer would put them (see [`crate::kafka::partitioner`]).
 //! - Consumers keep `enable.auto.commit` on but `enable.auto.offset.store` off: librdkafka
 //!   commits in the background only what a stage explicitly *stored*, and a stage stores an offset
 //!   only after the work it stands for is durable. That is rust-rdkafka's at-least-once pattern.
 //! - Every client gets a bounded `socket.connection.setup.timeout.ms` and metadata timeout, so an
 //!   unreachable broker is an error within seconds rather than a silent retry loop.
+
+pub mod dead_letter;
+pub mod offsets;
+pub mod partitioner;
+pub mod source;
+pub mod topics;
 
 use std::time::Duration;
 

@@ -33,8 +33,8 @@ use rdkafka::{
 
 use crate::{
     config::Config,
+    engine::workflow::{CompiledWorkflow, Workflow},
     kafka,
-    workflow::{CompiledWorkflow, Workflow},
 };
 
 /// Key prefix of platform-wide workflows.
@@ -156,7 +156,7 @@ impl ApplyPlan {
 /// workers and in-flight runs tell versions apart by that number.
 pub async fn apply_dir(config: &Config, dir: &std::path::Path, dry_run: bool) -> anyhow::Result<ApplyPlan> {
     let services: BTreeSet<&str> = config.services.keys().map(String::as_str).collect();
-    let local = crate::workflow::load(dir, &services)?;
+    let local = crate::engine::workflow::load(dir, &services)?;
     let cfg = config.clone();
     let current = tokio::task::spawn_blocking(move || read_current(&cfg)).await??;
     let mut plan = ApplyPlan::default();

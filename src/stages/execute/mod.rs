@@ -4,11 +4,11 @@
 //!
 //! 1. [`Lanes`] keyed by tenant: a tenant's tasks start in event order, `tenant_concurrency` at a
 //!    time, while other tenants go on. Tasks therefore finish out of partition order; the
-//!    [`OffsetTracker`](crate::offsets::OffsetTracker) commits only below the lowest unfinished.
+//!    [`OffsetTracker`](crate::kafka::offsets::OffsetTracker) commits only below the lowest unfinished.
 //! 2. The tenant's own limits ([`throttle`]), *before* taking a concurrency slot: a tenant over
 //!    its limit waits without holding what other tenants need. A tenant with more than
 //!    `executor.tenant_max_buffered` tasks waiting is deferred to a delay topic instead
-//!    ([`retry`]), spaced at its own rate, so it cannot fill the buffer or block its partition.
+//!    ([`delay`]), spaced at its own rate, so it cannot fill the buffer or block its partition.
 //! 3. A slot (`concurrency` calls at once per process), the circuit [`breaker`] (while open,
 //!    tasks wait), then the global limits (this process's share of them).
 //! 4. The [`Connector`]'s call, with an `Idempotency-Key` derived from the task id.
@@ -28,7 +28,8 @@
 //! for [`PAUSE_GRACE`] is paused). Memory stays flat whatever the backlog.
 
 pub mod breaker;
-pub mod retry;
+pub mod delay;
+pub mod queues;
 pub mod throttle;
 
 use std::{
@@ -47,17 +48,17 @@ use tokio::sync::{Notify, Semaphore};
 
 use self::{
     breaker::{Breaker, Verdict},
+    queues::Lanes,
     throttle::Throttle,
 };
 pub use crate::connectors::{CallOutcome, Connector, IDEMPOTENCY_KEY, TENANT_HEADER};
 use crate::{
     config::{Config, ServiceConfig},
-    dead_letter::{self, DeadLetters},
     envelope::{self, ActionResult, ActionTask, Format, Status},
     kafka,
-    lanes::Lanes,
+    kafka::dead_letter::{self, DeadLetters},
+    kafka::source::{self, Delivery, Ownership, Source, Ticket},
     shutdown::{self, Shutdown},
-    source::{self, Delivery, Ownership, Source, Ticket},
     telemetry::{Event, Stage},
 };
 
@@ -151,7 +152,7 @@ pub async fn run_with(
     let (stop, _) = shutdown::channel();
     let mut parts: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
     for tier in settings.retry.tier_names() {
-        parts.push(retry::run_tier(config.clone(), service.clone(), tier, producer.clone(), stop.subscribe()).boxed());
+        parts.push(delay::run_tier(config.clone(), service.clone(), tier, producer.clone(), stop.subscribe()).boxed());
     }
     parts.push(main_loop(config, service, settings, connector, producer, stop.subscribe()).boxed());
     parts.push(
@@ -279,7 +280,7 @@ async fn main_loop(
             }
             batch = source.recv(), if in_flight < limits.max_buffered => match batch {
                 Some(batch) => {
-                    let now = retry::epoch_ms();
+                    let now = delay::epoch_ms();
                     let received = Instant::now();
                     for d in batch {
                         let task = match executor.decode(&d.message) {
@@ -314,7 +315,7 @@ async fn main_loop(
             },
             _ = tidy.tick() => {
                 executor.throttle.forget_idle_tenants();
-                let now = retry::epoch_ms();
+                let now = delay::epoch_ms();
                 deferred_until.retain(|_, due| *due > now);
             }
         }
@@ -362,7 +363,7 @@ impl Executor {
             return None;
         }
         let queued = lanes.queued(&task.tenant);
-        let returning = kafka::header_str(message, retry::KIND) == Some("deferral");
+        let returning = kafka::header_str(message, delay::KIND) == Some("deferral");
         let horizon = deferred_until.get(&task.tenant).copied().filter(|due| *due > now);
         let limit = self.tenant_max_buffered;
         if queued < limit && (returning || horizon.is_none()) {
@@ -387,13 +388,13 @@ impl Executor {
     /// Moves a task to the delay tier covering `due`, unchanged (a deferral uses no attempt).
     fn defer(self: Arc<Self>, d: Delivery, due: u64) -> BoxFuture<'static, Finished> {
         async move {
-            let wait = Duration::from_millis(due.saturating_sub(retry::epoch_ms()));
-            let (_, tier, topic) = &self.tiers[retry::tier_for(&self.settings.retry.tiers_ms, wait)];
+            let wait = Duration::from_millis(due.saturating_sub(delay::epoch_ms()));
+            let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers_ms, wait)];
             let due = due.to_string();
             let headers = kafka::rewrite_headers(
                 &d.message,
-                |k| k == retry::KIND || k == retry::DUE,
-                &[(retry::KIND, "deferral"), (retry::DUE, &due)],
+                |k| k == delay::KIND || k == delay::DUE,
+                &[(delay::KIND, "deferral"), (delay::DUE, &due)],
             );
             let payload = d.message.payload().unwrap_or_default();
             let sent = kafka::send(&self.producer, topic, d.message.key(), payload, headers).await;
@@ -480,7 +481,7 @@ impl Executor {
                 Event::Failed { stage: Stage::Execute, reason: "call", retryable: false, detail: &reason }.emit();
                 let attempt = task.attempt.to_string();
                 let now = chrono::Utc::now().to_rfc3339();
-                let first = kafka::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
+                let first = kafka::header_str(message, delay::FIRST_FAILURE).unwrap_or(&now).to_string();
                 self.dead_letters
                     .send_with(
                         message,
@@ -503,27 +504,27 @@ impl Executor {
         retry_after: Option<Duration>,
     ) -> Result<(), rdkafka::error::KafkaError> {
         let wait =
-            retry::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
-        let (_, tier, topic) = &self.tiers[retry::tier_for(&self.settings.retry.tiers_ms, wait)];
+            delay::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
+        let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers_ms, wait)];
         let next = ActionTask { attempt: task.attempt + 1, ..task.clone() };
         let payload = serde_json::to_vec(&next).expect("a task always serializes");
         let (due, attempt, now) = (
-            (retry::epoch_ms() + wait.as_millis() as u64).to_string(),
+            (delay::epoch_ms() + wait.as_millis() as u64).to_string(),
             next.attempt.to_string(),
             chrono::Utc::now().to_rfc3339(),
         );
-        let first = kafka::header_str(message, retry::FIRST_FAILURE).unwrap_or(&now).to_string();
+        let first = kafka::header_str(message, delay::FIRST_FAILURE).unwrap_or(&now).to_string();
         let reason: String = reason.chars().take(500).collect();
         let headers = kafka::rewrite_headers(
             message,
             |k| k.starts_with("weir.retry.") || k == envelope::CONTENT_TYPE,
             &[
                 (envelope::CONTENT_TYPE, Format::Json.content_type()),
-                (retry::KIND, "retry"),
-                (retry::DUE, &due),
-                (retry::ATTEMPT, &attempt),
-                (retry::FIRST_FAILURE, &first),
-                (retry::LAST_ERROR, &reason),
+                (delay::KIND, "retry"),
+                (delay::DUE, &due),
+                (delay::ATTEMPT, &attempt),
+                (delay::FIRST_FAILURE, &first),
+                (delay::LAST_ERROR, &reason),
             ],
         );
         kafka::send(&self.producer, topic, Some(task.tenant.as_bytes()), &payload, headers).await?;

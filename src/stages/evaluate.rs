@@ -22,17 +22,17 @@ use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
 use serde_json::Value as Json;
 
 use crate::{
-    condition::{FieldPaths, Scope},
     config::Config,
-    dead_letter::DeadLetters,
-    definitions::DefinitionStore,
+    engine::condition::{FieldPaths, Scope},
+    engine::definitions::DefinitionStore,
+    engine::template::Context,
+    engine::workflow::{self, CompiledWorkflow},
     envelope::{self, ActionResult, ActionTask, Event as DomainEvent, Format, Status},
     kafka,
+    kafka::dead_letter::DeadLetters,
+    kafka::source::{Source, Ticket},
     shutdown::Shutdown,
-    source::{Source, Ticket},
     telemetry::{Event, Stage},
-    template::Context,
-    workflow::{self, CompiledWorkflow},
 };
 
 /// Whether an event's records reached the broker.

@@ -11,12 +11,15 @@ use serde_json::json;
 
 use crate::{
     config::{Config, ServiceConfig},
-    definitions,
+    engine::definitions,
     envelope::{Event, Format},
+    kafka::topics,
+    ops::produce::Producer,
+    ops::receiver::Receiver,
     pipeline::Pipeline,
-    produce::Producer,
-    receiver::Receiver,
-    shutdown, sink, telemetry, topics,
+    shutdown,
+    stages::record,
+    telemetry,
 };
 
 /// Event types of the sample load, after the seeds' Ghost events.
@@ -97,7 +100,7 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     println!("\n4. produced {events} events for {tenants} tenants (half JSON, half Avro) and 3 malformed records");
     println!("   the welcome-webhook workflow matches {expected} of them (member.created)");
 
-    let pool = sink::pool(&config)?;
+    let pool = record::pool(&config)?;
     let like = format!("{run}%");
     let bar = indicatif::ProgressBar::new(expected as u64 * 2).with_message("webhook calls + result rows");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

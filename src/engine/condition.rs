@@ -17,7 +17,7 @@
 //! one [`Scope`] from just those subtrees, and evaluates each condition against it:
 //!
 //! ```
-//! use weir::condition::{Condition, FieldPaths, Scope};
+//! use weir::engine::condition::{Condition, FieldPaths, Scope};
 //! # let event: weir::envelope::Event = serde_json::from_value(serde_json::json!({
 //! #     "id": "e-1", "source": "/s", "type": "member.created", "tenant": "t-1",
 //! #     "data": {"member": {"status": "paid", "bio": "long text that is never converted"}}})).unwrap();

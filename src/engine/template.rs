@@ -37,7 +37,7 @@ use minijinja::{
 };
 use serde_json::{Map, Value as Json};
 
-use crate::condition::FieldPaths;
+use crate::engine::condition::FieldPaths;
 
 /// The variable a single-expression leaf is assigned to, to read its value back natively.
 const VALUE: &str = "weir_value";

@@ -4,7 +4,7 @@
 //! The executor needs both: a tenant's tasks reach the service in the order of the tenant's
 //! events, yet a slow tenant must not hold back the others that share its partition. Offsets are
 //! not this module's concern: items finish out of partition order, and the
-//! [`OffsetTracker`](crate::offsets::OffsetTracker) commits only below the lowest unfinished one.
+//! [`OffsetTracker`](crate::kafka::offsets::OffsetTracker) commits only below the lowest unfinished one.
 
 use std::{
     collections::{HashMap, VecDeque},

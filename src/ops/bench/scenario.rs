@@ -25,8 +25,8 @@ use crate::{
     config::{Config, ServiceConfig},
     envelope::{self, ActionResult},
     kafka,
+    ops::receiver::Receiver,
     pipeline::{Pipeline, StageName},
-    receiver::Receiver,
 };
 
 /// Produced but not yet observed, at most, when flat out: enough that the stage never waits for
@@ -58,7 +58,7 @@ const THROTTLE_PER_SECOND: u64 = 50;
 pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow::Result<ScenarioReport> {
     let mut setting = Setting::new(base, "bench", matches!(scenario, Scenario::Pipeline | Scenario::Sink)).await?;
     let outcome = async {
-        crate::topics::apply_dir(&setting.config, false).await.context("creating the scenario's topics")?;
+        crate::kafka::topics::apply_dir(&setting.config, false).await.context("creating the scenario's topics")?;
         // Ctrl-C ends the scenario here, so its topics and database are still removed below.
         tokio::select! {
             outcome = drive(&mut setting.config, options, scenario, &setting.receiver, &setting.workdir) => outcome,
@@ -103,7 +103,7 @@ impl Setting {
     /// clean-up is logged but does not hide the outcome.
     pub async fn clean_up(self) {
         let _ = std::fs::remove_dir_all(&self.workdir);
-        if let Err(e) = crate::topics::delete_all(&self.config).await {
+        if let Err(e) = crate::kafka::topics::delete_all(&self.config).await {
             tracing::warn!("deleting the topics of {}: {e:#}", self.config.topic_prefix);
         }
         if let Some(db) = self.database {
@@ -164,7 +164,7 @@ async fn drive(
                 warm_until = head_start;
             }
             write_workflows(workdir, &workflows)?;
-            crate::definitions::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
+            crate::engine::definitions::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
             let stages: &[StageName] = match scenario {
                 Scenario::Evaluate => &[StageName::Evaluate],
                 Scenario::Throttled => &[StageName::Evaluate, StageName::Execute],

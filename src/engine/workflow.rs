@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
 use crate::{
-    condition::{Condition, FieldPaths, Scope},
+    engine::condition::{Condition, FieldPaths, Scope},
+    engine::template::{Context, InputTemplate},
     envelope::{ActionTask, Event},
-    template::{Context, InputTemplate},
 };
 
 /// Most steps a workflow may have (seed 000's MAX_STEPS).
@@ -439,7 +439,7 @@ pub fn load(path: &Path, services: &BTreeSet<&str>) -> anyhow::Result<BTreeMap<S
         let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
         let wf: Workflow =
             serde_yaml_ng::from_str(&text).with_context(|| format!("{}: not a valid workflow", file.display()))?;
-        let key = crate::definitions::key(wf.tenant.as_deref(), &wf.id);
+        let key = crate::engine::definitions::key(wf.tenant.as_deref(), &wf.id);
         CompiledWorkflow::compile(wf.clone(), services)
             .with_context(|| format!("{}: workflow {key}", file.display()))?;
         if workflows.insert(key.clone(), wf).is_some() {

@@ -10,7 +10,7 @@
 //! at a time, and because results are keyed by tenant (the executor produces them with the
 //! tenant as key, and the coordinator produces next steps the same way) all results of a run
 //! reach the same lane: two lanes never advance one run at once. (They would still be correct if
-//! they did: [`crate::coordinate`] locks the run's row and reads the results after the lock.)
+//! they did: [`crate::stages::record::runs`] locks the run's row and reads the results after the lock.)
 //! While a lane commits, its queue already holds the next batch and the other lanes write theirs.
 //!
 //! ## A batch
@@ -21,7 +21,7 @@
 //! back to the stage's task, which owns the source; the source's offset tracker accepts the
 //! lanes' completions in any order and stores an offset only once everything below it is done.
 //!
-//! Results of multi-step runs also advance their run ([`crate::coordinate`]) in the same
+//! Results of multi-step runs also advance their run ([`crate::stages::record::runs`]) in the same
 //! transaction: the next steps' tasks are produced and acknowledged before the commit.
 //!
 //! When PostgreSQL is unreachable a lane holds its batch and retries with backoff: its queue
@@ -29,6 +29,8 @@
 //! stored, and the lanes pick up where they were once the database answers. A row that can never
 //! be written (undecodable result) goes to the dead-letter topic instead of blocking the
 //! partition.
+
+pub mod runs;
 
 use std::{sync::Arc, time::Duration};
 
@@ -43,13 +45,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::Config,
-    coordinate::Coordinator,
-    dead_letter::DeadLetters,
-    definitions::DefinitionStore,
+    engine::definitions::DefinitionStore,
     envelope::{self, ActionResult, Format},
     kafka,
+    kafka::dead_letter::DeadLetters,
+    kafka::source::{self, Delivery, Source, Ticket},
     shutdown::Shutdown,
-    source::{self, Delivery, Source, Ticket},
+    stages::record::runs::Coordinator,
     telemetry::{Event, Stage},
 };
 

@@ -31,11 +31,11 @@ use serde_json::{json, Value as Json};
 use sqlx::{Postgres, Transaction};
 
 use crate::{
-    condition::{FieldPaths, Scope},
-    definitions::DefinitionStore,
+    engine::condition::{FieldPaths, Scope},
+    engine::definitions::DefinitionStore,
+    engine::template::Context,
+    engine::workflow::{self, CompiledWorkflow},
     envelope::{ActionResult, ActionTask, Event, Status},
-    template::Context,
-    workflow::{self, CompiledWorkflow},
 };
 
 /// What a batch of results sets in motion: tasks to produce and results decided without a call.

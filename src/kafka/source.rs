@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     config::Config,
     kafka,
-    offsets::OffsetTracker,
+    kafka::offsets::OffsetTracker,
     telemetry::{Event, Stage},
 };
 

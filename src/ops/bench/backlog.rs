@@ -111,9 +111,9 @@ pub async fn run(base: &Config, options: &Options) -> anyhow::Result<ScenarioRep
 
 async fn drive(setting: &Setting, options: &Options, binary: &Path) -> anyhow::Result<ScenarioReport> {
     let (config, backlog) = (&setting.config, &options.backlog);
-    crate::topics::apply_dir(config, false).await.context("creating the scenario's topics")?;
+    crate::kafka::topics::apply_dir(config, false).await.context("creating the scenario's topics")?;
     scenario::write_workflows(&setting.workdir, &scenario::workflows(options.tenants, true))?;
-    crate::definitions::apply_dir(config, &setting.workdir, false).await.context("publishing the workflows")?;
+    crate::engine::definitions::apply_dir(config, &setting.workdir, false).await.context("publishing the workflows")?;
 
     let mix = Arc::new(Mix::with_body_bytes(options.tenants, Some(backlog.body_bytes))?);
     let fill = fill(config, options, mix.clone()).await?;
@@ -246,7 +246,7 @@ async fn watch(
     config: &Config,
     options: &Options,
     child: &mut ChildProcess,
-    receiver: &crate::receiver::Receiver,
+    receiver: &crate::ops::receiver::Receiver,
 ) -> anyhow::Result<Drained> {
     let n = options.backlog.events;
     let all = options.backlog.stages == BacklogStages::All;

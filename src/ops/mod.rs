@@ -1,0 +1,8 @@
+//! What operators run besides the pipeline: producing events, the dead-letter topic, the demo
+//! and the benchmark harness (with the local HTTP receiver they share).
+
+pub mod bench;
+pub mod demo;
+pub mod dlq;
+pub mod produce;
+pub mod receiver;

@@ -1,0 +1,7 @@
+//! The pipeline's stages, each a consumer group of its own: [`evaluate`] (events → tasks),
+//! [`execute`] (tasks → calls → results) and [`record`] (results → PostgreSQL, and the next
+//! steps of multi-step runs back to the action topics).
+
+pub mod evaluate;
+pub mod execute;
+pub mod record;
