@@ -6,10 +6,10 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
-    config::Config, engine::definitions::DefinitionStore, kafka, shutdown, stages::evaluate, stages::execute,
-    stages::record,
+    config::Config, engine::definitions::DefinitionStore, kafka, stages::evaluate, stages::execute, stages::record,
 };
 
 /// Which stages a process runs.
@@ -21,7 +21,9 @@ pub enum StageName {
 }
 
 pub struct Pipeline {
-    trigger: shutdown::Trigger,
+    /// Cancels the stages' token when dropped, so an owner that returns early (an error, a
+    /// panic) does not leave stages running.
+    cancel: DropGuard,
     tasks: Vec<(String, JoinHandle<anyhow::Result<()>>)>,
 }
 
@@ -37,35 +39,35 @@ impl Pipeline {
                 .context("loading workflow definitions")?,
         );
         tracing::info!(workflows = definitions.len(), "workflow definitions loaded");
-        let (trigger, _) = shutdown::channel();
+        let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
         for stage in stages.iter().copied().collect::<BTreeSet<_>>() {
             match stage {
                 StageName::Evaluate => tasks.push((
                     "evaluate".to_string(),
-                    tokio::spawn(evaluate::run(config.clone(), definitions.clone(), trigger.subscribe())),
+                    tokio::spawn(evaluate::run(config.clone(), definitions.clone(), cancel.clone())),
                 )),
                 StageName::Execute => {
                     for service in config.services.keys() {
                         tasks.push((
                             format!("execute-{service}"),
-                            tokio::spawn(execute::run(config.clone(), service.clone(), trigger.subscribe())),
+                            tokio::spawn(execute::run(config.clone(), service.clone(), cancel.clone())),
                         ));
                     }
                 }
                 StageName::Sink => tasks.push((
                     "sink".to_string(),
-                    tokio::spawn(record::run(config.clone(), definitions.clone(), trigger.subscribe())),
+                    tokio::spawn(record::run(config.clone(), definitions.clone(), cancel.clone())),
                 )),
             }
         }
-        Ok(Pipeline { trigger, tasks })
+        Ok(Pipeline { cancel: cancel.drop_guard(), tasks })
     }
 
     /// All stages.
     pub const ALL: [StageName; 3] = [StageName::Evaluate, StageName::Execute, StageName::Sink];
 
-    /// Waits until a stage ends by itself (which is an error while running) or `stop` fires.
+    /// Waits until a stage ends by itself: an error while running.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
         let (result, index, _) = futures::future::select_all(self.tasks.iter_mut().map(|(_, t)| t)).await;
         let name = self.tasks.remove(index).0;
@@ -78,9 +80,10 @@ impl Pipeline {
 
     /// Signals every stage to finish its current work and waits for them.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.trigger.fire();
+        let Pipeline { cancel, tasks } = self;
+        cancel.disarm().cancel();
         let mut first_error = None;
-        for (name, task) in self.tasks {
+        for (name, task) in tasks {
             let outcome = match task.await {
                 Ok(r) => r.with_context(|| format!("stage {name}")),
                 Err(e) => Err(anyhow::anyhow!("stage {name} panicked: {e}")),
@@ -91,9 +94,5 @@ impl Pipeline {
             }
         }
         first_error.map_or(Ok(()), Err)
-    }
-
-    pub fn trigger(&self) -> shutdown::Trigger {
-        self.trigger.clone()
     }
 }

@@ -399,10 +399,10 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
         s.concurrency = Some(concurrency);
     })
     .await;
-    let (trigger, shutdown) = weir::shutdown::channel();
+    let shutdown = weir::shutdown::CancellationToken::new();
     let connector =
         Arc::new(Estimated(weir::connectors::build("webhook", &config.services["webhook"], &config.network).unwrap()));
-    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown));
+    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown.clone()));
     // Varied token counts; every other task is estimated at half what it uses.
     let tokens = |n: usize| (n * 37 % 181 + 20) as u64;
     let tasks: Vec<ActionTask> = (0..60)
@@ -430,7 +430,7 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
     let results = results(&config, 60);
     let by_task: HashMap<&str, u64> = results.iter().map(|r| (r.task_id.as_str(), r.cost.unwrap())).collect();
     assert!((0..60).all(|n| by_task[format!("task-{n}").as_str()] == tokens(n)), "results carry the reported cost");
-    trigger.fire();
+    shutdown.cancel();
     executor.await.unwrap().unwrap();
 }
 

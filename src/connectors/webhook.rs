@@ -34,13 +34,9 @@ use serde_json::{Map, Value};
 
 use super::{
     client, compile, context, exchange, is_template, parse_target, secret, text, CallOutcome, Connector, NetworkPolicy,
+    IDEMPOTENCY_KEY, TENANT_HEADER,
 };
-use crate::{
-    config::ServiceConfig,
-    engine::template::InputTemplate,
-    envelope::ActionTask,
-    stages::execute::{IDEMPOTENCY_KEY, TENANT_HEADER},
-};
+use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
 
 /// `X-Weir-Signature: sha256=<hex>`: the HMAC-SHA256 of the body.
 pub const SIGNATURE_HEADER: &str = "X-Weir-Signature";
