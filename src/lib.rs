@@ -30,7 +30,8 @@
 //! - [`dead_letter`]: where unprocessable records go, with the reason in headers; [`dlq`]: `weir dlq`.
 //! - [`topics`]: topics as code (`topics/*.yaml`, `weir topics apply`).
 //! - [`config`]: `weir.yaml`; [`telemetry`]: typed events that log and count in one place, and
-//!   the Prometheus endpoint; [`shutdown`]: the broadcast signal every stage listens to.
+//!   the Prometheus endpoint; [`shutdown`]: how everything stops (one `CancellationToken` tree,
+//!   cancelled by Ctrl-C or SIGTERM).
 //! - [`pipeline`]: starts and stops stages in one process; [`receiver`]: a real local HTTP server
 //!   standing in for an external service in tests, the demo and the benchmark; [`demo`]: the
 //!   README's walk-through; [`bench`]: `weir bench`, the stages measured beside a raw passthrough.
