@@ -39,7 +39,7 @@
 //!
 //! At the top, what everything shares: [`config`] (`weir.yaml`), [`envelope`] (the records and
 //! their JSON/Avro encodings), [`telemetry`] (typed events that log and count in one place, and
-//! the Prometheus endpoint), [`shutdown`] (the one stop signal) and [`pipeline`] (starts the
+//! the Prometheus endpoint), [`shutdown`] (how everything stops: one `CancellationToken` tree, cancelled by Ctrl-C or SIGTERM) and [`pipeline`] (starts the
 //! stages of one process). `tests/layout.rs` keeps the layers honest: the engine knows no Kafka,
 //! config knows nothing else, connectors know no stage, and no modules refer to each other in a
 //! circle.

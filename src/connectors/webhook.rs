@@ -34,13 +34,9 @@ use serde_json::{Map, Value};
 
 use super::{
     client, compile, context, exchange, is_template, parse_target, secret, text, CallOutcome, Connector, NetworkPolicy,
+    IDEMPOTENCY_KEY, TENANT_HEADER,
 };
-use crate::{
-    config::ServiceConfig,
-    engine::template::InputTemplate,
-    envelope::ActionTask,
-    stages::execute::{IDEMPOTENCY_KEY, TENANT_HEADER},
-};
+use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
 
 /// `X-Weir-Signature: sha256=<hex>`: the HMAC-SHA256 of the body.
 pub const SIGNATURE_HEADER: &str = "X-Weir-Signature";
@@ -187,8 +183,7 @@ impl Webhook {
         let mut headers = Vec::with_capacity(r.headers.len());
         for (key, name) in &r.headers {
             let value = text(rendered["headers"][key].clone());
-            let value = HeaderValue::from_str(&value)
-                .map_err(|_| format!("header {name}: rendered value {value:?} is not a valid header value"))?;
+            let value = super::header_value(name.as_str(), "the rendered value", &value)?;
             headers.push((name.clone(), value));
         }
         let body = match rendered.get("body") {
@@ -297,7 +292,7 @@ mod tests {
 
         let w = webhook("{type: webhook, headers: {X-Who: '{{ input.name }}', X-Bad: \"{{ 'a\\nb' }}\"}}").unwrap();
         let err = w.render(&task()).unwrap_err();
-        assert!(err.contains("x-bad") && err.contains("not a valid header value"), "{err}");
+        assert!(err.contains("header x-bad: the rendered value \"a\\nb\"") && err.contains("U+000A"), "{err}");
     }
 
     #[test]

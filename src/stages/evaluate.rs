@@ -31,7 +31,7 @@ use crate::{
     kafka,
     kafka::dead_letter::DeadLetters,
     kafka::source::{Source, Ticket},
-    shutdown::Shutdown,
+    shutdown::CancellationToken,
     telemetry::{Event, Stage},
 };
 
@@ -52,8 +52,12 @@ struct Evaluator {
     max_event_bytes: usize,
 }
 
-/// Runs the evaluator until `shutdown` fires or an unrecoverable error occurs.
-pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+/// Runs the evaluator until `shutdown` is cancelled or an unrecoverable error occurs.
+pub async fn run(
+    config: Arc<Config>,
+    definitions: Arc<DefinitionStore>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut source = Source::subscribe(&config, Stage::Evaluate, &config.topic("events"), &config.group("evaluate"))?;
     let producer = kafka::producer(&config)?;
     let evaluator = Arc::new(Evaluator {
@@ -72,7 +76,7 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
     let mut inflight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
     let result = loop {
         tokio::select! {
-            _ = shutdown.recv() => break Ok(()),
+            _ = shutdown.cancelled() => break Ok(()),
             Some((ticket, r)) = inflight.next() => {
                 if let Err(e) = r { break Err(e) }
                 source.done(&ticket);

@@ -41,7 +41,7 @@ use sqlx::{
     postgres::{PgArguments, PgPoolOptions},
     Arguments as _, PgPool,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::{
     config::Config,
@@ -50,7 +50,7 @@ use crate::{
     kafka,
     kafka::dead_letter::DeadLetters,
     kafka::source::{self, Delivery, Source, Ticket},
-    shutdown::Shutdown,
+    shutdown::CancellationToken,
     stages::record::runs::Coordinator,
     telemetry::{Event, Stage},
 };
@@ -225,12 +225,16 @@ impl Writer {
     }
 }
 
-pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(
+    config: Arc<Config>,
+    definitions: Arc<DefinitionStore>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let pool = pool(&config)?;
     let mut backoff = Backoff::default();
     while let Err(e) = migrate(&pool).await {
         Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &format!("{e:#}") }.emit();
-        if !backoff.wait(shutdown.recv()).await {
+        if !backoff.wait(shutdown.cancelled()).await {
             return Ok(());
         }
     }
@@ -243,7 +247,8 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
         coordinator: Coordinator::new(definitions),
         config: config.clone(),
     });
-    let (stop, stopped) = watch::channel(false);
+    // The lanes stop on shutdown, and also when this loop ends for a reason of its own.
+    let stop = shutdown.child_token();
     let (done, mut committed) = mpsc::unbounded_channel::<Vec<Ticket>>();
     let count = config.sink.transactions;
     let queue = lane_queue(config.sink.batch_size, count);
@@ -251,14 +256,14 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
     for _ in 0..count {
         let (tx, rx) = mpsc::channel(queue);
         lanes.push(tx);
-        tasks.push(tokio::spawn(lane(writer.clone(), rx, done.clone(), stopped.clone())));
+        tasks.push(tokio::spawn(lane(writer.clone(), rx, done.clone(), stop.clone())));
     }
     drop(done);
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.recv() => break,
+            _ = shutdown.cancelled() => break,
             Some(tickets) = committed.recv() => source.done_all(&tickets),
             _ = sweep.tick() => expire_runs(&pool).await,
             batch = source.recv() => {
@@ -267,14 +272,14 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
                 tokio::select! {
                     // A lane that ended early failed (dead-lettering): its error is returned below.
                     delivered = dispatch(&lanes, batch) => if !delivered { break },
-                    _ = shutdown.recv() => break,
+                    _ = shutdown.cancelled() => break,
                 }
             }
         }
     }
     // Lanes finish the transaction they are in (a retry loop gives up at once), and the offsets
     // of every transaction that committed are stored before the source closes and commits them.
-    let _ = stop.send(true);
+    stop.cancel();
     drop(lanes);
     while let Some(tickets) = committed.recv().await {
         source.done_all(&tickets);
@@ -319,12 +324,12 @@ async fn lane(
     writer: Arc<Writer>,
     mut queue: mpsc::Receiver<Vec<Delivery>>,
     done: mpsc::UnboundedSender<Vec<Ticket>>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let (batch_size, linger) = (writer.config.sink.batch_size, Duration::from_millis(writer.config.sink.linger_ms));
     loop {
         let mut deliveries = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
             batch = queue.recv() => match batch { Some(b) => b, None => return Ok(()) },
         };
         // Top up a partial batch for a moment: fewer, larger transactions.
@@ -349,12 +354,7 @@ async fn lane(
                 Err(e) => {
                     Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &e.to_string() }
                         .emit();
-                    if !backoff
-                        .wait(async {
-                            let _ = stop.wait_for(|s| *s).await;
-                        })
-                        .await
-                    {
+                    if !backoff.wait(stop.cancelled()).await {
                         return Ok(());
                     }
                 }
