@@ -28,6 +28,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Checks the broker, reads the workflow definitions topic and starts the requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
+        crate::connectors::validate_all(&config).context("invalid config")?;
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
         let store_config = config.clone();

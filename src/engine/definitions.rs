@@ -46,9 +46,9 @@ pub fn key(tenant: Option<&str>, id: &str) -> String {
 }
 
 fn reader(config: &Config) -> anyhow::Result<(BaseConsumer, String, TopicPartitionList)> {
-    let topic = config.topic("definitions");
+    let topic = config.names().definitions();
     // No group: the store reads everything, always; nothing is committed.
-    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("definitions"))
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.names().group("definitions"))
         .set("enable.auto.commit", "false")
         // Lag statistics are for the stages' consumers (their context turns them into metrics);
         // here they would only be logged.
@@ -178,7 +178,7 @@ pub async fn apply_dir(config: &Config, dir: &std::path::Path, dry_run: bool) ->
         return Ok(plan);
     }
     let producer = kafka::producer(config)?;
-    let topic = config.topic("definitions");
+    let topic = config.names().definitions();
     // All records are handed to the producer at once and acknowledged together: one partition,
     // an idempotent producer, so they still land in order, and a 1,000-workflow apply takes one
     // round trip instead of a thousand.
