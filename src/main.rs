@@ -172,9 +172,14 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
         let mut config = Config::default();
         config.apply_env();
         config.validate()?;
+        weir::connectors::validate_all(&config)?;
         return Ok(config);
     }
-    Config::load(path)
+    let config = Config::load(path)?;
+    // Connector checks (templates, URLs against the network policy) belong to the connectors,
+    // not to config; run them here so a bad service still fails at load.
+    weir::connectors::validate_all(&config).with_context(|| format!("invalid config {}", path.display()))?;
+    Ok(config)
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
@@ -236,7 +241,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             };
             let check = config.clone();
             tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
-            let producer = Producer::for_topic(&config, &config.topic(&topic))?;
+            let producer = Producer::for_topic(&config, &config.names().topic(&topic))?;
             let sent = producer.send_all(events.into_iter().map(|e| (e, format)), 10_000).await?;
             println!("produced {sent} events to {}", producer.topic());
             Ok(())

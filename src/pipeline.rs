@@ -34,7 +34,7 @@ pub struct Pipeline {
 /// follower thread until `stop` is cancelled. Blocking.
 pub fn follow_definitions(config: &Config, stop: CancellationToken) -> anyhow::Result<Arc<DefinitionStore>> {
     let store = Arc::new(DefinitionStore::new(config.services.keys().cloned().collect()));
-    let table = Table::open(config, &config.topic("definitions"), &config.group("definitions"))?;
+    let table = Table::open(config, &config.names().definitions(), &config.names().group("definitions"))?;
     table.read_to_end(|r| store.apply_record(r.key, r.value, r.offset))?;
     let follower = store.clone();
     table.follow(stop, move |r| follower.apply_record(r.key, r.value, r.offset))?;
@@ -44,6 +44,7 @@ pub fn follow_definitions(config: &Config, stop: CancellationToken) -> anyhow::R
 impl Pipeline {
     /// Checks the broker, reads the workflow definitions topic and starts the requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
+        crate::connectors::validate_all(&config).context("invalid config")?;
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
         let cancel = CancellationToken::new();

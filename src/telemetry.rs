@@ -8,7 +8,8 @@
 //! - `weir_failed_total{stage,reason,retryable}`: errors, by short reason
 //! - `weir_dead_lettered_total{stage}`: records sent to the dead-letter topic
 //! - `weir_stage_latency_seconds{stage}`: from taking a record to finishing its work
-//! - `weir_consumer_lag{stage,partition}`: messages behind the high watermark (librdkafka stats)
+//! - `weir_consumer_lag{stage,topic,partition}`: messages behind the high watermark (librdkafka
+//!   stats); by topic, since one stage reads several (a service's delay tiers)
 //! - `weir_sink_rows_total`, `weir_actions_total{service,status}`
 //! - `weir_outbound_refused_total{service}`: resolved addresses the network policy refused
 //! - `weir_throttle_wait_seconds{service,scope}`: time a call waited for rate-limit permits
@@ -74,6 +75,7 @@ pub enum Event<'a> {
     },
     Lag {
         stage: Stage,
+        topic: &'a str,
         partition: i32,
         lag: i64,
     },
@@ -131,10 +133,16 @@ impl Event<'_> {
                     .increment(count as u64)
             }
             Event::Failed { stage, reason, retryable, detail } => {
-                if retryable {
-                    tracing::warn!(stage = stage.as_str(), reason, detail, "retryable failure");
-                } else {
-                    tracing::error!(stage = stage.as_str(), reason, detail, "failure");
+                // A failing dependency can fail every record: the counter counts them all, the
+                // log keeps a few lines per (stage, reason) and says how many it left out.
+                match failed_log().admit((stage, reason), std::time::Instant::now()) {
+                    Some(0) if retryable => tracing::warn!(stage = stage.as_str(), reason, detail, "retryable failure"),
+                    Some(0) => tracing::error!(stage = stage.as_str(), reason, detail, "failure"),
+                    Some(suppressed) if retryable => {
+                        tracing::warn!(stage = stage.as_str(), reason, detail, suppressed, "retryable failure")
+                    }
+                    Some(suppressed) => tracing::error!(stage = stage.as_str(), reason, detail, suppressed, "failure"),
+                    None => {}
                 }
                 counter!("weir_failed_total", "stage" => stage.as_str(), "reason" => reason,
                     "retryable" => if retryable { "true" } else { "false" })
@@ -150,10 +158,9 @@ impl Event<'_> {
                     histogram.record(e.as_secs_f64());
                 }
             }
-            Event::Lag { stage, partition, lag } => {
-                gauge!("weir_consumer_lag", "stage" => stage.as_str(), "partition" => partition.to_string())
-                    .set(lag as f64)
-            }
+            Event::Lag { stage, topic, partition, lag } => gauge!("weir_consumer_lag", "stage" => stage.as_str(),
+                "topic" => topic.to_string(), "partition" => partition.to_string())
+            .set(lag as f64),
             Event::Rebalanced { stage, kind, partitions } => {
                 tracing::info!(stage = stage.as_str(), kind, partitions, "rebalance")
             }
@@ -193,6 +200,55 @@ impl Event<'_> {
                 tracing::info!(count, "dead letters redriven");
                 counter!("weir_redriven_total").increment(count as u64)
             }
+        }
+    }
+}
+
+/// Lines of `Failed` logged per (stage, reason) in each [`FAILED_LOG_WINDOW`]; the rest are only
+/// counted (`weir_failed_total` has them all), and the next line logged says how many were left
+/// out (`suppressed`).
+pub const FAILED_LOG_LINES: u32 = 10;
+pub const FAILED_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// The process's limiter of `Failed` log lines.
+fn failed_log() -> &'static LogLimiter {
+    static LIMITER: OnceLock<LogLimiter> = OnceLock::new();
+    LIMITER.get_or_init(|| LogLimiter::new(FAILED_LOG_LINES, FAILED_LOG_WINDOW))
+}
+
+/// Rate limit of log lines per key: `lines` per fixed `window`, counting the lines it refuses.
+pub struct LogLimiter {
+    lines: u32,
+    window: Duration,
+    keys: std::sync::Mutex<std::collections::HashMap<(Stage, &'static str), LogWindow>>,
+}
+
+struct LogWindow {
+    started: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    pub fn new(lines: u32, window: Duration) -> LogLimiter {
+        LogLimiter { lines, window, keys: Default::default() }
+    }
+
+    /// `Some(n)` if a line of `key` may be logged at `now`, `n` being the lines of `key` refused
+    /// since the last one logged; `None` if this one is refused (and counted).
+    pub fn admit(&self, key: (Stage, &'static str), now: std::time::Instant) -> Option<u64> {
+        // Keys are (stage, static reason): a handful, so the map cannot grow with the input.
+        let mut keys = self.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let w = keys.entry(key).or_insert(LogWindow { started: now, logged: 0, suppressed: 0 });
+        if now.saturating_duration_since(w.started) >= self.window {
+            (w.started, w.logged) = (now, 0);
+        }
+        if w.logged < self.lines {
+            w.logged += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            None
         }
     }
 }
@@ -244,4 +300,31 @@ pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn failed_lines_are_limited_per_key_and_the_suppressed_are_counted() {
+        let limiter = LogLimiter::new(2, Duration::from_secs(10));
+        let (t0, commit, consume) = (Instant::now(), (Stage::Sink, "commit"), (Stage::Sink, "consume"));
+        assert_eq!(limiter.admit(commit, t0), Some(0));
+        assert_eq!(limiter.admit(commit, t0), Some(0));
+        assert_eq!(limiter.admit(commit, t0), None);
+        assert_eq!(limiter.admit(commit, t0 + Duration::from_secs(9)), None);
+        assert_eq!(limiter.admit(consume, t0), Some(0), "another reason has its own budget");
+        assert_eq!(limiter.admit((Stage::Execute, "commit"), t0), Some(0), "so has another stage");
+        let next = t0 + Duration::from_secs(10);
+        assert_eq!(
+            limiter.admit(commit, next),
+            Some(2),
+            "the first line of the next window says how many were left out"
+        );
+        assert_eq!(limiter.admit(commit, next), Some(0));
+        assert_eq!(limiter.admit(commit, next), None);
+    }
 }

@@ -47,7 +47,7 @@ async fn a_result_with_a_cost_keeps_it_in_its_row() {
     let (config, _dir) = test_config(&receiver, &[]).await;
     let config = Arc::new(config);
     let pipeline = Pipeline::start(config.clone(), &[StageName::Sink]).await.unwrap();
-    let results = Producer::for_topic(&config, &config.topic("results")).unwrap();
+    let results = Producer::for_topic(&config, &config.names().results()).unwrap();
     send(&results, &result(1, 1, Some(1_234))).await;
     send(&results, &result(2, 1, None)).await;
     let url = config.database_url.clone();
@@ -76,7 +76,7 @@ async fn lanes_write_every_partition_once_and_store_every_offset() {
     config.sink.batch_size = 50;
     let config = Arc::new(config);
     let pipeline = Pipeline::start(config.clone(), &[StageName::Sink]).await.unwrap();
-    let results = Producer::for_topic(&config, &config.topic("results")).unwrap();
+    let results = Producer::for_topic(&config, &config.names().results()).unwrap();
     let (distinct, tenants) = (1_000, 40);
     let mut written = Vec::new();
     for n in 0..distinct {
@@ -94,7 +94,7 @@ async fn lanes_write_every_partition_once_and_store_every_offset() {
     let partitions: std::collections::BTreeSet<i32> = written.iter().map(|w| w.partition).collect();
     assert!(partitions.len() > 4, "the results cover more partitions than lanes: {partitions:?}");
     let sent = (distinct + distinct.div_ceil(3)) as i64;
-    let (group, topic) = (config.group("sink"), config.topic("results"));
+    let (group, topic) = (config.names().group("sink"), config.names().results());
     assert!(eventually(Duration::from_secs(60), || async { committed_total(&group, &topic, 8) == sent }).await);
     let url = config.database_url.clone();
     assert_eq!(query::<i64>(&url, "select count(*) from action_results").await, distinct as i64);

@@ -106,7 +106,13 @@ impl ClientContext for SourceContext {
         let Some(topic) = stats.topics.get(&self.shared.topic) else { return };
         for (partition, p) in &topic.partitions {
             if *partition >= 0 && p.consumer_lag >= 0 {
-                Event::Lag { stage: self.shared.stage, partition: *partition, lag: p.consumer_lag }.emit();
+                Event::Lag {
+                    stage: self.shared.stage,
+                    topic: &self.shared.topic,
+                    partition: *partition,
+                    lag: p.consumer_lag,
+                }
+                .emit();
             }
         }
     }

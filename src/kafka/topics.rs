@@ -66,7 +66,7 @@ pub struct TopicFile {
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
     /// Logical name (`events`, `actions.webhook`); the physical topic is
-    /// [`Config::topic`]`(name)`, i.e. prefixed with `topic_prefix`.
+    /// `config.names().topic(name)`, i.e. prefixed with `topic_prefix`.
     pub name: String,
     /// Partition count: the upper bound of consumer parallelism for the topic. Can be raised by a
     /// later apply, never lowered.
@@ -248,7 +248,7 @@ pub async fn plan(config: &Config, specs: &[TopicSpec]) -> anyhow::Result<Plan> 
     // Existing declared topics, whose configs are compared below: (physical name, spec).
     let mut compare = Vec::new();
     for spec in specs {
-        let topic = config.topic(&spec.name);
+        let topic = config.names().topic(&spec.name);
         if topic.len() > MAX_TOPIC_NAME {
             bail!(
                 "topic {topic}: the name with its prefix is {} characters, Kafka allows {MAX_TOPIC_NAME}",
@@ -471,7 +471,8 @@ async fn wait_until_ready(admin: &Arc<Admin>, brokers: &str, want: &BTreeMap<&st
 /// `dry_run`. Returns the plan for [`print_plan`].
 pub async fn apply_dir(config: &Config, dry_run: bool) -> anyhow::Result<Plan> {
     let mut specs = load_dir(&config.topics_dir)?;
-    specs.extend(service_topics(config, &specs));
+    let derived = service_topics(config, &specs)?;
+    specs.extend(derived);
     let plan = plan(config, &specs).await?;
     if !dry_run {
         apply(config, &plan).await?;
@@ -497,23 +498,53 @@ pub async fn delete_all(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The delay topics (`actions.<service>.retry.<tier>`) of every configured service that the files
-/// do not declare, derived from the service's declared `actions.<service>`: same partitions,
-/// replication and config. The files stay the source of truth (a declared delay topic wins), and
-/// adding a service or a tier to the config cannot leave its retries without a topic.
-pub fn service_topics(config: &Config, declared: &[TopicSpec]) -> Vec<TopicSpec> {
+/// Partitions and replication of a service's action topic that `topics/*.yaml` does not declare:
+/// those of the declared `events` topic (tasks are keyed by tenant like the events they come
+/// from, so the same parallelism fits), with [`DERIVED_ACTIONS_CONFIG`].
+pub const DERIVED_ACTIONS_FROM: &str = "events";
+
+/// Topic config of a derived action topic: 7 days' retention, as the repo's `actions.webhook`.
+pub const DERIVED_ACTIONS_CONFIG: [(&str, &str); 2] = [("cleanup.policy", "delete"), ("retention.ms", "604800000")];
+
+/// The topics of every configured service that the files do not declare, so that a service added
+/// to `weir.yaml` gets its topics from `weir topics apply`:
+/// - `actions.<service>`: partitions and replication of `events`, config
+///   [`DERIVED_ACTIONS_CONFIG`] (declare it to choose otherwise);
+/// - its delay topics `actions.<service>.retry.<tier>`: the same partitions, replication and
+///   config as `actions.<service>`, declared or derived.
+///
+/// The files stay the source of truth: a declared topic always wins. Without a declared `events`
+/// topic an undeclared action topic cannot be derived, and the error names the service and what
+/// to declare.
+pub fn service_topics(config: &Config, declared: &[TopicSpec]) -> anyhow::Result<Vec<TopicSpec>> {
+    let names = crate::config::Names::logical();
     let mut derived = Vec::new();
     for (name, service) in &config.services {
-        let main = format!("actions.{name}");
-        let Some(base) = declared.iter().find(|s| s.name == main) else { continue };
+        let main = names.actions(name);
+        let base = match declared.iter().find(|s| s.name == main) {
+            Some(base) => base.clone(),
+            None => {
+                let Some(events) = declared.iter().find(|s| s.name == DERIVED_ACTIONS_FROM) else {
+                    bail!(
+                        "services.{name}: topic {main} is not declared in {} and cannot be derived without a \
+                         declared `{DERIVED_ACTIONS_FROM}` topic; declare {main} there",
+                        config.topics_dir.display()
+                    );
+                };
+                let config = DERIVED_ACTIONS_CONFIG.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                let spec = TopicSpec { name: main.clone(), config, ..events.clone() };
+                derived.push(spec.clone());
+                spec
+            }
+        };
         for tier in service.retry.tier_names() {
-            let name = format!("{main}.retry.{tier}");
+            let name = names.retry(name, &tier);
             if !declared.iter().any(|s| s.name == name) {
                 derived.push(TopicSpec { name, ..base.clone() });
             }
         }
     }
-    derived
+    Ok(derived)
 }
 
 /// Prints one line per change to stdout, or `no changes`. Lines read as the action taken
@@ -583,16 +614,44 @@ mod tests {
         let specs = load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
         let mut config = Config::default();
         config.services.insert("webhook".into(), Default::default());
-        assert!(service_topics(&config, &specs).is_empty(), "the repo declares webhook's delay topics");
+        assert!(service_topics(&config, &specs).unwrap().is_empty(), "the repo declares webhook's delay topics");
         let mut extra = specs.clone();
         extra.push(TopicSpec { name: "actions.slack".into(), partitions: 3, ..specs[0].clone() });
         let mut slack = crate::config::ServiceConfig::default();
-        slack.retry.tiers_ms = vec![5_000, 120_000];
+        slack.retry.tiers = vec![Duration::from_secs(5), Duration::from_secs(120)];
         config.services.insert("slack".into(), slack);
-        let derived = service_topics(&config, &extra);
+        let derived = service_topics(&config, &extra).unwrap();
         let names: Vec<&str> = derived.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["actions.slack.retry.5s", "actions.slack.retry.2m"]);
         assert!(derived.iter().all(|s| s.partitions == 3));
+    }
+
+    #[test]
+    fn an_undeclared_service_gets_its_action_topic_from_events() {
+        let specs = load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+        let events = specs.iter().find(|s| s.name == "events").unwrap();
+        let mut config = Config::default();
+        config.services.insert("crm".into(), Default::default());
+        let derived = service_topics(&config, &specs).unwrap();
+        let names: Vec<&str> = derived.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "actions.crm",
+                "actions.crm.retry.1s",
+                "actions.crm.retry.10s",
+                "actions.crm.retry.1m",
+                "actions.crm.retry.10m"
+            ]
+        );
+        for spec in &derived {
+            assert_eq!((spec.partitions, spec.replication_factor), (events.partitions, events.replication_factor));
+            assert_eq!(spec.config["retention.ms"], "604800000", "{}", spec.name);
+            assert!(!spec.config.contains_key("max.message.bytes"), "events' own settings are not copied");
+        }
+        let without_events: Vec<TopicSpec> = specs.iter().filter(|s| s.name != "events").cloned().collect();
+        let err = service_topics(&config, &without_events).unwrap_err().to_string();
+        assert!(err.contains("services.crm") && err.contains("declare actions.crm"), "{err}");
     }
 
     #[test]

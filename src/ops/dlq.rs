@@ -74,7 +74,7 @@ impl DeadLetter {
     }
 
     fn matches(&self, config: &Config, filter: &Filter) -> bool {
-        let service_topic = filter.service.as_ref().map(|s| config.topic(&format!("actions.{s}")));
+        let service_topic = filter.service.as_ref().map(|s| config.names().actions(s));
         service_topic.is_none_or(|t| self.header(dead_letter::ORIGIN_TOPIC) == Some(t.as_str()))
             && filter.tenant.as_ref().is_none_or(|t| self.key() == *t)
             && filter.since.is_none_or(|since| self.time().is_some_and(|t| t >= since))
@@ -187,8 +187,8 @@ struct Read {
 /// Reads the whole dead-letter topic with a consumer of the `dlq-redrive` group that never joins
 /// it (assigned, not subscribed) and commits only what [`redrive`] decides. Blocking.
 fn read(config: &Config) -> anyhow::Result<Read> {
-    let topic = config.topic("dlq");
-    let group = config.group("dlq-redrive");
+    let topic = config.names().dlq();
+    let group = config.names().group("dlq-redrive");
     let consumer: BaseConsumer = kafka::consumer_config(config, &group)
         .set("enable.auto.commit", "false")
         .create()
@@ -262,7 +262,7 @@ pub fn show(config: &Config, id: &str) -> anyhow::Result<DeadLetter> {
     list(config, &Filter::default())?
         .into_iter()
         .find(|d| d.partition == p && d.offset == o)
-        .with_context(|| format!("no dead letter {id} in {}", config.topic("dlq")))
+        .with_context(|| format!("no dead letter {id} in {}", config.names().dlq()))
 }
 
 /// What a redrive did.
@@ -303,7 +303,7 @@ pub async fn redrive(config: &Config, filter: &Filter, again: bool) -> anyhow::R
     }
     drop(sends);
     outcome.sent = resent.values().map(BTreeSet::len).sum();
-    let topic = config.topic("dlq");
+    let topic = config.names().dlq();
     let mut commit = TopicPartitionList::new();
     for (p, (end, mark)) in &read.partitions {
         let Some(resent) = resent.get(p) else { continue };
@@ -319,7 +319,7 @@ pub async fn redrive(config: &Config, filter: &Filter, again: bool) -> anyhow::R
         let consumer = read.consumer;
         tokio::task::spawn_blocking(move || consumer.commit(&commit, CommitMode::Sync))
             .await?
-            .with_context(|| format!("recording the redrive in group {}", config.group("dlq-redrive")))?;
+            .with_context(|| format!("recording the redrive in group {}", config.names().group("dlq-redrive")))?;
     }
     Event::Redriven { count: outcome.sent }.emit();
     match failure {

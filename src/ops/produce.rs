@@ -43,7 +43,7 @@ pub struct Producer {
 impl Producer {
     /// A producer for the events topic of `config`.
     pub fn new(config: &Config) -> anyhow::Result<Producer> {
-        Self::for_topic(config, &config.topic("events"))
+        Self::for_topic(config, &config.names().events())
     }
 
     /// A producer for any (physical) topic.

@@ -17,7 +17,7 @@ use crate::{
 
 /// Reads the definitions topic up to its current end: key → latest definition. Blocking.
 pub fn read_current(config: &Config) -> anyhow::Result<BTreeMap<String, Workflow>> {
-    let table = Table::open(config, &config.topic("definitions"), &config.group("definitions"))?;
+    let table = Table::open(config, &config.names().definitions(), &config.names().group("definitions"))?;
     let mut current = BTreeMap::new();
     table.read_to_end(|record| {
         let Some(key) = record.key.and_then(|k| std::str::from_utf8(k).ok()) else { return };
@@ -46,7 +46,7 @@ pub async fn apply_dir(config: &Config, dir: &Path, dry_run: bool) -> anyhow::Re
         return Ok(plan);
     }
     let producer = kafka::producer(config)?;
-    let topic = config.topic("definitions");
+    let topic = config.names().definitions();
     // All records are handed to the producer at once and acknowledged together: one partition,
     // an idempotent producer, so they still land in order, and a 1,000-workflow apply takes one
     // round trip instead of a thousand.

@@ -58,18 +58,15 @@ pub async fn run(
     definitions: Arc<DefinitionStore>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut source = Source::subscribe(&config, Stage::Evaluate, &config.topic("events"), &config.group("evaluate"))?;
+    let mut source =
+        Source::subscribe(&config, Stage::Evaluate, &config.names().events(), &config.names().group("evaluate"))?;
     let producer = kafka::producer(&config)?;
     let evaluator = Arc::new(Evaluator {
         definitions,
-        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Evaluate),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Evaluate),
         producer,
-        action_topics: config
-            .services
-            .keys()
-            .map(|s| (s.clone(), config.topic(&format!("actions.{s}")).into()))
-            .collect(),
-        results_topic: config.topic("results").into(),
+        action_topics: config.services.keys().map(|s| (s.clone(), config.names().actions(s).into())).collect(),
+        results_topic: config.names().results().into(),
         max_event_bytes: config.evaluator.max_event_bytes,
     });
     let max_inflight = config.evaluator.max_inflight;

@@ -151,24 +151,24 @@ async fn main_loop(
     producer: FutureProducer,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let topic = config.topic(&format!("actions.{service}"));
-    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("execute-{service}")))?;
+    let topic = config.names().actions(&service);
+    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.names().execute_group(&service))?;
     let mut assignment = source.assignment();
     let tiers = settings
         .retry
-        .tiers_ms
+        .tiers
         .iter()
         .zip(settings.retry.tier_names())
-        .map(|(ms, name)| (*ms, name.clone(), config.topic(&format!("actions.{service}.retry.{name}"))))
+        .map(|(delay, name)| (delay.as_millis() as u64, name.clone(), config.names().retry(&service, &name)))
         .collect();
     let executor = Arc::new(Executor {
         connector,
         throttle: Throttle::new(&service, &settings.limits),
         breaker: Breaker::new(&service, settings.breaker.clone()),
         slots: Semaphore::new(settings.concurrency.unwrap_or(config.executor.concurrency)),
-        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Execute),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute),
         producer,
-        results_topic: config.topic("results"),
+        results_topic: config.names().results(),
         tiers,
         ownership: source.ownership(),
         calls: shutdown.child_token(),
@@ -343,7 +343,7 @@ impl Executor {
     fn defer(self: Arc<Self>, d: Delivery, due: u64) -> BoxFuture<'static, Step> {
         async move {
             let wait = Duration::from_millis(due.saturating_sub(delay::epoch_ms()));
-            let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers_ms, wait)];
+            let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
             let due = due.to_string();
             let headers = kafka::rewrite_headers(
                 &d.message,
@@ -456,7 +456,7 @@ impl Executor {
     ) -> Result<(), rdkafka::error::KafkaError> {
         let wait =
             delay::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
-        let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers_ms, wait)];
+        let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
         let next = ActionTask { attempt: task.attempt + 1, ..task.clone() };
         let payload = serde_json::to_vec(&next).expect("a task always serializes");
         let (due, attempt, now) = (

@@ -14,7 +14,7 @@
 //! While a lane commits, its queue already holds the next batch and the other lanes write theirs.
 //!
 //! ## A batch
-//! A lane's batch is whatever is queued, topped up for at most `sink.linger_ms`, up to
+//! A lane's batch is whatever is queued, topped up for at most `sink.linger`, up to
 //! `sink.batch_size` rows. It is written by one `INSERT … SELECT FROM UNNEST(…)` (one round trip
 //! for the whole batch) with `ON CONFLICT (task_id) DO NOTHING`, so results replayed after a crash
 //! are ignored. Offsets are stored only after the transaction commits: the lane hands its tickets
@@ -206,7 +206,7 @@ impl Writer {
             decided.insert(&mut tx).await?;
         }
         let sends = advance.tasks.iter().map(|task| {
-            let topic = config.topic(&format!("actions.{}", task.service));
+            let topic = config.names().actions(&task.service);
             let payload = serde_json::to_vec(task).expect("a task always serializes");
             async move {
                 kafka::send(
@@ -238,11 +238,11 @@ pub async fn run(
             return Ok(());
         }
     }
-    let mut source = Source::subscribe(&config, Stage::Sink, &config.topic("results"), &config.group("sink"))?;
+    let mut source = Source::subscribe(&config, Stage::Sink, &config.names().results(), &config.names().group("sink"))?;
     let producer = kafka::producer(&config)?;
     let writer = Arc::new(Writer {
         pool: pool.clone(),
-        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Sink),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Sink),
         producer,
         coordinator: Coordinator::new(definitions),
         config: config.clone(),
@@ -319,14 +319,14 @@ fn lane_of(partition: i32, lanes: usize) -> usize {
 }
 
 /// One transaction at a time for the partitions of one lane: take what is queued (topped up for
-/// `linger_ms`), decode it, write it (retrying while the database is down), hand the tickets back.
+/// `linger`), decode it, write it (retrying while the database is down), hand the tickets back.
 async fn lane(
     writer: Arc<Writer>,
     mut queue: mpsc::Receiver<Vec<Delivery>>,
     done: mpsc::UnboundedSender<Vec<Ticket>>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (batch_size, linger) = (writer.config.sink.batch_size, Duration::from_millis(writer.config.sink.linger_ms));
+    let (batch_size, linger) = (writer.config.sink.batch_size, writer.config.sink.linger);
     loop {
         let mut deliveries = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
