@@ -237,7 +237,14 @@ impl ActionResult {
 
     /// A result decided without calling the service (no attempt, no latency): a step skipped,
     /// or a run or step that failed before its call, `error` saying why.
-    pub fn decided(run: &RunRef<'_>, task_id: String, step: &str, service: &str, status: Status, error: Option<String>) -> Self {
+    pub fn decided(
+        run: &RunRef<'_>,
+        task_id: String,
+        step: &str,
+        service: &str,
+        status: Status,
+        error: Option<String>,
+    ) -> Self {
         ActionResult {
             task_id,
             run_id: run.run_id.to_string(),

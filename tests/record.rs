@@ -152,8 +152,13 @@ async fn a_row_postgresql_refuses_is_dead_lettered_with_its_sqlstate_and_the_res
     assert_eq!(query::<i64>(&url, "select count(*) from action_results").await, total as i64 - 1);
     let missing: i64 = query(&url, &format!("select count(*) from action_results where task_id = 'task-{bad}'")).await;
     assert_eq!(missing, 0);
-    let output: Value = query(&url, &format!("select output from action_results where task_id = 'task-{nul_output}'")).await;
-    assert_eq!(output, json!({"text": "a\u{FFFD}b", "k\u{FFFD}": ["\u{FFFD}"]}), "U+0000 in body data stored as U+FFFD");
+    let output: Value =
+        query(&url, &format!("select output from action_results where task_id = 'task-{nul_output}'")).await;
+    assert_eq!(
+        output,
+        json!({"text": "a\u{FFFD}b", "k\u{FFFD}": ["\u{FFFD}"]}),
+        "U+0000 in body data stored as U+FFFD"
+    );
 
     let dead = read_topic(&config.topic("dlq"), 2, Duration::from_secs(10));
     assert_eq!(dead.len(), 1, "only the refused row is dead-lettered");

@@ -228,7 +228,8 @@ fn plan_run(
             break;
         }
     }
-    let finished = wf.def.steps.iter().all(|s| matches!(status.get(s.id.as_str()), Some(Status::Succeeded | Status::Skipped)));
+    let finished =
+        wf.def.steps.iter().all(|s| matches!(status.get(s.id.as_str()), Some(Status::Succeeded | Status::Skipped)));
     if finished {
         plan.state = RunState::Succeeded;
     }
@@ -366,7 +367,11 @@ mod tests {
         known.outcomes.insert("c", Outcome { status: Status::Failed, output: None, error: None });
         let plan = next(&wf, &e, "r", &known, NOW);
         assert_eq!(ids(&plan), (vec![], vec![]));
-        assert_eq!(plan.state, RunState::Failed("step b failed: 503".into()), "the first failed step, in definition order");
+        assert_eq!(
+            plan.state,
+            RunState::Failed("step b failed: 503".into()),
+            "the first failed step, in definition order"
+        );
     }
 
     #[test]
@@ -381,7 +386,11 @@ mod tests {
         let failed = plan.decided.last().unwrap();
         assert_eq!((failed.step_id.as_str(), failed.status), ("c", Status::Failed));
         assert!(failed.error.as_deref().unwrap().starts_with("steps.c.if: "), "{:?}", failed.error);
-        assert!(matches!(&plan.state, RunState::Failed(r) if r.starts_with("step c failed: steps.c.if: ")), "{:?}", plan.state);
+        assert!(
+            matches!(&plan.state, RunState::Failed(r) if r.starts_with("step c failed: steps.c.if: ")),
+            "{:?}",
+            plan.state
+        );
     }
 
     #[test]

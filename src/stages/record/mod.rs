@@ -449,7 +449,8 @@ async fn writer(
 /// Decodes a batch; records that are not results are dead-lettered (and count as done).
 async fn decode(deliveries: Vec<Delivery>, dead_letters: &DeadLetters) -> anyhow::Result<(Batch, Rows)> {
     let mut rows = Rows::default();
-    let mut batch = Batch { records: Vec::with_capacity(deliveries.len()), tickets: Vec::with_capacity(deliveries.len()) };
+    let mut batch =
+        Batch { records: Vec::with_capacity(deliveries.len()), tickets: Vec::with_capacity(deliveries.len()) };
     for Delivery { message, ticket } in deliveries {
         match decode_row(message.payload().unwrap_or_default(), content_type(&message)) {
             Ok((result, finished_at)) => {

@@ -255,26 +255,35 @@ async fn insert_run(
 }
 
 /// Ends a running run.
-async fn finish(tx: &mut PgConnection, run_id: &str, status: RunStatus, error: Option<&str>) -> Result<(), sqlx::Error> {
-    sqlx::query("update workflow_runs set status = $2, error = $3, finished_at = now() where run_id = $1 and status = $4")
-        .bind(run_id)
-        .bind(status.as_sql())
-        .bind(error.map(rows::storable_text))
-        .bind(RunStatus::Running.as_sql())
-        .execute(&mut *tx)
-        .await
-        .map(|_| ())
+async fn finish(
+    tx: &mut PgConnection,
+    run_id: &str,
+    status: RunStatus,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update workflow_runs set status = $2, error = $3, finished_at = now() where run_id = $1 and status = $4",
+    )
+    .bind(run_id)
+    .bind(status.as_sql())
+    .bind(error.map(rows::storable_text))
+    .bind(RunStatus::Running.as_sql())
+    .execute(&mut *tx)
+    .await
+    .map(|_| ())
 }
 
 /// Fails running runs past their deadline, so a run whose step never reports still ends.
 pub async fn expire(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    sqlx::query("update workflow_runs set status = $1, error = $2, finished_at = now() where status = $3 and deadline < now()")
-        .bind(RunStatus::Failed.as_sql())
-        .bind(TIME_LIMIT)
-        .bind(RunStatus::Running.as_sql())
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected())
+    sqlx::query(
+        "update workflow_runs set status = $1, error = $2, finished_at = now() where status = $3 and deadline < now()",
+    )
+    .bind(RunStatus::Failed.as_sql())
+    .bind(TIME_LIMIT)
+    .bind(RunStatus::Running.as_sql())
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
 }
 
 #[cfg(test)]
