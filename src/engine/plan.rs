@@ -281,7 +281,10 @@ mod tests {
         Outcome { status: Status::Succeeded, output: Some(output), error: None }
     }
 
-    fn ids(plan: &Plan) -> (Vec<&str>, Vec<(&str, Status)>) {
+    /// Tasks started and results decided, by step id.
+    type Ids<'a> = (Vec<&'a str>, Vec<(&'a str, Status)>);
+
+    fn ids(plan: &Plan) -> Ids<'_> {
         (
             plan.tasks.iter().map(|t| t.step_id.as_str()).collect(),
             plan.decided.iter().map(|r| (r.step_id.as_str(), r.status)).collect(),
@@ -416,8 +419,7 @@ mod tests {
         .map(|y| Arc::new(compile(y)));
         let e = event(json!({"n": 3}));
         let runs = start(&e, &candidates, NOW);
-        let by_id: Vec<(&str, (Vec<&str>, Vec<(&str, Status)>))> =
-            runs.iter().map(|(wf, plan)| (wf.def.id.as_str(), ids(plan))).collect();
+        let by_id: Vec<(&str, Ids)> = runs.iter().map(|(wf, plan)| (wf.def.id.as_str(), ids(plan))).collect();
         assert_eq!(by_id, [("yes", (vec!["s"], vec![])), ("broken", (vec![], vec![(TRIGGER_STEP, Status::Failed)]))]);
         let failed = &runs[1].1.decided[0];
         assert_eq!((failed.service.as_str(), failed.run_id.clone()), (EVALUATE_SERVICE, candidates[2].run_id(&e)));
