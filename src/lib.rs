@@ -5,8 +5,9 @@
 //! An event travels through four stages, each a module with its own consumer group:
 //!
 //! ```text
-//!  produce ──► events ──► evaluate ──► actions.<service> ──► execute ──► results ──► sink ──► PostgreSQL
-//!                            │                                  │                       │
+//!  produce ──► events ──► evaluate ──► actions.<service> ──► execute ──► results ──► record ──► PostgreSQL
+//!                            │                  ▲               │                     │ │
+//!                            │                  └───────────────┼──── next steps ─────┘ │
 //!                            └────────────── dlq ◄──────────────┴───────────────────────┘
 //! ```
 //!
@@ -14,8 +15,9 @@
 //! - [`evaluate`]: matches each event against the [`workflow`] definitions and emits action tasks.
 //! - [`execute`]: calls each external service and reports a result per task, through the
 //!   service's [`connectors`] (webhook, Slack, OpenAI, no-op), which also guard the network.
-//! - [`sink`]: writes results into PostgreSQL in idempotent batches, and through [`coordinate`]
-//!   starts the next steps of multi-step runs in the same transaction.
+//! - [`stages::record`]: records results in PostgreSQL in idempotent batches and advances
+//!   multi-step runs in the same transaction, producing their next steps back to the action
+//!   topics; [`engine::plan`] is the one planner, for first steps (evaluate) and later ones.
 //!
 //! The workflow engine: [`definitions`] keeps the compacted definitions topic as a cached,
 //! hot-reloading set; [`workflow`] validates and compiles a definition; [`condition`] (CEL) and
