@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir::{
     config::Config,
-    engine::definitions,
     envelope::Format,
     kafka::topics,
     ops::produce::{self, Producer},
+    ops::workflows,
     pipeline::{Pipeline, StageName},
     shutdown, telemetry,
 };
@@ -206,12 +206,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Workflows { action: WorkflowsAction::Apply { dir, dry_run } } => {
             let dir = dir.unwrap_or_else(|| config.workflows.clone());
-            let plan = definitions::apply_dir(&config, &dir, dry_run).await?;
+            let plan = workflows::apply_dir(&config, &dir, dry_run).await?;
             plan.print(dry_run);
             Ok(())
         }
         Command::Workflows { action: WorkflowsAction::List { tenant } } => {
-            let current = tokio::task::spawn_blocking(move || definitions::read_current(&config)).await??;
+            let current = tokio::task::spawn_blocking(move || workflows::read_current(&config)).await??;
             println!("{:<40} {:>7}  {:<30} steps", "workflow", "version", "trigger");
             for (key, wf) in current {
                 if tenant.as_deref().is_some_and(|t| wf.tenant.as_deref().is_some_and(|w| w != t)) {

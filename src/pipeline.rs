@@ -6,9 +6,15 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
-    config::Config, engine::definitions::DefinitionStore, kafka, shutdown, stages::evaluate, stages::execute,
+    config::Config,
+    engine::definitions::DefinitionStore,
+    kafka::{self, compacted::Table},
+    shutdown,
+    stages::evaluate,
+    stages::execute,
     stages::record,
 };
 
@@ -23,6 +29,20 @@ pub enum StageName {
 pub struct Pipeline {
     trigger: shutdown::Trigger,
     tasks: Vec<(String, JoinHandle<anyhow::Result<()>>)>,
+    /// Stops following the definitions topic when the pipeline goes.
+    _definitions: DropGuard,
+}
+
+/// Reads the compacted definitions topic into a new store, then keeps the store current from a
+/// follower thread until the returned guard is dropped. Blocking.
+pub fn follow_definitions(config: &Config) -> anyhow::Result<(Arc<DefinitionStore>, DropGuard)> {
+    let store = Arc::new(DefinitionStore::new(config.services.keys().cloned().collect()));
+    let table = Table::open(config, &config.topic("definitions"), &config.group("definitions"))?;
+    table.read_to_end(|r| store.apply_record(r.key, r.value, r.offset))?;
+    let stop = CancellationToken::new();
+    let follower = store.clone();
+    table.follow(stop.clone(), move |r| follower.apply_record(r.key, r.value, r.offset))?;
+    Ok((store, stop.drop_guard()))
 }
 
 impl Pipeline {
@@ -30,12 +50,12 @@ impl Pipeline {
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
-        let store_config = config.clone();
-        let definitions = Arc::new(
-            tokio::task::spawn_blocking(move || DefinitionStore::start(&store_config))
-                .await?
-                .context("loading workflow definitions")?,
-        );
+        let (definitions, follower) = tokio::task::spawn_blocking({
+            let config = config.clone();
+            move || follow_definitions(&config)
+        })
+        .await?
+        .context("loading workflow definitions")?;
         tracing::info!(workflows = definitions.len(), "workflow definitions loaded");
         let (trigger, _) = shutdown::channel();
         let mut tasks = Vec::new();
@@ -59,7 +79,7 @@ impl Pipeline {
                 )),
             }
         }
-        Ok(Pipeline { trigger, tasks })
+        Ok(Pipeline { trigger, tasks, _definitions: follower })
     }
 
     /// All stages.

@@ -1,11 +1,14 @@
-//! Workflow definitions as a compacted Kafka topic, and the cached, hot-reloading set every
-//! evaluator matches against.
+//! The cached, hot-reloading set of compiled workflow definitions every evaluator matches
+//! against. Pure: it is fed records (key, definition or tombstone) by whoever reads the
+//! compacted definitions topic (see `pipeline`, which follows it with
+//! `kafka::compacted::Table`), and knows nothing of Kafka.
 //!
 //! `weir workflows apply DIR` publishes each definition keyed by `tenant/id` (`*/id` for
 //! platform-wide ones) and a tombstone for each definition no longer in the directory; compaction
-//! keeps the latest record per key. Every worker reads the topic from the beginning at start
-//! (and does not evaluate anything until it has caught up), then follows it: an apply reaches
-//! every running worker as fast as the broker delivers a record, without a restart.
+//! keeps the latest record per key ([`plan_apply`] decides which). Every worker reads the topic
+//! from the beginning at start (and does not evaluate anything until it has caught up), then
+//! follows it: an apply reaches every running worker as fast as the broker delivers a record,
+//! without a restart.
 //!
 //! Matching an event asks a moka cache for the compiled workflows of (tenant, event type); a miss
 //! is computed from the definitions and cached, and any definition change invalidates the cache.
@@ -17,25 +20,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
-    },
-    time::Duration,
+    sync::{Arc, RwLock},
 };
 
 use anyhow::{bail, Context as _};
-use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
-    message::OwnedHeaders,
-    Message, Offset, TopicPartitionList,
-};
 
-use crate::{
-    config::Config,
-    engine::workflow::{CompiledWorkflow, Workflow},
-    kafka,
-};
+use crate::engine::workflow::{CompiledWorkflow, Workflow};
 
 /// Key prefix of platform-wide workflows.
 pub const PLATFORM: &str = "*";
@@ -45,86 +35,9 @@ pub fn key(tenant: Option<&str>, id: &str) -> String {
     format!("{}/{}", tenant.unwrap_or(PLATFORM), id)
 }
 
-fn reader(config: &Config) -> anyhow::Result<(BaseConsumer, String, TopicPartitionList)> {
-    let topic = config.topic("definitions");
-    // No group: the store reads everything, always; nothing is committed.
-    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("definitions"))
-        .set("enable.auto.commit", "false")
-        // Lag statistics are for the stages' consumers (their context turns them into metrics);
-        // here they would only be logged.
-        .set("statistics.interval.ms", "0")
-        .create()
-        .context("creating definitions reader")?;
-    let partitions = kafka::partition_count(consumer.client(), &topic)?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    Ok((consumer, topic, tpl))
-}
-
 /// Decodes one definitions record: `None` for a tombstone.
-fn decode(payload: Option<&[u8]>) -> anyhow::Result<Option<Workflow>> {
+pub fn decode(payload: Option<&[u8]>) -> anyhow::Result<Option<Workflow>> {
     payload.map(|p| serde_json::from_slice(p).context("definition record is not a workflow")).transpose()
-}
-
-/// Reads the definitions topic up to its current end: key → latest definition.
-pub fn read_current(config: &Config) -> anyhow::Result<BTreeMap<String, Workflow>> {
-    let (consumer, topic, tpl) = reader(config)?;
-    let mut current = BTreeMap::new();
-    catch_up(&consumer, &topic, &tpl, |key, wf| {
-        match wf {
-            Some(wf) => current.insert(key, wf),
-            None => current.remove(&key),
-        };
-    })?;
-    Ok(current)
-}
-
-/// Polls until every partition reached the high watermark it had when called.
-fn catch_up(
-    consumer: &BaseConsumer,
-    topic: &str,
-    tpl: &TopicPartitionList,
-    mut apply: impl FnMut(String, Option<Workflow>),
-) -> anyhow::Result<()> {
-    let mut remaining: HashMap<i32, i64> = HashMap::new();
-    for e in tpl.elements() {
-        // A just-created topic may not have a serving leader yet: that answer is transient.
-        let deadline = std::time::Instant::now() + kafka::METADATA_TIMEOUT;
-        let (low, high) = loop {
-            match consumer.fetch_watermarks(topic, e.partition(), kafka::METADATA_TIMEOUT) {
-                Ok(w) => break w,
-                Err(err) if std::time::Instant::now() < deadline => {
-                    tracing::debug!(topic, "watermarks not available yet: {err}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(err) => return Err(err).with_context(|| format!("reading the end offsets of {topic}")),
-            }
-        };
-        if high > low {
-            remaining.insert(e.partition(), high);
-        }
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !remaining.is_empty() {
-        if std::time::Instant::now() > deadline {
-            bail!("reading {topic}: did not reach the end within 60 s");
-        }
-        let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
-        let msg = msg.with_context(|| format!("reading {topic}"))?;
-        if let Some(key) = msg.key().and_then(|k| std::str::from_utf8(k).ok()) {
-            match decode(msg.payload()) {
-                Ok(wf) => apply(key.to_string(), wf),
-                Err(e) => tracing::error!(key, offset = msg.offset(), "skipping definition: {e:#}"),
-            }
-        }
-        if remaining.get(&msg.partition()).is_some_and(|high| msg.offset() + 1 >= *high) {
-            remaining.remove(&msg.partition());
-        }
-    }
-    Ok(())
 }
 
 /// What `weir workflows apply` changes.
@@ -150,19 +63,17 @@ impl ApplyPlan {
     }
 }
 
-/// Validates every definition of `dir` and makes the definitions topic equal to it: new and
-/// changed definitions are published, definitions missing from `dir` are deleted (tombstones).
+/// What makes the published definitions (`current`, key → definition) equal to `local`: new and
+/// changed definitions are published, definitions missing from `local` are deleted (tombstones).
 /// A definition whose content changed without a higher `version` is refused, because running
 /// workers and in-flight runs tell versions apart by that number.
-pub async fn apply_dir(config: &Config, dir: &std::path::Path, dry_run: bool) -> anyhow::Result<ApplyPlan> {
-    let services: BTreeSet<&str> = config.services.keys().map(String::as_str).collect();
-    let local = crate::engine::workflow::load(dir, &services)?;
-    let cfg = config.clone();
-    let current = tokio::task::spawn_blocking(move || read_current(&cfg)).await??;
+pub fn plan_apply(
+    local: &BTreeMap<String, Workflow>,
+    current: &BTreeMap<String, Workflow>,
+) -> anyhow::Result<ApplyPlan> {
     let mut plan = ApplyPlan::default();
-    for wf in local.values() {
-        let k = key(wf.tenant.as_deref(), &wf.id);
-        match current.get(&k) {
+    for (k, wf) in local {
+        match current.get(k) {
             Some(old) if old == wf => plan.unchanged += 1,
             Some(old) if wf.version <= old.version => bail!(
                 "workflow {k}: definition changed but version {} is not above the published version {}; bump `version`",
@@ -172,33 +83,7 @@ pub async fn apply_dir(config: &Config, dir: &std::path::Path, dry_run: bool) ->
             _ => plan.publish.push(wf.clone()),
         }
     }
-    let local_keys: BTreeSet<String> = local.keys().cloned().collect();
-    plan.delete = current.keys().filter(|k| !local_keys.contains(*k)).cloned().collect();
-    if dry_run {
-        return Ok(plan);
-    }
-    let producer = kafka::producer(config)?;
-    let topic = config.topic("definitions");
-    // All records are handed to the producer at once and acknowledged together: one partition,
-    // an idempotent producer, so they still land in order, and a 1,000-workflow apply takes one
-    // round trip instead of a thousand.
-    let publishes = plan.publish.iter().map(|wf| {
-        let (producer, topic) = (&producer, &topic);
-        async move {
-            let k = key(wf.tenant.as_deref(), &wf.id);
-            let payload = serde_json::to_vec(wf)?;
-            kafka::send(producer, topic, Some(k.as_bytes()), &payload, OwnedHeaders::new())
-                .await
-                .with_context(|| format!("publishing {k}"))
-        }
-    });
-    let deletes = plan.delete.iter().map(|k| {
-        let record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(&topic).key(k.as_bytes());
-        let sent = producer.send(record, Duration::from_secs(30));
-        async move { sent.await.map(|_| ()).map_err(|(e, _)| e).with_context(|| format!("deleting {k}")) }
-    });
-    futures::future::try_join_all(publishes).await?;
-    futures::future::try_join_all(deletes).await?;
+    plan.delete = current.keys().filter(|k| !local.contains_key(*k)).cloned().collect();
     Ok(plan)
 }
 
@@ -245,35 +130,26 @@ impl Inner {
     }
 }
 
-/// The definitions a worker evaluates against, kept current by a follower thread.
+/// The definitions a worker evaluates against, kept current by [`apply_record`](Self::apply_record).
 pub struct DefinitionStore {
     inner: Arc<Inner>,
-    stop: Arc<AtomicBool>,
 }
 
 impl DefinitionStore {
-    /// Reads the definitions topic to its end, then follows it in the background.
-    pub fn start(config: &Config) -> anyhow::Result<DefinitionStore> {
-        let inner = Arc::new(Inner::new(config.services.keys().cloned().collect()));
-        let (consumer, topic, tpl) = reader(config)?;
-        catch_up(&consumer, &topic, &tpl, |k, wf| inner.apply(k, wf))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (follower, flag) = (inner.clone(), stop.clone());
-        std::thread::Builder::new().name("weir-definitions".into()).spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match consumer.poll(Duration::from_millis(100)) {
-                    Some(Ok(msg)) => match (msg.key().and_then(|k| std::str::from_utf8(k).ok()), decode(msg.payload()))
-                    {
-                        (Some(key), Ok(wf)) => follower.apply(key.to_string(), wf),
-                        (_, Err(e)) => tracing::error!(offset = msg.offset(), "skipping definition: {e:#}"),
-                        (None, _) => tracing::error!(offset = msg.offset(), "skipping definition without a key"),
-                    },
-                    Some(Err(e)) => tracing::warn!("reading definitions: {e}"),
-                    None => {}
-                }
-            }
-        })?;
-        Ok(DefinitionStore { inner, stop })
+    /// An empty store for workflows that may call `services`.
+    pub fn new(services: BTreeSet<String>) -> DefinitionStore {
+        DefinitionStore { inner: Arc::new(Inner::new(services)) }
+    }
+
+    /// Applies one record of the definitions topic (`value` `None`: a tombstone). A record that
+    /// is not a definition, or one this worker cannot compile, is logged and skipped: the
+    /// previous version stays in force.
+    pub fn apply_record(&self, key: Option<&[u8]>, value: Option<&[u8]>, offset: i64) {
+        match (key.and_then(|k| std::str::from_utf8(k).ok()), decode(value)) {
+            (Some(key), Ok(wf)) => self.inner.apply(key.to_string(), wf),
+            (Some(key), Err(e)) => tracing::error!(key, offset, "skipping definition: {e:#}"),
+            (None, _) => tracing::error!(offset, "skipping definition without a UTF-8 key"),
+        }
     }
 
     /// A fixed set, without Kafka: for benchmarks and for embedding the matcher. Every workflow
@@ -286,7 +162,7 @@ impl DefinitionStore {
             CompiledWorkflow::compile(wf.clone(), &names).with_context(|| format!("workflow {k}"))?;
             inner.apply(k, Some(wf));
         }
-        Ok(DefinitionStore { inner: Arc::new(inner), stop: Arc::new(AtomicBool::new(false)) })
+        Ok(DefinitionStore { inner: Arc::new(inner) })
     }
 
     /// Workflows an event of `kind` for `tenant` may trigger: the platform-wide ones, then the
@@ -318,11 +194,5 @@ impl DefinitionStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl Drop for DefinitionStore {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }

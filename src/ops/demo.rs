@@ -11,11 +11,11 @@ use serde_json::json;
 
 use crate::{
     config::{Config, ServiceConfig},
-    engine::definitions,
     envelope::{Event, Format},
     kafka::topics,
     ops::produce::Producer,
     ops::receiver::Receiver,
+    ops::workflows,
     pipeline::Pipeline,
     shutdown,
     stages::record,
@@ -84,7 +84,7 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     topics::print_plan(&plan, false);
 
     println!("\n2. workflows from {} → definitions topic", config.workflows.display());
-    definitions::apply_dir(&config, &config.workflows, false).await?.print(false);
+    workflows::apply_dir(&config, &config.workflows, false).await?.print(false);
     println!("\n3. pipeline: evaluate → execute(webhook) → sink(PostgreSQL)");
     let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await?;
 

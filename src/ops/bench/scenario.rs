@@ -164,7 +164,7 @@ async fn drive(
                 warm_until = head_start;
             }
             write_workflows(workdir, &workflows)?;
-            crate::engine::definitions::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
+            crate::ops::workflows::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
             let stages: &[StageName] = match scenario {
                 Scenario::Evaluate => &[StageName::Evaluate],
                 Scenario::Throttled => &[StageName::Evaluate, StageName::Execute],
