@@ -23,9 +23,10 @@
 //!     topics. That loop is why a run's later steps appear on `actions.<service>` without an
 //!     event.
 //! - [`engine`]: what a workflow is and decides, with no I/O: [`engine::workflow`] (a
-//!   definition, validated and compiled), [`engine::condition`] (CEL), [`engine::template`]
-//!   (minijinja), [`engine::definitions`] (the cached, hot-reloading set the evaluator matches
-//!   against).
+//!   definition, validated and compiled), [`engine::plan`] (the one planner: which steps of a
+//!   run start, for the evaluator's first steps and the record stage's later ones alike),
+//!   [`engine::condition`] (CEL), [`engine::template`] (minijinja), [`engine::definitions`] (the
+//!   cached, hot-reloading set the evaluator matches against).
 //! - [`kafka`]: the plumbing every stage reads and writes through, knowing no stage or workflow:
 //!   client settings, [`kafka::source`] (the consumer loop: batches, pause-instead-of-buffer
 //!   backpressure, offsets stored only once the work is durable, with [`kafka::offsets`]),

@@ -496,23 +496,11 @@ impl Executor {
     ) -> Result<(), rdkafka::error::KafkaError> {
         // The task is finished with: its fields move into the result rather than being copied.
         let result = ActionResult {
-            task_id: task.task_id,
-            run_id: task.run_id,
-            event_id: task.event_id,
-            tenant: task.tenant,
-            workflow_id: task.workflow_id,
-            workflow_version: task.workflow_version,
-            step_id: task.step_id,
-            service: task.service,
-            status,
-            attempts: task.attempt,
-            latency_ms: latency.as_secs_f64() * 1e3,
             http_status: http_status.map(i32::from),
             cost,
             error,
-            finished_at: chrono::Utc::now().to_rfc3339(),
             output,
-            event: task.event,
+            ..ActionResult::from_task(task, status, latency)
         };
         let payload = serde_json::to_vec(&result).expect("a result always serializes");
         kafka::send(
