@@ -47,6 +47,8 @@ pub struct Config {
     pub kafka: BTreeMap<String, String>,
     /// Which internal addresses connectors may call (see `docs/connectors.md`).
     pub network: crate::connectors::NetworkPolicy,
+    /// How much work a workflow's templates may do per run.
+    pub engine: crate::engine::Bounds,
 }
 
 impl Default for Config {
@@ -64,6 +66,7 @@ impl Default for Config {
             services: BTreeMap::new(),
             kafka: BTreeMap::new(),
             network: Default::default(),
+            engine: Default::default(),
         }
     }
 }
@@ -450,6 +453,7 @@ impl Config {
             service.validate(name)?;
             crate::connectors::validate(name, service, &self.network)?;
         }
+        self.engine.validate()?;
         Ok(())
     }
 

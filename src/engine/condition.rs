@@ -40,18 +40,20 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    panic::{catch_unwind, AssertUnwindSafe},
     sync::{Arc, OnceLock},
 };
 
-use cel_interpreter::{
-    objects::{Key, Map},
+use cel::{
+    common::{
+        ast::{operators, EntryExpr, Expr, IdedExpr},
+        types::{CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt},
+        value::Val,
+    },
     Context, ExecutionError, Program, Value,
 };
-use cel_parser::ast::{operators, EntryExpr, Expr, IdedExpr};
 use serde_json::Value as Json;
 
-use crate::envelope::Event;
+use crate::{engine::contain, envelope::Event};
 
 /// The variables a condition may read.
 pub const VARIABLES: [&str; 3] = ["event", "data", "steps"];
@@ -59,19 +61,42 @@ pub const VARIABLES: [&str; 3] = ["event", "data", "steps"];
 /// The attributes `event` carries.
 pub const EVENT_ATTRIBUTES: [&str; 5] = ["id", "type", "source", "time", "tenant"];
 
-/// Functions of cel-interpreter 0.10's default context (checked by a test against the interpreter).
+/// Longest condition accepted, in bytes. The parser and the interpreter recurse over the
+/// expression, so its size is what bounds their stack use and the time one evaluation takes
+/// (the interpreter has no instruction budget); real conditions are a few hundred bytes.
+pub const MAX_CONDITION_BYTES: usize = 4096;
+
+/// Deepest nesting of a condition's syntax tree (`a + b + c` is three deep, `f(g(x))` three,
+/// `data.a.b` three). The interpreter evaluates recursively on the stage's own thread, whose
+/// stack (2 MiB) holds about 50 levels in an unoptimised build: a test evaluates the deepest
+/// conditions accepted on such a stack.
+pub const MAX_DEPTH: usize = 32;
+
+/// Most comprehension macros (`all`, `exists`, `exists_one`, `map`, `filter`) nested in one
+/// another. Each level multiplies the work by the length of the list it iterates, so
+/// `data.a.all(x, data.a.all(y, data.a.all(z, …)))` over a long list is refused at load time.
+pub const MAX_COMPREHENSION_NESTING: usize = 2;
+
+/// The parser runs on a thread of its own with this much stack: in an unoptimised build the
+/// generated parser uses about 150 KB of stack per nested parenthesis, more than the 2 MiB of
+/// the threads that load definitions. (Reserved address space; only what is used is committed.)
+const PARSER_STACK: usize = 64 << 20;
+
+/// Functions of the `cel` crate's standard environment (a test checks each against the
+/// interpreter).
 const FUNCTIONS: &[&str] = &[
     "contains",
     "size",
-    "max",
-    "min",
     "startsWith",
     "endsWith",
     "string",
     "bytes",
+    "bool",
     "double",
     "int",
     "uint",
+    "dyn",
+    "type",
     "matches",
     "duration",
     "timestamp",
@@ -116,8 +141,9 @@ const MAX_MESSAGE: usize = 400;
 /// Why a condition did not compile or evaluate. Every variant quotes the expression.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConditionError {
+    /// `position` is the (line, column) in the expression, both from 1, where the parser gives one.
     #[error("invalid condition `{expr}`: {message}")]
-    Syntax { expr: String, message: String },
+    Syntax { expr: String, message: String, position: Option<(usize, usize)> },
     #[error("condition `{expr}` uses unknown variable `{name}` (allowed: {})", VARIABLES.join(", "))]
     UnknownVariable { expr: String, name: String },
     #[error(
@@ -129,10 +155,23 @@ pub enum ConditionError {
     UnknownFunction { expr: String, name: String },
     #[error("condition `{expr}` uses {what}, which is not supported")]
     Unsupported { expr: String, what: &'static str },
+    /// Longer or more deeply nested than the limits above.
+    #[error("condition `{expr}` is too large: {what}")]
+    TooLarge { expr: String, what: String },
     #[error("condition `{expr}` failed: {message}")]
     Evaluation { expr: String, message: String },
     #[error("condition `{expr}` returned {kind}, expected bool")]
     NotBool { expr: String, kind: String },
+}
+
+impl ConditionError {
+    /// Where in the expression the error is, (line, column) from 1, when known.
+    pub fn position(&self) -> Option<(usize, usize)> {
+        match self {
+            ConditionError::Syntax { position, .. } => *position,
+            _ => None,
+        }
+    }
 }
 
 /// A compiled CEL condition and the field paths it reads.
@@ -150,33 +189,68 @@ impl fmt::Debug for Condition {
 }
 
 impl Condition {
-    /// Parses and checks `source`, and records the paths it reads.
+    /// Parses and checks `source`, and records the paths it reads. Never panics: whatever the
+    /// parser makes of the text, the answer is a condition or an error that says what is wrong.
     pub fn compile(source: &str) -> Result<Condition, ConditionError> {
-        let syntax = |e: cel_interpreter::ParseErrors| ConditionError::Syntax {
-            expr: source.to_string(),
-            message: e
-                .errors
-                .iter()
-                .map(|e| format!("{} at {}:{}", e.msg, e.pos.0, e.pos.1))
-                .collect::<Vec<_>>()
-                .join("; "),
-        };
-        // The program keeps its syntax tree private, so the walk parses a second time (load time
-        // only). The ANTLR-generated parser panics on some malformed input (`data.n > `): that is
-        // a syntax error too, never a crash of whatever is loading the definition.
-        let parsed =
-            catch_unwind(AssertUnwindSafe(|| (Program::compile(source), cel_parser::Parser::default().parse(source))));
-        let Ok((program, ast)) = parsed else {
-            return Err(ConditionError::Syntax {
-                expr: source.to_string(),
-                message: "syntax error (the parser could not make sense of it)".into(),
+        let expr = || source.chars().take(200).collect::<String>() + if source.len() > 200 { "…" } else { "" };
+        if source.len() > MAX_CONDITION_BYTES {
+            return Err(ConditionError::TooLarge {
+                expr: expr(),
+                what: format!("{} bytes, more than {MAX_CONDITION_BYTES}", source.len()),
             });
+        }
+        // Parsing and the checks run on a thread with a large stack, and anything refused is
+        // dropped there too (dropping a syntax tree recurses as deep as it is).
+        let parse = || -> Result<(Program, FieldPaths), ConditionError> {
+            let program = match contain(|| Program::compile(source)) {
+                Ok(Ok(program)) => program,
+                Ok(Err(errors)) => {
+                    let first = errors.errors.first();
+                    return Err(ConditionError::Syntax {
+                        expr: source.to_string(),
+                        message: errors
+                            .errors
+                            .iter()
+                            .map(|e| format!("{} at {}:{}", e.msg, e.pos.0, e.pos.1 + 1))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        position: first
+                            .filter(|e| e.pos.0 >= 1 && e.pos.1 >= 0)
+                            .map(|e| (e.pos.0 as usize, e.pos.1 as usize + 1)),
+                    });
+                }
+                Err(panic) => {
+                    return Err(ConditionError::Syntax {
+                        expr: source.to_string(),
+                        message: truncate(format!("the parser could not make sense of it ({panic})")),
+                        position: None,
+                    })
+                }
+            };
+            let mut walk = Walk { source, bound: Vec::new(), paths: FieldPaths::new(), depth: 0, comprehensions: 0 };
+            walk.expr(program.expression())?;
+            Ok((program, walk.paths))
         };
-        let program = program.map_err(syntax)?;
-        let ast = ast.map_err(syntax)?;
-        let mut walk = Walk { source, bound: Vec::new(), paths: FieldPaths::new() };
-        walk.expr(&ast)?;
-        Ok(Condition { program: Arc::new(program), source: source.to_string(), paths: walk.paths })
+        let (program, paths) = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("weir-cel-parse".into())
+                .stack_size(PARSER_STACK)
+                .spawn_scoped(scope, parse)
+                .map_err(|e| ConditionError::Syntax {
+                    expr: source.to_string(),
+                    message: format!("could not start the parser thread ({e}); retry the load"),
+                    position: None,
+                })?
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(ConditionError::Syntax {
+                        expr: source.to_string(),
+                        message: "the parser failed on it".into(),
+                        position: None,
+                    })
+                })
+        })?;
+        Ok(Condition { program: Arc::new(program), source: source.to_string(), paths })
     }
 
     /// The expression as written.
@@ -191,26 +265,18 @@ impl Condition {
 
     /// Evaluates against a scope built from paths that include this condition's.
     pub fn evaluate(&self, scope: &Scope) -> Result<bool, ConditionError> {
-        // cel-interpreter 0.10 still has unfinished match arms (todo macros) for input it cannot handle (a comprehension
-        // over a string, say); an event must never take the evaluator down with it.
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.program.execute(&scope.context)));
-        match outcome {
+        // A panic in the interpreter on some input must come back as that event's error, never
+        // take the stage down with it.
+        match contain(|| self.program.execute(&scope.context)) {
             Ok(Ok(Value::Bool(b))) => Ok(b),
             Ok(Ok(other)) => {
                 Err(ConditionError::NotBool { expr: self.source.clone(), kind: other.type_of().to_string() })
             }
             Ok(Err(e)) => Err(ConditionError::Evaluation { expr: self.source.clone(), message: describe(&e) }),
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("unknown");
-                Err(ConditionError::Evaluation {
-                    expr: self.source.clone(),
-                    message: truncate(format!("the interpreter cannot evaluate this input ({what})")),
-                })
-            }
+            Err(panic) => Err(ConditionError::Evaluation {
+                expr: self.source.clone(),
+                message: truncate(format!("the interpreter cannot evaluate this input ({panic})")),
+            }),
         }
     }
 }
@@ -225,7 +291,16 @@ fn describe(e: &ExecutionError) -> String {
         ExecutionError::UnsupportedBinaryOperator(op, a, b) => {
             format!("cannot apply '{op}' to {} and {}", preview(a), preview(b))
         }
-        ExecutionError::UnsupportedUnaryOperator(op, a) => format!("cannot apply '{op}' to {}", preview(a)),
+        ExecutionError::NoSuchOverload(overload) => {
+            // Operators are named `_+_`, `!_`, `_[_]`: show them as written.
+            let name = overload.function();
+            let shown = if name.contains('_') && !name.chars().any(|c| c.is_ascii_alphanumeric()) {
+                name.replace('_', "")
+            } else {
+                name.to_string()
+            };
+            truncate(format!("cannot apply '{shown}' to ({})", overload.argument_types().join(", ")))
+        }
         other => truncate(other.to_string()),
     }
 }
@@ -268,11 +343,28 @@ struct Walk<'a> {
     /// Comprehension variables in scope (`x` in `list.all(x, …)`, the macros' accumulators).
     bound: Vec<String>,
     paths: FieldPaths,
+    /// Nesting of the node being walked, and of comprehensions around it.
+    depth: usize,
+    comprehensions: usize,
 }
 
 impl Walk<'_> {
     fn expr(&mut self, e: &IdedExpr) -> Result<(), ConditionError> {
+        self.depth += 1;
+        let checked = self.node(e);
+        self.depth -= 1;
+        checked
+    }
+
+    fn node(&mut self, e: &IdedExpr) -> Result<(), ConditionError> {
+        if self.depth > MAX_DEPTH {
+            return Err(self.too_deep());
+        }
         if let Some(path) = self.path(e)? {
+            // `data.a.b` is a chain of selections, as deep as it is long.
+            if self.depth + path.len() - 1 > MAX_DEPTH {
+                return Err(self.too_deep());
+            }
             return self.record(path);
         }
         match &e.expr {
@@ -294,8 +386,10 @@ impl Walk<'_> {
                 }
                 call.args.iter().try_for_each(|a| self.expr(a))
             }
+            Expr::List(list) if !list.optional_indices.is_empty() => Err(self.unsupported("optional elements")),
             Expr::List(list) => list.elements.iter().try_for_each(|e| self.expr(e)),
             Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
+                EntryExpr::MapEntry(m) if m.optional => Err(self.unsupported("optional entries")),
                 EntryExpr::MapEntry(m) => {
                     self.expr(&m.key)?;
                     self.expr(&m.value)
@@ -305,11 +399,21 @@ impl Walk<'_> {
             Expr::Comprehension(c) => {
                 self.expr(&c.iter_range)?;
                 self.expr(&c.accu_init)?;
+                if self.comprehensions == MAX_COMPREHENSION_NESTING {
+                    return Err(ConditionError::TooLarge {
+                        expr: self.source.to_string(),
+                        what: format!(
+                            "more than {MAX_COMPREHENSION_NESTING} nested macros (all, exists, exists_one, map, filter)"
+                        ),
+                    });
+                }
                 let depth = self.bound.len();
                 self.bound.push(c.iter_var.clone());
                 self.bound.extend(c.iter_var2.iter().cloned());
                 self.bound.push(c.accu_var.clone());
+                self.comprehensions += 1;
                 let body = [&c.loop_cond, &c.loop_step, &c.result].into_iter().try_for_each(|e| self.expr(e));
+                self.comprehensions -= 1;
                 self.bound.truncate(depth);
                 body
             }
@@ -347,6 +451,13 @@ impl Walk<'_> {
         }
         self.paths.insert(&path);
         Ok(())
+    }
+
+    fn too_deep(&self) -> ConditionError {
+        ConditionError::TooLarge {
+            expr: self.source.to_string(),
+            what: format!("nested more than {MAX_DEPTH} levels deep"),
+        }
     }
 
     fn unsupported(&self, what: &'static str) -> ConditionError {
@@ -582,7 +693,7 @@ impl Selection {
 
 /// The per-event CEL context: the selected parts of the event (and step outputs) as CEL values.
 pub struct Scope {
-    context: Context<'static>,
+    context: Context<'static, 'static>,
 }
 
 impl fmt::Debug for Scope {
@@ -591,11 +702,14 @@ impl fmt::Debug for Scope {
     }
 }
 
-/// The built-in functions, registered once; each scope is a child context holding only variables.
-fn functions() -> &'static Context<'static> {
-    static ROOT: OnceLock<Context<'static>> = OnceLock::new();
+/// The standard environment, built once; each scope is a child context holding only variables.
+fn functions() -> &'static Context<'static, 'static> {
+    static ROOT: OnceLock<Context<'static, 'static>> = OnceLock::new();
     ROOT.get_or_init(Context::default)
 }
+
+/// A CEL value as the interpreter holds it.
+type Cel = Box<dyn Val>;
 
 impl Scope {
     /// Converts the parts of `event` (and `steps`, the `{"<id>": {"output": …}}` object) that
@@ -612,13 +726,13 @@ impl Scope {
                 },
                 _ => continue,
             };
-            context.add_variable_from_value(name.as_str(), value);
+            context.add_variable_as_val(name.as_str(), value);
         }
         Scope { context }
     }
 }
 
-fn attributes(event: &Event, selection: &Selection) -> Value {
+fn attributes(event: &Event, selection: &Selection) -> Cel {
     let wanted = |name: &str| match selection {
         Selection::All => true,
         Selection::Fields(fields) => fields.contains_key(name),
@@ -632,27 +746,26 @@ fn attributes(event: &Event, selection: &Selection) -> Value {
         ("tenant", Some(&event.tenant)),
     ] {
         if let Some(value) = value.filter(|_| wanted(name)) {
-            entries.insert(Key::from(name), Value::String(Arc::new(value.clone())));
+            entries.insert(CelMapKey::from(name.to_string()), Box::new(CelString::from(value.clone())) as Cel);
         }
     }
     map(entries)
 }
 
-/// A CEL map from a hash map as is (`Map: From<HashMap>` would re-hash every entry).
-fn map(entries: HashMap<Key, Value>) -> Value {
-    Value::Map(Map { map: Arc::new(entries) })
+fn map(entries: HashMap<CelMapKey<'static>, Cel>) -> Cel {
+    Box::new(CelMap::from(entries))
 }
 
 /// The selected part of `json`. Selected fields an object lacks stay absent; a value that is not
 /// an object where fields are selected is taken whole (the expression then fails on it exactly as
 /// it would on the full event).
-fn select(json: &Json, selection: &Selection) -> Value {
+fn select(json: &Json, selection: &Selection) -> Cel {
     match (json, selection) {
         (Json::Object(object), Selection::Fields(fields)) => {
             let mut entries = HashMap::with_capacity(fields.len());
             for (name, child) in fields {
                 if let Some(value) = object.get(name) {
-                    entries.insert(Key::String(Arc::new(name.clone())), select(value, child));
+                    entries.insert(CelMapKey::from(name.clone()), select(value, child));
                 }
             }
             map(entries)
@@ -661,20 +774,18 @@ fn select(json: &Json, selection: &Selection) -> Value {
     }
 }
 
-fn convert(json: &Json) -> Value {
+fn convert(json: &Json) -> Cel {
     match json {
-        Json::Null => Value::Null,
-        Json::Bool(b) => Value::Bool(*b),
+        Json::Null => Box::new(CelNull),
+        Json::Bool(b) => Box::new(CelBool::from(*b)),
         Json::Number(n) => match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => Value::Int(i),
-            (None, Some(u)) => Value::UInt(u),
-            _ => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            (Some(i), _) => Box::new(CelInt::from(i)),
+            (None, Some(u)) => Box::new(CelUInt::from(u)),
+            _ => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
         },
-        Json::String(s) => Value::String(Arc::new(s.clone())),
-        Json::Array(items) => Value::List(Arc::new(items.iter().map(convert).collect())),
-        Json::Object(object) => {
-            map(object.iter().map(|(k, v)| (Key::String(Arc::new(k.clone())), convert(v))).collect())
-        }
+        Json::String(s) => Box::new(CelString::from(s.clone())),
+        Json::Array(items) => Box::new(CelList::from(items.iter().map(convert).collect::<Vec<_>>())),
+        Json::Object(object) => map(object.iter().map(|(k, v)| (CelMapKey::from(k.clone()), convert(v))).collect()),
     }
 }
 

@@ -18,7 +18,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, RwLock,
     },
     time::Duration,
@@ -33,7 +33,10 @@ use rdkafka::{
 
 use crate::{
     config::Config,
-    engine::workflow::{CompiledWorkflow, Workflow},
+    engine::{
+        workflow::{CompiledWorkflow, Workflow},
+        Bounds,
+    },
     kafka,
 };
 
@@ -156,16 +159,17 @@ impl ApplyPlan {
 /// workers and in-flight runs tell versions apart by that number.
 pub async fn apply_dir(config: &Config, dir: &std::path::Path, dry_run: bool) -> anyhow::Result<ApplyPlan> {
     let services: BTreeSet<&str> = config.services.keys().map(String::as_str).collect();
-    let local = crate::engine::workflow::load(dir, &services)?;
+    let local = crate::engine::workflow::load(dir, &services, &config.engine)?;
     let cfg = config.clone();
     let current = tokio::task::spawn_blocking(move || read_current(&cfg)).await??;
     let mut plan = ApplyPlan::default();
-    for wf in local.values() {
+    for (wf, source) in local.values() {
         let k = key(wf.tenant.as_deref(), &wf.id);
         match current.get(&k) {
             Some(old) if old == wf => plan.unchanged += 1,
             Some(old) if wf.version <= old.version => bail!(
-                "workflow {k}: definition changed but version {} is not above the published version {}; bump `version`",
+                "{}: workflow {k}: definition changed but version {} is not above the published version {}; bump `version`",
+                source.describe(&[crate::engine::workflow::Segment::Key("version".into())], None),
                 wf.version,
                 old.version
             ),
@@ -209,17 +213,25 @@ struct State {
 
 struct Inner {
     state: RwLock<State>,
-    /// (tenant, event type) → matching workflows, platform-wide first.
-    index: moka::sync::Cache<(String, String), Arc<[Arc<CompiledWorkflow>]>>,
+    /// (tenant, event type) → matching workflows, platform-wide first, and the [`Inner::generation`]
+    /// of the definitions they were computed from.
+    index: moka::sync::Cache<(String, String), (u64, Arc<[Arc<CompiledWorkflow>]>)>,
+    /// Counts definition changes. An entry computed from the definitions before a change may be
+    /// inserted into `index` after the change invalidated it (the computation ran while the
+    /// change was applied): its generation gives it away, and it is computed again.
+    generation: AtomicU64,
     services: BTreeSet<String>,
+    bounds: Bounds,
 }
 
 impl Inner {
-    fn new(services: BTreeSet<String>) -> Inner {
+    fn new(services: BTreeSet<String>, bounds: Bounds) -> Inner {
         Inner {
             state: RwLock::new(State { latest: HashMap::new(), versions: HashMap::new() }),
             index: moka::sync::Cache::builder().max_capacity(200_000).build(),
+            generation: AtomicU64::new(0),
             services,
+            bounds,
         }
     }
 
@@ -230,7 +242,7 @@ impl Inner {
             None => {
                 state.latest.remove(&key);
             }
-            Some(wf) => match CompiledWorkflow::compile(wf, &services) {
+            Some(wf) => match CompiledWorkflow::compile_bounded(wf, &services, &self.bounds) {
                 Ok(compiled) => {
                     let compiled = Arc::new(compiled);
                     tracing::info!(key, version = compiled.def.version, "definition loaded");
@@ -240,8 +252,26 @@ impl Inner {
                 Err(e) => tracing::error!(key, "definition refused by this worker, keeping the previous one: {e:#}"),
             },
         }
+        // Still under the write lock: a reader that saw the old definitions saw the old
+        // generation too.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         drop(state);
         self.index.invalidate_all();
+    }
+
+    /// The workflows an event of `kind` for `tenant` may trigger, computed from the definitions.
+    fn compute(&self, tenant: &str, kind: &str) -> (u64, Arc<[Arc<CompiledWorkflow>]>) {
+        let state = self.state.read().expect("definitions lock");
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut found: Vec<Arc<CompiledWorkflow>> = state
+            .latest
+            .values()
+            .filter(|w| w.def.triggers_on(kind) && w.def.tenant.as_deref().is_none_or(|t| t == tenant))
+            .cloned()
+            .collect();
+        // Platform-wide first, then by id: a stable order, so task order is reproducible.
+        found.sort_by(|a, b| (a.def.tenant.is_some(), &a.def.id).cmp(&(b.def.tenant.is_some(), &b.def.id)));
+        (generation, found.into())
     }
 }
 
@@ -254,7 +284,7 @@ pub struct DefinitionStore {
 impl DefinitionStore {
     /// Reads the definitions topic to its end, then follows it in the background.
     pub fn start(config: &Config) -> anyhow::Result<DefinitionStore> {
-        let inner = Arc::new(Inner::new(config.services.keys().cloned().collect()));
+        let inner = Arc::new(Inner::new(config.services.keys().cloned().collect(), config.engine.clone()));
         let (consumer, topic, tpl) = reader(config)?;
         catch_up(&consumer, &topic, &tpl, |k, wf| inner.apply(k, wf))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -279,7 +309,7 @@ impl DefinitionStore {
     /// A fixed set, without Kafka: for benchmarks and for embedding the matcher. Every workflow
     /// must compile against `services`, like at apply time.
     pub fn fixed(services: &[&str], workflows: impl IntoIterator<Item = Workflow>) -> anyhow::Result<DefinitionStore> {
-        let inner = Inner::new(services.iter().map(|s| s.to_string()).collect());
+        let inner = Inner::new(services.iter().map(|s| s.to_string()).collect(), Bounds::default());
         let names: BTreeSet<&str> = services.iter().copied().collect();
         for wf in workflows {
             let k = key(wf.tenant.as_deref(), &wf.id);
@@ -292,18 +322,20 @@ impl DefinitionStore {
     /// Workflows an event of `kind` for `tenant` may trigger: the platform-wide ones, then the
     /// tenant's own. A tenant's workflows are only ever returned for that tenant.
     pub fn matching(&self, tenant: &str, kind: &str) -> Arc<[Arc<CompiledWorkflow>]> {
-        self.inner.index.get_with((tenant.to_string(), kind.to_string()), || {
-            let state = self.inner.state.read().expect("definitions lock");
-            let mut found: Vec<Arc<CompiledWorkflow>> = state
-                .latest
-                .values()
-                .filter(|w| w.def.triggers_on(kind) && w.def.tenant.as_deref().is_none_or(|t| t == tenant))
-                .cloned()
-                .collect();
-            // Platform-wide first, then by id: a stable order, so task order is reproducible.
-            found.sort_by(|a, b| (a.def.tenant.is_some(), &a.def.id).cmp(&(b.def.tenant.is_some(), &b.def.id)));
-            found.into()
-        })
+        let inner = &self.inner;
+        let key = (tenant.to_string(), kind.to_string());
+        let (generation, found) = inner.index.get_with(key.clone(), || inner.compute(tenant, kind));
+        if generation == inner.generation.load(Ordering::SeqCst) {
+            return found;
+        }
+        // Stale: computed before a change whose invalidation it missed. Replace it, unless a
+        // fresher entry is there already.
+        let fresh = inner.compute(tenant, kind);
+        inner.index.entry(key).and_upsert_with(|current| match current.map(|e| e.into_value()) {
+            Some(current) if current.0 >= fresh.0 => current,
+            _ => fresh.clone(),
+        });
+        fresh.1
     }
 
     /// A definition at the version a run pinned.
