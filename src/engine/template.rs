@@ -701,6 +701,96 @@ mod tests {
         assert!(paths(json!("{% set data = 1 %}{{ data }}")).is_empty());
     }
 
+    /// The repro: 400 million loop iterations held up every tenant for 22.8 s.
+    #[test]
+    fn an_expensive_template_runs_out_of_fuel() {
+        let loops = "{% for a in range(20000) %}{% for b in range(20000) %}{% endfor %}{% endfor %}";
+        let err = render(json!({ "x": loops })).unwrap_err();
+        assert!(matches!(&err, TemplateError::Render { path, .. } if path == "input.x"), "{err:?}");
+        assert!(err.to_string().contains("engine ran out of fuel"), "{err}");
+        assert!(err.to_string().contains("engine.template_fuel"), "{err}");
+        // A smaller budget refuses a smaller loop; the same loop fits a larger one.
+        let bounded = |fuel| {
+            let bounds = Bounds { template_fuel: fuel, ..Bounds::default() };
+            let t = InputTemplate::compile_bounded(&json!("{% for i in range(1000) %}{{ i }}{% endfor %}"), "input", &bounds);
+            t.unwrap().render(&ctx().into())
+        };
+        assert!(bounded(1_000).unwrap_err().to_string().contains("fuel"));
+        assert_eq!(bounded(100_000).unwrap().as_str().map(str::len), Some(2890));
+    }
+
+    /// The repro: a 6 MB input, which the producer refused, which stopped the stage.
+    #[test]
+    fn a_large_render_stops_at_the_limit() {
+        let big = json!({ "x": "{% for a in range(3000) %}{% for b in range(1000) %}xx{% endfor %}{% endfor %}" });
+        // With the default budget it runs out of fuel first; with fuel to spare, the size stops it.
+        assert!(render(big.clone()).is_err());
+        let bounds = Bounds { template_fuel: 1_000_000_000, max_render_bytes: 1 << 20 };
+        let err = InputTemplate::compile_bounded(&big, "input", &bounds).unwrap().render(&ctx().into()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "input.x: the input renders to more than 1048576 bytes, the limit (engine.max_render_bytes)"
+        );
+    }
+
+    #[test]
+    fn the_size_limit_counts_every_leaf_of_an_input() {
+        let bounds = Bounds { max_render_bytes: 2_000, ..Bounds::default() };
+        let compile = |input: Json| InputTemplate::compile_bounded(&input, "input", &bounds).unwrap();
+        let data = json!({"data": {"s": "x".repeat(900), "list": vec!["y".repeat(10); 100]}});
+        // One leaf fits, the second too, the third goes past (as a lookup, a value and a text).
+        let t = compile(json!({"a": "{{ data.s }}", "b": "{{ data.s ~ '' }}", "c": "<{{ data.s }}>"}));
+        let err = t.render(&data.clone().into()).unwrap_err();
+        assert!(err.to_string().starts_with("input.c: the input renders to more than 2000 bytes"), "{err}");
+        let t = compile(json!({"a": "{{ data.s }}", "b": "{{ data.s ~ '' }}"}));
+        assert!(t.render(&data.clone().into()).is_ok());
+        // A native value is measured as JSON: 100 strings of 10 are 1,301 bytes.
+        let t = compile(json!(["{{ data.list }}", "{{ data.list }}"]));
+        let err = t.render(&data.into()).unwrap_err();
+        assert!(err.to_string().starts_with("input[1]: the input renders to more than 2000 bytes"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_give_their_position_in_the_leaf() {
+        let err = InputTemplate::compile(&json!({"t": "line one\nHi {{ data.name + }}"})).unwrap_err();
+        assert_eq!(err.position(), Some((2, 19)), "{err}"); // the `}}` it did not expect
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Json> {
+        use proptest::prelude::*;
+        let key = prop_oneof![Just("member".to_string()), Just("name".to_string()), Just("items".to_string()), ".{0,4}"];
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::from),
+            any::<i64>().prop_map(Json::from),
+            any::<u64>().prop_map(Json::from),
+            any::<f64>().prop_filter_map("JSON has no NaN", |f| serde_json::Number::from_f64(f).map(Json::Number)),
+            ".{0,12}".prop_map(Json::String),
+        ];
+        leaf.prop_recursive(6, 64, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Json::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6).prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const TEMPLATES: &[&str] = &[
+        "{{ data.member.name }}",
+        "{{ data.member }}",
+        "Hi {{ data.member.name | upper }}!",
+        "{{ data.items | length }}",
+        "{{ data.items[0] }}",
+        "{{ data.n + 1 }}",
+        "{{ data.member.name ~ data.items }}",
+        "{% for x in data.items %}{{ x }},{% endfor %}",
+        "{% for k, v in data.member | items %}{{ k }}={{ v }}{% endfor %}",
+        "{{ data | tojson }}",
+        "{{ data.items | sort | join(',') }}",
+        "{{ data.member.name * 3 }}",
+        "{% if data.member.name is string and data.member.name|length > 2 %}y{% endif %}",
+    ];
+
     proptest::proptest! {
         /// Any string leaf compiles or is refused, and renders or fails, without panicking.
         #[test]
@@ -708,6 +798,26 @@ mod tests {
             if let Ok(t) = InputTemplate::compile(&json!({ "x": leaf })) {
                 let _ = t.render(&ctx().into());
             }
+        }
+
+        /// Any text at all: compiled or refused, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(leaf in proptest::prelude::any::<String>()) {
+            let _ = InputTemplate::compile(&json!({ "x": format!("{{{{{leaf}}}}}") }));
+            let _ = InputTemplate::compile(&json!({ "x": format!("{{% {leaf} %}}") }));
+            let _ = InputTemplate::compile(&json!({ "x": leaf }));
+        }
+
+        /// Compiled templates render any JSON event body to a value or an error, never a panic.
+        #[test]
+        fn templates_render_arbitrary_data_without_panicking(data in arb_json(), steps in arb_json()) {
+            let input: Json = TEMPLATES.iter().enumerate().map(|(i, t)| (format!("t{i}"), json!(t))).collect();
+            let template = InputTemplate::compile(&input).unwrap();
+            for (i, _) in TEMPLATES.iter().enumerate() {
+                let one = InputTemplate::compile(&input[format!("t{i}")]).unwrap();
+                let _ = one.render(&json!({"event": {}, "data": data, "steps": steps}).into());
+            }
+            let _ = template.render(&json!({"event": {}, "data": data, "steps": steps}).into());
         }
     }
 
