@@ -358,3 +358,42 @@ impl Drop for DefinitionStore {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workflow(id: &str, kind: &str) -> Workflow {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "trigger": {"type": kind}, "steps": [{"id": "s", "service": "webhook"}]
+        }))
+        .unwrap()
+    }
+
+    fn ids(found: &[Arc<CompiledWorkflow>]) -> Vec<&str> {
+        found.iter().map(|w| w.def.id.as_str()).collect()
+    }
+
+    /// A `matching` computed from the definitions before a change, and inserted into the cache
+    /// after the change invalidated it, is not served.
+    #[test]
+    fn a_match_computed_before_a_change_is_not_served_after_it() {
+        let store = DefinitionStore::fixed(&["webhook"], [workflow("a", "x")]).unwrap();
+        let inner = &store.inner;
+        let key = ("t".to_string(), "x".to_string());
+        // The race, step by step: a reader computes from the old definitions…
+        let stale = inner.compute("t", "x");
+        assert_eq!(ids(&stale.1), ["a"]);
+        // …a definition arrives, and invalidates the cache…
+        inner.apply(super::key(None, "b"), Some(workflow("b", "x")));
+        // …and then the reader's insert lands.
+        inner.index.insert(key.clone(), stale);
+        assert_eq!(ids(&store.matching("t", "x")), ["a", "b"]);
+        // The stale entry was replaced, and a current one is served as is.
+        assert_eq!(inner.index.get(&key).map(|(g, _)| g), Some(inner.generation.load(Ordering::SeqCst)));
+        assert_eq!(ids(&store.matching("t", "x")), ["a", "b"]);
+        // A deletion is seen too.
+        inner.apply(super::key(None, "a"), None);
+        assert_eq!(ids(&store.matching("t", "x")), ["b"]);
+    }
+}

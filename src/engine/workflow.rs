@@ -736,4 +736,84 @@ mod tests {
         assert_eq!(v1.run_id(&e), v1.run_id(&e));
         assert_ne!(v1.run_id(&e), v2.run_id(&e));
     }
+
+    /// `weir workflows apply` names file, line and column for every error in a definition.
+    #[test]
+    fn load_errors_give_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let services = BTreeSet::from(["webhook"]);
+        let check = |text: &str, expected: &str| {
+            let path = dir.path().join("w.yaml");
+            std::fs::write(&path, text).unwrap();
+            let err = format!("{:#}", load(&path, &services, &Bounds::default()).unwrap_err());
+            let expected = format!("{}:{expected}", path.display());
+            assert!(err.starts_with(&expected), "{text}\n  gave: {err}\n  expected: {expected}…");
+        };
+        // YAML syntax, and fields the format does not have.
+        check("id: w\ntrigger: {type: a\nsteps: []\n", "3:6: not a valid workflow: ");
+        check("id: w\ntrigger: {type: a}\nsteps:\n  - id: s\n    service: webhook\n    retries: 3\n", "6:5: not a valid workflow: ");
+        // A CEL syntax error: the field's place plus the error's column in the expression.
+        let head = "id: w\ntrigger:\n  type: a\n";
+        let steps = "steps:\n  - {id: s, service: webhook}\n";
+        check(&format!("{head}  if: \"data.x == \"\n{steps}"), "4:18: workflow */w: trigger.if: invalid condition");
+        check(&format!("{head}  if: data.x == 1 +\n{steps}"), "4:20: workflow */w: trigger.if: invalid condition");
+        check(&format!("{head}  if: >-\n    data.x == 1 &&\n{steps}"), "5:19: workflow */w: trigger.if: invalid condition");
+        // Checks after parsing point at the field.
+        check(&format!("{head}  if: data.nope.x > 1 && event.kind == 'a'\n{steps}"), "4:7: workflow */w: trigger.if: ");
+        check(&format!("{head}steps:\n  - id: s\n    service: nope\n"), "6:14: workflow */w: steps[0] (s).service: ");
+        check(
+            &format!("{head}steps:\n  - {{id: a, service: webhook}}\n  - {{id: b, service: webhook, needs: [a, c]}}\n"),
+            "6:42: workflow */w: steps[1] (b).needs: no step \"c\"",
+        );
+        check(&format!("{head}limits:\n  max_run_seconds: 0\n{steps}"), "5:20: workflow */w: limits.max_run_seconds: ");
+        check(&format!("{head}steps: []\n"), "4:8: workflow */w: steps: ");
+        // A template error, inside the leaf of a nested input, at its place in the leaf.
+        check(
+            &format!("{head}steps:\n  - id: s\n    service: webhook\n    input:\n      body: {{text: 'Hi {{{{ data.name }}'}}\n"),
+            "8:37: workflow */w: steps[0] (s).input: input.body.text: invalid template",
+        );
+        check(
+            &format!("{head}steps:\n  - id: s\n    service: webhook\n    input:\n      a b: ['x', '{{{{ steps.z.output }}}}']\n"),
+            "8:7: workflow */w: steps[0] (s).input: reads steps.z",
+        );
+        // The same workflow in two files: where each is.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), format!("{head}{steps}")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), format!("# again\n{head}{steps}")).unwrap();
+        let err = load(dir.path(), &services, &Bounds::default()).unwrap_err().to_string();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        assert_eq!(
+            err,
+            format!("{}:2:5: workflow */w is defined twice (first at {}:1:5)", b.display(), a.display())
+        );
+    }
+
+    #[test]
+    fn template_leaf_paths_split_into_segments() {
+        use Segment::{Index, Key};
+        assert_eq!(leaf_segments("input"), [Key("input".into())]);
+        assert_eq!(
+            leaf_segments(r#"input.body["a b"][1].x-y["q\"]"]"#),
+            [
+                Key("input".into()),
+                Key("body".into()),
+                Key("a b".into()),
+                Index(1),
+                Key("x-y".into()),
+                Key("q\"]".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failing_render_fails_the_run_with_the_reason() {
+        let c = compile(
+            "{id: w, trigger: {type: a}, steps: [{id: s, service: webhook, input: {x: \
+             '{% for a in range(20000) %}{% for b in range(20000) %}{% endfor %}{% endfor %}'}}]}",
+        )
+        .unwrap();
+        let e: Event = serde_json::from_value(json!({"id": "e1", "source": "/s", "type": "a", "tenant": "t"})).unwrap();
+        let reason = c.render_input(0, &template_context(&e, json!({})), &e).unwrap_err();
+        assert!(reason.starts_with("steps.s.input: input.x: engine ran out of fuel"), "{reason}");
+    }
 }
