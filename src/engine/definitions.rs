@@ -20,12 +20,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
 };
 
+use crate::engine::{
+    workflow::{CompiledWorkflow, Segment, Source, Workflow},
+    Bounds,
+};
 use anyhow::{bail, Context as _};
-
-use crate::engine::workflow::{CompiledWorkflow, Workflow};
 
 /// Key prefix of platform-wide workflows.
 pub const PLATFORM: &str = "*";
@@ -63,20 +68,22 @@ impl ApplyPlan {
     }
 }
 
-/// What makes the published definitions (`current`, key → definition) equal to `local`: new and
-/// changed definitions are published, definitions missing from `local` are deleted (tombstones).
-/// A definition whose content changed without a higher `version` is refused, because running
-/// workers and in-flight runs tell versions apart by that number.
+/// What makes the published definitions (`current`, key → definition) equal to `local` (as
+/// [`workflow::load`](crate::engine::workflow::load) read them): new and changed definitions are
+/// published, definitions missing from `local` are deleted (tombstones). A definition whose
+/// content changed without a higher `version` is refused, because running workers and in-flight
+/// runs tell versions apart by that number.
 pub fn plan_apply(
-    local: &BTreeMap<String, Workflow>,
+    local: &BTreeMap<String, (Workflow, Source)>,
     current: &BTreeMap<String, Workflow>,
 ) -> anyhow::Result<ApplyPlan> {
     let mut plan = ApplyPlan::default();
-    for (k, wf) in local {
+    for (k, (wf, source)) in local {
         match current.get(k) {
             Some(old) if old == wf => plan.unchanged += 1,
             Some(old) if wf.version <= old.version => bail!(
-                "workflow {k}: definition changed but version {} is not above the published version {}; bump `version`",
+                "{}: workflow {k}: definition changed but version {} is not above the published version {}; bump `version`",
+                source.describe(&[Segment::Key("version".into())], None),
                 wf.version,
                 old.version
             ),
@@ -94,17 +101,25 @@ struct State {
 
 struct Inner {
     state: RwLock<State>,
-    /// (tenant, event type) → matching workflows, platform-wide first.
-    index: moka::sync::Cache<(String, String), Arc<[Arc<CompiledWorkflow>]>>,
+    /// (tenant, event type) → matching workflows, platform-wide first, and the [`Inner::generation`]
+    /// of the definitions they were computed from.
+    index: moka::sync::Cache<(String, String), (u64, Arc<[Arc<CompiledWorkflow>]>)>,
+    /// Counts definition changes. An entry computed from the definitions before a change may be
+    /// inserted into `index` after the change invalidated it (the computation ran while the
+    /// change was applied): its generation gives it away, and it is computed again.
+    generation: AtomicU64,
     services: BTreeSet<String>,
+    bounds: Bounds,
 }
 
 impl Inner {
-    fn new(services: BTreeSet<String>) -> Inner {
+    fn new(services: BTreeSet<String>, bounds: Bounds) -> Inner {
         Inner {
             state: RwLock::new(State { latest: HashMap::new(), versions: HashMap::new() }),
             index: moka::sync::Cache::builder().max_capacity(200_000).build(),
+            generation: AtomicU64::new(0),
             services,
+            bounds,
         }
     }
 
@@ -115,7 +130,7 @@ impl Inner {
             None => {
                 state.latest.remove(&key);
             }
-            Some(wf) => match CompiledWorkflow::compile(wf, &services) {
+            Some(wf) => match CompiledWorkflow::compile_bounded(wf, &services, &self.bounds) {
                 Ok(compiled) => {
                     let compiled = Arc::new(compiled);
                     tracing::info!(key, version = compiled.def.version, "definition loaded");
@@ -125,8 +140,26 @@ impl Inner {
                 Err(e) => tracing::error!(key, "definition refused by this worker, keeping the previous one: {e:#}"),
             },
         }
+        // Still under the write lock: a reader that saw the old definitions saw the old
+        // generation too.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         drop(state);
         self.index.invalidate_all();
+    }
+
+    /// The workflows an event of `kind` for `tenant` may trigger, computed from the definitions.
+    fn compute(&self, tenant: &str, kind: &str) -> (u64, Arc<[Arc<CompiledWorkflow>]>) {
+        let state = self.state.read().expect("definitions lock");
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut found: Vec<Arc<CompiledWorkflow>> = state
+            .latest
+            .values()
+            .filter(|w| w.def.triggers_on(kind) && w.def.tenant.as_deref().is_none_or(|t| t == tenant))
+            .cloned()
+            .collect();
+        // Platform-wide first, then by id: a stable order, so task order is reproducible.
+        found.sort_by(|a, b| (a.def.tenant.is_some(), &a.def.id).cmp(&(b.def.tenant.is_some(), &b.def.id)));
+        (generation, found.into())
     }
 }
 
@@ -136,9 +169,9 @@ pub struct DefinitionStore {
 }
 
 impl DefinitionStore {
-    /// An empty store for workflows that may call `services`.
-    pub fn new(services: BTreeSet<String>) -> DefinitionStore {
-        DefinitionStore { inner: Arc::new(Inner::new(services)) }
+    /// An empty store for workflows that may call `services`, rendered within `bounds`.
+    pub fn new(services: BTreeSet<String>, bounds: Bounds) -> DefinitionStore {
+        DefinitionStore { inner: Arc::new(Inner::new(services, bounds)) }
     }
 
     /// Applies one record of the definitions topic (`value` `None`: a tombstone). A record that
@@ -155,7 +188,7 @@ impl DefinitionStore {
     /// A fixed set, without Kafka: for benchmarks and for embedding the matcher. Every workflow
     /// must compile against `services`, like at apply time.
     pub fn fixed(services: &[&str], workflows: impl IntoIterator<Item = Workflow>) -> anyhow::Result<DefinitionStore> {
-        let inner = Inner::new(services.iter().map(|s| s.to_string()).collect());
+        let inner = Inner::new(services.iter().map(|s| s.to_string()).collect(), Bounds::default());
         let names: BTreeSet<&str> = services.iter().copied().collect();
         for wf in workflows {
             let k = key(wf.tenant.as_deref(), &wf.id);
@@ -168,18 +201,20 @@ impl DefinitionStore {
     /// Workflows an event of `kind` for `tenant` may trigger: the platform-wide ones, then the
     /// tenant's own. A tenant's workflows are only ever returned for that tenant.
     pub fn matching(&self, tenant: &str, kind: &str) -> Arc<[Arc<CompiledWorkflow>]> {
-        self.inner.index.get_with((tenant.to_string(), kind.to_string()), || {
-            let state = self.inner.state.read().expect("definitions lock");
-            let mut found: Vec<Arc<CompiledWorkflow>> = state
-                .latest
-                .values()
-                .filter(|w| w.def.triggers_on(kind) && w.def.tenant.as_deref().is_none_or(|t| t == tenant))
-                .cloned()
-                .collect();
-            // Platform-wide first, then by id: a stable order, so task order is reproducible.
-            found.sort_by(|a, b| (a.def.tenant.is_some(), &a.def.id).cmp(&(b.def.tenant.is_some(), &b.def.id)));
-            found.into()
-        })
+        let inner = &self.inner;
+        let key = (tenant.to_string(), kind.to_string());
+        let (generation, found) = inner.index.get_with(key.clone(), || inner.compute(tenant, kind));
+        if generation == inner.generation.load(Ordering::SeqCst) {
+            return found;
+        }
+        // Stale: computed before a change whose invalidation it missed. Replace it, unless a
+        // fresher entry is there already.
+        let fresh = inner.compute(tenant, kind);
+        inner.index.entry(key).and_upsert_with(|current| match current.map(|e| e.into_value()) {
+            Some(current) if current.0 >= fresh.0 => current,
+            _ => fresh.clone(),
+        });
+        fresh.1
     }
 
     /// A definition at the version a run pinned.
@@ -194,5 +229,44 @@ impl DefinitionStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workflow(id: &str, kind: &str) -> Workflow {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "trigger": {"type": kind}, "steps": [{"id": "s", "service": "webhook"}]
+        }))
+        .unwrap()
+    }
+
+    fn ids(found: &[Arc<CompiledWorkflow>]) -> Vec<&str> {
+        found.iter().map(|w| w.def.id.as_str()).collect()
+    }
+
+    /// A `matching` computed from the definitions before a change, and inserted into the cache
+    /// after the change invalidated it, is not served.
+    #[test]
+    fn a_match_computed_before_a_change_is_not_served_after_it() {
+        let store = DefinitionStore::fixed(&["webhook"], [workflow("a", "x")]).unwrap();
+        let inner = &store.inner;
+        let key = ("t".to_string(), "x".to_string());
+        // The race, step by step: a reader computes from the old definitions…
+        let stale = inner.compute("t", "x");
+        assert_eq!(ids(&stale.1), ["a"]);
+        // …a definition arrives, and invalidates the cache…
+        inner.apply(super::key(None, "b"), Some(workflow("b", "x")));
+        // …and then the reader's insert lands.
+        inner.index.insert(key.clone(), stale);
+        assert_eq!(ids(&store.matching("t", "x")), ["a", "b"]);
+        // The stale entry was replaced, and a current one is served as is.
+        assert_eq!(inner.index.get(&key).map(|(g, _)| g), Some(inner.generation.load(Ordering::SeqCst)));
+        assert_eq!(ids(&store.matching("t", "x")), ["a", "b"]);
+        // A deletion is seen too.
+        inner.apply(super::key(None, "a"), None);
+        assert_eq!(ids(&store.matching("t", "x")), ["b"]);
     }
 }

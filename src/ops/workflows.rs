@@ -38,7 +38,7 @@ pub fn read_current(config: &Config) -> anyhow::Result<BTreeMap<String, Workflow
 /// [`definitions::plan_apply`]); with `dry_run`, only says what would change.
 pub async fn apply_dir(config: &Config, dir: &Path, dry_run: bool) -> anyhow::Result<ApplyPlan> {
     let services = config.services.keys().map(String::as_str).collect();
-    let local = workflow::load(dir, &services)?;
+    let local = workflow::load(dir, &services, &config.engine)?;
     let cfg = config.clone();
     let current = tokio::task::spawn_blocking(move || read_current(&cfg)).await??;
     let plan = definitions::plan_apply(&local, &current)?;
