@@ -47,6 +47,8 @@ pub struct Config {
     pub kafka: BTreeMap<String, String>,
     /// Which internal addresses connectors may call (see `docs/connectors.md`).
     pub network: crate::connectors::NetworkPolicy,
+    /// Sizes of what weir writes and accepts (see [`crate::kafka::limits`]).
+    pub limits: crate::kafka::limits::Limits,
 }
 
 impl Default for Config {
@@ -64,6 +66,7 @@ impl Default for Config {
             services: BTreeMap::new(),
             kafka: BTreeMap::new(),
             network: Default::default(),
+            limits: Default::default(),
         }
     }
 }
@@ -443,6 +446,7 @@ impl Config {
         if self.sink.transactions == 0 || self.sink.transactions > self.sink.pool_size as usize {
             bail!("sink.transactions must be between 1 and sink.pool_size ({})", self.sink.pool_size);
         }
+        self.limits.validate()?;
         for (name, service) in &self.services {
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
                 bail!("services.{name}: a service name may only hold ASCII letters, digits, '_' and '-'");
@@ -508,6 +512,7 @@ mod tests {
         let defaults = ServiceConfig::default();
         assert_eq!((&webhook.retry, &webhook.breaker), (&defaults.retry, &defaults.breaker));
         assert_eq!(config.executor.partition_max_buffered, ExecutorConfig::default().partition_max_buffered);
+        assert_eq!(config.limits, crate::kafka::limits::Limits::default());
     }
 
     #[test]

@@ -26,10 +26,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Checks the broker, reads the workflow definitions topic and starts the requested stages.
+    /// Checks the broker and the size limits, reads the workflow definitions topic and starts the
+    /// requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
+        // Limits that cannot work refuse to start, rather than fail on the first large record.
+        kafka::topics::check_limits(&config).await?;
         let store_config = config.clone();
         let definitions = Arc::new(
             tokio::task::spawn_blocking(move || DefinitionStore::start(&store_config))

@@ -12,6 +12,7 @@
 //!   unreachable broker is an error within seconds rather than a silent retry loop.
 
 pub mod dead_letter;
+pub mod limits;
 pub mod offsets;
 pub mod partitioner;
 pub mod source;

@@ -30,6 +30,7 @@ use crate::{
     envelope::{self, ActionResult, ActionTask, Event as DomainEvent, Format, Status},
     kafka,
     kafka::dead_letter::DeadLetters,
+    kafka::limits::{self, Limits},
     kafka::source::{Source, Ticket},
     shutdown::Shutdown,
     telemetry::{Event, Stage},
@@ -50,6 +51,7 @@ struct Evaluator {
     action_topics: HashMap<String, Arc<str>>,
     results_topic: Arc<str>,
     max_event_bytes: usize,
+    limits: Limits,
 }
 
 /// Runs the evaluator until `shutdown` fires or an unrecoverable error occurs.
@@ -58,7 +60,8 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
     let producer = kafka::producer(&config)?;
     let evaluator = Arc::new(Evaluator {
         definitions,
-        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Evaluate),
+        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Evaluate)
+            .with_limits(&config.limits),
         producer,
         action_topics: config
             .services
@@ -67,6 +70,7 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
             .collect(),
         results_topic: config.topic("results").into(),
         max_event_bytes: config.evaluator.max_event_bytes,
+        limits: config.limits.clone(),
     });
     let max_inflight = config.evaluator.max_inflight;
     let mut inflight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
@@ -111,7 +115,9 @@ impl Evaluator {
         let payload = message.payload().unwrap_or_default();
         let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
         // The attributes first: most events start nothing, and need none of their body.
-        let decoded = envelope::decode_unparsed_event(payload, content_type, self.max_event_bytes).and_then(|event| {
+        let max_attribute_bytes = self.limits.max_attribute_bytes;
+        let decoded = envelope::decode_unparsed_event_within(payload, content_type, self.max_event_bytes, max_attribute_bytes);
+        let decoded = decoded.and_then(|event| {
             let candidates = self.definitions.matching(&event.tenant, &event.kind);
             if candidates.is_empty() {
                 return Ok(None);
@@ -141,7 +147,7 @@ impl Evaluator {
                     workflow.run_permit(&event.tenant).await;
                     outputs.extend(run);
                 }
-                self.produce(outputs).await
+                self.produce(&message, outputs).await
             }
             .boxed(),
         )
@@ -159,17 +165,12 @@ impl Evaluator {
                 let records = planned
                     .into_iter()
                     .map(|p| match p {
-                        Planned::Task(task) => {
-                            let payload = serde_json::to_vec(&task).expect("a task always serializes");
-                            (self.action_topics[&task.service].clone(), task.tenant, payload)
-                        }
-                        Planned::Failed(result) => {
-                            let detail = result.error.as_deref().unwrap_or_default();
-                            Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }
-                                .emit();
-                            let payload = serde_json::to_vec(&result).expect("a result always serializes");
-                            (self.results_topic.clone(), result.tenant, payload)
-                        }
+                        // Bounded before it is produced: a task over the limit is its run's failure.
+                        Planned::Task(task) => match limits::task_payload(&task, self.limits.max_record_bytes) {
+                            Ok(payload) => (self.action_topics[&task.service].clone(), task.tenant, payload),
+                            Err(reason) => self.failed_output(task_failed(task, reason)),
+                        },
+                        Planned::Failed(result) => self.failed_output(result),
                     })
                     .collect();
                 (wf, records)
@@ -177,13 +178,67 @@ impl Evaluator {
             .collect()
     }
 
-    async fn produce(&self, outputs: Vec<Output>) -> Result<(), rdkafka::error::KafkaError> {
+    /// The record of a run that cannot start, for the results topic.
+    fn failed_output(&self, mut result: ActionResult) -> Output {
+        let detail = result.error.as_deref().unwrap_or_default();
+        Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }.emit();
+        let payload = limits::result_payload(&mut result, self.limits.max_record_bytes);
+        (self.results_topic.clone(), result.tenant, payload)
+    }
+
+    /// Produces the records of `event`. A record the producer or broker refuses for what it is
+    /// (too large for a topic changed since start, invalid) must not stop the stage: a task
+    /// becomes its run's `failed` result, and a result that is refused dead-letters the event.
+    /// Only infrastructure errors are returned.
+    async fn produce(&self, event: &OwnedMessage, outputs: Vec<Output>) -> Produced {
         let sends = outputs.iter().map(|(topic, key, payload)| async move {
-            kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, kafka::content_headers(Format::Json))
-                .await
-                .map(|_| Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit())
+            let headers = kafka::content_headers(Format::Json);
+            match kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, headers).await {
+                Ok(_) => Ok(Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit()),
+                Err(e) if limits::is_record_error(&e) => self.refused(event, topic, payload, e).await,
+                Err(e) => Err(e),
+            }
         });
         futures::future::try_join_all(sends).await.map(|_| ())
+    }
+
+    async fn refused(&self, event: &OwnedMessage, topic: &str, payload: &[u8], e: rdkafka::error::KafkaError) -> Produced {
+        let reason = format!("producing a {}-byte record to {topic} was refused: {e}", payload.len());
+        Event::Failed { stage: Stage::Evaluate, reason: "produce", retryable: false, detail: &reason }.emit();
+        let task = (topic != &*self.results_topic).then(|| serde_json::from_slice::<ActionTask>(payload).ok()).flatten();
+        if let Some(task) = task {
+            let (topic, key, payload) = self.failed_output(task_failed(task, reason.clone()));
+            let headers = kafka::content_headers(Format::Json);
+            match kafka::send(&self.producer, &topic, Some(key.as_bytes()), &payload, headers).await {
+                Ok(_) => return Ok(Event::Produced { stage: Stage::Evaluate, topic: &topic, count: 1 }.emit()),
+                Err(e) if limits::is_record_error(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.dead_letters.send(event, &reason).await
+    }
+}
+
+/// The `failed` result of a task that cannot be produced.
+fn task_failed(task: ActionTask, reason: String) -> ActionResult {
+    ActionResult {
+        task_id: task.task_id,
+        run_id: task.run_id,
+        event_id: task.event_id,
+        tenant: task.tenant,
+        workflow_id: task.workflow_id,
+        workflow_version: task.workflow_version,
+        step_id: task.step_id,
+        service: task.service,
+        status: Status::Failed,
+        attempts: 0,
+        latency_ms: 0.0,
+        http_status: None,
+        cost: None,
+        error: Some(reason),
+        finished_at: task.created_at,
+        output: None,
+        event: Json::Null,
     }
 }
 

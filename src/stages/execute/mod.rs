@@ -544,7 +544,7 @@ impl Executor {
         latency: Duration,
     ) -> Result<(), rdkafka::error::KafkaError> {
         // The task is finished with: its fields move into the result rather than being copied.
-        let result = ActionResult {
+        let mut result = ActionResult {
             task_id: task.task_id,
             run_id: task.run_id,
             event_id: task.event_id,
@@ -563,7 +563,8 @@ impl Executor {
             output,
             event: task.event,
         };
-        let payload = serde_json::to_vec(&result).expect("a result always serializes");
+        // Bounded before it is produced: a service's oversize answer must not stop the executor.
+        let payload = kafka::limits::result_payload(&mut result, kafka::limits::DEFAULT_MAX_RECORD_BYTES);
         kafka::send(
             &self.producer,
             &self.results_topic,
