@@ -240,7 +240,7 @@ mod tests {
         let back: ActionResult = serde_json::from_slice(&payload).unwrap();
         assert_eq!(back.status, Status::Succeeded);
         let marker = &back.output.unwrap()[TRUNCATED];
-        assert_eq!(marker["bytes"], 20_013);
+        assert_eq!(marker["bytes"], 20_011);
         assert!(marker["reason"].as_str().unwrap().contains("limit of 10000 bytes"), "{marker}");
         assert_eq!(marker["sha256"].as_str().unwrap().len(), 64);
     }

@@ -807,7 +807,10 @@ mod tests {
         assert!(err.contains("t.results") && err.contains("500000") && err.contains("1000000"), "{err}");
         config.limits.max_record_bytes = 2_000_000;
         let err = check_combination(&config, 1_000_000, &[]).unwrap_err().to_string();
-        assert!(err.contains("limits.max_record_bytes is 2000000") && err.contains("message.max.bytes is 1000000"), "{err}");
+        assert!(
+            err.contains("limits.max_record_bytes is 2000000") && err.contains("message.max.bytes is 1000000"),
+            "{err}"
+        );
         config.kafka.insert("message.max.bytes".into(), "3000000".into());
         assert_eq!(producer_max_bytes(&config).unwrap(), 3_000_000);
         assert_eq!(producer_max_bytes(&Config::default()).unwrap(), 1_000_000);

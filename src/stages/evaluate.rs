@@ -116,7 +116,8 @@ impl Evaluator {
         let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
         // The attributes first: most events start nothing, and need none of their body.
         let max_attribute_bytes = self.limits.max_attribute_bytes;
-        let decoded = envelope::decode_unparsed_event_within(payload, content_type, self.max_event_bytes, max_attribute_bytes);
+        let decoded =
+            envelope::decode_unparsed_event_within(payload, content_type, self.max_event_bytes, max_attribute_bytes);
         let decoded = decoded.and_then(|event| {
             let candidates = self.definitions.matching(&event.tenant, &event.kind);
             if candidates.is_empty() {
@@ -202,10 +203,17 @@ impl Evaluator {
         futures::future::try_join_all(sends).await.map(|_| ())
     }
 
-    async fn refused(&self, event: &OwnedMessage, topic: &str, payload: &[u8], e: rdkafka::error::KafkaError) -> Produced {
+    async fn refused(
+        &self,
+        event: &OwnedMessage,
+        topic: &str,
+        payload: &[u8],
+        e: rdkafka::error::KafkaError,
+    ) -> Produced {
         let reason = format!("producing a {}-byte record to {topic} was refused: {e}", payload.len());
         Event::Failed { stage: Stage::Evaluate, reason: "produce", retryable: false, detail: &reason }.emit();
-        let task = (topic != &*self.results_topic).then(|| serde_json::from_slice::<ActionTask>(payload).ok()).flatten();
+        let task =
+            (topic != &*self.results_topic).then(|| serde_json::from_slice::<ActionTask>(payload).ok()).flatten();
         if let Some(task) = task {
             let (topic, key, payload) = self.failed_output(task_failed(task, reason.clone()));
             let headers = kafka::content_headers(Format::Json);
