@@ -195,7 +195,10 @@ impl Evaluator {
         let sends = outputs.iter().map(|(topic, key, payload)| async move {
             let headers = kafka::content_headers(Format::Json);
             match kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, headers).await {
-                Ok(_) => Ok(Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit()),
+                Ok(_) => {
+                    Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit();
+                    Ok(())
+                }
                 Err(e) if limits::is_record_error(&e) => self.refused(event, topic, payload, e).await,
                 Err(e) => Err(e),
             }
@@ -218,7 +221,10 @@ impl Evaluator {
             let (topic, key, payload) = self.failed_output(task_failed(task, reason.clone()));
             let headers = kafka::content_headers(Format::Json);
             match kafka::send(&self.producer, &topic, Some(key.as_bytes()), &payload, headers).await {
-                Ok(_) => return Ok(Event::Produced { stage: Stage::Evaluate, topic: &topic, count: 1 }.emit()),
+                Ok(_) => {
+                    Event::Produced { stage: Stage::Evaluate, topic: &topic, count: 1 }.emit();
+                    return Ok(());
+                }
                 Err(e) if limits::is_record_error(&e) => {}
                 Err(e) => return Err(e),
             }
