@@ -121,10 +121,13 @@ enum DlqAction {
         #[command(flatten)]
         filter: DlqFilter,
     },
-    /// Show one dead letter's headers and payload.
+    /// Show one dead letter's headers and payload (payloads over 4 KB are cut unless --full).
     Show {
         /// `partition:offset`, as `list` prints it.
         id: String,
+        /// Print the whole payload, however large.
+        #[arg(long)]
+        full: bool,
     },
     /// Re-produce the matching dead letters to their origin topics (attempts reset); prints how
     /// many. Letters an earlier redrive sent are skipped (recorded in the `dlq-redrive` group).
@@ -234,15 +237,15 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Produce { topic, file, format } => {
             let events = match &file {
-                Some(path) => produce::read_ndjson(BufReader::new(
+                Some(path) => produce::read_ndjson_lines(BufReader::new(
                     std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
                 ))?,
-                None => produce::read_ndjson(std::io::stdin().lock())?,
+                None => produce::read_ndjson_lines(std::io::stdin().lock())?,
             };
             let check = config.clone();
             tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
             let producer = Producer::for_topic(&config, &config.names().topic(&topic))?;
-            let sent = producer.send_all(events.into_iter().map(|e| (e, format)), 10_000).await?;
+            let sent = producer.send_lines(&config, events, format).await?;
             println!("produced {sent} events to {}", producer.topic());
             Ok(())
         }
@@ -252,9 +255,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             weir::ops::dlq::print_list(&letters);
             Ok(())
         }
-        Command::Dlq { action: DlqAction::Show { id } } => {
+        Command::Dlq { action: DlqAction::Show { id, full } } => {
             let letter = tokio::task::spawn_blocking(move || weir::ops::dlq::show(&config, &id)).await??;
-            weir::ops::dlq::print_one(&letter);
+            weir::ops::dlq::print_one(&letter, full);
             Ok(())
         }
         Command::Dlq { action: DlqAction::Redrive { filter, again } } => {

@@ -65,6 +65,8 @@ pub struct Config {
     pub network: NetworkPolicy,
     /// How much work a workflow's templates may do per run.
     pub engine: EngineConfig,
+    /// Sizes of what weir writes and accepts (see `kafka::limits`).
+    pub limits: RecordLimits,
 }
 
 impl Default for Config {
@@ -83,7 +85,64 @@ impl Default for Config {
             kafka: BTreeMap::new(),
             network: Default::default(),
             engine: EngineConfig::default(),
+            limits: RecordLimits::default(),
         }
+    }
+}
+
+/// Default of `limits.max_record_bytes`: under librdkafka's default `message.max.bytes`
+/// (1,000,000) with room for the record's framing.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 900_000;
+
+/// `limits` in `weir.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordLimits {
+    /// Largest record weir produces (key, payload and headers): tasks, results, dead letters and
+    /// redriven records. Must be below the producer's `message.max.bytes` and every topic's
+    /// `max.message.bytes` (checked at start). Default 900 000.
+    pub max_record_bytes: usize,
+    /// Payload kept by a dead letter whose whole record would exceed `max_record_bytes`, as a
+    /// prefix; the size and SHA-256 of the whole are kept in headers. Default 65 536.
+    pub dead_letter_prefix_bytes: usize,
+    /// Longest event `id`, `tenant`, `type` and `source`, in bytes (they become Kafka keys, HTTP
+    /// headers and PostgreSQL columns). Longer ones are dead-lettered. Default 512.
+    pub max_attribute_bytes: usize,
+}
+
+impl Default for RecordLimits {
+    fn default() -> Self {
+        RecordLimits {
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            dead_letter_prefix_bytes: 64 * 1024,
+            max_attribute_bytes: 512,
+        }
+    }
+}
+
+/// Room a dead letter needs besides its payload prefix: weir's headers, the kept original
+/// headers, the key.
+const DEAD_LETTER_ROOM: usize = 32 * 1024;
+
+impl RecordLimits {
+    /// Checks the values; errors name `limits.<field>`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.max_record_bytes < 2 * DEAD_LETTER_ROOM {
+            anyhow::bail!("limits.max_record_bytes: must be at least {} bytes", 2 * DEAD_LETTER_ROOM);
+        }
+        if self.dead_letter_prefix_bytes + DEAD_LETTER_ROOM > self.max_record_bytes {
+            anyhow::bail!(
+                "limits.dead_letter_prefix_bytes: {} leaves no room for a dead letter's headers in \
+                 limits.max_record_bytes ({}); keep it at most {}",
+                self.dead_letter_prefix_bytes,
+                self.max_record_bytes,
+                self.max_record_bytes - DEAD_LETTER_ROOM
+            );
+        }
+        if !(16..=65_536).contains(&self.max_attribute_bytes) {
+            anyhow::bail!("limits.max_attribute_bytes: must be between 16 and 65536, not {}", self.max_attribute_bytes);
+        }
+        Ok(())
     }
 }
 
@@ -235,6 +294,7 @@ impl Config {
             service.validate(name)?;
         }
         self.engine.validate()?;
+        self.limits.validate()?;
         Ok(())
     }
 
