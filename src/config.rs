@@ -40,6 +40,8 @@ pub struct Config {
     pub evaluator: EvaluatorConfig,
     pub executor: ExecutorConfig,
     pub sink: SinkConfig,
+    /// The liveness watchdog of every stage (see `/health/live`).
+    pub health: HealthConfig,
     /// External services by name; a workflow step names one, and its tasks go to
     /// `actions.<name>`.
     pub services: BTreeMap<String, ServiceConfig>,
@@ -61,6 +63,7 @@ impl Default for Config {
             evaluator: EvaluatorConfig::default(),
             executor: ExecutorConfig::default(),
             sink: SinkConfig::default(),
+            health: HealthConfig::default(),
             services: BTreeMap::new(),
             kafka: BTreeMap::new(),
             network: Default::default(),
@@ -125,6 +128,27 @@ pub struct SinkConfig {
 impl Default for SinkConfig {
     fn default() -> Self {
         SinkConfig { batch_size: 2_000, linger_ms: 20, pool_size: 4, transactions: 4 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// A stage with work waiting (lag, or messages taken and not finished) that has neither taken
+    /// nor finished a message for this long is *stalled*: it logs why, `weir_stage_stalled` is 1
+    /// and `/health/live` answers 503 until it moves again. Default 60 000.
+    pub stall_after_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { stall_after_ms: 60_000 }
+    }
+}
+
+impl HealthConfig {
+    pub fn stall_after(&self) -> Duration {
+        Duration::from_millis(self.stall_after_ms)
     }
 }
 
@@ -436,6 +460,9 @@ impl Config {
         }
         if self.executor.partition_max_buffered == 0 || self.executor.tenant_max_buffered == 0 {
             bail!("executor.partition_max_buffered and executor.tenant_max_buffered must be at least 1");
+        }
+        if self.health.stall_after_ms < 100 {
+            bail!("health.stall_after_ms: must be at least 100 (got {})", self.health.stall_after_ms);
         }
         if self.sink.batch_size == 0 || self.sink.pool_size == 0 {
             bail!("sink.batch_size and sink.pool_size must be at least 1");
