@@ -267,14 +267,7 @@ impl Source {
                 move || watchdog(&consumer, &shared, &stopped, stall_after)
             })
             .context("spawning watchdog thread")?;
-        Ok(Source {
-            consumer,
-            shared,
-            rx,
-            stop,
-            thread: Some(thread),
-            watchdog: Some((watchdog_stop, watchdog)),
-        })
+        Ok(Source { consumer, shared, rx, stop, thread: Some(thread), watchdog: Some((watchdog_stop, watchdog)) })
     }
 
     /// The next batch, in partition order; `None` once the source is closed.
@@ -570,7 +563,11 @@ fn reconcile(consumer: &BaseConsumer<SourceContext>, shared: &Shared) {
     let resume: Vec<i32> = resume.into_iter().filter(|p| state.applied.contains(p)).collect();
     if !resume.is_empty() {
         let list = resume.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
-        tracing::info!(stage = shared.stage.as_str(), partitions = list, "resuming partitions paused before the rebalance");
+        tracing::info!(
+            stage = shared.stage.as_str(),
+            partitions = list,
+            "resuming partitions paused before the rebalance"
+        );
     }
     apply(consumer, shared, &mut state, true, pause);
     apply(consumer, shared, &mut state, false, resume);
@@ -623,6 +620,8 @@ fn watchdog(
     let every = (stall_after / 4).clamp(Duration::from_millis(25), Duration::from_secs(5));
     // When the stall was last logged: a stall that goes on is logged again every `stall_after`.
     let mut logged: Option<Instant> = None;
+    // When the broker was last asked about an idle stage's lag (see `stall_reason`).
+    let mut probed: Option<Instant> = None;
     loop {
         match stopped.recv_timeout(every) {
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
@@ -635,7 +634,8 @@ fn watchdog(
         let verdict = if idle < stall_after || !shared.reachable.load(Ordering::Relaxed) {
             Some(None)
         } else {
-            stall_reason(&consumer, shared, idle)
+            let may_probe = probed.is_none_or(|at| at.elapsed() >= stall_after);
+            stall_reason(&consumer, shared, idle, may_probe, &mut probed)
         };
         drop(consumer);
         match verdict {
@@ -657,20 +657,20 @@ fn watchdog(
 }
 
 /// Why a stage idle for `idle` is stalled, as far as its source can tell: `Some(None)` when it has
-/// no work waiting (idle, not stalled), `None` when the broker did not answer.
+/// no work waiting (idle, not stalled), `None` when there is nothing to conclude (the broker did
+/// not answer, or it was not asked).
+///
+/// Whether there is work is asked of the broker (the lag); an idle stage with no other sign of
+/// work (nothing held, pending or waiting) asks only when `may_probe` (once per `stall_after`),
+/// so an idle pipeline does not query its broker every few seconds per partition.
 fn stall_reason(
     consumer: &BaseConsumer<SourceContext>,
     shared: &Shared,
     idle: Duration,
+    may_probe: bool,
+    probed: &mut Option<Instant>,
 ) -> Option<Option<(&'static str, String)>> {
     let assigned: Vec<i32> = consumer.assignment().ok()?.elements().iter().map(|e| e.partition()).collect();
-    let lag = match lag(consumer, &shared.topic, &assigned) {
-        Ok(lag) => lag,
-        Err(e) => {
-            tracing::debug!(stage = shared.stage.as_str(), "watchdog: broker did not answer: {e}");
-            return None;
-        }
-    };
     let held: Vec<i32> = {
         let state = shared.pause.lock().expect("pause lock");
         assigned.iter().copied().filter(|p| state.held.contains(p)).collect()
@@ -679,10 +679,21 @@ fn stall_reason(
     let queued = shared.sent.load(Ordering::Relaxed).saturating_sub(shared.received.load(Ordering::Relaxed));
     let holding = shared.holding.load(Ordering::Relaxed);
     let all_paused = shared.all_paused.load(Ordering::Relaxed);
+    let signs = !held.is_empty() || pending > 0 || queued > 0 || holding || all_paused;
+    if !signs && !may_probe {
+        return None;
+    }
+    *probed = Some(Instant::now());
+    let lag = match lag(consumer, &shared.topic, &assigned) {
+        Ok(lag) => lag,
+        Err(e) => {
+            tracing::debug!(stage = shared.stage.as_str(), "watchdog: broker did not answer: {e}");
+            return None;
+        }
+    };
     let behind: i64 = lag.values().sum();
     let held_behind: Vec<i32> = held.iter().copied().filter(|p| lag.get(p).is_some_and(|l| *l > 0)).collect();
-    let free_behind: Vec<i32> =
-        lag.iter().filter(|(p, l)| **l > 0 && !held.contains(p)).map(|(p, _)| *p).collect();
+    let free_behind: Vec<i32> = lag.iter().filter(|(p, l)| **l > 0 && !held.contains(p)).map(|(p, _)| *p).collect();
 
     let list = |ps: &[i32]| ps.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
     let mut facts = vec![format!("nothing taken or finished for {}s", idle.as_secs())];
@@ -706,7 +717,10 @@ fn stall_reason(
         facts.push(format!("{pending} message(s) taken and not finished (their offsets wait)"));
     }
     if behind > 0 {
-        facts.push(format!("{behind} message(s) behind on partitions {}", list(&lag.iter().filter(|(_, l)| **l > 0).map(|(p, _)| *p).collect::<Vec<_>>())));
+        facts.push(format!(
+            "{behind} message(s) behind on partitions {}",
+            list(&lag.iter().filter(|(_, l)| **l > 0).map(|(p, _)| *p).collect::<Vec<_>>())
+        ));
     }
     if !free_behind.is_empty() && !all_paused {
         facts.push(format!("partitions {} are behind and not paused by weir, yet deliver nothing", list(&free_behind)));
