@@ -56,6 +56,8 @@ pub struct Config {
     pub evaluator: EvaluatorConfig,
     pub executor: ExecutorConfig,
     pub sink: SinkConfig,
+    /// The liveness watchdog of every stage (see `/health/live`).
+    pub health: HealthConfig,
     /// External services by name; a workflow step names one, and its tasks go to
     /// `actions.<name>`.
     pub services: BTreeMap<String, ServiceConfig>,
@@ -81,6 +83,7 @@ impl Default for Config {
             evaluator: EvaluatorConfig::default(),
             executor: ExecutorConfig::default(),
             sink: SinkConfig::default(),
+            health: HealthConfig::default(),
             services: BTreeMap::new(),
             kafka: BTreeMap::new(),
             network: Default::default(),
@@ -240,6 +243,23 @@ impl Default for SinkConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// A stage with work waiting (lag, or messages taken and not finished) that has neither taken
+    /// nor finished a message for this long is *stalled*: it logs why, `weir_stage_stalled` is 1
+    /// and `/health/live` answers 503 until it moves again. Default 60s. (Also read as
+    /// `stall_after_ms`.)
+    #[serde(with = "duration", alias = "stall_after_ms")]
+    pub stall_after: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { stall_after: Duration::from_secs(60) }
+    }
+}
+
 impl Config {
     /// Reads, overrides from the environment, and validates a config file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
@@ -280,6 +300,9 @@ impl Config {
         }
         if self.executor.partition_max_buffered == 0 || self.executor.tenant_max_buffered == 0 {
             bail!("executor.partition_max_buffered and executor.tenant_max_buffered must be at least 1");
+        }
+        if self.health.stall_after < Duration::from_millis(100) {
+            bail!("health.stall_after: must be at least 100ms (got {:?})", self.health.stall_after);
         }
         if self.sink.batch_size == 0 || self.sink.pool_size == 0 {
             bail!("sink.batch_size and sink.pool_size must be at least 1");
