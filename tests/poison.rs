@@ -52,6 +52,9 @@ const SPIN: &str = "{id: spin, trigger: {type: poison.spin}, steps: [{id: s, ser
 /// Renders 6 MB: over every record limit.
 const RENDER: &str = "{id: render, trigger: {type: poison.render}, steps: [{id: s, service: webhook, input: {x: \
                       '{% for a in range(3000) %}{% for b in range(1000) %}xx{% endfor %}{% endfor %}'}}]}";
+/// The service answers with as many bytes as the event asks for: a result bigger than its task.
+const LOUD: &str = "{id: loud, trigger: {type: poison.loud}, steps: [{id: s, service: webhook, \
+                    input: {respond_bytes: '{{ data.bytes }}'}}]}";
 /// A multi-step run: its event (stored with the run) and the first step's echoed output reach
 /// PostgreSQL as `jsonb`, and the second step's input carries the body again.
 const TWO_STEPS: &str = "{id: two, trigger: {type: poison.run}, steps: [{id: a, service: webhook}, \
@@ -283,6 +286,17 @@ fn corpus() -> Vec<Case> {
         let payload = event_json(&eid, "poison-echo", "poison.echo", "/poison", json!({"s": "s".repeat(body)}));
         assert!(payload.len() <= MAX_EVENT_BYTES, "{name}: the event itself is accepted");
         cases.push(Case::new(name, b"poison-echo", payload, JSON_CT, expect).id(&eid));
+    }
+
+    // Sizes around the record limit for a result: the service's answer is its output.
+    for (name, bytes, expect) in [
+        ("result under limits.max_record_bytes", MAX_RECORD_BYTES - 100_000, Expect::Good),
+        ("result over limits.max_record_bytes", MAX_RECORD_BYTES + 50_000, Expect::Handled),
+        ("result over the producer's message.max.bytes", 2 * MAX_EVENT_BYTES, Expect::Handled),
+    ] {
+        let eid = id("result-size");
+        let payload = event_json(&eid, "poison-loud", "poison.loud", "/poison", json!({"bytes": bytes}));
+        cases.push(Case::new(name, b"poison-loud", payload, JSON_CT, expect).id(&eid));
     }
 
     // Undecodable bodies.
@@ -675,7 +689,7 @@ async fn send(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
     let receiver = Receiver::start().await.unwrap();
-    let (config, _dir) = test_config(&receiver, &[GOOD, ECHO, SPIN, RENDER, TWO_STEPS]).await;
+    let (config, _dir) = test_config(&receiver, &[GOOD, ECHO, SPIN, RENDER, TWO_STEPS, LOUD]).await;
     let config = Arc::new(config);
     let events_topic = config.topic("events");
     let dlq = DeadLetterReader::start(&config.topic("dlq"));
