@@ -746,18 +746,17 @@ async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
     // Until everything is as expected, a stage ends, or the deadline passes.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let mut exited = None;
-    let last = loop {
-        let now = seen(&receiver, &pool, &dlq).await;
-        if complete(&now) || tokio::time::Instant::now() > deadline {
-            break now;
+    loop {
+        if complete(&seen(&receiver, &pool, &dlq).await) || tokio::time::Instant::now() > deadline {
+            break;
         }
         // A zero timeout polls the stages once: ready means one has ended.
         if let Ok(outcome) = tokio::time::timeout(Duration::ZERO, pipeline.wait()).await {
             exited = Some(format!("{outcome:?}"));
-            break seen(&receiver, &pool, &dlq).await;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    }
     // The stages: none ended by itself, and each stops cleanly, finishing what is in flight; what
     // is seen after that is all there is (a second call or row would show). The timeout only
     // guards against a stage stuck in work that never yields (a template without a budget).
