@@ -88,8 +88,11 @@ enum Command {
     },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
+        /// Sample events to produce (Ghost-shaped, half JSON and half Avro); the member.created
+        /// ones, a fifth, match the welcome workflow and are called and recorded.
         #[arg(long, default_value_t = 2_000)]
         events: usize,
+        /// Tenants the sample events are spread over (round robin); at least 1.
         #[arg(long, default_value_t = 20)]
         tenants: usize,
     },
@@ -187,6 +190,11 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli.config)?;
+    // Every command talks to the broker: check it first, so that an unreachable one gives the same
+    // single message within the same bound whatever the command, instead of each client's own
+    // retries and librdkafka's log lines.
+    let check = config.clone();
+    tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
     match cli.command {
         Command::Run { stages } => {
             let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
@@ -242,8 +250,6 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 ))?,
                 None => produce::read_ndjson_lines(std::io::stdin().lock())?,
             };
-            let check = config.clone();
-            tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
             let producer = Producer::for_topic(&config, &config.names().topic(&topic))?;
             let sent = producer.send_lines(&config, events, format).await?;
             println!("produced {sent} events to {}", producer.topic());
