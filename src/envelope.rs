@@ -20,7 +20,7 @@ use serde_json::Value as Json;
 /// Header naming the encoding of the payload.
 pub const CONTENT_TYPE: &str = "content-type";
 pub const JSON: &str = "application/json";
-pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+pub(crate) const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 pub const AVRO: &str = "application/avro";
 
 /// How a payload is encoded.
@@ -96,7 +96,7 @@ fn spec_version() -> String {
 /// An event whose body is still JSON text (`None` when absent or null), or, from Avro, already
 /// parsed: the attributes are enough to find the candidate workflows, and most events need
 /// little or nothing of a body that is most of their bytes.
-pub type UnparsedEvent<'a> = Event<Body<'a>>;
+pub(crate) type UnparsedEvent<'a> = Event<Body<'a>>;
 
 /// See [`UnparsedEvent`].
 #[derive(Debug, Clone)]
@@ -131,7 +131,7 @@ impl<D> Event<D> {
     /// things far from here (PostgreSQL refuses NUL, an HTTP header CR and LF), so they are
     /// refused at the boundary, as is one longer than `max_attribute_bytes`. The reason names the
     /// attribute and the character's position but never quotes the value: it goes into a header.
-    pub fn validate_within(&self, max_attribute_bytes: usize) -> Result<(), DecodeError> {
+    pub(crate) fn validate_within(&self, max_attribute_bytes: usize) -> Result<(), DecodeError> {
         for (name, value) in
             [("id", &self.id), ("source", &self.source), ("type", &self.kind), ("tenant", &self.tenant)]
         {
@@ -247,7 +247,7 @@ impl ActionResult {
     /// The outcome of calling the service for `task`, finished now. The task's fields move into
     /// the result; the call's details (`http_status`, `cost`, `error`, `output`) start empty, to
     /// be set with struct update syntax.
-    pub fn from_task(task: ActionTask, status: Status, latency: std::time::Duration) -> ActionResult {
+    pub(crate) fn from_task(task: ActionTask, status: Status, latency: std::time::Duration) -> ActionResult {
         ActionResult {
             task_id: task.task_id,
             run_id: task.run_id,
@@ -271,7 +271,7 @@ impl ActionResult {
 
     /// A result decided without calling the service (no attempt, no latency): a step skipped,
     /// or a run or step that failed before its call, `error` saying why.
-    pub fn decided(
+    pub(crate) fn decided(
         run: &RunRef<'_>,
         task_id: String,
         step: &str,
@@ -303,7 +303,7 @@ impl ActionResult {
 
 /// The run a decided result belongs to, and when the decision is made.
 #[derive(Debug, Clone, Copy)]
-pub struct RunRef<'a> {
+pub(crate) struct RunRef<'a> {
     pub run_id: &'a str,
     pub event_id: &'a str,
     pub tenant: &'a str,
@@ -414,7 +414,7 @@ pub fn decode_unparsed_event<'a>(
 }
 
 /// [`decode_unparsed_event`] with an attribute length limit (see [`Event::validate_within`]).
-pub fn decode_unparsed_event_within<'a>(
+pub(crate) fn decode_unparsed_event_within<'a>(
     payload: &'a [u8],
     content_type: Option<&[u8]>,
     max_bytes: usize,

@@ -32,7 +32,7 @@ pub struct Pipeline {
 
 /// Reads the compacted definitions topic into a new store, then keeps the store current from a
 /// follower thread until `stop` is cancelled. Blocking.
-pub fn follow_definitions(config: &Config, stop: CancellationToken) -> anyhow::Result<Arc<DefinitionStore>> {
+pub(crate) fn follow_definitions(config: &Config, stop: CancellationToken) -> anyhow::Result<Arc<DefinitionStore>> {
     let store = Arc::new(DefinitionStore::new(config.services.keys().cloned().collect(), config.engine.clone()));
     let table = Table::open(config, &config.names().definitions(), &config.names().group("definitions"))?;
     table.read_to_end(|r| store.apply_record(r.key, r.value, r.offset))?;

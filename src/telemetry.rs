@@ -152,7 +152,7 @@ pub enum Event<'a> {
 }
 
 impl Event<'_> {
-    pub fn emit(self) {
+    pub(crate) fn emit(self) {
         match self {
             Event::Consumed { stage, count } => {
                 counter!("weir_consumed_total", "stage" => stage.as_str()).increment(count as u64)
@@ -246,8 +246,8 @@ impl Event<'_> {
 /// Lines of `Failed` logged per (stage, reason) in each [`FAILED_LOG_WINDOW`]; the rest are only
 /// counted (`weir_failed_total` has them all), and the next line logged says how many were left
 /// out (`suppressed`).
-pub const FAILED_LOG_LINES: u32 = 10;
-pub const FAILED_LOG_WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const FAILED_LOG_LINES: u32 = 10;
+pub(crate) const FAILED_LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// The process's limiter of `Failed` log lines.
 fn failed_log() -> &'static LogLimiter {
@@ -256,7 +256,7 @@ fn failed_log() -> &'static LogLimiter {
 }
 
 /// Rate limit of log lines per key: `lines` per fixed `window`, counting the lines it refuses.
-pub struct LogLimiter {
+pub(crate) struct LogLimiter {
     lines: u32,
     window: Duration,
     keys: std::sync::Mutex<std::collections::HashMap<(Stage, &'static str), LogWindow>>,
@@ -275,7 +275,7 @@ impl LogLimiter {
 
     /// `Some(n)` if a line of `key` may be logged at `now`, `n` being the lines of `key` refused
     /// since the last one logged; `None` if this one is refused (and counted).
-    pub fn admit(&self, key: (Stage, &'static str), now: std::time::Instant) -> Option<u64> {
+    pub(crate) fn admit(&self, key: (Stage, &'static str), now: std::time::Instant) -> Option<u64> {
         // Keys are (stage, static reason): a handful, so the map cannot grow with the input.
         let mut keys = self.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let w = keys.entry(key).or_insert(LogWindow { started: now, logged: 0, suppressed: 0 });
@@ -324,7 +324,7 @@ struct Report {
 /// The process's liveness and readiness, as the consumers of its stages report them: what
 /// `/health/live` and `/health/ready` answer. Each consumer registers a [`Health`] handle; the
 /// answer covers every handle alive in the process (a process runs one or more stages).
-pub struct Health {
+pub(crate) struct Health {
     id: u64,
 }
 
@@ -336,7 +336,7 @@ fn reports() -> &'static Mutex<BTreeMap<u64, Report>> {
 impl Health {
     /// Registers the consumer of `topic` for `stage`: reachable and not stalled until it says
     /// otherwise (stages start only after the broker answered).
-    pub fn register(stage: Stage, topic: &str) -> Health {
+    pub(crate) fn register(stage: Stage, topic: &str) -> Health {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let report = Report { stage, topic: topic.to_string(), reachable: true, stalled: None };
@@ -344,7 +344,7 @@ impl Health {
         Health { id }
     }
 
-    pub fn set_reachable(&self, reachable: bool) {
+    pub(crate) fn set_reachable(&self, reachable: bool) {
         if let Some(r) = reports().lock().expect("health lock").get_mut(&self.id) {
             r.reachable = reachable;
         }
@@ -353,7 +353,7 @@ impl Health {
     /// Reports the consumer stalled (with a short reason and what weir knows), or progressing
     /// (`None`). Logs and sets the gauge when the reason changes; a stall that goes on is logged
     /// again by the caller's next report with `repeat`.
-    pub fn set_stalled(&self, stalled: Option<(&'static str, String)>, repeat: bool) {
+    pub(crate) fn set_stalled(&self, stalled: Option<(&'static str, String)>, repeat: bool) {
         let mut reports = reports().lock().expect("health lock");
         let Some(r) = reports.get_mut(&self.id) else { return };
         let before = r.stalled.as_ref().map(|(reason, _)| *reason);

@@ -12,7 +12,7 @@ use std::{fmt, time::Duration};
 
 use serde::{de, Deserialize, Deserializer, Serializer};
 
-pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     humantime_serde::serialize(duration, serializer)
 }
 
@@ -24,7 +24,7 @@ pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duratio
 pub mod list {
     use super::*;
 
-    pub fn serialize<S: Serializer>(durations: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(durations: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
         serializer
             .collect_seq(durations.iter().map(|d| humantime_serde::re::humantime::format_duration(*d).to_string()))
     }

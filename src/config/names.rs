@@ -16,7 +16,7 @@ impl<'a> Names<'a> {
     }
 
     /// Names without a prefix: as declared in `topics/*.yaml`.
-    pub fn logical() -> Names<'static> {
+    pub(crate) fn logical() -> Names<'static> {
         Names { prefix: "" }
     }
 
@@ -67,7 +67,7 @@ impl<'a> Names<'a> {
     }
 
     /// The consumer group reading a service's delay topic of one tier.
-    pub fn retry_group(&self, service: &str, tier: &str) -> String {
+    pub(crate) fn retry_group(&self, service: &str, tier: &str) -> String {
         self.group(&format!("retry-{service}-{tier}"))
     }
 }

@@ -89,7 +89,7 @@ impl LimitConfig {
         self.requests.or(self.cost).unwrap_or(0)
     }
 
-    pub fn is_cost(&self) -> bool {
+    pub(crate) fn is_cost(&self) -> bool {
         self.cost.is_some()
     }
 
@@ -172,14 +172,14 @@ impl Default for RetryConfig {
 
 impl RetryConfig {
     /// The delay topics' suffixes (`1s`, `10s`, `1m`, …), in the order of `tiers`.
-    pub fn tier_names(&self) -> Vec<String> {
+    pub(crate) fn tier_names(&self) -> Vec<String> {
         self.tiers.iter().map(|tier| tier_name(*tier)).collect()
     }
 }
 
 /// A tier's topic suffix: its delay in the largest whole unit. (Not humantime's `1m 30s`: a
 /// topic name has no spaces, and these names are fixed by topics already created.)
-pub fn tier_name(delay: Duration) -> String {
+pub(crate) fn tier_name(delay: Duration) -> String {
     match delay.as_millis() {
         ms if ms > 0 && ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
         ms if ms > 0 && ms % 60_000 == 0 => format!("{}m", ms / 60_000),

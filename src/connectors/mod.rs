@@ -14,7 +14,7 @@
 //! connector is built and see the task: `input`, `tenant`, `task_id`, `event`, `step_id`, …
 
 pub mod network;
-pub mod noop;
+pub(crate) mod noop;
 pub mod openai;
 pub mod slack;
 pub mod webhook;
@@ -36,9 +36,9 @@ pub use network::Refused;
 pub use crate::config::{ConnectorConfig, NetworkPolicy, NoopConfig, OpenAiConfig, SlackConfig, WebhookConfig};
 
 /// Header with the task id on every call, for the service to deduplicate retries.
-pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+pub(crate) const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// Header naming the tenant a call is made for.
-pub const TENANT_HEADER: &str = "X-Weir-Tenant";
+pub(crate) const TENANT_HEADER: &str = "X-Weir-Tenant";
 
 use crate::{
     config::{Config, ServiceConfig},

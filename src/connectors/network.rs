@@ -82,7 +82,7 @@ impl NetworkPolicy {
     }
 
     /// Checks the host of `url` if it is a literal address; names are checked when resolved.
-    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
+    pub(crate) fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
         let host = url.host_str().unwrap_or_default();
         match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             Ok(addr) => self.check(addr),
@@ -91,7 +91,7 @@ impl NetworkPolicy {
     }
 
     /// A DNS resolver for `service`'s HTTP client that only returns addresses this policy allows.
-    pub fn resolver(&self, service: &str) -> Arc<GuardedResolver> {
+    pub(crate) fn resolver(&self, service: &str) -> Arc<GuardedResolver> {
         Arc::new(GuardedResolver { policy: self.clone(), service: service.to_string() })
     }
 }
@@ -118,7 +118,7 @@ fn canonical(addr: IpAddr) -> IpAddr {
 /// Resolves with the system resolver and drops refused addresses; a name with none left is an
 /// error carrying the first [`Refused`] (and counted).
 #[derive(Debug)]
-pub struct GuardedResolver {
+pub(crate) struct GuardedResolver {
     policy: NetworkPolicy,
     service: String,
 }

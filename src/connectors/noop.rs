@@ -3,11 +3,10 @@
 
 use futures::future::BoxFuture;
 
-pub use super::NoopConfig;
 use super::{CallOutcome, Connector};
 use crate::envelope::ActionTask;
 
-pub struct Noop;
+pub(crate) struct Noop;
 
 impl Connector for Noop {
     fn estimate_cost(&self, _task: &ActionTask) -> u64 {

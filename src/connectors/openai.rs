@@ -55,7 +55,7 @@ impl OpenAiConfig {
     }
 }
 
-pub struct OpenAi {
+pub(crate) struct OpenAi {
     service: String,
     http: reqwest::Client,
     url: reqwest::Url,

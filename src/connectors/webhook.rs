@@ -37,9 +37,9 @@ use super::{
 use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
 
 /// `X-Weir-Signature: sha256=<hex>`: the HMAC-SHA256 of the body.
-pub const SIGNATURE_HEADER: &str = "X-Weir-Signature";
+pub(crate) const SIGNATURE_HEADER: &str = "X-Weir-Signature";
 /// When the request was signed, in Unix seconds.
-pub const TIMESTAMP_HEADER: &str = "X-Weir-Timestamp";
+pub(crate) const TIMESTAMP_HEADER: &str = "X-Weir-Timestamp";
 
 /// The parts of a request known at build time.
 #[derive(Debug)]
@@ -114,7 +114,7 @@ enum Target {
     Template(InputTemplate),
 }
 
-pub struct Webhook {
+pub(crate) struct Webhook {
     http: reqwest::Client,
     network: NetworkPolicy,
     request: Request,
@@ -172,7 +172,7 @@ impl Webhook {
 }
 
 /// `sha256=<hex>` of the HMAC-SHA256 of `body` keyed with `secret`, as in `X-Weir-Signature`.
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
+pub(crate) fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))

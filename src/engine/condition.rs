@@ -56,26 +56,26 @@ use serde_json::Value as Json;
 use crate::{engine::contain, envelope::Event};
 
 /// The variables a condition may read.
-pub const VARIABLES: [&str; 3] = ["event", "data", "steps"];
+pub(crate) const VARIABLES: [&str; 3] = ["event", "data", "steps"];
 
 /// The attributes `event` carries.
-pub const EVENT_ATTRIBUTES: [&str; 5] = ["id", "type", "source", "time", "tenant"];
+pub(crate) const EVENT_ATTRIBUTES: [&str; 5] = ["id", "type", "source", "time", "tenant"];
 
 /// Longest condition accepted, in bytes. The parser and the interpreter recurse over the
 /// expression, so its size is what bounds their stack use and the time one evaluation takes
 /// (the interpreter has no instruction budget); real conditions are a few hundred bytes.
-pub const MAX_CONDITION_BYTES: usize = 4096;
+pub(crate) const MAX_CONDITION_BYTES: usize = 4096;
 
 /// Deepest nesting of a condition's syntax tree (`a + b + c` is three deep, `f(g(x))` three,
 /// `data.a.b` three). The interpreter evaluates recursively on the stage's own thread, whose
 /// stack (2 MiB) holds about 50 levels in an unoptimised build: a test evaluates the deepest
 /// conditions accepted on such a stack.
-pub const MAX_DEPTH: usize = 32;
+pub(crate) const MAX_DEPTH: usize = 32;
 
 /// Most comprehension macros (`all`, `exists`, `exists_one`, `map`, `filter`) nested in one
 /// another. Each level multiplies the work by the length of the list it iterates, so
 /// `data.a.all(x, data.a.all(y, data.a.all(z, …)))` over a long list is refused at load time.
-pub const MAX_COMPREHENSION_NESTING: usize = 2;
+pub(crate) const MAX_COMPREHENSION_NESTING: usize = 2;
 
 /// The parser runs on a thread of its own with this much stack: in an unoptimised build the
 /// generated parser uses about 150 KB of stack per nested parenthesis, more than the 2 MiB of
@@ -166,7 +166,7 @@ pub enum ConditionError {
 
 impl ConditionError {
     /// Where in the expression the error is, (line, column) from 1, when known.
-    pub fn position(&self) -> Option<(usize, usize)> {
+    pub(crate) fn position(&self) -> Option<(usize, usize)> {
         match self {
             ConditionError::Syntax { position, .. } => *position,
             _ => None,

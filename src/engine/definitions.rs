@@ -67,7 +67,7 @@ impl ApplyPlan {
 /// published, definitions missing from `local` are deleted (tombstones). A definition whose
 /// content changed without a higher `version` is refused, because running workers and in-flight
 /// runs tell versions apart by that number.
-pub fn plan_apply(
+pub(crate) fn plan_apply(
     local: &BTreeMap<String, (Workflow, Source)>,
     current: &BTreeMap<String, Workflow>,
 ) -> anyhow::Result<ApplyPlan> {
@@ -93,11 +93,14 @@ struct State {
     versions: HashMap<(String, i64), Arc<CompiledWorkflow>>,
 }
 
+/// The workflows matching one (tenant, event type), with the generation they were computed at.
+type Matching = (u64, Arc<[Arc<CompiledWorkflow>]>);
+
 struct Inner {
     state: RwLock<State>,
     /// (tenant, event type) → matching workflows, platform-wide first, and the [`Inner::generation`]
     /// of the definitions they were computed from.
-    index: moka::sync::Cache<(String, String), (u64, Arc<[Arc<CompiledWorkflow>]>)>,
+    index: moka::sync::Cache<(String, String), Matching>,
     /// Counts definition changes. An entry computed from the definitions before a change may be
     /// inserted into `index` after the change invalidated it (the computation ran while the
     /// change was applied): its generation gives it away, and it is computed again.
@@ -142,7 +145,7 @@ impl Inner {
     }
 
     /// The workflows an event of `kind` for `tenant` may trigger, computed from the definitions.
-    fn compute(&self, tenant: &str, kind: &str) -> (u64, Arc<[Arc<CompiledWorkflow>]>) {
+    fn compute(&self, tenant: &str, kind: &str) -> Matching {
         let state = self.state.read().expect("definitions lock");
         let generation = self.generation.load(Ordering::SeqCst);
         let mut found: Vec<Arc<CompiledWorkflow>> = state
@@ -171,7 +174,7 @@ impl DefinitionStore {
     /// Applies one record of the definitions topic (`value` `None`: a tombstone). A record that
     /// is not a definition, or one this worker cannot compile, is logged and skipped: the
     /// previous version stays in force.
-    pub fn apply_record(&self, key: Option<&[u8]>, value: Option<&[u8]>, offset: i64) {
+    pub(crate) fn apply_record(&self, key: Option<&[u8]>, value: Option<&[u8]>, offset: i64) {
         match (key.and_then(|k| std::str::from_utf8(k).ok()), decode(value)) {
             (Some(key), Ok(wf)) => self.inner.apply(key.to_string(), wf),
             (Some(key), Err(e)) => tracing::error!(key, offset, "skipping definition: {e:#}"),

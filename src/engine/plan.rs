@@ -42,7 +42,7 @@ pub struct Known<'a> {
 
 impl<'a> Known<'a> {
     /// What is known of a run that has begun: its first steps were started with it.
-    pub fn under_way(wf: &'a CompiledWorkflow) -> Known<'a> {
+    pub(crate) fn under_way(wf: &'a CompiledWorkflow) -> Known<'a> {
         Known { outcomes: HashMap::new(), started: wf.roots().map(|i| wf.def.steps[i].id.as_str()).collect() }
     }
 }
@@ -77,9 +77,9 @@ pub struct Plan {
 }
 
 /// The step id of the result that records a trigger condition failing on an event.
-pub const TRIGGER_STEP: &str = "trigger";
+pub(crate) const TRIGGER_STEP: &str = "trigger";
 /// The service of results the evaluator decides for a run that never started.
-pub const EVALUATE_SERVICE: &str = "evaluate";
+pub(crate) const EVALUATE_SERVICE: &str = "evaluate";
 
 /// Plans run `run_id` of `wf` for `event`, given what is `known` of its steps, at `now` (RFC
 /// 3339, the time decided results and new tasks carry).

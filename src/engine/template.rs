@@ -67,7 +67,7 @@ impl TemplateError {
     }
 
     /// Where in the leaf's text the error is, (line, column) from 1, when known.
-    pub fn position(&self) -> Option<(usize, usize)> {
+    pub(crate) fn position(&self) -> Option<(usize, usize)> {
         match self {
             TemplateError::Syntax { position, .. } => *position,
             TemplateError::Render { .. } => None,
@@ -123,12 +123,12 @@ impl InputTemplate {
 
     /// Like [`Self::compile`], for a value found at `root` (e.g. `services.hook.connector.body`),
     /// so errors name the leaf from there.
-    pub fn compile_at(input: &Json, root: &str) -> Result<InputTemplate, TemplateError> {
+    pub(crate) fn compile_at(input: &Json, root: &str) -> Result<InputTemplate, TemplateError> {
         Self::compile_bounded(input, root, &Bounds::default())
     }
 
     /// Like [`Self::compile_at`], rendering within `bounds`.
-    pub fn compile_bounded(input: &Json, root: &str, bounds: &Bounds) -> Result<InputTemplate, TemplateError> {
+    pub(crate) fn compile_bounded(input: &Json, root: &str, bounds: &Bounds) -> Result<InputTemplate, TemplateError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| AutoEscape::None);
@@ -165,20 +165,20 @@ impl InputTemplate {
 
     /// The step ids the templates read as `steps.<id>`, for checking that a step only reads steps
     /// it needs.
-    pub fn references_steps(&self) -> BTreeSet<String> {
+    pub(crate) fn references_steps(&self) -> BTreeSet<String> {
         self.steps.clone()
     }
 
     /// The parts of the event body (`data`, also seen as `event.data`) the templates read, as
     /// paths starting with `data`: rendering against a context whose body holds only these
     /// gives the same result as against the whole body.
-    pub fn data_paths(&self) -> &FieldPaths {
+    pub(crate) fn data_paths(&self) -> &FieldPaths {
         &self.data
     }
 
     /// Whether a template reads `steps` other than as `steps.<id>` (`steps["a-b"]`, a loop over
     /// `steps`): then [`Self::references_steps`] cannot name every step read.
-    pub fn reads_steps_dynamically(&self) -> bool {
+    pub(crate) fn reads_steps_dynamically(&self) -> bool {
         self.all_steps
     }
 
@@ -461,7 +461,7 @@ pub struct Context(minijinja::Value);
 
 impl Context {
     /// A context whose top-level variables are the given parts.
-    pub fn from_parts<'a>(parts: impl IntoIterator<Item = (&'a str, Context)>) -> Context {
+    pub(crate) fn from_parts<'a>(parts: impl IntoIterator<Item = (&'a str, Context)>) -> Context {
         Context(parts.into_iter().map(|(name, part)| (name, part.0)).collect())
     }
 }

@@ -30,7 +30,7 @@ use crate::{
 /// update, and a multi-step run carries its event through each task; the cap keeps what one
 /// definition costs the pipeline per event bounded (and the graph checks, quadratic in steps,
 /// cheap).
-pub const MAX_STEPS: usize = 50;
+pub(crate) const MAX_STEPS: usize = 50;
 
 /// One workflow definition, as written in YAML (and published, as JSON, on the definitions topic).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,7 +137,7 @@ impl Default for Limits {
 
 /// One step of a path into a definition's document: a mapping key or a sequence index.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Segment {
+pub(crate) enum Segment {
     Key(String),
     Index(usize),
 }
@@ -145,7 +145,7 @@ pub enum Segment {
 /// What is wrong with a definition, and in which field (as a path into the document, so
 /// [`load`] can tell the line and column). Displays as `steps[0] (fetch).if: …`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
+pub(crate) struct FieldError {
     pub path: Vec<Segment>,
     /// The field as shown: `steps[0] (fetch).if`.
     pub field: String,
@@ -271,7 +271,7 @@ impl CompiledWorkflow {
     }
 
     /// Like [`Self::compile`], its templates rendering within `bounds`.
-    pub fn compile_bounded(
+    pub(crate) fn compile_bounded(
         def: Workflow,
         services: &BTreeSet<&str>,
         bounds: &Bounds,
@@ -395,12 +395,12 @@ impl CompiledWorkflow {
     }
 
     /// More than one step: results must be coordinated to start the later ones.
-    pub fn is_multi_step(&self) -> bool {
+    pub(crate) fn is_multi_step(&self) -> bool {
         self.steps.len() > 1
     }
 
     /// Waits until `tenant` may start another run of this workflow (`limits.runs_per_minute`).
-    pub async fn run_permit(&self, tenant: &str) {
+    pub(crate) async fn run_permit(&self, tenant: &str) {
         let tenant = tenant.to_string();
         if self.limiter.check_key(&tenant).is_err() {
             self.limiter.until_key_ready(&tenant).await;
@@ -427,7 +427,7 @@ impl CompiledWorkflow {
     }
 
     /// Renders step `i`'s input. `context` is [`template_context`]'s value.
-    pub fn render_input(&self, i: usize, context: &Context, event: &Event) -> Result<Json, String> {
+    pub(crate) fn render_input(&self, i: usize, context: &Context, event: &Event) -> Result<Json, String> {
         match &self.steps[i].input {
             Some(t) => t.render(context).map_err(|e| format!("steps.{}.input: {e}", self.def.steps[i].id)),
             None => {
@@ -538,7 +538,7 @@ const FOUND: &str = "weir: found";
 impl Source {
     /// (line, column), from 1, of the node at `path` in the document, or of its nearest ancestor
     /// that is there (a missing field is reported at the mapping that lacks it).
-    pub fn locate(&self, path: &[Segment]) -> Option<(usize, usize)> {
+    pub(crate) fn locate(&self, path: &[Segment]) -> Option<(usize, usize)> {
         (0..=path.len()).rev().find_map(|len| {
             // The YAML deserializer gives a visitor's error the position of the node it was
             // visiting: the locator walks down `path` and fails on purpose when it arrives.
@@ -551,7 +551,7 @@ impl Source {
     /// `file:line:column` of `path` (of its nearest ancestor that is there), and when
     /// `position` (line, column in the field's text) is given, of that place in the file if the
     /// field's text can be mapped back to it (a single-line scalar, or a `|`/`>` block).
-    pub fn describe(&self, path: &[Segment], position: Option<(usize, usize)>) -> String {
+    pub(crate) fn describe(&self, path: &[Segment], position: Option<(usize, usize)>) -> String {
         let Some((line, column)) = self.locate(path) else { return self.file.display().to_string() };
         let (line, column) = position.and_then(|p| self.inside(line, column, p)).unwrap_or((line, column));
         format!("{}:{line}:{column}", self.file.display())

@@ -30,7 +30,7 @@ pub struct Record<'a> {
 }
 
 /// A compacted topic, assigned from the beginning of every partition.
-pub struct Table {
+pub(crate) struct Table {
     consumer: BaseConsumer,
     topic: String,
 }
@@ -56,7 +56,7 @@ impl Table {
 
     /// Hands every record up to the current end of each partition to `apply`, in offset order
     /// per partition. Blocking; fails if the end is not reached within a minute.
-    pub fn read_to_end(&self, mut apply: impl FnMut(Record<'_>)) -> anyhow::Result<()> {
+    pub(crate) fn read_to_end(&self, mut apply: impl FnMut(Record<'_>)) -> anyhow::Result<()> {
         let topic = self.topic.as_str();
         let mut remaining: HashMap<i32, i64> = HashMap::new();
         let assignment = self.consumer.assignment().with_context(|| format!("reading the assignment of {topic}"))?;
@@ -93,7 +93,7 @@ impl Table {
     }
 
     /// Hands every later record to `apply`, from a thread of its own, until `stop` is cancelled.
-    pub fn follow(
+    pub(crate) fn follow(
         self,
         stop: CancellationToken,
         mut apply: impl FnMut(Record<'_>) + Send + 'static,

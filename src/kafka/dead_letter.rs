@@ -42,7 +42,7 @@ use crate::{
 
 pub const REASON: &str = "weir.error.reason";
 pub const STAGE: &str = "weir.error.stage";
-pub const TIME: &str = "weir.error.time";
+pub(crate) const TIME: &str = "weir.error.time";
 pub const ORIGIN_TOPIC: &str = "weir.origin.topic";
 pub const ORIGIN_PARTITION: &str = "weir.origin.partition";
 pub const ORIGIN_OFFSET: &str = "weir.origin.offset";
@@ -51,7 +51,7 @@ pub const FIRST_FAILURE: &str = "weir.error.first-failure";
 pub const PAYLOAD_SIZE: &str = "weir.truncated.payload-size";
 pub const PAYLOAD_SHA256: &str = "weir.truncated.payload-sha256";
 pub const PAYLOAD_KEPT: &str = "weir.truncated.payload-kept";
-pub const HEADERS_DROPPED: &str = "weir.truncated.headers-dropped";
+pub(crate) const HEADERS_DROPPED: &str = "weir.truncated.headers-dropped";
 
 /// Longest key a truncated dead letter keeps (keys are tenants, bounded far below this at the
 /// boundary; a foreign record's key may be anything).
@@ -60,7 +60,7 @@ const MAX_KEY: usize = 1024;
 const MAX_KEPT_HEADERS: usize = 16 * 1024;
 
 #[derive(Clone)]
-pub struct DeadLetters {
+pub(crate) struct DeadLetters {
     producer: FutureProducer,
     topic: String,
     stage: Stage,
@@ -82,7 +82,7 @@ impl DeadLetters {
         }
     }
 
-    pub fn with_limits(self, limits: &Limits) -> Self {
+    pub(crate) fn with_limits(self, limits: &Limits) -> Self {
         DeadLetters { max_record_bytes: limits.max_record_bytes, prefix_bytes: limits.dead_letter_prefix_bytes, ..self }
     }
 
@@ -93,7 +93,7 @@ impl DeadLetters {
     }
 
     /// [`send`](Self::send) with more headers (e.g. [`ATTEMPTS`], [`FIRST_FAILURE`]).
-    pub async fn send_with(
+    pub(crate) async fn send_with(
         &self,
         message: &OwnedMessage,
         reason: &str,

@@ -31,33 +31,33 @@ use crate::envelope::{ActionResult, ActionTask, Status};
 
 /// What librdkafka adds to key, value and headers when it checks `message.max.bytes` (the v2
 /// record framing, ~40 bytes), rounded up.
-pub const RECORD_OVERHEAD: usize = 128;
+pub(crate) const RECORD_OVERHEAD: usize = 128;
 
 /// Key of the object that replaces an oversize result `output`.
-pub const TRUNCATED: &str = "weir.truncated";
+pub(crate) const TRUNCATED: &str = "weir.truncated";
 
 /// Longest error text a result or dead letter carries: a reason is for a person to read, and an
 /// error message can quote its input.
-pub const MAX_REASON_CHARS: usize = 2_000;
+pub(crate) const MAX_REASON_CHARS: usize = 2_000;
 
 /// `limits` in `weir.yaml`, defined with the rest of the configuration.
 pub use crate::config::RecordLimits as Limits;
 pub use crate::config::DEFAULT_MAX_RECORD_BYTES;
 
 /// The size of a record as the producer counts it against `message.max.bytes`.
-pub fn record_size(key: Option<&[u8]>, payload: &[u8], headers: Option<&OwnedHeaders>) -> usize {
+pub(crate) fn record_size(key: Option<&[u8]>, payload: &[u8], headers: Option<&OwnedHeaders>) -> usize {
     RECORD_OVERHEAD + key.map_or(0, <[u8]>::len) + payload.len() + headers.map_or(0, headers_size)
 }
 
 /// Serialized size of headers: name, value and two length varints each.
-pub fn headers_size(headers: &OwnedHeaders) -> usize {
+pub(crate) fn headers_size(headers: &OwnedHeaders) -> usize {
     headers.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 10).sum::<usize>() + 5
 }
 
 /// Whether a produce error is about the record itself (too large, invalid), so that producing it
 /// again would fail the same way: the record is failed or dead-lettered and the stage goes on.
 /// Anything else (timeouts, a broker gone) is infrastructure and propagates.
-pub fn is_record_error(e: &KafkaError) -> bool {
+pub(crate) fn is_record_error(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
         Some(
@@ -76,7 +76,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// At most [`MAX_REASON_CHARS`] of `reason`, marked when cut.
-pub fn bound_reason(reason: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn bound_reason(reason: &str) -> std::borrow::Cow<'_, str> {
     match reason.char_indices().nth(MAX_REASON_CHARS) {
         Some((cut, _)) => format!("{}… ({} bytes in all)", &reason[..cut], reason.len()).into(),
         None => reason.into(),
@@ -85,7 +85,7 @@ pub fn bound_reason(reason: &str) -> std::borrow::Cow<'_, str> {
 
 /// Why a task cannot be produced: its record (key, JSON payload, content-type header) is over
 /// `max`. What a run's `failed` result says.
-pub fn task_too_large(size: usize, max: usize) -> String {
+pub(crate) fn task_too_large(size: usize, max: usize) -> String {
     format!(
         "the task's record would be {size} bytes, over the limit of {max} bytes (limits.max_record_bytes); \
          make the step's input smaller"
@@ -93,7 +93,7 @@ pub fn task_too_large(size: usize, max: usize) -> String {
 }
 
 /// The JSON payload of `task`, or why it may not be produced (see [`task_too_large`]).
-pub fn task_payload(task: &ActionTask, max: usize) -> Result<Vec<u8>, String> {
+pub(crate) fn task_payload(task: &ActionTask, max: usize) -> Result<Vec<u8>, String> {
     let payload = serde_json::to_vec(task).map_err(|e| format!("the task cannot be serialized: {e}"))?;
     let size = record_size(Some(task.tenant.as_bytes()), &payload, None) + CONTENT_HEADER;
     if size > max {
@@ -109,7 +109,7 @@ const CONTENT_HEADER: usize = 64;
 /// `output` is replaced by a [`TRUNCATED`] marker (size, SHA-256, limit); if the result is still
 /// too big (the run's event it carries), it becomes a `failed` result without the event, naming
 /// the limit. The result is changed in place, so the caller sees what was written.
-pub fn result_payload(result: &mut ActionResult, max: usize) -> Vec<u8> {
+pub(crate) fn result_payload(result: &mut ActionResult, max: usize) -> Vec<u8> {
     if let Some(error) = &result.error {
         if let std::borrow::Cow::Owned(bounded) = bound_reason(error) {
             result.error = Some(bounded);

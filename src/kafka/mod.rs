@@ -125,7 +125,7 @@ pub fn check_reachable(config: &Config) -> anyhow::Result<()> {
 }
 
 /// A client context that drops librdkafka's own logs and errors: see [`check_reachable`].
-pub struct Quiet;
+pub(crate) struct Quiet;
 
 impl rdkafka::ClientContext for Quiet {
     fn log(&self, _: RDKafkaLogLevel, _: &str, _: &str) {}
@@ -135,7 +135,7 @@ impl rdkafka::ClientContext for Quiet {
 impl rdkafka::consumer::ConsumerContext for Quiet {}
 
 /// Partition count of `topic`, or an error naming the missing topic.
-pub fn partition_count<C: rdkafka::ClientContext>(
+pub(crate) fn partition_count<C: rdkafka::ClientContext>(
     client: &rdkafka::client::Client<C>,
     topic: &str,
 ) -> anyhow::Result<i32> {
@@ -161,7 +161,11 @@ pub fn header_str<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> 
 
 /// `message`'s headers without those `drop` names, plus `add`: what a record keeps when it is
 /// forwarded (to a delay topic, back from one, to the dead-letter topic).
-pub fn rewrite_headers(message: &OwnedMessage, drop: impl Fn(&str) -> bool, add: &[(&str, &str)]) -> OwnedHeaders {
+pub(crate) fn rewrite_headers(
+    message: &OwnedMessage,
+    drop: impl Fn(&str) -> bool,
+    add: &[(&str, &str)],
+) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
     if let Some(original) = message.headers() {
         for h in original.iter().filter(|h| !drop(h.key)) {
@@ -195,7 +199,7 @@ pub async fn send(
 }
 
 /// Headers for a record of the given encoding.
-pub fn content_headers(format: crate::envelope::Format) -> rdkafka::message::OwnedHeaders {
+pub(crate) fn content_headers(format: crate::envelope::Format) -> rdkafka::message::OwnedHeaders {
     rdkafka::message::OwnedHeaders::new()
         .insert(rdkafka::message::Header { key: crate::envelope::CONTENT_TYPE, value: Some(format.content_type()) })
 }

@@ -30,7 +30,7 @@ impl PartitionState {
 
 /// Pending offsets of the partitions one consumer owns.
 #[derive(Debug, Default)]
-pub struct OffsetTracker {
+pub(crate) struct OffsetTracker {
     partitions: HashMap<i32, PartitionState>,
     generations: u64,
 }
@@ -42,7 +42,7 @@ impl OffsetTracker {
 
     /// Records that `offset` of `partition` was handed to a stage; returns the generation to pass
     /// back to [`complete`](Self::complete).
-    pub fn begin(&mut self, partition: i32, offset: i64) -> u64 {
+    pub(crate) fn begin(&mut self, partition: i32, offset: i64) -> u64 {
         let generations = &mut self.generations;
         let state = self.partitions.entry(partition).or_insert_with(|| {
             *generations += 1;
@@ -77,12 +77,12 @@ impl OffsetTracker {
     }
 
     /// Whether offsets handed out under `generation` still belong to the current assignment.
-    pub fn is_current(&self, partition: i32, generation: u64) -> bool {
+    pub(crate) fn is_current(&self, partition: i32, generation: u64) -> bool {
         self.partitions.get(&partition).is_some_and(|s| s.generation == generation)
     }
 
     /// Number of offsets handed out and not yet done, over all partitions.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.partitions.values().map(|s| s.pending.len()).sum()
     }
 }

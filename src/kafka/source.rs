@@ -135,7 +135,7 @@ struct PauseState {
 }
 
 /// Rebalance hooks and statistics for a source's consumer.
-pub struct SourceContext {
+pub(crate) struct SourceContext {
     shared: Arc<Shared>,
 }
 
@@ -294,7 +294,7 @@ impl Source {
         self.done_all(std::slice::from_ref(ticket));
     }
 
-    pub fn done_all(&self, tickets: &[Ticket]) {
+    pub(crate) fn done_all(&self, tickets: &[Ticket]) {
         if !tickets.is_empty() {
             self.shared.progressed();
         }
@@ -354,13 +354,8 @@ impl Source {
 
     /// Answers, from any task, whether a ticket's partition is still owned by the assignment that
     /// handed it out: work for a revoked partition is left to its new owner.
-    pub fn ownership(&self) -> Ownership {
+    pub(crate) fn ownership(&self) -> Ownership {
         Ownership(self.shared.clone())
-    }
-
-    /// Offsets handed out and not yet done.
-    pub fn pending(&self) -> usize {
-        self.shared.tracker.lock().expect("tracker lock").pending()
     }
 
     /// Stops polling and leaves the group; librdkafka commits the stored offsets on the way out.
@@ -381,10 +376,10 @@ impl Source {
 
 /// See [`Source::ownership`].
 #[derive(Clone)]
-pub struct Ownership(Arc<Shared>);
+pub(crate) struct Ownership(Arc<Shared>);
 
 impl Ownership {
-    pub fn owns(&self, ticket: &Ticket) -> bool {
+    pub(crate) fn owns(&self, ticket: &Ticket) -> bool {
         self.0.tracker.lock().expect("tracker lock").is_current(ticket.partition, ticket.generation)
     }
 }

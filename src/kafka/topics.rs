@@ -56,7 +56,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// One `topics/*.yaml` file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TopicFile {
+pub(crate) struct TopicFile {
     /// The topics this file declares; names must be unique across all files of the directory.
     pub topics: Vec<TopicSpec>,
 }
@@ -486,7 +486,7 @@ pub async fn apply_dir(config: &Config, dry_run: bool) -> anyhow::Result<Plan> {
 
 /// The producer's `message.max.bytes`: librdkafka's default (1,000,000) unless `kafka:` in the
 /// config sets it. The producer refuses a larger record before it leaves the process.
-pub fn producer_max_bytes(config: &Config) -> anyhow::Result<usize> {
+pub(crate) fn producer_max_bytes(config: &Config) -> anyhow::Result<usize> {
     let native = kafka::producer_config(config).create_native_config().context("reading the producer config")?;
     let value = native.get("message.max.bytes").context("reading the producer's message.max.bytes")?;
     value.parse().with_context(|| format!("the producer's message.max.bytes {value:?} is not a number"))
@@ -494,7 +494,7 @@ pub fn producer_max_bytes(config: &Config) -> anyhow::Result<usize> {
 
 /// The largest batch a topic accepts, and where that number comes from (for messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicLimit {
+pub(crate) struct TopicLimit {
     /// Physical name.
     pub topic: String,
     /// Its `max.message.bytes`.
@@ -509,7 +509,7 @@ pub struct TopicLimit {
 /// - a topic weir writes whose `max.message.bytes` is below the producer's `message.max.bytes`:
 ///   librdkafka fills batches up to its own limit and the broker refuses any larger than the
 ///   topic's, so records that each fit would still be refused, in batches.
-pub fn check_combination(config: &Config, producer_max: usize, topics: &[TopicLimit]) -> anyhow::Result<()> {
+pub(crate) fn check_combination(config: &Config, producer_max: usize, topics: &[TopicLimit]) -> anyhow::Result<()> {
     let max_record = config.limits.max_record_bytes;
     if max_record > producer_max {
         bail!(
@@ -538,7 +538,7 @@ pub fn check_combination(config: &Config, producer_max: usize, topics: &[TopicLi
 
 /// The topics the pipeline's stages write: the dead-letter and results topics and every
 /// configured service's action and delay topics (physical names).
-pub fn written_topics(config: &Config) -> Vec<String> {
+pub(crate) fn written_topics(config: &Config) -> Vec<String> {
     let names = config.names();
     let mut topics = vec![names.dlq(), names.results()];
     for (name, service) in &config.services {
@@ -552,7 +552,7 @@ pub fn written_topics(config: &Config) -> Vec<String> {
 /// `max.message.bytes` of every topic the stages write, as the broker has them (see
 /// [`check_combination`]). A topic that does not exist is left to the stage that needs it, which
 /// says to run `weir topics apply`.
-pub async fn check_limits(config: &Config) -> anyhow::Result<()> {
+pub(crate) async fn check_limits(config: &Config) -> anyhow::Result<()> {
     let producer_max = producer_max_bytes(config)?;
     let admin = kafka::admin(config)?;
     let topics = written_topics(config);
@@ -654,10 +654,11 @@ pub async fn delete_all(config: &Config) -> anyhow::Result<()> {
 /// Partitions and replication of a service's action topic that `topics/*.yaml` does not declare:
 /// those of the declared `events` topic (tasks are keyed by tenant like the events they come
 /// from, so the same parallelism fits), with [`DERIVED_ACTIONS_CONFIG`].
-pub const DERIVED_ACTIONS_FROM: &str = "events";
+pub(crate) const DERIVED_ACTIONS_FROM: &str = "events";
 
 /// Topic config of a derived action topic: 7 days' retention, as the repo's `actions.webhook`.
-pub const DERIVED_ACTIONS_CONFIG: [(&str, &str); 2] = [("cleanup.policy", "delete"), ("retention.ms", "604800000")];
+pub(crate) const DERIVED_ACTIONS_CONFIG: [(&str, &str); 2] =
+    [("cleanup.policy", "delete"), ("retention.ms", "604800000")];
 
 /// The topics of every configured service that the files do not declare, so that a service added
 /// to `weir.yaml` gets its topics from `weir topics apply`:
@@ -669,7 +670,7 @@ pub const DERIVED_ACTIONS_CONFIG: [(&str, &str); 2] = [("cleanup.policy", "delet
 /// The files stay the source of truth: a declared topic always wins. Without a declared `events`
 /// topic an undeclared action topic cannot be derived, and the error names the service and what
 /// to declare.
-pub fn service_topics(config: &Config, declared: &[TopicSpec]) -> anyhow::Result<Vec<TopicSpec>> {
+pub(crate) fn service_topics(config: &Config, declared: &[TopicSpec]) -> anyhow::Result<Vec<TopicSpec>> {
     let names = crate::config::Names::logical();
     let mut derived = Vec::new();
     for (name, service) in &config.services {

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Event types of the sample load, after the seeds' Ghost events.
-pub const EVENT_TYPES: [&str; 5] =
+pub(crate) const EVENT_TYPES: [&str; 5] =
     ["member.created", "post.published", "email.opened", "member.updated", "email.clicked"];
 
 /// A Ghost-shaped sample event.

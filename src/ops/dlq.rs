@@ -113,7 +113,7 @@ pub fn parse_since(text: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> 
 /// offset (`below`: every letter under it was resent) and, in that commit's metadata, the letters
 /// above it that were resent too (a filter skipped some in between, which must stay visible).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Mark {
+pub(crate) struct Mark {
     pub below: i64,
     pub above: BTreeSet<i64>,
 }
@@ -405,7 +405,7 @@ async fn resend(
 
 /// The record a truncated dead letter came from, read from its origin coordinates and checked
 /// against the SHA-256 the letter kept. Blocking.
-pub fn read_original(config: &Config, letter: &DeadLetter) -> anyhow::Result<OwnedMessage> {
+pub(crate) fn read_original(config: &Config, letter: &DeadLetter) -> anyhow::Result<OwnedMessage> {
     let id = letter.id();
     let coordinate = |name: &str| {
         letter.header(name).with_context(|| format!("dead letter {id} holds a prefix only and has no {name} header"))
@@ -503,7 +503,7 @@ pub fn print_list(letters: &[DeadLetter]) {
 }
 
 /// How much of a payload (or header value) `weir dlq show` prints without `--full`.
-pub const SHOW_BYTES: usize = 4096;
+pub(crate) const SHOW_BYTES: usize = 4096;
 
 /// `weir dlq show` output: headers, then the payload (pretty JSON when it is JSON). Without
 /// `full`, a payload or header value over [`SHOW_BYTES`] is cut there, saying how much is left.
@@ -512,7 +512,7 @@ pub fn print_one(d: &DeadLetter, full: bool) {
 }
 
 /// What [`print_one`] prints.
-pub fn render_one(d: &DeadLetter, full: bool) -> String {
+pub(crate) fn render_one(d: &DeadLetter, full: bool) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(out, "id: {}\nkey: {}\nredriven: {}", d.id(), d.key(), if d.redriven { "yes" } else { "no" });

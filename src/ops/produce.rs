@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// Header carrying the produce time in milliseconds since the epoch, for end-to-end latency.
-pub const PRODUCED_AT: &str = "weir.produced-at";
+pub(crate) const PRODUCED_AT: &str = "weir.produced-at";
 
 /// Where an acknowledged event was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,12 +175,8 @@ fn headers(content_type: &str) -> OwnedHeaders {
         .insert(Header { key: PRODUCED_AT, value: Some(now.as_str()) })
 }
 
-/// Reads newline-delimited JSON events; an unparsable line is an error naming its number.
-pub fn read_ndjson(reader: impl BufRead) -> anyhow::Result<Vec<Event>> {
-    Ok(read_ndjson_lines(reader)?.into_iter().map(|(_, e)| e).collect())
-}
-
-/// [`read_ndjson`], each event with its line number (from 1).
+/// Reads newline-delimited JSON events, each with its line number (from 1); an unparsable line
+/// is an error naming its number.
 pub fn read_ndjson_lines(reader: impl BufRead) -> anyhow::Result<Vec<(usize, Event)>> {
     let mut events = Vec::new();
     for (n, line) in reader.lines().enumerate() {
@@ -203,8 +199,8 @@ mod tests {
     fn ndjson_errors_name_the_line() {
         let ok = r#"{"id":"1","source":"/s","type":"member.created","tenant":"t","data":{}}"#;
         let input = format!("{ok}\n\n{{broken\n");
-        let err = read_ndjson(input.as_bytes()).unwrap_err();
+        let err = read_ndjson_lines(input.as_bytes()).unwrap_err();
         assert!(format!("{err:#}").contains("line 3"), "{err:#}");
-        assert_eq!(read_ndjson(ok.as_bytes()).unwrap().len(), 1);
+        assert_eq!(read_ndjson_lines(ok.as_bytes()).unwrap().len(), 1);
     }
 }

@@ -35,7 +35,7 @@ use super::{
 use crate::{config::Config, kafka};
 
 /// The bound on a stage's memory under a backlog.
-pub const RSS_LIMIT_MB: f64 = 200.0;
+pub(crate) const RSS_LIMIT_MB: f64 = 200.0;
 /// How long the committed offsets may stand still (start-up included: loading the definitions,
 /// joining the group) before the child counts as stuck.
 const STALL_LIMIT: Duration = Duration::from_secs(180);

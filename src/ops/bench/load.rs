@@ -27,11 +27,11 @@ use rdkafka::{
 use crate::{config::Config, envelope, kafka};
 
 /// Header holding `"<seq>-<produce time in µs since the epoch>"`.
-pub const STAMP: &str = "weir.bench.stamp";
+pub(crate) const STAMP: &str = "weir.bench.stamp";
 
 /// Event types and their share of the traffic, after the seeds' Ghost webhooks: opens and clicks
 /// dominate, members change often, posts are rare but large.
-pub const EVENT_MIX: [(&str, u32); 8] = [
+pub(crate) const EVENT_MIX: [(&str, u32); 8] = [
     ("email.opened", 38),
     ("email.clicked", 14),
     ("member.updated", 18),
@@ -43,23 +43,23 @@ pub const EVENT_MIX: [(&str, u32); 8] = [
 ];
 
 /// Microseconds since the Unix epoch.
-pub fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-pub fn stamp(seq: u64, produced_us: u64) -> String {
+pub(crate) fn stamp(seq: u64, produced_us: u64) -> String {
     format!("{seq}-{produced_us}")
 }
 
 /// Reads `"<seq>-<micros>"` back; `None` for anything else.
-pub fn parse_stamp(text: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn parse_stamp(text: &[u8]) -> Option<(u64, u64)> {
     let text = std::str::from_utf8(text).ok()?;
     let (seq, us) = text.split_once('-')?;
     Some((seq.parse().ok()?, us.parse().ok()?))
 }
 
 /// Finds the stamp in a JSON record's `"event_id"` without parsing the record.
-pub fn stamp_in_json(payload: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn stamp_in_json(payload: &[u8]) -> Option<(u64, u64)> {
     const KEY: &[u8] = b"\"event_id\":\"";
     let start = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
     let len = payload[start..].iter().position(|&b| b == b'"')?;
@@ -79,7 +79,6 @@ pub enum Shape {
 /// serialization of kilobytes.
 pub struct Mix {
     tenants: Zipf<f64>,
-    tenant_count: usize,
     kinds: Vec<&'static str>,
     /// Per kind: bodies of varying size.
     bodies: Vec<Vec<String>>,
@@ -93,7 +92,7 @@ impl Mix {
     /// Like [`Mix::new`], but with every `data` body `body_bytes` long (at least
     /// [`MIN_BODY_BYTES`]) instead of 0.5–10 KB: the backlog scenario's small events, so that
     /// millions of them fit on the disk.
-    pub fn with_body_bytes(tenants: usize, body_bytes: Option<usize>) -> anyhow::Result<Mix> {
+    pub(crate) fn with_body_bytes(tenants: usize, body_bytes: Option<usize>) -> anyhow::Result<Mix> {
         let tenants = tenants.max(1);
         let mut rng = SmallRng::seed_from_u64(6);
         let mut kinds = Vec::new();
@@ -109,21 +108,12 @@ impl Mix {
                     .collect(),
             );
         }
-        Ok(Mix {
-            tenants: Zipf::new(tenants as f64, 1.0).context("Zipf distribution")?,
-            tenant_count: tenants,
-            kinds,
-            bodies,
-        })
+        Ok(Mix { tenants: Zipf::new(tenants as f64, 1.0).context("Zipf distribution")?, kinds, bodies })
     }
 
     /// Tenant names: `site-1` is the busiest.
     pub fn tenant_name(rank: usize) -> String {
         format!("site-{rank}")
-    }
-
-    pub fn tenant_count(&self) -> usize {
-        self.tenant_count
     }
 
     /// One record: (key, payload).
@@ -147,7 +137,7 @@ impl Mix {
 }
 
 /// An action result as the executor writes it, for the sink scenario and its COPY comparison.
-pub fn result_json(seq: u64, event_id: &str, tenant: &str, finished_at: &str) -> String {
+pub(crate) fn result_json(seq: u64, event_id: &str, tenant: &str, finished_at: &str) -> String {
     let status = if seq % 20 == 0 { "failed" } else { "succeeded" };
     let (http, error) = if status == "failed" { ("503", r#""HTTP 503: unavailable""#) } else { ("200", "null") };
     format!(
@@ -156,7 +146,7 @@ pub fn result_json(seq: u64, event_id: &str, tenant: &str, finished_at: &str) ->
     )
 }
 
-pub fn rfc3339_us(us: u64) -> String {
+pub(crate) fn rfc3339_us(us: u64) -> String {
     chrono::DateTime::from_timestamp_micros(us as i64)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -184,7 +174,7 @@ fn body(kind: &str, variant: usize, rng: &mut SmallRng) -> String {
 }
 
 /// Shortest `data` body [`Mix::with_body_bytes`] makes: the fields the bench workflows read.
-pub const MIN_BODY_BYTES: usize = 200;
+pub(crate) const MIN_BODY_BYTES: usize = 200;
 
 /// A `data` body of `bytes` bytes holding only what the bench workflows read (member status and
 /// email, post visibility and title), padded with HTML.
@@ -286,7 +276,7 @@ pub fn spawn(
 
 /// Sends `record`, waiting while the producer's queue is full: load is never dropped, it slows
 /// down to what the broker takes.
-pub fn send_waiting<K, P>(
+pub(crate) fn send_waiting<K, P>(
     producer: &ThreadedProducer<DefaultProducerContext>,
     mut record: BaseRecord<'_, K, P>,
 ) -> Result<(), KafkaError>

@@ -21,7 +21,7 @@ fn histogram(sigfig: u8) -> Histogram<u64> {
 
 /// Collects observations of a scenario's output. Before [`Meter::open`] it only counts (warm-up);
 /// between `open` and [`Meter::close`] it measures.
-pub struct Meter {
+pub(crate) struct Meter {
     inner: Mutex<Inner>,
     progress: Arc<Progress>,
 }
@@ -166,7 +166,7 @@ impl Meter {
 
 /// CPU seconds used so far by this process, the broker and PostgreSQL.
 #[derive(Debug, Clone, Default)]
-pub struct CpuSample {
+pub(crate) struct CpuSample {
     weir: f64,
     broker: HashMap<u32, f64>,
     postgres: HashMap<u32, f64>,
@@ -190,7 +190,7 @@ impl CpuSample {
     }
 
     /// The same, with `pid` (a `weir run` child) in place of this process as `weir`.
-    pub fn of_child(pid: u32) -> CpuSample {
+    pub(crate) fn of_child(pid: u32) -> CpuSample {
         CpuSample::with_weir(&pid.to_string())
     }
 
@@ -262,7 +262,7 @@ fn service_pids() -> Vec<(u32, Service)> {
 }
 
 /// Resets this process's peak RSS, so each scenario reports its own.
-pub fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
@@ -273,7 +273,7 @@ pub fn peak_rss_mb() -> f64 {
 
 /// A memory figure (`VmRSS`, `VmHWM`, ...) of `/proc/<pid>/status` in MB; `None` once the process
 /// is gone.
-pub fn status_mb(pid: &str, field: &str) -> Option<f64> {
+pub(crate) fn status_mb(pid: &str, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -21,7 +21,7 @@
 
 pub mod backlog;
 pub mod load;
-pub mod measure;
+pub(crate) mod measure;
 pub mod report;
 pub mod scenario;
 
@@ -60,7 +60,7 @@ impl Scenario {
     }
 
     /// Where its output is observed (what its latency ends at).
-    pub fn observed_at(self) -> &'static str {
+    pub(crate) fn observed_at(self) -> &'static str {
         match self {
             Scenario::Baseline => "passthrough output topic, consumed",
             Scenario::Evaluate => "action task on actions.webhook, consumed",

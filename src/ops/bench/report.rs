@@ -60,7 +60,7 @@ impl ScenarioReport {
     }
 
     /// Takes the window's measurements.
-    pub fn fill(&mut self, m: &Measured, duration: Duration) {
+    pub(crate) fn fill(&mut self, m: &Measured, duration: Duration) {
         self.duration_s = duration.as_secs_f64();
         self.events = m.events;
         self.outputs = m.outputs;

@@ -101,7 +101,7 @@ impl Setting {
 
     /// Removes the work directory, the topics and the database, whatever happened; a failed
     /// clean-up is logged but does not hide the outcome.
-    pub async fn clean_up(self) {
+    pub(crate) async fn clean_up(self) {
         let _ = std::fs::remove_dir_all(&self.workdir);
         if let Err(e) = crate::kafka::topics::delete_all(&self.config).await {
             tracing::warn!("deleting the topics of {}: {e:#}", self.config.topic_prefix);

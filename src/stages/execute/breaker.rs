@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use crate::{config::BreakerConfig, telemetry::Event};
 
-pub struct Breaker {
+pub(crate) struct Breaker {
     service: String,
     config: BreakerConfig,
     state: Mutex<State>,
@@ -37,14 +37,14 @@ enum Phase {
 
 /// Leave to call, to be handed back to [`Breaker::record`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     Normal,
     Probe,
 }
 
 /// How a call went, for the breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Succeeded,
     Failed,
     /// Says nothing about the service (a permanent failure, or no call made).
@@ -62,7 +62,7 @@ impl Breaker {
     }
 
     /// Waits until a call may be made.
-    pub async fn admit(&self) -> Admission {
+    pub(crate) async fn admit(&self) -> Admission {
         if !self.config.enabled {
             return Admission::Normal;
         }
@@ -139,7 +139,8 @@ impl Breaker {
         Event::Breaker { service: &self.service, state: "open" }.emit();
     }
 
-    pub fn is_closed(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_closed(&self) -> bool {
         self.state.lock().expect("breaker lock").phase == Phase::Closed
     }
 }

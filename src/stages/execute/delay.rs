@@ -35,20 +35,20 @@ use crate::{
     telemetry::{Event, Stage},
 };
 
-pub const KIND: &str = "weir.retry.kind";
-pub const DUE: &str = "weir.retry.due";
-pub const ATTEMPT: &str = "weir.retry.attempt";
+pub(crate) const KIND: &str = "weir.retry.kind";
+pub(crate) const DUE: &str = "weir.retry.due";
+pub(crate) const ATTEMPT: &str = "weir.retry.attempt";
 pub const FIRST_FAILURE: &str = "weir.retry.first-failure";
-pub const LAST_ERROR: &str = "weir.retry.last-error";
+pub(crate) const LAST_ERROR: &str = "weir.retry.last-error";
 
 /// Milliseconds since the epoch: due times cross processes, so they are wall-clock times.
-pub fn epoch_ms() -> u64 {
+pub(crate) fn epoch_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 /// The backoff after failed attempt `attempt` (1-based): exponential, capped, with up to
 /// `jitter` of it taken off at random (`random` in [0, 1)).
-pub fn backoff(retry: &RetryConfig, attempt: i32, random: f64) -> Duration {
+pub(crate) fn backoff(retry: &RetryConfig, attempt: i32, random: f64) -> Duration {
     let exponent = (attempt.max(1) - 1).min(64);
     let ms = (retry.initial_backoff.as_millis() as f64 * retry.multiplier.powi(exponent))
         .min(retry.max_backoff.as_millis() as f64);
@@ -56,12 +56,12 @@ pub fn backoff(retry: &RetryConfig, attempt: i32, random: f64) -> Duration {
 }
 
 /// Index of the shortest tier covering `wait`, else the longest.
-pub fn tier_for(tiers: &[Duration], wait: Duration) -> usize {
+pub(crate) fn tier_for(tiers: &[Duration], wait: Duration) -> usize {
     tiers.iter().position(|t| t.as_millis() >= wait.as_millis()).unwrap_or(tiers.len().saturating_sub(1))
 }
 
 /// The consumer of one tier: see the module docs.
-pub async fn run_tier(
+pub(crate) async fn run_tier(
     config: Arc<Config>,
     service: String,
     tier: String,

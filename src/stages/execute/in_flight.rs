@@ -27,10 +27,10 @@ use super::queues::Lanes;
 use crate::config::ExecutorConfig;
 
 /// How long a partition may stay over `partition_max_buffered` before it is paused.
-pub const PAUSE_GRACE: Duration = Duration::from_millis(100);
+pub(crate) const PAUSE_GRACE: Duration = Duration::from_millis(100);
 
 /// What the bookkeeping needs to know of a task.
-pub trait Task {
+pub(crate) trait Task {
     fn tenant(&self) -> &str;
     fn partition(&self) -> i32;
 }
@@ -38,7 +38,7 @@ pub trait Task {
 /// What to do with a partition after a change in what it holds.
 #[must_use = "a partition to pause or resume"]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
+pub(crate) enum Flow {
     Keep,
     Pause(i32),
     Resume(i32),
@@ -46,7 +46,7 @@ pub enum Flow {
 
 /// Tasks taken and not yet done with: see the module docs.
 #[derive(Debug)]
-pub struct InFlight<T> {
+pub(crate) struct InFlight<T> {
     lanes: Lanes<T>,
     max_buffered: usize,
     partition_max_buffered: usize,
@@ -82,7 +82,7 @@ impl<T: Task> InFlight<T> {
 
     /// Whether the process is under `max_buffered`, so another batch may be taken. A batch may
     /// take it over by up to a batch: the bound is checked per batch, not per task.
-    pub fn may_take_batch(&self) -> bool {
+    pub(crate) fn may_take_batch(&self) -> bool {
         self.taken < self.max_buffered
     }
 
@@ -108,7 +108,7 @@ impl<T: Task> InFlight<T> {
 
     /// The next task whose tenant may have another call going, with its tenant. It counts as it
     /// did until [`called`](Self::called) or [`gave_up`](Self::gave_up).
-    pub fn next_call(&mut self) -> Option<(Arc<str>, T)> {
+    pub(crate) fn next_call(&mut self) -> Option<(Arc<str>, T)> {
         self.lanes.start_next()
     }
 
@@ -142,7 +142,7 @@ impl<T: Task> InFlight<T> {
 
     /// A task that was taken ends without a call: the executor is stopping, or its partition was
     /// revoked while it waited. Its offset is not stored: whoever owns the partition next calls it.
-    pub fn gave_up(&mut self, tenant: &str, partition: i32) -> Flow {
+    pub(crate) fn gave_up(&mut self, tenant: &str, partition: i32) -> Flow {
         self.settled();
         self.called(tenant, partition)
     }
@@ -152,7 +152,7 @@ impl<T: Task> InFlight<T> {
     /// its new tasks are deferred too (behind the earlier ones, each one limit interval later),
     /// and a deferred task coming back due (`returning`) joins the lane. `backlog_delay(n)` is how
     /// long the tenant's own limit takes to let `n` calls through.
-    pub fn deferral(
+    pub(crate) fn deferral(
         &mut self,
         tenant: &str,
         returning: bool,
@@ -172,7 +172,7 @@ impl<T: Task> InFlight<T> {
     }
 
     /// Forgets tenants whose deferred tasks are all due by `now`.
-    pub fn tidy(&mut self, now: u64) {
+    pub(crate) fn tidy(&mut self, now: u64) {
         self.deferred_until.retain(|_, due| *due > now);
     }
 }

@@ -31,8 +31,8 @@
 
 pub mod breaker;
 pub mod delay;
-pub mod in_flight;
-pub mod queues;
+pub(crate) mod in_flight;
+pub(crate) mod queues;
 pub mod throttle;
 
 use std::{

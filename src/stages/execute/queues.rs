@@ -23,7 +23,7 @@ struct Lane<T> {
 }
 
 #[derive(Debug)]
-pub struct Lanes<T> {
+pub(crate) struct Lanes<T> {
     queues: HashMap<Arc<str>, Lane<T>>,
     /// Keys with queued work and a free running place, in the order they became ready.
     ready: VecDeque<Arc<str>>,
@@ -41,11 +41,12 @@ impl<T> Default for Lanes<T> {
 impl<T> Lanes<T> {
     /// Lanes running up to `per_key` items of a key at once (at least 1). Above 1, a key's items
     /// start in order but may finish in any order.
-    pub fn with_per_key(per_key: usize) -> Self {
+    pub(crate) fn with_per_key(per_key: usize) -> Self {
         Lanes { queues: HashMap::new(), ready: VecDeque::new(), len: 0, per_key: per_key.max(1) }
     }
 
     /// Queues `item` behind earlier items of `key`.
+    #[cfg(test)]
     pub fn push(&mut self, key: &str, item: T) {
         let lane = lane(&mut self.queues, key);
         enqueue(lane, item, &mut self.ready, self.per_key);
@@ -54,14 +55,14 @@ impl<T> Lanes<T> {
 
     /// Queues `item` behind earlier items of its key, which `key` reads from the item (the key
     /// then need not be copied out of it first).
-    pub fn push_keyed(&mut self, item: T, key: impl FnOnce(&T) -> &str) {
+    pub(crate) fn push_keyed(&mut self, item: T, key: impl FnOnce(&T) -> &str) {
         let lane = lane(&mut self.queues, key(&item));
         enqueue(lane, item, &mut self.ready, self.per_key);
         self.len += 1;
     }
 
     /// The next item whose key has a free running place; it runs until [`finish`](Self::finish).
-    pub fn start_next(&mut self) -> Option<(Arc<str>, T)> {
+    pub(crate) fn start_next(&mut self) -> Option<(Arc<str>, T)> {
         let key = self.ready.pop_front()?;
         let lane = self.queues.get_mut(&key).expect("a ready key has a lane");
         let item = lane.queue.pop_front().expect("a ready key has queued work");
@@ -87,15 +88,12 @@ impl<T> Lanes<T> {
     }
 
     /// Items of `key` queued or running.
-    pub fn queued(&self, key: &str) -> usize {
+    pub(crate) fn queued(&self, key: &str) -> usize {
         self.queues.get(key).map_or(0, |l| l.queue.len() + l.running)
     }
 
-    /// Items queued or running.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
+    /// Whether no item is queued or running.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -108,13 +108,13 @@ impl Throttle {
         throttle
     }
 
-    pub fn has_tenant_limits(&self) -> bool {
+    pub(crate) fn has_tenant_limits(&self) -> bool {
         !self.tenant.is_empty()
     }
 
     /// Takes `owned` of `partitions` partitions' share of every global limit. No partitions, no
     /// calls: the limits are left as they are.
-    pub fn set_share(&self, owned: usize, partitions: usize) {
+    pub(crate) fn set_share(&self, owned: usize, partitions: usize) {
         if owned == 0 || partitions == 0 {
             return;
         }
@@ -129,7 +129,7 @@ impl Throttle {
 
     /// Waits for `tenant`'s own limits. Call it before taking a concurrency slot: a tenant
     /// waiting for itself must not hold what other tenants need.
-    pub async fn wait_tenant(&self, tenant: &str, cost: u64) {
+    pub(crate) async fn wait_tenant(&self, tenant: &str, cost: u64) {
         if self.tenant.is_empty() {
             return;
         }
@@ -144,7 +144,7 @@ impl Throttle {
 
     /// How long `tenant` would wait now for one call, without taking anything: to decide whether
     /// to hold its tasks or defer them.
-    pub fn tenant_backlog_delay(&self, queued: usize) -> Duration {
+    pub(crate) fn tenant_backlog_delay(&self, queued: usize) -> Duration {
         self.tenant
             .iter()
             .filter(|t| !t.limit.is_cost())
@@ -154,7 +154,7 @@ impl Throttle {
     }
 
     /// Waits for the global limits (this process's share of them).
-    pub async fn wait_global(&self, cost: u64) {
+    pub(crate) async fn wait_global(&self, cost: u64) {
         if self.global.is_empty() {
             return;
         }
@@ -171,7 +171,7 @@ impl Throttle {
 
     /// Charges what a call cost beyond what was taken before it (`taken`, the estimate clamped
     /// as [`wait_global`](Self::wait_global) clamped it, per limit); see the module docs.
-    pub async fn charge_extra(&self, tenant: &str, estimated: u64, reported: u64) {
+    pub(crate) async fn charge_extra(&self, tenant: &str, estimated: u64, reported: u64) {
         let key = tenant.to_string();
         for t in self.tenant.iter().filter(|t| t.limit.is_cost()) {
             let burst = t.limit.burst();
@@ -194,7 +194,7 @@ impl Throttle {
     }
 
     /// Drops the state of tenants idle long enough to be back at a full burst.
-    pub fn forget_idle_tenants(&self) {
+    pub(crate) fn forget_idle_tenants(&self) {
         for t in &self.tenant {
             t.limiter.retain_recent();
         }

@@ -108,7 +108,7 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// A database error for the log: the database's host:port and the error; when the pool only
 /// says it timed out waiting for a connection (it retries refused connections until then), why a
 /// connection cannot be opened.
-pub async fn describe(pool: &PgPool, e: &sqlx::Error) -> String {
+pub(crate) async fn describe(pool: &PgPool, e: &sqlx::Error) -> String {
     let options = pool.connect_options();
     let at = format!("{}:{}", options.get_host(), options.get_port());
     if !matches!(e, sqlx::Error::PoolTimedOut) {

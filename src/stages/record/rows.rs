@@ -20,7 +20,7 @@ use sqlx::{postgres::PgArguments, Arguments as _};
 use crate::envelope::{self, ActionResult};
 
 /// What U+0000 is stored as in body data.
-pub const NUL_REPLACEMENT: char = '\u{FFFD}';
+pub(crate) const NUL_REPLACEMENT: char = '\u{FFFD}';
 
 /// Rows of one batch, column by column, as UNNEST wants them.
 #[derive(Default)]
@@ -120,9 +120,9 @@ pub fn decode_row(payload: &[u8], content_type: Option<&[u8]>) -> Result<(Action
 }
 
 /// `text` as PostgreSQL can store it: U+0000 replaced by [`NUL_REPLACEMENT`].
-pub fn storable_text(text: &str) -> Cow<'_, str> {
+pub(crate) fn storable_text(text: &str) -> Cow<'_, str> {
     if text.contains('\0') {
-        Cow::Owned(text.replace('\0', "\u{FFFD}"))
+        Cow::Owned(text.replace('\0', NUL_REPLACEMENT.encode_utf8(&mut [0; 4])))
     } else {
         Cow::Borrowed(text)
     }
@@ -130,7 +130,7 @@ pub fn storable_text(text: &str) -> Cow<'_, str> {
 
 /// `value` as `jsonb` can store it: U+0000 replaced by [`NUL_REPLACEMENT`] in every string and
 /// object key. Borrowed (no copy) when there is none, which is almost always.
-pub fn storable(value: &Json) -> Cow<'_, Json> {
+pub(crate) fn storable(value: &Json) -> Cow<'_, Json> {
     if holds_nul(value) {
         let mut value = value.clone();
         replace_nul(&mut value);

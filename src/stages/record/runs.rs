@@ -41,11 +41,11 @@ use crate::{
 };
 
 /// The reason a run past its deadline fails with.
-pub const TIME_LIMIT: &str = "run time limit exceeded";
+pub(crate) const TIME_LIMIT: &str = "run time limit exceeded";
 
 /// A run's status in `workflow_runs.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunStatus {
+pub(crate) enum RunStatus {
     Running,
     Succeeded,
     Failed,
@@ -54,7 +54,7 @@ pub enum RunStatus {
 // The statuses' SQL text, in one place: `workflow_runs.status` and `action_results.status`
 // (whose CHECK constraints, in migrations/, allow exactly these).
 impl RunStatus {
-    pub fn as_sql(self) -> &'static str {
+    pub(crate) fn as_sql(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
             RunStatus::Succeeded => "succeeded",
@@ -62,25 +62,25 @@ impl RunStatus {
         }
     }
 
-    pub fn from_sql(text: &str) -> Option<RunStatus> {
+    pub(crate) fn from_sql(text: &str) -> Option<RunStatus> {
         [RunStatus::Running, RunStatus::Succeeded, RunStatus::Failed].into_iter().find(|s| s.as_sql() == text)
     }
 }
 
 /// A step's status as `action_results.status` holds it (written by [`rows::Columns`] with
 /// [`Status::as_str`]).
-pub fn step_status(text: &str) -> Option<Status> {
+pub(crate) fn step_status(text: &str) -> Option<Status> {
     [Status::Succeeded, Status::Failed, Status::Skipped].into_iter().find(|s| s.as_str() == text)
 }
 
 /// What a batch of results sets in motion: tasks to produce and results decided without a call.
 #[derive(Default)]
-pub struct Advance {
+pub(crate) struct Advance {
     pub tasks: Vec<ActionTask>,
     pub results: Vec<ActionResult>,
 }
 
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     definitions: Arc<DefinitionStore>,
 }
 
@@ -274,7 +274,7 @@ async fn finish(
 }
 
 /// Fails running runs past their deadline, so a run whose step never reports still ends.
-pub async fn expire(pool: &PgPool) -> Result<u64, sqlx::Error> {
+pub(crate) async fn expire(pool: &PgPool) -> Result<u64, sqlx::Error> {
     sqlx::query(
         "update workflow_runs set status = $1, error = $2, finished_at = now() where status = $3 and deadline < now()",
     )
