@@ -68,7 +68,7 @@ fn task(n: usize) -> ActionTask {
 }
 
 async fn produce(config: &Config, n: usize) {
-    let producer = Producer::for_topic(config, &config.topic("actions.webhook")).expect("producer");
+    let producer = Producer::for_topic(config, &config.names().actions("webhook")).expect("producer");
     let mut inflight = FuturesUnordered::new();
     for i in 0..n {
         if inflight.len() >= 10_000 {
@@ -155,13 +155,13 @@ async fn overhead(tasks: usize) {
     let config = Arc::new(config(&receiver, Vec::new()));
     weir::kafka::topics::apply_dir(&config, false).await.expect("topics");
     produce(&config, tasks).await;
-    let topic = config.topic("actions.webhook");
+    let topic = config.names().actions("webhook");
 
     let raw = {
         let (config, topic) = (config.clone(), topic.clone());
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer =
-                weir::kafka::consumer_config(&config, &config.group("bench-raw")).create().expect("consumer");
+                weir::kafka::consumer_config(&config, &config.names().group("bench-raw")).create().expect("consumer");
             consumer.subscribe(&[&topic]).expect("subscribe");
             let mut seen = 0;
             let mut start = None;

@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir::{
     config::Config,
-    engine::definitions,
     envelope::Format,
     kafka::topics,
     ops::produce::{self, Producer},
+    ops::workflows,
     pipeline::{Pipeline, StageName},
     shutdown, telemetry,
 };
@@ -88,8 +88,11 @@ enum Command {
     },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
+        /// Sample events to produce (Ghost-shaped, half JSON and half Avro); the member.created
+        /// ones, a fifth, match the welcome workflow and are called and recorded.
         #[arg(long, default_value_t = 2_000)]
         events: usize,
+        /// Tenants the sample events are spread over (round robin); at least 1.
         #[arg(long, default_value_t = 20)]
         tenants: usize,
     },
@@ -121,10 +124,13 @@ enum DlqAction {
         #[command(flatten)]
         filter: DlqFilter,
     },
-    /// Show one dead letter's headers and payload.
+    /// Show one dead letter's headers and payload (payloads over 4 KB are cut unless --full).
     Show {
         /// `partition:offset`, as `list` prints it.
         id: String,
+        /// Print the whole payload, however large.
+        #[arg(long)]
+        full: bool,
     },
     /// Re-produce the matching dead letters to their origin topics (attempts reset); prints how
     /// many. Letters an earlier redrive sent are skipped (recorded in the `dlq-redrive` group).
@@ -172,13 +178,23 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
         let mut config = Config::default();
         config.apply_env();
         config.validate()?;
+        weir::connectors::validate_all(&config)?;
         return Ok(config);
     }
-    Config::load(path)
+    let config = Config::load(path)?;
+    // Connector checks (templates, URLs against the network policy) belong to the connectors,
+    // not to config; run them here so a bad service still fails at load.
+    weir::connectors::validate_all(&config).with_context(|| format!("invalid config {}", path.display()))?;
+    Ok(config)
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli.config)?;
+    // Every command talks to the broker: check it first, so that an unreachable one gives the same
+    // single message within the same bound whatever the command, instead of each client's own
+    // retries and librdkafka's log lines.
+    let check = config.clone();
+    tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
     match cli.command {
         Command::Run { stages } => {
             let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
@@ -210,12 +226,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Workflows { action: WorkflowsAction::Apply { dir, dry_run } } => {
             let dir = dir.unwrap_or_else(|| config.workflows.clone());
-            let plan = definitions::apply_dir(&config, &dir, dry_run).await?;
+            let plan = workflows::apply_dir(&config, &dir, dry_run).await?;
             plan.print(dry_run);
             Ok(())
         }
         Command::Workflows { action: WorkflowsAction::List { tenant } } => {
-            let current = tokio::task::spawn_blocking(move || definitions::read_current(&config)).await??;
+            let current = tokio::task::spawn_blocking(move || workflows::read_current(&config)).await??;
             println!("{:<40} {:>7}  {:<30} steps", "workflow", "version", "trigger");
             for (key, wf) in current {
                 if tenant.as_deref().is_some_and(|t| wf.tenant.as_deref().is_some_and(|w| w != t)) {
@@ -229,15 +245,13 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Produce { topic, file, format } => {
             let events = match &file {
-                Some(path) => produce::read_ndjson(BufReader::new(
+                Some(path) => produce::read_ndjson_lines(BufReader::new(
                     std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
                 ))?,
-                None => produce::read_ndjson(std::io::stdin().lock())?,
+                None => produce::read_ndjson_lines(std::io::stdin().lock())?,
             };
-            let check = config.clone();
-            tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
-            let producer = Producer::for_topic(&config, &config.topic(&topic))?;
-            let sent = producer.send_all(events.into_iter().map(|e| (e, format)), 10_000).await?;
+            let producer = Producer::for_topic(&config, &config.names().topic(&topic))?;
+            let sent = producer.send_lines(&config, events, format).await?;
             println!("produced {sent} events to {}", producer.topic());
             Ok(())
         }
@@ -247,9 +261,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             weir::ops::dlq::print_list(&letters);
             Ok(())
         }
-        Command::Dlq { action: DlqAction::Show { id } } => {
+        Command::Dlq { action: DlqAction::Show { id, full } } => {
             let letter = tokio::task::spawn_blocking(move || weir::ops::dlq::show(&config, &id)).await??;
-            weir::ops::dlq::print_one(&letter);
+            weir::ops::dlq::print_one(&letter, full);
             Ok(())
         }
         Command::Dlq { action: DlqAction::Redrive { filter, again } } => {

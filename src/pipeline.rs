@@ -9,7 +9,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
-    config::Config, engine::definitions::DefinitionStore, kafka, stages::evaluate, stages::execute, stages::record,
+    config::Config,
+    engine::definitions::DefinitionStore,
+    kafka::{self, compacted::Table},
+    stages::{evaluate, execute, record},
 };
 
 /// Which stages a process runs.
@@ -27,19 +30,34 @@ pub struct Pipeline {
     tasks: Vec<(String, JoinHandle<anyhow::Result<()>>)>,
 }
 
+/// Reads the compacted definitions topic into a new store, then keeps the store current from a
+/// follower thread until `stop` is cancelled. Blocking.
+pub fn follow_definitions(config: &Config, stop: CancellationToken) -> anyhow::Result<Arc<DefinitionStore>> {
+    let store = Arc::new(DefinitionStore::new(config.services.keys().cloned().collect(), config.engine.clone()));
+    let table = Table::open(config, &config.names().definitions(), &config.names().group("definitions"))?;
+    table.read_to_end(|r| store.apply_record(r.key, r.value, r.offset))?;
+    let follower = store.clone();
+    table.follow(stop, move |r| follower.apply_record(r.key, r.value, r.offset))?;
+    Ok(store)
+}
+
 impl Pipeline {
-    /// Checks the broker, reads the workflow definitions topic and starts the requested stages.
+    /// Checks the broker and the size limits, reads the workflow definitions topic and starts the
+    /// requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
+        crate::connectors::validate_all(&config).context("invalid config")?;
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
-        let store_config = config.clone();
-        let definitions = Arc::new(
-            tokio::task::spawn_blocking(move || DefinitionStore::start(&store_config))
-                .await?
-                .context("loading workflow definitions")?,
-        );
-        tracing::info!(workflows = definitions.len(), "workflow definitions loaded");
+        // Limits that cannot work refuse to start, rather than fail on the first large record.
+        kafka::topics::check_limits(&config).await?;
         let cancel = CancellationToken::new();
+        let definitions = tokio::task::spawn_blocking({
+            let (config, stop) = (config.clone(), cancel.child_token());
+            move || follow_definitions(&config, stop)
+        })
+        .await?
+        .context("loading workflow definitions")?;
+        tracing::info!(workflows = definitions.len(), "workflow definitions loaded");
         let mut tasks = Vec::new();
         for stage in stages.iter().copied().collect::<BTreeSet<_>>() {
             match stage {

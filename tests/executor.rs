@@ -55,7 +55,7 @@ fn task(n: usize, tenant: &str, input: serde_json::Value) -> ActionTask {
 }
 
 async fn produce(config: &Config, tasks: &[ActionTask]) {
-    let producer = Producer::for_topic(config, &config.topic("actions.webhook")).unwrap();
+    let producer = Producer::for_topic(config, &config.names().actions("webhook")).unwrap();
     let mut inflight = FuturesUnordered::new();
     for t in tasks {
         if inflight.len() >= 1_000 {
@@ -87,7 +87,7 @@ fn key(c: &Call) -> String {
 }
 
 fn results(config: &Config, want: usize) -> Vec<ActionResult> {
-    read_topic(&config.topic("results"), want, Duration::from_secs(30))
+    read_topic(&config.names().results(), want, Duration::from_secs(30))
         .iter()
         .map(|m| serde_json::from_slice(rdkafka::Message::payload(m).unwrap()).unwrap())
         .collect()
@@ -134,9 +134,9 @@ async fn an_outage_is_retried_through_delay_topics_until_every_task_succeeds_onc
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = setup(&receiver, |c| {
         let s = webhook(c);
-        s.retry.initial_backoff_ms = 500;
+        s.retry.initial_backoff = Duration::from_millis(500);
         s.retry.attempts = 10;
-        s.breaker.open_ms = 1_000;
+        s.breaker.open = Duration::from_secs(1);
     })
     .await;
     let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
@@ -161,13 +161,13 @@ async fn an_outage_is_retried_through_delay_topics_until_every_task_succeeds_onc
     let results = results(&config, 200);
     assert!(results.iter().all(|r| r.status == Status::Succeeded), "no failed result for a retried task");
     assert!(results.iter().any(|r| r.attempts > 1), "some tasks needed retries");
-    assert!(read_topic(&config.topic("dlq"), 1, Duration::from_secs(2)).is_empty(), "no dead letters");
+    assert!(read_topic(&config.names().dlq(), 1, Duration::from_secs(2)).is_empty(), "no dead letters");
     // No partition stalled: the committed offsets reach the end of the action topic, retried
     // copies included.
-    let topic = config.topic("actions.webhook");
+    let topic = config.names().actions("webhook");
     let end = end_offsets(&topic, 8);
     assert!(end > 200, "retries came back through the action topic");
-    let group = config.group("execute-webhook");
+    let group = config.names().execute_group("webhook");
     assert!(
         eventually(Duration::from_secs(20), || async { committed_total(&group, &topic, 8) == end }).await,
         "committed {} of {end}",
@@ -184,7 +184,7 @@ async fn dead_letters_after_rejection(
     receiver.set_mode(Mode { fail_with: Some(400), ..Default::default() });
     let tasks: Vec<ActionTask> = (0..n).map(|i| task(i, &format!("tenant-{i}"), json!({"n": i}))).collect();
     produce(config, &tasks).await;
-    read_topic(&config.topic("dlq"), n, Duration::from_secs(30))
+    read_topic(&config.names().dlq(), n, Duration::from_secs(30))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +198,7 @@ async fn a_permanent_failure_is_dead_lettered_after_one_attempt_then_redriven() 
         assert!(header(m, dead_letter::REASON).unwrap().contains("400"), "{:?}", header(m, dead_letter::REASON));
         assert_eq!(header(m, dead_letter::ATTEMPTS), Some("1"));
         assert!(header(m, dead_letter::FIRST_FAILURE).is_some());
-        assert_eq!(header(m, dead_letter::ORIGIN_TOPIC), Some(config.topic("actions.webhook").as_str()));
+        assert_eq!(header(m, dead_letter::ORIGIN_TOPIC), Some(config.names().actions("webhook").as_str()));
         assert!(header(m, dead_letter::ORIGIN_PARTITION).is_some() && header(m, dead_letter::ORIGIN_OFFSET).is_some());
     }
     assert_eq!(receiver.calls().len(), 3, "one attempt each");
@@ -262,7 +262,7 @@ async fn a_filtered_redrive_marks_only_what_it_sent() {
     assert!(list(&config, &all).await.iter().all(|d| d.redriven));
     assert_eq!(weir::ops::dlq::redrive(&config, &all, false).await.unwrap().sent, 0);
     // Every dead letter reached the action topic exactly once: 6 tasks, then 6 redriven.
-    assert_eq!(read_topic(&config.topic("actions.webhook"), 13, Duration::from_secs(3)).len(), 12);
+    assert_eq!(read_topic(&config.names().actions("webhook"), 13, Duration::from_secs(3)).len(), 12);
 }
 
 /// A letter that cannot be resent stops the redrive with an error naming it; what was
@@ -273,7 +273,7 @@ async fn a_failed_resend_is_not_recorded_as_redriven() {
     let (config, _dir) = setup(&receiver, |_| {}).await;
     let producer = weir::kafka::producer(&config).unwrap();
     let payload = serde_json::to_vec(&task(0, "tenant-0", json!({}))).unwrap();
-    let (good, dlq) = (config.topic("actions.webhook"), config.topic("dlq"));
+    let (good, dlq) = (config.names().actions("webhook"), config.names().dlq());
     for origin in [good.as_str(), "not a valid topic name!"] {
         let headers = rdkafka::message::OwnedHeaders::new()
             .insert(rdkafka::message::Header { key: dead_letter::ORIGIN_TOPIC, value: Some(origin) });
@@ -360,7 +360,7 @@ async fn two_executor_processes_share_one_global_limit() {
 
     all_executed_within(&receiver, 400, 40, Duration::from_secs(50)).await;
     // Both were members of the group, each owning some of the partitions.
-    let group = config.group("execute-webhook");
+    let group = config.names().execute_group("webhook");
     let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let groups = consumer.fetch_group_list(Some(&group), Duration::from_secs(10)).unwrap();
     let members = groups.groups().first().map(|g| g.members().len()).unwrap_or(0);
@@ -438,12 +438,12 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
 async fn a_paused_partition_stops_while_the_others_flow_and_resumes_where_it_stopped() {
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = setup(&receiver, |_| {}).await;
-    let topic = config.topic("actions.webhook");
+    let topic = config.names().actions("webhook");
     let mut source = weir::kafka::source::Source::subscribe(
         &config,
         weir::telemetry::Stage::Execute,
         &topic,
-        &config.group("pause-test"),
+        &config.names().group("pause-test"),
     )
     .unwrap();
     let mut assignment = source.assignment();
@@ -507,7 +507,7 @@ async fn a_tenant_no_header_can_carry_fails_once_naming_the_header() {
     assert!(error.contains("header X-Weir-Tenant") && error.contains("U+000D"), "{error}");
     assert_eq!(by_tenant["tenant-good"].status, Status::Succeeded);
 
-    let letters = read_topic(&config.topic("dlq"), 1, Duration::from_secs(10));
+    let letters = read_topic(&config.names().dlq(), 1, Duration::from_secs(10));
     assert_eq!(letters.len(), 1);
     assert!(header(&letters[0], dead_letter::REASON).unwrap().contains("header X-Weir-Tenant"));
     assert_eq!(header(&letters[0], dead_letter::ATTEMPTS), Some("1"));
@@ -522,7 +522,7 @@ async fn a_tenant_no_header_can_carry_fails_once_naming_the_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_exits_without_waiting_for_in_flight_calls() {
     let receiver = Receiver::start().await.unwrap();
-    let (config, dir) = setup(&receiver, |c| webhook(c).timeout_ms = 600_000).await;
+    let (config, dir) = setup(&receiver, |c| webhook(c).timeout = std::time::Duration::from_secs(600)).await;
     receiver.set_mode(Mode { latency: Duration::from_secs(600), ..Default::default() });
     let file = write_config_file(&config, dir.path());
     let mut weir = WeirProcess::start(&file, &["run", "--stage", "execute"]);

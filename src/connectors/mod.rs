@@ -28,17 +28,23 @@ use reqwest::{
     header::{HeaderMap, HeaderValue},
     StatusCode,
 };
-use serde::Deserialize;
 use serde_json::Value;
 
-pub use network::{NetworkPolicy, Refused};
+pub use network::Refused;
+// The settings are data in `config` (which must not depend on this module); re-exported here,
+// next to the connectors that use them.
+pub use crate::config::{ConnectorConfig, NetworkPolicy, NoopConfig, OpenAiConfig, SlackConfig, WebhookConfig};
 
 /// Header with the task id on every call, for the service to deduplicate retries.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// Header naming the tenant a call is made for.
 pub const TENANT_HEADER: &str = "X-Weir-Tenant";
 
-use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
+use crate::{
+    config::{Config, ServiceConfig},
+    engine::template::InputTemplate,
+    envelope::ActionTask,
+};
 
 /// What one call came to; the executor decides retries and dead letters from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,26 +76,6 @@ pub trait Connector: Send + Sync + 'static {
     fn call<'a>(&'a self, task: &'a ActionTask) -> BoxFuture<'a, CallOutcome>;
 }
 
-/// `services.<name>.connector`: which kind of service it is and how to call it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", deny_unknown_fields)]
-pub enum ConnectorConfig {
-    #[serde(rename = "webhook")]
-    Webhook(webhook::WebhookConfig),
-    #[serde(rename = "slack")]
-    Slack(slack::SlackConfig),
-    #[serde(rename = "openai")]
-    OpenAi(openai::OpenAiConfig),
-    #[serde(rename = "noop")]
-    Noop(noop::NoopConfig),
-}
-
-impl Default for ConnectorConfig {
-    fn default() -> Self {
-        ConnectorConfig::Webhook(webhook::WebhookConfig::default())
-    }
-}
-
 /// Builds the connector of a service from its config. Errors name the service and field.
 pub fn build(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<Arc<dyn Connector>> {
     Ok(match &service.connector {
@@ -98,6 +84,17 @@ pub fn build(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> an
         ConnectorConfig::OpenAi(c) => Arc::new(openai::OpenAi::new(name, service, c, network)?),
         ConnectorConfig::Noop(_) => Arc::new(noop::Noop),
     })
+}
+
+/// The connector checks of every service of a loaded config: run by `Pipeline::start` and by
+/// the CLI right after loading, so a bad service fails before anything runs, with the error
+/// naming `services.<name>.<field>`. (`Config::validate` checks the values that need no
+/// connector.)
+pub fn validate_all(config: &Config) -> anyhow::Result<()> {
+    for (name, service) in &config.services {
+        validate(name, service, &config.network)?;
+    }
+    Ok(())
 }
 
 /// What can be checked when the config loads, without the environment (secrets are read by
@@ -140,7 +137,7 @@ fn is_template(s: &str) -> bool {
 /// the resolving).
 fn client(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
-        .timeout(service.timeout())
+        .timeout(service.timeout)
         .dns_resolver(network.resolver(name))
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()

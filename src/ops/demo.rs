@@ -11,11 +11,11 @@ use serde_json::json;
 
 use crate::{
     config::{Config, ServiceConfig},
-    engine::definitions,
     envelope::{Event, Format},
     kafka::topics,
     ops::produce::Producer,
     ops::receiver::Receiver,
+    ops::workflows,
     pipeline::Pipeline,
     shutdown::CancellationToken,
     stages::record,
@@ -59,9 +59,10 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     config.topic_prefix = run.clone();
     let receiver = Receiver::start().await.context("starting the local HTTP receiver")?;
     config.services.clear();
-    config
-        .services
-        .insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
+    config.services.insert(
+        "webhook".into(),
+        ServiceConfig { url: receiver.url("hook"), timeout: Duration::from_secs(5), ..Default::default() },
+    );
     // The receiver runs on this machine, which the network policy refuses by default.
     config.network.allow.push(ipnet::IpNet::from(std::net::IpAddr::from([127, 0, 0, 1])));
     config.validate()?;
@@ -85,7 +86,7 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     topics::print_plan(&plan, false);
 
     println!("\n2. workflows from {} → definitions topic", config.workflows.display());
-    definitions::apply_dir(&config, &config.workflows, false).await?.print(false);
+    workflows::apply_dir(&config, &config.workflows, false).await?.print(false);
     println!("\n3. pipeline: evaluate → execute(webhook) → sink(PostgreSQL)");
     let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await?;
 

@@ -86,8 +86,8 @@ impl Setting {
         config.topic_prefix = format!("{kind}{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         config.metrics_addr = None;
         let receiver = Arc::new(Receiver::start().await.context("starting the HTTP receiver")?);
-        let service: ServiceConfig =
-            serde_json::from_value(json!({"url": receiver.url("hook"), "timeout_ms": 10_000}))?;
+        let service =
+            ServiceConfig { url: receiver.url("hook"), timeout: Duration::from_secs(10), ..Default::default() };
         config.services = [(SERVICE.to_string(), service)].into();
         // The receiver is on this machine, which the network policy refuses unless allowed.
         config.network.allow.push(std::net::IpAddr::from([127, 0, 0, 1]).into());
@@ -150,8 +150,8 @@ async fn drive(
     let (under_test, observer, input) = match scenario {
         Scenario::Baseline => {
             let passthrough = passthrough(config, progress.clone())?;
-            let observer = observe_topic(config, config.topic("results"), meter.clone(), progress.clone())?;
-            (UnderTest::Passthrough(passthrough), Observer::Topic(observer), (config.topic("events"), Shape::Events))
+            let observer = observe_topic(config, config.names().results(), meter.clone(), progress.clone())?;
+            (UnderTest::Passthrough(passthrough), Observer::Topic(observer), (config.names().events(), Shape::Events))
         }
         Scenario::Evaluate | Scenario::Pipeline | Scenario::Throttled => {
             let mut workflows = workflows(tenants, scenario != Scenario::Throttled);
@@ -164,7 +164,7 @@ async fn drive(
                 warm_until = head_start;
             }
             write_workflows(workdir, &workflows)?;
-            crate::engine::definitions::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
+            crate::ops::workflows::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
             let stages: &[StageName] = match scenario {
                 Scenario::Evaluate => &[StageName::Evaluate],
                 Scenario::Throttled => &[StageName::Evaluate, StageName::Execute],
@@ -174,20 +174,20 @@ async fn drive(
             let observer = if scenario == Scenario::Evaluate {
                 Observer::Topic(observe_topic(
                     config,
-                    config.topic("actions.webhook"),
+                    config.names().actions(SERVICE),
                     meter.clone(),
                     progress.clone(),
                 )?)
             } else {
                 Observer::Receiver(observe_receiver(receiver.clone(), meter.clone(), progress.clone()))
             };
-            (UnderTest::Stages(pipeline), observer, (config.topic("events"), Shape::Events))
+            (UnderTest::Stages(pipeline), observer, (config.names().events(), Shape::Events))
         }
         Scenario::Backlog => bail!("the backlog scenario runs through bench::backlog"),
         Scenario::Sink => {
             let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
             let observer = observe_committed(config, progress.clone())?;
-            (UnderTest::Stages(pipeline), Observer::Committed(observer), (config.topic("results"), Shape::Results))
+            (UnderTest::Stages(pipeline), Observer::Committed(observer), (config.names().results(), Shape::Results))
         }
     };
 
@@ -382,15 +382,15 @@ fn passthrough(
     config: &Config,
     progress: Arc<Progress>,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
-    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("baseline"))
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.names().group("baseline"))
         .set("enable.auto.offset.store", "true")
         .set("statistics.interval.ms", "0")
         .create()
         .context("creating the passthrough consumer")?;
-    consumer.subscribe(&[&config.topic("events")])?;
+    consumer.subscribe(&[&config.names().events()])?;
     let producer: ThreadedProducer<DefaultProducerContext> =
         kafka::producer_config(config).create().context("creating the passthrough producer")?;
-    let out = config.topic("results");
+    let out = config.names().results();
     Ok(std::thread::Builder::new().name("bench-passthrough".into()).spawn(move || {
         while !progress.stop.is_cancelled() {
             let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
@@ -416,7 +416,7 @@ fn observe_topic(
     meter: Arc<Meter>,
     progress: Arc<Progress>,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
-    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("bench-observer"))
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.names().group("bench-observer"))
         .set("enable.auto.commit", "false")
         .set("statistics.interval.ms", "0")
         .create()
@@ -466,8 +466,8 @@ fn observe_receiver(
 /// The sink's progress for the flat-out pacing: offsets it committed on the results topic.
 fn observe_committed(config: &Config, progress: Arc<Progress>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let consumer: BaseConsumer =
-        kafka::consumer_config(config, &config.group("sink")).set("statistics.interval.ms", "0").create()?;
-    let topic = config.topic("results");
+        kafka::consumer_config(config, &config.names().group("sink")).set("statistics.interval.ms", "0").create()?;
+    let topic = config.names().results();
     let partitions = kafka::partition_count(consumer.client(), &topic)?;
     let consumer = Arc::new(consumer);
     Ok(tokio::spawn(async move {

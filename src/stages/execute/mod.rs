@@ -113,6 +113,8 @@ struct Executor {
     /// (delay in ms, tier name, physical topic) of each delay tier.
     tiers: Vec<(u64, String, String)>,
     dead_letters: DeadLetters,
+    /// Largest record this executor produces (`limits.max_record_bytes`).
+    max_record_bytes: usize,
     ownership: Ownership,
     /// Cancelled when the executor stops, or its main loop ends for a reason of its own (a child
     /// of the stage's token): tasks still waiting for a permit give up (their offsets are not
@@ -153,24 +155,26 @@ async fn main_loop(
     producer: FutureProducer,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let topic = config.topic(&format!("actions.{service}"));
-    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("execute-{service}")))?;
+    let topic = config.names().actions(&service);
+    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.names().execute_group(&service))?;
     let mut assignment = source.assignment();
     let tiers = settings
         .retry
-        .tiers_ms
+        .tiers
         .iter()
         .zip(settings.retry.tier_names())
-        .map(|(ms, name)| (*ms, name.clone(), config.topic(&format!("actions.{service}.retry.{name}"))))
+        .map(|(delay, name)| (delay.as_millis() as u64, name.clone(), config.names().retry(&service, &name)))
         .collect();
     let executor = Arc::new(Executor {
         connector,
         throttle: Throttle::new(&service, &settings.limits),
         breaker: Breaker::new(&service, settings.breaker.clone()),
         slots: Semaphore::new(settings.concurrency.unwrap_or(config.executor.concurrency)),
-        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Execute),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute)
+            .with_limits(&config.limits),
+        max_record_bytes: config.limits.max_record_bytes,
         producer,
-        results_topic: config.topic("results"),
+        results_topic: config.names().results(),
         tiers,
         ownership: source.ownership(),
         calls: shutdown.child_token(),
@@ -345,7 +349,7 @@ impl Executor {
     fn defer(self: Arc<Self>, d: Delivery, due: u64) -> BoxFuture<'static, Step> {
         async move {
             let wait = Duration::from_millis(due.saturating_sub(delay::epoch_ms()));
-            let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers_ms, wait)];
+            let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
             let due = due.to_string();
             let headers = kafka::rewrite_headers(
                 &d.message,
@@ -458,7 +462,7 @@ impl Executor {
     ) -> Result<(), rdkafka::error::KafkaError> {
         let wait =
             delay::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
-        let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers_ms, wait)];
+        let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
         let next = ActionTask { attempt: task.attempt + 1, ..task.clone() };
         let payload = serde_json::to_vec(&next).expect("a task always serializes");
         let (due, attempt, now) = (
@@ -497,26 +501,15 @@ impl Executor {
         latency: Duration,
     ) -> Result<(), rdkafka::error::KafkaError> {
         // The task is finished with: its fields move into the result rather than being copied.
-        let result = ActionResult {
-            task_id: task.task_id,
-            run_id: task.run_id,
-            event_id: task.event_id,
-            tenant: task.tenant,
-            workflow_id: task.workflow_id,
-            workflow_version: task.workflow_version,
-            step_id: task.step_id,
-            service: task.service,
-            status,
-            attempts: task.attempt,
-            latency_ms: latency.as_secs_f64() * 1e3,
+        let mut result = ActionResult {
             http_status: http_status.map(i32::from),
             cost,
             error,
-            finished_at: chrono::Utc::now().to_rfc3339(),
             output,
-            event: task.event,
+            ..ActionResult::from_task(task, status, latency)
         };
-        let payload = serde_json::to_vec(&result).expect("a result always serializes");
+        // Bounded before it is produced: a service's oversize answer must not stop the executor.
+        let payload = kafka::limits::result_payload(&mut result, self.max_record_bytes);
         kafka::send(
             &self.producer,
             &self.results_topic,
