@@ -476,7 +476,7 @@ pub async fn apply_dir(config: &Config, dry_run: bool) -> anyhow::Result<Plan> {
     let plan = plan(config, &specs).await?;
     // Before anything changes: a combination of limits that cannot work is refused, not applied.
     let admin = Arc::new(kafka::admin(config)?);
-    let topic_limits = declared_limits(config, &admin, &specs).await?;
+    let topic_limits = declared_limits(config, &admin, &specs, &plan).await?;
     check_combination(config, producer_max_bytes(config)?, &topic_limits)?;
     if !dry_run {
         apply(config, &plan).await?;
@@ -584,9 +584,22 @@ async fn describe_max_message_bytes(admin: &Admin, topics: &[String]) -> anyhow:
 
 /// What `max.message.bytes` each declared topic will have after apply: the declared value, else
 /// the existing topic's, else the broker's default for new topics.
-async fn declared_limits(config: &Config, admin: &Arc<Admin>, specs: &[TopicSpec]) -> anyhow::Result<Vec<TopicLimit>> {
+async fn declared_limits(
+    config: &Config,
+    admin: &Arc<Admin>,
+    specs: &[TopicSpec],
+    plan: &Plan,
+) -> anyhow::Result<Vec<TopicLimit>> {
     let mut limits = Vec::new();
-    let mut undeclared = Vec::new();
+    let (mut undeclared, mut missing) = (Vec::new(), Vec::new());
+    let created: BTreeSet<&str> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Create { topic, .. } => Some(topic.as_str()),
+            _ => None,
+        })
+        .collect();
     for spec in specs {
         let topic = config.names().topic(&spec.name);
         match spec.config.get("max.message.bytes") {
@@ -596,10 +609,11 @@ async fn declared_limits(config: &Config, admin: &Arc<Admin>, specs: &[TopicSpec
                 })?;
                 limits.push(TopicLimit { topic, bytes, source: "declared in topics_dir" });
             }
+            // Only existing topics are described: a topic about to be created gets the default.
+            None if created.contains(topic.as_str()) => missing.push(topic),
             None => undeclared.push(topic),
         }
     }
-    let mut missing = Vec::new();
     for (topic, bytes) in describe_max_message_bytes(admin, &undeclared).await? {
         match bytes {
             Some(bytes) => limits.push(TopicLimit { topic, bytes, source: "on the broker" }),

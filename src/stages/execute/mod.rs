@@ -11,7 +11,9 @@
 //!    ([`delay`]), spaced at its own rate, so it cannot fill the buffer or block its partition.
 //! 3. A slot (`concurrency` calls at once per process), the circuit [`breaker`] (while open,
 //!    tasks wait), then the global limits (this process's share of them).
-//! 4. The [`Connector`]'s call, with an `Idempotency-Key` derived from the task id.
+//! 4. The [`Connector`]'s call, with an `Idempotency-Key` derived from the task id. A task value
+//!    no header can carry (a tenant holding CR or LF) fails the call permanently, naming the
+//!    header: sending it again would fail the same way.
 //! 5. Success: a result on the results topic. Retryable failure with attempts left: a copy on a
 //!    delay topic (no result, since the coordinator would take it as the step failing). Last
 //!    attempt or permanent failure: a dead letter with the reason, attempts and first failure
