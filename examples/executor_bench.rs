@@ -130,8 +130,8 @@ async fn throttle_accuracy(seconds: u64, http: bool) {
     } else {
         counting.clone()
     };
-    let (trigger, shutdown) = weir::shutdown::channel();
-    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown));
+    let shutdown = weir::shutdown::CancellationToken::new();
+    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown.clone()));
     let called = || if http { receiver.arrived() } else { counting.0.lock().expect("lock").len() };
     while called() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -146,7 +146,7 @@ async fn throttle_accuracy(seconds: u64, http: bool) {
         if http { "webhook over HTTP to the local receiver" } else { "recording connector" },
         (rate / limit as f64 - 1.0) * 100.0
     );
-    trigger.fire();
+    shutdown.cancel();
     let _ = executor.await;
 }
 
@@ -181,8 +181,9 @@ async fn overhead(tasks: usize) {
     // which the executor takes, schedules and settles tasks (results are produced and
     // acknowledged behind the calls, within the `max_buffered` bound).
     let counting = Arc::new(Counting::default());
-    let (trigger, shutdown) = weir::shutdown::channel();
-    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), counting.clone(), shutdown));
+    let shutdown = weir::shutdown::CancellationToken::new();
+    let executor =
+        tokio::spawn(execute::run_with(config.clone(), "webhook".into(), counting.clone(), shutdown.clone()));
     let calls = || counting.0.lock().expect("lock").len();
     while calls() == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -192,7 +193,7 @@ async fn overhead(tasks: usize) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let executed = start.elapsed();
-    trigger.fire();
+    shutdown.cancel();
     let _ = executor.await;
     let (raw_rate, exec_rate) = (tasks as f64 / raw.as_secs_f64(), tasks as f64 / executed.as_secs_f64());
     println!(

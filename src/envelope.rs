@@ -209,6 +209,76 @@ pub struct ActionResult {
     pub event: Json,
 }
 
+impl ActionResult {
+    /// The outcome of calling the service for `task`, finished now. The task's fields move into
+    /// the result; the call's details (`http_status`, `cost`, `error`, `output`) start empty, to
+    /// be set with struct update syntax.
+    pub fn from_task(task: ActionTask, status: Status, latency: std::time::Duration) -> ActionResult {
+        ActionResult {
+            task_id: task.task_id,
+            run_id: task.run_id,
+            event_id: task.event_id,
+            tenant: task.tenant,
+            workflow_id: task.workflow_id,
+            workflow_version: task.workflow_version,
+            step_id: task.step_id,
+            service: task.service,
+            status,
+            attempts: task.attempt,
+            latency_ms: latency.as_secs_f64() * 1e3,
+            http_status: None,
+            cost: None,
+            error: None,
+            finished_at: chrono::Utc::now().to_rfc3339(),
+            output: None,
+            event: task.event,
+        }
+    }
+
+    /// A result decided without calling the service (no attempt, no latency): a step skipped,
+    /// or a run or step that failed before its call, `error` saying why.
+    pub fn decided(
+        run: &RunRef<'_>,
+        task_id: String,
+        step: &str,
+        service: &str,
+        status: Status,
+        error: Option<String>,
+    ) -> Self {
+        ActionResult {
+            task_id,
+            run_id: run.run_id.to_string(),
+            event_id: run.event_id.to_string(),
+            tenant: run.tenant.to_string(),
+            workflow_id: run.workflow_id.to_string(),
+            workflow_version: run.workflow_version,
+            step_id: step.to_string(),
+            service: service.to_string(),
+            status,
+            attempts: 0,
+            latency_ms: 0.0,
+            http_status: None,
+            cost: None,
+            error,
+            finished_at: run.now.to_string(),
+            output: None,
+            event: Json::Null,
+        }
+    }
+}
+
+/// The run a decided result belongs to, and when the decision is made.
+#[derive(Debug, Clone, Copy)]
+pub struct RunRef<'a> {
+    pub run_id: &'a str,
+    pub event_id: &'a str,
+    pub tenant: &'a str,
+    pub workflow_id: &'a str,
+    pub workflow_version: i64,
+    /// RFC 3339: the decided result's `finished_at`.
+    pub now: &'a str,
+}
+
 /// A record type with an Avro schema in `schemas/`.
 pub trait Record: Serialize + DeserializeOwned {
     /// The fields that hold arbitrary JSON, carried as JSON text in Avro.

@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir::{
     config::Config,
-    engine::definitions,
     envelope::Format,
     kafka::topics,
     ops::produce::{self, Producer},
+    ops::workflows,
     pipeline::{Pipeline, StageName},
     shutdown, telemetry,
 };
@@ -188,20 +188,24 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Run { stages } => {
             let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
             let config = Arc::new(config);
-            let (stop_metrics, metrics_shutdown) = shutdown::channel();
+            // Cancelled by Ctrl-C or SIGTERM, and on the way out (the metrics server stops last).
+            let shutdown = shutdown::on_signal().drop_guard();
             if let Some(addr) = config.metrics_addr {
-                let (bound, _) = telemetry::serve_metrics(addr, metrics_shutdown).await?;
+                let (bound, _) = telemetry::serve_metrics(addr, shutdown.token().clone()).await?;
                 tracing::info!("metrics on http://{bound}/metrics");
             }
-            let mut pipeline = Pipeline::start(config, &stages).await?;
+            // Starting waits for the broker and reads every definition: a signal meanwhile stops it.
+            let mut pipeline = tokio::select! {
+                started = Pipeline::start(config, &stages) => started?,
+                _ = shutdown.token().cancelled() => return Ok(()),
+            };
             tracing::info!(?stages, "running; Ctrl-C or SIGTERM to stop");
             let outcome = tokio::select! {
                 r = pipeline.wait() => r,
-                _ = stop_signal() => Ok(()),
+                _ = shutdown.token().cancelled() => Ok(()),
             };
             tracing::info!("stopping: finishing in-flight work");
             let stopped = pipeline.stop().await;
-            stop_metrics.fire();
             outcome.and(stopped)
         }
         Command::Topics { action: TopicsAction::Apply { dry_run } } => {
@@ -211,12 +215,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Workflows { action: WorkflowsAction::Apply { dir, dry_run } } => {
             let dir = dir.unwrap_or_else(|| config.workflows.clone());
-            let plan = definitions::apply_dir(&config, &dir, dry_run).await?;
+            let plan = workflows::apply_dir(&config, &dir, dry_run).await?;
             plan.print(dry_run);
             Ok(())
         }
         Command::Workflows { action: WorkflowsAction::List { tenant } } => {
-            let current = tokio::task::spawn_blocking(move || definitions::read_current(&config)).await??;
+            let current = tokio::task::spawn_blocking(move || workflows::read_current(&config)).await??;
             println!("{:<40} {:>7}  {:<30} steps", "workflow", "version", "trigger");
             for (key, wf) in current {
                 if tenant.as_deref().is_some_and(|t| wf.tenant.as_deref().is_some_and(|w| w != t)) {
@@ -284,16 +288,6 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { events, tenants } => weir::ops::demo::run(config, events, tenants.max(1)).await,
-    }
-}
-
-/// Ctrl-C, or SIGTERM (what systemd, Kubernetes and `docker stop` send): both finish in-flight
-/// work before exiting.
-async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        Some(_) = async { term.as_mut()?.recv().await } => {}
     }
 }
 

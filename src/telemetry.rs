@@ -272,10 +272,10 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `GET /metrics` until `shutdown` fires. Returns the bound address (port 0 picks one).
+/// Serves `GET /metrics` until `shutdown` is cancelled. Returns the bound address (port 0 picks one).
 pub async fn serve_metrics(
     addr: SocketAddr,
-    mut shutdown: crate::shutdown::Shutdown,
+    shutdown: crate::shutdown::CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let handle = prometheus();
     let app = axum::Router::new().route(
@@ -290,7 +290,7 @@ pub async fn serve_metrics(
         .map_err(|e| anyhow::anyhow!("metrics_addr {addr}: cannot listen: {e}"))?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.recv().await }).await;
+        let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
     });
     Ok((bound, task))
 }

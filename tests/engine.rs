@@ -89,7 +89,7 @@ async fn an_apply_reaches_a_running_worker_and_runs_in_flight_keep_their_version
         "the v1 run's first call is in flight"
     );
     std::fs::write(dir.path().join("wf0.yaml"), two_steps(2)).unwrap();
-    let plan = weir::engine::definitions::apply_dir(&config, dir.path(), false).await.unwrap();
+    let plan = weir::ops::workflows::apply_dir(&config, dir.path(), false).await.unwrap();
     assert_eq!(plan.publish.len(), 1);
     receiver.set_mode(Mode::default());
 

@@ -399,10 +399,10 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
         s.concurrency = Some(concurrency);
     })
     .await;
-    let (trigger, shutdown) = weir::shutdown::channel();
+    let shutdown = weir::shutdown::CancellationToken::new();
     let connector =
         Arc::new(Estimated(weir::connectors::build("webhook", &config.services["webhook"], &config.network).unwrap()));
-    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown));
+    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown.clone()));
     // Varied token counts; every other task is estimated at half what it uses.
     let tokens = |n: usize| (n * 37 % 181 + 20) as u64;
     let tasks: Vec<ActionTask> = (0..60)
@@ -430,7 +430,7 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
     let results = results(&config, 60);
     let by_task: HashMap<&str, u64> = results.iter().map(|r| (r.task_id.as_str(), r.cost.unwrap())).collect();
     assert!((0..60).all(|n| by_task[format!("task-{n}").as_str()] == tokens(n)), "results carry the reported cost");
-    trigger.fire();
+    shutdown.cancel();
     executor.await.unwrap().unwrap();
 }
 
@@ -484,4 +484,79 @@ async fn take(source: &mut weir::kafka::source::Source, seen: &mut HashMap<i32, 
             source.done(&d.ticket);
         }
     }
+}
+
+/// A tenant no HTTP header can carry (issue 11: a CR/LF in a tenant failed at the executor with
+/// `builder error: failed to parse header value`, naming no header): its task fails at once as a
+/// permanent error naming the header and the character, with no call and no retry, while another
+/// tenant's task goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_no_header_can_carry_fails_once_naming_the_header() {
+    let receiver = Receiver::start().await.unwrap();
+    let (config, _dir) = setup(&receiver, |c| webhook(c).retry.attempts = 5).await;
+    let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
+    let bad = "tenant\r\nX-Injected: yes";
+    produce(&config, &[task(0, bad, json!({})), task(1, "tenant-good", json!({}))]).await;
+
+    let results = results(&config, 2);
+    assert_eq!(results.len(), 2, "{results:?}");
+    let by_tenant: HashMap<&str, &ActionResult> = results.iter().map(|r| (r.tenant.as_str(), r)).collect();
+    let failed = by_tenant[bad];
+    assert_eq!((failed.status, failed.attempts), (Status::Failed, 1), "failed at the first attempt, not retried");
+    let error = failed.error.as_deref().unwrap();
+    assert!(error.contains("header X-Weir-Tenant") && error.contains("U+000D"), "{error}");
+    assert_eq!(by_tenant["tenant-good"].status, Status::Succeeded);
+
+    let letters = read_topic(&config.names().dlq(), 1, Duration::from_secs(10));
+    assert_eq!(letters.len(), 1);
+    assert!(header(&letters[0], dead_letter::REASON).unwrap().contains("header X-Weir-Tenant"));
+    assert_eq!(header(&letters[0], dead_letter::ATTEMPTS), Some("1"));
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 1, "no request was sent for the bad tenant");
+    assert_eq!(calls[0].tenant.as_deref(), Some("tenant-good"));
+    pipeline.stop().await.unwrap();
+}
+
+/// `weir run` stops on SIGTERM after its in-flight work, so a call that hangs holds the stop; a
+/// second SIGTERM exits at once, with the status of a process ended by SIGTERM (128 + 15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_without_waiting_for_in_flight_calls() {
+    let receiver = Receiver::start().await.unwrap();
+    let (config, dir) = setup(&receiver, |c| webhook(c).timeout = std::time::Duration::from_secs(600)).await;
+    receiver.set_mode(Mode { latency: Duration::from_secs(600), ..Default::default() });
+    let file = write_config_file(&config, dir.path());
+    let mut weir = WeirProcess::start(&file, &["run", "--stage", "execute"]);
+    produce(&config, &[task(0, "tenant-0", json!({}))]).await;
+    assert!(
+        eventually(Duration::from_secs(60), || async { receiver.arrived() == 1 }).await,
+        "the call is in flight; log:\n{}",
+        weir.output()
+    );
+    let pid = weir.child.id().to_string();
+    let sigterm = || assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    sigterm();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let stopping = weir.output().contains("SIGTERM: stopping after in-flight work");
+            async move { stopping }
+        })
+        .await,
+        "{}",
+        weir.output()
+    );
+    assert!(weir.child.try_wait().unwrap().is_none(), "the hanging call holds the graceful stop");
+    sigterm();
+    let mut status = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            status = status.or_else(|| weir.child.try_wait().unwrap());
+            let exited = status.is_some();
+            async move { exited }
+        })
+        .await,
+        "exited after the second signal; log:\n{}",
+        weir.output()
+    );
+    assert_eq!(status.unwrap().code(), Some(143), "{}", weir.output());
+    assert!(weir.output().contains("exiting without finishing in-flight work"), "{}", weir.output());
 }

@@ -63,6 +63,8 @@ pub struct Config {
     pub kafka: BTreeMap<String, String>,
     /// Which internal addresses connectors may call (see `docs/connectors.md`).
     pub network: NetworkPolicy,
+    /// How much work a workflow's templates may do per run.
+    pub engine: EngineConfig,
 }
 
 impl Default for Config {
@@ -80,7 +82,41 @@ impl Default for Config {
             services: BTreeMap::new(),
             kafka: BTreeMap::new(),
             network: Default::default(),
+            engine: EngineConfig::default(),
         }
+    }
+}
+
+/// How much work one template may do (the `engine:` section of weir.yaml).
+///
+/// Templates are evaluated inline by the stage that starts a step, so an expensive one would hold
+/// up every tenant behind it: exceeding a bound fails that step's run with the reason instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Instructions one template leaf may execute per render (minijinja's fuel). A loop over a
+    /// 1,000-item list with a few expressions in its body takes about 10,000.
+    pub template_fuel: u64,
+    /// Bytes a step input may render to, all its leaves together (as JSON).
+    pub max_render_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { template_fuel: 1_000_000, max_render_bytes: 1 << 20 }
+    }
+}
+
+impl EngineConfig {
+    /// Refuses values that would disable the bounds or refuse every template.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1_000..=1_000_000_000).contains(&self.template_fuel) {
+            anyhow::bail!("engine.template_fuel: {} is outside 1000..=1000000000", self.template_fuel);
+        }
+        if !(1_024..=64 << 20).contains(&self.max_render_bytes) {
+            anyhow::bail!("engine.max_render_bytes: {} is outside 1024..=67108864", self.max_render_bytes);
+        }
+        Ok(())
     }
 }
 
@@ -198,6 +234,7 @@ impl Config {
             }
             service.validate(name)?;
         }
+        self.engine.validate()?;
         Ok(())
     }
 

@@ -158,8 +158,7 @@ impl Webhook {
         let mut headers = Vec::with_capacity(r.headers.len());
         for (key, name) in &r.headers {
             let value = text(rendered["headers"][key].clone());
-            let value = HeaderValue::from_str(&value)
-                .map_err(|_| format!("header {name}: rendered value {value:?} is not a valid header value"))?;
+            let value = super::header_value(name.as_str(), "the rendered value", &value)?;
             headers.push((name.clone(), value));
         }
         let body = match rendered.get("body") {
@@ -268,7 +267,7 @@ mod tests {
 
         let w = webhook("{type: webhook, headers: {X-Who: '{{ input.name }}', X-Bad: \"{{ 'a\\nb' }}\"}}").unwrap();
         let err = w.render(&task()).unwrap_err();
-        assert!(err.contains("x-bad") && err.contains("not a valid header value"), "{err}");
+        assert!(err.contains("header x-bad: the rendered value \"a\\nb\"") && err.contains("U+000A"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - Every client gets a bounded `socket.connection.setup.timeout.ms` and metadata timeout, so an
 //!   unreachable broker is an error within seconds rather than a silent retry loop.
 
+pub mod compacted;
 pub mod dead_letter;
 pub mod offsets;
 pub mod partitioner;

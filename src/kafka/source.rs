@@ -40,6 +40,7 @@ use rdkafka::{
     ClientContext, Message, Statistics, TopicPartitionList,
 };
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
@@ -165,7 +166,8 @@ pub struct Source {
     consumer: Arc<BaseConsumer<SourceContext>>,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Vec<Delivery>>,
-    stop: Arc<AtomicBool>,
+    /// Stops the poll thread, which reads it between polls.
+    stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -191,7 +193,7 @@ impl Source {
         consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(2);
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let thread = std::thread::Builder::new()
             .name(format!("weir-{}-poll", stage.as_str()))
             .spawn({
@@ -278,7 +280,7 @@ impl Source {
 
     /// Stops polling and leaves the group; librdkafka commits the stored offsets on the way out.
     pub fn close(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         self.rx.close();
         self.shared.wake_poll_thread();
         if let Some(t) = self.thread.take() {
@@ -299,7 +301,7 @@ impl Ownership {
 
 impl Drop for Source {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         self.shared.wake_poll_thread();
     }
 }
@@ -316,12 +318,12 @@ fn poll_loop(
     consumer: &BaseConsumer<SourceContext>,
     shared: &Shared,
     tx: &mpsc::Sender<Vec<Delivery>>,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
 ) {
     let mut batch: Vec<Delivery> = Vec::new();
     let mut raw: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
     let mut paused = false;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         // Wait for the first message only when there is nothing to hand over; then take what
         // librdkafka has already fetched without waiting.
         // While paused, poll anyway (a short wait, so this thread does not spin): polling keeps
@@ -401,13 +403,13 @@ const STALL: Duration = Duration::from_millis(1_000);
 fn wait_for_room(
     tx: &mpsc::Sender<Vec<Delivery>>,
     shared: &Shared,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
     mut batch: Vec<Delivery>,
     patience: Duration,
 ) -> Result<(), mpsc::error::TrySendError<Vec<Delivery>>> {
     let deadline = Instant::now() + patience;
     loop {
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_cancelled() {
             return Err(mpsc::error::TrySendError::Closed(batch));
         }
         // Read before trying, so a batch taken between the try and the wait is not missed.

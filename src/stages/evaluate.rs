@@ -12,26 +12,26 @@
 //! allocations); build the CEL scope *once*, from only the fields the candidates' conditions
 //! read; evaluate each condition; render the first steps' inputs. A malformed or oversized event
 //! is dead-lettered. A condition or template that fails on this event (a missing field, a wrong
-//! type) does not stop anything: it becomes a `failed` result naming the reason, which the sink
-//! stores like any other outcome.
+//! type) does not stop anything: it becomes a `failed` result naming the reason, which the record
+//! stage stores like any other outcome. Which steps start is [`plan::start`]'s decision: the
+//! same planner the record stage uses for a run's later steps.
 
 use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
-use serde_json::Value as Json;
 
 use crate::{
     config::Config,
-    engine::condition::{FieldPaths, Scope},
+    engine::condition::FieldPaths,
     engine::definitions::DefinitionStore,
-    engine::template::Context,
-    engine::workflow::{self, CompiledWorkflow},
-    envelope::{self, ActionResult, ActionTask, Event as DomainEvent, Format, Status},
+    engine::plan,
+    engine::workflow::CompiledWorkflow,
+    envelope::{self, Event as DomainEvent, Format},
     kafka,
     kafka::dead_letter::DeadLetters,
     kafka::source::{Source, Ticket},
-    shutdown::Shutdown,
+    shutdown::CancellationToken,
     telemetry::{Event, Stage},
 };
 
@@ -52,8 +52,12 @@ struct Evaluator {
     max_event_bytes: usize,
 }
 
-/// Runs the evaluator until `shutdown` fires or an unrecoverable error occurs.
-pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+/// Runs the evaluator until `shutdown` is cancelled or an unrecoverable error occurs.
+pub async fn run(
+    config: Arc<Config>,
+    definitions: Arc<DefinitionStore>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut source =
         Source::subscribe(&config, Stage::Evaluate, &config.names().events(), &config.names().group("evaluate"))?;
     let producer = kafka::producer(&config)?;
@@ -69,7 +73,7 @@ pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shu
     let mut inflight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
     let result = loop {
         tokio::select! {
-            _ = shutdown.recv() => break Ok(()),
+            _ = shutdown.cancelled() => break Ok(()),
             Some((ticket, r)) = inflight.next() => {
                 if let Err(e) = r { break Err(e) }
                 source.done(&ticket);
@@ -150,26 +154,21 @@ impl Evaluator {
         event: &DomainEvent,
         candidates: &[Arc<CompiledWorkflow>],
     ) -> Vec<(Arc<CompiledWorkflow>, Vec<Output>)> {
-        plan(event, candidates, &chrono::Utc::now().to_rfc3339())
+        plan::start(event, candidates, &chrono::Utc::now().to_rfc3339())
             .into_iter()
-            .map(|(wf, planned)| {
-                let records = planned
-                    .into_iter()
-                    .map(|p| match p {
-                        Planned::Task(task) => {
-                            let payload = serde_json::to_vec(&task).expect("a task always serializes");
-                            (self.action_topics[&task.service].clone(), task.tenant, payload)
-                        }
-                        Planned::Failed(result) => {
-                            let detail = result.error.as_deref().unwrap_or_default();
-                            Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }
-                                .emit();
-                            let payload = serde_json::to_vec(&result).expect("a result always serializes");
-                            (self.results_topic.clone(), result.tenant, payload)
-                        }
-                    })
-                    .collect();
-                (wf, records)
+            .map(|(wf, plan)| {
+                let tasks = plan.tasks.into_iter().map(|task| {
+                    let payload = serde_json::to_vec(&task).expect("a task always serializes");
+                    (self.action_topics[&task.service].clone(), task.tenant, payload)
+                });
+                let decided = plan.decided.into_iter().map(|result| {
+                    if let Some(detail) = result.error.as_deref() {
+                        Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }.emit();
+                    }
+                    let payload = serde_json::to_vec(&result).expect("a result always serializes");
+                    (self.results_topic.clone(), result.tenant, payload)
+                });
+                (wf, tasks.chain(decided).collect())
             })
             .collect()
     }
@@ -204,110 +203,23 @@ pub fn start_paths(candidates: &[Arc<CompiledWorkflow>]) -> Cow<'_, FieldPaths> 
     }
 }
 
-/// What evaluating an event against one workflow produces.
-#[derive(Debug)]
-pub enum Planned {
-    /// A root step's task, for `actions.<service>`.
-    Task(ActionTask),
-    /// The run cannot start: its condition or a root input failed on this event. Stored like any
-    /// other outcome, so the reason is visible.
-    Failed(ActionResult),
-}
-
-/// Whether each candidate's trigger condition holds for `event`. The CEL scope is built at most
-/// once, and only from the fields the candidates' conditions read: turning the whole event into
-/// CEL values costs ten times more than evaluating the conditions.
-pub fn triggered<'a>(
-    event: &DomainEvent,
-    candidates: &'a [Arc<CompiledWorkflow>],
-) -> impl Iterator<Item = (&'a Arc<CompiledWorkflow>, Result<bool, String>)> {
-    let scope = candidates.iter().any(|w| w.trigger_if.is_some()).then(|| {
-        let mut paths = FieldPaths::default();
-        for c in candidates.iter().filter_map(|w| w.trigger_if.as_ref()) {
-            paths.add(c);
-        }
-        Scope::build(event, None, &paths)
-    });
-    candidates.iter().map(move |wf| {
-        let matched = match &scope {
-            Some(scope) => wf.trigger_matches(scope),
-            None => Ok(true),
-        };
-        (wf, matched)
-    })
-}
-
-/// The runs `event` starts among `candidates` (from [`DefinitionStore::matching`]): per workflow
-/// whose trigger holds, its root steps' tasks, or a failure when the condition or an input
-/// cannot be evaluated on this event. Pure: the same event and definitions give the same tasks
-/// (ids included), which is what makes reprocessing an event harmless.
-pub fn plan(
-    event: &DomainEvent,
-    candidates: &[Arc<CompiledWorkflow>],
-    now: &str,
-) -> Vec<(Arc<CompiledWorkflow>, Vec<Planned>)> {
-    // Built on the first match only: most events start nothing.
-    let mut context: Option<Context> = None;
-    let mut runs = Vec::new();
-    for (wf, matched) in triggered(event, candidates) {
-        let run_id = wf.run_id(event);
-        let planned = match matched {
-            Ok(false) => continue,
-            Err(reason) => vec![failure(wf, event, &run_id, "trigger", reason, now)],
-            Ok(true) => {
-                let context =
-                    context.get_or_insert_with(|| workflow::template_context(event, Json::Object(Default::default())));
-                wf.roots()
-                    .map(|i| match wf.render_input(i, context, event) {
-                        Ok(input) => Planned::Task(wf.task(i, event, &run_id, input, now)),
-                        Err(reason) => failure(wf, event, &run_id, &wf.def.steps[i].id, reason, now),
-                    })
-                    .collect()
-            }
-        };
-        runs.push((wf.clone(), planned));
-    }
-    runs
-}
-
-fn failure(wf: &CompiledWorkflow, event: &DomainEvent, run_id: &str, step: &str, reason: String, now: &str) -> Planned {
-    Planned::Failed(ActionResult {
-        task_id: CompiledWorkflow::task_id(run_id, step),
-        run_id: run_id.to_string(),
-        event_id: event.id.clone(),
-        tenant: event.tenant.clone(),
-        workflow_id: wf.def.id.clone(),
-        workflow_version: wf.def.version,
-        step_id: step.to_string(),
-        service: "evaluate".into(),
-        status: Status::Failed,
-        attempts: 0,
-        latency_ms: 0.0,
-        http_status: None,
-        cost: None,
-        error: Some(reason),
-        finished_at: now.to_string(),
-        output: None,
-        event: Json::Null,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
-    use serde_json::json;
+    use serde_json::{json, Value as Json};
 
     use super::*;
+    use crate::engine::workflow;
 
     fn compile(yaml: &str) -> Arc<CompiledWorkflow> {
         let def: workflow::Workflow = serde_yaml_ng::from_str(yaml).unwrap();
         Arc::new(CompiledWorkflow::compile(def, &BTreeSet::from(["webhook"])).unwrap())
     }
 
-    /// What `plan` gives, comparable (a workflow's rate limiter has no meaningful `Debug`).
+    /// What `plan::start` gives, comparable (a workflow's rate limiter has no meaningful `Debug`).
     fn planned(event: &DomainEvent, candidates: &[Arc<CompiledWorkflow>]) -> Vec<(String, String)> {
-        plan(event, candidates, "2026-11-23T10:00:00Z")
+        plan::start(event, candidates, "2026-11-23T10:00:00Z")
             .into_iter()
             .map(|(wf, p)| (wf.def.id.clone(), format!("{p:?}")))
             .collect()

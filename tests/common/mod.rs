@@ -73,7 +73,7 @@ pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Confi
     config.network.allow = vec!["127.0.0.1/32".parse().unwrap()];
     config.validate().unwrap();
     weir::kafka::topics::apply_dir(&config, false).await.expect("topics apply");
-    weir::engine::definitions::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
+    weir::ops::workflows::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
     let dir = TestDir { dir, topic_config: config.clone() };
     (config, dir)
 }

@@ -113,7 +113,7 @@ async fn drive(setting: &Setting, options: &Options, binary: &Path) -> anyhow::R
     let (config, backlog) = (&setting.config, &options.backlog);
     crate::kafka::topics::apply_dir(config, false).await.context("creating the scenario's topics")?;
     scenario::write_workflows(&setting.workdir, &scenario::workflows(options.tenants, true))?;
-    crate::engine::definitions::apply_dir(config, &setting.workdir, false).await.context("publishing the workflows")?;
+    crate::ops::workflows::apply_dir(config, &setting.workdir, false).await.context("publishing the workflows")?;
 
     let mix = Arc::new(Mix::with_body_bytes(options.tenants, Some(backlog.body_bytes))?);
     let fill = fill(config, options, mix.clone()).await?;

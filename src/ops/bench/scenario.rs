@@ -164,7 +164,7 @@ async fn drive(
                 warm_until = head_start;
             }
             write_workflows(workdir, &workflows)?;
-            crate::engine::definitions::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
+            crate::ops::workflows::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
             let stages: &[StageName] = match scenario {
                 Scenario::Evaluate => &[StageName::Evaluate],
                 Scenario::Throttled => &[StageName::Evaluate, StageName::Execute],
@@ -194,7 +194,7 @@ async fn drive(
     let generator = load::spawn(config, input.0, input.1, mix.clone(), rate, head_start, progress.clone())?;
     let settle = (scenario == Scenario::Throttled).then_some(THROTTLE_PER_SECOND);
     let measured = measure_window(options, scenario, &meter, &progress, warm_until, settle).await;
-    progress.stop.store(true, Ordering::Relaxed);
+    progress.stop.cancel();
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
     let stopped = match under_test {
         UnderTest::Passthrough(t) => {
@@ -392,7 +392,7 @@ fn passthrough(
         kafka::producer_config(config).create().context("creating the passthrough producer")?;
     let out = config.names().results();
     Ok(std::thread::Builder::new().name("bench-passthrough".into()).spawn(move || {
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
             let message = message.context("passthrough consume")?;
             let mut record = BaseRecord::to(&out).payload(message.payload().unwrap_or_default());
@@ -423,7 +423,7 @@ fn observe_topic(
         .context("creating the observer")?;
     consumer.subscribe(&[&topic])?;
     Ok(std::thread::Builder::new().name("bench-observe".into()).spawn(move || {
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
             let message = message.with_context(|| format!("observing {topic}"))?;
             let stamp = kafka::header(message.headers(), load::STAMP)
@@ -446,7 +446,7 @@ fn observe_receiver(
     // Receiver times are `Instant`s: anchor them to the wall clock once.
     let (anchor, anchor_us) = (Instant::now(), load::now_us());
     tokio::spawn(async move {
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             for call in receiver.drain() {
                 let Some(stamp) = call.body["event_id"].as_str().and_then(|s| load::parse_stamp(s.as_bytes())) else {
                     continue;
@@ -471,7 +471,7 @@ fn observe_committed(config: &Config, progress: Arc<Progress>) -> anyhow::Result
     let partitions = kafka::partition_count(consumer.client(), &topic)?;
     let consumer = Arc::new(consumer);
     Ok(tokio::spawn(async move {
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             let (c, topic) = (consumer.clone(), topic.clone());
             let committed = tokio::task::spawn_blocking(move || committed_total(&c, &topic, partitions)).await;
             if let Ok(Some(n)) = committed {

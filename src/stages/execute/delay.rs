@@ -31,7 +31,7 @@ use crate::{
     config::{Config, RetryConfig},
     kafka,
     kafka::source::{Delivery, Source, Ticket},
-    shutdown::Shutdown,
+    shutdown::CancellationToken,
     telemetry::{Event, Stage},
 };
 
@@ -66,7 +66,7 @@ pub async fn run_tier(
     service: String,
     tier: String,
     producer: FutureProducer,
-    mut shutdown: Shutdown,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let topic = config.names().retry(&service, &tier);
     let main = config.names().actions(&service);
@@ -98,7 +98,7 @@ pub async fn run_tier(
         }
         waiting.retain(|_, q| !q.is_empty());
         tokio::select! {
-            _ = shutdown.recv() => break Ok(()),
+            _ = shutdown.cancelled() => break Ok(()),
             Some((ticket, sent)) = sending.next() => match sent {
                 Ok(()) => source.done(&ticket),
                 Err(e) => break Err(anyhow::anyhow!("retry tier {topic}: producing to {main} failed: {e}")),
