@@ -88,8 +88,11 @@ enum Command {
     },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
+        /// Sample events to produce (Ghost-shaped, half JSON and half Avro); the member.created
+        /// ones, a fifth, match the welcome workflow and are called and recorded.
         #[arg(long, default_value_t = 2_000)]
         events: usize,
+        /// Tenants the sample events are spread over (round robin); at least 1.
         #[arg(long, default_value_t = 20)]
         tenants: usize,
     },
@@ -121,10 +124,13 @@ enum DlqAction {
         #[command(flatten)]
         filter: DlqFilter,
     },
-    /// Show one dead letter's headers and payload.
+    /// Show one dead letter's headers and payload (payloads over 4 KB are cut unless --full).
     Show {
         /// `partition:offset`, as `list` prints it.
         id: String,
+        /// Print the whole payload, however large.
+        #[arg(long)]
+        full: bool,
     },
     /// Re-produce the matching dead letters to their origin topics (attempts reset); prints how
     /// many. Letters an earlier redrive sent are skipped (recorded in the `dlq-redrive` group).
@@ -184,6 +190,11 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli.config)?;
+    // Every command talks to the broker: check it first, so that an unreachable one gives the same
+    // single message within the same bound whatever the command, instead of each client's own
+    // retries and librdkafka's log lines.
+    let check = config.clone();
+    tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
     match cli.command {
         Command::Run { stages } => {
             let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
@@ -234,15 +245,13 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Produce { topic, file, format } => {
             let events = match &file {
-                Some(path) => produce::read_ndjson(BufReader::new(
+                Some(path) => produce::read_ndjson_lines(BufReader::new(
                     std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
                 ))?,
-                None => produce::read_ndjson(std::io::stdin().lock())?,
+                None => produce::read_ndjson_lines(std::io::stdin().lock())?,
             };
-            let check = config.clone();
-            tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
             let producer = Producer::for_topic(&config, &config.names().topic(&topic))?;
-            let sent = producer.send_all(events.into_iter().map(|e| (e, format)), 10_000).await?;
+            let sent = producer.send_lines(&config, events, format).await?;
             println!("produced {sent} events to {}", producer.topic());
             Ok(())
         }
@@ -252,9 +261,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             weir::ops::dlq::print_list(&letters);
             Ok(())
         }
-        Command::Dlq { action: DlqAction::Show { id } } => {
+        Command::Dlq { action: DlqAction::Show { id, full } } => {
             let letter = tokio::task::spawn_blocking(move || weir::ops::dlq::show(&config, &id)).await??;
-            weir::ops::dlq::print_one(&letter);
+            weir::ops::dlq::print_one(&letter, full);
             Ok(())
         }
         Command::Dlq { action: DlqAction::Redrive { filter, again } } => {

@@ -42,11 +42,14 @@ pub fn follow_definitions(config: &Config, stop: CancellationToken) -> anyhow::R
 }
 
 impl Pipeline {
-    /// Checks the broker, reads the workflow definitions topic and starts the requested stages.
+    /// Checks the broker and the size limits, reads the workflow definitions topic and starts the
+    /// requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
         crate::connectors::validate_all(&config).context("invalid config")?;
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
+        // Limits that cannot work refuse to start, rather than fail on the first large record.
+        kafka::topics::check_limits(&config).await?;
         let cancel = CancellationToken::new();
         let definitions = tokio::task::spawn_blocking({
             let (config, stop) = (config.clone(), cancel.child_token());

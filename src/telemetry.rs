@@ -17,8 +17,23 @@
 //! - `weir_deferred_total{service}`: tasks of a tenant over its own limit moved to a delay topic
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
+//! - `weir_stage_stalled{stage,topic,reason}`: 1 while a stage's consumer of `topic` has work
+//!   waiting and made no progress for `health.stall_after_ms` (see [`Health`])
+//!
+//! Health (on the same server as `/metrics`): `GET /health/live` answers 503 with the reasons
+//! while any stage is stalled, 200 otherwise; `GET /health/ready` answers 503 while a stage's
+//! consumer cannot reach the broker.
 
-use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, OnceLock,
+    },
+    time::Duration,
+};
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -120,6 +135,20 @@ pub enum Event<'a> {
     Redriven {
         count: usize,
     },
+    /// A stage's consumer has work waiting and made no progress for the configured time; `reason`
+    /// is a short label, `detail` says what weir knows (see [`crate::kafka::source`]).
+    Stalled {
+        stage: Stage,
+        topic: &'a str,
+        reason: &'static str,
+        detail: &'a str,
+    },
+    /// A stalled consumer moved again.
+    Progressing {
+        stage: Stage,
+        topic: &'a str,
+        reason: &'static str,
+    },
 }
 
 impl Event<'_> {
@@ -200,6 +229,16 @@ impl Event<'_> {
                 tracing::info!(count, "dead letters redriven");
                 counter!("weir_redriven_total").increment(count as u64)
             }
+            Event::Stalled { stage, topic, reason, detail } => {
+                tracing::error!(stage = stage.as_str(), topic, reason, detail, "stage stalled");
+                gauge!("weir_stage_stalled", "stage" => stage.as_str(), "topic" => topic.to_string(), "reason" => reason)
+                    .set(1.0)
+            }
+            Event::Progressing { stage, topic, reason } => {
+                tracing::info!(stage = stage.as_str(), topic, reason, "stage progressing again");
+                gauge!("weir_stage_stalled", "stage" => stage.as_str(), "topic" => topic.to_string(), "reason" => reason)
+                    .set(0.0)
+            }
         }
     }
 }
@@ -272,19 +311,126 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `GET /metrics` until `shutdown` is cancelled. Returns the bound address (port 0 picks one).
+/// What one stage's consumer says about itself: whether it reaches the broker, and whether (and
+/// why) it is stalled.
+#[derive(Debug, Clone)]
+struct Report {
+    stage: Stage,
+    topic: String,
+    reachable: bool,
+    stalled: Option<(&'static str, String)>,
+}
+
+/// The process's liveness and readiness, as the consumers of its stages report them: what
+/// `/health/live` and `/health/ready` answer. Each consumer registers a [`Health`] handle; the
+/// answer covers every handle alive in the process (a process runs one or more stages).
+pub struct Health {
+    id: u64,
+}
+
+fn reports() -> &'static Mutex<BTreeMap<u64, Report>> {
+    static REPORTS: OnceLock<Mutex<BTreeMap<u64, Report>>> = OnceLock::new();
+    REPORTS.get_or_init(Default::default)
+}
+
+impl Health {
+    /// Registers the consumer of `topic` for `stage`: reachable and not stalled until it says
+    /// otherwise (stages start only after the broker answered).
+    pub fn register(stage: Stage, topic: &str) -> Health {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let report = Report { stage, topic: topic.to_string(), reachable: true, stalled: None };
+        reports().lock().expect("health lock").insert(id, report);
+        Health { id }
+    }
+
+    pub fn set_reachable(&self, reachable: bool) {
+        if let Some(r) = reports().lock().expect("health lock").get_mut(&self.id) {
+            r.reachable = reachable;
+        }
+    }
+
+    /// Reports the consumer stalled (with a short reason and what weir knows), or progressing
+    /// (`None`). Logs and sets the gauge when the reason changes; a stall that goes on is logged
+    /// again by the caller's next report with `repeat`.
+    pub fn set_stalled(&self, stalled: Option<(&'static str, String)>, repeat: bool) {
+        let mut reports = reports().lock().expect("health lock");
+        let Some(r) = reports.get_mut(&self.id) else { return };
+        let before = r.stalled.as_ref().map(|(reason, _)| *reason);
+        let now = stalled.as_ref().map(|(reason, _)| *reason);
+        if let Some(reason) = before.filter(|b| Some(*b) != now) {
+            Event::Progressing { stage: r.stage, topic: &r.topic, reason }.emit();
+        }
+        if let Some((reason, detail)) = &stalled {
+            if before != now || repeat {
+                Event::Stalled { stage: r.stage, topic: &r.topic, reason, detail }.emit();
+            }
+        }
+        r.stalled = stalled;
+    }
+
+    /// `Err` with one line per stalled consumer while any is stalled.
+    pub fn live() -> Result<(), String> {
+        let mut body = String::new();
+        for r in reports().lock().expect("health lock").values() {
+            if let Some((reason, detail)) = &r.stalled {
+                let _ = writeln!(body, "stalled: stage {} topic {}: {reason}: {detail}", r.stage.as_str(), r.topic);
+            }
+        }
+        if body.is_empty() {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    }
+
+    /// `Err` with one line per consumer that cannot reach the broker.
+    pub fn ready() -> Result<(), String> {
+        let mut body = String::new();
+        for r in reports().lock().expect("health lock").values().filter(|r| !r.reachable) {
+            let _ = writeln!(body, "broker unreachable: stage {} topic {}", r.stage.as_str(), r.topic);
+        }
+        if body.is_empty() {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    }
+}
+
+impl Drop for Health {
+    fn drop(&mut self) {
+        let removed = reports().lock().expect("health lock").remove(&self.id);
+        if let Some(Report { stage, topic, stalled: Some((reason, _)), .. }) = removed {
+            Event::Progressing { stage, topic: &topic, reason }.emit();
+        }
+    }
+}
+
+fn health_answer(state: Result<(), String>) -> (axum::http::StatusCode, String) {
+    match state {
+        Ok(()) => (axum::http::StatusCode::OK, "ok\n".to_string()),
+        Err(body) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, body),
+    }
+}
+
+/// Serves `GET /metrics`, `GET /health/live` and `GET /health/ready` (see the module docs) until
+/// `shutdown` is cancelled. Returns the bound address (port 0 picks one).
 pub async fn serve_metrics(
     addr: SocketAddr,
     shutdown: crate::shutdown::CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let handle = prometheus();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .route("/health/live", axum::routing::get(|| async { health_answer(Health::live()) }))
+        .route("/health/ready", axum::routing::get(|| async { health_answer(Health::ready()) }));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("metrics_addr {addr}: cannot listen: {e}"))?;

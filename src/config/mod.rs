@@ -56,6 +56,8 @@ pub struct Config {
     pub evaluator: EvaluatorConfig,
     pub executor: ExecutorConfig,
     pub sink: SinkConfig,
+    /// The liveness watchdog of every stage (see `/health/live`).
+    pub health: HealthConfig,
     /// External services by name; a workflow step names one, and its tasks go to
     /// `actions.<name>`.
     pub services: BTreeMap<String, ServiceConfig>,
@@ -65,6 +67,8 @@ pub struct Config {
     pub network: NetworkPolicy,
     /// How much work a workflow's templates may do per run.
     pub engine: EngineConfig,
+    /// Sizes of what weir writes and accepts (see `kafka::limits`).
+    pub limits: RecordLimits,
 }
 
 impl Default for Config {
@@ -79,11 +83,69 @@ impl Default for Config {
             evaluator: EvaluatorConfig::default(),
             executor: ExecutorConfig::default(),
             sink: SinkConfig::default(),
+            health: HealthConfig::default(),
             services: BTreeMap::new(),
             kafka: BTreeMap::new(),
             network: Default::default(),
             engine: EngineConfig::default(),
+            limits: RecordLimits::default(),
         }
+    }
+}
+
+/// Default of `limits.max_record_bytes`: under librdkafka's default `message.max.bytes`
+/// (1,000,000) with room for the record's framing.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 900_000;
+
+/// `limits` in `weir.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordLimits {
+    /// Largest record weir produces (key, payload and headers): tasks, results, dead letters and
+    /// redriven records. Must be below the producer's `message.max.bytes` and every topic's
+    /// `max.message.bytes` (checked at start). Default 900 000.
+    pub max_record_bytes: usize,
+    /// Payload kept by a dead letter whose whole record would exceed `max_record_bytes`, as a
+    /// prefix; the size and SHA-256 of the whole are kept in headers. Default 65 536.
+    pub dead_letter_prefix_bytes: usize,
+    /// Longest event `id`, `tenant`, `type` and `source`, in bytes (they become Kafka keys, HTTP
+    /// headers and PostgreSQL columns). Longer ones are dead-lettered. Default 512.
+    pub max_attribute_bytes: usize,
+}
+
+impl Default for RecordLimits {
+    fn default() -> Self {
+        RecordLimits {
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            dead_letter_prefix_bytes: 64 * 1024,
+            max_attribute_bytes: 512,
+        }
+    }
+}
+
+/// Room a dead letter needs besides its payload prefix: weir's headers, the kept original
+/// headers, the key.
+const DEAD_LETTER_ROOM: usize = 32 * 1024;
+
+impl RecordLimits {
+    /// Checks the values; errors name `limits.<field>`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.max_record_bytes < 2 * DEAD_LETTER_ROOM {
+            anyhow::bail!("limits.max_record_bytes: must be at least {} bytes", 2 * DEAD_LETTER_ROOM);
+        }
+        if self.dead_letter_prefix_bytes + DEAD_LETTER_ROOM > self.max_record_bytes {
+            anyhow::bail!(
+                "limits.dead_letter_prefix_bytes: {} leaves no room for a dead letter's headers in \
+                 limits.max_record_bytes ({}); keep it at most {}",
+                self.dead_letter_prefix_bytes,
+                self.max_record_bytes,
+                self.max_record_bytes - DEAD_LETTER_ROOM
+            );
+        }
+        if !(16..=65_536).contains(&self.max_attribute_bytes) {
+            anyhow::bail!("limits.max_attribute_bytes: must be between 16 and 65536, not {}", self.max_attribute_bytes);
+        }
+        Ok(())
     }
 }
 
@@ -181,6 +243,23 @@ impl Default for SinkConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// A stage with work waiting (lag, or messages taken and not finished) that has neither taken
+    /// nor finished a message for this long is *stalled*: it logs why, `weir_stage_stalled` is 1
+    /// and `/health/live` answers 503 until it moves again. Default 60s. (Also read as
+    /// `stall_after_ms`.)
+    #[serde(with = "duration", alias = "stall_after_ms")]
+    pub stall_after: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { stall_after: Duration::from_secs(60) }
+    }
+}
+
 impl Config {
     /// Reads, overrides from the environment, and validates a config file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
@@ -222,6 +301,9 @@ impl Config {
         if self.executor.partition_max_buffered == 0 || self.executor.tenant_max_buffered == 0 {
             bail!("executor.partition_max_buffered and executor.tenant_max_buffered must be at least 1");
         }
+        if self.health.stall_after < Duration::from_millis(100) {
+            bail!("health.stall_after: must be at least 100ms (got {:?})", self.health.stall_after);
+        }
         if self.sink.batch_size == 0 || self.sink.pool_size == 0 {
             bail!("sink.batch_size and sink.pool_size must be at least 1");
         }
@@ -235,6 +317,7 @@ impl Config {
             service.validate(name)?;
         }
         self.engine.validate()?;
+        self.limits.validate()?;
         Ok(())
     }
 

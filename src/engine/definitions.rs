@@ -32,13 +32,7 @@ use crate::engine::{
 };
 use anyhow::{bail, Context as _};
 
-/// Key prefix of platform-wide workflows.
-pub const PLATFORM: &str = "*";
-
-/// The record key of a definition.
-pub fn key(tenant: Option<&str>, id: &str) -> String {
-    format!("{}/{}", tenant.unwrap_or(PLATFORM), id)
-}
+pub use crate::engine::workflow::key;
 
 /// Decodes one definitions record: `None` for a tombstone.
 pub fn decode(payload: Option<&[u8]>) -> anyhow::Result<Option<Workflow>> {

@@ -620,6 +620,15 @@ impl<'de> serde::de::Visitor<'de> for Locate<'_> {
     }
 }
 
+/// Key prefix of platform-wide workflows.
+const PLATFORM: &str = "*";
+
+/// A definition's key on the definitions topic (and in a directory's set): `tenant/id`, or
+/// `*/id` for a platform-wide workflow.
+pub fn key(tenant: Option<&str>, id: &str) -> String {
+    format!("{}/{}", tenant.unwrap_or(PLATFORM), id)
+}
+
 /// Reads a YAML file, or every `*.yaml`/`*.yml` file of a directory (one workflow per file),
 /// validating each against `services`. Keyed by the definitions topic key, each with its file.
 /// Every error starts with `file:line:column`.
@@ -650,7 +659,7 @@ pub fn load(
             };
             anyhow::anyhow!("{at}: not a valid workflow: {e}")
         })?;
-        let key = crate::engine::definitions::key(wf.tenant.as_deref(), &wf.id);
+        let key = key(wf.tenant.as_deref(), &wf.id);
         if let Err(e) = CompiledWorkflow::compile_bounded(wf.clone(), services, bounds) {
             let at = match e.downcast_ref::<FieldError>() {
                 Some(field) => source.describe(&field.path, field.position),

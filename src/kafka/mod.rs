@@ -13,6 +13,7 @@
 
 pub mod compacted;
 pub mod dead_letter;
+pub mod limits;
 pub mod offsets;
 pub mod partitioner;
 pub mod source;
@@ -105,9 +106,14 @@ pub fn admin(config: &Config) -> anyhow::Result<AdminClient<DefaultClientContext
 }
 
 /// Fails with a clear message unless the broker answers a metadata request within
-/// [`METADATA_TIMEOUT`].
+/// [`METADATA_TIMEOUT`]: the one message every command gives when the broker is unreachable.
+///
+/// The probe runs with a [`Quiet`] context. librdkafka reports an unreachable broker by itself, as
+/// `FAIL … Connection refused` log lines and repeated `BrokerTransportFailure` errors; for a
+/// command that stops here those are noise around the message that matters, which names the
+/// brokers and what to do.
 pub fn check_reachable(config: &Config) -> anyhow::Result<()> {
-    let probe: BaseConsumer = base(config).create().context("creating Kafka client")?;
+    let probe: BaseConsumer<Quiet> = base(config).create_with_context(Quiet).context("creating Kafka client")?;
     probe.fetch_metadata(None, METADATA_TIMEOUT).map_err(|e| {
         anyhow::anyhow!(
             "Kafka at {} did not answer within {}s ({e}); is it running? (scripts/kafka.sh up, or set WEIR_BROKERS)",
@@ -117,6 +123,16 @@ pub fn check_reachable(config: &Config) -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// A client context that drops librdkafka's own logs and errors: see [`check_reachable`].
+pub struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn log(&self, _: RDKafkaLogLevel, _: &str, _: &str) {}
+    fn error(&self, _: rdkafka::error::KafkaError, _: &str) {}
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {}
 
 /// Partition count of `topic`, or an error naming the missing topic.
 pub fn partition_count<C: rdkafka::ClientContext>(

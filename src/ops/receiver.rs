@@ -11,6 +11,8 @@
 //! it is answered 429 with `Retry-After`. It can follow a script of failures
 //! ([`Receiver::fail_for`]: e.g. 429 for 2 s, then 503 for 3 s, then normal again), and reports
 //! `usage.total_tokens` (the task input's `tokens`) like an OpenAI-style API, for cost limits.
+//! A task input's `respond_bytes` pads the answer to about that size, like a service whose
+//! response is far bigger than its request.
 //!
 //! It is a real server on a real socket (port 0), so the executor's HTTP client, timeouts and
 //! error handling are exercised exactly as against a remote service.
@@ -240,6 +242,10 @@ fn answer(path: &str, status: u16, body: &Value) -> Value {
         let mut echo = serde_json::json!({"ok": ok, "step": body["step_id"], "input": body["input"]});
         if let Some(tokens) = body["input"]["tokens"].as_u64() {
             echo["usage"] = serde_json::json!({"total_tokens": tokens});
+        }
+        // A service answering with far more than it was sent (tests of bounded results).
+        if let Some(bytes) = body["input"]["respond_bytes"].as_u64() {
+            echo["pad"] = Value::String("r".repeat(bytes.min(16 << 20) as usize));
         }
         echo
     }

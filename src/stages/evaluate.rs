@@ -27,9 +27,10 @@ use crate::{
     engine::definitions::DefinitionStore,
     engine::plan,
     engine::workflow::CompiledWorkflow,
-    envelope::{self, Event as DomainEvent, Format},
+    envelope::{self, ActionResult, ActionTask, Event as DomainEvent, Format, Status},
     kafka,
     kafka::dead_letter::DeadLetters,
+    kafka::limits::{self, Limits},
     kafka::source::{Source, Ticket},
     shutdown::CancellationToken,
     telemetry::{Event, Stage},
@@ -50,6 +51,7 @@ struct Evaluator {
     action_topics: HashMap<String, Arc<str>>,
     results_topic: Arc<str>,
     max_event_bytes: usize,
+    limits: Limits,
 }
 
 /// Runs the evaluator until `shutdown` is cancelled or an unrecoverable error occurs.
@@ -63,11 +65,13 @@ pub async fn run(
     let producer = kafka::producer(&config)?;
     let evaluator = Arc::new(Evaluator {
         definitions,
-        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Evaluate),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Evaluate)
+            .with_limits(&config.limits),
         producer,
         action_topics: config.services.keys().map(|s| (s.clone(), config.names().actions(s).into())).collect(),
         results_topic: config.names().results().into(),
         max_event_bytes: config.evaluator.max_event_bytes,
+        limits: config.limits.clone(),
     });
     let max_inflight = config.evaluator.max_inflight;
     let mut inflight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
@@ -112,7 +116,10 @@ impl Evaluator {
         let payload = message.payload().unwrap_or_default();
         let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
         // The attributes first: most events start nothing, and need none of their body.
-        let decoded = envelope::decode_unparsed_event(payload, content_type, self.max_event_bytes).and_then(|event| {
+        let max_attribute_bytes = self.limits.max_attribute_bytes;
+        let decoded =
+            envelope::decode_unparsed_event_within(payload, content_type, self.max_event_bytes, max_attribute_bytes);
+        let decoded = decoded.and_then(|event| {
             let candidates = self.definitions.matching(&event.tenant, &event.kind);
             if candidates.is_empty() {
                 return Ok(None);
@@ -142,7 +149,7 @@ impl Evaluator {
                     workflow.run_permit(&event.tenant).await;
                     outputs.extend(run);
                 }
-                self.produce(outputs).await
+                self.produce(&message, outputs).await
             }
             .boxed(),
         )
@@ -157,29 +164,82 @@ impl Evaluator {
         plan::start(event, candidates, &chrono::Utc::now().to_rfc3339())
             .into_iter()
             .map(|(wf, plan)| {
+                // Bounded before it is produced: a task over the limit is its run's failure.
                 let tasks = plan.tasks.into_iter().map(|task| {
-                    let payload = serde_json::to_vec(&task).expect("a task always serializes");
-                    (self.action_topics[&task.service].clone(), task.tenant, payload)
-                });
-                let decided = plan.decided.into_iter().map(|result| {
-                    if let Some(detail) = result.error.as_deref() {
-                        Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }.emit();
+                    match limits::task_payload(&task, self.limits.max_record_bytes) {
+                        Ok(payload) => (self.action_topics[&task.service].clone(), task.tenant, payload),
+                        Err(reason) => self.failed_output(task_failed(task, reason)),
                     }
-                    let payload = serde_json::to_vec(&result).expect("a result always serializes");
-                    (self.results_topic.clone(), result.tenant, payload)
                 });
+                let decided = plan.decided.into_iter().map(|result| self.failed_output(result));
                 (wf, tasks.chain(decided).collect())
             })
             .collect()
     }
 
-    async fn produce(&self, outputs: Vec<Output>) -> Result<(), rdkafka::error::KafkaError> {
+    /// The record of a run that cannot start, for the results topic.
+    fn failed_output(&self, mut result: ActionResult) -> Output {
+        let detail = result.error.as_deref().unwrap_or_default();
+        Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }.emit();
+        let payload = limits::result_payload(&mut result, self.limits.max_record_bytes);
+        (self.results_topic.clone(), result.tenant, payload)
+    }
+
+    /// Produces the records of `event`. A record the producer or broker refuses for what it is
+    /// (too large for a topic changed since start, invalid) must not stop the stage: a task
+    /// becomes its run's `failed` result, and a result that is refused dead-letters the event.
+    /// Only infrastructure errors are returned.
+    async fn produce(&self, event: &OwnedMessage, outputs: Vec<Output>) -> Produced {
         let sends = outputs.iter().map(|(topic, key, payload)| async move {
-            kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, kafka::content_headers(Format::Json))
-                .await
-                .map(|_| Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit())
+            let headers = kafka::content_headers(Format::Json);
+            match kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, headers).await {
+                Ok(_) => {
+                    Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit();
+                    Ok(())
+                }
+                Err(e) if limits::is_record_error(&e) => self.refused(event, topic, payload, e).await,
+                Err(e) => Err(e),
+            }
         });
         futures::future::try_join_all(sends).await.map(|_| ())
+    }
+
+    async fn refused(
+        &self,
+        event: &OwnedMessage,
+        topic: &str,
+        payload: &[u8],
+        e: rdkafka::error::KafkaError,
+    ) -> Produced {
+        let reason = format!("producing a {}-byte record to {topic} was refused: {e}", payload.len());
+        Event::Failed { stage: Stage::Evaluate, reason: "produce", retryable: false, detail: &reason }.emit();
+        let task =
+            (topic != &*self.results_topic).then(|| serde_json::from_slice::<ActionTask>(payload).ok()).flatten();
+        if let Some(task) = task {
+            let (topic, key, payload) = self.failed_output(task_failed(task, reason.clone()));
+            let headers = kafka::content_headers(Format::Json);
+            match kafka::send(&self.producer, &topic, Some(key.as_bytes()), &payload, headers).await {
+                Ok(_) => {
+                    Event::Produced { stage: Stage::Evaluate, topic: &topic, count: 1 }.emit();
+                    return Ok(());
+                }
+                Err(e) if limits::is_record_error(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.dead_letters.send(event, &reason).await
+    }
+}
+
+/// The `failed` result of a task that cannot be produced.
+fn task_failed(task: ActionTask, reason: String) -> ActionResult {
+    // No event: the task was too large, most likely because of it.
+    ActionResult {
+        attempts: 0,
+        error: Some(reason),
+        event: serde_json::Value::Null,
+        finished_at: task.created_at.clone(),
+        ..ActionResult::from_task(task, Status::Failed, std::time::Duration::ZERO)
     }
 }
 

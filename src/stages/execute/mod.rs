@@ -111,6 +111,8 @@ struct Executor {
     /// (delay in ms, tier name, physical topic) of each delay tier.
     tiers: Vec<(u64, String, String)>,
     dead_letters: DeadLetters,
+    /// Largest record this executor produces (`limits.max_record_bytes`).
+    max_record_bytes: usize,
     ownership: Ownership,
     /// Cancelled when the executor stops, or its main loop ends for a reason of its own (a child
     /// of the stage's token): tasks still waiting for a permit give up (their offsets are not
@@ -166,7 +168,9 @@ async fn main_loop(
         throttle: Throttle::new(&service, &settings.limits),
         breaker: Breaker::new(&service, settings.breaker.clone()),
         slots: Semaphore::new(settings.concurrency.unwrap_or(config.executor.concurrency)),
-        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute)
+            .with_limits(&config.limits),
+        max_record_bytes: config.limits.max_record_bytes,
         producer,
         results_topic: config.names().results(),
         tiers,
@@ -495,14 +499,15 @@ impl Executor {
         latency: Duration,
     ) -> Result<(), rdkafka::error::KafkaError> {
         // The task is finished with: its fields move into the result rather than being copied.
-        let result = ActionResult {
+        let mut result = ActionResult {
             http_status: http_status.map(i32::from),
             cost,
             error,
             output,
             ..ActionResult::from_task(task, status, latency)
         };
-        let payload = serde_json::to_vec(&result).expect("a result always serializes");
+        // Bounded before it is produced: a service's oversize answer must not stop the executor.
+        let payload = kafka::limits::result_payload(&mut result, self.max_record_bytes);
         kafka::send(
             &self.producer,
             &self.results_topic,

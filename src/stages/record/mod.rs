@@ -333,7 +333,7 @@ pub async fn run(
     let producer = kafka::producer(&config)?;
     let recorder = Arc::new(Recorder {
         pool: pool.clone(),
-        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Sink),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Sink).with_limits(&config.limits),
         producer,
         coordinator: Coordinator::new(definitions),
         config: config.clone(),
