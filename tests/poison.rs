@@ -697,12 +697,15 @@ async fn send(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
+    // Phases are printed, never asserted: they say where a slow run spent its time.
+    let started = std::time::Instant::now();
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = test_config(&receiver, &[GOOD, ECHO, SPIN, RENDER, REPEAT, TWO_STEPS, LOUD]).await;
     let config = Arc::new(config);
     let events_topic = config.topic("events");
     let dlq = DeadLetterReader::start(&config.topic("dlq"));
     let mut pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await.unwrap();
+    eprintln!("pipeline started after {:.1?}", started.elapsed());
     // Not idempotent: a record the broker refuses must not fail the producer for the rest (each
     // send is awaited before the next, so order holds without it).
     let producer: FutureProducer = weir::kafka::producer_config(&config)
@@ -737,6 +740,7 @@ async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
         futures::future::join_all(bad).await;
     }
 
+    eprintln!("produced in {:.1?}", started.elapsed());
     let pool = sqlx::PgPool::connect(&config.database_url).await.unwrap();
     let good_ids: BTreeSet<&str> = good.iter().map(|(id, _, _)| id.as_str()).collect();
     let complete = |seen: &Seen| {
@@ -757,12 +761,14 @@ async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    eprintln!("complete (or given up) after {:.1?}", started.elapsed());
     // The stages: none ended by itself, and each stops cleanly, finishing what is in flight; what
     // is seen after that is all there is (a second call or row would show). The timeout only
     // guards against a stage stuck in work that never yields (a template without a budget).
     let still_running = exited.is_none() && tokio::time::timeout(Duration::ZERO, pipeline.wait()).await.is_err();
     let stopped = tokio::time::timeout(Duration::from_secs(60), pipeline.stop()).await;
     let settled = seen(&receiver, &pool, &dlq).await;
+    eprintln!("stopped after {:.1?}", started.elapsed());
 
     let mut report = String::new();
     let mut failures = Vec::new();
