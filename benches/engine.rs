@@ -19,6 +19,7 @@ use serde_json::json;
 use weir::{
     engine::condition::{Condition, FieldPaths, Scope},
     engine::definitions::DefinitionStore,
+    engine::plan,
     engine::template::InputTemplate,
     engine::workflow::{self, CompiledWorkflow, Workflow},
     envelope::{self, Event},
@@ -156,7 +157,7 @@ fn matching(c: &mut Criterion) {
         .collect();
     let candidates = store.matching(&events[0].tenant, &events[0].kind);
     assert_eq!(candidates.len(), 3, "the tenant's workflow and two platform-wide ones");
-    assert_eq!(evaluate::triggered(&events[0], &candidates).filter(|(_, m)| *m == Ok(true)).count(), 3);
+    assert_eq!(plan::triggered(&events[0], &candidates).filter(|(_, m)| *m == Ok(true)).count(), 3);
 
     let mut group = c.benchmark_group("match");
     group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
@@ -190,14 +191,14 @@ fn matching(c: &mut Criterion) {
         b.iter(|| {
             let event = next();
             let candidates = store.matching(&event.tenant, &event.kind);
-            evaluate::triggered(black_box(event), &candidates).filter(|(_, m)| *m == Ok(true)).count()
+            plan::triggered(black_box(event), &candidates).filter(|(_, m)| *m == Ok(true)).count()
         })
     });
     group.bench_function("plan", |b| {
         b.iter(|| {
             let event = next();
             let candidates = store.matching(&event.tenant, &event.kind);
-            evaluate::plan(black_box(event), &candidates, "2026-11-23T10:05:00Z").len()
+            plan::start(black_box(event), &candidates, "2026-11-23T10:05:00Z").len()
         })
     });
     group.finish();
@@ -206,12 +207,10 @@ fn matching(c: &mut Criterion) {
     // body decoded (as before), or the attributes first and only the body's parts the candidates
     // read.
     let payloads: Vec<Vec<u8>> = events.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
-    let encode = |planned: Vec<(Arc<CompiledWorkflow>, Vec<evaluate::Planned>)>| {
+    let encode = |planned: Vec<(Arc<CompiledWorkflow>, plan::Plan)>| {
         let mut bytes = 0;
-        for p in planned.into_iter().flat_map(|(_, p)| p) {
-            if let evaluate::Planned::Task(task) = p {
-                bytes += serde_json::to_vec(&task).unwrap().len();
-            }
+        for task in planned.into_iter().flat_map(|(_, p)| p.tasks) {
+            bytes += serde_json::to_vec(&task).unwrap().len();
         }
         bytes
     };
@@ -226,7 +225,7 @@ fn matching(c: &mut Criterion) {
         b.iter(|| {
             let event = envelope::decode_event(black_box(next()), None, 1 << 20).unwrap();
             let candidates = store.matching(&event.tenant, &event.kind);
-            encode(evaluate::plan(&event, &candidates, "2026-11-23T10:05:00Z"))
+            encode(plan::start(&event, &candidates, "2026-11-23T10:05:00Z"))
         })
     });
     group.bench_function("read_paths", |b| {
@@ -235,7 +234,7 @@ fn matching(c: &mut Criterion) {
             let candidates = store.matching(&event.tenant, &event.kind);
             let paths = evaluate::start_paths(&candidates);
             let event = event.map_data(|body| body.parse(|text| paths.parse_selected("data", text))).unwrap();
-            encode(evaluate::plan(&event, &candidates, "2026-11-23T10:05:00Z"))
+            encode(plan::start(&event, &candidates, "2026-11-23T10:05:00Z"))
         })
     });
     group.finish();

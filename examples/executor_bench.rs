@@ -68,7 +68,7 @@ fn task(n: usize) -> ActionTask {
 }
 
 async fn produce(config: &Config, n: usize) {
-    let producer = Producer::for_topic(config, &config.topic("actions.webhook")).expect("producer");
+    let producer = Producer::for_topic(config, &config.names().actions("webhook")).expect("producer");
     let mut inflight = FuturesUnordered::new();
     for i in 0..n {
         if inflight.len() >= 10_000 {
@@ -130,8 +130,8 @@ async fn throttle_accuracy(seconds: u64, http: bool) {
     } else {
         counting.clone()
     };
-    let (trigger, shutdown) = weir::shutdown::channel();
-    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown));
+    let shutdown = weir::shutdown::CancellationToken::new();
+    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown.clone()));
     let called = || if http { receiver.arrived() } else { counting.0.lock().expect("lock").len() };
     while called() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -146,7 +146,7 @@ async fn throttle_accuracy(seconds: u64, http: bool) {
         if http { "webhook over HTTP to the local receiver" } else { "recording connector" },
         (rate / limit as f64 - 1.0) * 100.0
     );
-    trigger.fire();
+    shutdown.cancel();
     let _ = executor.await;
 }
 
@@ -155,13 +155,13 @@ async fn overhead(tasks: usize) {
     let config = Arc::new(config(&receiver, Vec::new()));
     weir::kafka::topics::apply_dir(&config, false).await.expect("topics");
     produce(&config, tasks).await;
-    let topic = config.topic("actions.webhook");
+    let topic = config.names().actions("webhook");
 
     let raw = {
         let (config, topic) = (config.clone(), topic.clone());
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer =
-                weir::kafka::consumer_config(&config, &config.group("bench-raw")).create().expect("consumer");
+                weir::kafka::consumer_config(&config, &config.names().group("bench-raw")).create().expect("consumer");
             consumer.subscribe(&[&topic]).expect("subscribe");
             let mut seen = 0;
             let mut start = None;
@@ -181,8 +181,9 @@ async fn overhead(tasks: usize) {
     // which the executor takes, schedules and settles tasks (results are produced and
     // acknowledged behind the calls, within the `max_buffered` bound).
     let counting = Arc::new(Counting::default());
-    let (trigger, shutdown) = weir::shutdown::channel();
-    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), counting.clone(), shutdown));
+    let shutdown = weir::shutdown::CancellationToken::new();
+    let executor =
+        tokio::spawn(execute::run_with(config.clone(), "webhook".into(), counting.clone(), shutdown.clone()));
     let calls = || counting.0.lock().expect("lock").len();
     while calls() == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -192,7 +193,7 @@ async fn overhead(tasks: usize) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let executed = start.elapsed();
-    trigger.fire();
+    shutdown.cancel();
     let _ = executor.await;
     let (raw_rate, exec_rate) = (tasks as f64 / raw.as_secs_f64(), tasks as f64 / executed.as_secs_f64());
     println!(

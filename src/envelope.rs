@@ -121,18 +121,52 @@ impl<D> Event<D> {
         })
     }
 
-    /// Checks the attributes the pipeline relies on.
+    /// Checks the attributes the pipeline relies on, with the default attribute length limit.
     pub fn validate(&self) -> Result<(), DecodeError> {
+        self.validate_within(MAX_ATTRIBUTE_BYTES)
+    }
+
+    /// Checks the attributes the pipeline relies on. `id`, `tenant`, `type` and `source` become
+    /// Kafka keys, HTTP header values and PostgreSQL text, where a control character breaks
+    /// things far from here (PostgreSQL refuses NUL, an HTTP header CR and LF), so they are
+    /// refused at the boundary, as is one longer than `max_attribute_bytes`. The reason names the
+    /// attribute and the character's position but never quotes the value: it goes into a header.
+    pub fn validate_within(&self, max_attribute_bytes: usize) -> Result<(), DecodeError> {
         for (name, value) in
             [("id", &self.id), ("source", &self.source), ("type", &self.kind), ("tenant", &self.tenant)]
         {
             if value.trim().is_empty() {
                 return Err(DecodeError::Invalid(format!("attribute '{name}' is empty")));
             }
+            if value.len() > max_attribute_bytes {
+                return Err(DecodeError::Invalid(format!(
+                    "attribute '{name}' is {} bytes, over the limit of {max_attribute_bytes} (limits.max_attribute_bytes)",
+                    value.len()
+                )));
+            }
+        }
+        let optional = [("specversion", Some(&self.specversion)), ("time", self.time.as_ref())];
+        for (name, value) in [("id", Some(&self.id)), ("source", Some(&self.source)), ("type", Some(&self.kind))]
+            .into_iter()
+            .chain([("tenant", Some(&self.tenant)), ("datacontenttype", self.datacontenttype.as_ref())])
+            .chain(optional)
+        {
+            let Some(value) = value else { continue };
+            if let Some((at, c)) = value.char_indices().find(|(_, c)| c.is_control()) {
+                return Err(DecodeError::Invalid(format!(
+                    "attribute '{name}' holds the control character U+{:04X} at byte {at}; control characters \
+                     (NUL, CR, LF, ...) are not allowed in event attributes",
+                    c as u32
+                )));
+            }
         }
         Ok(())
     }
 }
+
+/// Default longest `id`, `tenant`, `type` and `source` of an event, in bytes
+/// (`limits.max_attribute_bytes`).
+pub const MAX_ATTRIBUTE_BYTES: usize = 512;
 
 /// One step of a workflow run for an executor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +241,76 @@ pub struct ActionResult {
     /// The task's `event`, passed on for the run coordinator (null for single-step workflows).
     #[serde(default, skip_serializing_if = "Json::is_null")]
     pub event: Json,
+}
+
+impl ActionResult {
+    /// The outcome of calling the service for `task`, finished now. The task's fields move into
+    /// the result; the call's details (`http_status`, `cost`, `error`, `output`) start empty, to
+    /// be set with struct update syntax.
+    pub fn from_task(task: ActionTask, status: Status, latency: std::time::Duration) -> ActionResult {
+        ActionResult {
+            task_id: task.task_id,
+            run_id: task.run_id,
+            event_id: task.event_id,
+            tenant: task.tenant,
+            workflow_id: task.workflow_id,
+            workflow_version: task.workflow_version,
+            step_id: task.step_id,
+            service: task.service,
+            status,
+            attempts: task.attempt,
+            latency_ms: latency.as_secs_f64() * 1e3,
+            http_status: None,
+            cost: None,
+            error: None,
+            finished_at: chrono::Utc::now().to_rfc3339(),
+            output: None,
+            event: task.event,
+        }
+    }
+
+    /// A result decided without calling the service (no attempt, no latency): a step skipped,
+    /// or a run or step that failed before its call, `error` saying why.
+    pub fn decided(
+        run: &RunRef<'_>,
+        task_id: String,
+        step: &str,
+        service: &str,
+        status: Status,
+        error: Option<String>,
+    ) -> Self {
+        ActionResult {
+            task_id,
+            run_id: run.run_id.to_string(),
+            event_id: run.event_id.to_string(),
+            tenant: run.tenant.to_string(),
+            workflow_id: run.workflow_id.to_string(),
+            workflow_version: run.workflow_version,
+            step_id: step.to_string(),
+            service: service.to_string(),
+            status,
+            attempts: 0,
+            latency_ms: 0.0,
+            http_status: None,
+            cost: None,
+            error,
+            finished_at: run.now.to_string(),
+            output: None,
+            event: Json::Null,
+        }
+    }
+}
+
+/// The run a decided result belongs to, and when the decision is made.
+#[derive(Debug, Clone, Copy)]
+pub struct RunRef<'a> {
+    pub run_id: &'a str,
+    pub event_id: &'a str,
+    pub tenant: &'a str,
+    pub workflow_id: &'a str,
+    pub workflow_version: i64,
+    /// RFC 3339: the decided result's `finished_at`.
+    pub now: &'a str,
 }
 
 /// A record type with an Avro schema in `schemas/`.
@@ -306,6 +410,16 @@ pub fn decode_unparsed_event<'a>(
     content_type: Option<&[u8]>,
     max_bytes: usize,
 ) -> Result<UnparsedEvent<'a>, DecodeError> {
+    decode_unparsed_event_within(payload, content_type, max_bytes, MAX_ATTRIBUTE_BYTES)
+}
+
+/// [`decode_unparsed_event`] with an attribute length limit (see [`Event::validate_within`]).
+pub fn decode_unparsed_event_within<'a>(
+    payload: &'a [u8],
+    content_type: Option<&[u8]>,
+    max_bytes: usize,
+    max_attribute_bytes: usize,
+) -> Result<UnparsedEvent<'a>, DecodeError> {
     if payload.len() > max_bytes {
         return Err(DecodeError::TooLarge { size: payload.len(), limit: max_bytes });
     }
@@ -319,7 +433,7 @@ pub fn decode_unparsed_event<'a>(
             event.map_data(|json| Ok::<_, DecodeError>(Body::Parsed(json)))?
         }
     };
-    event.validate()?;
+    event.validate_within(max_attribute_bytes)?;
     Ok(event)
 }
 
@@ -418,6 +532,41 @@ mod tests {
         assert!(err.to_string().contains("tenant"), "{err}");
         let err = decode_event(&[b' '; 100], None, 10).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { size: 100, limit: 10 }));
+    }
+
+    #[test]
+    fn control_characters_and_long_attributes_are_refused_naming_the_attribute() {
+        for (name, set) in [
+            ("tenant", (|e: &mut Event, v: String| e.tenant = v) as fn(&mut Event, String)),
+            ("id", |e, v| e.id = v),
+            ("type", |e, v| e.kind = v),
+            ("source", |e, v| e.source = v),
+        ] {
+            for bad in ["nul\u{0}ten", "cr\rlf", "lf\nx", "tab\tx", "del\u{7f}x", "c1\u{85}x"] {
+                let mut e = event();
+                set(&mut e, bad.into());
+                // Through the JSON the wire carries (`\u0000` is valid JSON) and through Avro.
+                for format in [Format::Json, Format::Avro] {
+                    let bytes = encode(&e, format).unwrap();
+                    let err = decode_event(&bytes, Some(format.content_type().as_bytes()), 1 << 20).unwrap_err();
+                    let text = err.to_string();
+                    assert!(text.contains(&format!("'{name}'")) && text.contains("control character"), "{text}");
+                    assert!(!text.contains(bad), "the reason must not quote the value: {text}");
+                }
+            }
+            let mut e = event();
+            set(&mut e, "x".repeat(513));
+            let err = decode_event(&serde_json::to_vec(&e).unwrap(), None, 1 << 20).unwrap_err();
+            assert!(err.to_string().contains(&format!("'{name}' is 513 bytes, over the limit of 512")), "{err}");
+            let bytes = serde_json::to_vec(&e).unwrap();
+            assert!(decode_unparsed_event_within(&bytes, None, 1 << 20, 1024).is_ok());
+        }
+        // Non-ASCII text is fine: it is valid in headers (as UTF-8 bytes), keys and columns.
+        let mut e = event();
+        e.tenant = "café-☕".into();
+        decode_event(&serde_json::to_vec(&e).unwrap(), None, 1 << 20).unwrap();
+        let raw = br#"{"id":"e","source":"/s","type":"a","tenant":"nul\u0000ten"}"#;
+        assert!(decode_event(raw, None, 1 << 20).unwrap_err().to_string().contains("U+0000"));
     }
 
     proptest::proptest! {

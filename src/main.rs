@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir::{
     config::Config,
-    engine::definitions,
     envelope::Format,
     kafka::topics,
     ops::produce::{self, Producer},
+    ops::workflows,
     pipeline::{Pipeline, StageName},
     shutdown, telemetry,
 };
@@ -124,10 +124,13 @@ enum DlqAction {
         #[command(flatten)]
         filter: DlqFilter,
     },
-    /// Show one dead letter's headers and payload.
+    /// Show one dead letter's headers and payload (payloads over 4 KB are cut unless --full).
     Show {
         /// `partition:offset`, as `list` prints it.
         id: String,
+        /// Print the whole payload, however large.
+        #[arg(long)]
+        full: bool,
     },
     /// Re-produce the matching dead letters to their origin topics (attempts reset); prints how
     /// many. Letters an earlier redrive sent are skipped (recorded in the `dlq-redrive` group).
@@ -175,9 +178,14 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
         let mut config = Config::default();
         config.apply_env();
         config.validate()?;
+        weir::connectors::validate_all(&config)?;
         return Ok(config);
     }
-    Config::load(path)
+    let config = Config::load(path)?;
+    // Connector checks (templates, URLs against the network policy) belong to the connectors,
+    // not to config; run them here so a bad service still fails at load.
+    weir::connectors::validate_all(&config).with_context(|| format!("invalid config {}", path.display()))?;
+    Ok(config)
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
@@ -191,20 +199,24 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Run { stages } => {
             let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
             let config = Arc::new(config);
-            let (stop_metrics, metrics_shutdown) = shutdown::channel();
+            // Cancelled by Ctrl-C or SIGTERM, and on the way out (the metrics server stops last).
+            let shutdown = shutdown::on_signal().drop_guard();
             if let Some(addr) = config.metrics_addr {
-                let (bound, _) = telemetry::serve_metrics(addr, metrics_shutdown).await?;
+                let (bound, _) = telemetry::serve_metrics(addr, shutdown.token().clone()).await?;
                 tracing::info!("metrics on http://{bound}/metrics");
             }
-            let mut pipeline = Pipeline::start(config, &stages).await?;
+            // Starting waits for the broker and reads every definition: a signal meanwhile stops it.
+            let mut pipeline = tokio::select! {
+                started = Pipeline::start(config, &stages) => started?,
+                _ = shutdown.token().cancelled() => return Ok(()),
+            };
             tracing::info!(?stages, "running; Ctrl-C or SIGTERM to stop");
             let outcome = tokio::select! {
                 r = pipeline.wait() => r,
-                _ = stop_signal() => Ok(()),
+                _ = shutdown.token().cancelled() => Ok(()),
             };
             tracing::info!("stopping: finishing in-flight work");
             let stopped = pipeline.stop().await;
-            stop_metrics.fire();
             outcome.and(stopped)
         }
         Command::Topics { action: TopicsAction::Apply { dry_run } } => {
@@ -214,12 +226,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Workflows { action: WorkflowsAction::Apply { dir, dry_run } } => {
             let dir = dir.unwrap_or_else(|| config.workflows.clone());
-            let plan = definitions::apply_dir(&config, &dir, dry_run).await?;
+            let plan = workflows::apply_dir(&config, &dir, dry_run).await?;
             plan.print(dry_run);
             Ok(())
         }
         Command::Workflows { action: WorkflowsAction::List { tenant } } => {
-            let current = tokio::task::spawn_blocking(move || definitions::read_current(&config)).await??;
+            let current = tokio::task::spawn_blocking(move || workflows::read_current(&config)).await??;
             println!("{:<40} {:>7}  {:<30} steps", "workflow", "version", "trigger");
             for (key, wf) in current {
                 if tenant.as_deref().is_some_and(|t| wf.tenant.as_deref().is_some_and(|w| w != t)) {
@@ -233,13 +245,13 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Produce { topic, file, format } => {
             let events = match &file {
-                Some(path) => produce::read_ndjson(BufReader::new(
+                Some(path) => produce::read_ndjson_lines(BufReader::new(
                     std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
                 ))?,
-                None => produce::read_ndjson(std::io::stdin().lock())?,
+                None => produce::read_ndjson_lines(std::io::stdin().lock())?,
             };
-            let producer = Producer::for_topic(&config, &config.topic(&topic))?;
-            let sent = producer.send_all(events.into_iter().map(|e| (e, format)), 10_000).await?;
+            let producer = Producer::for_topic(&config, &config.names().topic(&topic))?;
+            let sent = producer.send_lines(&config, events, format).await?;
             println!("produced {sent} events to {}", producer.topic());
             Ok(())
         }
@@ -249,9 +261,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             weir::ops::dlq::print_list(&letters);
             Ok(())
         }
-        Command::Dlq { action: DlqAction::Show { id } } => {
+        Command::Dlq { action: DlqAction::Show { id, full } } => {
             let letter = tokio::task::spawn_blocking(move || weir::ops::dlq::show(&config, &id)).await??;
-            weir::ops::dlq::print_one(&letter);
+            weir::ops::dlq::print_one(&letter, full);
             Ok(())
         }
         Command::Dlq { action: DlqAction::Redrive { filter, again } } => {
@@ -285,16 +297,6 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { events, tenants } => weir::ops::demo::run(config, events, tenants.max(1)).await,
-    }
-}
-
-/// Ctrl-C, or SIGTERM (what systemd, Kubernetes and `docker stop` send): both finish in-flight
-/// work before exiting.
-async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        Some(_) = async { term.as_mut()?.recv().await } => {}
     }
 }
 

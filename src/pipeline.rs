@@ -6,10 +6,13 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
-    config::Config, engine::definitions::DefinitionStore, kafka, shutdown, stages::evaluate, stages::execute,
-    stages::record,
+    config::Config,
+    engine::definitions::DefinitionStore,
+    kafka::{self, compacted::Table},
+    stages::{evaluate, execute, record},
 };
 
 /// Which stages a process runs.
@@ -21,51 +24,68 @@ pub enum StageName {
 }
 
 pub struct Pipeline {
-    trigger: shutdown::Trigger,
+    /// Cancels the stages' token when dropped, so an owner that returns early (an error, a
+    /// panic) does not leave stages running.
+    cancel: DropGuard,
     tasks: Vec<(String, JoinHandle<anyhow::Result<()>>)>,
 }
 
+/// Reads the compacted definitions topic into a new store, then keeps the store current from a
+/// follower thread until `stop` is cancelled. Blocking.
+pub fn follow_definitions(config: &Config, stop: CancellationToken) -> anyhow::Result<Arc<DefinitionStore>> {
+    let store = Arc::new(DefinitionStore::new(config.services.keys().cloned().collect(), config.engine.clone()));
+    let table = Table::open(config, &config.names().definitions(), &config.names().group("definitions"))?;
+    table.read_to_end(|r| store.apply_record(r.key, r.value, r.offset))?;
+    let follower = store.clone();
+    table.follow(stop, move |r| follower.apply_record(r.key, r.value, r.offset))?;
+    Ok(store)
+}
+
 impl Pipeline {
-    /// Checks the broker, reads the workflow definitions topic and starts the requested stages.
+    /// Checks the broker and the size limits, reads the workflow definitions topic and starts the
+    /// requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
+        crate::connectors::validate_all(&config).context("invalid config")?;
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
-        let store_config = config.clone();
-        let definitions = Arc::new(
-            tokio::task::spawn_blocking(move || DefinitionStore::start(&store_config))
-                .await?
-                .context("loading workflow definitions")?,
-        );
+        // Limits that cannot work refuse to start, rather than fail on the first large record.
+        kafka::topics::check_limits(&config).await?;
+        let cancel = CancellationToken::new();
+        let definitions = tokio::task::spawn_blocking({
+            let (config, stop) = (config.clone(), cancel.child_token());
+            move || follow_definitions(&config, stop)
+        })
+        .await?
+        .context("loading workflow definitions")?;
         tracing::info!(workflows = definitions.len(), "workflow definitions loaded");
-        let (trigger, _) = shutdown::channel();
         let mut tasks = Vec::new();
         for stage in stages.iter().copied().collect::<BTreeSet<_>>() {
             match stage {
                 StageName::Evaluate => tasks.push((
                     "evaluate".to_string(),
-                    tokio::spawn(evaluate::run(config.clone(), definitions.clone(), trigger.subscribe())),
+                    tokio::spawn(evaluate::run(config.clone(), definitions.clone(), cancel.clone())),
                 )),
                 StageName::Execute => {
                     for service in config.services.keys() {
                         tasks.push((
                             format!("execute-{service}"),
-                            tokio::spawn(execute::run(config.clone(), service.clone(), trigger.subscribe())),
+                            tokio::spawn(execute::run(config.clone(), service.clone(), cancel.clone())),
                         ));
                     }
                 }
                 StageName::Sink => tasks.push((
                     "sink".to_string(),
-                    tokio::spawn(record::run(config.clone(), definitions.clone(), trigger.subscribe())),
+                    tokio::spawn(record::run(config.clone(), definitions.clone(), cancel.clone())),
                 )),
             }
         }
-        Ok(Pipeline { trigger, tasks })
+        Ok(Pipeline { cancel: cancel.drop_guard(), tasks })
     }
 
     /// All stages.
     pub const ALL: [StageName; 3] = [StageName::Evaluate, StageName::Execute, StageName::Sink];
 
-    /// Waits until a stage ends by itself (which is an error while running) or `stop` fires.
+    /// Waits until a stage ends by itself: an error while running.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
         let (result, index, _) = futures::future::select_all(self.tasks.iter_mut().map(|(_, t)| t)).await;
         let name = self.tasks.remove(index).0;
@@ -78,9 +98,10 @@ impl Pipeline {
 
     /// Signals every stage to finish its current work and waits for them.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.trigger.fire();
+        let Pipeline { cancel, tasks } = self;
+        cancel.disarm().cancel();
         let mut first_error = None;
-        for (name, task) in self.tasks {
+        for (name, task) in tasks {
             let outcome = match task.await {
                 Ok(r) => r.with_context(|| format!("stage {name}")),
                 Err(e) => Err(anyhow::anyhow!("stage {name} panicked: {e}")),
@@ -91,9 +112,5 @@ impl Pipeline {
             }
         }
         first_error.map_or(Ok(()), Err)
-    }
-
-    pub fn trigger(&self) -> shutdown::Trigger {
-        self.trigger.clone()
     }
 }

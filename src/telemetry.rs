@@ -8,7 +8,8 @@
 //! - `weir_failed_total{stage,reason,retryable}`: errors, by short reason
 //! - `weir_dead_lettered_total{stage}`: records sent to the dead-letter topic
 //! - `weir_stage_latency_seconds{stage}`: from taking a record to finishing its work
-//! - `weir_consumer_lag{stage,partition}`: messages behind the high watermark (librdkafka stats)
+//! - `weir_consumer_lag{stage,topic,partition}`: messages behind the high watermark (librdkafka
+//!   stats); by topic, since one stage reads several (a service's delay tiers)
 //! - `weir_sink_rows_total`, `weir_actions_total{service,status}`
 //! - `weir_outbound_refused_total{service}`: resolved addresses the network policy refused
 //! - `weir_throttle_wait_seconds{service,scope}`: time a call waited for rate-limit permits
@@ -16,8 +17,23 @@
 //! - `weir_deferred_total{service}`: tasks of a tenant over its own limit moved to a delay topic
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
+//! - `weir_stage_stalled{stage,topic,reason}`: 1 while a stage's consumer of `topic` has work
+//!   waiting and made no progress for `health.stall_after_ms` (see [`Health`])
+//!
+//! Health (on the same server as `/metrics`): `GET /health/live` answers 503 with the reasons
+//! while any stage is stalled, 200 otherwise; `GET /health/ready` answers 503 while a stage's
+//! consumer cannot reach the broker.
 
-use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, OnceLock,
+    },
+    time::Duration,
+};
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -74,6 +90,7 @@ pub enum Event<'a> {
     },
     Lag {
         stage: Stage,
+        topic: &'a str,
         partition: i32,
         lag: i64,
     },
@@ -118,6 +135,20 @@ pub enum Event<'a> {
     Redriven {
         count: usize,
     },
+    /// A stage's consumer has work waiting and made no progress for the configured time; `reason`
+    /// is a short label, `detail` says what weir knows (see [`crate::kafka::source`]).
+    Stalled {
+        stage: Stage,
+        topic: &'a str,
+        reason: &'static str,
+        detail: &'a str,
+    },
+    /// A stalled consumer moved again.
+    Progressing {
+        stage: Stage,
+        topic: &'a str,
+        reason: &'static str,
+    },
 }
 
 impl Event<'_> {
@@ -131,10 +162,16 @@ impl Event<'_> {
                     .increment(count as u64)
             }
             Event::Failed { stage, reason, retryable, detail } => {
-                if retryable {
-                    tracing::warn!(stage = stage.as_str(), reason, detail, "retryable failure");
-                } else {
-                    tracing::error!(stage = stage.as_str(), reason, detail, "failure");
+                // A failing dependency can fail every record: the counter counts them all, the
+                // log keeps a few lines per (stage, reason) and says how many it left out.
+                match failed_log().admit((stage, reason), std::time::Instant::now()) {
+                    Some(0) if retryable => tracing::warn!(stage = stage.as_str(), reason, detail, "retryable failure"),
+                    Some(0) => tracing::error!(stage = stage.as_str(), reason, detail, "failure"),
+                    Some(suppressed) if retryable => {
+                        tracing::warn!(stage = stage.as_str(), reason, detail, suppressed, "retryable failure")
+                    }
+                    Some(suppressed) => tracing::error!(stage = stage.as_str(), reason, detail, suppressed, "failure"),
+                    None => {}
                 }
                 counter!("weir_failed_total", "stage" => stage.as_str(), "reason" => reason,
                     "retryable" => if retryable { "true" } else { "false" })
@@ -150,10 +187,9 @@ impl Event<'_> {
                     histogram.record(e.as_secs_f64());
                 }
             }
-            Event::Lag { stage, partition, lag } => {
-                gauge!("weir_consumer_lag", "stage" => stage.as_str(), "partition" => partition.to_string())
-                    .set(lag as f64)
-            }
+            Event::Lag { stage, topic, partition, lag } => gauge!("weir_consumer_lag", "stage" => stage.as_str(),
+                "topic" => topic.to_string(), "partition" => partition.to_string())
+            .set(lag as f64),
             Event::Rebalanced { stage, kind, partitions } => {
                 tracing::info!(stage = stage.as_str(), kind, partitions, "rebalance")
             }
@@ -193,6 +229,65 @@ impl Event<'_> {
                 tracing::info!(count, "dead letters redriven");
                 counter!("weir_redriven_total").increment(count as u64)
             }
+            Event::Stalled { stage, topic, reason, detail } => {
+                tracing::error!(stage = stage.as_str(), topic, reason, detail, "stage stalled");
+                gauge!("weir_stage_stalled", "stage" => stage.as_str(), "topic" => topic.to_string(), "reason" => reason)
+                    .set(1.0)
+            }
+            Event::Progressing { stage, topic, reason } => {
+                tracing::info!(stage = stage.as_str(), topic, reason, "stage progressing again");
+                gauge!("weir_stage_stalled", "stage" => stage.as_str(), "topic" => topic.to_string(), "reason" => reason)
+                    .set(0.0)
+            }
+        }
+    }
+}
+
+/// Lines of `Failed` logged per (stage, reason) in each [`FAILED_LOG_WINDOW`]; the rest are only
+/// counted (`weir_failed_total` has them all), and the next line logged says how many were left
+/// out (`suppressed`).
+pub const FAILED_LOG_LINES: u32 = 10;
+pub const FAILED_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// The process's limiter of `Failed` log lines.
+fn failed_log() -> &'static LogLimiter {
+    static LIMITER: OnceLock<LogLimiter> = OnceLock::new();
+    LIMITER.get_or_init(|| LogLimiter::new(FAILED_LOG_LINES, FAILED_LOG_WINDOW))
+}
+
+/// Rate limit of log lines per key: `lines` per fixed `window`, counting the lines it refuses.
+pub struct LogLimiter {
+    lines: u32,
+    window: Duration,
+    keys: std::sync::Mutex<std::collections::HashMap<(Stage, &'static str), LogWindow>>,
+}
+
+struct LogWindow {
+    started: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    pub fn new(lines: u32, window: Duration) -> LogLimiter {
+        LogLimiter { lines, window, keys: Default::default() }
+    }
+
+    /// `Some(n)` if a line of `key` may be logged at `now`, `n` being the lines of `key` refused
+    /// since the last one logged; `None` if this one is refused (and counted).
+    pub fn admit(&self, key: (Stage, &'static str), now: std::time::Instant) -> Option<u64> {
+        // Keys are (stage, static reason): a handful, so the map cannot grow with the input.
+        let mut keys = self.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let w = keys.entry(key).or_insert(LogWindow { started: now, logged: 0, suppressed: 0 });
+        if now.saturating_duration_since(w.started) >= self.window {
+            (w.started, w.logged) = (now, 0);
+        }
+        if w.logged < self.lines {
+            w.logged += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            None
         }
     }
 }
@@ -216,25 +311,132 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `GET /metrics` until `shutdown` fires. Returns the bound address (port 0 picks one).
+/// What one stage's consumer says about itself: whether it reaches the broker, and whether (and
+/// why) it is stalled.
+#[derive(Debug, Clone)]
+struct Report {
+    stage: Stage,
+    topic: String,
+    reachable: bool,
+    stalled: Option<(&'static str, String)>,
+}
+
+/// The process's liveness and readiness, as the consumers of its stages report them: what
+/// `/health/live` and `/health/ready` answer. Each consumer registers a [`Health`] handle; the
+/// answer covers every handle alive in the process (a process runs one or more stages).
+pub struct Health {
+    id: u64,
+}
+
+fn reports() -> &'static Mutex<BTreeMap<u64, Report>> {
+    static REPORTS: OnceLock<Mutex<BTreeMap<u64, Report>>> = OnceLock::new();
+    REPORTS.get_or_init(Default::default)
+}
+
+impl Health {
+    /// Registers the consumer of `topic` for `stage`: reachable and not stalled until it says
+    /// otherwise (stages start only after the broker answered).
+    pub fn register(stage: Stage, topic: &str) -> Health {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let report = Report { stage, topic: topic.to_string(), reachable: true, stalled: None };
+        reports().lock().expect("health lock").insert(id, report);
+        Health { id }
+    }
+
+    pub fn set_reachable(&self, reachable: bool) {
+        if let Some(r) = reports().lock().expect("health lock").get_mut(&self.id) {
+            r.reachable = reachable;
+        }
+    }
+
+    /// Reports the consumer stalled (with a short reason and what weir knows), or progressing
+    /// (`None`). Logs and sets the gauge when the reason changes; a stall that goes on is logged
+    /// again by the caller's next report with `repeat`.
+    pub fn set_stalled(&self, stalled: Option<(&'static str, String)>, repeat: bool) {
+        let mut reports = reports().lock().expect("health lock");
+        let Some(r) = reports.get_mut(&self.id) else { return };
+        let before = r.stalled.as_ref().map(|(reason, _)| *reason);
+        let now = stalled.as_ref().map(|(reason, _)| *reason);
+        if let Some(reason) = before.filter(|b| Some(*b) != now) {
+            Event::Progressing { stage: r.stage, topic: &r.topic, reason }.emit();
+        }
+        if let Some((reason, detail)) = &stalled {
+            if before != now || repeat {
+                Event::Stalled { stage: r.stage, topic: &r.topic, reason, detail }.emit();
+            }
+        }
+        r.stalled = stalled;
+    }
+
+    /// `Err` with one line per stalled consumer while any is stalled.
+    pub fn live() -> Result<(), String> {
+        let mut body = String::new();
+        for r in reports().lock().expect("health lock").values() {
+            if let Some((reason, detail)) = &r.stalled {
+                let _ = writeln!(body, "stalled: stage {} topic {}: {reason}: {detail}", r.stage.as_str(), r.topic);
+            }
+        }
+        if body.is_empty() {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    }
+
+    /// `Err` with one line per consumer that cannot reach the broker.
+    pub fn ready() -> Result<(), String> {
+        let mut body = String::new();
+        for r in reports().lock().expect("health lock").values().filter(|r| !r.reachable) {
+            let _ = writeln!(body, "broker unreachable: stage {} topic {}", r.stage.as_str(), r.topic);
+        }
+        if body.is_empty() {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    }
+}
+
+impl Drop for Health {
+    fn drop(&mut self) {
+        let removed = reports().lock().expect("health lock").remove(&self.id);
+        if let Some(Report { stage, topic, stalled: Some((reason, _)), .. }) = removed {
+            Event::Progressing { stage, topic: &topic, reason }.emit();
+        }
+    }
+}
+
+fn health_answer(state: Result<(), String>) -> (axum::http::StatusCode, String) {
+    match state {
+        Ok(()) => (axum::http::StatusCode::OK, "ok\n".to_string()),
+        Err(body) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, body),
+    }
+}
+
+/// Serves `GET /metrics`, `GET /health/live` and `GET /health/ready` (see the module docs) until
+/// `shutdown` is cancelled. Returns the bound address (port 0 picks one).
 pub async fn serve_metrics(
     addr: SocketAddr,
-    mut shutdown: crate::shutdown::Shutdown,
+    shutdown: crate::shutdown::CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let handle = prometheus();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .route("/health/live", axum::routing::get(|| async { health_answer(Health::live()) }))
+        .route("/health/ready", axum::routing::get(|| async { health_answer(Health::ready()) }));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("metrics_addr {addr}: cannot listen: {e}"))?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.recv().await }).await;
+        let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
     });
     Ok((bound, task))
 }
@@ -244,4 +446,31 @@ pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn failed_lines_are_limited_per_key_and_the_suppressed_are_counted() {
+        let limiter = LogLimiter::new(2, Duration::from_secs(10));
+        let (t0, commit, consume) = (Instant::now(), (Stage::Sink, "commit"), (Stage::Sink, "consume"));
+        assert_eq!(limiter.admit(commit, t0), Some(0));
+        assert_eq!(limiter.admit(commit, t0), Some(0));
+        assert_eq!(limiter.admit(commit, t0), None);
+        assert_eq!(limiter.admit(commit, t0 + Duration::from_secs(9)), None);
+        assert_eq!(limiter.admit(consume, t0), Some(0), "another reason has its own budget");
+        assert_eq!(limiter.admit((Stage::Execute, "commit"), t0), Some(0), "so has another stage");
+        let next = t0 + Duration::from_secs(10);
+        assert_eq!(
+            limiter.admit(commit, next),
+            Some(2),
+            "the first line of the next window says how many were left out"
+        );
+        assert_eq!(limiter.admit(commit, next), Some(0));
+        assert_eq!(limiter.admit(commit, next), None);
+    }
 }

@@ -356,7 +356,8 @@ async fn config_errors_name_the_field() {
     let load = |yaml: &str| {
         let path = dir.path().join("weir.yaml");
         std::fs::write(&path, yaml).unwrap();
-        Config::load(&path).map(drop).map_err(|e| format!("{e:#}"))
+        // As the CLI and `Pipeline::start` load a config for use: its values, then its connectors.
+        Config::load(&path).and_then(|c| connectors::validate_all(&c)).map_err(|e| format!("{e:#}"))
     };
     let err = load("network: {allow: [10.0.0.0/33]}\nservices: {}\n").unwrap_err();
     assert!(err.contains("network.allow: ") && err.contains("\"10.0.0.0/33\" is not a CIDR"), "{err}");

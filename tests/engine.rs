@@ -89,7 +89,7 @@ async fn an_apply_reaches_a_running_worker_and_runs_in_flight_keep_their_version
         "the v1 run's first call is in flight"
     );
     std::fs::write(dir.path().join("wf0.yaml"), two_steps(2)).unwrap();
-    let plan = weir::engine::definitions::apply_dir(&config, dir.path(), false).await.unwrap();
+    let plan = weir::ops::workflows::apply_dir(&config, dir.path(), false).await.unwrap();
     assert_eq!(plan.publish.len(), 1);
     receiver.set_mode(Mode::default());
 
@@ -266,18 +266,18 @@ async fn a_fleet_of_a_thousand_tenants_gets_exactly_the_expected_tasks() {
     let sent = producer.send_all(events.into_iter().map(|e| (e, Format::Json)), 5_000).await.unwrap();
     assert_eq!(sent, EVENTS as u64);
 
-    let tasks = read_topic(&config.topic("actions.webhook"), expected.len(), Duration::from_secs(240));
+    let tasks = read_topic(&config.names().actions("webhook"), expected.len(), Duration::from_secs(240));
     // Everything the evaluator will ever produce for these events is out once it has stored the
     // offset of the last event; anything beyond the expected tasks would be on the topic by then.
-    let group = config.group("evaluate");
-    let events_topic = config.topic("events");
+    let group = config.names().group("evaluate");
+    let events_topic = config.names().events();
     assert!(
         eventually(Duration::from_secs(60), || async { committed_total(&group, &events_topic, 8) == EVENTS as i64 })
             .await,
         "the evaluator committed every event"
     );
     pipeline.stop().await.unwrap();
-    let all = read_topic(&config.topic("actions.webhook"), expected.len() + 1, Duration::from_secs(5));
+    let all = read_topic(&config.names().actions("webhook"), expected.len() + 1, Duration::from_secs(5));
     assert!(all.len() >= tasks.len());
 
     let mut got = std::collections::BTreeSet::new();

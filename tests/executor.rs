@@ -55,7 +55,7 @@ fn task(n: usize, tenant: &str, input: serde_json::Value) -> ActionTask {
 }
 
 async fn produce(config: &Config, tasks: &[ActionTask]) {
-    let producer = Producer::for_topic(config, &config.topic("actions.webhook")).unwrap();
+    let producer = Producer::for_topic(config, &config.names().actions("webhook")).unwrap();
     let mut inflight = FuturesUnordered::new();
     for t in tasks {
         if inflight.len() >= 1_000 {
@@ -87,7 +87,7 @@ fn key(c: &Call) -> String {
 }
 
 fn results(config: &Config, want: usize) -> Vec<ActionResult> {
-    read_topic(&config.topic("results"), want, Duration::from_secs(30))
+    read_topic(&config.names().results(), want, Duration::from_secs(30))
         .iter()
         .map(|m| serde_json::from_slice(rdkafka::Message::payload(m).unwrap()).unwrap())
         .collect()
@@ -134,9 +134,9 @@ async fn an_outage_is_retried_through_delay_topics_until_every_task_succeeds_onc
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = setup(&receiver, |c| {
         let s = webhook(c);
-        s.retry.initial_backoff_ms = 500;
+        s.retry.initial_backoff = Duration::from_millis(500);
         s.retry.attempts = 10;
-        s.breaker.open_ms = 1_000;
+        s.breaker.open = Duration::from_secs(1);
     })
     .await;
     let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
@@ -161,13 +161,13 @@ async fn an_outage_is_retried_through_delay_topics_until_every_task_succeeds_onc
     let results = results(&config, 200);
     assert!(results.iter().all(|r| r.status == Status::Succeeded), "no failed result for a retried task");
     assert!(results.iter().any(|r| r.attempts > 1), "some tasks needed retries");
-    assert!(read_topic(&config.topic("dlq"), 1, Duration::from_secs(2)).is_empty(), "no dead letters");
+    assert!(read_topic(&config.names().dlq(), 1, Duration::from_secs(2)).is_empty(), "no dead letters");
     // No partition stalled: the committed offsets reach the end of the action topic, retried
     // copies included.
-    let topic = config.topic("actions.webhook");
+    let topic = config.names().actions("webhook");
     let end = end_offsets(&topic, 8);
     assert!(end > 200, "retries came back through the action topic");
-    let group = config.group("execute-webhook");
+    let group = config.names().execute_group("webhook");
     assert!(
         eventually(Duration::from_secs(20), || async { committed_total(&group, &topic, 8) == end }).await,
         "committed {} of {end}",
@@ -184,7 +184,7 @@ async fn dead_letters_after_rejection(
     receiver.set_mode(Mode { fail_with: Some(400), ..Default::default() });
     let tasks: Vec<ActionTask> = (0..n).map(|i| task(i, &format!("tenant-{i}"), json!({"n": i}))).collect();
     produce(config, &tasks).await;
-    read_topic(&config.topic("dlq"), n, Duration::from_secs(30))
+    read_topic(&config.names().dlq(), n, Duration::from_secs(30))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +198,7 @@ async fn a_permanent_failure_is_dead_lettered_after_one_attempt_then_redriven() 
         assert!(header(m, dead_letter::REASON).unwrap().contains("400"), "{:?}", header(m, dead_letter::REASON));
         assert_eq!(header(m, dead_letter::ATTEMPTS), Some("1"));
         assert!(header(m, dead_letter::FIRST_FAILURE).is_some());
-        assert_eq!(header(m, dead_letter::ORIGIN_TOPIC), Some(config.topic("actions.webhook").as_str()));
+        assert_eq!(header(m, dead_letter::ORIGIN_TOPIC), Some(config.names().actions("webhook").as_str()));
         assert!(header(m, dead_letter::ORIGIN_PARTITION).is_some() && header(m, dead_letter::ORIGIN_OFFSET).is_some());
     }
     assert_eq!(receiver.calls().len(), 3, "one attempt each");
@@ -262,7 +262,7 @@ async fn a_filtered_redrive_marks_only_what_it_sent() {
     assert!(list(&config, &all).await.iter().all(|d| d.redriven));
     assert_eq!(weir::ops::dlq::redrive(&config, &all, false).await.unwrap().sent, 0);
     // Every dead letter reached the action topic exactly once: 6 tasks, then 6 redriven.
-    assert_eq!(read_topic(&config.topic("actions.webhook"), 13, Duration::from_secs(3)).len(), 12);
+    assert_eq!(read_topic(&config.names().actions("webhook"), 13, Duration::from_secs(3)).len(), 12);
 }
 
 /// A letter that cannot be resent stops the redrive with an error naming it; what was
@@ -273,7 +273,7 @@ async fn a_failed_resend_is_not_recorded_as_redriven() {
     let (config, _dir) = setup(&receiver, |_| {}).await;
     let producer = weir::kafka::producer(&config).unwrap();
     let payload = serde_json::to_vec(&task(0, "tenant-0", json!({}))).unwrap();
-    let (good, dlq) = (config.topic("actions.webhook"), config.topic("dlq"));
+    let (good, dlq) = (config.names().actions("webhook"), config.names().dlq());
     for origin in [good.as_str(), "not a valid topic name!"] {
         let headers = rdkafka::message::OwnedHeaders::new()
             .insert(rdkafka::message::Header { key: dead_letter::ORIGIN_TOPIC, value: Some(origin) });
@@ -360,7 +360,7 @@ async fn two_executor_processes_share_one_global_limit() {
 
     all_executed_within(&receiver, 400, 40, Duration::from_secs(50)).await;
     // Both were members of the group, each owning some of the partitions.
-    let group = config.group("execute-webhook");
+    let group = config.names().execute_group("webhook");
     let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let groups = consumer.fetch_group_list(Some(&group), Duration::from_secs(10)).unwrap();
     let members = groups.groups().first().map(|g| g.members().len()).unwrap_or(0);
@@ -399,10 +399,10 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
         s.concurrency = Some(concurrency);
     })
     .await;
-    let (trigger, shutdown) = weir::shutdown::channel();
+    let shutdown = weir::shutdown::CancellationToken::new();
     let connector =
         Arc::new(Estimated(weir::connectors::build("webhook", &config.services["webhook"], &config.network).unwrap()));
-    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown));
+    let executor = tokio::spawn(execute::run_with(config.clone(), "webhook".into(), connector, shutdown.clone()));
     // Varied token counts; every other task is estimated at half what it uses.
     let tokens = |n: usize| (n * 37 % 181 + 20) as u64;
     let tasks: Vec<ActionTask> = (0..60)
@@ -430,7 +430,7 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
     let results = results(&config, 60);
     let by_task: HashMap<&str, u64> = results.iter().map(|r| (r.task_id.as_str(), r.cost.unwrap())).collect();
     assert!((0..60).all(|n| by_task[format!("task-{n}").as_str()] == tokens(n)), "results carry the reported cost");
-    trigger.fire();
+    shutdown.cancel();
     executor.await.unwrap().unwrap();
 }
 
@@ -438,12 +438,12 @@ async fn a_token_limit_holds_as_corrected_by_reported_usage() {
 async fn a_paused_partition_stops_while_the_others_flow_and_resumes_where_it_stopped() {
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = setup(&receiver, |_| {}).await;
-    let topic = config.topic("actions.webhook");
+    let topic = config.names().actions("webhook");
     let mut source = weir::kafka::source::Source::subscribe(
         &config,
         weir::telemetry::Stage::Execute,
         &topic,
-        &config.group("pause-test"),
+        &config.names().group("pause-test"),
     )
     .unwrap();
     let mut assignment = source.assignment();
@@ -484,4 +484,79 @@ async fn take(source: &mut weir::kafka::source::Source, seen: &mut HashMap<i32, 
             source.done(&d.ticket);
         }
     }
+}
+
+/// A tenant no HTTP header can carry (issue 11: a CR/LF in a tenant failed at the executor with
+/// `builder error: failed to parse header value`, naming no header): its task fails at once as a
+/// permanent error naming the header and the character, with no call and no retry, while another
+/// tenant's task goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_no_header_can_carry_fails_once_naming_the_header() {
+    let receiver = Receiver::start().await.unwrap();
+    let (config, _dir) = setup(&receiver, |c| webhook(c).retry.attempts = 5).await;
+    let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
+    let bad = "tenant\r\nX-Injected: yes";
+    produce(&config, &[task(0, bad, json!({})), task(1, "tenant-good", json!({}))]).await;
+
+    let results = results(&config, 2);
+    assert_eq!(results.len(), 2, "{results:?}");
+    let by_tenant: HashMap<&str, &ActionResult> = results.iter().map(|r| (r.tenant.as_str(), r)).collect();
+    let failed = by_tenant[bad];
+    assert_eq!((failed.status, failed.attempts), (Status::Failed, 1), "failed at the first attempt, not retried");
+    let error = failed.error.as_deref().unwrap();
+    assert!(error.contains("header X-Weir-Tenant") && error.contains("U+000D"), "{error}");
+    assert_eq!(by_tenant["tenant-good"].status, Status::Succeeded);
+
+    let letters = read_topic(&config.names().dlq(), 1, Duration::from_secs(10));
+    assert_eq!(letters.len(), 1);
+    assert!(header(&letters[0], dead_letter::REASON).unwrap().contains("header X-Weir-Tenant"));
+    assert_eq!(header(&letters[0], dead_letter::ATTEMPTS), Some("1"));
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 1, "no request was sent for the bad tenant");
+    assert_eq!(calls[0].tenant.as_deref(), Some("tenant-good"));
+    pipeline.stop().await.unwrap();
+}
+
+/// `weir run` stops on SIGTERM after its in-flight work, so a call that hangs holds the stop; a
+/// second SIGTERM exits at once, with the status of a process ended by SIGTERM (128 + 15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_without_waiting_for_in_flight_calls() {
+    let receiver = Receiver::start().await.unwrap();
+    let (config, dir) = setup(&receiver, |c| webhook(c).timeout = std::time::Duration::from_secs(600)).await;
+    receiver.set_mode(Mode { latency: Duration::from_secs(600), ..Default::default() });
+    let file = write_config_file(&config, dir.path());
+    let mut weir = WeirProcess::start(&file, &["run", "--stage", "execute"]);
+    produce(&config, &[task(0, "tenant-0", json!({}))]).await;
+    assert!(
+        eventually(Duration::from_secs(60), || async { receiver.arrived() == 1 }).await,
+        "the call is in flight; log:\n{}",
+        weir.output()
+    );
+    let pid = weir.child.id().to_string();
+    let sigterm = || assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    sigterm();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let stopping = weir.output().contains("SIGTERM: stopping after in-flight work");
+            async move { stopping }
+        })
+        .await,
+        "{}",
+        weir.output()
+    );
+    assert!(weir.child.try_wait().unwrap().is_none(), "the hanging call holds the graceful stop");
+    sigterm();
+    let mut status = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            status = status.or_else(|| weir.child.try_wait().unwrap());
+            let exited = status.is_some();
+            async move { exited }
+        })
+        .await,
+        "exited after the second signal; log:\n{}",
+        weir.output()
+    );
+    assert_eq!(status.unwrap().code(), Some(143), "{}", weir.output());
+    assert!(weir.output().contains("exiting without finishing in-flight work"), "{}", weir.output());
 }

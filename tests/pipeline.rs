@@ -72,10 +72,10 @@ async fn ten_thousand_mixed_events_reach_webhook_and_postgres_once_in_tenant_ord
     .await;
     assert!(done, "calls {} rows {} of {expected}", receiver.succeeded(), result_rows(&config.database_url).await);
     // Every result is stored once the sink's offsets reach the end of the results topic.
-    let results = config.topic("results");
+    let results = config.names().results();
     assert!(
         eventually(Duration::from_secs(30), || async {
-            committed_total(&config.group("sink"), &results, 8) >= expected as i64
+            committed_total(&config.names().group("sink"), &results, 8) >= expected as i64
         })
         .await
     );
@@ -136,7 +136,7 @@ async fn malformed_events_go_to_the_dead_letter_topic_and_the_rest_flow() {
         "calls {}",
         receiver.succeeded()
     );
-    let dead = read_topic(&config.topic("dlq"), 100, Duration::from_secs(30));
+    let dead = read_topic(&config.names().dlq(), 100, Duration::from_secs(30));
     pipeline.stop().await.unwrap();
     assert_eq!(receiver.calls().len(), good);
     assert_eq!(dead.len(), 100, "every malformed event is dead-lettered");
@@ -148,7 +148,7 @@ async fn malformed_events_go_to_the_dead_letter_topic_and_the_rest_flow() {
                 .any(|r| reason.contains(r)),
             "{reason}"
         );
-        assert_eq!(header(m, dead_letter::ORIGIN_TOPIC), Some(config.topic("events").as_str()));
+        assert_eq!(header(m, dead_letter::ORIGIN_TOPIC), Some(config.names().events().as_str()));
         assert!(header(m, dead_letter::ORIGIN_OFFSET).unwrap().parse::<i64>().is_ok());
         assert_eq!(header(m, dead_letter::STAGE), Some("evaluate"));
     }
@@ -175,7 +175,11 @@ async fn an_unreachable_broker_is_a_clear_error_not_a_hang() {
         weir::config::Config { brokers: "127.0.0.1:1".into(), workflows: dir.path().into(), ..Default::default() };
     config.services.insert(
         "webhook".into(),
-        weir::config::ServiceConfig { url: receiver.url("hook"), timeout_ms: 1_000, ..Default::default() },
+        weir::config::ServiceConfig {
+            url: receiver.url("hook"),
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
     );
     // The timeout only guards against a hang; the error is expected well before it.
     let outcome =
@@ -197,7 +201,7 @@ async fn the_sink_pauses_while_postgres_is_down_and_commits_nothing_then_resumes
     config.database_url = direct_url.replace("127.0.0.1:5432", &proxy.addr.to_string());
     let config = Arc::new(config);
     let pipeline = Pipeline::start(config.clone(), &[StageName::Sink]).await.unwrap();
-    let results = Producer::for_topic(&config, &config.topic("results")).unwrap();
+    let results = Producer::for_topic(&config, &config.names().results()).unwrap();
     let send = |range: std::ops::Range<usize>| {
         let results = results.clone();
         async move {
@@ -212,7 +216,7 @@ async fn the_sink_pauses_while_postgres_is_down_and_commits_nothing_then_resumes
             }
         }
     };
-    let (group, topic) = (config.group("sink"), config.topic("results"));
+    let (group, topic) = (config.names().group("sink"), config.names().results());
 
     send(0..100).await;
     assert!(eventually(Duration::from_secs(30), || async { result_rows(&direct_url).await == 100 }).await);

@@ -702,8 +702,8 @@ async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = test_config(&receiver, &[GOOD, ECHO, SPIN, RENDER, REPEAT, TWO_STEPS, LOUD]).await;
     let config = Arc::new(config);
-    let events_topic = config.topic("events");
-    let dlq = DeadLetterReader::start(&config.topic("dlq"));
+    let events_topic = config.names().topic("events");
+    let dlq = DeadLetterReader::start(&config.names().topic("dlq"));
     let mut pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await.unwrap();
     eprintln!("pipeline started after {:.1?}", started.elapsed());
     // Not idempotent: a record the broker refuses must not fail the producer for the rest (each

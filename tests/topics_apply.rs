@@ -2,13 +2,19 @@
 //! works under its own random topic prefix, so tests run in parallel and against a broker that
 //! already holds other runs' topics, and deletes its topics at the end.
 
-use std::{collections::HashMap, path::PathBuf};
+mod common;
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use rdkafka::admin::AdminOptions;
+use serde_json::json;
 use weir::{
-    config::Config,
+    config::{Config, ServiceConfig},
+    envelope::ActionTask,
     kafka::topics::{self, Change},
     kafka::{self, METADATA_TIMEOUT},
+    ops::{produce::Producer, receiver::Receiver},
+    pipeline::{Pipeline, StageName},
 };
 
 fn config(topics_dir: PathBuf) -> Config {
@@ -58,7 +64,7 @@ async fn apply_creates_declared_topics_and_then_has_nothing_to_do() {
     let first = topics::apply_dir(&config, false).await.unwrap();
     assert_eq!(first.changes.len(), specs.len(), "{:?}", first.changes);
     for spec in &specs {
-        let topic = config.topic(&spec.name);
+        let topic = config.names().topic(&spec.name);
         assert!(
             first.changes.contains(&Change::Create {
                 topic: topic.clone(),
@@ -71,7 +77,7 @@ async fn apply_creates_declared_topics_and_then_has_nothing_to_do() {
     }
     let actual = existing(&config);
     for spec in &specs {
-        assert_eq!(actual.get(&config.topic(&spec.name)), Some(&(spec.partitions as usize)), "{}", spec.name);
+        assert_eq!(actual.get(&config.names().topic(&spec.name)), Some(&(spec.partitions as usize)), "{}", spec.name);
     }
 
     // Created with their declared configs, so there is no drift either.
@@ -89,7 +95,7 @@ async fn raises_partitions_and_corrects_config_drift() {
         "topics:\n  - name: grow\n    partitions: 2\n    replication_factor: 1\n    config:\n      retention.ms: \"3600000\"\n",
     );
     topics::apply_dir(&config, false).await.unwrap();
-    let topic = config.topic("grow");
+    let topic = config.names().topic("grow");
     assert_eq!(existing(&config).get(&topic), Some(&2));
 
     write_topics(
@@ -133,8 +139,8 @@ async fn shrinking_is_refused() {
     write_topics(dir.path(), "topics:\n  - {name: wide, partitions: 2, replication_factor: 1}\n");
     let err = topics::apply_dir(&config, false).await.unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("refusing to shrink") && msg.contains(&config.topic("wide")), "{msg}");
-    assert_eq!(existing(&config).get(&config.topic("wide")), Some(&4));
+    assert!(msg.contains("refusing to shrink") && msg.contains(&config.names().topic("wide")), "{msg}");
+    assert_eq!(existing(&config).get(&config.names().topic("wide")), Some(&4));
     cleanup(&config).await;
 }
 
@@ -146,4 +152,50 @@ async fn dry_run_changes_nothing() {
     assert_eq!(plan.changes.len(), specs.len(), "{:?}", plan.changes);
     assert!(plan.changes.iter().all(|c| matches!(c, Change::Create { .. })), "{:?}", plan.changes);
     assert!(existing(&config).is_empty(), "{:?}", existing(&config));
+}
+
+/// A service that is only in weir.yaml (the repo's topics/ declare `webhook`, not `crm`): `weir
+/// topics apply` creates its action and delay topics, a second apply has nothing to do, and its
+/// executor starts and calls the service (it used to exit: "topic … retry.1s does not exist").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_only_in_the_config_gets_its_topics_and_runs() {
+    let receiver = Receiver::start().await.unwrap();
+    let workflows = tempfile::tempdir().unwrap();
+    let mut config = Config { metrics_addr: None, workflows: workflows.path().to_owned(), ..config(repo_topics()) };
+    config.services.insert("crm".into(), ServiceConfig { url: receiver.url("crm"), ..Default::default() });
+    config.network.allow = vec!["127.0.0.1/32".parse().unwrap()];
+    let file = common::write_config_file(&config, workflows.path());
+
+    let apply = || {
+        let out = common::weir_command(&file, &["topics", "apply"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = apply();
+    let names = config.names();
+    let derived = [names.actions("crm")].into_iter().chain(["1s", "10s", "1m", "10m"].map(|t| names.retry("crm", t)));
+    let events_partitions = existing(&config)[&names.events()];
+    for topic in derived {
+        assert!(
+            first.lines().any(|l| l.starts_with("create topic") && l.contains(&format!("{topic} "))),
+            "{topic}: {first}"
+        );
+        assert_eq!(existing(&config).get(&topic), Some(&events_partitions), "{topic}: partitions of events");
+    }
+    assert_eq!(apply().trim(), "no changes");
+
+    let config = Arc::new(config);
+    let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.expect("the executor of crm starts");
+    let task: ActionTask = serde_json::from_value(json!({
+        "task_id": "task-1", "run_id": "run-1", "event_id": "e-1", "event_type": "member.created", "tenant": "site-1",
+        "workflow_id": "wf", "workflow_version": 1, "step_id": "sync", "service": "crm",
+        "created_at": "2026-11-23T10:00:00Z", "input": {},
+    }))
+    .unwrap();
+    let producer = Producer::for_topic(&config, &config.names().actions("crm")).unwrap();
+    producer.send_raw(b"site-1", &serde_json::to_vec(&task).unwrap(), "application/json").await.unwrap();
+    let called = common::eventually(Duration::from_secs(60), || async { receiver.arrived() == 1 }).await;
+    pipeline.stop().await.unwrap();
+    cleanup(&config).await;
+    assert!(called, "the crm service was called through its derived topic");
 }

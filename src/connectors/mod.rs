@@ -24,18 +24,27 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use reqwest::{header::HeaderMap, StatusCode};
-use serde::Deserialize;
+use reqwest::{
+    header::{HeaderMap, HeaderValue},
+    StatusCode,
+};
 use serde_json::Value;
 
-pub use network::{NetworkPolicy, Refused};
+pub use network::Refused;
+// The settings are data in `config` (which must not depend on this module); re-exported here,
+// next to the connectors that use them.
+pub use crate::config::{ConnectorConfig, NetworkPolicy, NoopConfig, OpenAiConfig, SlackConfig, WebhookConfig};
 
 /// Header with the task id on every call, for the service to deduplicate retries.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// Header naming the tenant a call is made for.
 pub const TENANT_HEADER: &str = "X-Weir-Tenant";
 
-use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
+use crate::{
+    config::{Config, ServiceConfig},
+    engine::template::InputTemplate,
+    envelope::ActionTask,
+};
 
 /// What one call came to; the executor decides retries and dead letters from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,26 +76,6 @@ pub trait Connector: Send + Sync + 'static {
     fn call<'a>(&'a self, task: &'a ActionTask) -> BoxFuture<'a, CallOutcome>;
 }
 
-/// `services.<name>.connector`: which kind of service it is and how to call it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", deny_unknown_fields)]
-pub enum ConnectorConfig {
-    #[serde(rename = "webhook")]
-    Webhook(webhook::WebhookConfig),
-    #[serde(rename = "slack")]
-    Slack(slack::SlackConfig),
-    #[serde(rename = "openai")]
-    OpenAi(openai::OpenAiConfig),
-    #[serde(rename = "noop")]
-    Noop(noop::NoopConfig),
-}
-
-impl Default for ConnectorConfig {
-    fn default() -> Self {
-        ConnectorConfig::Webhook(webhook::WebhookConfig::default())
-    }
-}
-
 /// Builds the connector of a service from its config. Errors name the service and field.
 pub fn build(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<Arc<dyn Connector>> {
     Ok(match &service.connector {
@@ -95,6 +84,17 @@ pub fn build(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> an
         ConnectorConfig::OpenAi(c) => Arc::new(openai::OpenAi::new(name, service, c, network)?),
         ConnectorConfig::Noop(_) => Arc::new(noop::Noop),
     })
+}
+
+/// The connector checks of every service of a loaded config: run by `Pipeline::start` and by
+/// the CLI right after loading, so a bad service fails before anything runs, with the error
+/// naming `services.<name>.<field>`. (`Config::validate` checks the values that need no
+/// connector.)
+pub fn validate_all(config: &Config) -> anyhow::Result<()> {
+    for (name, service) in &config.services {
+        validate(name, service, &config.network)?;
+    }
+    Ok(())
 }
 
 /// What can be checked when the config loads, without the environment (secrets are read by
@@ -137,7 +137,7 @@ fn is_template(s: &str) -> bool {
 /// the resolving).
 fn client(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
-        .timeout(service.timeout())
+        .timeout(service.timeout)
         .dns_resolver(network.resolver(name))
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
@@ -193,12 +193,10 @@ impl Reply {
 /// Sends `request` with the identity headers. A 2xx is a [`Reply`]; anything else is the
 /// outcome of the call: retryable for 408, 429, 5xx and network failures, permanent otherwise.
 async fn exchange(request: reqwest::RequestBuilder, task: &ActionTask) -> Result<Reply, CallOutcome> {
-    let response = request
-        .header(IDEMPOTENCY_KEY, &task.task_id)
-        .header(TENANT_HEADER, &task.tenant)
-        .send()
-        .await
-        .map_err(failed)?;
+    let permanent = |reason| CallOutcome::Permanent { reason, http_status: None };
+    let key = header_value(IDEMPOTENCY_KEY, "the task id", &task.task_id).map_err(permanent)?;
+    let tenant = header_value(TENANT_HEADER, "the tenant", &task.tenant).map_err(permanent)?;
+    let response = request.header(IDEMPOTENCY_KEY, key).header(TENANT_HEADER, tenant).send().await.map_err(failed)?;
     let status = response.status();
     let retry_after = retry_after(response.headers());
     let body = response.bytes().await.map_err(failed)?;
@@ -212,6 +210,24 @@ async fn exchange(request: reqwest::RequestBuilder, task: &ActionTask) -> Result
         }
         s if s.is_server_error() => CallOutcome::Retryable { reason, http_status, retry_after },
         _ => CallOutcome::Permanent { reason, http_status },
+    })
+}
+
+/// `value` as the value of header `name`, or why it cannot be one: the header, `what` the value
+/// is, and the character no header value may hold (CR, LF and the other control characters).
+/// Values come from tasks (the tenant, the task id, rendered templates), so the caller makes this
+/// a permanent failure: trying again sends the same value. Checked here rather than left to the
+/// HTTP client, whose error names neither the header nor the character.
+fn header_value(name: &str, what: &str, value: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(value).map_err(|_| {
+        // HeaderValue refuses exactly the ASCII control characters other than tab.
+        let (at, c) = value.chars().enumerate().find(|(_, c)| c.is_ascii_control() && *c != '\t').unwrap_or((0, '?'));
+        format!(
+            "header {name}: {what} {:?} cannot be sent, since it holds the control character U+{:04X} at \
+             character {at} (header values cannot hold CR, LF or other control characters)",
+            snippet(value.as_bytes(), 100),
+            c as u32
+        )
     })
 }
 
@@ -284,6 +300,16 @@ mod tests {
         assert!(err.to_string().contains("url"), "{err}");
         let err = serde_yaml_ng::from_str::<ConnectorConfig>("type: smtp").unwrap_err();
         assert!(err.to_string().contains("smtp"), "{err}");
+    }
+
+    #[test]
+    fn a_header_value_with_a_control_character_names_the_header_and_the_character() {
+        assert_eq!(header_value(TENANT_HEADER, "the tenant", "acme\tco ünï").unwrap(), "acme\tco ünï".as_bytes());
+        let e = header_value(TENANT_HEADER, "the tenant", "acme\r\nX-Injected: 1").unwrap_err();
+        assert!(e.starts_with("header X-Weir-Tenant: the tenant \"acme\\r\\nX-Injected: 1\""), "{e}");
+        assert!(e.contains("U+000D at character 4"), "{e}");
+        let e = header_value(IDEMPOTENCY_KEY, "the task id", &format!("{}\0", "x".repeat(500))).unwrap_err();
+        assert!(e.contains("Idempotency-Key") && e.contains("U+0000 at character 500") && e.len() < 400, "{e}");
     }
 
     #[test]

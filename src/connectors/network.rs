@@ -21,6 +21,9 @@
 //! answer a public address to the check and a private one to the connection (DNS rebinding); here
 //! the addresses checked are the addresses connected to. Connectors follow no redirects and use no
 //! proxy, since either would connect somewhere the resolver never sees.
+//!
+//! The policy's settings ([`NetworkPolicy`], `network:` in `weir.yaml`) are config data; the
+//! checks below are its behaviour, kept here with the resolver that applies them.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -29,19 +32,9 @@ use std::{
 
 use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use serde::{Deserialize, Deserializer};
 
+pub use crate::config::NetworkPolicy;
 use crate::telemetry::Event;
-
-/// `network:` in `weir.yaml`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NetworkPolicy {
-    /// Refused ranges that connectors may call anyway, as CIDRs (`10.1.0.0/16`) or single
-    /// addresses (`127.0.0.1`, meaning `/32`). Public addresses need no entry.
-    #[serde(deserialize_with = "cidrs")]
-    pub allow: Vec<IpNet>,
-}
 
 /// Ranges refused unless allowed, with what they are (for the error message).
 static REFUSED: LazyLock<Vec<(IpNet, &'static str)>> = LazyLock::new(|| {
@@ -150,26 +143,6 @@ impl Resolve for GuardedResolver {
                     Err(Refused { host: Some(host), ..refused }.into())
                 }
             }
-        })
-    }
-}
-
-/// `allow:` entries: CIDRs or single addresses.
-fn cidrs<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
-    Ok(Vec::<Entry>::deserialize(deserializer)?.into_iter().map(|e| e.0).collect())
-}
-
-/// One `allow:` entry, parsed as an element so the error carries its path (`network.allow`).
-struct Entry(IpNet);
-
-impl<'de> Deserialize<'de> for Entry {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let entry = String::deserialize(deserializer)?;
-        let entry = entry.trim();
-        entry.parse::<IpNet>().or_else(|_| entry.parse::<IpAddr>().map(IpNet::from)).map(Entry).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "{entry:?} is not a CIDR range or an address (e.g. 10.1.0.0/16, 127.0.0.1, fd00::/8)"
-            ))
         })
     }
 }

@@ -2,15 +2,10 @@
 //! its throttles) rather than an HTTP server.
 
 use futures::future::BoxFuture;
-use serde::Deserialize;
 
+pub use super::NoopConfig;
 use super::{CallOutcome, Connector};
 use crate::envelope::ActionTask;
-
-/// `connector:` of `type: noop`; it takes no settings.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoopConfig {}
 
 pub struct Noop;
 

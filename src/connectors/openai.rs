@@ -27,9 +27,9 @@
 
 use anyhow::bail;
 use futures::{future::BoxFuture, FutureExt};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
+pub use super::OpenAiConfig;
 use super::{client, compile, context, exchange, secret, target, CallOutcome, Connector, NetworkPolicy};
 use crate::{
     config::ServiceConfig,
@@ -37,29 +37,6 @@ use crate::{
     envelope::ActionTask,
     telemetry::{Event, Stage},
 };
-
-/// `connector:` of `type: openai`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OpenAiConfig {
-    /// Model sent with every request, unless the input names one.
-    pub model: String,
-    /// Environment variable holding the API key, sent as `Authorization: Bearer <key>`; none
-    /// sends no key (local servers).
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-    /// `max_tokens` of requests whose input sets none; also the completion part of the estimate.
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: u64,
-    /// A minijinja template over the task giving the estimated cost in tokens, replacing the
-    /// default estimate (prompt characters ÷ 4 + max_tokens).
-    #[serde(default)]
-    pub cost_estimate: Option<String>,
-}
-
-fn default_max_tokens() -> u64 {
-    256
-}
 
 impl OpenAiConfig {
     pub(super) fn validate(&self, name: &str) -> anyhow::Result<()> {

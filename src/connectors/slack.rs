@@ -12,25 +12,11 @@
 //! ```
 
 use futures::{future::BoxFuture, FutureExt};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
+pub use super::SlackConfig;
 use super::{client, compile, context, exchange, target, text, CallOutcome, Connector, NetworkPolicy};
 use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
-
-/// `connector:` of `type: slack`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SlackConfig {
-    /// The message: a minijinja template over the task.
-    pub text: String,
-}
-
-impl Default for SlackConfig {
-    fn default() -> Self {
-        SlackConfig { text: "{{ input.text }}".into() }
-    }
-}
 
 impl SlackConfig {
     pub(super) fn compile(&self, name: &str) -> anyhow::Result<InputTemplate> {

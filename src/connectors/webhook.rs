@@ -20,8 +20,6 @@
 //! The signature is GitHub's scheme: `X-Weir-Signature: sha256=<hex HMAC-SHA256 of the exact body
 //! bytes, keyed with the secret>`, next to `X-Weir-Timestamp` (Unix seconds of sending).
 
-use std::collections::BTreeMap;
-
 use anyhow::{bail, Context as _};
 use futures::{future::BoxFuture, FutureExt};
 use hmac::{Hmac, Mac};
@@ -29,46 +27,19 @@ use reqwest::{
     header::{HeaderName, HeaderValue, CONTENT_TYPE},
     Method,
 };
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
+pub use super::WebhookConfig;
 use super::{
     client, compile, context, exchange, is_template, parse_target, secret, text, CallOutcome, Connector, NetworkPolicy,
+    IDEMPOTENCY_KEY, TENANT_HEADER,
 };
-use crate::{
-    config::ServiceConfig,
-    engine::template::InputTemplate,
-    envelope::ActionTask,
-    stages::execute::{IDEMPOTENCY_KEY, TENANT_HEADER},
-};
+use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
 
 /// `X-Weir-Signature: sha256=<hex>`: the HMAC-SHA256 of the body.
 pub const SIGNATURE_HEADER: &str = "X-Weir-Signature";
 /// When the request was signed, in Unix seconds.
 pub const TIMESTAMP_HEADER: &str = "X-Weir-Timestamp";
-
-/// `connector:` of `type: webhook`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WebhookConfig {
-    /// HTTP method.
-    pub method: String,
-    /// Extra request headers; values are minijinja templates over the task.
-    pub headers: BTreeMap<String, String>,
-    /// The body: a template (any YAML value whose strings may be templates, as a step input).
-    /// Rendering to a string sends that text (`text/plain` unless `headers` set a Content-Type);
-    /// to anything else, its JSON. Default: the task as JSON (GET and HEAD: no body).
-    pub body: Option<Value>,
-    /// Name of the environment variable holding the HMAC-SHA256 secret; when set, every request
-    /// is signed (`X-Weir-Signature`, `X-Weir-Timestamp`).
-    pub hmac_secret_env: Option<String>,
-}
-
-impl Default for WebhookConfig {
-    fn default() -> Self {
-        WebhookConfig { method: "POST".into(), headers: BTreeMap::new(), body: None, hmac_secret_env: None }
-    }
-}
 
 /// The parts of a request known at build time.
 #[derive(Debug)]
@@ -187,8 +158,7 @@ impl Webhook {
         let mut headers = Vec::with_capacity(r.headers.len());
         for (key, name) in &r.headers {
             let value = text(rendered["headers"][key].clone());
-            let value = HeaderValue::from_str(&value)
-                .map_err(|_| format!("header {name}: rendered value {value:?} is not a valid header value"))?;
+            let value = super::header_value(name.as_str(), "the rendered value", &value)?;
             headers.push((name.clone(), value));
         }
         let body = match rendered.get("body") {
@@ -297,7 +267,7 @@ mod tests {
 
         let w = webhook("{type: webhook, headers: {X-Who: '{{ input.name }}', X-Bad: \"{{ 'a\\nb' }}\"}}").unwrap();
         let err = w.render(&task()).unwrap_err();
-        assert!(err.contains("x-bad") && err.contains("not a valid header value"), "{err}");
+        assert!(err.contains("header x-bad: the rendered value \"a\\nb\"") && err.contains("U+000A"), "{err}");
     }
 
     #[test]

@@ -23,21 +23,27 @@
 //! Undefined values are errors (minijinja's strict mode): `{{ data.missing }}` fails the render
 //! instead of producing an empty string, and the error names the leaf (`input.subject`). Output is
 //! never HTML-escaped, and a trailing newline (YAML's `|` blocks) is kept.
+//!
+//! Rendering is bounded ([`Bounds`]): each leaf may execute `template_fuel` instructions, and the
+//! leaves of one input may produce `max_render_bytes` in all (measured as JSON). Past either, the
+//! render fails with an error naming the limit, which fails that run; it never holds up the
+//! stage for long, nor builds an unbounded value.
 
 use std::{
+    cell::Cell,
     collections::BTreeSet,
     fmt::{self, Write as _},
-    panic::{catch_unwind, AssertUnwindSafe},
+    io,
     sync::Arc,
 };
 
 use minijinja::{
     value::{Enumerator, Object, ObjectRepr},
-    AutoEscape, Environment, UndefinedBehavior,
+    AutoEscape, Environment, ErrorKind, UndefinedBehavior,
 };
 use serde_json::{Map, Value as Json};
 
-use crate::engine::condition::FieldPaths;
+use crate::engine::{condition::FieldPaths, contain, Bounds};
 
 /// The variable a single-expression leaf is assigned to, to read its value back natively.
 const VALUE: &str = "weir_value";
@@ -45,10 +51,28 @@ const VALUE: &str = "weir_value";
 /// Why an input could not be compiled or rendered. `path` is the leaf, e.g. `input.body.text`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
+    /// `position` is where in the leaf's text, (line, column) from 1, when minijinja says.
     #[error("{path}: invalid template: {message}")]
-    Syntax { path: String, message: String },
+    Syntax { path: String, message: String, position: Option<(usize, usize)> },
     #[error("{path}: {message}")]
     Render { path: String, message: String },
+}
+
+impl TemplateError {
+    /// The leaf's path, e.g. `input.body.text`.
+    pub fn path(&self) -> &str {
+        match self {
+            TemplateError::Syntax { path, .. } | TemplateError::Render { path, .. } => path,
+        }
+    }
+
+    /// Where in the leaf's text the error is, (line, column) from 1, when known.
+    pub fn position(&self) -> Option<(usize, usize)> {
+        match self {
+            TemplateError::Syntax { position, .. } => *position,
+            TemplateError::Render { .. } => None,
+        }
+    }
 }
 
 /// A step input with its templates compiled.
@@ -67,6 +91,8 @@ pub struct InputTemplate {
     all_steps: bool,
     /// The parts of the event body the templates read, as paths from `data`.
     data: FieldPaths,
+    /// [`Bounds::max_render_bytes`].
+    max_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -89,18 +115,25 @@ impl fmt::Debug for InputTemplate {
 }
 
 impl InputTemplate {
-    /// Compiles every template leaf of `input`; a syntax error names the leaf's path.
+    /// Compiles every template leaf of `input`, with the default [`Bounds`]; a syntax error
+    /// names the leaf's path.
     pub fn compile(input: &Json) -> Result<InputTemplate, TemplateError> {
-        Self::compile_at(input, "input")
+        Self::compile_bounded(input, "input", &Bounds::default())
     }
 
     /// Like [`Self::compile`], for a value found at `root` (e.g. `services.hook.connector.body`),
     /// so errors name the leaf from there.
     pub fn compile_at(input: &Json, root: &str) -> Result<InputTemplate, TemplateError> {
+        Self::compile_bounded(input, root, &Bounds::default())
+    }
+
+    /// Like [`Self::compile_at`], rendering within `bounds`.
+    pub fn compile_bounded(input: &Json, root: &str, bounds: &Bounds) -> Result<InputTemplate, TemplateError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_keep_trailing_newline(true);
+        env.set_fuel(Some(bounds.template_fuel));
         let root = compile_node(&mut env, input, &mut root.to_string())?;
 
         let mut steps = BTreeSet::new();
@@ -118,7 +151,7 @@ impl InputTemplate {
                 add_data_path(&mut data, &variable);
             }
         }
-        Ok(InputTemplate { env: Arc::new(env), root, steps, all_steps, data })
+        Ok(InputTemplate { env: Arc::new(env), root, steps, all_steps, data, max_bytes: bounds.max_render_bytes })
     }
 
     /// Renders the input against `ctx` (usually `{"event": …, "data": …, "steps": {"<id>":
@@ -126,7 +159,7 @@ impl InputTemplate {
     pub fn render(&self, ctx: &Context) -> Result<Json, TemplateError> {
         match &self.root {
             Node::Literal(value) => Ok(value.clone()),
-            root => self.render_node(root, &ctx.0),
+            root => self.render_node(root, &ctx.0, &Cell::new(self.max_bytes)),
         }
     }
 
@@ -149,18 +182,32 @@ impl InputTemplate {
         self.all_steps
     }
 
-    fn render_node(&self, node: &Node, ctx: &minijinja::Value) -> Result<Json, TemplateError> {
+    /// Renders `node`; `left` is what the input may still produce, in bytes of JSON.
+    fn render_node(&self, node: &Node, ctx: &minijinja::Value, left: &Cell<usize>) -> Result<Json, TemplateError> {
         match node {
             Node::Literal(value) => Ok(value.clone()),
             Node::Text(name) => {
                 let template = self.env.get_template(name).map_err(|e| render_error(name, "", &e))?;
-                template.render(ctx).map(Json::String).map_err(|e| render_error(name, template.source(), &e))
+                // Written into a buffer that refuses to grow past what is left, so a template
+                // producing megabytes stops at the limit instead of after.
+                let mut out = Limited { buf: Vec::new(), left: left.get(), keep: true };
+                match template.render_captured_to(ctx, &mut out) {
+                    Ok(_) => {}
+                    Err(_) if out.left == usize::MAX => return Err(self.too_large(name)),
+                    Err(e) => return Err(render_error(name, template.source(), &e)),
+                }
+                // The JSON string's quotes and escapes are not counted: the limit is approximate
+                // by that much, never by the size of the text.
+                left.set(out.left);
+                Ok(Json::String(
+                    String::from_utf8(out.buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                ))
             }
             Node::Native(name, path) => {
                 // The common `{{ data.member.email }}` is a lookup: no need to start the engine. What
                 // the lookup does not find goes through the engine after all, for its own error.
                 if let Some(value) = path.as_deref().and_then(|path| lookup(ctx, path)) {
-                    return to_json(name, &value);
+                    return self.charge(name, to_json(name, &value)?, left);
                 }
                 let template = self.env.get_template(name).map_err(|e| render_error(name, "", &e))?;
                 let captured = template.render_captured(ctx).map_err(|e| {
@@ -175,26 +222,74 @@ impl InputTemplate {
                         message: format!("`{expr}` is undefined"),
                     });
                 }
-                to_json(name, &value)
+                self.charge(name, to_json(name, &value)?, left)
             }
             Node::Array(items) => {
-                items.iter().map(|n| self.render_node(n, ctx)).collect::<Result<_, _>>().map(Json::Array)
+                items.iter().map(|n| self.render_node(n, ctx, left)).collect::<Result<_, _>>().map(Json::Array)
             }
             Node::Object(fields) => {
                 let mut map = Map::with_capacity(fields.len());
                 for (key, node) in fields {
-                    map.insert(key.clone(), self.render_node(node, ctx)?);
+                    map.insert(key.clone(), self.render_node(node, ctx, left)?);
                 }
                 Ok(Json::Object(map))
             }
         }
+    }
+
+    /// Takes `value`'s size as JSON from what is left, or fails when it does not fit.
+    fn charge(&self, name: &str, value: Json, left: &Cell<usize>) -> Result<Json, TemplateError> {
+        let mut counter = Limited { buf: Vec::new(), left: left.get(), keep: false };
+        serde_json::to_writer(&mut counter, &value).map_err(|_| self.too_large(name))?;
+        left.set(counter.left);
+        Ok(value)
+    }
+
+    fn too_large(&self, name: &str) -> TemplateError {
+        TemplateError::Render {
+            path: name.to_string(),
+            message: format!(
+                "the input renders to more than {} bytes, the limit (engine.max_render_bytes)",
+                self.max_bytes
+            ),
+        }
+    }
+}
+
+/// A writer that takes at most `left` bytes, then fails (and sets `left` to `usize::MAX` to say
+/// why). Without `keep`, it only counts.
+struct Limited {
+    buf: Vec<u8>,
+    left: usize,
+    keep: bool,
+}
+
+impl io::Write for Limited {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if bytes.len() > self.left {
+            self.left = usize::MAX;
+            return Err(io::Error::other("output limit reached"));
+        }
+        self.left -= bytes.len();
+        if self.keep {
+            self.buf.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
 fn compile_node(env: &mut Environment<'static>, value: &Json, path: &mut String) -> Result<Node, TemplateError> {
     let node = match value {
         Json::String(s) if s.contains("{{") || s.contains("{%") => {
-            let syntax = |e: minijinja::Error| TemplateError::Syntax { path: path.clone(), message: message(&e) };
+            let syntax = |e: minijinja::Error| TemplateError::Syntax {
+                path: path.clone(),
+                message: message(&e),
+                position: position(s, &e),
+            };
             // A leaf that parses as one expression is assigned to a variable and read back as a
             // value; everything else is an ordinary template. Only a valid expression is rewritten,
             // so syntax errors always quote what the author wrote.
@@ -317,7 +412,7 @@ fn is_expression(env: &Environment<'static>, expr: &str) -> bool {
         return false;
     }
     // And in case other input trips it: a panic here would take down definition loading.
-    catch_unwind(AssertUnwindSafe(|| env.compile_expression(expr).is_ok())).unwrap_or(false)
+    contain(|| env.compile_expression(expr).is_ok()).unwrap_or(false)
 }
 
 /// minijinja's message with its detail (its `Display` leaves out nothing important but the
@@ -333,9 +428,19 @@ fn message(e: &minijinja::Error) -> String {
     text
 }
 
+/// Where `e` is in `source`, (line, column) from 1, when minijinja gives the span.
+fn position(source: &str, e: &minijinja::Error) -> Option<(usize, usize)> {
+    let before = source.get(..e.range()?.start)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Some((before.matches('\n').count() + 1, before[line_start..].chars().count() + 1))
+}
+
 /// The error with the template it came from (minijinja does not name the undefined variable).
 fn render_error(path: &str, source: &str, e: &minijinja::Error) -> TemplateError {
     let mut message = message(e);
+    if e.kind() == ErrorKind::OutOfFuel {
+        message.push_str(" (the template executes too many instructions: engine.template_fuel)");
+    }
     if !source.is_empty() {
         let shown: String = source.chars().take(120).collect();
         let more = if shown.len() < source.len() { "…" } else { "" };
@@ -596,6 +701,102 @@ mod tests {
         assert!(paths(json!("{% set data = 1 %}{{ data }}")).is_empty());
     }
 
+    /// The repro: 400 million loop iterations held up every tenant for 22.8 s.
+    #[test]
+    fn an_expensive_template_runs_out_of_fuel() {
+        let loops = "{% for a in range(20000) %}{% for b in range(20000) %}{% endfor %}{% endfor %}";
+        let err = render(json!({ "x": loops })).unwrap_err();
+        assert!(matches!(&err, TemplateError::Render { path, .. } if path == "input.x"), "{err:?}");
+        assert!(err.to_string().contains("engine ran out of fuel"), "{err}");
+        assert!(err.to_string().contains("engine.template_fuel"), "{err}");
+        // A smaller budget refuses a smaller loop; the same loop fits a larger one.
+        let bounded = |fuel| {
+            let bounds = Bounds { template_fuel: fuel, ..Bounds::default() };
+            let t = InputTemplate::compile_bounded(
+                &json!("{% for i in range(1000) %}{{ i }}{% endfor %}"),
+                "input",
+                &bounds,
+            );
+            t.unwrap().render(&ctx().into())
+        };
+        assert!(bounded(1_000).unwrap_err().to_string().contains("fuel"));
+        assert_eq!(bounded(100_000).unwrap().as_str().map(str::len), Some(2890));
+    }
+
+    /// The repro: a 6 MB input, which the producer refused, which stopped the stage.
+    #[test]
+    fn a_large_render_stops_at_the_limit() {
+        let big = json!({ "x": "{% for a in range(3000) %}{% for b in range(1000) %}xx{% endfor %}{% endfor %}" });
+        // With the default budget it runs out of fuel first; with fuel to spare, the size stops it.
+        assert!(render(big.clone()).is_err());
+        let bounds = Bounds { template_fuel: 1_000_000_000, max_render_bytes: 1 << 20 };
+        let err = InputTemplate::compile_bounded(&big, "input", &bounds).unwrap().render(&ctx().into()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "input.x: the input renders to more than 1048576 bytes, the limit (engine.max_render_bytes)"
+        );
+    }
+
+    #[test]
+    fn the_size_limit_counts_every_leaf_of_an_input() {
+        let bounds = Bounds { max_render_bytes: 2_000, ..Bounds::default() };
+        let compile = |input: Json| InputTemplate::compile_bounded(&input, "input", &bounds).unwrap();
+        let data = json!({"data": {"s": "x".repeat(900), "list": vec!["y".repeat(10); 100]}});
+        // One leaf fits, the second too, the third goes past (as a lookup, a value and a text).
+        let t = compile(json!({"a": "{{ data.s }}", "b": "{{ data.s ~ '' }}", "c": "<{{ data.s }}>"}));
+        let err = t.render(&data.clone().into()).unwrap_err();
+        assert!(err.to_string().starts_with("input.c: the input renders to more than 2000 bytes"), "{err}");
+        let t = compile(json!({"a": "{{ data.s }}", "b": "{{ data.s ~ '' }}"}));
+        assert!(t.render(&data.clone().into()).is_ok());
+        // A native value is measured as JSON: 100 strings of 10 are 1,301 bytes.
+        let t = compile(json!(["{{ data.list }}", "{{ data.list }}"]));
+        let err = t.render(&data.into()).unwrap_err();
+        assert!(err.to_string().starts_with("input[1]: the input renders to more than 2000 bytes"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_give_their_position_in_the_leaf() {
+        let err = InputTemplate::compile(&json!({"t": "line one\nHi {{ data.name + }}"})).unwrap_err();
+        assert_eq!(err.position(), Some((2, 19)), "{err}"); // the `}}` it did not expect
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Json> {
+        use proptest::prelude::*;
+        let key =
+            prop_oneof![Just("member".to_string()), Just("name".to_string()), Just("items".to_string()), ".{0,4}"];
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::from),
+            any::<i64>().prop_map(Json::from),
+            any::<u64>().prop_map(Json::from),
+            any::<f64>().prop_filter_map("JSON has no NaN", |f| serde_json::Number::from_f64(f).map(Json::Number)),
+            ".{0,12}".prop_map(Json::String),
+        ];
+        leaf.prop_recursive(6, 64, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Json::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const TEMPLATES: &[&str] = &[
+        "{{ data.member.name }}",
+        "{{ data.member }}",
+        "Hi {{ data.member.name | upper }}!",
+        "{{ data.items | length }}",
+        "{{ data.items[0] }}",
+        "{{ data.n + 1 }}",
+        "{{ data.member.name ~ data.items }}",
+        "{% for x in data.items %}{{ x }},{% endfor %}",
+        "{% for k, v in data.member | items %}{{ k }}={{ v }}{% endfor %}",
+        "{{ data | tojson }}",
+        "{{ data.items | sort | join(',') }}",
+        "{{ data.member.name * 3 }}",
+        "{% if data.member.name is string and data.member.name|length > 2 %}y{% endif %}",
+    ];
+
     proptest::proptest! {
         /// Any string leaf compiles or is refused, and renders or fails, without panicking.
         #[test]
@@ -603,6 +804,26 @@ mod tests {
             if let Ok(t) = InputTemplate::compile(&json!({ "x": leaf })) {
                 let _ = t.render(&ctx().into());
             }
+        }
+
+        /// Any text at all: compiled or refused, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(leaf in proptest::prelude::any::<String>()) {
+            let _ = InputTemplate::compile(&json!({ "x": format!("{{{{{leaf}}}}}") }));
+            let _ = InputTemplate::compile(&json!({ "x": format!("{{% {leaf} %}}") }));
+            let _ = InputTemplate::compile(&json!({ "x": leaf }));
+        }
+
+        /// Compiled templates render any JSON event body to a value or an error, never a panic.
+        #[test]
+        fn templates_render_arbitrary_data_without_panicking(data in arb_json(), steps in arb_json()) {
+            let input: Json = TEMPLATES.iter().enumerate().map(|(i, t)| (format!("t{i}"), json!(t))).collect();
+            let template = InputTemplate::compile(&input).unwrap();
+            for (i, _) in TEMPLATES.iter().enumerate() {
+                let one = InputTemplate::compile(&input[format!("t{i}")]).unwrap();
+                let _ = one.render(&json!({"event": {}, "data": data, "steps": steps}).into());
+            }
+            let _ = template.render(&json!({"event": {}, "data": data, "steps": steps}).into());
         }
     }
 

@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     path::{Path, PathBuf},
 };
 
@@ -20,11 +21,15 @@ use serde_json::{json, Value as Json};
 
 use crate::{
     engine::condition::{Condition, FieldPaths, Scope},
-    engine::template::{Context, InputTemplate},
+    engine::template::{Context, InputTemplate, TemplateError},
+    engine::Bounds,
     envelope::{ActionTask, Event},
 };
 
-/// Most steps a workflow may have (seed 000's MAX_STEPS).
+/// Most steps a workflow may have. Every step of a run is a task, a result row and a state
+/// update, and a multi-step run carries its event through each task; the cap keeps what one
+/// definition costs the pipeline per event bounded (and the graph checks, quadratic in steps,
+/// cheap).
 pub const MAX_STEPS: usize = 50;
 
 /// One workflow definition, as written in YAML (and published, as JSON, on the definitions topic).
@@ -114,7 +119,7 @@ fn default_backoff_ms() -> u64 {
     500
 }
 
-/// Per-workflow limits; defaults are seed 000's.
+/// Per-workflow limits, each with a default that suits most workflows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -130,9 +135,99 @@ impl Default for Limits {
     }
 }
 
-fn check_name(field: &str, value: &str) -> anyhow::Result<()> {
+/// One step of a path into a definition's document: a mapping key or a sequence index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+/// What is wrong with a definition, and in which field (as a path into the document, so
+/// [`load`] can tell the line and column). Displays as `steps[0] (fetch).if: …`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: Vec<Segment>,
+    /// The field as shown: `steps[0] (fetch).if`.
+    pub field: String,
+    pub message: String,
+    /// Where in the field's text (an expression, a template) the error is, (line, column) from 1.
+    pub position: Option<(usize, usize)>,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// A field of a definition, to say what is wrong with it.
+struct Field {
+    path: Vec<Segment>,
+    name: String,
+}
+
+impl Field {
+    /// A top-level field, or a dotted path of keys (`limits.max_run_seconds`).
+    fn top(name: &str) -> Field {
+        Field { path: name.split('.').map(|k| Segment::Key(k.into())).collect(), name: name.into() }
+    }
+
+    /// A field of step `i` (`needs`, `retry.attempts`).
+    fn step(i: usize, id: &str, name: &str) -> Field {
+        let mut path = vec![Segment::Key("steps".into()), Segment::Index(i)];
+        path.extend(name.split('.').map(|k| Segment::Key(k.into())));
+        Field { path, name: format!("steps[{i}] ({id}).{name}") }
+    }
+
+    fn error(self, message: impl fmt::Display) -> anyhow::Error {
+        self.error_at(message, None)
+    }
+
+    fn error_at(self, message: impl fmt::Display, position: Option<(usize, usize)>) -> anyhow::Error {
+        anyhow::Error::new(FieldError { path: self.path, field: self.name, message: message.to_string(), position })
+    }
+
+    /// A template error, pointing at its leaf inside this field.
+    fn template_error(mut self, e: TemplateError) -> anyhow::Error {
+        // The leaf path starts with the field's own name (`input.body.text`).
+        self.path.extend(leaf_segments(e.path()).into_iter().skip(1));
+        let position = e.position();
+        self.error_at(e, position)
+    }
+}
+
+/// The segments of a template leaf's path as [`InputTemplate`] writes it: `input.body.text`,
+/// `input["a b"][1]`.
+fn leaf_segments(path: &str) -> Vec<Segment> {
+    let mut segments = Vec::new();
+    let mut rest = path;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('[') {
+            let mut de = serde_json::Deserializer::from_str(after).into_iter::<Json>();
+            let (Some(Ok(value)), offset) = (de.next(), de.byte_offset()) else { break };
+            match value {
+                Json::String(key) => segments.push(Segment::Key(key)),
+                Json::Number(n) => segments.push(Segment::Index(n.as_u64().unwrap_or(0) as usize)),
+                _ => break,
+            }
+            rest = after[offset..].strip_prefix(']').unwrap_or("");
+        } else {
+            let name = rest.strip_prefix('.').unwrap_or(rest);
+            let end = name.find(['.', '[']).unwrap_or(name.len());
+            segments.push(Segment::Key(name[..end].to_string()));
+            rest = &name[end..];
+        }
+    }
+    segments
+}
+
+fn check_name(field: Field, value: &str) -> anyhow::Result<()> {
     if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-        bail!("{field}: {value:?} must be non-empty and hold only ASCII letters, digits, '.', '_' and '-'");
+        return Err(
+            field.error(format!("{value:?} must be non-empty and hold only ASCII letters, digits, '.', '_' and '-'"))
+        );
     }
     Ok(())
 }
@@ -169,37 +264,52 @@ pub struct CompiledWorkflow {
 }
 
 impl CompiledWorkflow {
-    /// Validates `def` against the configured services and compiles it. Errors name the field.
+    /// Validates `def` against the configured services and compiles it, with the default
+    /// [`Bounds`]. Errors name the field (a [`FieldError`]).
     pub fn compile(def: Workflow, services: &BTreeSet<&str>) -> anyhow::Result<CompiledWorkflow> {
-        check_name("id", &def.id)?;
+        Self::compile_bounded(def, services, &Bounds::default())
+    }
+
+    /// Like [`Self::compile`], its templates rendering within `bounds`.
+    pub fn compile_bounded(
+        def: Workflow,
+        services: &BTreeSet<&str>,
+        bounds: &Bounds,
+    ) -> anyhow::Result<CompiledWorkflow> {
+        check_name(Field::top("id"), &def.id)?;
         if let Some(t) = &def.tenant {
-            check_name("tenant", t)?;
+            check_name(Field::top("tenant"), t)?;
         }
         if def.version < 1 {
-            bail!("version: must be at least 1");
+            return Err(Field::top("version").error("must be at least 1"));
         }
         let types = def.trigger.types.as_slice();
         if types.is_empty() || types.iter().any(|t| t.trim().is_empty()) {
-            bail!("trigger.type: must name at least one event type");
+            return Err(Field::top("trigger.type").error("must name at least one event type"));
         }
-        let trigger_if = def
-            .trigger
-            .condition
-            .as_deref()
-            .map(Condition::compile)
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("trigger.if: {e}"))?;
+        let condition = |field: Field, source: &str| {
+            Condition::compile(source).map_err(|e| {
+                let position = e.position();
+                field.error_at(e, position)
+            })
+        };
+        let trigger_if =
+            def.trigger.condition.as_deref().map(|c| condition(Field::top("trigger.if"), c)).transpose()?;
         if def.steps.is_empty() {
-            bail!("steps: a workflow needs at least one step");
+            return Err(Field::top("steps").error("a workflow needs at least one step"));
         }
         if def.steps.len() > MAX_STEPS {
-            bail!("steps: {} steps, more than the limit of {MAX_STEPS}", def.steps.len());
+            return Err(
+                Field::top("steps").error(format!("{} steps, more than the limit of {MAX_STEPS}", def.steps.len()))
+            );
         }
         if !(1..=86_400).contains(&def.limits.max_run_seconds) {
-            bail!("limits.max_run_seconds: {} is outside 1..=86400", def.limits.max_run_seconds);
+            return Err(Field::top("limits.max_run_seconds")
+                .error(format!("{} is outside 1..=86400", def.limits.max_run_seconds)));
         }
         if !(1..=1_000_000).contains(&def.limits.runs_per_minute) {
-            bail!("limits.runs_per_minute: {} is outside 1..=1000000", def.limits.runs_per_minute);
+            return Err(Field::top("limits.runs_per_minute")
+                .error(format!("{} is outside 1..=1000000", def.limits.runs_per_minute)));
         }
         // First occurrence wins, so the error points at the duplicate.
         let mut index: BTreeMap<&str, usize> = BTreeMap::new();
@@ -208,43 +318,43 @@ impl CompiledWorkflow {
         }
         let mut steps = Vec::with_capacity(def.steps.len());
         for (i, step) in def.steps.iter().enumerate() {
-            let at = |field: &str| format!("steps[{i}] ({}).{field}", step.id);
-            check_name(&at("id"), &step.id)?;
+            let at = |field: &str| Field::step(i, &step.id, field);
+            check_name(at("id"), &step.id)?;
             if index[step.id.as_str()] != i {
-                bail!("{}: duplicate step id", at("id"));
+                return Err(at("id").error("duplicate step id"));
             }
             if !services.contains(step.service.as_str()) {
-                bail!("{}: unknown service {:?} (configured: {:?})", at("service"), step.service, services);
+                return Err(
+                    at("service").error(format!("unknown service {:?} (configured: {:?})", step.service, services))
+                );
             }
             let mut needs = Vec::new();
-            for need in &step.needs {
+            for (n, need) in step.needs.iter().enumerate() {
+                let at_need = || Field { path: [at("needs").path, vec![Segment::Index(n)]].concat(), ..at("needs") };
                 match index.get(need.as_str()) {
                     Some(&j) if j != i => needs.push(j),
-                    Some(_) => bail!("{}: a step cannot need itself", at("needs")),
-                    None => bail!("{}: no step {need:?} in this workflow", at("needs")),
+                    Some(_) => return Err(at_need().error("a step cannot need itself")),
+                    None => return Err(at_need().error(format!("no step {need:?} in this workflow"))),
                 }
             }
             if step.condition.is_some() && needs.is_empty() {
-                bail!("{}: a first step has no earlier outputs to test; put the condition in trigger.if", at("if"));
+                return Err(
+                    at("if").error("a first step has no earlier outputs to test; put the condition in trigger.if")
+                );
             }
-            let condition = step
-                .condition
-                .as_deref()
-                .map(Condition::compile)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", at("if")))?;
+            let condition = step.condition.as_deref().map(|c| condition(at("if"), c)).transpose()?;
             let input = (!step.input.is_null())
-                .then(|| InputTemplate::compile(&step.input))
+                .then(|| InputTemplate::compile_bounded(&step.input, "input", bounds))
                 .transpose()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", at("input")))?;
+                .map_err(|e| at("input").template_error(e))?;
             if let Some(timeout) = step.timeout_ms {
                 if !(1..=600_000).contains(&timeout) {
-                    bail!("{}: {timeout} is outside 1..=600000", at("timeout_ms"));
+                    return Err(at("timeout_ms").error(format!("{timeout} is outside 1..=600000")));
                 }
             }
             if let Some(retry) = &step.retry {
                 if !(1..=20).contains(&retry.attempts) {
-                    bail!("{}: {} is outside 1..=20", at("retry.attempts"), retry.attempts);
+                    return Err(at("retry.attempts").error(format!("{} is outside 1..=20", retry.attempts)));
                 }
             }
             steps.push(CompiledStep { condition, input, needs });
@@ -254,18 +364,13 @@ impl CompiledWorkflow {
         for (i, step) in steps.iter().enumerate() {
             let ancestors = ancestors(&steps, i);
             let allowed: BTreeSet<&str> = ancestors.iter().map(|&j| def.steps[j].id.as_str()).collect();
+            let at = || Field::step(i, &def.steps[i].id, "input");
             if step.input.as_ref().is_some_and(InputTemplate::reads_steps_dynamically) {
-                bail!(
-                    "steps[{i}] ({}).input: reads `steps` by a computed name; name the steps it reads",
-                    def.steps[i].id
-                );
+                return Err(at().error("reads `steps` by a computed name; name the steps it reads"));
             }
             let read = step.input.as_ref().map(InputTemplate::references_steps).unwrap_or_default();
             if let Some(bad) = read.iter().find(|r| !allowed.contains(r.as_str())) {
-                bail!(
-                    "steps[{i}] ({}).input: reads steps.{bad}, which is not among the steps it needs",
-                    def.steps[i].id
-                );
+                return Err(at().error(format!("reads steps.{bad}, which is not among the steps it needs")));
             }
         }
         let mut paths = FieldPaths::default();
@@ -404,7 +509,7 @@ fn check_acyclic(def: &Workflow, steps: &[CompiledStep]) -> anyhow::Result<()> {
     }
     if ordered < steps.len() {
         let stuck: Vec<&str> = (0..steps.len()).filter(|&i| waiting[i] > 0).map(|i| def.steps[i].id.as_str()).collect();
-        bail!("steps: the needs form a cycle through {}", stuck.join(", "));
+        return Err(Field::top("steps").error(format!("the needs form a cycle through {}", stuck.join(", "))));
     }
     Ok(())
 }
@@ -420,9 +525,118 @@ fn ancestors(steps: &[CompiledStep], i: usize) -> BTreeSet<usize> {
     seen
 }
 
+/// A definition file and its text, to say where in it something is.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub file: PathBuf,
+    pub text: String,
+}
+
+/// What the locator's visitor returns as an error when it reaches the node it looks for.
+const FOUND: &str = "weir: found";
+
+impl Source {
+    /// (line, column), from 1, of the node at `path` in the document, or of its nearest ancestor
+    /// that is there (a missing field is reported at the mapping that lacks it).
+    pub fn locate(&self, path: &[Segment]) -> Option<(usize, usize)> {
+        (0..=path.len()).rev().find_map(|len| {
+            // The YAML deserializer gives a visitor's error the position of the node it was
+            // visiting: the locator walks down `path` and fails on purpose when it arrives.
+            let de = serde_yaml_ng::Deserializer::from_str(&self.text);
+            let err = serde::de::DeserializeSeed::deserialize(Locate(&path[..len]), de).err()?;
+            err.location().map(|l| (l.line(), l.column()))
+        })
+    }
+
+    /// `file:line:column` of `path` (of its nearest ancestor that is there), and when
+    /// `position` (line, column in the field's text) is given, of that place in the file if the
+    /// field's text can be mapped back to it (a single-line scalar, or a `|`/`>` block).
+    pub fn describe(&self, path: &[Segment], position: Option<(usize, usize)>) -> String {
+        let Some((line, column)) = self.locate(path) else { return self.file.display().to_string() };
+        let (line, column) = position.and_then(|p| self.inside(line, column, p)).unwrap_or((line, column));
+        format!("{}:{line}:{column}", self.file.display())
+    }
+
+    /// Where `(pl, pc)` of a scalar's text, the scalar starting at `line`:`column`, is in the file.
+    fn inside(&self, line: usize, column: usize, (pl, pc): (usize, usize)) -> Option<(usize, usize)> {
+        let start = self.text.lines().nth(line - 1)?.chars().nth(column - 1)?;
+        match start {
+            // A block scalar's text starts on the next line, after its indentation.
+            '|' | '>' => {
+                let indent = self.text.lines().nth(line)?.chars().take_while(|c| *c == ' ').count();
+                Some((line + pl, indent + pc))
+            }
+            '"' | '\'' if pl == 1 => Some((line, column + pc)),
+            _ if pl == 1 => Some((line, column + pc - 1)),
+            _ => None,
+        }
+    }
+}
+
+/// Walks a YAML document down a path (see [`Source::locate`]).
+struct Locate<'p>(&'p [Segment]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Locate<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Locate<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the path's next segment")
+    }
+
+    // A scalar anywhere on the way is where the path ends: the default `visit_*` of a scalar
+    // fails, which locates it.
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some((Segment::Key(first), rest)) = self.0.split_first() else {
+            return Err(serde::de::Error::custom(FOUND));
+        };
+        while let Some(key) = map.next_key::<serde_yaml_ng::Value>()? {
+            if key.as_str() == Some(first) {
+                return map.next_value_seed(Locate(rest));
+            }
+            map.next_value::<serde::de::IgnoredAny>()?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some((Segment::Index(first), rest)) = self.0.split_first() else {
+            return Err(serde::de::Error::custom(FOUND));
+        };
+        for _ in 0..*first {
+            if seq.next_element::<serde::de::IgnoredAny>()?.is_none() {
+                return Ok(());
+            }
+        }
+        seq.next_element_seed(Locate(rest)).map(|_| ())
+    }
+}
+
+/// Key prefix of platform-wide workflows.
+const PLATFORM: &str = "*";
+
+/// A definition's key on the definitions topic (and in a directory's set): `tenant/id`, or
+/// `*/id` for a platform-wide workflow.
+pub fn key(tenant: Option<&str>, id: &str) -> String {
+    format!("{}/{}", tenant.unwrap_or(PLATFORM), id)
+}
+
 /// Reads a YAML file, or every `*.yaml`/`*.yml` file of a directory (one workflow per file),
-/// validating each against `services`. Keyed by the definitions topic key.
-pub fn load(path: &Path, services: &BTreeSet<&str>) -> anyhow::Result<BTreeMap<String, Workflow>> {
+/// validating each against `services`. Keyed by the definitions topic key, each with its file.
+/// Every error starts with `file:line:column`.
+pub fn load(
+    path: &Path,
+    services: &BTreeSet<&str>,
+    bounds: &Bounds,
+) -> anyhow::Result<BTreeMap<String, (Workflow, Source)>> {
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(path)
             .with_context(|| format!("reading workflows directory {}", path.display()))?
@@ -437,14 +651,31 @@ pub fn load(path: &Path, services: &BTreeSet<&str>) -> anyhow::Result<BTreeMap<S
     let mut workflows = BTreeMap::new();
     for file in files {
         let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-        let wf: Workflow =
-            serde_yaml_ng::from_str(&text).with_context(|| format!("{}: not a valid workflow", file.display()))?;
-        let key = crate::engine::definitions::key(wf.tenant.as_deref(), &wf.id);
-        CompiledWorkflow::compile(wf.clone(), services)
-            .with_context(|| format!("{}: workflow {key}", file.display()))?;
-        if workflows.insert(key.clone(), wf).is_some() {
-            bail!("{}: workflow {key} is defined twice", file.display());
+        let source = Source { file, text };
+        let wf: Workflow = serde_yaml_ng::from_str(&source.text).map_err(|e| {
+            let at = match e.location() {
+                Some(l) => format!("{}:{}:{}", source.file.display(), l.line(), l.column()),
+                None => source.file.display().to_string(),
+            };
+            anyhow::anyhow!("{at}: not a valid workflow: {e}")
+        })?;
+        let key = key(wf.tenant.as_deref(), &wf.id);
+        if let Err(e) = CompiledWorkflow::compile_bounded(wf.clone(), services, bounds) {
+            let at = match e.downcast_ref::<FieldError>() {
+                Some(field) => source.describe(&field.path, field.position),
+                None => source.file.display().to_string(),
+            };
+            bail!("{at}: workflow {key}: {e:#}");
         }
+        if let Some((_, first)) = workflows.get(&key) {
+            let first: &Source = first;
+            bail!(
+                "{}: workflow {key} is defined twice (first at {})",
+                source.describe(&[Segment::Key("id".into())], None),
+                first.describe(&[Segment::Key("id".into())], None)
+            );
+        }
+        workflows.insert(key, (wf, source));
     }
     Ok(workflows)
 }
@@ -514,5 +745,88 @@ mod tests {
         let v2 = compile("{id: w, version: 2, trigger: {type: a}, steps: [{id: s, service: webhook}]}").unwrap();
         assert_eq!(v1.run_id(&e), v1.run_id(&e));
         assert_ne!(v1.run_id(&e), v2.run_id(&e));
+    }
+
+    /// `weir workflows apply` names file, line and column for every error in a definition.
+    #[test]
+    fn load_errors_give_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let services = BTreeSet::from(["webhook"]);
+        let check = |text: &str, expected: &str| {
+            let path = dir.path().join("w.yaml");
+            std::fs::write(&path, text).unwrap();
+            let err = format!("{:#}", load(&path, &services, &Bounds::default()).unwrap_err());
+            let expected = format!("{}:{expected}", path.display());
+            assert!(err.starts_with(&expected), "{text}\n  gave: {err}\n  expected: {expected}…");
+        };
+        // YAML syntax, and fields the format does not have.
+        check("id: w\ntrigger: {type: a\nsteps: []\n", "3:6: not a valid workflow: ");
+        check(
+            "id: w\ntrigger: {type: a}\nsteps:\n  - id: s\n    service: webhook\n    retries: 3\n",
+            "6:5: not a valid workflow: ",
+        );
+        // A CEL syntax error: the field's place plus the error's column in the expression.
+        let head = "id: w\ntrigger:\n  type: a\n";
+        let steps = "steps:\n  - {id: s, service: webhook}\n";
+        check(&format!("{head}  if: \"data.x == \"\n{steps}"), "4:18: workflow */w: trigger.if: invalid condition");
+        check(&format!("{head}  if: data.x == 1 +\n{steps}"), "4:20: workflow */w: trigger.if: invalid condition");
+        check(
+            &format!("{head}  if: >-\n    data.x == 1 &&\n{steps}"),
+            "5:19: workflow */w: trigger.if: invalid condition",
+        );
+        // Checks after parsing point at the field.
+        check(&format!("{head}  if: data.nope.x > 1 && event.kind == 'a'\n{steps}"), "4:7: workflow */w: trigger.if: ");
+        check(&format!("{head}steps:\n  - id: s\n    service: nope\n"), "6:14: workflow */w: steps[0] (s).service: ");
+        check(
+            &format!("{head}steps:\n  - {{id: a, service: webhook}}\n  - {{id: b, service: webhook, needs: [a, c]}}\n"),
+            "6:42: workflow */w: steps[1] (b).needs: no step \"c\"",
+        );
+        check(&format!("{head}limits:\n  max_run_seconds: 0\n{steps}"), "5:20: workflow */w: limits.max_run_seconds: ");
+        check(&format!("{head}steps: []\n"), "4:8: workflow */w: steps: ");
+        // A template error, inside the leaf of a nested input, at its place in the leaf.
+        check(
+            &format!("{head}steps:\n  - id: s\n    service: webhook\n    input:\n      body: {{text: 'Hi {{{{ data.name }}'}}\n"),
+            "8:37: workflow */w: steps[0] (s).input: input.body.text: invalid template",
+        );
+        check(
+            &format!("{head}steps:\n  - id: s\n    service: webhook\n    input:\n      a b: ['x', '{{{{ steps.z.output }}}}']\n"),
+            "8:7: workflow */w: steps[0] (s).input: reads steps.z",
+        );
+        // The same workflow in two files: where each is.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), format!("{head}{steps}")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), format!("# again\n{head}{steps}")).unwrap();
+        let err = load(dir.path(), &services, &Bounds::default()).unwrap_err().to_string();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        assert_eq!(err, format!("{}:2:5: workflow */w is defined twice (first at {}:1:5)", b.display(), a.display()));
+    }
+
+    #[test]
+    fn template_leaf_paths_split_into_segments() {
+        use Segment::{Index, Key};
+        assert_eq!(leaf_segments("input"), [Key("input".into())]);
+        assert_eq!(
+            leaf_segments(r#"input.body["a b"][1].x-y["q\"]"]"#),
+            [
+                Key("input".into()),
+                Key("body".into()),
+                Key("a b".into()),
+                Index(1),
+                Key("x-y".into()),
+                Key("q\"]".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failing_render_fails_the_run_with_the_reason() {
+        let c = compile(
+            "{id: w, trigger: {type: a}, steps: [{id: s, service: webhook, input: {x: \
+             '{% for a in range(20000) %}{% for b in range(20000) %}{% endfor %}{% endfor %}'}}]}",
+        )
+        .unwrap();
+        let e: Event = serde_json::from_value(json!({"id": "e1", "source": "/s", "type": "a", "tenant": "t"})).unwrap();
+        let reason = c.render_input(0, &template_context(&e, json!({})), &e).unwrap_err();
+        assert!(reason.starts_with("steps.s.input: input.x: engine ran out of fuel"), "{reason}");
     }
 }

@@ -11,7 +11,9 @@
 //! - Every client gets a bounded `socket.connection.setup.timeout.ms` and metadata timeout, so an
 //!   unreachable broker is an error within seconds rather than a silent retry loop.
 
+pub mod compacted;
 pub mod dead_letter;
+pub mod limits;
 pub mod offsets;
 pub mod partitioner;
 pub mod source;

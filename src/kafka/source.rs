@@ -15,6 +15,25 @@
 //! rebalances still run) instead of buffering: memory stays flat whatever the backlog. It resumes
 //! once the stage takes the batch.
 //!
+//! ## Pause state across rebalances
+//! librdkafka keeps an application's pause on the partition itself, not on the assignment: a
+//! partition paused, revoked and assigned again (a member joining or leaving, or the broker
+//! restarting and the group re-forming) comes back *still paused*, and nothing in librdkafka
+//! resumes it. So the source keeps two sets under one lock: what the stage holds ([`PauseState::held`],
+//! its intent, which outlives rebalances until the stage resumes the partition), and what it has
+//! actually paused in librdkafka ([`PauseState::applied`]). On every assignment the two are
+//! reconciled (see [`reconcile`]): assigned partitions are paused exactly when the stage holds
+//! them or the poll thread holds everything for backpressure. (Issue 11: an executor whose
+//! paused partitions came back from a broker restart never read again, and said nothing.)
+//!
+//! ## Liveness
+//! A watchdog thread per source notices a stage that has work waiting (lag, a batch it does not
+//! take, messages taken and not finished) yet has neither taken nor finished anything for
+//! `health.stall_after`. It logs why as far as the source can tell, sets
+//! `weir_stage_stalled{stage,topic,reason}`, and reports through [`Health`] so `/health/live`
+//! answers 503 until the stage moves again. A broker the consumer cannot reach is not a stall (a
+//! restart would not help): it makes `/health/ready` answer 503 instead.
+//!
 //! ## Offsets
 //! Each message comes with a [`Ticket`]. The stage calls [`Source::done`] once the work the
 //! message stands for is durable; the [`OffsetTracker`] turns out-of-order completions into the
@@ -23,10 +42,10 @@
 //! new owner relies on.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc as std_mpsc, Arc, Condvar, Mutex, Weak,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -35,17 +54,19 @@ use std::{
 use anyhow::Context as _;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance},
-    error::KafkaResult,
+    error::{KafkaError, KafkaResult},
     message::OwnedMessage,
-    ClientContext, Message, Statistics, TopicPartitionList,
+    types::RDKafkaErrorCode,
+    ClientContext, Message, Offset, Statistics, TopicPartitionList,
 };
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
     kafka,
     kafka::offsets::OffsetTracker,
-    telemetry::{Event, Stage},
+    telemetry::{Event, Health, Stage},
 };
 
 /// Most messages handed to a stage at once.
@@ -79,16 +100,38 @@ struct Shared {
     stage: Stage,
     topic: String,
     tracker: Mutex<OffsetTracker>,
-    /// Partitions the stage asked to pause (see [`Source::pause_partition`]). Every pause and
-    /// resume is made under this lock, so the stage's and the poll thread's cannot interleave.
-    held: Mutex<BTreeSet<i32>>,
+    /// Every pause and resume is made under this lock, so the stage's, the poll thread's and the
+    /// rebalance hooks' cannot interleave.
+    pause: Mutex<PauseState>,
     /// Whether the poll thread paused everything (the stage is behind).
     all_paused: AtomicBool,
+    /// Whether the poll thread holds a batch the stage has not taken (the channel is full).
+    holding: AtomicBool,
+    /// Batches handed to the channel and taken from it: the difference waits for the stage.
+    sent: AtomicU64,
+    received: AtomicU64,
+    /// When the stage last took a batch or finished a message, in ms since `started`.
+    progress_ms: AtomicU64,
+    started: Instant,
+    /// Whether the consumer reaches a broker, from librdkafka's statistics and errors.
+    reachable: AtomicBool,
+    health: Health,
     /// Batches the stage has taken, and its signal: what the poll thread waits on when the
     /// channel is full (see [`wait_for_room`]).
     taken: Mutex<u64>,
     room: Condvar,
     assignment: watch::Sender<Assignment>,
+}
+
+/// What the stage wants paused, and what is paused in librdkafka.
+#[derive(Debug, Default)]
+struct PauseState {
+    /// Partitions the stage asked to pause (see [`Source::pause_partition`]) and has not resumed,
+    /// whether or not they are assigned right now.
+    held: BTreeSet<i32>,
+    /// Partitions this consumer has paused in librdkafka and not resumed. librdkafka keeps that
+    /// flag across revoke and assign (see the module docs), so neither is cleared by a rebalance.
+    applied: BTreeSet<i32>,
 }
 
 /// Rebalance hooks and statistics for a source's consumer.
@@ -102,23 +145,41 @@ fn describe(tpl: &TopicPartitionList) -> String {
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
+        // A broker connection in state UP means the consumer reaches the cluster; statistics
+        // arrive every `statistics.interval.ms` whether or not it does.
+        let reachable = stats.brokers.values().any(|b| b.state == "UP");
+        self.shared.set_reachable(reachable);
         let Some(topic) = stats.topics.get(&self.shared.topic) else { return };
         for (partition, p) in &topic.partitions {
             if *partition >= 0 && p.consumer_lag >= 0 {
-                Event::Lag { stage: self.shared.stage, partition: *partition, lag: p.consumer_lag }.emit();
+                Event::Lag {
+                    stage: self.shared.stage,
+                    topic: &self.shared.topic,
+                    partition: *partition,
+                    lag: p.consumer_lag,
+                }
+                .emit();
             }
         }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.shared.set_reachable(false);
+        }
+        // What the default implementation does.
+        tracing::error!("librdkafka: {error}: {reason}");
     }
 }
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            // What the stage holds is left alone: it is the stage's intent, which it clears with
+            // `resume_partition` once its work for the partition drains, assigned or not.
             let mut tracker = self.shared.tracker.lock().expect("tracker lock");
-            let mut held = self.shared.held.lock().expect("held lock");
             for e in tpl.elements() {
                 tracker.forget(e.partition());
-                held.remove(&e.partition());
             }
             self.shared.assignment.send_modify(|a| {
                 for e in tpl.elements() {
@@ -140,6 +201,7 @@ impl ConsumerContext for SourceContext {
                 }
             });
             Event::Rebalanced { stage: self.shared.stage, kind: "assign", partitions: &describe(tpl) }.emit();
+            reconcile(consumer, &self.shared);
         }
     }
 
@@ -159,8 +221,10 @@ pub struct Source {
     consumer: Arc<BaseConsumer<SourceContext>>,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Vec<Delivery>>,
-    stop: Arc<AtomicBool>,
+    /// Stops the poll thread, which reads it between polls.
+    stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
+    watchdog: Option<(std_mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Source {
@@ -171,8 +235,15 @@ impl Source {
             stage,
             topic: topic.to_string(),
             tracker: Mutex::new(OffsetTracker::new()),
-            held: Mutex::new(BTreeSet::new()),
+            pause: Mutex::new(PauseState::default()),
             all_paused: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            reachable: AtomicBool::new(true),
+            health: Health::register(stage, topic),
             taken: Mutex::new(0),
             room: Condvar::new(),
             assignment,
@@ -185,7 +256,7 @@ impl Source {
         consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(2);
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let thread = std::thread::Builder::new()
             .name(format!("weir-{}-poll", stage.as_str()))
             .spawn({
@@ -193,13 +264,26 @@ impl Source {
                 move || poll_loop(&consumer, &shared, &tx, &stop)
             })
             .context("spawning poll thread")?;
-        Ok(Source { consumer, shared, rx, stop, thread: Some(thread) })
+        // The watchdog holds the consumer weakly, so the consumer still leaves the group when the
+        // source closes; it stops when `watchdog_stop` is dropped.
+        let (watchdog_stop, stopped) = std_mpsc::channel::<()>();
+        let watchdog = std::thread::Builder::new()
+            .name(format!("weir-{}-watch", stage.as_str()))
+            .spawn({
+                let (consumer, shared) = (Arc::downgrade(&consumer), shared.clone());
+                let stall_after = config.health.stall_after;
+                move || watchdog(&consumer, &shared, &stopped, stall_after)
+            })
+            .context("spawning watchdog thread")?;
+        Ok(Source { consumer, shared, rx, stop, thread: Some(thread), watchdog: Some((watchdog_stop, watchdog)) })
     }
 
     /// The next batch, in partition order; `None` once the source is closed.
     pub async fn recv(&mut self) -> Option<Vec<Delivery>> {
         let batch = self.rx.recv().await;
         if batch.is_some() {
+            self.shared.received.fetch_add(1, Ordering::Relaxed);
+            self.shared.progressed();
             self.shared.wake_poll_thread();
         }
         batch
@@ -211,6 +295,9 @@ impl Source {
     }
 
     pub fn done_all(&self, tickets: &[Ticket]) {
+        if !tickets.is_empty() {
+            self.shared.progressed();
+        }
         let mut store = Vec::new();
         {
             let mut tracker = self.shared.tracker.lock().expect("tracker lock");
@@ -239,18 +326,24 @@ impl Source {
     ///
     /// Made directly on the caller's thread (librdkafka queues the operation), not through the
     /// poll thread, which may be blocked in a poll for a while.
+    ///
+    /// The hold outlives rebalances: a held partition assigned again is paused again, until the
+    /// stage resumes it (see the module docs).
     pub fn pause_partition(&self, partition: i32) {
-        let mut held = self.shared.held.lock().expect("held lock");
-        if held.insert(partition) {
-            apply(&self.consumer, &self.shared, true, [partition]);
+        let mut state = self.shared.pause.lock().expect("pause lock");
+        if state.held.insert(partition) {
+            apply(&self.consumer, &self.shared, &mut state, true, [partition]);
         }
     }
 
+    /// Ends the hold of [`pause_partition`](Self::pause_partition). Also right for a partition
+    /// revoked meanwhile: that clears librdkafka's flag, which would otherwise pause it the next
+    /// time it is assigned.
     pub fn resume_partition(&self, partition: i32) {
-        let mut held = self.shared.held.lock().expect("held lock");
+        let mut state = self.shared.pause.lock().expect("pause lock");
         // While the poll thread holds everything it resumes what is not held itself.
-        if held.remove(&partition) && !self.shared.all_paused.load(Ordering::Relaxed) {
-            apply(&self.consumer, &self.shared, false, [partition]);
+        if state.held.remove(&partition) && !self.shared.all_paused.load(Ordering::Relaxed) {
+            apply(&self.consumer, &self.shared, &mut state, false, [partition]);
         }
     }
 
@@ -272,10 +365,15 @@ impl Source {
 
     /// Stops polling and leaves the group; librdkafka commits the stored offsets on the way out.
     pub fn close(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         self.rx.close();
         self.shared.wake_poll_thread();
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Joined, so it does not hold the consumer (and the group membership) past the close.
+        if let Some((stop, t)) = self.watchdog.take() {
+            drop(stop);
             let _ = t.join();
         }
     }
@@ -293,7 +391,7 @@ impl Ownership {
 
 impl Drop for Source {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         self.shared.wake_poll_thread();
     }
 }
@@ -304,18 +402,38 @@ impl Shared {
         *self.taken.lock().expect("taken lock") += 1;
         self.room.notify_one();
     }
+
+    fn progressed(&self) {
+        self.progress_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn since_progress(&self) -> Duration {
+        self.started.elapsed().saturating_sub(Duration::from_millis(self.progress_ms.load(Ordering::Relaxed)))
+    }
+
+    fn set_reachable(&self, reachable: bool) {
+        if self.reachable.swap(reachable, Ordering::Relaxed) != reachable {
+            self.health.set_reachable(reachable);
+            let (stage, topic) = (self.stage.as_str(), self.topic.as_str());
+            if reachable {
+                tracing::info!(stage, topic, "broker reachable again");
+            } else {
+                tracing::warn!(stage, topic, "broker unreachable; the stage resumes when it is back");
+            }
+        }
+    }
 }
 
 fn poll_loop(
     consumer: &BaseConsumer<SourceContext>,
     shared: &Shared,
     tx: &mpsc::Sender<Vec<Delivery>>,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
 ) {
     let mut batch: Vec<Delivery> = Vec::new();
     let mut raw: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
     let mut paused = false;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         // Wait for the first message only when there is nothing to hand over; then take what
         // librdkafka has already fetched without waiting.
         // While paused, poll anyway (a short wait, so this thread does not spin): polling keeps
@@ -351,8 +469,11 @@ fn poll_loop(
         if batch.is_empty() {
             continue;
         }
+        shared.holding.store(true, Ordering::Relaxed);
         match tx.try_send(std::mem::take(&mut batch)) {
             Ok(()) => {
+                shared.sent.fetch_add(1, Ordering::Relaxed);
+                shared.holding.store(false, Ordering::Relaxed);
                 if paused {
                     set_paused(consumer, shared, false);
                     paused = false;
@@ -360,7 +481,10 @@ fn poll_loop(
             }
             Err(mpsc::error::TrySendError::Full(back)) if !paused => match wait_for_room(tx, shared, stop, back, STALL)
             {
-                Ok(()) => {}
+                Ok(()) => {
+                    shared.sent.fetch_add(1, Ordering::Relaxed);
+                    shared.holding.store(false, Ordering::Relaxed);
+                }
                 Err(mpsc::error::TrySendError::Full(back)) => {
                     batch = back;
                     set_paused(consumer, shared, true);
@@ -395,13 +519,13 @@ const STALL: Duration = Duration::from_millis(1_000);
 fn wait_for_room(
     tx: &mpsc::Sender<Vec<Delivery>>,
     shared: &Shared,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
     mut batch: Vec<Delivery>,
     patience: Duration,
 ) -> Result<(), mpsc::error::TrySendError<Vec<Delivery>>> {
     let deadline = Instant::now() + patience;
     loop {
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_cancelled() {
             return Err(mpsc::error::TrySendError::Closed(batch));
         }
         // Read before trying, so a batch taken between the try and the wait is not missed.
@@ -422,17 +546,46 @@ fn wait_for_room(
 /// Pauses every assigned partition, or resumes those the stage does not hold.
 fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {
     let Ok(assignment) = consumer.assignment() else { return };
-    let held = shared.held.lock().expect("held lock");
+    let mut state = shared.pause.lock().expect("pause lock");
     shared.all_paused.store(pause, Ordering::Relaxed);
-    let partitions =
-        assignment.elements().iter().map(|e| e.partition()).filter(|p| pause || !held.contains(p)).collect::<Vec<_>>();
-    apply(consumer, shared, pause, partitions);
+    let partitions = assignment
+        .elements()
+        .iter()
+        .map(|e| e.partition())
+        .filter(|p| pause || !state.held.contains(p))
+        .collect::<Vec<_>>();
+    apply(consumer, shared, &mut state, pause, partitions);
 }
 
-/// Pauses or resumes `partitions`; call with the `held` lock taken.
+/// Makes librdkafka's pause state of the assigned partitions what the stage wants: paused if the
+/// stage holds them or everything is paused for backpressure, fetching otherwise. Called on every
+/// assignment, because librdkafka carries a pause over from the partition's previous assignment.
+fn reconcile(consumer: &BaseConsumer<SourceContext>, shared: &Shared) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    let mut state = shared.pause.lock().expect("pause lock");
+    let everything = shared.all_paused.load(Ordering::Relaxed);
+    let (pause, resume): (Vec<i32>, Vec<i32>) =
+        assignment.elements().iter().map(|e| e.partition()).partition(|p| everything || state.held.contains(p));
+    // Only what differs: a pause or resume of librdkafka drops what it prefetched for the partition.
+    let pause: Vec<i32> = pause.into_iter().filter(|p| !state.applied.contains(p)).collect();
+    let resume: Vec<i32> = resume.into_iter().filter(|p| state.applied.contains(p)).collect();
+    if !resume.is_empty() {
+        let list = resume.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+        tracing::info!(
+            stage = shared.stage.as_str(),
+            partitions = list,
+            "resuming partitions paused before the rebalance"
+        );
+    }
+    apply(consumer, shared, &mut state, true, pause);
+    apply(consumer, shared, &mut state, false, resume);
+}
+
+/// Pauses or resumes `partitions`, under the `pause` lock (`state` is its guard).
 fn apply(
     consumer: &BaseConsumer<SourceContext>,
     shared: &Shared,
+    state: &mut PauseState,
     pause: bool,
     partitions: impl IntoIterator<Item = i32>,
 ) {
@@ -444,8 +597,183 @@ fn apply(
         return;
     }
     let result = if pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
-    if let Err(e) = result {
-        let detail = format!("partitions {}: {e}", describe(&tpl));
-        Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &detail }.emit();
+    match result {
+        Ok(()) => {
+            for e in tpl.elements() {
+                if pause {
+                    state.applied.insert(e.partition());
+                } else {
+                    state.applied.remove(&e.partition());
+                }
+            }
+        }
+        Err(e) => {
+            let detail = format!("partitions {}: {e}", describe(&tpl));
+            Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &detail }.emit();
+        }
     }
+}
+
+/// Longest a watchdog's question to the broker (watermarks, committed offsets) may take.
+const WATCHDOG_QUERY: Duration = Duration::from_secs(2);
+
+/// The watchdog thread: checks a few times per `stall_after` whether the stage is stalled (see the
+/// module docs), until `stopped` disconnects or the consumer is gone.
+fn watchdog(
+    consumer: &Weak<BaseConsumer<SourceContext>>,
+    shared: &Shared,
+    stopped: &std_mpsc::Receiver<()>,
+    stall_after: Duration,
+) {
+    let every = (stall_after / 4).clamp(Duration::from_millis(25), Duration::from_secs(5));
+    // When the stall was last logged: a stall that goes on is logged again every `stall_after`.
+    let mut logged: Option<Instant> = None;
+    // When the broker was last asked about an idle stage's lag (see `stall_reason`).
+    let mut probed: Option<Instant> = None;
+    loop {
+        match stopped.recv_timeout(every) {
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let Some(consumer) = consumer.upgrade() else { return };
+        let idle = shared.since_progress();
+        // Not a liveness problem: a restart would not bring the broker back. `/health/ready`
+        // reports it, and the stage goes on once the broker is back.
+        let verdict = if idle < stall_after || !shared.reachable.load(Ordering::Relaxed) {
+            Some(None)
+        } else {
+            let may_probe = probed.is_none_or(|at| at.elapsed() >= stall_after);
+            stall_reason(&consumer, shared, idle, may_probe, &mut probed)
+        };
+        drop(consumer);
+        match verdict {
+            // The broker did not answer the watchdog's questions: nothing to conclude this round.
+            None => {}
+            Some(None) => {
+                logged = None;
+                shared.health.set_stalled(None, false);
+            }
+            Some(Some(stalled)) => {
+                let repeat = logged.is_none_or(|at| at.elapsed() >= stall_after);
+                if repeat {
+                    logged = Some(Instant::now());
+                }
+                shared.health.set_stalled(Some(stalled), repeat);
+            }
+        }
+    }
+}
+
+/// Why a stage idle for `idle` is stalled, as far as its source can tell: `Some(None)` when it has
+/// no work waiting (idle, not stalled), `None` when there is nothing to conclude (the broker did
+/// not answer, or it was not asked).
+///
+/// Whether there is work is asked of the broker (the lag); an idle stage with no other sign of
+/// work (nothing held, pending or waiting) asks only when `may_probe` (once per `stall_after`),
+/// so an idle pipeline does not query its broker every few seconds per partition.
+fn stall_reason(
+    consumer: &BaseConsumer<SourceContext>,
+    shared: &Shared,
+    idle: Duration,
+    may_probe: bool,
+    probed: &mut Option<Instant>,
+) -> Option<Option<(&'static str, String)>> {
+    let assigned: Vec<i32> = consumer.assignment().ok()?.elements().iter().map(|e| e.partition()).collect();
+    let held: Vec<i32> = {
+        let state = shared.pause.lock().expect("pause lock");
+        assigned.iter().copied().filter(|p| state.held.contains(p)).collect()
+    };
+    let pending = shared.tracker.lock().expect("tracker lock").pending();
+    let queued = shared.sent.load(Ordering::Relaxed).saturating_sub(shared.received.load(Ordering::Relaxed));
+    let holding = shared.holding.load(Ordering::Relaxed);
+    let all_paused = shared.all_paused.load(Ordering::Relaxed);
+    let signs = !held.is_empty() || pending > 0 || queued > 0 || holding || all_paused;
+    if !signs && !may_probe {
+        return None;
+    }
+    *probed = Some(Instant::now());
+    let lag = match lag(consumer, &shared.topic, &assigned) {
+        Ok(lag) => lag,
+        Err(e) => {
+            tracing::debug!(stage = shared.stage.as_str(), "watchdog: broker did not answer: {e}");
+            return None;
+        }
+    };
+    let behind: i64 = lag.values().sum();
+    let held_behind: Vec<i32> = held.iter().copied().filter(|p| lag.get(p).is_some_and(|l| *l > 0)).collect();
+    let free_behind: Vec<i32> = lag.iter().filter(|(p, l)| **l > 0 && !held.contains(p)).map(|(p, _)| *p).collect();
+
+    let list = |ps: &[i32]| ps.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+    let mut facts = vec![format!("nothing taken or finished for {}s", idle.as_secs())];
+    if all_paused {
+        facts.push(format!(
+            "all assigned partitions ({}) paused for backpressure: the stage does not take batches",
+            list(&assigned)
+        ));
+    }
+    if queued > 0 || holding {
+        facts.push(format!(
+            "{} batch(es) wait for the stage to take them{}",
+            queued + u64::from(holding),
+            if queued > 0 { "" } else { " (the channel is full)" }
+        ));
+    }
+    if !held.is_empty() {
+        facts.push(format!("partitions {} paused by the stage (its work for them is over its bound)", list(&held)));
+    }
+    if pending > 0 {
+        facts.push(format!("{pending} message(s) taken and not finished (their offsets wait)"));
+    }
+    if behind > 0 {
+        facts.push(format!(
+            "{behind} message(s) behind on partitions {}",
+            list(&lag.iter().filter(|(_, l)| **l > 0).map(|(p, _)| *p).collect::<Vec<_>>())
+        ));
+    }
+    if !free_behind.is_empty() && !all_paused {
+        facts.push(format!("partitions {} are behind and not paused by weir, yet deliver nothing", list(&free_behind)));
+    }
+    let reason = if all_paused {
+        "backpressure"
+    } else if queued > 0 || holding {
+        "not_taking_batches"
+    } else if !held_behind.is_empty() {
+        "paused_by_stage"
+    } else if pending > 0 {
+        "offsets_pending"
+    } else if !free_behind.is_empty() {
+        "not_fetching"
+    } else {
+        return Some(None);
+    };
+    Some(Some((reason, facts.join("; "))))
+}
+
+/// Messages not yet delivered to the stage, per assigned partition: the high watermark minus the
+/// position the stage has read to (or, before it read anything in this assignment, the committed
+/// offset, or the low watermark when there is none). Asked of the broker rather than taken from
+/// librdkafka's statistics, whose high watermark is only refreshed by fetches, so a paused
+/// partition's lag would look frozen.
+fn lag(consumer: &BaseConsumer<SourceContext>, topic: &str, assigned: &[i32]) -> KafkaResult<BTreeMap<i32, i64>> {
+    let offset_of = |tpl: &TopicPartitionList, p: i32| match tpl.find_partition(topic, p).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
+    };
+    let positions = consumer.position()?;
+    let mut committed = None;
+    let mut lag = BTreeMap::new();
+    for &p in assigned {
+        let (low, high) = consumer.fetch_watermarks(topic, p, WATCHDOG_QUERY)?;
+        let read = match offset_of(&positions, p) {
+            Some(o) => o,
+            None => {
+                if committed.is_none() {
+                    committed = Some(consumer.committed(WATCHDOG_QUERY)?);
+                }
+                committed.as_ref().and_then(|c| offset_of(c, p)).unwrap_or(low)
+            }
+        };
+        lag.insert(p, (high - read.max(low)).max(0));
+    }
+    Ok(lag)
 }

@@ -66,7 +66,7 @@ pub struct TopicFile {
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
     /// Logical name (`events`, `actions.webhook`); the physical topic is
-    /// [`Config::topic`]`(name)`, i.e. prefixed with `topic_prefix`.
+    /// `config.names().topic(name)`, i.e. prefixed with `topic_prefix`.
     pub name: String,
     /// Partition count: the upper bound of consumer parallelism for the topic. Can be raised by a
     /// later apply, never lowered.
@@ -248,7 +248,7 @@ pub async fn plan(config: &Config, specs: &[TopicSpec]) -> anyhow::Result<Plan> 
     // Existing declared topics, whose configs are compared below: (physical name, spec).
     let mut compare = Vec::new();
     for spec in specs {
-        let topic = config.topic(&spec.name);
+        let topic = config.names().topic(&spec.name);
         if topic.len() > MAX_TOPIC_NAME {
             bail!(
                 "topic {topic}: the name with its prefix is {} characters, Kafka allows {MAX_TOPIC_NAME}",
@@ -471,12 +471,166 @@ async fn wait_until_ready(admin: &Arc<Admin>, brokers: &str, want: &BTreeMap<&st
 /// `dry_run`. Returns the plan for [`print_plan`].
 pub async fn apply_dir(config: &Config, dry_run: bool) -> anyhow::Result<Plan> {
     let mut specs = load_dir(&config.topics_dir)?;
-    specs.extend(service_topics(config, &specs));
+    let derived = service_topics(config, &specs)?;
+    specs.extend(derived);
     let plan = plan(config, &specs).await?;
+    // Before anything changes: a combination of limits that cannot work is refused, not applied.
+    let admin = Arc::new(kafka::admin(config)?);
+    let topic_limits = declared_limits(config, &admin, &specs).await?;
+    check_combination(config, producer_max_bytes(config)?, &topic_limits)?;
     if !dry_run {
         apply(config, &plan).await?;
     }
     Ok(plan)
+}
+
+/// The producer's `message.max.bytes`: librdkafka's default (1,000,000) unless `kafka:` in the
+/// config sets it. The producer refuses a larger record before it leaves the process.
+pub fn producer_max_bytes(config: &Config) -> anyhow::Result<usize> {
+    let native = kafka::producer_config(config).create_native_config().context("reading the producer config")?;
+    let value = native.get("message.max.bytes").context("reading the producer's message.max.bytes")?;
+    value.parse().with_context(|| format!("the producer's message.max.bytes {value:?} is not a number"))
+}
+
+/// The largest batch a topic accepts, and where that number comes from (for messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicLimit {
+    /// Physical name.
+    pub topic: String,
+    /// Its `max.message.bytes`.
+    pub bytes: usize,
+    /// `declared in topics/`, `on the broker`, `the broker default`.
+    pub source: &'static str,
+}
+
+/// Refuses limits that cannot work together, naming both numbers:
+/// - `limits.max_record_bytes` above the producer's `message.max.bytes`: records in between are
+///   refused by the producer, after weir measured them as fine;
+/// - a topic weir writes whose `max.message.bytes` is below the producer's `message.max.bytes`:
+///   librdkafka fills batches up to its own limit and the broker refuses any larger than the
+///   topic's, so records that each fit would still be refused, in batches.
+pub fn check_combination(config: &Config, producer_max: usize, topics: &[TopicLimit]) -> anyhow::Result<()> {
+    let max_record = config.limits.max_record_bytes;
+    if max_record > producer_max {
+        bail!(
+            "limits.max_record_bytes is {max_record} bytes but the producer's message.max.bytes is {producer_max}: \
+             records between the two would be refused by the producer; lower limits.max_record_bytes to at most \
+             {producer_max}, or raise message.max.bytes under `kafka:` in the config"
+        );
+    }
+    let mut problems = Vec::new();
+    for t in topics.iter().filter(|t| t.bytes < producer_max) {
+        problems.push(format!(
+            "topic {} accepts batches of at most {} bytes (max.message.bytes, {}), less than the producer's \
+             message.max.bytes of {producer_max}: batches between the two would be refused",
+            t.topic, t.bytes, t.source
+        ));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{}; raise the topic's max.message.bytes (in topics/*.yaml, then `weir topics apply`), or lower \
+             message.max.bytes under `kafka:` in the config (and limits.max_record_bytes to at most that)",
+            problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The topics the pipeline's stages write: the dead-letter and results topics and every
+/// configured service's action and delay topics (physical names).
+pub fn written_topics(config: &Config) -> Vec<String> {
+    let names = config.names();
+    let mut topics = vec![names.dlq(), names.results()];
+    for (name, service) in &config.services {
+        topics.push(names.actions(name));
+        topics.extend(service.retry.tier_names().iter().map(|t| names.retry(name, t)));
+    }
+    topics
+}
+
+/// At start: checks `limits.max_record_bytes`, the producer's `message.max.bytes` and the
+/// `max.message.bytes` of every topic the stages write, as the broker has them (see
+/// [`check_combination`]). A topic that does not exist is left to the stage that needs it, which
+/// says to run `weir topics apply`.
+pub async fn check_limits(config: &Config) -> anyhow::Result<()> {
+    let producer_max = producer_max_bytes(config)?;
+    let admin = kafka::admin(config)?;
+    let topics = written_topics(config);
+    let described = describe_max_message_bytes(&admin, &topics).await?;
+    let limits: Vec<TopicLimit> = described
+        .into_iter()
+        .filter_map(|(topic, bytes)| Some(TopicLimit { topic, bytes: bytes?, source: "on the broker" }))
+        .collect();
+    check_combination(config, producer_max, &limits)
+}
+
+/// `max.message.bytes` of each topic, `None` for one that could not be described (missing).
+async fn describe_max_message_bytes(admin: &Admin, topics: &[String]) -> anyhow::Result<Vec<(String, Option<usize>)>> {
+    if topics.is_empty() {
+        return Ok(Vec::new());
+    }
+    let resources: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let results = admin.describe_configs(&resources, &admin_options()).await.context("describing topic configs")?;
+    // Results come in request order (see `plan`).
+    Ok(topics
+        .iter()
+        .zip(results)
+        .map(|(topic, result)| {
+            let bytes = result.ok().and_then(|r| r.get("max.message.bytes")?.value.as_deref()?.parse().ok());
+            (topic.clone(), bytes)
+        })
+        .collect())
+}
+
+/// What `max.message.bytes` each declared topic will have after apply: the declared value, else
+/// the existing topic's, else the broker's default for new topics.
+async fn declared_limits(config: &Config, admin: &Arc<Admin>, specs: &[TopicSpec]) -> anyhow::Result<Vec<TopicLimit>> {
+    let mut limits = Vec::new();
+    let mut undeclared = Vec::new();
+    for spec in specs {
+        let topic = config.names().topic(&spec.name);
+        match spec.config.get("max.message.bytes") {
+            Some(v) => {
+                let bytes = v.parse().with_context(|| {
+                    format!("topic {:?}: config: max.message.bytes {v:?} is not a number", spec.name)
+                })?;
+                limits.push(TopicLimit { topic, bytes, source: "declared in topics_dir" });
+            }
+            None => undeclared.push(topic),
+        }
+    }
+    let mut missing = Vec::new();
+    for (topic, bytes) in describe_max_message_bytes(admin, &undeclared).await? {
+        match bytes {
+            Some(bytes) => limits.push(TopicLimit { topic, bytes, source: "on the broker" }),
+            None => missing.push(topic),
+        }
+    }
+    if !missing.is_empty() {
+        if let Some(bytes) = broker_default_max_bytes(admin).await? {
+            limits.extend(missing.into_iter().map(|topic| TopicLimit { topic, bytes, source: "the broker default" }));
+        }
+    }
+    Ok(limits)
+}
+
+/// The broker's `message.max.bytes`: what a topic created without `max.message.bytes` gets.
+async fn broker_default_max_bytes(admin: &Arc<Admin>) -> anyhow::Result<Option<usize>> {
+    let a = Arc::clone(admin);
+    let metadata = tokio::task::spawn_blocking(move || a.inner().fetch_metadata(None, METADATA_TIMEOUT))
+        .await
+        .context("metadata fetch task failed")?
+        .context("fetching cluster metadata")?;
+    let Some(broker) = metadata.brokers().first().map(|b| b.id()) else { return Ok(None) };
+    let results = admin
+        .describe_configs(&[ResourceSpecifier::Broker(broker)], &admin_options())
+        .await
+        .context("describing the broker config")?;
+    Ok(results
+        .into_iter()
+        .next()
+        .and_then(|r| r.ok())
+        .and_then(|r| r.get("message.max.bytes")?.value.as_deref()?.parse().ok()))
 }
 
 /// Deletes every topic whose name starts with `config.topic_prefix`: how tests and benchmarks,
@@ -497,23 +651,53 @@ pub async fn delete_all(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The delay topics (`actions.<service>.retry.<tier>`) of every configured service that the files
-/// do not declare, derived from the service's declared `actions.<service>`: same partitions,
-/// replication and config. The files stay the source of truth (a declared delay topic wins), and
-/// adding a service or a tier to the config cannot leave its retries without a topic.
-pub fn service_topics(config: &Config, declared: &[TopicSpec]) -> Vec<TopicSpec> {
+/// Partitions and replication of a service's action topic that `topics/*.yaml` does not declare:
+/// those of the declared `events` topic (tasks are keyed by tenant like the events they come
+/// from, so the same parallelism fits), with [`DERIVED_ACTIONS_CONFIG`].
+pub const DERIVED_ACTIONS_FROM: &str = "events";
+
+/// Topic config of a derived action topic: 7 days' retention, as the repo's `actions.webhook`.
+pub const DERIVED_ACTIONS_CONFIG: [(&str, &str); 2] = [("cleanup.policy", "delete"), ("retention.ms", "604800000")];
+
+/// The topics of every configured service that the files do not declare, so that a service added
+/// to `weir.yaml` gets its topics from `weir topics apply`:
+/// - `actions.<service>`: partitions and replication of `events`, config
+///   [`DERIVED_ACTIONS_CONFIG`] (declare it to choose otherwise);
+/// - its delay topics `actions.<service>.retry.<tier>`: the same partitions, replication and
+///   config as `actions.<service>`, declared or derived.
+///
+/// The files stay the source of truth: a declared topic always wins. Without a declared `events`
+/// topic an undeclared action topic cannot be derived, and the error names the service and what
+/// to declare.
+pub fn service_topics(config: &Config, declared: &[TopicSpec]) -> anyhow::Result<Vec<TopicSpec>> {
+    let names = crate::config::Names::logical();
     let mut derived = Vec::new();
     for (name, service) in &config.services {
-        let main = format!("actions.{name}");
-        let Some(base) = declared.iter().find(|s| s.name == main) else { continue };
+        let main = names.actions(name);
+        let base = match declared.iter().find(|s| s.name == main) {
+            Some(base) => base.clone(),
+            None => {
+                let Some(events) = declared.iter().find(|s| s.name == DERIVED_ACTIONS_FROM) else {
+                    bail!(
+                        "services.{name}: topic {main} is not declared in {} and cannot be derived without a \
+                         declared `{DERIVED_ACTIONS_FROM}` topic; declare {main} there",
+                        config.topics_dir.display()
+                    );
+                };
+                let config = DERIVED_ACTIONS_CONFIG.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                let spec = TopicSpec { name: main.clone(), config, ..events.clone() };
+                derived.push(spec.clone());
+                spec
+            }
+        };
         for tier in service.retry.tier_names() {
-            let name = format!("{main}.retry.{tier}");
+            let name = names.retry(name, &tier);
             if !declared.iter().any(|s| s.name == name) {
                 derived.push(TopicSpec { name, ..base.clone() });
             }
         }
     }
-    derived
+    Ok(derived)
 }
 
 /// Prints one line per change to stdout, or `no changes`. Lines read as the action taken
@@ -583,16 +767,44 @@ mod tests {
         let specs = load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
         let mut config = Config::default();
         config.services.insert("webhook".into(), Default::default());
-        assert!(service_topics(&config, &specs).is_empty(), "the repo declares webhook's delay topics");
+        assert!(service_topics(&config, &specs).unwrap().is_empty(), "the repo declares webhook's delay topics");
         let mut extra = specs.clone();
         extra.push(TopicSpec { name: "actions.slack".into(), partitions: 3, ..specs[0].clone() });
         let mut slack = crate::config::ServiceConfig::default();
-        slack.retry.tiers_ms = vec![5_000, 120_000];
+        slack.retry.tiers = vec![Duration::from_secs(5), Duration::from_secs(120)];
         config.services.insert("slack".into(), slack);
-        let derived = service_topics(&config, &extra);
+        let derived = service_topics(&config, &extra).unwrap();
         let names: Vec<&str> = derived.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["actions.slack.retry.5s", "actions.slack.retry.2m"]);
         assert!(derived.iter().all(|s| s.partitions == 3));
+    }
+
+    #[test]
+    fn an_undeclared_service_gets_its_action_topic_from_events() {
+        let specs = load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+        let events = specs.iter().find(|s| s.name == "events").unwrap();
+        let mut config = Config::default();
+        config.services.insert("crm".into(), Default::default());
+        let derived = service_topics(&config, &specs).unwrap();
+        let names: Vec<&str> = derived.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "actions.crm",
+                "actions.crm.retry.1s",
+                "actions.crm.retry.10s",
+                "actions.crm.retry.1m",
+                "actions.crm.retry.10m"
+            ]
+        );
+        for spec in &derived {
+            assert_eq!((spec.partitions, spec.replication_factor), (events.partitions, events.replication_factor));
+            assert_eq!(spec.config["retention.ms"], "604800000", "{}", spec.name);
+            assert!(!spec.config.contains_key("max.message.bytes"), "events' own settings are not copied");
+        }
+        let without_events: Vec<TopicSpec> = specs.iter().filter(|s| s.name != "events").cloned().collect();
+        let err = service_topics(&config, &without_events).unwrap_err().to_string();
+        assert!(err.contains("services.crm") && err.contains("declare actions.crm"), "{err}");
     }
 
     #[test]
@@ -644,6 +856,24 @@ mod tests {
         assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
         let err = load_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("no *.yaml"), "{err}");
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_refused_naming_both_numbers() {
+        let mut config = Config::default();
+        let topic = |bytes| TopicLimit { topic: "t.results".into(), bytes, source: "declared in topics_dir" };
+        check_combination(&config, 1_000_000, &[topic(1_048_588)]).unwrap();
+        let err = check_combination(&config, 1_000_000, &[topic(500_000)]).unwrap_err().to_string();
+        assert!(err.contains("t.results") && err.contains("500000") && err.contains("1000000"), "{err}");
+        config.limits.max_record_bytes = 2_000_000;
+        let err = check_combination(&config, 1_000_000, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("limits.max_record_bytes is 2000000") && err.contains("message.max.bytes is 1000000"),
+            "{err}"
+        );
+        config.kafka.insert("message.max.bytes".into(), "3000000".into());
+        assert_eq!(producer_max_bytes(&config).unwrap(), 3_000_000);
+        assert_eq!(producer_max_bytes(&Config::default()).unwrap(), 1_000_000);
     }
 
     #[test]

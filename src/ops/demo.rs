@@ -11,13 +11,13 @@ use serde_json::json;
 
 use crate::{
     config::{Config, ServiceConfig},
-    engine::definitions,
     envelope::{Event, Format},
     kafka::topics,
     ops::produce::Producer,
     ops::receiver::Receiver,
+    ops::workflows,
     pipeline::Pipeline,
-    shutdown,
+    shutdown::CancellationToken,
     stages::record,
     telemetry,
 };
@@ -59,9 +59,10 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     config.topic_prefix = run.clone();
     let receiver = Receiver::start().await.context("starting the local HTTP receiver")?;
     config.services.clear();
-    config
-        .services
-        .insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
+    config.services.insert(
+        "webhook".into(),
+        ServiceConfig { url: receiver.url("hook"), timeout: Duration::from_secs(5), ..Default::default() },
+    );
     // The receiver runs on this machine, which the network policy refuses by default.
     config.network.allow.push(ipnet::IpNet::from(std::net::IpAddr::from([127, 0, 0, 1])));
     config.validate()?;
@@ -73,18 +74,19 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
         receiver.url("hook")
     );
 
-    let (stop_metrics, metrics_shutdown) = shutdown::channel();
+    // Stops the metrics server however the demo ends.
+    let stop_metrics = CancellationToken::new().drop_guard();
     let metrics_addr = config.metrics_addr.unwrap_or(([127, 0, 0, 1], 0).into());
-    let (metrics_addr, _) = match telemetry::serve_metrics(metrics_addr, metrics_shutdown).await {
+    let (metrics_addr, _) = match telemetry::serve_metrics(metrics_addr, stop_metrics.token().clone()).await {
         Ok(bound) => bound,
-        Err(_) => telemetry::serve_metrics(([127, 0, 0, 1], 0).into(), stop_metrics.subscribe()).await?,
+        Err(_) => telemetry::serve_metrics(([127, 0, 0, 1], 0).into(), stop_metrics.token().clone()).await?,
     };
     println!("  metrics http://{metrics_addr}/metrics\n\n1. topics (topics/*.yaml, prefix {run})");
     let plan = topics::apply_dir(&config, false).await?;
     topics::print_plan(&plan, false);
 
     println!("\n2. workflows from {} → definitions topic", config.workflows.display());
-    definitions::apply_dir(&config, &config.workflows, false).await?.print(false);
+    workflows::apply_dir(&config, &config.workflows, false).await?.print(false);
     println!("\n3. pipeline: evaluate → execute(webhook) → sink(PostgreSQL)");
     let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await?;
 
@@ -139,7 +141,7 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
         println!("   {line}");
     }
     pipeline.stop().await?;
-    stop_metrics.fire();
+    drop(stop_metrics);
     if receiver.succeeded() < expected || (rows as usize) < expected {
         anyhow::bail!("demo incomplete: expected {expected} calls and rows within 120 s");
     }

@@ -16,6 +16,11 @@
 //! the resent records, so a crash can at worst send a letter twice (harmless: an action task's
 //! `Idempotency-Key` is its task id), never skip one. A later redrive leaves marked letters alone
 //! unless asked `again`.
+//!
+//! A dead letter too large to keep whole holds only a prefix of its payload (see
+//! [`crate::kafka::dead_letter`]). Redriving it re-reads the original from its origin topic,
+//! partition and offset, checks it against the SHA-256 the letter kept, and sends that; once the
+//! origin topic's retention has removed it, the redrive of that letter fails saying so.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,7 +36,12 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
 };
 
-use crate::{config::Config, envelope, kafka, kafka::dead_letter, telemetry::Event};
+use crate::{
+    config::Config,
+    envelope, kafka,
+    kafka::{dead_letter, limits},
+    telemetry::Event,
+};
 
 /// Which dead letters a command applies to; every field set must match.
 #[derive(Debug, Clone, Default)]
@@ -74,7 +84,7 @@ impl DeadLetter {
     }
 
     fn matches(&self, config: &Config, filter: &Filter) -> bool {
-        let service_topic = filter.service.as_ref().map(|s| config.topic(&format!("actions.{s}")));
+        let service_topic = filter.service.as_ref().map(|s| config.names().actions(s));
         service_topic.is_none_or(|t| self.header(dead_letter::ORIGIN_TOPIC) == Some(t.as_str()))
             && filter.tenant.as_ref().is_none_or(|t| self.key() == *t)
             && filter.since.is_none_or(|since| self.time().is_some_and(|t| t >= since))
@@ -187,8 +197,8 @@ struct Read {
 /// Reads the whole dead-letter topic with a consumer of the `dlq-redrive` group that never joins
 /// it (assigned, not subscribed) and commits only what [`redrive`] decides. Blocking.
 fn read(config: &Config) -> anyhow::Result<Read> {
-    let topic = config.topic("dlq");
-    let group = config.group("dlq-redrive");
+    let topic = config.names().dlq();
+    let group = config.names().group("dlq-redrive");
     let consumer: BaseConsumer = kafka::consumer_config(config, &group)
         .set("enable.auto.commit", "false")
         .create()
@@ -262,7 +272,7 @@ pub fn show(config: &Config, id: &str) -> anyhow::Result<DeadLetter> {
     list(config, &Filter::default())?
         .into_iter()
         .find(|d| d.partition == p && d.offset == o)
-        .with_context(|| format!("no dead letter {id} in {}", config.topic("dlq")))
+        .with_context(|| format!("no dead letter {id} in {}", config.names().dlq()))
 }
 
 /// What a redrive did.
@@ -287,13 +297,14 @@ pub async fn redrive(config: &Config, filter: &Filter, again: bool) -> anyhow::R
     let mut resent: BTreeMap<i32, BTreeSet<i64>> = BTreeMap::new();
     let mut sends = FuturesUnordered::new();
     let mut failure = None;
+    let producer_max = crate::kafka::topics::producer_max_bytes(config)?;
     for letter in read.letters.iter().filter(|d| d.matches(config, filter)) {
         if letter.redriven && !again {
             outcome.skipped += 1;
             continue;
         }
         // Sent concurrently: the idempotent producer keeps each origin partition's order.
-        sends.push(resend(&producer, letter));
+        sends.push(resend(config, &producer, producer_max, letter));
         if sends.len() >= 1_000 {
             collect(sends.next().await, &mut resent, &mut failure);
         }
@@ -303,7 +314,7 @@ pub async fn redrive(config: &Config, filter: &Filter, again: bool) -> anyhow::R
     }
     drop(sends);
     outcome.sent = resent.values().map(BTreeSet::len).sum();
-    let topic = config.topic("dlq");
+    let topic = config.names().dlq();
     let mut commit = TopicPartitionList::new();
     for (p, (end, mark)) in &read.partitions {
         let Some(resent) = resent.get(p) else { continue };
@@ -319,47 +330,139 @@ pub async fn redrive(config: &Config, filter: &Filter, again: bool) -> anyhow::R
         let consumer = read.consumer;
         tokio::task::spawn_blocking(move || consumer.commit(&commit, CommitMode::Sync))
             .await?
-            .with_context(|| format!("recording the redrive in group {}", config.group("dlq-redrive")))?;
+            .with_context(|| format!("recording the redrive in group {}", config.names().group("dlq-redrive")))?;
     }
     Event::Redriven { count: outcome.sent }.emit();
     match failure {
-        Some(e) => Err(e.context(format!("{} dead letters were redriven and recorded before", outcome.sent))),
+        Some((e, 0)) => Err(e.context(format!("{} dead letters were redriven and recorded", outcome.sent))),
+        Some((e, more)) => Err(e.context(format!(
+            "{} dead letters were redriven and recorded; {more} more could not be (run again to see each)",
+            outcome.sent
+        ))),
         None => Ok(outcome),
     }
 }
 
-fn collect(
-    sent: Option<anyhow::Result<(i32, i64)>>,
-    resent: &mut BTreeMap<i32, BTreeSet<i64>>,
-    failure: &mut Option<anyhow::Error>,
-) {
+/// The first failure, and how many more there were.
+type Failure = Option<(anyhow::Error, usize)>;
+
+fn collect(sent: Option<anyhow::Result<(i32, i64)>>, resent: &mut BTreeMap<i32, BTreeSet<i64>>, failure: &mut Failure) {
     match sent {
         Some(Ok((p, o))) => {
             resent.entry(p).or_default().insert(o);
         }
-        Some(Err(e)) => {
-            failure.get_or_insert(e);
-        }
+        Some(Err(e)) => match failure {
+            Some((_, more)) => *more += 1,
+            None => *failure = Some((e, 0)),
+        },
         None => {}
     }
 }
 
-/// Sends `letter` back to its origin topic as it was before it failed; returns its id's
-/// partition and offset once the broker has acknowledged it.
-async fn resend(producer: &FutureProducer, letter: &DeadLetter) -> anyhow::Result<(i32, i64)> {
+/// Sends `letter` back to its origin topic as it was before it failed (re-read from there when
+/// the letter holds only a prefix); returns its id's partition and offset once the broker has
+/// acknowledged it.
+async fn resend(
+    config: &Config,
+    producer: &FutureProducer,
+    producer_max: usize,
+    letter: &DeadLetter,
+) -> anyhow::Result<(i32, i64)> {
     let origin = letter
         .header(dead_letter::ORIGIN_TOPIC)
         .with_context(|| format!("dead letter {} has no {} header", letter.id(), dead_letter::ORIGIN_TOPIC))?;
+    let original = match letter.header(dead_letter::PAYLOAD_SHA256) {
+        Some(_) => {
+            let (config, letter) = (config.clone(), letter.clone());
+            tokio::task::spawn_blocking(move || read_original(&config, &letter)).await??
+        }
+        None => letter.message.clone(),
+    };
     let headers = kafka::rewrite_headers(
-        &letter.message,
-        |k| k.starts_with("weir.error.") || k.starts_with("weir.origin.") || k.starts_with("weir.retry."),
+        &original,
+        |k| {
+            k.starts_with("weir.error.")
+                || k.starts_with("weir.origin.")
+                || k.starts_with("weir.retry.")
+                || k.starts_with("weir.truncated.")
+        },
         &[],
     );
-    let payload = reset_attempt(&letter.message);
-    kafka::send(producer, origin, letter.message.key(), &payload, headers)
+    let payload = reset_attempt(&original);
+    let size = limits::record_size(original.key(), &payload, Some(&headers));
+    if size > producer_max {
+        anyhow::bail!(
+            "redriving {} to {origin}: the record is {size} bytes, over the producer's message.max.bytes of \
+             {producer_max}; raise message.max.bytes under `kafka:` in the config to redrive it",
+            letter.id()
+        );
+    }
+    kafka::send(producer, origin, original.key(), &payload, headers)
         .await
         .with_context(|| format!("redriving {} to {origin}", letter.id()))?;
     Ok((letter.partition, letter.offset))
+}
+
+/// The record a truncated dead letter came from, read from its origin coordinates and checked
+/// against the SHA-256 the letter kept. Blocking.
+pub fn read_original(config: &Config, letter: &DeadLetter) -> anyhow::Result<OwnedMessage> {
+    let id = letter.id();
+    let coordinate = |name: &str| {
+        letter.header(name).with_context(|| format!("dead letter {id} holds a prefix only and has no {name} header"))
+    };
+    let topic = coordinate(dead_letter::ORIGIN_TOPIC)?;
+    let partition: i32 = coordinate(dead_letter::ORIGIN_PARTITION)?.parse().context("origin partition")?;
+    let offset: i64 = coordinate(dead_letter::ORIGIN_OFFSET)?.parse().context("origin offset")?;
+    let sha256 = coordinate(dead_letter::PAYLOAD_SHA256)?;
+    let (kept, size) = (
+        letter.header(dead_letter::PAYLOAD_KEPT).unwrap_or("?"),
+        letter.header(dead_letter::PAYLOAD_SIZE).unwrap_or("?"),
+    );
+    let at = format!("{topic} partition {partition} offset {offset}");
+    let gone = |why: String| {
+        anyhow::anyhow!(
+            "dead letter {id} kept only the first {kept} of {size} bytes, and the original at {at} {why}; \
+             it cannot be redriven (`weir dlq show {id} --full` shows what was kept)"
+        )
+    };
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.names().group("dlq-redrive"))
+        .set("enable.auto.commit", "false")
+        // Past the retained range is an error, not a silent jump to another record.
+        .set("auto.offset.reset", "error")
+        .create()
+        .context("creating Kafka consumer")?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, kafka::METADATA_TIMEOUT)
+        .with_context(|| format!("reading the offsets of {topic} partition {partition}"))?;
+    if offset < low {
+        return Err(gone(format!("is no longer retained (the partition now starts at offset {low})")));
+    }
+    if offset >= high {
+        return Err(gone(format!("is past the partition's end ({high}): was the topic deleted and created again?")));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).context("assigning")?;
+    consumer.assign(&tpl).with_context(|| format!("reading {at}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.offset() == offset => {
+                let original = m.detach();
+                if limits::sha256_hex(original.payload().unwrap_or_default()) != sha256 {
+                    return Err(gone("differs from the record dead-lettered (SHA-256)".into()));
+                }
+                return Ok(original);
+            }
+            // Compaction or a transaction marker removed it.
+            Some(Ok(_)) => return Err(gone("is no longer retained".into())),
+            Some(Err(e)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AutoOffsetReset) => {
+                return Err(gone(format!("is no longer retained ({e})")));
+            }
+            Some(Err(e)) => return Err(e).with_context(|| format!("reading {at}")),
+            None => {}
+        }
+    }
+    anyhow::bail!("reading {at}: the record did not arrive within 30 s")
 }
 
 /// The payload, with an action task's attempt back at 1 (JSON only; anything else unchanged).
@@ -399,24 +502,86 @@ pub fn print_list(letters: &[DeadLetter]) {
     }
 }
 
-/// `weir dlq show` output: headers, then the payload (pretty JSON when it is JSON).
-pub fn print_one(d: &DeadLetter) {
-    println!("id: {}\nkey: {}\nredriven: {}", d.id(), d.key(), if d.redriven { "yes" } else { "no" });
+/// How much of a payload (or header value) `weir dlq show` prints without `--full`.
+pub const SHOW_BYTES: usize = 4096;
+
+/// `weir dlq show` output: headers, then the payload (pretty JSON when it is JSON). Without
+/// `full`, a payload or header value over [`SHOW_BYTES`] is cut there, saying how much is left.
+pub fn print_one(d: &DeadLetter, full: bool) {
+    print!("{}", render_one(d, full));
+}
+
+/// What [`print_one`] prints.
+pub fn render_one(d: &DeadLetter, full: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "id: {}\nkey: {}\nredriven: {}", d.id(), d.key(), if d.redriven { "yes" } else { "no" });
     if let Some(headers) = d.message.headers() {
         for h in headers.iter() {
-            println!("{}: {}", h.key, h.value.map(String::from_utf8_lossy).unwrap_or_default());
+            let value = String::from_utf8_lossy(h.value.unwrap_or_default());
+            let _ = writeln!(out, "{}: {}", h.key, cut(&value, full));
         }
     }
     let payload = d.message.payload().unwrap_or_default();
-    match serde_json::from_slice::<serde_json::Value>(payload) {
-        Ok(v) => println!("\n{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-        Err(_) => println!("\n<{} bytes, not JSON>", payload.len()),
+    if let (Some(size), Some(kept)) = (d.header(dead_letter::PAYLOAD_SIZE), d.header(dead_letter::PAYLOAD_KEPT)) {
+        let _ = writeln!(
+            out,
+            "\nthe payload below is the first {kept} of {size} bytes; `weir dlq redrive` re-reads the whole \
+             from its origin while that topic retains it"
+        );
     }
+    let text = match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+        Err(_) if std::str::from_utf8(payload).is_ok() || payload.len() > SHOW_BYTES => {
+            String::from_utf8_lossy(payload).into_owned()
+        }
+        Err(_) => format!("<{} bytes, not text>", payload.len()),
+    };
+    let _ = writeln!(out, "\n{}", cut(&text, full));
+    out
+}
+
+/// `text`, or its first [`SHOW_BYTES`] (on a character boundary) and what was left out.
+fn cut(text: &str, full: bool) -> std::borrow::Cow<'_, str> {
+    if full || text.len() <= SHOW_BYTES {
+        return text.into();
+    }
+    let end = (0..=SHOW_BYTES).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    format!("{}\n… {} more bytes ({} in all); --full shows everything", &text[..end], text.len() - end, text.len())
+        .into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn letter(payload: Vec<u8>) -> DeadLetter {
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: dead_letter::REASON, value: Some("too big") });
+        let message = OwnedMessage::new(
+            Some(payload),
+            Some(b"t".to_vec()),
+            "dlq".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            7,
+            Some(headers),
+        );
+        DeadLetter { partition: 0, offset: 7, message, redriven: false }
+    }
+
+    #[test]
+    fn show_cuts_large_payloads_unless_full() {
+        let big = serde_json::to_vec(&serde_json::json!({"data": "é".repeat(1_000_000)})).unwrap();
+        let shown = render_one(&letter(big.clone()), false);
+        assert!(shown.len() < 2 * SHOW_BYTES, "{} bytes shown", shown.len());
+        assert!(shown.contains("reason: too big") && shown.contains("more bytes") && shown.contains("--full"));
+        let full = render_one(&letter(big), true);
+        assert!(full.len() > 2_000_000 && !full.contains("--full"));
+        let small = render_one(&letter(br#"{"a":1}"#.to_vec()), false);
+        assert!(small.contains("\"a\": 1") && !small.contains("more bytes"));
+        assert!(render_one(&letter(vec![0xff; 10]), false).contains("<10 bytes, not text>"));
+    }
 
     #[test]
     fn since_takes_times_and_durations() {

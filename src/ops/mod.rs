@@ -6,3 +6,4 @@ pub mod demo;
 pub mod dlq;
 pub mod produce;
 pub mod receiver;
+pub mod workflows;

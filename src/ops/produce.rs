@@ -20,7 +20,7 @@ use rdkafka::{
 use crate::{
     config::Config,
     envelope::{self, Event, Format},
-    kafka,
+    kafka::{self, limits, topics},
     telemetry::{self, Stage},
 };
 
@@ -43,7 +43,7 @@ pub struct Producer {
 impl Producer {
     /// A producer for the events topic of `config`.
     pub fn new(config: &Config) -> anyhow::Result<Producer> {
-        Self::for_topic(config, &config.topic("events"))
+        Self::for_topic(config, &config.names().events())
     }
 
     /// A producer for any (physical) topic.
@@ -64,15 +64,84 @@ impl Producer {
     /// Sends bytes as they are, with a content type: for tools and tests that need to put
     /// arbitrary (even malformed) payloads on the topic.
     pub async fn send_raw(&self, key: &[u8], payload: &[u8], content_type: &str) -> anyhow::Result<Written> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: envelope::CONTENT_TYPE, value: Some(content_type) })
-            .insert(Header { key: PRODUCED_AT, value: Some(now.as_str()) });
-        let (partition, offset) = kafka::send(&self.inner, &self.topic, Some(key), payload, headers)
-            .await
-            .with_context(|| format!("producing to {}", self.topic))?;
+        self.send_payload(key, payload, content_type).await.with_context(|| format!("producing to {}", self.topic))
+    }
+
+    async fn send_payload(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+        content_type: &str,
+    ) -> Result<Written, rdkafka::error::KafkaError> {
+        let (partition, offset) =
+            kafka::send(&self.inner, &self.topic, Some(key), payload, headers(content_type)).await?;
         telemetry::Event::Produced { stage: Stage::Produce, topic: &self.topic, count: 1 }.emit();
         Ok(Written { partition, offset })
+    }
+
+    /// `weir produce`: sends the events of an input file, each named by its line in errors. Every
+    /// record is measured first against the largest the producer and the topic accept, and a
+    /// line over it is refused before anything is sent, naming the line, the size and the limit.
+    /// Returns how many were acknowledged.
+    pub async fn send_lines(&self, config: &Config, lines: Vec<(usize, Event)>, format: Format) -> anyhow::Result<u64> {
+        let (limit, what) = self.limit(config).await?;
+        let mut records = Vec::with_capacity(lines.len());
+        for (line, event) in lines {
+            let payload = envelope::encode(&event, format)
+                .with_context(|| format!("line {line}: encoding event {:?}", event.id))?;
+            let size =
+                limits::record_size(Some(event.tenant.as_bytes()), &payload, Some(&headers(format.content_type())));
+            if size > limit {
+                anyhow::bail!(
+                    "line {line}: event {:?} is a {size}-byte record, over the limit of {limit} bytes ({what}); nothing was produced",
+                    event.id
+                );
+            }
+            records.push((line, event.id, event.tenant, payload, size));
+        }
+        let mut inflight = FuturesUnordered::new();
+        let mut sent = 0u64;
+        let failed = |line: usize, id: String, size: usize, e: rdkafka::error::KafkaError, sent: u64| {
+            anyhow::anyhow!("line {line}: event {id:?} ({size}-byte record) was not produced to {}: {e} ({sent} events before it were)", self.topic)
+        };
+        for (line, id, key, payload, size) in records {
+            if inflight.len() >= 10_000 {
+                if let Some(Err((line, id, size, e))) = inflight.next().await {
+                    return Err(failed(line, id, size, e, sent));
+                }
+                sent += 1;
+            }
+            inflight.push(async move {
+                self.send_payload(key.as_bytes(), &payload, format.content_type())
+                    .await
+                    .map_err(|e| (line, id, size, e))
+            });
+        }
+        while let Some(r) = inflight.next().await {
+            if let Err((line, id, size, e)) = r {
+                return Err(failed(line, id, size, e, sent));
+            }
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    /// The largest record this producer can put on its topic, and what sets it: the producer's
+    /// `message.max.bytes`, or the topic's `max.message.bytes` when that is smaller.
+    async fn limit(&self, config: &Config) -> anyhow::Result<(usize, String)> {
+        let producer = topics::producer_max_bytes(config)?;
+        let admin = kafka::admin(config)?;
+        let opts = rdkafka::admin::AdminOptions::new().request_timeout(Some(kafka::METADATA_TIMEOUT));
+        let described = admin
+            .describe_configs(&[rdkafka::admin::ResourceSpecifier::Topic(&self.topic)], &opts)
+            .await
+            .ok()
+            .and_then(|r| r.into_iter().next()?.ok())
+            .and_then(|r| r.get("max.message.bytes")?.value.as_deref()?.parse::<usize>().ok());
+        Ok(match described {
+            Some(topic) if topic < producer => (topic, format!("max.message.bytes of topic {}", self.topic)),
+            _ => (producer, "the producer's message.max.bytes".into()),
+        })
     }
 
     /// Sends many events, each in its own format, with up to `window` in flight; returns how
@@ -98,8 +167,21 @@ impl Producer {
     }
 }
 
+/// The `content-type` and produce-time headers of a produced event.
+fn headers(content_type: &str) -> OwnedHeaders {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis().to_string();
+    OwnedHeaders::new()
+        .insert(Header { key: envelope::CONTENT_TYPE, value: Some(content_type) })
+        .insert(Header { key: PRODUCED_AT, value: Some(now.as_str()) })
+}
+
 /// Reads newline-delimited JSON events; an unparsable line is an error naming its number.
 pub fn read_ndjson(reader: impl BufRead) -> anyhow::Result<Vec<Event>> {
+    Ok(read_ndjson_lines(reader)?.into_iter().map(|(_, e)| e).collect())
+}
+
+/// [`read_ndjson`], each event with its line number (from 1).
+pub fn read_ndjson_lines(reader: impl BufRead) -> anyhow::Result<Vec<(usize, Event)>> {
     let mut events = Vec::new();
     for (n, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("reading line {}", n + 1))?;
@@ -108,7 +190,7 @@ pub fn read_ndjson(reader: impl BufRead) -> anyhow::Result<Vec<Event>> {
         }
         let event: Event = serde_json::from_str(&line).with_context(|| format!("line {}: not a valid event", n + 1))?;
         event.validate().with_context(|| format!("line {}", n + 1))?;
-        events.push(event);
+        events.push((n + 1, event));
     }
     Ok(events)
 }

@@ -12,26 +12,27 @@
 //! allocations); build the CEL scope *once*, from only the fields the candidates' conditions
 //! read; evaluate each condition; render the first steps' inputs. A malformed or oversized event
 //! is dead-lettered. A condition or template that fails on this event (a missing field, a wrong
-//! type) does not stop anything: it becomes a `failed` result naming the reason, which the sink
-//! stores like any other outcome.
+//! type) does not stop anything: it becomes a `failed` result naming the reason, which the record
+//! stage stores like any other outcome. Which steps start is [`plan::start`]'s decision: the
+//! same planner the record stage uses for a run's later steps.
 
 use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
-use serde_json::Value as Json;
 
 use crate::{
     config::Config,
-    engine::condition::{FieldPaths, Scope},
+    engine::condition::FieldPaths,
     engine::definitions::DefinitionStore,
-    engine::template::Context,
-    engine::workflow::{self, CompiledWorkflow},
+    engine::plan,
+    engine::workflow::CompiledWorkflow,
     envelope::{self, ActionResult, ActionTask, Event as DomainEvent, Format, Status},
     kafka,
     kafka::dead_letter::DeadLetters,
+    kafka::limits::{self, Limits},
     kafka::source::{Source, Ticket},
-    shutdown::Shutdown,
+    shutdown::CancellationToken,
     telemetry::{Event, Stage},
 };
 
@@ -50,29 +51,33 @@ struct Evaluator {
     action_topics: HashMap<String, Arc<str>>,
     results_topic: Arc<str>,
     max_event_bytes: usize,
+    limits: Limits,
 }
 
-/// Runs the evaluator until `shutdown` fires or an unrecoverable error occurs.
-pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    let mut source = Source::subscribe(&config, Stage::Evaluate, &config.topic("events"), &config.group("evaluate"))?;
+/// Runs the evaluator until `shutdown` is cancelled or an unrecoverable error occurs.
+pub async fn run(
+    config: Arc<Config>,
+    definitions: Arc<DefinitionStore>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut source =
+        Source::subscribe(&config, Stage::Evaluate, &config.names().events(), &config.names().group("evaluate"))?;
     let producer = kafka::producer(&config)?;
     let evaluator = Arc::new(Evaluator {
         definitions,
-        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Evaluate),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Evaluate)
+            .with_limits(&config.limits),
         producer,
-        action_topics: config
-            .services
-            .keys()
-            .map(|s| (s.clone(), config.topic(&format!("actions.{s}")).into()))
-            .collect(),
-        results_topic: config.topic("results").into(),
+        action_topics: config.services.keys().map(|s| (s.clone(), config.names().actions(s).into())).collect(),
+        results_topic: config.names().results().into(),
         max_event_bytes: config.evaluator.max_event_bytes,
+        limits: config.limits.clone(),
     });
     let max_inflight = config.evaluator.max_inflight;
     let mut inflight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
     let result = loop {
         tokio::select! {
-            _ = shutdown.recv() => break Ok(()),
+            _ = shutdown.cancelled() => break Ok(()),
             Some((ticket, r)) = inflight.next() => {
                 if let Err(e) = r { break Err(e) }
                 source.done(&ticket);
@@ -111,7 +116,10 @@ impl Evaluator {
         let payload = message.payload().unwrap_or_default();
         let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
         // The attributes first: most events start nothing, and need none of their body.
-        let decoded = envelope::decode_unparsed_event(payload, content_type, self.max_event_bytes).and_then(|event| {
+        let max_attribute_bytes = self.limits.max_attribute_bytes;
+        let decoded =
+            envelope::decode_unparsed_event_within(payload, content_type, self.max_event_bytes, max_attribute_bytes);
+        let decoded = decoded.and_then(|event| {
             let candidates = self.definitions.matching(&event.tenant, &event.kind);
             if candidates.is_empty() {
                 return Ok(None);
@@ -141,7 +149,7 @@ impl Evaluator {
                     workflow.run_permit(&event.tenant).await;
                     outputs.extend(run);
                 }
-                self.produce(outputs).await
+                self.produce(&message, outputs).await
             }
             .boxed(),
         )
@@ -153,37 +161,85 @@ impl Evaluator {
         event: &DomainEvent,
         candidates: &[Arc<CompiledWorkflow>],
     ) -> Vec<(Arc<CompiledWorkflow>, Vec<Output>)> {
-        plan(event, candidates, &chrono::Utc::now().to_rfc3339())
+        plan::start(event, candidates, &chrono::Utc::now().to_rfc3339())
             .into_iter()
-            .map(|(wf, planned)| {
-                let records = planned
-                    .into_iter()
-                    .map(|p| match p {
-                        Planned::Task(task) => {
-                            let payload = serde_json::to_vec(&task).expect("a task always serializes");
-                            (self.action_topics[&task.service].clone(), task.tenant, payload)
-                        }
-                        Planned::Failed(result) => {
-                            let detail = result.error.as_deref().unwrap_or_default();
-                            Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }
-                                .emit();
-                            let payload = serde_json::to_vec(&result).expect("a result always serializes");
-                            (self.results_topic.clone(), result.tenant, payload)
-                        }
-                    })
-                    .collect();
-                (wf, records)
+            .map(|(wf, plan)| {
+                // Bounded before it is produced: a task over the limit is its run's failure.
+                let tasks = plan.tasks.into_iter().map(|task| {
+                    match limits::task_payload(&task, self.limits.max_record_bytes) {
+                        Ok(payload) => (self.action_topics[&task.service].clone(), task.tenant, payload),
+                        Err(reason) => self.failed_output(task_failed(task, reason)),
+                    }
+                });
+                let decided = plan.decided.into_iter().map(|result| self.failed_output(result));
+                (wf, tasks.chain(decided).collect())
             })
             .collect()
     }
 
-    async fn produce(&self, outputs: Vec<Output>) -> Result<(), rdkafka::error::KafkaError> {
+    /// The record of a run that cannot start, for the results topic.
+    fn failed_output(&self, mut result: ActionResult) -> Output {
+        let detail = result.error.as_deref().unwrap_or_default();
+        Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }.emit();
+        let payload = limits::result_payload(&mut result, self.limits.max_record_bytes);
+        (self.results_topic.clone(), result.tenant, payload)
+    }
+
+    /// Produces the records of `event`. A record the producer or broker refuses for what it is
+    /// (too large for a topic changed since start, invalid) must not stop the stage: a task
+    /// becomes its run's `failed` result, and a result that is refused dead-letters the event.
+    /// Only infrastructure errors are returned.
+    async fn produce(&self, event: &OwnedMessage, outputs: Vec<Output>) -> Produced {
         let sends = outputs.iter().map(|(topic, key, payload)| async move {
-            kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, kafka::content_headers(Format::Json))
-                .await
-                .map(|_| Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit())
+            let headers = kafka::content_headers(Format::Json);
+            match kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, headers).await {
+                Ok(_) => {
+                    Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit();
+                    Ok(())
+                }
+                Err(e) if limits::is_record_error(&e) => self.refused(event, topic, payload, e).await,
+                Err(e) => Err(e),
+            }
         });
         futures::future::try_join_all(sends).await.map(|_| ())
+    }
+
+    async fn refused(
+        &self,
+        event: &OwnedMessage,
+        topic: &str,
+        payload: &[u8],
+        e: rdkafka::error::KafkaError,
+    ) -> Produced {
+        let reason = format!("producing a {}-byte record to {topic} was refused: {e}", payload.len());
+        Event::Failed { stage: Stage::Evaluate, reason: "produce", retryable: false, detail: &reason }.emit();
+        let task =
+            (topic != &*self.results_topic).then(|| serde_json::from_slice::<ActionTask>(payload).ok()).flatten();
+        if let Some(task) = task {
+            let (topic, key, payload) = self.failed_output(task_failed(task, reason.clone()));
+            let headers = kafka::content_headers(Format::Json);
+            match kafka::send(&self.producer, &topic, Some(key.as_bytes()), &payload, headers).await {
+                Ok(_) => {
+                    Event::Produced { stage: Stage::Evaluate, topic: &topic, count: 1 }.emit();
+                    return Ok(());
+                }
+                Err(e) if limits::is_record_error(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.dead_letters.send(event, &reason).await
+    }
+}
+
+/// The `failed` result of a task that cannot be produced.
+fn task_failed(task: ActionTask, reason: String) -> ActionResult {
+    // No event: the task was too large, most likely because of it.
+    ActionResult {
+        attempts: 0,
+        error: Some(reason),
+        event: serde_json::Value::Null,
+        finished_at: task.created_at.clone(),
+        ..ActionResult::from_task(task, Status::Failed, std::time::Duration::ZERO)
     }
 }
 
@@ -207,110 +263,23 @@ pub fn start_paths(candidates: &[Arc<CompiledWorkflow>]) -> Cow<'_, FieldPaths> 
     }
 }
 
-/// What evaluating an event against one workflow produces.
-#[derive(Debug)]
-pub enum Planned {
-    /// A root step's task, for `actions.<service>`.
-    Task(ActionTask),
-    /// The run cannot start: its condition or a root input failed on this event. Stored like any
-    /// other outcome, so the reason is visible.
-    Failed(ActionResult),
-}
-
-/// Whether each candidate's trigger condition holds for `event`. The CEL scope is built at most
-/// once, and only from the fields the candidates' conditions read: turning the whole event into
-/// CEL values costs ten times more than evaluating the conditions.
-pub fn triggered<'a>(
-    event: &DomainEvent,
-    candidates: &'a [Arc<CompiledWorkflow>],
-) -> impl Iterator<Item = (&'a Arc<CompiledWorkflow>, Result<bool, String>)> {
-    let scope = candidates.iter().any(|w| w.trigger_if.is_some()).then(|| {
-        let mut paths = FieldPaths::default();
-        for c in candidates.iter().filter_map(|w| w.trigger_if.as_ref()) {
-            paths.add(c);
-        }
-        Scope::build(event, None, &paths)
-    });
-    candidates.iter().map(move |wf| {
-        let matched = match &scope {
-            Some(scope) => wf.trigger_matches(scope),
-            None => Ok(true),
-        };
-        (wf, matched)
-    })
-}
-
-/// The runs `event` starts among `candidates` (from [`DefinitionStore::matching`]): per workflow
-/// whose trigger holds, its root steps' tasks, or a failure when the condition or an input
-/// cannot be evaluated on this event. Pure: the same event and definitions give the same tasks
-/// (ids included), which is what makes reprocessing an event harmless.
-pub fn plan(
-    event: &DomainEvent,
-    candidates: &[Arc<CompiledWorkflow>],
-    now: &str,
-) -> Vec<(Arc<CompiledWorkflow>, Vec<Planned>)> {
-    // Built on the first match only: most events start nothing.
-    let mut context: Option<Context> = None;
-    let mut runs = Vec::new();
-    for (wf, matched) in triggered(event, candidates) {
-        let run_id = wf.run_id(event);
-        let planned = match matched {
-            Ok(false) => continue,
-            Err(reason) => vec![failure(wf, event, &run_id, "trigger", reason, now)],
-            Ok(true) => {
-                let context =
-                    context.get_or_insert_with(|| workflow::template_context(event, Json::Object(Default::default())));
-                wf.roots()
-                    .map(|i| match wf.render_input(i, context, event) {
-                        Ok(input) => Planned::Task(wf.task(i, event, &run_id, input, now)),
-                        Err(reason) => failure(wf, event, &run_id, &wf.def.steps[i].id, reason, now),
-                    })
-                    .collect()
-            }
-        };
-        runs.push((wf.clone(), planned));
-    }
-    runs
-}
-
-fn failure(wf: &CompiledWorkflow, event: &DomainEvent, run_id: &str, step: &str, reason: String, now: &str) -> Planned {
-    Planned::Failed(ActionResult {
-        task_id: CompiledWorkflow::task_id(run_id, step),
-        run_id: run_id.to_string(),
-        event_id: event.id.clone(),
-        tenant: event.tenant.clone(),
-        workflow_id: wf.def.id.clone(),
-        workflow_version: wf.def.version,
-        step_id: step.to_string(),
-        service: "evaluate".into(),
-        status: Status::Failed,
-        attempts: 0,
-        latency_ms: 0.0,
-        http_status: None,
-        cost: None,
-        error: Some(reason),
-        finished_at: now.to_string(),
-        output: None,
-        event: Json::Null,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
-    use serde_json::json;
+    use serde_json::{json, Value as Json};
 
     use super::*;
+    use crate::engine::workflow;
 
     fn compile(yaml: &str) -> Arc<CompiledWorkflow> {
         let def: workflow::Workflow = serde_yaml_ng::from_str(yaml).unwrap();
         Arc::new(CompiledWorkflow::compile(def, &BTreeSet::from(["webhook"])).unwrap())
     }
 
-    /// What `plan` gives, comparable (a workflow's rate limiter has no meaningful `Debug`).
+    /// What `plan::start` gives, comparable (a workflow's rate limiter has no meaningful `Debug`).
     fn planned(event: &DomainEvent, candidates: &[Arc<CompiledWorkflow>]) -> Vec<(String, String)> {
-        plan(event, candidates, "2026-11-23T10:00:00Z")
+        plan::start(event, candidates, "2026-11-23T10:00:00Z")
             .into_iter()
             .map(|(wf, p)| (wf.def.id.clone(), format!("{p:?}")))
             .collect()

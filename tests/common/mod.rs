@@ -66,13 +66,14 @@ pub async fn test_config(receiver: &Receiver, workflows_yaml: &[&str]) -> (Confi
         workflows: dir.path().to_path_buf(),
         ..Config::default()
     };
-    config
-        .services
-        .insert("webhook".into(), ServiceConfig { url: receiver.url("hook"), timeout_ms: 5_000, ..Default::default() });
+    config.services.insert(
+        "webhook".into(),
+        ServiceConfig { url: receiver.url("hook"), timeout: Duration::from_secs(5), ..Default::default() },
+    );
     config.network.allow = vec!["127.0.0.1/32".parse().unwrap()];
     config.validate().unwrap();
     weir::kafka::topics::apply_dir(&config, false).await.expect("topics apply");
-    weir::engine::definitions::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
+    weir::ops::workflows::apply_dir(&config, dir.path(), false).await.expect("workflows apply");
     let dir = TestDir { dir, topic_config: config.clone() };
     (config, dir)
 }
@@ -219,26 +220,11 @@ impl Drop for CuttableProxy {
     }
 }
 
-/// Writes `config` as a `weir.yaml` in `dir`, for tests that run the `weir` binary.
+/// Writes `config` as a `weir.yaml` in `dir`, for tests that run the `weir` binary: the config
+/// serialized whole, so the file is exactly what the test built.
 pub fn write_config_file(config: &Config, dir: &std::path::Path) -> PathBuf {
-    let services: serde_json::Map<String, serde_json::Value> = config
-        .services
-        .iter()
-        .map(|(name, s)| (name.clone(), serde_json::json!({"url": s.url, "timeout_ms": s.timeout_ms})))
-        .collect();
-    let yaml = serde_yaml_ng::to_string(&serde_json::json!({
-        "brokers": config.brokers,
-        "topic_prefix": config.topic_prefix,
-        "database_url": config.database_url,
-        "metrics_addr": null,
-        "topics_dir": config.topics_dir,
-        "workflows": config.workflows,
-        "services": services,
-        "network": {"allow": config.network.allow.iter().map(|net| net.to_string()).collect::<Vec<_>>()},
-    }))
-    .unwrap();
     let path = dir.join("weir.yaml");
-    std::fs::write(&path, yaml).unwrap();
+    std::fs::write(&path, serde_yaml_ng::to_string(config).unwrap()).unwrap();
     path
 }
 

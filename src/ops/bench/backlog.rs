@@ -113,7 +113,7 @@ async fn drive(setting: &Setting, options: &Options, binary: &Path) -> anyhow::R
     let (config, backlog) = (&setting.config, &options.backlog);
     crate::kafka::topics::apply_dir(config, false).await.context("creating the scenario's topics")?;
     scenario::write_workflows(&setting.workdir, &scenario::workflows(options.tenants, true))?;
-    crate::engine::definitions::apply_dir(config, &setting.workdir, false).await.context("publishing the workflows")?;
+    crate::ops::workflows::apply_dir(config, &setting.workdir, false).await.context("publishing the workflows")?;
 
     let mix = Arc::new(Mix::with_body_bytes(options.tenants, Some(backlog.body_bytes))?);
     let fill = fill(config, options, mix.clone()).await?;
@@ -175,7 +175,7 @@ fn round(x: f64) -> f64 {
 /// all arrived; returns how long it took.
 async fn fill(config: &Config, options: &Options, mix: Arc<Mix>) -> anyhow::Result<Duration> {
     let n = options.backlog.events;
-    let topic = config.topic("events");
+    let topic = config.names().events();
     let progress = Arc::new(Progress::default());
     let bar = bar(options.progress, n, "fill");
     let started = Instant::now();
@@ -312,7 +312,7 @@ struct Offsets {
 
 impl Offsets {
     fn new(config: &Config, name: &str) -> anyhow::Result<Offsets> {
-        let consumer = kafka::consumer_config(config, &config.group(name))
+        let consumer = kafka::consumer_config(config, &config.names().group(name))
             .set("statistics.interval.ms", "0")
             .create()
             .context("creating the backlog's offset reader")?;
@@ -352,15 +352,15 @@ struct GroupState {
 
 impl Groups {
     fn new(config: &Config, all: bool) -> anyhow::Result<Groups> {
-        let mut stages = vec![("evaluate".to_string(), config.topic("events"))];
+        let mut stages = vec![("evaluate".to_string(), config.names().events())];
         if all {
-            stages.push((format!("execute-{SERVICE}"), config.topic(&format!("actions.{SERVICE}"))));
-            stages.push(("sink".to_string(), config.topic("results")));
+            stages.push((format!("execute-{SERVICE}"), config.names().actions(SERVICE)));
+            stages.push(("sink".to_string(), config.names().results()));
         }
         let groups = stages
             .into_iter()
             .map(|(stage, topic)| {
-                let consumer: BaseConsumer = kafka::consumer_config(config, &config.group(&stage))
+                let consumer: BaseConsumer = kafka::consumer_config(config, &config.names().group(&stage))
                     .set("statistics.interval.ms", "0")
                     .create()
                     .with_context(|| format!("creating a reader of group {stage}'s offsets"))?;
@@ -390,35 +390,14 @@ impl Groups {
     }
 }
 
-/// The config file of the child: the scenario's config, with the stage settings of the base
-/// config carried over.
+/// The config file of the child: the scenario's config as it is (`Config` serializes to the
+/// `weir.yaml` it would load from), with absolute paths and without a metrics endpoint.
 fn write_child_config(config: &Config, dir: &Path) -> anyhow::Result<PathBuf> {
-    let services: serde_json::Map<String, serde_json::Value> = config
-        .services
-        .iter()
-        .map(|(name, s)| (name.clone(), json!({"url": s.url, "timeout_ms": s.timeout_ms})))
-        .collect();
-    let (e, x, s) = (&config.evaluator, &config.executor, &config.sink);
-    let topics_dir = std::fs::canonicalize(&config.topics_dir).unwrap_or_else(|_| config.topics_dir.clone());
-    let yaml = serde_yaml_ng::to_string(&json!({
-        "brokers": config.brokers,
-        "topic_prefix": config.topic_prefix,
-        "database_url": config.database_url,
-        "metrics_addr": null,
-        "topics_dir": topics_dir,
-        "workflows": dir,
-        "services": services,
-        "kafka": config.kafka,
-        "network": {"allow": config.network.allow.iter().map(|net| net.to_string()).collect::<Vec<_>>()},
-        "evaluator": {"max_inflight": e.max_inflight, "max_event_bytes": e.max_event_bytes},
-        "executor": {
-            "concurrency": x.concurrency,
-            "max_buffered": x.max_buffered,
-            "partition_max_buffered": x.partition_max_buffered,
-            "tenant_max_buffered": x.tenant_max_buffered,
-        },
-        "sink": {"batch_size": s.batch_size, "linger_ms": s.linger_ms, "pool_size": s.pool_size},
-    }))?;
+    let mut child = config.clone();
+    child.topics_dir = std::fs::canonicalize(&config.topics_dir).unwrap_or_else(|_| config.topics_dir.clone());
+    child.workflows = dir.to_path_buf();
+    child.metrics_addr = None;
+    let yaml = serde_yaml_ng::to_string(&child)?;
     let path = dir.join("weir-run.yaml");
     std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -545,7 +524,10 @@ mod tests {
         config.network.allow.push(std::net::IpAddr::from([127, 0, 0, 1]).into());
         config.evaluator.max_inflight = 1234;
         config.kafka.insert("fetch.max.bytes".into(), "1048576".into());
+        config.sink.transactions = 2;
+        config.sink.linger = Duration::from_millis(7);
         let loaded = Config::load(&write_child_config(&config, dir.path()).unwrap()).unwrap();
+        assert_eq!((loaded.sink.transactions, loaded.sink.linger), (2, Duration::from_millis(7)));
         assert_eq!(loaded.topic_prefix, "backlogx.");
         assert_eq!(loaded.evaluator.max_inflight, 1234);
         assert_eq!(loaded.kafka["fetch.max.bytes"], "1048576");

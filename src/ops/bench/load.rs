@@ -8,7 +8,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
     thread::JoinHandle,
@@ -225,7 +225,8 @@ pub struct Progress {
     pub produced: AtomicU64,
     /// Distinct input records seen at the scenario's output.
     pub observed: AtomicU64,
-    pub stop: AtomicBool,
+    /// Stops the generator and observer threads, which read it between records.
+    pub stop: tokio_util::sync::CancellationToken,
     /// The generator's first unrecoverable error.
     pub error: std::sync::Mutex<Option<String>>,
 }
@@ -247,7 +248,7 @@ pub fn spawn(
         let mut rng = SmallRng::seed_from_u64(42);
         let started = Instant::now();
         let mut seq = 0u64;
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             let due = match rate {
                 Rate::PerSecond(r) => head_start + (started.elapsed().as_secs_f64() * r as f64) as u64,
                 Rate::FlatOut { max_ahead } => progress.observed.load(Ordering::Relaxed) + max_ahead,
@@ -269,7 +270,7 @@ pub fn spawn(
                 let record = BaseRecord::to(&topic).key(key.as_str()).payload(payload.as_str()).headers(headers);
                 if let Err(e) = send_waiting(&producer, record) {
                     progress.error.lock().expect("error lock").get_or_insert(format!("producing load: {e}"));
-                    progress.stop.store(true, Ordering::Relaxed);
+                    progress.stop.cancel();
                     return;
                 }
                 seq += 1;

@@ -86,8 +86,8 @@ impl Setting {
         config.topic_prefix = format!("{kind}{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         config.metrics_addr = None;
         let receiver = Arc::new(Receiver::start().await.context("starting the HTTP receiver")?);
-        let service: ServiceConfig =
-            serde_json::from_value(json!({"url": receiver.url("hook"), "timeout_ms": 10_000}))?;
+        let service =
+            ServiceConfig { url: receiver.url("hook"), timeout: Duration::from_secs(10), ..Default::default() };
         config.services = [(SERVICE.to_string(), service)].into();
         // The receiver is on this machine, which the network policy refuses unless allowed.
         config.network.allow.push(std::net::IpAddr::from([127, 0, 0, 1]).into());
@@ -150,8 +150,8 @@ async fn drive(
     let (under_test, observer, input) = match scenario {
         Scenario::Baseline => {
             let passthrough = passthrough(config, progress.clone())?;
-            let observer = observe_topic(config, config.topic("results"), meter.clone(), progress.clone())?;
-            (UnderTest::Passthrough(passthrough), Observer::Topic(observer), (config.topic("events"), Shape::Events))
+            let observer = observe_topic(config, config.names().results(), meter.clone(), progress.clone())?;
+            (UnderTest::Passthrough(passthrough), Observer::Topic(observer), (config.names().events(), Shape::Events))
         }
         Scenario::Evaluate | Scenario::Pipeline | Scenario::Throttled => {
             let mut workflows = workflows(tenants, scenario != Scenario::Throttled);
@@ -164,7 +164,7 @@ async fn drive(
                 warm_until = head_start;
             }
             write_workflows(workdir, &workflows)?;
-            crate::engine::definitions::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
+            crate::ops::workflows::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
             let stages: &[StageName] = match scenario {
                 Scenario::Evaluate => &[StageName::Evaluate],
                 Scenario::Throttled => &[StageName::Evaluate, StageName::Execute],
@@ -174,27 +174,27 @@ async fn drive(
             let observer = if scenario == Scenario::Evaluate {
                 Observer::Topic(observe_topic(
                     config,
-                    config.topic("actions.webhook"),
+                    config.names().actions(SERVICE),
                     meter.clone(),
                     progress.clone(),
                 )?)
             } else {
                 Observer::Receiver(observe_receiver(receiver.clone(), meter.clone(), progress.clone()))
             };
-            (UnderTest::Stages(pipeline), observer, (config.topic("events"), Shape::Events))
+            (UnderTest::Stages(pipeline), observer, (config.names().events(), Shape::Events))
         }
         Scenario::Backlog => bail!("the backlog scenario runs through bench::backlog"),
         Scenario::Sink => {
             let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
             let observer = observe_committed(config, progress.clone())?;
-            (UnderTest::Stages(pipeline), Observer::Committed(observer), (config.topic("results"), Shape::Results))
+            (UnderTest::Stages(pipeline), Observer::Committed(observer), (config.names().results(), Shape::Results))
         }
     };
 
     let generator = load::spawn(config, input.0, input.1, mix.clone(), rate, head_start, progress.clone())?;
     let settle = (scenario == Scenario::Throttled).then_some(THROTTLE_PER_SECOND);
     let measured = measure_window(options, scenario, &meter, &progress, warm_until, settle).await;
-    progress.stop.store(true, Ordering::Relaxed);
+    progress.stop.cancel();
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
     let stopped = match under_test {
         UnderTest::Passthrough(t) => {
@@ -382,17 +382,17 @@ fn passthrough(
     config: &Config,
     progress: Arc<Progress>,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
-    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("baseline"))
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.names().group("baseline"))
         .set("enable.auto.offset.store", "true")
         .set("statistics.interval.ms", "0")
         .create()
         .context("creating the passthrough consumer")?;
-    consumer.subscribe(&[&config.topic("events")])?;
+    consumer.subscribe(&[&config.names().events()])?;
     let producer: ThreadedProducer<DefaultProducerContext> =
         kafka::producer_config(config).create().context("creating the passthrough producer")?;
-    let out = config.topic("results");
+    let out = config.names().results();
     Ok(std::thread::Builder::new().name("bench-passthrough".into()).spawn(move || {
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
             let message = message.context("passthrough consume")?;
             let mut record = BaseRecord::to(&out).payload(message.payload().unwrap_or_default());
@@ -416,14 +416,14 @@ fn observe_topic(
     meter: Arc<Meter>,
     progress: Arc<Progress>,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
-    let consumer: BaseConsumer = kafka::consumer_config(config, &config.group("bench-observer"))
+    let consumer: BaseConsumer = kafka::consumer_config(config, &config.names().group("bench-observer"))
         .set("enable.auto.commit", "false")
         .set("statistics.interval.ms", "0")
         .create()
         .context("creating the observer")?;
     consumer.subscribe(&[&topic])?;
     Ok(std::thread::Builder::new().name("bench-observe".into()).spawn(move || {
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
             let message = message.with_context(|| format!("observing {topic}"))?;
             let stamp = kafka::header(message.headers(), load::STAMP)
@@ -446,7 +446,7 @@ fn observe_receiver(
     // Receiver times are `Instant`s: anchor them to the wall clock once.
     let (anchor, anchor_us) = (Instant::now(), load::now_us());
     tokio::spawn(async move {
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             for call in receiver.drain() {
                 let Some(stamp) = call.body["event_id"].as_str().and_then(|s| load::parse_stamp(s.as_bytes())) else {
                     continue;
@@ -466,12 +466,12 @@ fn observe_receiver(
 /// The sink's progress for the flat-out pacing: offsets it committed on the results topic.
 fn observe_committed(config: &Config, progress: Arc<Progress>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let consumer: BaseConsumer =
-        kafka::consumer_config(config, &config.group("sink")).set("statistics.interval.ms", "0").create()?;
-    let topic = config.topic("results");
+        kafka::consumer_config(config, &config.names().group("sink")).set("statistics.interval.ms", "0").create()?;
+    let topic = config.names().results();
     let partitions = kafka::partition_count(consumer.client(), &topic)?;
     let consumer = Arc::new(consumer);
     Ok(tokio::spawn(async move {
-        while !progress.stop.load(Ordering::Relaxed) {
+        while !progress.stop.is_cancelled() {
             let (c, topic) = (consumer.clone(), topic.clone());
             let committed = tokio::task::spawn_blocking(move || committed_total(&c, &topic, partitions)).await;
             if let Ok(Some(n)) = committed {

@@ -2,16 +2,12 @@
 //!
 //! Closed, it counts recent calls; when at least `min_calls` in the window include a failure
 //! share of `failure_ratio` or more, it opens. Open, nobody calls: tasks wait (they neither fail
-//! nor use up attempts, since the service, not the task, is the problem) until `open_ms` has
+//! nor use up attempts, since the service, not the task, is the problem) until `open` has
 //! passed; then it is half-open and lets `half_open_probes` calls through. A probe that succeeds
 //! closes it, one that fails opens it again. Only retryable failures count: a 4xx says the task
 //! was wrong, not that the service is down.
 
-use std::{
-    collections::VecDeque,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{collections::VecDeque, sync::Mutex, time::Instant};
 
 use tokio::sync::Notify;
 
@@ -89,7 +85,7 @@ impl Breaker {
                     }
                     // A probe is out; its verdict decides. The timeout only guards against a
                     // probe whose verdict never comes back.
-                    Phase::HalfOpen { .. } => Duration::from_millis(self.config.open_ms),
+                    Phase::HalfOpen { .. } => self.config.open,
                 }
             };
             let _ = tokio::time::timeout(wait, changed).await;
@@ -117,7 +113,7 @@ impl Breaker {
                 let failed = verdict == Verdict::Failed;
                 state.window.push_back((now, failed));
                 state.failures += usize::from(failed);
-                let horizon = Duration::from_millis(self.config.window_ms);
+                let horizon = self.config.window;
                 while let Some((_, f)) = state.window.front().copied().filter(|(t, _)| now - *t > horizon) {
                     state.window.pop_front();
                     state.failures -= usize::from(f);
@@ -137,7 +133,7 @@ impl Breaker {
     }
 
     fn open(&self, state: &mut State, now: Instant) {
-        state.phase = Phase::Open { until: now + Duration::from_millis(self.config.open_ms) };
+        state.phase = Phase::Open { until: now + self.config.open };
         state.window.clear();
         state.failures = 0;
         Event::Breaker { service: &self.service, state: "open" }.emit();
@@ -150,6 +146,8 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn breaker(open_ms: u64) -> Breaker {
@@ -158,9 +156,9 @@ mod tests {
             BreakerConfig {
                 enabled: true,
                 failure_ratio: 0.5,
-                window_ms: 60_000,
+                window: Duration::from_secs(60),
                 min_calls: 4,
-                open_ms,
+                open: Duration::from_millis(open_ms),
                 half_open_probes: 1,
             },
         )

@@ -31,7 +31,7 @@ use crate::{
     config::{Config, RetryConfig},
     kafka,
     kafka::source::{Delivery, Source, Ticket},
-    shutdown::Shutdown,
+    shutdown::CancellationToken,
     telemetry::{Event, Stage},
 };
 
@@ -50,14 +50,14 @@ pub fn epoch_ms() -> u64 {
 /// `jitter` of it taken off at random (`random` in [0, 1)).
 pub fn backoff(retry: &RetryConfig, attempt: i32, random: f64) -> Duration {
     let exponent = (attempt.max(1) - 1).min(64);
-    let ms = (retry.initial_backoff_ms as f64 * retry.multiplier.powi(exponent)).min(retry.max_backoff_ms as f64);
+    let ms = (retry.initial_backoff.as_millis() as f64 * retry.multiplier.powi(exponent))
+        .min(retry.max_backoff.as_millis() as f64);
     Duration::from_millis((ms * (1.0 - retry.jitter * random)) as u64)
 }
 
 /// Index of the shortest tier covering `wait`, else the longest.
-pub fn tier_for(tiers_ms: &[u64], wait: Duration) -> usize {
-    let wait = wait.as_millis() as u64;
-    tiers_ms.iter().position(|t| *t >= wait).unwrap_or(tiers_ms.len().saturating_sub(1))
+pub fn tier_for(tiers: &[Duration], wait: Duration) -> usize {
+    tiers.iter().position(|t| t.as_millis() >= wait.as_millis()).unwrap_or(tiers.len().saturating_sub(1))
 }
 
 /// The consumer of one tier: see the module docs.
@@ -66,12 +66,11 @@ pub async fn run_tier(
     service: String,
     tier: String,
     producer: FutureProducer,
-    mut shutdown: Shutdown,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let topic = config.topic(&format!("actions.{service}.retry.{tier}"));
-    let main = config.topic(&format!("actions.{service}"));
-    let mut source =
-        Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("retry-{service}-{tier}")))?;
+    let topic = config.names().retry(&service, &tier);
+    let main = config.names().actions(&service);
+    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.names().retry_group(&service, &tier))?;
     let ownership = source.ownership();
     let mut waiting: BTreeMap<i32, VecDeque<Delivery>> = BTreeMap::new();
     let mut sending = FuturesUnordered::new();
@@ -99,7 +98,7 @@ pub async fn run_tier(
         }
         waiting.retain(|_, q| !q.is_empty());
         tokio::select! {
-            _ = shutdown.recv() => break Ok(()),
+            _ = shutdown.cancelled() => break Ok(()),
             Some((ticket, sent)) = sending.next() => match sent {
                 Ok(()) => source.done(&ticket),
                 Err(e) => break Err(anyhow::anyhow!("retry tier {topic}: producing to {main} failed: {e}")),
@@ -142,9 +141,9 @@ mod tests {
     #[test]
     fn backoff_grows_caps_and_jitters_down() {
         let r = RetryConfig {
-            initial_backoff_ms: 1_000,
+            initial_backoff: Duration::from_secs(1),
             multiplier: 2.0,
-            max_backoff_ms: 5_000,
+            max_backoff: Duration::from_secs(5),
             jitter: 0.5,
             ..Default::default()
         };
@@ -157,7 +156,7 @@ mod tests {
 
     #[test]
     fn the_shortest_covering_tier_is_chosen() {
-        let tiers = [1_000, 10_000, 60_000];
+        let tiers = [1, 10, 60].map(Duration::from_secs);
         assert_eq!(tier_for(&tiers, Duration::from_millis(0)), 0);
         assert_eq!(tier_for(&tiers, Duration::from_millis(1_000)), 0);
         assert_eq!(tier_for(&tiers, Duration::from_millis(1_001)), 1);

@@ -2,7 +2,7 @@
 //!
 //! One executor per service reads that service's action topic. A task goes through:
 //!
-//! 1. [`Lanes`] keyed by tenant: a tenant's tasks start in event order, `tenant_concurrency` at a
+//! 1. [`Lanes`](queues::Lanes) keyed by tenant: a tenant's tasks start in event order, `tenant_concurrency` at a
 //!    time, while other tenants go on. Tasks therefore finish out of partition order; the
 //!    [`OffsetTracker`](crate::kafka::offsets::OffsetTracker) commits only below the lowest unfinished.
 //! 2. The tenant's own limits ([`throttle`]), *before* taking a concurrency slot: a tenant over
@@ -19,97 +19,84 @@
 //!
 //! The tenant's lane is freed as soon as the call returns: its next call need not wait for this
 //! one's result to be acknowledged. A task's offset is stored only once what step 5 produced is
-//! acknowledged, so a crash repeats
-//! the call, with the same `Idempotency-Key`, for the service to drop.
+//! acknowledged, so a crash repeats the call, with the same `Idempotency-Key`, for the service to
+//! drop.
 //!
 //! In-flight work is bounded: `executor.max_buffered` tasks per process until their outcome is
 //! durable (past it the stage takes no batches and the source pauses every partition) and
 //! `executor.partition_max_buffered` per partition until they are called (a partition over it
-//! for [`PAUSE_GRACE`] is paused). Memory stays flat whatever the backlog.
+//! for [`PAUSE_GRACE`](in_flight::PAUSE_GRACE) is paused). Memory stays flat whatever the
+//! backlog. [`in_flight`] keeps this bookkeeping; the main loop only takes batches, starts calls
+//! and books what they came to.
 
 pub mod breaker;
 pub mod delay;
+pub mod in_flight;
 pub mod queues;
 pub mod throttle;
 
 use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
-use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
-use tokio::sync::{Notify, Semaphore};
+use rdkafka::{error::KafkaError, message::OwnedMessage, producer::FutureProducer, Message};
+use tokio::sync::Semaphore;
 
 use self::{
     breaker::{Breaker, Verdict},
-    queues::Lanes,
+    in_flight::{Flow, InFlight},
     throttle::Throttle,
 };
-pub use crate::connectors::{CallOutcome, Connector, IDEMPOTENCY_KEY, TENANT_HEADER};
+pub use crate::connectors::{CallOutcome, Connector};
 use crate::{
     config::{Config, ServiceConfig},
     envelope::{self, ActionResult, ActionTask, Format, Status},
     kafka,
     kafka::dead_letter::{self, DeadLetters},
     kafka::source::{self, Delivery, Ownership, Source, Ticket},
-    shutdown::{self, Shutdown},
+    shutdown::CancellationToken,
     telemetry::{Event, Stage},
 };
 
-/// How long a partition may stay over `partition_max_buffered` before it is paused.
-const PAUSE_GRACE: Duration = Duration::from_millis(100);
+/// Whether the records for a piece of work reached the broker.
+type Produced = Result<(), KafkaError>;
 
-/// A finished piece of work.
-struct Finished {
-    /// The lane to free: a tenant's next task may start (its call is over).
-    lane: Option<Arc<str>>,
-    ticket: Ticket,
-    /// More to do before the offset may be stored (making the call's outcome durable); it runs
-    /// after the lane is freed, so a tenant's next call does not wait for this one's result to
-    /// be acknowledged.
-    then: Option<BoxFuture<'static, Finished>>,
-    /// Which in-flight bounds the task no longer counts towards.
-    frees: Frees,
-    /// Whether the offset may be stored (`Ok(false)`: dropped, e.g. its partition was revoked).
-    stored: Result<bool, rdkafka::error::KafkaError>,
-}
+/// Work running for the executor: calls, and records being produced.
+type Running = FuturesUnordered<BoxFuture<'static, Step>>;
 
-impl Finished {
-    fn done(
-        lane: Option<Arc<str>>,
-        frees: Frees,
-        ticket: Ticket,
-        stored: Result<bool, rdkafka::error::KafkaError>,
-    ) -> Self {
-        Finished { lane, ticket, then: None, frees, stored }
-    }
-}
-
-/// The bounds a task taken into the lanes counts towards until it finishes: its partition's
-/// (`partition_max_buffered`) until its call returns, the process's (`max_buffered`) until its
-/// outcome is durable. A partition's bound is about fairness between partitions (tasks waiting
-/// for a tenant or a call); once called, a task only waits for Kafka's acknowledgement, which
-/// holds back no partition, so it counts towards the process's bound only and its partition need
-/// not be paused (each pause costs a refetch of what librdkafka had prefetched for it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Frees {
-    /// Not in the lanes (a dead letter, a deferral).
-    Nothing,
-    Partition,
-    InFlight,
-    Both,
+/// What a piece of running work came to; the main loop books it.
+enum Step {
+    /// The call of a task returned: its tenant's next task may start. `settle` makes the outcome
+    /// durable; it runs after the lane is freed, so a tenant's next call does not wait for this
+    /// one's result to be acknowledged.
+    Called { tenant: Arc<str>, partition: i32, settle: BoxFuture<'static, Step> },
+    /// A task taken into the lanes ended without a call (the executor is stopping, or its
+    /// partition was revoked while it waited): its offset is not stored, the partition's next
+    /// owner calls it.
+    GaveUp { tenant: Arc<str>, partition: i32 },
+    /// A called task's outcome (a result, a retry, or a dead letter and a failed result).
+    Settled { ticket: Ticket, produced: Produced },
+    /// A record that never entered the lanes: dead-lettered (undecodable) or deferred.
+    Moved { ticket: Ticket, produced: Produced },
 }
 
 struct Job {
     message: OwnedMessage,
     task: ActionTask,
     ticket: Ticket,
+}
+
+impl in_flight::Task for Job {
+    fn tenant(&self) -> &str {
+        &self.task.tenant
+    }
+
+    fn partition(&self) -> i32 {
+        self.ticket.partition
+    }
 }
 
 struct Executor {
@@ -124,16 +111,17 @@ struct Executor {
     /// (delay in ms, tier name, physical topic) of each delay tier.
     tiers: Vec<(u64, String, String)>,
     dead_letters: DeadLetters,
+    /// Largest record this executor produces (`limits.max_record_bytes`).
+    max_record_bytes: usize,
     ownership: Ownership,
-    tenant_max_buffered: usize,
-    /// Set on shutdown: tasks still waiting for a permit give up (their offsets are not stored,
-    /// so whoever owns the partition next runs them), calls already made finish.
-    stopping: AtomicBool,
-    stopped: Notify,
+    /// Cancelled when the executor stops, or its main loop ends for a reason of its own (a child
+    /// of the stage's token): tasks still waiting for a permit give up (their offsets are not
+    /// stored, so whoever owns the partition next runs them); calls already made finish.
+    calls: CancellationToken,
 }
 
 /// Runs the executor of `service` with its configured connector until `shutdown`.
-pub async fn run(config: Arc<Config>, service: String, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(config: Arc<Config>, service: String, shutdown: CancellationToken) -> anyhow::Result<()> {
     let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?;
     let connector = crate::connectors::build(&service, settings, &config.network)?;
     run_with(config, service, connector, shutdown).await
@@ -145,24 +133,15 @@ pub async fn run_with(
     config: Arc<Config>,
     service: String,
     connector: Arc<dyn Connector>,
-    mut shutdown: Shutdown,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?.clone();
     let producer = kafka::producer(&config)?;
-    let (stop, _) = shutdown::channel();
     let mut parts: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
     for tier in settings.retry.tier_names() {
-        parts.push(delay::run_tier(config.clone(), service.clone(), tier, producer.clone(), stop.subscribe()).boxed());
+        parts.push(delay::run_tier(config.clone(), service.clone(), tier, producer.clone(), shutdown.clone()).boxed());
     }
-    parts.push(main_loop(config, service, settings, connector, producer, stop.subscribe()).boxed());
-    parts.push(
-        async move {
-            shutdown.recv().await;
-            stop.fire();
-            Ok(())
-        }
-        .boxed(),
-    );
+    parts.push(main_loop(config, service, settings, connector, producer, shutdown).boxed());
     futures::future::try_join_all(parts).await.map(|_| ())
 }
 
@@ -172,105 +151,49 @@ async fn main_loop(
     settings: ServiceConfig,
     connector: Arc<dyn Connector>,
     producer: FutureProducer,
-    mut shutdown: Shutdown,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let topic = config.topic(&format!("actions.{service}"));
-    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.group(&format!("execute-{service}")))?;
+    let topic = config.names().actions(&service);
+    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.names().execute_group(&service))?;
     let mut assignment = source.assignment();
     let tiers = settings
         .retry
-        .tiers_ms
+        .tiers
         .iter()
         .zip(settings.retry.tier_names())
-        .map(|(ms, name)| (*ms, name.clone(), config.topic(&format!("actions.{service}.retry.{name}"))))
+        .map(|(delay, name)| (delay.as_millis() as u64, name.clone(), config.names().retry(&service, &name)))
         .collect();
     let executor = Arc::new(Executor {
         connector,
         throttle: Throttle::new(&service, &settings.limits),
         breaker: Breaker::new(&service, settings.breaker.clone()),
         slots: Semaphore::new(settings.concurrency.unwrap_or(config.executor.concurrency)),
-        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Execute),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute)
+            .with_limits(&config.limits),
+        max_record_bytes: config.limits.max_record_bytes,
         producer,
-        results_topic: config.topic("results"),
+        results_topic: config.names().results(),
         tiers,
         ownership: source.ownership(),
-        tenant_max_buffered: config.executor.tenant_max_buffered,
-        stopping: AtomicBool::new(false),
-        stopped: Notify::new(),
+        calls: shutdown.child_token(),
         service,
         settings,
     });
-    let limits = &config.executor;
-    let mut lanes: Lanes<Job> = Lanes::with_per_key(executor.settings.tenant_concurrency);
-    // Per partition: tasks not yet called (see `Frees`), and since when that is over the bound.
-    let mut per_partition: HashMap<i32, (usize, Option<Instant>)> = HashMap::new();
-    // Tasks taken and not finished: in the lanes, or settling. Per partition: not yet called
-    // (see `Frees`).
-    let mut in_flight = 0usize;
-    // Per tenant being deferred: when its last deferred task is due.
-    let mut deferred_until: HashMap<String, u64> = HashMap::new();
-    let mut running: FuturesUnordered<BoxFuture<'static, Finished>> = FuturesUnordered::new();
-    // Tickets of the completions handled together, stored with one call (one tracker lock).
-    let mut durable: Vec<Ticket> = Vec::new();
+    let mut in_flight: InFlight<Job> = InFlight::new(executor.settings.tenant_concurrency, &config.executor);
+    let mut running = Running::new();
     let mut tidy = tokio::time::interval(Duration::from_secs(30));
-    let release = |source: &Source, per_partition: &mut HashMap<i32, (usize, Option<Instant>)>, partition: i32| {
-        let (n, over_since) = per_partition.entry(partition).or_default();
-        *n = n.saturating_sub(1);
-        if *n < limits.partition_max_buffered {
-            *over_since = None;
-        }
-        // Resume at half the bound, so a busy partition is not paused and resumed on every task.
-        if *n <= limits.partition_max_buffered / 2 {
-            source.resume_partition(partition);
-        }
-    };
     let result = loop {
-        while let Some((tenant, job)) = lanes.start_next() {
+        while let Some((tenant, job)) = in_flight.next_call() {
             if executor.ownership.owns(&job.ticket) {
                 running.push(executor.clone().execute(tenant, job));
             } else {
-                lanes.finish(&tenant);
-                in_flight -= 1;
-                release(&source, &mut per_partition, job.ticket.partition);
+                steer(&source, in_flight.gave_up(&tenant, job.ticket.partition));
             }
         }
         tokio::select! {
-            _ = shutdown.recv() => break Ok(()),
-            Some(f) = running.next() => {
-                // Take every completion that is ready too: their offsets are stored together.
-                let mut next = Some(f);
-                let mut failed = None;
-                while let Some(f) = next.take() {
-                    if let Some(lane) = &f.lane {
-                        lanes.finish(lane);
-                    }
-                    if matches!(f.frees, Frees::Partition | Frees::Both) {
-                        release(&source, &mut per_partition, f.ticket.partition);
-                    }
-                    if matches!(f.frees, Frees::InFlight | Frees::Both) {
-                        in_flight -= 1;
-                    }
-                    if let Some(then) = f.then {
-                        running.push(then);
-                    } else {
-                        match f.stored {
-                            Err(e) => {
-                                failed = Some(e);
-                                break;
-                            }
-                            Ok(true) => durable.push(f.ticket),
-                            Ok(false) => {}
-                        }
-                    }
-                    if durable.len() < source::BATCH {
-                        next = running.next().now_or_never().flatten();
-                    }
-                }
-                if !durable.is_empty() {
-                    source.done_all(&durable);
-                    durable.clear();
-                }
-                if let Some(e) = failed {
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(step) = running.next() => {
+                if let Err(e) = book(step, &mut running, &mut in_flight, &source) {
                     break Err(e);
                 }
             }
@@ -278,62 +201,82 @@ async fn main_loop(
                 let a = assignment.borrow_and_update().clone();
                 executor.throttle.set_share(a.owned.len(), a.partitions.max(0) as usize);
             }
-            batch = source.recv(), if in_flight < limits.max_buffered => match batch {
-                Some(batch) => {
-                    let now = delay::epoch_ms();
-                    let received = Instant::now();
-                    for d in batch {
-                        let task = match executor.decode(&d.message) {
-                            Ok(task) => task,
-                            Err(reason) => {
-                                running.push(executor.clone().dead_letter(d, reason));
-                                continue;
-                            }
-                        };
-                        if let Some(due) = executor.deferral(&d.message, &task, &lanes, &mut deferred_until, now) {
-                            running.push(executor.clone().defer(d, due));
-                            continue;
-                        }
-                        let partition = d.ticket.partition;
-                        let (n, over_since) = per_partition.entry(partition).or_default();
-                        *n += 1;
-                        in_flight += 1;
-                        if *n >= limits.partition_max_buffered {
-                            // librdkafka hands over a partition's messages in runs of thousands, so
-                            // a batch often puts one partition over its bound for the moment it
-                            // takes to call them; pausing then would throw away its prefetched
-                            // messages for nothing. Only a partition still over its bound a while
-                            // later, with more of its tasks arriving, is paused.
-                            if received.duration_since(*over_since.get_or_insert(received)) >= PAUSE_GRACE {
-                                source.pause_partition(partition);
-                            }
-                        }
-                        lanes.push_keyed(Job { message: d.message, task, ticket: d.ticket }, |j| &j.task.tenant);
-                    }
-                }
+            batch = source.recv(), if in_flight.may_take_batch() => match batch {
+                Some(batch) => executor.take(batch, &mut in_flight, &mut running, &source),
                 None => break Ok(()),
             },
             _ = tidy.tick() => {
                 executor.throttle.forget_idle_tenants();
-                let now = delay::epoch_ms();
-                deferred_until.retain(|_, due| *due > now);
+                in_flight.tidy(delay::epoch_ms());
             }
         }
     };
-    // Calls already made finish and report; queued and waiting ones are left for whoever owns the
-    // partition next (their offsets were not stored).
-    drop(lanes);
-    executor.stopping.store(true, Ordering::SeqCst);
-    executor.stopped.notify_waiters();
-    while let Some(f) = running.next().await {
-        if let Some(then) = f.then {
-            running.push(then);
-        } else if let Ok(true) = f.stored {
-            source.done(&f.ticket);
+    // Calls already made finish and report; tasks queued or waiting for a permit are left for
+    // whoever owns the partition next (their offsets were not stored).
+    drop(in_flight);
+    executor.calls.cancel();
+    while let Some(step) = running.next().await {
+        match step {
+            Step::Called { settle, .. } => running.push(settle),
+            Step::Settled { ticket, produced: Ok(()) } | Step::Moved { ticket, produced: Ok(()) } => {
+                source.done(&ticket)
+            }
+            _ => {}
         }
     }
     source.close();
     result.map_err(|e| anyhow::anyhow!("executor {}: producing a result failed: {e}", executor.service))
+}
+
+/// Books `first` and every other step already finished, and stores the offsets of the tasks now
+/// durable with one call (one tracker lock), up to a batch of them. An error is a record that
+/// could not be produced, which stops the stage.
+fn book(first: Step, running: &mut Running, in_flight: &mut InFlight<Job>, source: &Source) -> Produced {
+    let mut durable = Vec::new();
+    let mut outcome = Ok(());
+    let mut next = Some(first);
+    while let Some(step) = next.take() {
+        let produced = match step {
+            Step::Called { tenant, partition, settle } => {
+                steer(source, in_flight.called(&tenant, partition));
+                running.push(settle);
+                None
+            }
+            Step::GaveUp { tenant, partition } => {
+                steer(source, in_flight.gave_up(&tenant, partition));
+                None
+            }
+            Step::Settled { ticket, produced } => {
+                in_flight.settled();
+                Some((ticket, produced))
+            }
+            Step::Moved { ticket, produced } => Some((ticket, produced)),
+        };
+        match produced {
+            Some((ticket, Ok(()))) => durable.push(ticket),
+            Some((_, Err(e))) => {
+                outcome = Err(e);
+                break;
+            }
+            None => {}
+        }
+        if durable.len() < source::BATCH {
+            next = running.next().now_or_never().flatten();
+        }
+    }
+    if !durable.is_empty() {
+        source.done_all(&durable);
+    }
+    outcome
+}
+
+/// Pauses or resumes a partition as the bookkeeping says.
+fn steer(source: &Source, flow: Flow) {
+    match flow {
+        Flow::Keep => {}
+        Flow::Pause(partition) => source.pause_partition(partition),
+        Flow::Resume(partition) => source.resume_partition(partition),
+    }
 }
 
 impl Executor {
@@ -347,49 +290,64 @@ impl Executor {
         Ok(task)
     }
 
-    /// When a task of a tenant over its own limit should be deferred, the time it is due. A
-    /// tenant is deferred once it has `tenant_max_buffered` tasks waiting; while it is, its new
-    /// tasks are deferred too (behind the earlier ones, each one limit interval later), and a
-    /// deferred task that comes back due joins the lane.
+    /// Takes a batch: each task into its tenant's lane, unless it is undecodable (dead-lettered)
+    /// or its tenant is being deferred (moved to a delay topic).
+    fn take(
+        self: &Arc<Self>,
+        batch: Vec<Delivery>,
+        in_flight: &mut InFlight<Job>,
+        running: &mut Running,
+        source: &Source,
+    ) {
+        let now = delay::epoch_ms();
+        let received = Instant::now();
+        for d in batch {
+            let task = match self.decode(&d.message) {
+                Ok(task) => task,
+                Err(reason) => {
+                    running.push(self.clone().dead_letter(d, reason));
+                    continue;
+                }
+            };
+            if let Some(due) = self.deferral(&d.message, &task, in_flight, now) {
+                running.push(self.clone().defer(d, due));
+                continue;
+            }
+            steer(source, in_flight.take(Job { message: d.message, task, ticket: d.ticket }, received));
+        }
+    }
+
+    /// When a task of a tenant over its own limit should be deferred, the time it is due (see
+    /// [`InFlight::deferral`]). Only tenants with limits of their own are, and only when there is
+    /// a delay tier to defer them to.
     fn deferral(
         &self,
         message: &OwnedMessage,
         task: &ActionTask,
-        lanes: &Lanes<Job>,
-        deferred_until: &mut HashMap<String, u64>,
+        in_flight: &mut InFlight<Job>,
         now: u64,
     ) -> Option<u64> {
         if !self.throttle.has_tenant_limits() || self.tiers.is_empty() {
             return None;
         }
-        let queued = lanes.queued(&task.tenant);
         let returning = kafka::header_str(message, delay::KIND) == Some("deferral");
-        let horizon = deferred_until.get(&task.tenant).copied().filter(|due| *due > now);
-        let limit = self.tenant_max_buffered;
-        if queued < limit && (returning || horizon.is_none()) {
-            return None;
-        }
-        let step = self.throttle.tenant_backlog_delay(1).as_millis().max(1) as u64;
-        let start = horizon.unwrap_or(now + self.throttle.tenant_backlog_delay(queued).as_millis() as u64);
-        let due = start + step;
-        deferred_until.insert(task.tenant.clone(), due);
-        Some(due)
+        in_flight.deferral(&task.tenant, returning, now, |n| self.throttle.tenant_backlog_delay(n))
     }
 
-    fn dead_letter(self: Arc<Self>, d: Delivery, reason: String) -> BoxFuture<'static, Finished> {
+    fn dead_letter(self: Arc<Self>, d: Delivery, reason: String) -> BoxFuture<'static, Step> {
         Event::Failed { stage: Stage::Execute, reason: "decode", retryable: false, detail: &reason }.emit();
         async move {
-            let stored = self.dead_letters.send(&d.message, &reason).await.map(|_| true);
-            Finished::done(None, Frees::Nothing, d.ticket, stored)
+            let produced = self.dead_letters.send(&d.message, &reason).await.map(drop);
+            Step::Moved { ticket: d.ticket, produced }
         }
         .boxed()
     }
 
     /// Moves a task to the delay tier covering `due`, unchanged (a deferral uses no attempt).
-    fn defer(self: Arc<Self>, d: Delivery, due: u64) -> BoxFuture<'static, Finished> {
+    fn defer(self: Arc<Self>, d: Delivery, due: u64) -> BoxFuture<'static, Step> {
         async move {
             let wait = Duration::from_millis(due.saturating_sub(delay::epoch_ms()));
-            let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers_ms, wait)];
+            let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
             let due = due.to_string();
             let headers = kafka::rewrite_headers(
                 &d.message,
@@ -402,21 +360,17 @@ impl Executor {
                 let tenant = d.message.key().map(String::from_utf8_lossy).unwrap_or_default();
                 Event::Deferred { service: &self.service, tenant: &tenant, tier }.emit();
             }
-            Finished::done(None, Frees::Nothing, d.ticket, sent.map(|_| true))
+            Step::Moved { ticket: d.ticket, produced: sent.map(drop) }
         }
         .boxed()
     }
 
     /// Runs `job`, holding the lane of `tenant` until the call returns.
-    fn execute(self: Arc<Self>, tenant: Arc<str>, job: Job) -> BoxFuture<'static, Finished> {
+    fn execute(self: Arc<Self>, tenant: Arc<str>, job: Job) -> BoxFuture<'static, Step> {
         async move {
             let Job { message, task, ticket } = job;
+            let partition = ticket.partition;
             let estimate = self.connector.estimate_cost(&task);
-            // Registered before the flag is read, so a shutdown in between still wakes it.
-            let stopped = self.stopped.notified();
-            if self.stopping.load(Ordering::SeqCst) {
-                return Finished::done(Some(tenant), Frees::Both, ticket, Ok(false));
-            }
             let ready = async {
                 self.throttle.wait_tenant(&task.tenant, estimate).await;
                 let slot = self.slots.acquire().await.expect("the semaphore is never closed");
@@ -425,13 +379,15 @@ impl Executor {
                 (slot, admission)
             };
             let (slot, admission) = tokio::select! {
+                // First, so that a task started after the executor began stopping does not wait.
+                biased;
+                _ = self.calls.cancelled() => return Step::GaveUp { tenant, partition },
                 ready = ready => ready,
-                _ = stopped => return Finished::done(Some(tenant), Frees::Both, ticket, Ok(false)),
             };
             // Waiting may have outlasted the partition's assignment; its new owner calls instead.
-            if !self.ownership.owns(&ticket) || self.stopping.load(Ordering::SeqCst) {
+            if !self.ownership.owns(&ticket) || self.calls.is_cancelled() {
                 self.breaker.record(admission, Verdict::Neutral);
-                return Finished::done(Some(tenant), Frees::Both, ticket, Ok(false));
+                return Step::GaveUp { tenant, partition };
             }
             let started = Instant::now();
             let outcome = self.connector.call(&task).await;
@@ -443,12 +399,11 @@ impl Executor {
             };
             self.breaker.record(admission, verdict);
             drop(slot);
-            let lane = Some(tenant);
             let settle = async move {
-                let stored = self.settle(&message, task, outcome, latency, estimate).await.map(|_| true);
-                Finished::done(None, Frees::InFlight, ticket, stored)
+                let produced = self.settle(&message, task, outcome, latency, estimate).await;
+                Step::Settled { ticket, produced }
             };
-            Finished { lane, ticket, then: Some(settle.boxed()), frees: Frees::Partition, stored: Ok(false) }
+            Step::Called { tenant, partition, settle: settle.boxed() }
         }
         .boxed()
     }
@@ -505,7 +460,7 @@ impl Executor {
     ) -> Result<(), rdkafka::error::KafkaError> {
         let wait =
             delay::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
-        let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers_ms, wait)];
+        let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
         let next = ActionTask { attempt: task.attempt + 1, ..task.clone() };
         let payload = serde_json::to_vec(&next).expect("a task always serializes");
         let (due, attempt, now) = (
@@ -544,26 +499,15 @@ impl Executor {
         latency: Duration,
     ) -> Result<(), rdkafka::error::KafkaError> {
         // The task is finished with: its fields move into the result rather than being copied.
-        let result = ActionResult {
-            task_id: task.task_id,
-            run_id: task.run_id,
-            event_id: task.event_id,
-            tenant: task.tenant,
-            workflow_id: task.workflow_id,
-            workflow_version: task.workflow_version,
-            step_id: task.step_id,
-            service: task.service,
-            status,
-            attempts: task.attempt,
-            latency_ms: latency.as_secs_f64() * 1e3,
+        let mut result = ActionResult {
             http_status: http_status.map(i32::from),
             cost,
             error,
-            finished_at: chrono::Utc::now().to_rfc3339(),
             output,
-            event: task.event,
+            ..ActionResult::from_task(task, status, latency)
         };
-        let payload = serde_json::to_vec(&result).expect("a result always serializes");
+        // Bounded before it is produced: a service's oversize answer must not stop the executor.
+        let payload = kafka::limits::result_payload(&mut result, self.max_record_bytes);
         kafka::send(
             &self.producer,
             &self.results_topic,

@@ -1,48 +1,76 @@
-//! Stage 4: write results into PostgreSQL in batches, idempotently.
+//! Stage 4, the record stage: records results in PostgreSQL and advances multi-step runs.
 //!
-//! ## Lanes: several transactions in flight
+//! Every result is written into `action_results` in batches, idempotently. A result of a
+//! multi-step run also advances its run in the same transaction ([`runs`], deciding with the
+//! engine's planner, [`crate::engine::plan`]): the run's state is updated, and the next steps'
+//! tasks are produced to `actions.<service>` and acknowledged before the commit. So results flow
+//! back into the action topics from here: the loop evaluate → execute → record → execute … runs
+//! until the run finishes. (The stage was called "the sink"; its config section, consumer group
+//! and metrics label still say `sink`.)
+//!
+//! - [`rows`]: a result as a row (decoding, the batch's columns, the INSERT, U+0000 in data).
+//! - [`runs`]: run state in SQL.
+//! - this module: the stage's loop, its writers, and what happens when a write fails.
+//!
+//! ## Writers: several transactions in flight
 //! Each transaction waits for PostgreSQL's commit (with `synchronous_commit` on: the WAL flush,
 //! which is what makes storing the offset afterwards safe) and for the broker's acknowledgements
 //! of a multi-step run's next steps. One transaction at a time leaves the database and this
-//! process idle for most of that wait, so the stage runs `sink.transactions` *lanes*, each with
-//! its own connection, and hands every lane the results of a fixed share of the partitions
-//! (partition modulo the number of lanes). A partition's batches are thus written in order, one
+//! process idle for most of that wait, so the stage runs `sink.transactions` *writers*, each with
+//! its own connection, and hands every writer the results of a fixed share of the partitions
+//! (partition modulo the number of writers). A partition's batches are thus written in order, one
 //! at a time, and because results are keyed by tenant (the executor produces them with the
-//! tenant as key, and the coordinator produces next steps the same way) all results of a run
-//! reach the same lane: two lanes never advance one run at once. (They would still be correct if
-//! they did: [`crate::stages::record::runs`] locks the run's row and reads the results after the lock.)
-//! While a lane commits, its queue already holds the next batch and the other lanes write theirs.
+//! tenant as key, and this stage produces next steps the same way) all results of a run reach
+//! the same writer: two writers never advance one run at once. (They would still be correct if
+//! they did: [`runs`] locks the run's row and reads the results after the lock.) While a writer
+//! commits, its queue already holds the next batch and the other writers write theirs.
 //!
 //! ## A batch
-//! A lane's batch is whatever is queued, topped up for at most `sink.linger_ms`, up to
+//! A writer's batch is whatever is queued, topped up for at most `sink.linger`, up to
 //! `sink.batch_size` rows. It is written by one `INSERT … SELECT FROM UNNEST(…)` (one round trip
 //! for the whole batch) with `ON CONFLICT (task_id) DO NOTHING`, so results replayed after a crash
-//! are ignored. Offsets are stored only after the transaction commits: the lane hands its tickets
-//! back to the stage's task, which owns the source; the source's offset tracker accepts the
-//! lanes' completions in any order and stores an offset only once everything below it is done.
+//! are ignored. Offsets are stored only after the transaction commits: the writer hands its
+//! tickets back to the stage's task, which owns the source; the source's offset tracker accepts
+//! the writers' completions in any order and stores an offset only once everything below it is
+//! done.
 //!
-//! Results of multi-step runs also advance their run ([`crate::stages::record::runs`]) in the same
-//! transaction: the next steps' tasks are produced and acknowledged before the commit.
+//! ## When a write fails: outages and data errors
+//! - **An outage** (the database unreachable, a connection lost, the server shutting down, a
+//!   serialization failure — anything but the data errors below): the writer holds its batch and
+//!   retries with backoff (100 ms → 5 s), saying why each time, naming the database's host:port
+//!   and the connection's own error. Its queue fills, the stage stops taking batches (so the
+//!   source pauses its partitions), no offsets are stored, and the writers pick up where they
+//!   were once the database answers.
+//! - **A data error** is permanent for the rows that cause it: SQLSTATE classes 22 (data
+//!   exception: invalid text such as U+0000 in a key column, a value out of range), 23 (integrity
+//!   constraint violation) and 54 (program limit exceeded: a key too long for its index), a value
+//!   that cannot be encoded, or a next step's task the broker refuses as too large. Retrying
+//!   would fail the same way forever, so the writer splits the batch in halves and writes each
+//!   on its own, recursively, until the rows that fail are alone; each goes to the dead-letter
+//!   topic with the reason and the SQLSTATE (header `weir.error.sqlstate`), and every other row
+//!   commits. Offsets then advance past all of them.
 //!
-//! When PostgreSQL is unreachable a lane holds its batch and retries with backoff: its queue
-//! fills, the stage stops taking batches (so the source pauses its partitions), no offsets are
-//! stored, and the lanes pick up where they were once the database answers. A row that can never
-//! be written (undecodable result) goes to the dead-letter topic instead of blocking the
-//! partition.
+//! A record that is not a result at all (undecodable) goes to the dead-letter topic before the
+//! batch is written. Body data PostgreSQL cannot store (U+0000) is rewritten rather than refused:
+//! see [`rows`].
 
+pub mod rows;
 pub mod runs;
 
-use std::{sync::Arc, time::Duration};
+use std::{ops::Range, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use rdkafka::{producer::FutureProducer, Message};
-use sqlx::{
-    postgres::{PgArguments, PgPoolOptions},
-    Arguments as _, PgPool,
+use rdkafka::{
+    error::{KafkaError, RDKafkaErrorCode},
+    message::OwnedMessage,
+    producer::FutureProducer,
+    Message,
 };
-use tokio::sync::{mpsc, watch};
+use sqlx::{postgres::PgPoolOptions, Connection as _, PgPool};
+use tokio::sync::mpsc;
 
+pub use self::rows::{decode_row, Columns};
 use crate::{
     config::Config,
     engine::definitions::DefinitionStore,
@@ -50,12 +78,15 @@ use crate::{
     kafka,
     kafka::dead_letter::DeadLetters,
     kafka::source::{self, Delivery, Source, Ticket},
-    shutdown::Shutdown,
+    shutdown::CancellationToken,
     stages::record::runs::Coordinator,
     telemetry::{Event, Stage},
 };
 
-/// Opens a pool without connecting: the sink must start (and wait) while the database is down.
+/// Dead-letter header: the SQLSTATE PostgreSQL refused a row with.
+pub const SQLSTATE: &str = "weir.error.sqlstate";
+
+/// Opens a pool without connecting: the stage must start (and wait) while the database is down.
 pub fn pool(config: &Config) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(config.sink.pool_size)
@@ -64,121 +95,78 @@ pub fn pool(config: &Config) -> anyhow::Result<PgPool> {
         .context("database_url is not a valid PostgreSQL URL")
 }
 
-/// Creates or upgrades the tables (sqlx migrations in `migrations/`, compiled in).
+/// Creates or upgrades the tables (sqlx migrations in `migrations/`, compiled in). An unreachable
+/// database is named with its host:port and why connecting fails.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    // Connecting first, for the error: the migrator would only say the pool timed out.
+    if let Err(e) = pool.acquire().await {
+        anyhow::bail!("{}", describe(pool, &e).await);
+    }
     sqlx::migrate!("./migrations").run(pool).await.context("running database migrations")
 }
 
-/// Rows of one batch, column by column, as UNNEST wants them.
-#[derive(Default)]
-pub struct Columns {
-    task_id: Vec<String>,
-    run_id: Vec<String>,
-    event_id: Vec<String>,
-    tenant: Vec<String>,
-    workflow_id: Vec<String>,
-    workflow_version: Vec<i64>,
-    step_id: Vec<String>,
-    service: Vec<String>,
-    status: Vec<String>,
-    attempts: Vec<i32>,
-    latency_ms: Vec<f64>,
-    http_status: Vec<Option<i32>>,
-    cost: Vec<Option<f64>>,
-    error: Vec<Option<String>>,
-    output: Vec<Option<String>>,
-    finished_at: Vec<DateTime<Utc>>,
+/// A database error for the log: the database's host:port and the error; when the pool only
+/// says it timed out waiting for a connection (it retries refused connections until then), why a
+/// connection cannot be opened.
+pub async fn describe(pool: &PgPool, e: &sqlx::Error) -> String {
+    let options = pool.connect_options();
+    let at = format!("{}:{}", options.get_host(), options.get_port());
+    if !matches!(e, sqlx::Error::PoolTimedOut) {
+        return format!("database at {at}: {e}");
+    }
+    let why = match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect_with(&options)).await {
+        Ok(Err(cause)) => cause.to_string(),
+        Ok(Ok(db)) => {
+            let _ = db.close().await;
+            format!("{e} (a new connection succeeds: the pool's connections are all busy)")
+        }
+        Err(_) => "no answer to a connection attempt within 5 s".into(),
+    };
+    format!("database at {at} unreachable: {why}")
 }
 
-impl Columns {
-    pub fn push(&mut self, r: ActionResult, finished_at: DateTime<Utc>) {
-        self.task_id.push(r.task_id);
-        self.run_id.push(r.run_id);
-        self.event_id.push(r.event_id);
-        self.tenant.push(r.tenant);
-        self.workflow_id.push(r.workflow_id);
-        self.workflow_version.push(r.workflow_version);
-        self.step_id.push(r.step_id);
-        self.service.push(r.service);
-        self.status.push(r.status.as_str().to_string());
-        self.attempts.push(r.attempts);
-        self.latency_ms.push(r.latency_ms);
-        self.http_status.push(r.http_status);
-        // A u64 count of the service's units; double precision holds it exactly up to 2^53.
-        self.cost.push(r.cost.map(|c| c as f64));
-        self.error.push(r.error);
-        self.output.push(r.output.map(|o| o.to_string()));
-        self.finished_at.push(finished_at);
-    }
-
-    pub fn len(&self) -> usize {
-        self.task_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.task_id.is_empty()
-    }
-
-    /// The batch as the bind arguments of [`INSERT`]: one array per column.
-    pub fn arguments(&self) -> Result<PgArguments, sqlx::error::BoxDynError> {
-        let mut args = PgArguments::default();
-        args.add(&self.task_id)?;
-        args.add(&self.run_id)?;
-        args.add(&self.event_id)?;
-        args.add(&self.tenant)?;
-        args.add(&self.workflow_id)?;
-        args.add(&self.workflow_version)?;
-        args.add(&self.step_id)?;
-        args.add(&self.service)?;
-        args.add(&self.status)?;
-        args.add(&self.attempts)?;
-        args.add(&self.latency_ms)?;
-        args.add(&self.http_status)?;
-        args.add(&self.error)?;
-        args.add(&self.output)?;
-        args.add(&self.finished_at)?;
-        args.add(&self.cost)?;
-        Ok(args)
-    }
-
-    async fn insert(&self, db: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        let args = self.arguments().map_err(sqlx::Error::Encode)?;
-        sqlx::query_with(INSERT, args).execute(db).await.map(|_| ())
-    }
-}
-
-/// One statement per batch: the columns unnested back into rows, duplicates (replays) ignored.
-const INSERT: &str = "insert into action_results (task_id, run_id, event_id, tenant, workflow_id, workflow_version,
-        step_id, service, status, attempts, latency_ms, http_status, error, output, finished_at, cost)
-    select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f, c
-    from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
-        $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
-        $15::timestamptz[], $16::float8[])
-        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c)
-    on conflict (task_id) do nothing";
-
-/// Decodes one result record into what [`Columns::push`] takes; the error is the dead-letter reason.
-pub fn decode_row(payload: &[u8], content_type: Option<&[u8]>) -> Result<(ActionResult, DateTime<Utc>), String> {
-    let r = envelope::decode::<ActionResult>(payload, content_type).map_err(|e| format!("undecodable result: {e}"))?;
-    match DateTime::parse_from_rfc3339(&r.finished_at) {
-        Ok(t) => Ok((r, t.with_timezone(&Utc))),
-        Err(e) => Err(format!("finished_at {:?}: {e}", r.finished_at)),
-    }
-}
-
-/// Why a batch could not be written; every cause is retried with the batch held.
+/// Why a batch could not be written.
 #[derive(Debug, thiserror::Error)]
 enum WriteError {
-    #[error("database: {0}")]
+    #[error("{0}")]
     Database(#[from] sqlx::Error),
-    #[error("run coordination: {0:#}")]
-    Coordinate(#[from] anyhow::Error),
     #[error("producing next steps: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(#[from] KafkaError),
 }
 
-/// What every lane shares: where it writes, and what it needs to advance runs.
-struct Writer {
+/// What a failed write means for the batch.
+#[derive(Debug, PartialEq)]
+enum Fault {
+    /// Permanent for the rows that cause it: isolate them. The SQLSTATE when PostgreSQL gave one.
+    Data(Option<String>),
+    /// The database or broker is unavailable: hold the batch and retry.
+    Outage,
+}
+
+impl WriteError {
+    fn fault(&self) -> Fault {
+        match self {
+            WriteError::Database(sqlx::Error::Database(e)) => match e.code() {
+                Some(code) if is_data_error(&code) => Fault::Data(Some(code.into_owned())),
+                _ => Fault::Outage,
+            },
+            WriteError::Database(sqlx::Error::Encode(_)) => Fault::Data(None),
+            WriteError::Kafka(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+                Fault::Data(None)
+            }
+            WriteError::Database(_) | WriteError::Kafka(_) => Fault::Outage,
+        }
+    }
+}
+
+/// SQLSTATE classes that say "this data", not "this server": 22 data exception, 23 integrity
+/// constraint violation, 54 program limit exceeded.
+fn is_data_error(sqlstate: &str) -> bool {
+    matches!(sqlstate.get(..2), Some("22" | "23" | "54"))
+}
+
+/// What every writer shares: where it writes, and what it needs to advance runs.
+struct Recorder {
     pool: PgPool,
     producer: FutureProducer,
     dead_letters: DeadLetters,
@@ -186,14 +174,52 @@ struct Writer {
     config: Arc<Config>,
 }
 
-impl Writer {
+/// A writer's batch: the records that decoded as results (kept to split the batch and to
+/// dead-letter a row PostgreSQL refuses), and the tickets of every record taken.
+struct Batch {
+    records: Vec<OwnedMessage>,
+    tickets: Vec<Ticket>,
+}
+
+/// Rows to write: the columns, and the results of multi-step runs whole, for the coordinator.
+#[derive(Default)]
+struct Rows {
+    columns: Columns,
+    multi_step: Vec<ActionResult>,
+}
+
+impl Rows {
+    fn push(&mut self, result: ActionResult, finished_at: DateTime<Utc>) {
+        if !result.event.is_null() {
+            self.multi_step.push(result.clone());
+        }
+        self.columns.push(result, finished_at);
+    }
+
+    /// The rows of records that decoded once already (so they decode again).
+    fn of(records: &[OwnedMessage]) -> Rows {
+        let mut rows = Rows::default();
+        for m in records {
+            if let Ok((result, finished_at)) = decode_row(m.payload().unwrap_or_default(), content_type(m)) {
+                rows.push(result, finished_at);
+            }
+        }
+        rows
+    }
+}
+
+fn content_type(m: &OwnedMessage) -> Option<&[u8]> {
+    kafka::header(m.headers(), envelope::CONTENT_TYPE)
+}
+
+impl Recorder {
     /// Writes one batch: results, then (for multi-step runs) the decisions they lead to, the next
     /// steps produced and acknowledged, and only then the commit.
-    async fn write_batch(&self, columns: &Columns, results: &[ActionResult]) -> Result<usize, WriteError> {
-        let Writer { pool, producer, coordinator, config, .. } = self;
+    async fn write_batch(&self, rows: &Rows) -> Result<usize, WriteError> {
+        let Recorder { pool, producer, coordinator, config, .. } = self;
         let mut tx = pool.begin().await?;
-        columns.insert(&mut tx).await?;
-        let advance = coordinator.advance(&mut tx, results).await?;
+        rows.columns.insert(&mut tx).await?;
+        let advance = coordinator.advance(&mut tx, &rows.multi_step).await?;
         let mut decided = Columns::default();
         for r in advance.results {
             let finished_at = DateTime::parse_from_rfc3339(&r.finished_at)
@@ -206,7 +232,7 @@ impl Writer {
             decided.insert(&mut tx).await?;
         }
         let sends = advance.tasks.iter().map(|task| {
-            let topic = config.topic(&format!("actions.{}", task.service));
+            let topic = config.names().actions(&task.service);
             let payload = serde_json::to_vec(task).expect("a task always serializes");
             async move {
                 kafka::send(
@@ -221,110 +247,186 @@ impl Writer {
         });
         futures::future::try_join_all(sends).await?;
         tx.commit().await?;
-        Ok(columns.len() + decided.len())
+        Ok(rows.columns.len() + decided.len())
+    }
+
+    /// Writes `batch` (whose rows are `rows`): every row is committed or, when PostgreSQL refuses
+    /// it as data, dead-lettered. Returns false if `stop` came first (nothing more is written; the
+    /// part not committed is replayed).
+    async fn write(&self, batch: &Batch, rows: Rows, stop: &CancellationToken) -> anyhow::Result<bool> {
+        // Ranges of `batch.records` still to write, the next on top; the whole batch's rows are
+        // already decoded, a part's are decoded again (only after a data error).
+        let mut pending: Vec<(Range<usize>, Option<Rows>)> = vec![(0..batch.records.len(), Some(rows))];
+        while let Some((range, rows)) = pending.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            let rows = rows.unwrap_or_else(|| Rows::of(&batch.records[range.clone()]));
+            let mut backoff = Backoff::default();
+            loop {
+                let started = std::time::Instant::now();
+                let e = match self.write_batch(&rows).await {
+                    Ok(rows) => {
+                        Event::SinkWrote { rows, elapsed: started.elapsed() }.emit();
+                        break;
+                    }
+                    Err(e) => e,
+                };
+                match e.fault() {
+                    Fault::Data(sqlstate) if range.len() == 1 => {
+                        self.dead_letter(&batch.records[range.start], &e, sqlstate.as_deref()).await?;
+                        break;
+                    }
+                    Fault::Data(_) => {
+                        // Halves, the first on top: a partition's rows still commit in order.
+                        let middle = range.start + range.len() / 2;
+                        pending.push((middle..range.end, None));
+                        pending.push((range.start..middle, None));
+                        break;
+                    }
+                    Fault::Outage => {
+                        let detail = match &e {
+                            WriteError::Database(e) => describe(&self.pool, e).await,
+                            WriteError::Kafka(_) => e.to_string(),
+                        };
+                        Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &detail }
+                            .emit();
+                        if !backoff.wait(stop.cancelled()).await {
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Sends a row PostgreSQL refused as data (alone in its transaction) to the dead-letter topic.
+    async fn dead_letter(&self, record: &OwnedMessage, e: &WriteError, sqlstate: Option<&str>) -> anyhow::Result<()> {
+        let reason = match sqlstate {
+            Some(code) => format!("PostgreSQL refused the row (SQLSTATE {code}): {e}"),
+            None => format!("the row cannot be recorded: {e}"),
+        };
+        Event::Failed { stage: Stage::Sink, reason: "data", retryable: false, detail: &reason }.emit();
+        let extra: &[(&str, &str)] = match sqlstate {
+            Some(code) => &[(SQLSTATE, code)],
+            None => &[],
+        };
+        self.dead_letters.send_with(record, &reason, extra).await.context("record: dead-lettering failed")
     }
 }
 
-pub async fn run(config: Arc<Config>, definitions: Arc<DefinitionStore>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(
+    config: Arc<Config>,
+    definitions: Arc<DefinitionStore>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let pool = pool(&config)?;
     let mut backoff = Backoff::default();
     while let Err(e) = migrate(&pool).await {
         Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &format!("{e:#}") }.emit();
-        if !backoff.wait(shutdown.recv()).await {
+        if !backoff.wait(shutdown.cancelled()).await {
             return Ok(());
         }
     }
-    let mut source = Source::subscribe(&config, Stage::Sink, &config.topic("results"), &config.group("sink"))?;
+    let mut source = Source::subscribe(&config, Stage::Sink, &config.names().results(), &config.names().group("sink"))?;
     let producer = kafka::producer(&config)?;
-    let writer = Arc::new(Writer {
+    let recorder = Arc::new(Recorder {
         pool: pool.clone(),
-        dead_letters: DeadLetters::new(producer.clone(), config.topic("dlq"), Stage::Sink),
+        dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Sink).with_limits(&config.limits),
         producer,
         coordinator: Coordinator::new(definitions),
         config: config.clone(),
     });
-    let (stop, stopped) = watch::channel(false);
+    // The writers stop on shutdown, and also when this loop ends for a reason of its own.
+    let stop = shutdown.child_token();
     let (done, mut committed) = mpsc::unbounded_channel::<Vec<Ticket>>();
     let count = config.sink.transactions;
-    let queue = lane_queue(config.sink.batch_size, count);
-    let (mut lanes, mut tasks) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    let queue = writer_queue(config.sink.batch_size, count);
+    let (mut writers, mut tasks) = (Vec::with_capacity(count), Vec::with_capacity(count));
     for _ in 0..count {
         let (tx, rx) = mpsc::channel(queue);
-        lanes.push(tx);
-        tasks.push(tokio::spawn(lane(writer.clone(), rx, done.clone(), stopped.clone())));
+        writers.push(tx);
+        tasks.push(tokio::spawn(writer(recorder.clone(), rx, done.clone(), stop.clone())));
     }
     drop(done);
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.recv() => break,
+            _ = shutdown.cancelled() => break,
             Some(tickets) = committed.recv() => source.done_all(&tickets),
-            _ = sweep.tick() => expire_runs(&pool).await,
+            _ = sweep.tick() => {
+                if let Err(e) = runs::expire(&pool).await {
+                    let detail = describe(&pool, &e).await;
+                    Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &detail }.emit();
+                }
+            }
             batch = source.recv() => {
                 let Some(batch) = batch else { break };
-                // A full lane (the database is down) holds the dispatch up; shutdown must not wait.
+                // A full writer (the database is down) holds the dispatch up; shutdown must not wait.
                 tokio::select! {
-                    // A lane that ended early failed (dead-lettering): its error is returned below.
-                    delivered = dispatch(&lanes, batch) => if !delivered { break },
-                    _ = shutdown.recv() => break,
+                    // A writer that ended early failed (dead-lettering): its error is returned below.
+                    delivered = dispatch(&writers, batch) => if !delivered { break },
+                    _ = shutdown.cancelled() => break,
                 }
             }
         }
     }
-    // Lanes finish the transaction they are in (a retry loop gives up at once), and the offsets
+    // Writers finish the transaction they are in (a retry loop gives up at once), and the offsets
     // of every transaction that committed are stored before the source closes and commits them.
-    let _ = stop.send(true);
-    drop(lanes);
+    stop.cancel();
+    drop(writers);
     while let Some(tickets) = committed.recv().await {
         source.done_all(&tickets);
     }
     source.close();
     for task in tasks {
-        task.await.context("sink lane panicked")??;
+        task.await.context("record writer panicked")??;
     }
     Ok(())
 }
 
-/// Messages a lane's queue holds: about two batches' worth, so the next batch is ready when a
+/// Messages a writer's queue holds: about two batches' worth, so the next batch is ready when a
 /// transaction commits, while the dispatcher (which hands out source batches of up to
-/// [`source::BATCH`] messages, split over the lanes) seldom waits for a busy lane.
-fn lane_queue(batch_size: usize, lanes: usize) -> usize {
-    (2 * batch_size * lanes).div_ceil(source::BATCH).max(2)
+/// [`source::BATCH`] messages, split over the writers) seldom waits for a busy writer.
+fn writer_queue(batch_size: usize, writers: usize) -> usize {
+    (2 * batch_size * writers).div_ceil(source::BATCH).max(2)
 }
 
-/// Splits a source batch over the lanes by partition: a partition always goes to the same lane,
-/// so its batches are written in order, and (results being keyed by tenant) so are a run's.
-/// Returns false when a lane has ended.
-async fn dispatch(lanes: &[mpsc::Sender<Vec<Delivery>>], batch: Vec<Delivery>) -> bool {
-    let mut parts: Vec<Vec<Delivery>> = (0..lanes.len()).map(|_| Vec::new()).collect();
+/// Splits a source batch over the writers by partition: a partition always goes to the same
+/// writer, so its batches are written in order, and (results being keyed by tenant) so are a
+/// run's. Returns false when a writer has ended.
+async fn dispatch(writers: &[mpsc::Sender<Vec<Delivery>>], batch: Vec<Delivery>) -> bool {
+    let mut parts: Vec<Vec<Delivery>> = (0..writers.len()).map(|_| Vec::new()).collect();
     for d in batch {
-        parts[lane_of(d.ticket.partition, lanes.len())].push(d);
+        parts[writer_of(d.ticket.partition, writers.len())].push(d);
     }
-    for (lane, part) in lanes.iter().zip(parts) {
-        if !part.is_empty() && lane.send(part).await.is_err() {
+    for (writer, part) in writers.iter().zip(parts) {
+        if !part.is_empty() && writer.send(part).await.is_err() {
             return false;
         }
     }
     true
 }
 
-fn lane_of(partition: i32, lanes: usize) -> usize {
-    partition.unsigned_abs() as usize % lanes
+fn writer_of(partition: i32, writers: usize) -> usize {
+    partition.unsigned_abs() as usize % writers
 }
 
-/// One transaction at a time for the partitions of one lane: take what is queued (topped up for
-/// `linger_ms`), decode it, write it (retrying while the database is down), hand the tickets back.
-async fn lane(
-    writer: Arc<Writer>,
+/// One transaction at a time for the partitions of one writer: take what is queued (topped up
+/// for `linger`), decode it, write it (retrying while the database is down, isolating rows it
+/// refuses), hand the tickets back.
+async fn writer(
+    recorder: Arc<Recorder>,
     mut queue: mpsc::Receiver<Vec<Delivery>>,
     done: mpsc::UnboundedSender<Vec<Ticket>>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (batch_size, linger) = (writer.config.sink.batch_size, Duration::from_millis(writer.config.sink.linger_ms));
+    let (batch_size, linger) = (recorder.config.sink.batch_size, recorder.config.sink.linger);
     loop {
         let mut deliveries = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
             batch = queue.recv() => match batch { Some(b) => b, None => return Ok(()) },
         };
         // Top up a partial batch for a moment: fewer, larger transactions.
@@ -335,73 +437,34 @@ async fn lane(
                 _ => break,
             }
         }
-        let (columns, results, tickets) = rows(deliveries, &writer.dead_letters).await?;
-        let mut backoff = Backoff::default();
-        loop {
-            let started = std::time::Instant::now();
-            match writer.write_batch(&columns, &results).await {
-                Ok(rows) => {
-                    Event::SinkWrote { rows, elapsed: started.elapsed() }.emit();
-                    // The receiver is gone only once the stage stopped; the batch is replayed.
-                    let _ = done.send(tickets);
-                    break;
-                }
-                Err(e) => {
-                    Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &e.to_string() }
-                        .emit();
-                    if !backoff
-                        .wait(async {
-                            let _ = stop.wait_for(|s| *s).await;
-                        })
-                        .await
-                    {
-                        return Ok(());
-                    }
-                }
-            }
+        let (batch, rows) = decode(deliveries, &recorder.dead_letters).await?;
+        if !recorder.write(&batch, rows, &stop).await? {
+            return Ok(());
         }
+        // The receiver is gone only once the stage stopped; the batch is replayed.
+        let _ = done.send(batch.tickets);
     }
 }
 
-/// Fails running runs past their deadline, so a run whose step never reports still ends.
-async fn expire_runs(pool: &PgPool) {
-    let outcome = sqlx::query(
-        "update workflow_runs set status = 'failed', error = 'run time limit exceeded', finished_at = now()
-         where status = 'running' and deadline < now()",
-    )
-    .execute(pool)
-    .await;
-    if let Err(e) = outcome {
-        Event::Failed { stage: Stage::Sink, reason: "database", retryable: true, detail: &e.to_string() }.emit();
-    }
-}
-
-/// Decodes a batch; records that are not results are dead-lettered (and count as done). Results
-/// of multi-step runs are also returned whole, for the coordinator.
-async fn rows(
-    deliveries: Vec<Delivery>,
-    dead_letters: &DeadLetters,
-) -> anyhow::Result<(Columns, Vec<ActionResult>, Vec<Ticket>)> {
-    let mut columns = Columns::default();
-    let mut multi_step = Vec::new();
-    let mut tickets = Vec::with_capacity(deliveries.len());
+/// Decodes a batch; records that are not results are dead-lettered (and count as done).
+async fn decode(deliveries: Vec<Delivery>, dead_letters: &DeadLetters) -> anyhow::Result<(Batch, Rows)> {
+    let mut rows = Rows::default();
+    let mut batch =
+        Batch { records: Vec::with_capacity(deliveries.len()), tickets: Vec::with_capacity(deliveries.len()) };
     for Delivery { message, ticket } in deliveries {
-        let content_type = kafka::header(message.headers(), envelope::CONTENT_TYPE);
-        match decode_row(message.payload().unwrap_or_default(), content_type) {
+        match decode_row(message.payload().unwrap_or_default(), content_type(&message)) {
             Ok((result, finished_at)) => {
-                if !result.event.is_null() {
-                    multi_step.push(result.clone());
-                }
-                columns.push(result, finished_at)
+                rows.push(result, finished_at);
+                batch.records.push(message);
             }
             Err(reason) => {
                 Event::Failed { stage: Stage::Sink, reason: "decode", retryable: false, detail: &reason }.emit();
-                dead_letters.send(&message, &reason).await.context("sink: dead-lettering failed")?;
+                dead_letters.send(&message, &reason).await.context("record: dead-lettering failed")?;
             }
         }
-        tickets.push(ticket);
+        batch.tickets.push(ticket);
     }
-    Ok((columns, multi_step, tickets))
+    Ok((batch, rows))
 }
 
 /// Exponential backoff from 100 ms to 5 s, cut short by shutdown.
@@ -422,5 +485,26 @@ impl Backoff {
             _ = stop => false,
             _ = tokio::time::sleep(delay) => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_errors_are_told_from_outages_by_their_sqlstate_class() {
+        for code in ["22021", "22P05", "23505", "23514", "54000", "22003"] {
+            assert!(is_data_error(code), "{code}");
+        }
+        // Connection, resources, serialization, shutdown, undefined table: not the rows' fault.
+        for code in ["08006", "53300", "40001", "40P01", "57P01", "42P01", "XX000", ""] {
+            assert!(!is_data_error(code), "{code}");
+        }
+        let too_large = WriteError::Kafka(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
+        assert_eq!(too_large.fault(), Fault::Data(None));
+        let down = WriteError::Kafka(KafkaError::MessageProduction(RDKafkaErrorCode::BrokerTransportFailure));
+        assert_eq!(down.fault(), Fault::Outage);
+        assert_eq!(WriteError::Database(sqlx::Error::PoolTimedOut).fault(), Fault::Outage);
     }
 }

@@ -1,42 +1,77 @@
-//! Multi-step runs: deciding, as results arrive, which steps start next.
+//! Multi-step runs' state in PostgreSQL: what the record stage reads and writes, in the same
+//! transaction as the results, to advance a run. Which steps start is decided by the engine's
+//! planner ([`crate::engine::plan`]); this module only gathers what the planner needs and stores
+//! what it decided.
 //!
 //! ## Why PostgreSQL holds run state
-//! The sink already writes every result into PostgreSQL; keeping run state there makes "store
-//! these results" and "start these steps" one transaction. A compacted Kafka state topic would
-//! need its own consumer, an in-memory view rebuilt on every rebalance, and a second write per
-//! result; here the state is a query away and survives any worker. Results are keyed by tenant,
-//! so all results of a run reach the same sink consumer and no two sinks advance a run at once.
+//! The record stage already writes every result into PostgreSQL; keeping run state there makes
+//! "store these results" and "start these steps" one transaction. A compacted Kafka state topic
+//! would need its own consumer, an in-memory view rebuilt on every rebalance, and a second write
+//! per result; here the state is a query away and survives any worker. Results are keyed by
+//! tenant, so all results of a run reach the same writer and no two writers advance a run at once.
 //!
 //! ## Exactly once per step
-//! Inside the sink's transaction: results are inserted (duplicates ignored), each affected run is
-//! locked, and for every step whose needs are all done the coordinator renders its input and
-//! inserts `(run_id, step_id)` into `run_steps_started`; only steps whose insert succeeded are
-//! produced, *before* the commit, and the commit happens only once the broker acknowledged them.
-//! A crash before the commit replays the batch and re-produces the same deterministic task ids —
-//! at worst a duplicate task with the same `Idempotency-Key`, never a lost step.
+//! Inside the record stage's transaction: results are inserted (duplicates ignored), each
+//! affected run is locked, its step outcomes and started steps are read, the planner decides, and
+//! for every step to start `(run_id, step_id)` is inserted into `run_steps_started`; only steps
+//! whose insert succeeded are produced, *before* the commit, and the commit happens only once the
+//! broker acknowledged them. A crash before the commit replays the batch and re-produces the same
+//! deterministic task ids — at worst a duplicate task with the same `Idempotency-Key`, never a
+//! lost step.
 //!
-//! ## Semantics (also in docs/workflows.md)
-//! - A step starts after every step it `needs` succeeded; independent branches run in parallel;
-//!   a join waits for all its parents and sees all their outputs (`steps.<id>.output`).
-//! - A failed step fails the run: nothing after it starts.
-//! - A step whose `if` is false is `skipped`, and so is every step that needs a skipped step.
-//! - A run not finished after `limits.max_run_seconds` fails with "run time limit exceeded".
+//! A run not finished after `limits.max_run_seconds` fails with "run time limit exceeded" (when
+//! its next result arrives, or at the stage's periodic sweep, [`expire`]). A run whose event does
+//! not deserialize cannot be planned: it is recorded as failed with the reason.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
-use serde_json::{json, Value as Json};
-use sqlx::{Postgres, Transaction};
+use serde_json::Value as Json;
+use sqlx::{PgConnection, PgPool};
 
 use crate::{
-    engine::condition::{FieldPaths, Scope},
     engine::definitions::DefinitionStore,
-    engine::template::Context,
-    engine::workflow::{self, CompiledWorkflow},
-    envelope::{ActionResult, ActionTask, Event, Status},
+    engine::plan::{self, Known, Outcome, RunState},
+    engine::workflow::CompiledWorkflow,
+    envelope::{ActionResult, ActionTask, Event as DomainEvent, Status},
+    stages::record::rows,
+    telemetry::{Event, Stage},
 };
+
+/// The reason a run past its deadline fails with.
+pub const TIME_LIMIT: &str = "run time limit exceeded";
+
+/// A run's status in `workflow_runs.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+// The statuses' SQL text, in one place: `workflow_runs.status` and `action_results.status`
+// (whose CHECK constraints, in migrations/, allow exactly these).
+impl RunStatus {
+    pub fn as_sql(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+        }
+    }
+
+    pub fn from_sql(text: &str) -> Option<RunStatus> {
+        [RunStatus::Running, RunStatus::Succeeded, RunStatus::Failed].into_iter().find(|s| s.as_sql() == text)
+    }
+}
+
+/// A step's status as `action_results.status` holds it (written by [`rows::Columns`] with
+/// [`Status::as_str`]).
+pub fn step_status(text: &str) -> Option<Status> {
+    [Status::Succeeded, Status::Failed, Status::Skipped].into_iter().find(|s| s.as_str() == text)
+}
 
 /// What a batch of results sets in motion: tasks to produce and results decided without a call.
 #[derive(Default)]
@@ -49,11 +84,15 @@ pub struct Coordinator {
     definitions: Arc<DefinitionStore>,
 }
 
+/// A run to plan: its definition (the version it was started with) and its event.
 struct Run<'a> {
     workflow: Arc<CompiledWorkflow>,
-    event: Event,
+    event: DomainEvent,
     first: &'a ActionResult,
 }
+
+/// A stored step outcome: run id, step id, status, output, error.
+type StepRow = (String, String, String, Option<Json>, Option<String>);
 
 impl Coordinator {
     pub fn new(definitions: Arc<DefinitionStore>) -> Self {
@@ -69,17 +108,16 @@ impl Coordinator {
     /// Advances the runs of `results` (already inserted in `tx`). Returns the steps to start and
     /// the skipped/failed results to store; the caller inserts those, produces the tasks, and
     /// commits.
-    pub async fn advance(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        results: &[ActionResult],
-    ) -> anyhow::Result<Advance> {
+    pub async fn advance(&self, tx: &mut PgConnection, results: &[ActionResult]) -> Result<Advance, sqlx::Error> {
         let mut runs: BTreeMap<&str, Run> = BTreeMap::new();
+        let mut broken: BTreeMap<&str, (&ActionResult, String)> = BTreeMap::new();
         for r in results.iter().filter(|r| !r.event.is_null()) {
-            if runs.contains_key(r.run_id.as_str()) {
+            if runs.contains_key(r.run_id.as_str()) || broken.contains_key(r.run_id.as_str()) {
                 continue;
             }
             let Some(workflow) = self.definition(r) else {
+                // Another worker may know the version already (an apply on its way here): the run
+                // waits, and fails at its deadline if this worker never learns it.
                 tracing::error!(
                     run = r.run_id,
                     workflow = r.workflow_id,
@@ -88,71 +126,80 @@ impl Coordinator {
                 );
                 continue;
             };
-            let Ok(event) = serde_json::from_value::<Event>(r.event.clone()) else { continue };
-            runs.insert(&r.run_id, Run { workflow, event, first: r });
+            match serde_json::from_value::<DomainEvent>(r.event.clone()) {
+                Ok(event) => {
+                    runs.insert(&r.run_id, Run { workflow, event, first: r });
+                }
+                Err(e) => {
+                    // The same bytes fail the same way on every replay: the run can never be
+                    // planned, so it ends here, saying why.
+                    let reason = format!("the run's event does not deserialize: {e}");
+                    Event::Failed { stage: Stage::Sink, reason: "run", retryable: false, detail: &reason }.emit();
+                    broken.insert(&r.run_id, (r, reason));
+                }
+            }
         }
         let mut advance = Advance::default();
+        for (r, reason) in broken.values() {
+            let deadline = self.definition(r).map_or(0, |wf| wf.def.limits.max_run_seconds);
+            insert_run(tx, r, deadline, RunStatus::Failed, Some(reason)).await?;
+            finish(tx, &r.run_id, RunStatus::Failed, Some(reason)).await?;
+        }
         if runs.is_empty() {
             return Ok(advance);
         }
         for run in runs.values() {
-            sqlx::query(
-                "insert into workflow_runs (run_id, tenant, workflow_id, workflow_version, event_id, event, status, deadline)
-                 values ($1, $2, $3, $4, $5, $6, 'running', now() + make_interval(secs => $7))
-                 on conflict (run_id) do nothing",
-            )
-            .bind(&run.first.run_id)
-            .bind(&run.first.tenant)
-            .bind(&run.first.workflow_id)
-            .bind(run.first.workflow_version)
-            .bind(&run.first.event_id)
-            .bind(&run.first.event)
-            .bind(run.workflow.def.limits.max_run_seconds as f64)
-            .execute(&mut **tx)
-            .await?;
+            insert_run(tx, run.first, run.workflow.def.limits.max_run_seconds, RunStatus::Running, None).await?;
         }
-        let ids: Vec<String> = runs.keys().map(|s| s.to_string()).collect();
+        let ids: Vec<&str> = runs.keys().copied().collect();
         let state: Vec<(String, String, bool)> = sqlx::query_as(
             "select run_id, status, deadline < now() from workflow_runs where run_id = any($1) for update",
         )
         .bind(&ids)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?;
         let rows: Vec<StepRow> =
             sqlx::query_as("select run_id, step_id, status, output, error from action_results where run_id = any($1)")
                 .bind(&ids)
-                .fetch_all(&mut **tx)
+                .fetch_all(&mut *tx)
                 .await?;
         let started: Vec<(String, String)> =
             sqlx::query_as("select run_id, step_id from run_steps_started where run_id = any($1)")
                 .bind(&ids)
-                .fetch_all(&mut **tx)
+                .fetch_all(&mut *tx)
                 .await?;
-        let mut steps_of: HashMap<&str, StepsDone> = HashMap::new();
+        let mut known: HashMap<&str, Known> =
+            runs.iter().map(|(&id, run)| (id, Known::under_way(&run.workflow))).collect();
         for (run, step, status, output, error) in &rows {
-            steps_of.entry(run).or_default().insert(step, (status, output.as_ref(), error.as_deref()));
+            let Some(k) = known.get_mut(run.as_str()) else { continue };
+            // The CHECK constraint allows only known statuses; anything else could not advance.
+            let status = step_status(status).unwrap_or(Status::Failed);
+            k.outcomes.insert(step, Outcome { status, output: output.as_ref(), error: error.as_deref() });
         }
-        let mut started_of: HashMap<&str, BTreeSet<&str>> = HashMap::new();
         for (run, step) in &started {
-            started_of.entry(run).or_default().insert(step);
+            if let Some(k) = known.get_mut(run.as_str()) {
+                k.started.insert(step);
+            }
         }
         let now = chrono::Utc::now().to_rfc3339();
-        let mut finished: Vec<(String, &str, Option<String>)> = Vec::new();
+        let mut finished: Vec<(&str, RunStatus, Option<String>)> = Vec::new();
         for (run_id, status, expired) in &state {
-            if status != "running" {
+            if RunStatus::from_sql(status) != Some(RunStatus::Running) {
                 continue;
             }
-            let run = &runs[run_id.as_str()];
+            let run_id = run_id.as_str();
+            let Some(run) = runs.get(run_id) else { continue };
             if *expired {
-                finished.push((run_id.clone(), "failed", Some("run time limit exceeded".into())));
+                finished.push((run_id, RunStatus::Failed, Some(TIME_LIMIT.into())));
                 continue;
             }
-            let done = steps_of.remove(run_id.as_str()).unwrap_or_default();
-            let started = started_of.remove(run_id.as_str()).unwrap_or_default();
-            match self.next_steps(run, &done, &started, &now, &mut advance) {
+            let plan = plan::next(&run.workflow, &run.event, run_id, &known[run_id], &now);
+            advance.tasks.extend(plan.tasks);
+            advance.results.extend(plan.decided);
+            match plan.state {
                 RunState::Running => {}
-                RunState::Succeeded => finished.push((run_id.clone(), "succeeded", None)),
-                RunState::Failed(reason) => finished.push((run_id.clone(), "failed", Some(reason))),
+                RunState::Succeeded => finished.push((run_id, RunStatus::Succeeded, None)),
+                RunState::Failed(reason) => finished.push((run_id, RunStatus::Failed, Some(reason))),
             }
         }
         // Claim the steps to start; a step already claimed by an earlier (replayed) batch is not
@@ -166,155 +213,92 @@ impl Coordinator {
             )
             .bind(&runs_col)
             .bind(&steps_col)
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *tx)
             .await?
             .into_iter()
             .collect();
             advance.tasks.retain(|t| claimed.contains(&(t.run_id.clone(), t.step_id.clone())));
         }
         for (run_id, status, error) in finished {
-            sqlx::query("update workflow_runs set status = $2, error = $3, finished_at = now() where run_id = $1")
-                .bind(run_id)
-                .bind(status)
-                .bind(error)
-                .execute(&mut **tx)
-                .await?;
+            finish(tx, run_id, status, error.as_deref()).await?;
         }
         Ok(advance)
     }
-
-    /// Walks the graph of one run: starts what is ready, skips what cannot run.
-    fn next_steps(
-        &self,
-        run: &Run,
-        done: &StepsDone,
-        started: &BTreeSet<&str>,
-        now: &str,
-        advance: &mut Advance,
-    ) -> RunState {
-        let wf = &run.workflow;
-        let mut status: HashMap<&str, Status> = HashMap::new();
-        let mut outputs = serde_json::Map::new();
-        for (step, (s, output, error)) in done {
-            let s = match *s {
-                "succeeded" => Status::Succeeded,
-                "skipped" => Status::Skipped,
-                _ => return RunState::Failed(format!("step {step} failed: {}", error.unwrap_or("no reason given"))),
-            };
-            status.insert(step, s);
-            if s == Status::Succeeded {
-                outputs.insert(step.to_string(), json!({"output": output.cloned().unwrap_or(Json::Null)}));
-            }
-        }
-        let steps_json = Json::Object(outputs);
-        let mut context: Option<Context> = None;
-        // Started and not finished: neither startable again nor a satisfied need.
-        let mut running: BTreeSet<&str> = started.clone();
-        loop {
-            let mut progressed = false;
-            for (i, step) in wf.steps.iter().enumerate() {
-                let id = wf.def.steps[i].id.as_str();
-                if step.needs.is_empty() || status.contains_key(id) || running.contains(id) {
-                    continue;
-                }
-                let needs: Vec<Option<&Status>> =
-                    step.needs.iter().map(|&j| status.get(wf.def.steps[j].id.as_str())).collect();
-                if needs.iter().any(Option::is_none) {
-                    continue;
-                }
-                progressed = true;
-                let skip = needs.contains(&Some(&Status::Skipped))
-                    || match &step.condition {
-                        None => false,
-                        Some(c) => {
-                            let mut paths = FieldPaths::default();
-                            paths.add(c);
-                            match c.evaluate(&Scope::build(&run.event, Some(&steps_json), &paths)) {
-                                Ok(go) => !go,
-                                Err(e) => {
-                                    let reason = format!("steps.{id}.if: {e}");
-                                    advance.results.push(self.decided(
-                                        run,
-                                        i,
-                                        Status::Failed,
-                                        Some(reason.clone()),
-                                        now,
-                                    ));
-                                    return RunState::Failed(format!("step {id} failed: {reason}"));
-                                }
-                            }
-                        }
-                    };
-                if skip {
-                    status.insert(id, Status::Skipped);
-                    advance.results.push(self.decided(run, i, Status::Skipped, None, now));
-                    continue;
-                }
-                let context = context.get_or_insert_with(|| workflow::template_context(&run.event, steps_json.clone()));
-                match wf.render_input(i, context, &run.event) {
-                    Ok(input) => {
-                        advance.tasks.push(wf.task(i, &run.event, &run.first.run_id, input, now));
-                        running.insert(id);
-                    }
-                    Err(reason) => {
-                        advance.results.push(self.decided(run, i, Status::Failed, Some(reason.clone()), now));
-                        return RunState::Failed(format!("step {id} failed: {reason}"));
-                    }
-                }
-            }
-            if !progressed {
-                break;
-            }
-        }
-        let all_done = wf.def.steps.iter().all(|s| {
-            matches!(done.get(s.id.as_str()), Some(("succeeded" | "skipped", ..)))
-                || advance
-                    .results
-                    .iter()
-                    .any(|r| r.run_id == run.first.run_id && r.step_id == s.id && r.status == Status::Skipped)
-        });
-        if all_done {
-            RunState::Succeeded
-        } else {
-            RunState::Running
-        }
-    }
-
-    /// A result the coordinator decides without calling the service (skipped, or failed before
-    /// the call).
-    fn decided(&self, run: &Run, i: usize, status: Status, error: Option<String>, now: &str) -> ActionResult {
-        let wf = &run.workflow;
-        let step = &wf.def.steps[i];
-        ActionResult {
-            task_id: CompiledWorkflow::task_id(&run.first.run_id, &step.id),
-            run_id: run.first.run_id.clone(),
-            event_id: run.first.event_id.clone(),
-            tenant: run.first.tenant.clone(),
-            workflow_id: wf.def.id.clone(),
-            workflow_version: wf.def.version,
-            step_id: step.id.clone(),
-            service: step.service.clone(),
-            status,
-            attempts: 0,
-            latency_ms: 0.0,
-            http_status: None,
-            cost: None,
-            error,
-            finished_at: now.to_string(),
-            output: None,
-            event: Json::Null,
-        }
-    }
 }
 
-/// A stored step outcome: run id, step id, status, output, error.
-type StepRow = (String, String, String, Option<Json>, Option<String>);
+/// Creates the run's row if it has none. Its event is stored with U+0000 replaced
+/// ([`rows::storable`]): `jsonb` cannot hold it.
+async fn insert_run(
+    tx: &mut PgConnection,
+    r: &ActionResult,
+    max_run_seconds: u64,
+    status: RunStatus,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into workflow_runs (run_id, tenant, workflow_id, workflow_version, event_id, event, status, error, deadline)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
+         on conflict (run_id) do nothing",
+    )
+    .bind(&r.run_id)
+    .bind(&r.tenant)
+    .bind(&r.workflow_id)
+    .bind(r.workflow_version)
+    .bind(&r.event_id)
+    .bind(&*rows::storable(&r.event))
+    .bind(status.as_sql())
+    .bind(error.map(rows::storable_text))
+    .bind(max_run_seconds as f64)
+    .execute(&mut *tx)
+    .await
+    .map(|_| ())
+}
 
-/// One run's stored step outcomes: step id → (status, output, error).
-type StepsDone<'a> = HashMap<&'a str, (&'a str, Option<&'a Json>, Option<&'a str>)>;
+/// Ends a running run.
+async fn finish(
+    tx: &mut PgConnection,
+    run_id: &str,
+    status: RunStatus,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update workflow_runs set status = $2, error = $3, finished_at = now() where run_id = $1 and status = $4",
+    )
+    .bind(run_id)
+    .bind(status.as_sql())
+    .bind(error.map(rows::storable_text))
+    .bind(RunStatus::Running.as_sql())
+    .execute(&mut *tx)
+    .await
+    .map(|_| ())
+}
 
-enum RunState {
-    Running,
-    Succeeded,
-    Failed(String),
+/// Fails running runs past their deadline, so a run whose step never reports still ends.
+pub async fn expire(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    sqlx::query(
+        "update workflow_runs set status = $1, error = $2, finished_at = now() where status = $3 and deadline < now()",
+    )
+    .bind(RunStatus::Failed.as_sql())
+    .bind(TIME_LIMIT)
+    .bind(RunStatus::Running.as_sql())
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_their_sql_text_and_back() {
+        for s in [RunStatus::Running, RunStatus::Succeeded, RunStatus::Failed] {
+            assert_eq!(RunStatus::from_sql(s.as_sql()), Some(s));
+        }
+        for s in [Status::Succeeded, Status::Failed, Status::Skipped] {
+            assert_eq!(step_status(s.as_str()), Some(s));
+        }
+        assert_eq!(RunStatus::from_sql("Running"), None);
+        assert_eq!(step_status(""), None);
+    }
 }

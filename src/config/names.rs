@@ -1,0 +1,92 @@
+//! The one place that spells weir's topic and consumer-group names. Every name is a logical name
+//! (`events`, `actions.webhook.retry.1s`, `weir-sink`) behind the config's `topic_prefix`, so
+//! several installations or tests share a cluster; building them anywhere else with `format!`
+//! is how a stage and `weir topics apply` come to disagree about a name.
+
+/// Names under one prefix: [`Config::names`](super::Config::names), or [`Names::logical`] for
+/// the names as `topics/*.yaml` declares them.
+#[derive(Debug, Clone, Copy)]
+pub struct Names<'a> {
+    prefix: &'a str,
+}
+
+impl<'a> Names<'a> {
+    pub fn new(prefix: &'a str) -> Names<'a> {
+        Names { prefix }
+    }
+
+    /// Names without a prefix: as declared in `topics/*.yaml`.
+    pub fn logical() -> Names<'static> {
+        Names { prefix: "" }
+    }
+
+    /// Any declared topic by its logical name.
+    pub fn topic(&self, logical: &str) -> String {
+        format!("{}{logical}", self.prefix)
+    }
+
+    /// Domain events, read by the evaluator.
+    pub fn events(&self) -> String {
+        self.topic("events")
+    }
+
+    /// Outcomes of action tasks, read by the record stage.
+    pub fn results(&self) -> String {
+        self.topic("results")
+    }
+
+    /// Dead letters of every stage.
+    pub fn dlq(&self) -> String {
+        self.topic("dlq")
+    }
+
+    /// Workflow definitions (compacted).
+    pub fn definitions(&self) -> String {
+        self.topic("definitions")
+    }
+
+    /// A service's action tasks.
+    pub fn actions(&self, service: &str) -> String {
+        self.topic(&format!("actions.{service}"))
+    }
+
+    /// A service's delay topic of one retry tier (`1s`, `10m`: see
+    /// [`RetryConfig::tier_names`](super::RetryConfig::tier_names)).
+    pub fn retry(&self, service: &str, tier: &str) -> String {
+        self.topic(&format!("actions.{service}.retry.{tier}"))
+    }
+
+    /// The consumer group of a stage or tool (`evaluate`, `sink`, `definitions`, `dlq-redrive`).
+    pub fn group(&self, stage: &str) -> String {
+        format!("{}weir-{stage}", self.prefix)
+    }
+
+    /// The consumer group of a service's executor.
+    pub fn execute_group(&self, service: &str) -> String {
+        self.group(&format!("execute-{service}"))
+    }
+
+    /// The consumer group reading a service's delay topic of one tier.
+    pub fn retry_group(&self, service: &str, tier: &str) -> String {
+        self.group(&format!("retry-{service}-{tier}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_logical_names_behind_the_prefix() {
+        let n = Names::new("t1.");
+        assert_eq!(
+            [n.events(), n.results(), n.dlq(), n.definitions(), n.actions("hook"), n.retry("hook", "10s")],
+            ["t1.events", "t1.results", "t1.dlq", "t1.definitions", "t1.actions.hook", "t1.actions.hook.retry.10s"]
+        );
+        assert_eq!(
+            [n.group("sink"), n.execute_group("hook"), n.retry_group("hook", "1m")],
+            ["t1.weir-sink", "t1.weir-execute-hook", "t1.weir-retry-hook-1m"]
+        );
+        assert_eq!(Names::logical().retry("hook", "1s"), "actions.hook.retry.1s");
+    }
+}
