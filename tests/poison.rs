@@ -697,12 +697,15 @@ async fn send(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
+    // Phases are printed, never asserted: they say where a slow run spent its time.
+    let started = std::time::Instant::now();
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = test_config(&receiver, &[GOOD, ECHO, SPIN, RENDER, REPEAT, TWO_STEPS, LOUD]).await;
     let config = Arc::new(config);
     let events_topic = config.names().topic("events");
     let dlq = DeadLetterReader::start(&config.names().topic("dlq"));
     let mut pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await.unwrap();
+    eprintln!("pipeline started after {:.1?}", started.elapsed());
     // Not idempotent: a record the broker refuses must not fail the producer for the rest (each
     // send is awaited before the next, so order holds without it).
     let producer: FutureProducer = weir::kafka::producer_config(&config)
@@ -715,19 +718,20 @@ async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
     // Good events of every good tenant, round by round, with bad records between the rounds.
     let tenants = good_tenants();
     let mut cases = corpus();
-    let mut good: Vec<(String, String, usize)> = Vec::new(); // (event id, tenant, seq)
+    let mut good: Vec<(String, String, usize, (i32, i64))> = Vec::new(); // (event id, tenant, seq, written)
     let per_round = cases.len().div_ceil(ROUNDS);
     for round in 0..ROUNDS {
         // A round's records go at once (the good tenants are on different partitions); a tenant's
         // next event waits for the round before it, which keeps each tenant's order.
-        let sends = tenants.iter().map(|tenant| {
-            let (payload, ct, id) = good_event(tenant, round);
-            good.push((id, tenant.clone(), round));
-            let (producer, topic) = (&producer, &events_topic);
-            async move { send(producer, topic, tenant.as_bytes(), &payload, Some(ct)).await }
-        });
-        let written = futures::future::join_all(sends.collect::<Vec<_>>()).await;
-        assert!(written.iter().all(Option::is_some), "round {round}'s good events produced");
+        let events: Vec<_> = tenants.iter().map(|tenant| (tenant, good_event(tenant, round))).collect();
+        let sends = events
+            .iter()
+            .map(|(tenant, (payload, ct, _))| send(&producer, &events_topic, tenant.as_bytes(), payload, Some(ct)));
+        let written = futures::future::join_all(sends).await;
+        for ((tenant, (_, _, id)), written) in events.into_iter().zip(written) {
+            let written = written.unwrap_or_else(|| panic!("good event {id} produced"));
+            good.push((id, tenant.clone(), round, written));
+        }
         let bad = cases.iter_mut().skip(round * per_round).take(per_round).map(|case| {
             let (producer, topic) = (&producer, &events_topic);
             async move {
@@ -737,8 +741,9 @@ async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
         futures::future::join_all(bad).await;
     }
 
+    eprintln!("produced in {:.1?}", started.elapsed());
     let pool = sqlx::PgPool::connect(&config.database_url).await.unwrap();
-    let good_ids: BTreeSet<&str> = good.iter().map(|(id, _, _)| id.as_str()).collect();
+    let good_ids: BTreeSet<&str> = good.iter().map(|(id, ..)| id.as_str()).collect();
     let complete = |seen: &Seen| {
         let good_done = good_ids.iter().all(|id| seen.calls_of(id) >= 1 && !seen.rows_of(id).is_empty());
         good_done && cases.iter().all(|c| seen.check(c, &events_topic).0)
@@ -757,12 +762,14 @@ async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    eprintln!("complete (or given up) after {:.1?}", started.elapsed());
     // The stages: none ended by itself, and each stops cleanly, finishing what is in flight; what
     // is seen after that is all there is (a second call or row would show). The timeout only
     // guards against a stage stuck in work that never yields (a template without a budget).
     let still_running = exited.is_none() && tokio::time::timeout(Duration::ZERO, pipeline.wait()).await.is_err();
     let stopped = tokio::time::timeout(Duration::from_secs(60), pipeline.stop()).await;
     let settled = seen(&receiver, &pool, &dlq).await;
+    eprintln!("stopped after {:.1?}", started.elapsed());
 
     let mut report = String::new();
     let mut failures = Vec::new();
@@ -781,14 +788,11 @@ async fn good_tenants_flow_while_every_bad_record_and_definition_is_handled() {
 
     // The good events: each called once and stored once, each tenant's in order, none dead-lettered.
     let mut good_failures = Vec::new();
-    let by_id: HashMap<&str, (&str, usize)> = good.iter().map(|(id, t, s)| (id.as_str(), (t.as_str(), *s))).collect();
-    for (id, _, _) in &good {
+    let by_id: HashMap<&str, (&str, usize)> =
+        good.iter().map(|(id, t, s, _)| (id.as_str(), (t.as_str(), *s))).collect();
+    for (id, _, _, written) in &good {
         let (calls, rows) = (settled.calls_of(id), settled.rows_of(id));
-        let letters = settled
-            .letters
-            .iter()
-            .filter(|m| m.payload().is_some_and(|p| p.windows(id.len()).any(|w| w == id.as_bytes())))
-            .count();
+        let letters = settled.letters_of(&events_topic, Some(*written), Some(id)).len();
         if calls != 1 || rows.len() != 1 || rows[0].status != "succeeded" || letters != 0 {
             good_failures.push(format!("{id}: calls {calls}, rows {:?}, dead letters {letters}", rows));
         }
