@@ -1053,10 +1053,7 @@ mod tests {
         assert!(err.to_string().contains(&format!("more than {MAX_CONDITION_BYTES}")), "{err}");
         for shape in SHAPES {
             let err = Condition::compile(&nested(shape, MAX_DEPTH + 1)).unwrap_err();
-            assert!(
-                matches!(err, ConditionError::TooLarge { .. } | ConditionError::Syntax { .. }),
-                "{shape}: {err}"
-            );
+            assert!(matches!(err, ConditionError::TooLarge { .. } | ConditionError::Syntax { .. }), "{shape}: {err}");
         }
         let err = Condition::compile(&nested("plus", 2 * MAX_DEPTH)).unwrap_err();
         assert!(err.to_string().ends_with(&format!("nested more than {MAX_DEPTH} levels deep")), "{err}");
@@ -1065,8 +1062,8 @@ mod tests {
         Condition::compile(&format!("data.s in [{}]", vec!["'abcdefgh'"; 300].join(", "))).unwrap();
         // Two nested macros are fine, three are not.
         Condition::compile("data.l.exists(x, data.l.all(y, x == y))").unwrap();
-        let err = Condition::compile("data.l.exists(x, data.l.all(y, data.l.exists(z, x == y && y == z)))")
-            .unwrap_err();
+        let err =
+            Condition::compile("data.l.exists(x, data.l.all(y, data.l.exists(z, x == y && y == z)))").unwrap_err();
         assert!(err.to_string().contains("more than 2 nested macros"), "{err}");
         // Chained (not nested) macros are fine.
         Condition::compile("data.l.map(x, x).filter(x, x > 1).map(x, x).all(x, x > 0)").unwrap();
@@ -1160,8 +1157,32 @@ mod tests {
     /// Text that nests deeply or repeats: brackets, operators and macros, up to the size limit.
     fn arb_nested_source() -> impl Strategy<Value = String> {
         let piece = prop::sample::select(vec![
-            "(", ")", "[", "]", "{", "}", "data.", "a", ".a", "[0]", " + ", " == ", " && ", " ? ", " : ", "-", "!",
-            "int(", ".all(x, ", ".exists(y, ", ".map(z, ", "x", "1", "'s'", ", ", " in ",
+            "(",
+            ")",
+            "[",
+            "]",
+            "{",
+            "}",
+            "data.",
+            "a",
+            ".a",
+            "[0]",
+            " + ",
+            " == ",
+            " && ",
+            " ? ",
+            " : ",
+            "-",
+            "!",
+            "int(",
+            ".all(x, ",
+            ".exists(y, ",
+            ".map(z, ",
+            "x",
+            "1",
+            "'s'",
+            ", ",
+            " in ",
         ]);
         (prop::collection::vec(piece, 0..64), 1usize..80)
             .prop_map(|(pieces, times)| pieces.concat().repeat(times).chars().take(MAX_CONDITION_BYTES + 8).collect())

@@ -211,11 +211,14 @@ struct State {
     versions: HashMap<(String, i64), Arc<CompiledWorkflow>>,
 }
 
+/// The workflows matching a (tenant, event type), and the generation they were computed at.
+type Matched = (u64, Arc<[Arc<CompiledWorkflow>]>);
+
 struct Inner {
     state: RwLock<State>,
     /// (tenant, event type) → matching workflows, platform-wide first, and the [`Inner::generation`]
     /// of the definitions they were computed from.
-    index: moka::sync::Cache<(String, String), (u64, Arc<[Arc<CompiledWorkflow>]>)>,
+    index: moka::sync::Cache<(String, String), Matched>,
     /// Counts definition changes. An entry computed from the definitions before a change may be
     /// inserted into `index` after the change invalidated it (the computation ran while the
     /// change was applied): its generation gives it away, and it is computed again.
@@ -260,7 +263,7 @@ impl Inner {
     }
 
     /// The workflows an event of `kind` for `tenant` may trigger, computed from the definitions.
-    fn compute(&self, tenant: &str, kind: &str) -> (u64, Arc<[Arc<CompiledWorkflow>]>) {
+    fn compute(&self, tenant: &str, kind: &str) -> Matched {
         let state = self.state.read().expect("definitions lock");
         let generation = self.generation.load(Ordering::SeqCst);
         let mut found: Vec<Arc<CompiledWorkflow>> = state

@@ -199,9 +199,9 @@ impl InputTemplate {
                 // The JSON string's quotes and escapes are not counted: the limit is approximate
                 // by that much, never by the size of the text.
                 left.set(out.left);
-                Ok(Json::String(String::from_utf8(out.buf).unwrap_or_else(|e| {
-                    String::from_utf8_lossy(e.as_bytes()).into_owned()
-                })))
+                Ok(Json::String(
+                    String::from_utf8(out.buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                ))
             }
             Node::Native(name, path) => {
                 // The common `{{ data.member.email }}` is a lookup: no need to start the engine. What
@@ -712,7 +712,11 @@ mod tests {
         // A smaller budget refuses a smaller loop; the same loop fits a larger one.
         let bounded = |fuel| {
             let bounds = Bounds { template_fuel: fuel, ..Bounds::default() };
-            let t = InputTemplate::compile_bounded(&json!("{% for i in range(1000) %}{{ i }}{% endfor %}"), "input", &bounds);
+            let t = InputTemplate::compile_bounded(
+                &json!("{% for i in range(1000) %}{{ i }}{% endfor %}"),
+                "input",
+                &bounds,
+            );
             t.unwrap().render(&ctx().into())
         };
         assert!(bounded(1_000).unwrap_err().to_string().contains("fuel"));
@@ -758,7 +762,8 @@ mod tests {
 
     fn arb_json() -> impl proptest::strategy::Strategy<Value = Json> {
         use proptest::prelude::*;
-        let key = prop_oneof![Just("member".to_string()), Just("name".to_string()), Just("items".to_string()), ".{0,4}"];
+        let key =
+            prop_oneof![Just("member".to_string()), Just("name".to_string()), Just("items".to_string()), ".{0,4}"];
         let leaf = prop_oneof![
             Just(Json::Null),
             any::<bool>().prop_map(Json::from),
@@ -770,7 +775,8 @@ mod tests {
         leaf.prop_recursive(6, 64, 6, move |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..6).prop_map(Json::Array),
-                prop::collection::btree_map(key.clone(), inner, 0..6).prop_map(|m| Json::Object(m.into_iter().collect())),
+                prop::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
             ]
         })
     }

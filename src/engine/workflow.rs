@@ -225,9 +225,9 @@ fn leaf_segments(path: &str) -> Vec<Segment> {
 
 fn check_name(field: Field, value: &str) -> anyhow::Result<()> {
     if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-        return Err(field.error(format!(
-            "{value:?} must be non-empty and hold only ASCII letters, digits, '.', '_' and '-'"
-        )));
+        return Err(
+            field.error(format!("{value:?} must be non-empty and hold only ASCII letters, digits, '.', '_' and '-'"))
+        );
     }
     Ok(())
 }
@@ -299,10 +299,9 @@ impl CompiledWorkflow {
             return Err(Field::top("steps").error("a workflow needs at least one step"));
         }
         if def.steps.len() > MAX_STEPS {
-            return Err(Field::top("steps").error(format!(
-                "{} steps, more than the limit of {MAX_STEPS}",
-                def.steps.len()
-            )));
+            return Err(
+                Field::top("steps").error(format!("{} steps, more than the limit of {MAX_STEPS}", def.steps.len()))
+            );
         }
         if !(1..=86_400).contains(&def.limits.max_run_seconds) {
             return Err(Field::top("limits.max_run_seconds")
@@ -325,8 +324,9 @@ impl CompiledWorkflow {
                 return Err(at("id").error("duplicate step id"));
             }
             if !services.contains(step.service.as_str()) {
-                return Err(at("service")
-                    .error(format!("unknown service {:?} (configured: {:?})", step.service, services)));
+                return Err(
+                    at("service").error(format!("unknown service {:?} (configured: {:?})", step.service, services))
+                );
             }
             let mut needs = Vec::new();
             for (n, need) in step.needs.iter().enumerate() {
@@ -338,8 +338,9 @@ impl CompiledWorkflow {
                 }
             }
             if step.condition.is_some() && needs.is_empty() {
-                return Err(at("if")
-                    .error("a first step has no earlier outputs to test; put the condition in trigger.if"));
+                return Err(
+                    at("if").error("a first step has no earlier outputs to test; put the condition in trigger.if")
+                );
             }
             let condition = step.condition.as_deref().map(|c| condition(at("if"), c)).transpose()?;
             let input = (!step.input.is_null())
@@ -751,13 +752,19 @@ mod tests {
         };
         // YAML syntax, and fields the format does not have.
         check("id: w\ntrigger: {type: a\nsteps: []\n", "3:6: not a valid workflow: ");
-        check("id: w\ntrigger: {type: a}\nsteps:\n  - id: s\n    service: webhook\n    retries: 3\n", "6:5: not a valid workflow: ");
+        check(
+            "id: w\ntrigger: {type: a}\nsteps:\n  - id: s\n    service: webhook\n    retries: 3\n",
+            "6:5: not a valid workflow: ",
+        );
         // A CEL syntax error: the field's place plus the error's column in the expression.
         let head = "id: w\ntrigger:\n  type: a\n";
         let steps = "steps:\n  - {id: s, service: webhook}\n";
         check(&format!("{head}  if: \"data.x == \"\n{steps}"), "4:18: workflow */w: trigger.if: invalid condition");
         check(&format!("{head}  if: data.x == 1 +\n{steps}"), "4:20: workflow */w: trigger.if: invalid condition");
-        check(&format!("{head}  if: >-\n    data.x == 1 &&\n{steps}"), "5:19: workflow */w: trigger.if: invalid condition");
+        check(
+            &format!("{head}  if: >-\n    data.x == 1 &&\n{steps}"),
+            "5:19: workflow */w: trigger.if: invalid condition",
+        );
         // Checks after parsing point at the field.
         check(&format!("{head}  if: data.nope.x > 1 && event.kind == 'a'\n{steps}"), "4:7: workflow */w: trigger.if: ");
         check(&format!("{head}steps:\n  - id: s\n    service: nope\n"), "6:14: workflow */w: steps[0] (s).service: ");
@@ -782,10 +789,7 @@ mod tests {
         std::fs::write(dir.path().join("b.yaml"), format!("# again\n{head}{steps}")).unwrap();
         let err = load(dir.path(), &services, &Bounds::default()).unwrap_err().to_string();
         let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
-        assert_eq!(
-            err,
-            format!("{}:2:5: workflow */w is defined twice (first at {}:1:5)", b.display(), a.display())
-        );
+        assert_eq!(err, format!("{}:2:5: workflow */w is defined twice (first at {}:1:5)", b.display(), a.display()));
     }
 
     #[test]
