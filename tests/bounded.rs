@@ -203,7 +203,8 @@ async fn limits_that_cannot_work_are_refused_at_start_and_by_topics_apply_naming
         "topics:\n  - {name: small, partitions: 1, replication_factor: 1, config: {max.message.bytes: \"500000\"}}\n",
     )
     .unwrap();
-    let declared = Config { topics_dir: topics_dir.path().into(), ..config.clone() };
+    // No services: their topics would be derived from a declared `events` topic this directory lacks.
+    let declared = Config { topics_dir: topics_dir.path().into(), services: Default::default(), ..config.clone() };
     let err = format!("{:#}", topics::apply_dir(&declared, false).await.unwrap_err());
     assert!(err.contains(&config.names().topic("small")) && err.contains("500000") && err.contains("1000000"), "{err}");
     let admin = weir::kafka::admin(&config).unwrap();
