@@ -439,7 +439,7 @@ pub(crate) fn decode_unparsed_event_within<'a>(
 
 impl Body<'_> {
     /// The body as JSON values; `parse` turns JSON text into them (all of it, or only what is
-    /// read: see [`crate::engine::condition::FieldPaths::parse_selected`]).
+    /// read: see `engine::condition::FieldPaths::parse_selected`).
     pub fn parse(self, parse: impl FnOnce(&str) -> serde_json::Result<Json>) -> Result<Json, DecodeError> {
         match self {
             Body::Text(Some(text)) => Ok(parse(text.get())?),

@@ -11,13 +11,13 @@
 //! - `weir run` has a root token, cancelled by the first Ctrl-C or SIGTERM ([`on_signal`]; this
 //!   is the only place that turns signals into cancellation). A second signal exits at once,
 //!   without finishing in-flight work, for when a graceful stop takes too long.
-//! - A [`Pipeline`](crate::pipeline::Pipeline) hands each stage its token; the metrics server
+//! - A `Pipeline` hands each stage its token; the metrics server
 //!   has its own.
 //! - A stage hands *child* tokens to its own parts: the executor to its calls waiting for a
 //!   permit, the sink to its database lanes. When the stage's loop ends for a reason of its own
 //!   (its source closed, an error), it cancels the child and the parts stop too, while the
 //!   parent's other children are untouched.
-//! - The polling thread of a [`Source`](crate::kafka::source::Source) is an OS thread: it reads
+//! - The polling thread of a `kafka::source::Source` is an OS thread: it reads
 //!   the token with `is_cancelled()` between polls instead of awaiting it.
 //!
 //! Dropping a token does not cancel it. An owner whose early return must stop what it started

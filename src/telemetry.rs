@@ -136,7 +136,7 @@ pub enum Event<'a> {
         count: usize,
     },
     /// A stage's consumer has work waiting and made no progress for the configured time; `reason`
-    /// is a short label, `detail` says what weir knows (see [`crate::kafka::source`]).
+    /// is a short label, `detail` says what weir knows (see `kafka::source`).
     Stalled {
         stage: Stage,
         topic: &'a str,

@@ -18,7 +18,7 @@
 //!
 //! This module imports no other weir module: it is data and its checks. What needs the rest of
 //! weir (connectors compiling their templates, checking URLs against the network policy) is
-//! `crate::connectors::validate_all`, which `Pipeline::start` and the CLI run on a loaded config.
+//! `connectors::validate_all`, which `Pipeline::start` and the CLI run on a loaded config.
 
 pub mod duration;
 mod names;

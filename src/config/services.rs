@@ -1,6 +1,6 @@
 //! `services:` and `network:` of `weir.yaml`: the external services the executor calls, how it
 //! calls each one (its connector's settings), and which addresses it may call. This is data
-//! only; `crate::connectors` builds the clients from it, compiles its templates and checks its
+//! only; `connectors` builds the clients from it, compiles its templates and checks its
 //! URLs against the network policy (`connectors::validate_all`, run wherever a config is loaded
 //! for use).
 
@@ -374,7 +374,7 @@ fn default_max_tokens() -> u64 {
 pub struct NoopConfig {}
 
 /// `network:` in `weir.yaml`: the SSRF guard's settings (the guard is
-/// `crate::connectors::network`).
+/// `connectors::network`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkPolicy {
