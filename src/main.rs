@@ -59,6 +59,16 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Re-drive from the retained topics what an outage or a bug left undone (docs/recovery.md):
+    /// by default only the tasks with no `succeeded` result, paced at `replay.share` of each
+    /// service's limits. `weir replay list` shows replays; `weir replay results` rebuilds rows.
+    #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
+    Replay {
+        #[command(subcommand)]
+        action: Option<ReplayAction>,
+        #[command(flatten)]
+        args: ReplayArgs,
+    },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
         /// baseline, evaluate, pipeline, throttled, sink, backlog or all (all = every one but backlog).
@@ -161,6 +171,57 @@ impl DlqFilter {
         let since = self.since.as_deref().map(weir::ops::dlq::parse_since).transpose()?;
         Ok(weir::ops::dlq::Filter { service: self.service, tenant: self.tenant, since })
     }
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Events produced at or after this RFC 3339 time, or this long ago (90s, 30m, 2h, 1d).
+    #[arg(long, value_parser = weir::ops::replay::read::parse_time, required_unless_present = "resume")]
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    /// ... and before this one (default: up to the end of the events topic now).
+    #[arg(long, value_parser = weir::ops::replay::read::parse_time)]
+    to: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only this tenant's events (repeatable).
+    #[arg(long = "tenant")]
+    tenants: Vec<String>,
+    /// Only events of this type (repeatable).
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// Only runs of this workflow (repeatable).
+    #[arg(long = "workflow")]
+    workflows: Vec<String>,
+    /// Only tasks of this service (repeatable).
+    #[arg(long = "service")]
+    services: Vec<String>,
+    /// Run the selection again as new runs with new ids (new calls to the services); needs --yes.
+    #[arg(long)]
+    rerun: bool,
+    /// Confirms --rerun.
+    #[arg(long)]
+    yes: bool,
+    /// Print, per tenant, workflow and service, the events, runs and calls a replay would make;
+    /// send and store nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue an interrupted replay (its id, as `weir replay list` shows it).
+    #[arg(long, conflicts_with_all = ["from", "to", "tenants", "types", "workflows", "services", "rerun", "dry_run"])]
+    resume: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ReplayAction {
+    /// List replays: id, state (running, interrupted, finished), progress, selection.
+    List,
+    /// Rebuild `action_results` rows from the results topic (after a database restore); rows
+    /// already there are left as they are, so it can run again.
+    Results {
+        /// Results produced at or after this RFC 3339 time, or this long ago (90s, 30m, 2h, 1d).
+        #[arg(long, value_parser = weir::ops::replay::read::parse_time)]
+        from: chrono::DateTime<chrono::Utc>,
+        /// ... and before this one (default: up to the end of the results topic now).
+        #[arg(long, value_parser = weir::ops::replay::read::parse_time)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -296,6 +357,47 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {0}/bench.json and {0}/bench.svg", options.out.display());
             Ok(())
         }
+        Command::Replay { action: Some(ReplayAction::List), .. } => {
+            weir::ops::replay::print_list(&weir::ops::replay::list(&config).await?);
+            Ok(())
+        }
+        Command::Replay { action: Some(ReplayAction::Results { from, to }), .. } => {
+            let rebuilt = weir::ops::replay::results::rebuild(&config, from, to).await?;
+            println!(
+                "read {} results; {} rows added to action_results ({} were there already)",
+                rebuilt.read,
+                rebuilt.added,
+                rebuilt.read - rebuilt.undecodable - rebuilt.refused - rebuilt.added
+            );
+            if rebuilt.undecodable + rebuilt.refused > 0 {
+                println!(
+                    "{} records were not results and {} rows were refused by PostgreSQL (both were dead-lettered when \
+                     first recorded)",
+                    rebuilt.undecodable, rebuilt.refused
+                );
+            }
+            Ok(())
+        }
+        Command::Replay { action: None, args } => {
+            let options = weir::ops::replay::Options { dry_run: args.dry_run, progress: true };
+            let report = match args.resume {
+                Some(id) => weir::ops::replay::resume(&config, &id, true).await?,
+                None => {
+                    let selection = weir::ops::replay::Selection {
+                        from: args.from.context("--from is required")?,
+                        to: args.to,
+                        tenants: args.tenants,
+                        types: args.types,
+                        workflows: args.workflows,
+                        services: args.services,
+                        rerun: args.rerun,
+                    };
+                    weir::ops::replay::start(&config, selection, options).await?
+                }
+            };
+            print!("{}", report.render());
+            Ok(())
+        }
         Command::Demo { events, tenants } => weir::ops::demo::run(config, events, tenants.max(1)).await,
     }
 }
@@ -304,6 +406,19 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
 async fn main() -> ExitCode {
     telemetry::init_logging();
     let cli = Cli::parse();
+    if let Command::Replay { action: None, args } = &cli.command {
+        // A rerun calls every selected task again: refused, with the usage, unless confirmed.
+        if args.rerun && !args.yes && !args.dry_run {
+            use clap::CommandFactory as _;
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "--rerun runs every selected event again as new runs, calling the services again; \
+                     add --yes to confirm (or --dry-run to see how many calls it would make)",
+                )
+                .exit();
+        }
+    }
     match main_inner(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
