@@ -176,11 +176,11 @@ impl DlqFilter {
 #[derive(clap::Args)]
 struct ReplayArgs {
     /// Events produced at or after this RFC 3339 time, or this long ago (90s, 30m, 2h, 1d).
-    #[arg(long, value_parser = weir::ops::replay::read::parse_time, required_unless_present = "resume")]
-    from: Option<chrono::DateTime<chrono::Utc>>,
+    #[arg(long, required_unless_present = "resume")]
+    from: Option<String>,
     /// ... and before this one (default: up to the end of the events topic now).
-    #[arg(long, value_parser = weir::ops::replay::read::parse_time)]
-    to: Option<chrono::DateTime<chrono::Utc>>,
+    #[arg(long)]
+    to: Option<String>,
     /// Only this tenant's events (repeatable).
     #[arg(long = "tenant")]
     tenants: Vec<String>,
@@ -216,11 +216,11 @@ enum ReplayAction {
     /// already there are left as they are, so it can run again.
     Results {
         /// Results produced at or after this RFC 3339 time, or this long ago (90s, 30m, 2h, 1d).
-        #[arg(long, value_parser = weir::ops::replay::read::parse_time)]
-        from: chrono::DateTime<chrono::Utc>,
+        #[arg(long)]
+        from: String,
         /// ... and before this one (default: up to the end of the results topic now).
-        #[arg(long, value_parser = weir::ops::replay::read::parse_time)]
-        to: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long)]
+        to: Option<String>,
     },
 }
 
@@ -362,6 +362,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay { action: Some(ReplayAction::Results { from, to }), .. } => {
+            let (from, to) = (
+                replay_time(&["replay", "results"], "--from", &from),
+                replay_time_opt(&["replay", "results"], "--to", to.as_deref()),
+            );
             let rebuilt = weir::ops::replay::results::rebuild(&config, from, to).await?;
             println!(
                 "read {} results; {} rows added to action_results ({} were there already)",
@@ -383,9 +387,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let report = match args.resume {
                 Some(id) => weir::ops::replay::resume(&config, &id, true).await?,
                 None => {
+                    let from = args.from.context("--from is required")?;
                     let selection = weir::ops::replay::Selection {
-                        from: args.from.context("--from is required")?,
-                        to: args.to,
+                        from: replay_time(&["replay"], "--from", &from),
+                        to: replay_time_opt(&["replay"], "--to", args.to.as_deref()),
                         tenants: args.tenants,
                         types: args.types,
                         workflows: args.workflows,
@@ -402,6 +407,30 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Prints `message` with the usage of the subcommand at `path` (`["replay", "results"]`), as
+/// clap does for its own errors, and exits with clap's status (2).
+fn usage_error(path: &[&str], kind: clap::error::ErrorKind, message: &str) -> ! {
+    use clap::CommandFactory as _;
+    let mut command = Cli::command();
+    command.build();
+    let mut sub = &mut command;
+    for name in path {
+        sub = sub.find_subcommand_mut(name).expect("a subcommand of weir");
+    }
+    sub.error(kind, message).exit()
+}
+
+/// A `--from`/`--to` value of `weir replay`, or the usage and exit.
+fn replay_time(path: &[&str], flag: &str, text: &str) -> chrono::DateTime<chrono::Utc> {
+    weir::ops::replay::read::parse_time(text).unwrap_or_else(|e| {
+        usage_error(path, clap::error::ErrorKind::ValueValidation, &format!("invalid value for {flag}: {e}"))
+    })
+}
+
+fn replay_time_opt(path: &[&str], flag: &str, text: Option<&str>) -> Option<chrono::DateTime<chrono::Utc>> {
+    text.map(|t| replay_time(path, flag, t))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     telemetry::init_logging();
@@ -409,15 +438,20 @@ async fn main() -> ExitCode {
     if let Command::Replay { action: None, args } = &cli.command {
         // A rerun calls every selected task again: refused, with the usage, unless confirmed.
         if args.rerun && !args.yes && !args.dry_run {
-            use clap::CommandFactory as _;
-            Cli::command()
-                .error(
-                    clap::error::ErrorKind::MissingRequiredArgument,
-                    "--rerun runs every selected event again as new runs, calling the services again; \
-                     add --yes to confirm (or --dry-run to see how many calls it would make)",
-                )
-                .exit();
+            usage_error(
+                &["replay"],
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--rerun runs every selected event again as new runs, calling the services again; add --yes to \
+                 confirm (or --dry-run to see how many calls it would make)",
+            );
         }
+        // Checked before anything connects, so that a typo is told with the usage at once.
+        replay_time_opt(&["replay"], "--from", args.from.as_deref());
+        replay_time_opt(&["replay"], "--to", args.to.as_deref());
+    }
+    if let Command::Replay { action: Some(ReplayAction::Results { from, to }), .. } = &cli.command {
+        replay_time(&["replay", "results"], "--from", from);
+        replay_time_opt(&["replay", "results"], "--to", to.as_deref());
     }
     match main_inner(cli).await {
         Ok(()) => ExitCode::SUCCESS,
