@@ -17,6 +17,8 @@
 //! - `weir_deferred_total{service}`: tasks of a tenant over its own limit moved to a delay topic
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
+//! - `weir_replay_events_total`, `weir_replay_tasks_total`, `weir_replay_refused_total`: events read,
+//!   tasks re-driven, and tasks not sent because too large, by `weir replay`
 //! - `weir_stage_stalled{stage,topic,reason}`: 1 while a stage's consumer of `topic` has work
 //!   waiting and made no progress for `health.stall_after_ms` (see [`Health`])
 //!
@@ -135,6 +137,19 @@ pub enum Event<'a> {
     Redriven {
         count: usize,
     },
+    /// `weir replay` made progress: `events` more read and `tasks` more re-driven (sent to the
+    /// action topics) by replay `replay`.
+    Replayed {
+        replay: &'a str,
+        events: u64,
+        tasks: u64,
+    },
+    /// A task `weir replay` could not send for what it is (too large): counted, not sent.
+    ReplayRefused {
+        replay: &'a str,
+        task: &'a str,
+        reason: &'a str,
+    },
     /// A stage's consumer has work waiting and made no progress for the configured time; `reason`
     /// is a short label, `detail` says what weir knows (see `kafka::source`).
     Stalled {
@@ -228,6 +243,15 @@ impl Event<'_> {
             Event::Redriven { count } => {
                 tracing::info!(count, "dead letters redriven");
                 counter!("weir_redriven_total").increment(count as u64)
+            }
+            Event::Replayed { replay, events, tasks } => {
+                tracing::info!(replay, events, tasks, "replay progress");
+                counter!("weir_replay_events_total").increment(events);
+                counter!("weir_replay_tasks_total").increment(tasks)
+            }
+            Event::ReplayRefused { replay, task, reason } => {
+                tracing::warn!(replay, task, reason, "replay: task not sent");
+                counter!("weir_replay_refused_total").increment(1)
             }
             Event::Stalled { stage, topic, reason, detail } => {
                 tracing::error!(stage = stage.as_str(), topic, reason, detail, "stage stalled");

@@ -69,6 +69,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Sizes of what weir writes and accepts (see `kafka::limits`).
     pub limits: RecordLimits,
+    /// How `weir replay` paces what it re-drives.
+    pub replay: ReplayConfig,
 }
 
 impl Default for Config {
@@ -89,7 +91,38 @@ impl Default for Config {
             network: Default::default(),
             engine: EngineConfig::default(),
             limits: RecordLimits::default(),
+            replay: ReplayConfig::default(),
         }
+    }
+}
+
+/// `replay` in `weir.yaml`: how `weir replay` shares the services with live traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Share (0 to 1] of each `requests` limit of a service (global and per tenant) that a replay
+    /// may use for the tasks it re-drives; live traffic keeps the rest. Default 0.2.
+    pub share: f64,
+    /// Tasks per second a replay sends to a service that has no `requests` limit. Default 50.
+    pub unlimited_rate: u32,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig { share: 0.2, unlimited_rate: 50 }
+    }
+}
+
+impl ReplayConfig {
+    /// Checks the values; errors name `replay.<field>`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.share > 0.0 && self.share <= 1.0) {
+            bail!("replay.share: must be above 0 and at most 1, not {}", self.share);
+        }
+        if self.unlimited_rate == 0 {
+            bail!("replay.unlimited_rate: must be at least 1 task per second");
+        }
+        Ok(())
     }
 }
 
@@ -318,6 +351,7 @@ impl Config {
         }
         self.engine.validate()?;
         self.limits.validate()?;
+        self.replay.validate()?;
         Ok(())
     }
 
