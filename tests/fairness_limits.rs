@@ -129,10 +129,9 @@ async fn a_noisy_tenant_over_its_runs_per_minute_is_deferred_and_the_others_flow
     producer.send_all(quiet_events, 1_000).await.unwrap();
 
     let all_quiet = QUIET_TENANTS * QUIET_EVENTS;
-    let quiet_done = eventually(Duration::from_secs(45), || async {
-        quiet.iter().map(|t| called(t)).sum::<usize>() >= all_quiet
-    })
-    .await;
+    let quiet_done =
+        eventually(Duration::from_secs(45), || async { quiet.iter().map(|t| called(t)).sum::<usize>() >= all_quiet })
+            .await;
     let noisy_when_quiet_done = called(NOISY);
     assert!(
         quiet_done,
