@@ -14,7 +14,8 @@
 //! - `weir_outbound_refused_total{service}`: resolved addresses the network policy refused
 //! - `weir_throttle_wait_seconds{service,scope}`: time a call waited for rate-limit permits
 //! - `weir_retries_total{service,tier}`: retryable failures sent to a delay topic
-//! - `weir_deferred_total{service}`: tasks of a tenant over its own limit moved to a delay topic
+//! - `weir_deferred_total{stage,service}`: work over a limit moved to a delay topic: tasks of a
+//!   tenant over its own limit (`execute`), runs over a workflow's `runs_per_minute` (`evaluate`)
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
 //! - `weir_replay_events_total`, `weir_replay_tasks_total`, `weir_replay_refused_total`: events read,
@@ -125,7 +126,11 @@ pub enum Event<'a> {
         attempt: i32,
         reason: &'a str,
     },
+    /// Work over a limit moved to a delay topic, to come back when due: in the executor a task of
+    /// a tenant over its own limit, in the evaluator a run over its workflow's `runs_per_minute`.
+    /// Counted by stage and service (bounded); the tenant is only logged.
     Deferred {
+        stage: Stage,
         service: &'a str,
         tenant: &'a str,
         tier: &'a str,
@@ -228,9 +233,16 @@ impl Event<'_> {
                 counter!("weir_retries_total", "service" => service.to_string(), "tier" => tier.to_string())
                     .increment(1)
             }
-            Event::Deferred { service, tenant, tier } => {
-                tracing::debug!(service, tenant, tier, "tenant over its limit: task deferred");
-                counter!("weir_deferred_total", "service" => service.to_string()).increment(1)
+            Event::Deferred { stage, service, tenant, tier } => {
+                tracing::debug!(
+                    stage = stage.as_str(),
+                    service,
+                    tenant,
+                    tier,
+                    "over a limit: deferred to a delay topic"
+                );
+                counter!("weir_deferred_total", "stage" => stage.as_str(), "service" => service.to_string())
+                    .increment(1)
             }
             Event::Breaker { service, state } => {
                 tracing::warn!(service, state, "circuit breaker");

@@ -390,6 +390,8 @@ mod tests {
         assert!(service("url: http://x/\nretry: {attempts: 0}").contains("services.ai.retry.attempts"));
         assert!(service("url: http://x/\nretry: {tiers_ms: [5000, 1000]}").contains("services.ai.retry.tiers"));
         assert!(service("url: http://x/\nretry: {tiers: [1s, 1500us]}").contains("services.ai.retry.tiers"));
+        // Deferred work waits in a tier even when failures are not retried.
+        assert!(service("url: http://x/\nretry: {attempts: 1, tiers: []}").contains("at least one delay tier"));
         assert!(service("url: http://x/\ntimeout: 0s").contains("services.ai.timeout"));
         assert!(service("url: http://x/\nbreaker: {failure_ratio: 2}").contains("services.ai.breaker.failure_ratio"));
         assert!(service("url: http://x/\ntenant_concurrency: 0").contains("services.ai.tenant_concurrency"));

@@ -13,6 +13,7 @@
 
 pub mod compacted;
 pub mod dead_letter;
+pub mod deferral;
 pub mod limits;
 pub mod offsets;
 pub mod partitioner;

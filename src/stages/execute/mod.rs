@@ -350,17 +350,12 @@ impl Executor {
         async move {
             let wait = Duration::from_millis(due.saturating_sub(delay::epoch_ms()));
             let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
-            let due = due.to_string();
-            let headers = kafka::rewrite_headers(
-                &d.message,
-                |k| k == delay::KIND || k == delay::DUE,
-                &[(delay::KIND, "deferral"), (delay::DUE, &due)],
-            );
+            let headers = kafka::deferral::deferral_headers(Some(&d.message), due, None);
             let payload = d.message.payload().unwrap_or_default();
             let sent = kafka::send(&self.producer, topic, d.message.key(), payload, headers).await;
             if sent.is_ok() {
                 let tenant = d.message.key().map(String::from_utf8_lossy).unwrap_or_default();
-                Event::Deferred { service: &self.service, tenant: &tenant, tier }.emit();
+                Event::Deferred { stage: Stage::Execute, service: &self.service, tenant: &tenant, tier }.emit();
             }
             Step::Moved { ticket: d.ticket, produced: sent.map(drop) }
         }
