@@ -184,6 +184,7 @@ async fn drive(
             (UnderTest::Stages(pipeline), observer, (config.names().events(), Shape::Events))
         }
         Scenario::Backlog => bail!("the backlog scenario runs through bench::backlog"),
+        Scenario::Noisy | Scenario::NoisyBurst => bail!("the noisy scenarios run through bench::noisy"),
         Scenario::Sink => {
             let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
             let observer = observe_committed(config, progress.clone())?;
