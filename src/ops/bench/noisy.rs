@@ -9,15 +9,15 @@
 //!
 //! Three phases, each on fresh topics, consumer groups and database:
 //!
+//! 0. **one active tenant** (run first, see [`run`]): the `pipeline` scenario with a single
+//!    tenant, flat out: the total throughput when nobody else competes, to set beside
+//!    `--scenario pipeline` (fairness must not cost throughput);
 //! 1. **uncontended**: the quiet tenants alone: each one's p99 event → call is its yardstick;
 //! 2. **contended**: the same quiet load plus the noisy tenant, which starts when the window
 //!    opens: each quiet tenant's p99 beside its own uncontended p99, split into the tenants on
 //!    the noisy tenant's partition (by the partitioner, the same on the events and action topics,
 //!    both keyed by tenant) and the others, the share of quiet events called, and the noisy
-//!    tenant's own calls per second;
-//! 3. **one active tenant**: the `pipeline` scenario with a single tenant, flat out: the total
-//!    throughput when nobody else competes, to set beside `--scenario pipeline` (fairness must
-//!    not cost throughput).
+//!    tenant's own calls per second.
 //!
 //! A starved phase must still end: the load stops after `--duration`, the phase then waits at
 //! most [`drain_limit`] for the quiet events still uncalled, and stopping the stages is capped
@@ -77,7 +77,7 @@ const WARM_UP_LIMIT: Duration = Duration::from_secs(90);
 /// How long stopping the stages may take: on a build that waits inline for a tenant's run
 /// permits, the evaluator's in-flight events of the noisy tenant would hold the stop for minutes.
 /// Past it the phase moves on and says so (`stopped_cleanly: false`); the stages' tasks end with
-/// the process.
+/// the process (the contended phase is the last, so they take no other phase's CPU).
 pub const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// The noisy tenant's name (the quiet ones are chosen around its partition: [`quiet_tenants`]).
 pub const NOISY_TENANT: &str = "noisy";
@@ -358,9 +358,8 @@ pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow
     let noisy =
         if scenario == Scenario::NoisyBurst { NoisyLoad::Burst(noisy_rate) } else { NoisyLoad::Steady(noisy_rate) };
 
-    let uncontended =
-        phase(base, options, quiet_rate, NoisyLoad::Off, "uncontended").await.context("uncontended phase")?;
-    let contended = phase(base, options, quiet_rate, noisy, "contended").await.context("contended phase")?;
+    // The one-active-tenant phase first: stages of a starved contended phase that do not stop
+    // within STOP_LIMIT keep running in this process until it ends, and would take its CPU.
     let single = Options {
         scenarios: vec![Scenario::Pipeline],
         tenants: 1,
@@ -368,7 +367,13 @@ pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow
         progress: false,
         ..options.clone()
     };
+    if options.progress {
+        eprintln!("{}: one-active-tenant phase (the pipeline scenario with one tenant, flat out)", scenario.name());
+    }
     let one = scenario::run(base, &single, Scenario::Pipeline).await.context("one-active-tenant phase")?;
+    let uncontended =
+        phase(base, options, quiet_rate, NoisyLoad::Off, "uncontended").await.context("uncontended phase")?;
+    let contended = phase(base, options, quiet_rate, noisy, "contended").await.context("contended phase")?;
 
     let quiet = contended.tenants.len() - 1;
     let noisy_partition = kafka::partitioner::partition_for_key(NOISY_TENANT.as_bytes(), contended.partitions);
@@ -745,7 +750,8 @@ fn generate(
 impl NoisyReport {
     /// The scenario's part of the table on stdout.
     pub fn table(&self) -> String {
-        let ms = |v: Option<f64>| v.map_or("not called".to_string(), |v| format!("{v:.1}"));
+        // A p99 that 99 % of the produced events did not reach within the phase.
+        let ms = |v: Option<f64>| v.map_or("not reached".to_string(), |v| format!("{v:.1} ms"));
         let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}x"));
         let mut t = format!(
             "  noisy tenant {:?} (partition {} of {}): {}; {} quiet tenants at {:.1}/s each; receiver {} ms\n",
@@ -759,7 +765,7 @@ impl NoisyReport {
         );
         for (label, p) in [("uncontended", &self.uncontended), ("contended", &self.contended)] {
             t += &format!(
-                "  {label:<11}: quiet called {:.1} % in the window, {:.1} % by +{:.0} s ({} of {}); quiet p99 {} ms; \
+                "  {label:<11}: quiet called {:.1} % in the window, {:.1} % by +{:.0} s ({} of {}); quiet p99 {}; \
                  noisy {:.1} calls/s; all {:.1} calls/s{}\n",
                 p.quiet_called_share_in_window * 100.0,
                 p.quiet_called_share * 100.0,
@@ -774,7 +780,7 @@ impl NoisyReport {
         }
         for (label, g) in [("same partition", &self.same_partition), ("other partitions", &self.other_partitions)] {
             t += &format!(
-                "  {label:<16}: {} tenants, p99 {} → {} ms, called {:.1} %, worst tenant {}\n",
+                "  {label:<16}: {} tenants, p99 {} → {}, called {:.1} %, worst tenant {}\n",
                 g.tenants,
                 ms(g.uncontended.p99_ms),
                 ms(g.contended.p99_ms),
@@ -784,7 +790,7 @@ impl NoisyReport {
         }
         t += &format!(
             "  {:<12} {:>9} {:>14} {:>14} {:>8} {:>10}\n",
-            "quiet tenant", "partition", "p99 alone ms", "p99 noisy ms", "ratio", "called"
+            "quiet tenant", "partition", "p99 alone", "p99 noisy", "ratio", "called"
         );
         for q in &self.quiet_tenants {
             t += &format!(

@@ -635,8 +635,19 @@ impl Database {
 
     pub(super) async fn drop(&self) -> anyhow::Result<()> {
         let pool = sqlx::PgPool::connect(&self.admin).await?;
-        sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&pool).await?;
+        // `with (force)` may not end a backend of another role that is briefly on the new
+        // database (seen right after a scenario: "must be a member of the role whose process is
+        // being terminated"); such a backend leaves on its own, so try again for a while rather
+        // than leave the database on a shared disk.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let dropped = loop {
+            match sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&pool).await {
+                Ok(_) => break Ok(()),
+                Err(e) if Instant::now() >= deadline => break Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        };
         pool.close().await;
-        Ok(())
+        Ok(dropped?)
     }
 }
