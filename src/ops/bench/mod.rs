@@ -26,6 +26,7 @@ pub mod backlog;
 pub mod load;
 pub(crate) mod measure;
 pub mod noisy;
+pub mod noisy_report;
 pub mod report;
 pub mod scenario;
 

@@ -39,7 +39,7 @@ pub struct ScenarioReport {
     pub extra: BTreeMap<String, serde_json::Value>,
     /// The noisy scenarios' per-tenant report.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub noisy: Option<super::noisy::NoisyReport>,
+    pub noisy: Option<super::noisy_report::NoisyReport>,
 }
 
 impl ScenarioReport {
