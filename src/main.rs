@@ -71,18 +71,20 @@ enum Command {
     },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
-        /// baseline, evaluate, pipeline, throttled, sink, backlog or all (all = every one but backlog).
+        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst or all (all =
+        /// every one but backlog and the noisy ones, which are long: three phases of --duration).
         #[arg(long, default_value = "all")]
         scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).
         #[arg(long, default_value = "60s", value_parser = weir::ops::bench::parse_duration)]
         duration: std::time::Duration,
-        /// Events per second offered, or flat-out.
-        #[arg(long, default_value = "flat-out")]
-        rate: weir::ops::bench::RateArg,
-        /// Tenants in the load (Zipf-skewed volume), each with workflows of its own.
-        #[arg(long, default_value_t = 1_000)]
-        tenants: usize,
+        /// Events per second offered, or flat-out [default: flat-out; noisy: 4000, all tenants together].
+        #[arg(long)]
+        rate: Option<weir::ops::bench::RateArg>,
+        /// Tenants in the load (Zipf-skewed volume), each with workflows of its own [default: 1000;
+        /// noisy: 20 quiet tenants beside the noisy one].
+        #[arg(long)]
+        tenants: Option<usize>,
         /// Where bench.json and bench.svg are written.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
@@ -343,11 +345,16 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages } => {
             let backlog = weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
+            use weir::ops::bench::{noisy, RateArg, Scenario};
+            let scenarios = scenario.scenarios();
+            // The noisy scenarios' defaults are the measurement (20 quiet tenants at
+            // 20/s beside 3,600/s), not a flat-out Zipf load.
+            let is_noisy = scenarios.iter().any(|s| matches!(s, Scenario::Noisy | Scenario::NoisyBurst));
             let options = weir::ops::bench::Options {
-                scenarios: scenario.scenarios(),
+                scenarios,
                 duration,
-                rate,
-                tenants,
+                rate: rate.unwrap_or(if is_noisy { RateArg::PerSecond(noisy::DEFAULT_RATE) } else { RateArg::FlatOut }),
+                tenants: tenants.unwrap_or(if is_noisy { noisy::DEFAULT_QUIET_TENANTS } else { 1_000 }),
                 out,
                 progress: true,
                 backlog,
