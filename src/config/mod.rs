@@ -422,12 +422,27 @@ mod tests {
     }
 
     #[test]
+    fn fairness_weights_are_checked_at_load() {
+        let load = |yaml: &str| {
+            let c: Config = serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?;
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(load("executor: {fairness: {weights: {\"pro-*\": 4, acme: 1000}}}"), Ok(()));
+        let zero = load("executor: {fairness: {weights: {\"pro-*\": 0}}}").unwrap_err();
+        assert!(zero.contains("executor.fairness.weights.\"pro-*\"") && zero.contains("between 1 and 1000"), "{zero}");
+        assert!(load("executor: {fairness: {weights: {\"\": 2}}}").unwrap_err().contains("must not be empty"));
+        assert!(load("executor: {fairness: {metrics_top_tenants: 101}}").unwrap_err().contains("metrics_top_tenants"));
+        assert!(load("executor: {fairness: {weight: {a: 2}}}").unwrap_err().contains("weight"), "unknown key");
+    }
+
+    #[test]
     fn the_repo_weir_yaml_loads_and_states_the_defaults() {
         let config = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("weir.yaml")).unwrap();
         let webhook = &config.services["webhook"];
         let defaults = ServiceConfig::default();
         assert_eq!((&webhook.retry, &webhook.breaker), (&defaults.retry, &defaults.breaker));
         assert_eq!(config.executor.partition_max_buffered, ExecutorConfig::default().partition_max_buffered);
+        assert_eq!(config.executor.fairness, FairnessConfig::default());
     }
 
     #[test]

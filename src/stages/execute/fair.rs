@@ -45,7 +45,7 @@ impl Weights {
             }
         }
         // Stable: among patterns of one length, the configuration's (sorted) order decides.
-        w.patterns.sort_by(|a, b| b.1.cmp(&a.1));
+        w.patterns.sort_by_key(|p| std::cmp::Reverse(p.1));
         w
     }
 

@@ -8,9 +8,12 @@
 //! 2. The tenant's own limits ([`throttle`]), *before* taking a concurrency slot: a tenant over
 //!    its limit waits without holding what other tenants need. A tenant with more than
 //!    `executor.tenant_max_buffered` tasks waiting is deferred to a delay topic instead
-//!    ([`delay`]), spaced at its own rate, so it cannot fill the buffer or block its partition.
-//! 3. A slot (`concurrency` calls at once per process), the circuit [`breaker`] (while open,
-//!    tasks wait), then the global limits (this process's share of them).
+//!    ([`delay`]), spaced at its own rate, if it has limits of its own; any other tenant that far
+//!    behind overflows ([`overflow`]): its tasks wait in the overflow topic and come back as its
+//!    lane has room, so it cannot fill the buffer or hold back its partition-mates.
+//! 3. A slot (`concurrency` calls at once per process, handed out by deficit round robin across
+//!    tenants with weights: [`fair`]), the circuit [`breaker`] (while open, tasks wait), then the
+//!    global limits (this process's share of them).
 //! 4. The [`Connector`]'s call, with an `Idempotency-Key` derived from the task id. A task value
 //!    no header can carry (a tenant holding CR or LF) fails the call permanently, naming the
 //!    header: sending it again would fail the same way.
