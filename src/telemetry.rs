@@ -16,6 +16,11 @@
 //! - `weir_retries_total{service,tier}`: retryable failures sent to a delay topic
 //! - `weir_deferred_total{stage,service}`: work over a limit moved to a delay topic: tasks of a
 //!   tenant over its own limit (`execute`), runs over a workflow's `runs_per_minute` (`evaluate`)
+//! - `weir_tenant_backlog{service,tenant}`: a tenant's tasks waiting in the executor (its lane
+//!   and the overflow topic), `weir_tenant_overflowed_total`, `weir_tenant_deferred_total` and
+//!   `weir_tenant_throttled_total{service,tenant}` (tasks moved to the overflow topic, deferred to
+//!   a delay topic, calls that waited for the tenant's own limit). `tenant` is one of the
+//!   `executor.fairness.metrics_top_tenants` most backlogged tenants, or `other`
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
 //! - `weir_replay_events_total`, `weir_replay_tasks_total`, `weir_replay_refused_total`: events read,
@@ -139,6 +144,23 @@ pub enum Event<'a> {
         service: &'a str,
         state: &'static str,
     },
+    /// A tenant of the executor started (or stopped) sending its tasks to the overflow topic.
+    Overflowing {
+        service: &'a str,
+        tenant: &'a str,
+        partition: i32,
+        started: bool,
+    },
+    /// One tenant class of an executor (a top tenant by backlog, or `other`): its backlog now, and
+    /// what happened to its tasks since the last report.
+    TenantClass {
+        service: &'a str,
+        class: &'a str,
+        backlog: usize,
+        overflowed: u64,
+        deferred: u64,
+        throttled: u64,
+    },
     Redriven {
         count: usize,
     },
@@ -251,6 +273,25 @@ impl Event<'_> {
                 } else {
                     1.0
                 })
+            }
+            Event::Overflowing { service, tenant, partition, started } => {
+                if started {
+                    tracing::info!(
+                        service,
+                        tenant,
+                        partition,
+                        "tenant over its share: its tasks go to the overflow topic"
+                    );
+                } else {
+                    tracing::info!(service, tenant, partition, "tenant back within its share: overflow drained");
+                }
+            }
+            Event::TenantClass { service, class, backlog, overflowed, deferred, throttled } => {
+                let labels = [("service", service.to_string()), ("tenant", class.to_string())];
+                gauge!("weir_tenant_backlog", &labels).set(backlog as f64);
+                counter!("weir_tenant_overflowed_total", &labels).increment(overflowed);
+                counter!("weir_tenant_deferred_total", &labels).increment(deferred);
+                counter!("weir_tenant_throttled_total", &labels).increment(throttled);
             }
             Event::Redriven { count } => {
                 tracing::info!(count, "dead letters redriven");

@@ -246,11 +246,65 @@ pub struct ExecutorConfig {
     /// limit; further tasks of that tenant are deferred to a delay topic and come back later, so
     /// a tenant far over its limit neither fills the buffer nor blocks its partition. Default 100.
     pub tenant_max_buffered: usize,
+    /// How tenants share the executor (`docs/executor.md`, "Fair by default").
+    pub fairness: FairnessConfig,
 }
 
 impl Default for ExecutorConfig {
     fn default() -> Self {
-        ExecutorConfig { concurrency: 64, max_buffered: 2_000, partition_max_buffered: 500, tenant_max_buffered: 100 }
+        ExecutorConfig {
+            concurrency: 64,
+            max_buffered: 2_000,
+            partition_max_buffered: 500,
+            tenant_max_buffered: 100,
+            fairness: FairnessConfig::default(),
+        }
+    }
+}
+
+/// `executor.fairness` in `weir.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FairnessConfig {
+    /// Weight of a tenant, by name or by pattern (`*` matches any run of characters, e.g.
+    /// `pro-*`), in the deficit round robin that hands out the executor's call slots: a tenant of
+    /// weight 4 gets up to four slots for every one of a tenant of weight 1 while both wait. An
+    /// exact name wins over patterns, a longer pattern over a shorter one. Default 1, from 1 to
+    /// 1000.
+    pub weights: BTreeMap<String, u32>,
+    /// Move a tenant with `tenant_max_buffered` tasks waiting off its partition's path, to
+    /// `actions.<service>.overflow`, and read it back at its share (default true). Off, such a
+    /// tenant holds the shared buffers, as before this existed.
+    pub overflow: bool,
+    /// Tenants with metrics of their own (`weir_tenant_*{tenant}`): the most backlogged; the rest
+    /// are counted as `other`, so the number of series stays bounded. Default 10, at most 100.
+    pub metrics_top_tenants: usize,
+}
+
+impl Default for FairnessConfig {
+    fn default() -> Self {
+        FairnessConfig { weights: BTreeMap::new(), overflow: true, metrics_top_tenants: 10 }
+    }
+}
+
+/// Largest weight a tenant may have: the deficit round robin hands a tenant up to its weight in
+/// slots in a row, so a huge weight would be a tenant taking the whole executor.
+pub const MAX_TENANT_WEIGHT: u32 = 1_000;
+
+impl FairnessConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        for (pattern, weight) in &self.weights {
+            if pattern.is_empty() {
+                bail!("executor.fairness.weights: a tenant name or pattern must not be empty");
+            }
+            if !(1..=MAX_TENANT_WEIGHT).contains(weight) {
+                bail!("executor.fairness.weights.{pattern:?}: must be between 1 and {MAX_TENANT_WEIGHT}, not {weight}");
+            }
+        }
+        if self.metrics_top_tenants > 100 {
+            bail!("executor.fairness.metrics_top_tenants: at most 100 (got {})", self.metrics_top_tenants);
+        }
+        Ok(())
     }
 }
 
@@ -334,6 +388,7 @@ impl Config {
         if self.executor.partition_max_buffered == 0 || self.executor.tenant_max_buffered == 0 {
             bail!("executor.partition_max_buffered and executor.tenant_max_buffered must be at least 1");
         }
+        self.executor.fairness.validate()?;
         if self.health.stall_after < Duration::from_millis(100) {
             bail!("health.stall_after: must be at least 100ms (got {:?})", self.health.stall_after);
         }
@@ -403,12 +458,27 @@ mod tests {
     }
 
     #[test]
+    fn fairness_weights_are_checked_at_load() {
+        let load = |yaml: &str| {
+            let c: Config = serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?;
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(load("executor: {fairness: {weights: {\"pro-*\": 4, acme: 1000}}}"), Ok(()));
+        let zero = load("executor: {fairness: {weights: {\"pro-*\": 0}}}").unwrap_err();
+        assert!(zero.contains("executor.fairness.weights.\"pro-*\"") && zero.contains("between 1 and 1000"), "{zero}");
+        assert!(load("executor: {fairness: {weights: {\"\": 2}}}").unwrap_err().contains("must not be empty"));
+        assert!(load("executor: {fairness: {metrics_top_tenants: 101}}").unwrap_err().contains("metrics_top_tenants"));
+        assert!(load("executor: {fairness: {weight: {a: 2}}}").unwrap_err().contains("weight"), "unknown key");
+    }
+
+    #[test]
     fn the_repo_weir_yaml_loads_and_states_the_defaults() {
         let config = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("weir.yaml")).unwrap();
         let webhook = &config.services["webhook"];
         let defaults = ServiceConfig::default();
         assert_eq!((&webhook.retry, &webhook.breaker), (&defaults.retry, &defaults.breaker));
         assert_eq!(config.executor.partition_max_buffered, ExecutorConfig::default().partition_max_buffered);
+        assert_eq!(config.executor.fairness, FairnessConfig::default());
     }
 
     #[test]
