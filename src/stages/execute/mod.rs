@@ -482,7 +482,12 @@ impl Executor {
                 stage.running.push(self.clone().defer(d, due));
                 return;
             }
-            if let Some(reader) = stage.reader.as_deref_mut().filter(|_| !returning) {
+            // A deferred task coming back due joins its lane rather than being moved again, unless
+            // its tenant's earlier tasks wait in the overflow topic: it then queues behind them, or
+            // it would be called before them (a run deferred by the evaluator, of a tenant that
+            // overflows here).
+            let reader = stage.reader.as_deref_mut().filter(|r| !returning || r.book.is_overflowing(&task.tenant));
+            if let Some(reader) = reader {
                 let queued = stage.in_flight.queued(&task.tenant);
                 if let Route::Overflow { started } = reader.book.route(&task.tenant, partition, queued) {
                     if started {

@@ -109,6 +109,11 @@ impl Book {
         Route::Overflow { started: true }
     }
 
+    /// Whether `tenant` has tasks out in the overflow topic.
+    pub(crate) fn is_overflowing(&self, tenant: &str) -> bool {
+        self.out.contains_key(tenant)
+    }
+
     /// Whether a task of a tenant with `queued` tasks in its lane may come back into it.
     pub(crate) fn has_room(&self, queued: usize) -> bool {
         queued < self.share
