@@ -30,7 +30,9 @@
 //! enqueued to the producer one after the other as they are taken (the idempotent producer keeps
 //! their order in the partition), read back in that order, and while any are out the tenant's new
 //! tasks go behind them. Tasks that come back from a delay tier (retries, deferrals) join the lane
-//! directly, later than tasks behind them, as before.
+//! directly, later than tasks behind them, as before, except a deferral of a tenant that is
+//! overflowing: it queues behind the tenant's tasks in the overflow topic (the evaluator defers
+//! a run over its workflow's `runs_per_minute` that way, and it must not overtake earlier runs).
 //!
 //! A process taking over partition p (after a rebalance or a restart) does not know which tenants
 //! of p were overflowing. So before it takes any task of action partition p it holds p (paused;
