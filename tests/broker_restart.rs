@@ -306,7 +306,9 @@ async fn a_stalled_stage_is_reported_not_live_until_it_moves_again() {
             && l.ends_with(" 1")),
         "gauge weir_stage_stalled set for the sink"
     );
-    assert!(futures::FutureExt::now_or_never(pipeline.wait()).is_none(), "a stage exited while the database was down");
+    if let Some(exit) = futures::FutureExt::now_or_never(pipeline.wait()) {
+        panic!("a stage exited while the database was down: {exit:?}");
+    }
 
     proxy.set_up(true);
     assert!(
@@ -542,10 +544,9 @@ async fn kills_and_restarts(broker: &OwnBroker) {
         assert!(unready, "round {round}: /health/ready never reported the broker unreachable: {last:?}");
         tokio::time::sleep(outage).await; // the outage itself, not a wait for a condition
         tokio::task::block_in_place(|| broker.up());
-        assert!(
-            futures::FutureExt::now_or_never(pipeline.wait()).is_none(),
-            "round {round}: a stage exited during the outage"
-        );
+        if let Some(exit) = futures::FutureExt::now_or_never(pipeline.wait()) {
+            panic!("round {round}: a stage exited during the outage: {exit:?}");
+        }
     }
     // After the last restart, the pipeline must move again by itself too.
     burst(&mut loads);
@@ -569,7 +570,9 @@ async fn kills_and_restarts(broker: &OwnBroker) {
     assert_eq!(result_rows(&config.database_url).await, produced as i64, "every task recorded once");
     let (recovered, last) = poll_endpoint(&ready, Duration::from_secs(30), |status, _| status == 200).await;
     assert!(recovered, "/health/ready never recovered: {last:?}");
-    assert!(futures::FutureExt::now_or_never(pipeline.wait()).is_none(), "a stage exited");
+    if let Some(exit) = futures::FutureExt::now_or_never(pipeline.wait()) {
+        panic!("a stage exited: {exit:?}");
+    }
     pipeline.stop().await.unwrap();
     stop_metrics.cancel();
 }
