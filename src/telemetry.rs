@@ -17,6 +17,9 @@
 //! - `weir_deferred_total{service}`: tasks of a tenant over its own limit moved to a delay topic
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
+//! - `weir_completed_skipped_total{service}`: tasks not called because their call had already
+//!   succeeded (a copy replayed after a crash or a rebalance; `stages::execute::completed`)
+//! - `weir_sink_repaired_total`: `failed` rows that a later success replaced (a redrive, a replay)
 //! - `weir_stage_stalled{stage,topic,reason}`: 1 while a stage's consumer of `topic` has work
 //!   waiting and made no progress for `health.stall_after_ms` (see [`Health`])
 //!
@@ -135,6 +138,22 @@ pub enum Event<'a> {
     Redriven {
         count: usize,
     },
+    /// A task was not called: its call had already succeeded.
+    SkippedCompleted {
+        service: &'a str,
+    },
+    /// An executor read the results topic's tail for a newly assigned partition.
+    CompletedLoaded {
+        service: &'a str,
+        partition: i32,
+        read: usize,
+        remembered: usize,
+        elapsed: Duration,
+    },
+    /// The record stage replaced `failed` rows by later successes of the same tasks.
+    Repaired {
+        rows: usize,
+    },
     /// A stage's consumer has work waiting and made no progress for the configured time; `reason`
     /// is a short label, `detail` says what weir knows (see `kafka::source`).
     Stalled {
@@ -228,6 +247,22 @@ impl Event<'_> {
             Event::Redriven { count } => {
                 tracing::info!(count, "dead letters redriven");
                 counter!("weir_redriven_total").increment(count as u64)
+            }
+            Event::SkippedCompleted { service } => {
+                tracing::debug!(service, "task already succeeded: not called again");
+                counter!("weir_completed_skipped_total", "service" => service.to_string()).increment(1)
+            }
+            Event::CompletedLoaded { service, partition, read, remembered, elapsed } => tracing::info!(
+                service,
+                partition,
+                read,
+                remembered,
+                ms = elapsed.as_millis() as u64,
+                "completed tasks read from the results topic"
+            ),
+            Event::Repaired { rows } => {
+                tracing::info!(rows, "failed results replaced by later successes");
+                counter!("weir_sink_repaired_total").increment(rows as u64)
             }
             Event::Stalled { stage, topic, reason, detail } => {
                 tracing::error!(stage = stage.as_str(), topic, reason, detail, "stage stalled");
