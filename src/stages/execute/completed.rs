@@ -67,9 +67,9 @@
 //! remove duplicate task *copies*, which the set above already turns into skips. What they cost:
 //! a transaction per batch per stage (`AddPartitionsToTxn`, `EndTxn`, a commit marker written to
 //! every partition touched), `read_committed` consumers that see nothing past the last stable
-//! offset (every record's latency grows by the transaction interval, ~100 ms at the usual
-//! `transaction.timeout`-bounded batching), and a producer fenced by its `transactional.id` on
-//! every rebalance. That is paid on every record to fix what is already handled, and leaves the
+//! offset (every record's latency grows by the interval between commits: Kafka Streams commits
+//! every 100 ms under exactly-once, and each stage of the pipeline would add its own), and
+//! producers fenced and re-initialised (`InitProducerId`) on every rebalance. That is paid on every record to fix what is already handled, and leaves the
 //! one duplicate that matters (the call in flight at a crash) where it is; so weir does not use
 //! them.
 
