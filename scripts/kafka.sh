@@ -77,7 +77,15 @@ up() {
   fi
   fetch
   if running_pid >/dev/null; then
-    probe && { say "already running (pid $(running_pid)) at $brokers"; return 0; }
+    # Alive but not answering yet (starting, recovering its logs, or a machine so loaded that the
+    # probe timed out): wait for it. Starting a second broker on the same data would fight the
+    # first for its port and lock, and take down a broker that other shells are using.
+    for _ in $(seq 1 120); do
+      probe && { say "already running (pid $(running_pid)) at $brokers"; return 0; }
+      running_pid >/dev/null || break
+      sleep 1
+    done
+    running_pid >/dev/null && { say "broker (pid $(running_pid)) runs but does not answer at $brokers; see $log"; exit 1; }
   fi
   write_config
   if [ ! -f "$state/data/meta.properties" ]; then

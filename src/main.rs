@@ -59,20 +59,32 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Re-drive from the retained topics what an outage or a bug left undone (docs/recovery.md):
+    /// by default only the tasks with no `succeeded` result, paced at `replay.share` of each
+    /// service's limits. `weir replay list` shows replays; `weir replay results` rebuilds rows.
+    #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
+    Replay {
+        #[command(subcommand)]
+        action: Option<ReplayAction>,
+        #[command(flatten)]
+        args: ReplayArgs,
+    },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
-        /// baseline, evaluate, pipeline, throttled, sink, backlog or all (all = every one but backlog).
+        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst or all (all =
+        /// every one but backlog and the noisy ones, which are long: three phases of --duration).
         #[arg(long, default_value = "all")]
         scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).
         #[arg(long, default_value = "60s", value_parser = weir::ops::bench::parse_duration)]
         duration: std::time::Duration,
-        /// Events per second offered, or flat-out.
-        #[arg(long, default_value = "flat-out")]
-        rate: weir::ops::bench::RateArg,
-        /// Tenants in the load (Zipf-skewed volume), each with workflows of its own.
-        #[arg(long, default_value_t = 1_000)]
-        tenants: usize,
+        /// Events per second offered, or flat-out [default: flat-out; noisy: 4000, all tenants together].
+        #[arg(long)]
+        rate: Option<weir::ops::bench::RateArg>,
+        /// Tenants in the load (Zipf-skewed volume), each with workflows of its own [default: 1000;
+        /// noisy: 20 quiet tenants beside the noisy one].
+        #[arg(long)]
+        tenants: Option<usize>,
         /// Where bench.json and bench.svg are written.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
@@ -161,6 +173,57 @@ impl DlqFilter {
         let since = self.since.as_deref().map(weir::ops::dlq::parse_since).transpose()?;
         Ok(weir::ops::dlq::Filter { service: self.service, tenant: self.tenant, since })
     }
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Events produced at or after this RFC 3339 time, or this long ago (90s, 30m, 2h, 1d).
+    #[arg(long, required_unless_present = "resume")]
+    from: Option<String>,
+    /// ... and before this one (default: up to the end of the events topic now).
+    #[arg(long)]
+    to: Option<String>,
+    /// Only this tenant's events (repeatable).
+    #[arg(long = "tenant")]
+    tenants: Vec<String>,
+    /// Only events of this type (repeatable).
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// Only runs of this workflow (repeatable).
+    #[arg(long = "workflow")]
+    workflows: Vec<String>,
+    /// Only tasks of this service (repeatable).
+    #[arg(long = "service")]
+    services: Vec<String>,
+    /// Run the selection again as new runs with new ids (new calls to the services); needs --yes.
+    #[arg(long)]
+    rerun: bool,
+    /// Confirms --rerun.
+    #[arg(long)]
+    yes: bool,
+    /// Print, per tenant, workflow and service, the events, runs and calls a replay would make;
+    /// send and store nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue an interrupted replay (its id, as `weir replay list` shows it).
+    #[arg(long, conflicts_with_all = ["from", "to", "tenants", "types", "workflows", "services", "rerun", "dry_run"])]
+    resume: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ReplayAction {
+    /// List replays: id, state (running, interrupted, finished), progress, selection.
+    List,
+    /// Rebuild `action_results` rows from the results topic (after a database restore); rows
+    /// already there are left as they are, so it can run again.
+    Results {
+        /// Results produced at or after this RFC 3339 time, or this long ago (90s, 30m, 2h, 1d).
+        #[arg(long)]
+        from: String,
+        /// ... and before this one (default: up to the end of the results topic now).
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -282,11 +345,16 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages } => {
             let backlog = weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
+            use weir::ops::bench::{noisy, RateArg, Scenario};
+            let scenarios = scenario.scenarios();
+            // The noisy scenarios' defaults are the issue's measurement (20 quiet tenants at
+            // 20/s beside 3,600/s), not a flat-out Zipf load.
+            let is_noisy = scenarios.iter().any(|s| matches!(s, Scenario::Noisy | Scenario::NoisyBurst));
             let options = weir::ops::bench::Options {
-                scenarios: scenario.scenarios(),
+                scenarios,
                 duration,
-                rate,
-                tenants,
+                rate: rate.unwrap_or(if is_noisy { RateArg::PerSecond(noisy::DEFAULT_RATE) } else { RateArg::FlatOut }),
+                tenants: tenants.unwrap_or(if is_noisy { noisy::DEFAULT_QUIET_TENANTS } else { 1_000 }),
                 out,
                 progress: true,
                 backlog,
@@ -296,14 +364,102 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {0}/bench.json and {0}/bench.svg", options.out.display());
             Ok(())
         }
+        Command::Replay { action: Some(ReplayAction::List), .. } => {
+            weir::ops::replay::print_list(&weir::ops::replay::list(&config).await?);
+            Ok(())
+        }
+        Command::Replay { action: Some(ReplayAction::Results { from, to }), .. } => {
+            let (from, to) = (
+                replay_time(&["replay", "results"], "--from", &from),
+                replay_time_opt(&["replay", "results"], "--to", to.as_deref()),
+            );
+            let rebuilt = weir::ops::replay::results::rebuild(&config, from, to).await?;
+            println!(
+                "read {} results; {} rows added to action_results ({} were there already)",
+                rebuilt.read,
+                rebuilt.added,
+                rebuilt.read - rebuilt.undecodable - rebuilt.refused - rebuilt.added
+            );
+            if rebuilt.undecodable + rebuilt.refused > 0 {
+                println!(
+                    "{} records were not results and {} rows were refused by PostgreSQL (both were dead-lettered when \
+                     first recorded)",
+                    rebuilt.undecodable, rebuilt.refused
+                );
+            }
+            Ok(())
+        }
+        Command::Replay { action: None, args } => {
+            let options = weir::ops::replay::Options { dry_run: args.dry_run, progress: true };
+            let report = match args.resume {
+                Some(id) => weir::ops::replay::resume(&config, &id, true).await?,
+                None => {
+                    let from = args.from.context("--from is required")?;
+                    let selection = weir::ops::replay::Selection {
+                        from: replay_time(&["replay"], "--from", &from),
+                        to: replay_time_opt(&["replay"], "--to", args.to.as_deref()),
+                        tenants: args.tenants,
+                        types: args.types,
+                        workflows: args.workflows,
+                        services: args.services,
+                        rerun: args.rerun,
+                    };
+                    weir::ops::replay::start(&config, selection, options).await?
+                }
+            };
+            print!("{}", report.render());
+            Ok(())
+        }
         Command::Demo { events, tenants } => weir::ops::demo::run(config, events, tenants.max(1)).await,
     }
+}
+
+/// Prints `message` with the usage of the subcommand at `path` (`["replay", "results"]`), as
+/// clap does for its own errors, and exits with clap's status (2).
+fn usage_error(path: &[&str], kind: clap::error::ErrorKind, message: &str) -> ! {
+    use clap::CommandFactory as _;
+    let mut command = Cli::command();
+    command.build();
+    let mut sub = &mut command;
+    for name in path {
+        sub = sub.find_subcommand_mut(name).expect("a subcommand of weir");
+    }
+    sub.error(kind, message).exit()
+}
+
+/// A `--from`/`--to` value of `weir replay`, or the usage and exit.
+fn replay_time(path: &[&str], flag: &str, text: &str) -> chrono::DateTime<chrono::Utc> {
+    weir::ops::replay::read::parse_time(text).unwrap_or_else(|e| {
+        usage_error(path, clap::error::ErrorKind::ValueValidation, &format!("invalid value for {flag}: {e}"))
+    })
+}
+
+fn replay_time_opt(path: &[&str], flag: &str, text: Option<&str>) -> Option<chrono::DateTime<chrono::Utc>> {
+    text.map(|t| replay_time(path, flag, t))
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     telemetry::init_logging();
     let cli = Cli::parse();
+    if let Command::Replay { action: None, args } = &cli.command {
+        // A rerun calls every selected task again: refused, with the usage, unless confirmed.
+        if args.rerun && !args.yes && !args.dry_run {
+            usage_error(
+                &["replay"],
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--rerun runs every selected event again as new runs, calling the services again; add --yes to \
+                 confirm (or --dry-run to see how many calls it would make)",
+            );
+        }
+        // Checked before anything connects, so that a typo is told with the usage at once.
+        replay_time_opt(&["replay"], "--from", args.from.as_deref());
+        replay_time_opt(&["replay"], "--to", args.to.as_deref());
+    }
+    if let Command::Replay { action: Some(ReplayAction::Results { from, to }), .. } = &cli.command {
+        replay_time(&["replay", "results"], "--from", from);
+        replay_time_opt(&["replay", "results"], "--to", to.as_deref());
+    }
     match main_inner(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -14,12 +14,20 @@
 //! - `weir_outbound_refused_total{service}`: resolved addresses the network policy refused
 //! - `weir_throttle_wait_seconds{service,scope}`: time a call waited for rate-limit permits
 //! - `weir_retries_total{service,tier}`: retryable failures sent to a delay topic
-//! - `weir_deferred_total{service}`: tasks of a tenant over its own limit moved to a delay topic
+//! - `weir_deferred_total{stage,service}`: work over a limit moved to a delay topic: tasks of a
+//!   tenant over its own limit (`execute`), runs over a workflow's `runs_per_minute` (`evaluate`)
+//! - `weir_tenant_backlog{service,tenant}`: a tenant's tasks waiting in the executor (its lane
+//!   and the overflow topic), `weir_tenant_overflowed_total`, `weir_tenant_deferred_total` and
+//!   `weir_tenant_throttled_total{service,tenant}` (tasks moved to the overflow topic, deferred to
+//!   a delay topic, calls that waited for the tenant's own limit). `tenant` is one of the
+//!   `executor.fairness.metrics_top_tenants` most backlogged tenants, or `other`
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
 //! - `weir_completed_skipped_total{service}`: tasks not called because their call had already
 //!   succeeded (a copy replayed after a crash or a rebalance; `stages::execute::completed`)
 //! - `weir_sink_repaired_total`: `failed` rows that a later success replaced (a redrive, a replay)
+//! - `weir_replay_events_total`, `weir_replay_tasks_total`, `weir_replay_refused_total`: events read,
+//!   tasks re-driven, and tasks not sent because too large, by `weir replay`
 //! - `weir_stage_stalled{stage,topic,reason}`: 1 while a stage's consumer of `topic` has work
 //!   waiting and made no progress for `health.stall_after_ms` (see [`Health`])
 //!
@@ -126,7 +134,11 @@ pub enum Event<'a> {
         attempt: i32,
         reason: &'a str,
     },
+    /// Work over a limit moved to a delay topic, to come back when due: in the executor a task of
+    /// a tenant over its own limit, in the evaluator a run over its workflow's `runs_per_minute`.
+    /// Counted by stage and service (bounded); the tenant is only logged.
     Deferred {
+        stage: Stage,
         service: &'a str,
         tenant: &'a str,
         tier: &'a str,
@@ -134,6 +146,23 @@ pub enum Event<'a> {
     Breaker {
         service: &'a str,
         state: &'static str,
+    },
+    /// A tenant of the executor started (or stopped) sending its tasks to the overflow topic.
+    Overflowing {
+        service: &'a str,
+        tenant: &'a str,
+        partition: i32,
+        started: bool,
+    },
+    /// One tenant class of an executor (a top tenant by backlog, or `other`): its backlog now, and
+    /// what happened to its tasks since the last report.
+    TenantClass {
+        service: &'a str,
+        class: &'a str,
+        backlog: usize,
+        overflowed: u64,
+        deferred: u64,
+        throttled: u64,
     },
     Redriven {
         count: usize,
@@ -153,6 +182,19 @@ pub enum Event<'a> {
     /// The record stage replaced `failed` rows by later successes of the same tasks.
     Repaired {
         rows: usize,
+    },
+    /// `weir replay` made progress: `events` more read and `tasks` more re-driven (sent to the
+    /// action topics) by replay `replay`.
+    Replayed {
+        replay: &'a str,
+        events: u64,
+        tasks: u64,
+    },
+    /// A task `weir replay` could not send for what it is (too large): counted, not sent.
+    ReplayRefused {
+        replay: &'a str,
+        task: &'a str,
+        reason: &'a str,
     },
     /// A stage's consumer has work waiting and made no progress for the configured time; `reason`
     /// is a short label, `detail` says what weir knows (see `kafka::source`).
@@ -232,9 +274,16 @@ impl Event<'_> {
                 counter!("weir_retries_total", "service" => service.to_string(), "tier" => tier.to_string())
                     .increment(1)
             }
-            Event::Deferred { service, tenant, tier } => {
-                tracing::debug!(service, tenant, tier, "tenant over its limit: task deferred");
-                counter!("weir_deferred_total", "service" => service.to_string()).increment(1)
+            Event::Deferred { stage, service, tenant, tier } => {
+                tracing::debug!(
+                    stage = stage.as_str(),
+                    service,
+                    tenant,
+                    tier,
+                    "over a limit: deferred to a delay topic"
+                );
+                counter!("weir_deferred_total", "stage" => stage.as_str(), "service" => service.to_string())
+                    .increment(1)
             }
             Event::Breaker { service, state } => {
                 tracing::warn!(service, state, "circuit breaker");
@@ -243,6 +292,25 @@ impl Event<'_> {
                 } else {
                     1.0
                 })
+            }
+            Event::Overflowing { service, tenant, partition, started } => {
+                if started {
+                    tracing::info!(
+                        service,
+                        tenant,
+                        partition,
+                        "tenant over its share: its tasks go to the overflow topic"
+                    );
+                } else {
+                    tracing::info!(service, tenant, partition, "tenant back within its share: overflow drained");
+                }
+            }
+            Event::TenantClass { service, class, backlog, overflowed, deferred, throttled } => {
+                let labels = [("service", service.to_string()), ("tenant", class.to_string())];
+                gauge!("weir_tenant_backlog", &labels).set(backlog as f64);
+                counter!("weir_tenant_overflowed_total", &labels).increment(overflowed);
+                counter!("weir_tenant_deferred_total", &labels).increment(deferred);
+                counter!("weir_tenant_throttled_total", &labels).increment(throttled);
             }
             Event::Redriven { count } => {
                 tracing::info!(count, "dead letters redriven");
@@ -263,6 +331,15 @@ impl Event<'_> {
             Event::Repaired { rows } => {
                 tracing::info!(rows, "failed results replaced by later successes");
                 counter!("weir_sink_repaired_total").increment(rows as u64)
+            }
+            Event::Replayed { replay, events, tasks } => {
+                tracing::info!(replay, events, tasks, "replay progress");
+                counter!("weir_replay_events_total").increment(events);
+                counter!("weir_replay_tasks_total").increment(tasks)
+            }
+            Event::ReplayRefused { replay, task, reason } => {
+                tracing::warn!(replay, task, reason, "replay: task not sent");
+                counter!("weir_replay_refused_total").increment(1)
             }
             Event::Stalled { stage, topic, reason, detail } => {
                 tracing::error!(stage = stage.as_str(), topic, reason, detail, "stage stalled");

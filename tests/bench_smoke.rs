@@ -165,3 +165,103 @@ async fn bad_backlog_options_are_refused_with_the_flag() {
     let err = bench::run(&Config::default(), &options).await.unwrap_err();
     assert!(err.to_string().contains("--body-bytes"), "{err}");
 }
+
+/// The noisy scenario, a few seconds per phase: it runs its three phases and reports every
+/// field — both phases' totals, the two partition groups (both non-empty), every quiet tenant's
+/// figures in both phases, the noisy tenant's throughput and the one-active-tenant figure — in
+/// the table and in bench.json. No figure is judged: today's main starves the quiet tenants, and
+/// the report must say so rather than fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_noisy_scenario_reports_every_quiet_tenant_beside_its_uncontended_self() {
+    let out = tempfile::tempdir().unwrap();
+    let options = bench::Options {
+        scenarios: vec![Scenario::Noisy],
+        duration: Duration::from_secs(4),
+        rate: RateArg::PerSecond(400),
+        tenants: 4,
+        out: out.path().to_path_buf(),
+        progress: false,
+        backlog: Default::default(),
+    };
+    let report = bench::run(&bench_config(), &options).await.expect("the noisy scenario runs");
+    assert_eq!(report.scenarios.len(), 1);
+    let s = &report.scenarios[0];
+    assert_eq!(s.scenario, Scenario::Noisy);
+    assert!(s.events > 0 && !s.series.is_empty(), "the contended phase's traffic is measured");
+    let n = s.noisy.as_ref().expect("the noisy report");
+    assert!(!n.burst && n.noisy_load.starts_with("steady"), "{}", n.noisy_load);
+    assert_eq!((n.noisy_rate_per_s, n.quiet_rate_per_tenant_per_s), (360.0, 10.0));
+    assert_eq!(n.receiver_latency_ms, 20);
+    assert_eq!(n.partitions, 8, "the events topic of topics/");
+    assert_eq!(n.drain_limit_s, 4.0);
+
+    // Both phases: the quiet load in both, the noisy one only when contended.
+    for (name, p) in [("uncontended", &n.uncontended), ("contended", &n.contended)] {
+        assert_eq!(p.window_s, 4.0, "{name}");
+        assert!(p.quiet_produced > 0 && p.quiet_called > 0, "{name}: {p:?}");
+        assert!(p.quiet_called_in_window <= p.quiet_called && p.quiet_called <= p.quiet_produced, "{name}: {p:?}");
+        assert!((0.0..=1.0).contains(&p.quiet_called_share), "{name}: {p:?}");
+        assert_eq!(p.quiet_latency.produced, p.quiet_produced, "{name}");
+        assert_eq!(p.drained, p.quiet_called == p.quiet_produced, "{name}: drained means every quiet event called");
+        assert!(p.total_calls_per_s > 0.0, "{name}");
+    }
+    assert_eq!((n.uncontended.noisy_produced, n.uncontended.noisy_calls_per_s), (0, 0.0));
+    assert!(n.contended.noisy_produced > 0 && n.contended.noisy_calls_per_s > 0.0, "{:?}", n.contended);
+
+    // Every quiet tenant in both phases, on both sides of the partition split.
+    assert_eq!(n.quiet_tenants.len(), 4);
+    let sharing = n.quiet_tenants.iter().filter(|q| q.shares_noisy_partition).count();
+    assert!((1..4).contains(&sharing), "both groups exist: {sharing} of 4 share");
+    assert_eq!((n.same_partition.tenants, n.other_partitions.tenants), (sharing, 4 - sharing));
+    for q in &n.quiet_tenants {
+        assert_eq!(q.shares_noisy_partition, q.partition == n.noisy_partition, "{}", q.tenant);
+        assert!(q.uncontended.produced > 0 && q.contended.produced > 0, "{}: load in both phases", q.tenant);
+        assert_eq!(q.p99_ratio.is_some(), q.uncontended.p99_ms.is_some() && q.contended.p99_ms.is_some());
+        // A p99 over the produced events exists exactly when 99 % of them were called.
+        let reached = |p: &bench::noisy::TenantPhase| p.called as f64 >= (0.99 * p.produced as f64).ceil();
+        assert_eq!(q.contended.p99_ms.is_some(), reached(&q.contended), "{}: {:?}", q.tenant, q.contended);
+    }
+    let produced: u64 = n.quiet_tenants.iter().map(|q| q.contended.produced).sum();
+    assert_eq!(produced, n.contended.quiet_produced, "the tenants add up to the phase");
+    assert_eq!(n.same_partition.contended_produced + n.other_partitions.contended_produced, produced);
+    assert!(n.one_active_tenant.events > 0 && n.one_active_tenant.events_per_s > 0.0, "one active tenant measured");
+
+    // The table and bench.json carry it all.
+    let table = report.table();
+    for q in &n.quiet_tenants {
+        assert!(table.contains(&q.tenant), "{table}");
+    }
+    for line in ["uncontended", "contended", "same partition", "other partitions", "one active tenant"] {
+        assert!(table.contains(line), "{line}: {table}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("bench.json")).unwrap()).unwrap();
+    let noisy = &json["scenarios"][0]["noisy"];
+    assert_eq!(json["scenarios"][0]["scenario"], "noisy");
+    for key in ["uncontended", "contended", "same_partition", "other_partitions", "quiet_tenants", "one_active_tenant"]
+    {
+        assert!(noisy[key].is_object() || noisy[key].is_array(), "{key} in bench.json");
+    }
+    let tenant = &noisy["quiet_tenants"][0];
+    for key in ["p99_ms", "p50_ms", "called_share", "produced", "called", "max_ms"] {
+        assert!(tenant["contended"].get(key).is_some(), "{key}: {tenant}");
+    }
+    assert!(noisy["contended"]["noisy_calls_per_s"].is_number());
+}
+
+#[tokio::test]
+async fn the_noisy_scenario_refuses_what_it_cannot_measure() {
+    let options = |tenants, rate| bench::Options {
+        scenarios: vec![Scenario::NoisyBurst],
+        duration: Duration::from_secs(1),
+        rate,
+        tenants,
+        out: std::env::temp_dir(),
+        progress: false,
+        backlog: Default::default(),
+    };
+    let err = bench::run(&Config::default(), &options(1, RateArg::PerSecond(400))).await.unwrap_err();
+    assert!(err.to_string().contains("--tenants") && err.to_string().contains("partition"), "{err}");
+    let err = bench::run(&Config::default(), &options(20, RateArg::FlatOut)).await.unwrap_err();
+    assert!(err.to_string().contains("--rate"), "{err}");
+}

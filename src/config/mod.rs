@@ -75,6 +75,8 @@ pub struct Config {
     /// process with the same id fences the first. `WEIR_INSTANCE_ID` overrides it; `null` (the
     /// default) is dynamic membership.
     pub instance_id: Option<String>,
+    /// How `weir replay` paces what it re-drives.
+    pub replay: ReplayConfig,
 }
 
 impl Default for Config {
@@ -96,7 +98,38 @@ impl Default for Config {
             engine: EngineConfig::default(),
             limits: RecordLimits::default(),
             instance_id: None,
+            replay: ReplayConfig::default(),
         }
+    }
+}
+
+/// `replay` in `weir.yaml`: how `weir replay` shares the services with live traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Share (0 to 1] of each `requests` limit of a service (global and per tenant) that a replay
+    /// may use for the tasks it re-drives; live traffic keeps the rest. Default 0.2.
+    pub share: f64,
+    /// Tasks per second a replay sends to a service that has no `requests` limit. Default 50.
+    pub unlimited_rate: u32,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig { share: 0.2, unlimited_rate: 50 }
+    }
+}
+
+impl ReplayConfig {
+    /// Checks the values; errors name `replay.<field>`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.share > 0.0 && self.share <= 1.0) {
+            bail!("replay.share: must be above 0 and at most 1, not {}", self.share);
+        }
+        if self.unlimited_rate == 0 {
+            bail!("replay.unlimited_rate: must be at least 1 task per second");
+        }
+        Ok(())
     }
 }
 
@@ -223,6 +256,8 @@ pub struct ExecutorConfig {
     /// What the executor remembers of tasks already called, so that a copy replayed after a crash
     /// or a rebalance is not called again (`stages::execute::completed`).
     pub completed: CompletedConfig,
+    /// How tenants share the executor (`docs/executor.md`, "Fair by default").
+    pub fairness: FairnessConfig,
 }
 
 impl Default for ExecutorConfig {
@@ -233,6 +268,7 @@ impl Default for ExecutorConfig {
             partition_max_buffered: 500,
             tenant_max_buffered: 100,
             completed: CompletedConfig::default(),
+            fairness: FairnessConfig::default(),
         }
     }
 }
@@ -254,6 +290,52 @@ pub struct CompletedConfig {
 impl Default for CompletedConfig {
     fn default() -> Self {
         CompletedConfig { lookback: Duration::from_secs(600), max_tasks: 200_000 }
+    }
+}
+
+/// `executor.fairness` in `weir.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FairnessConfig {
+    /// Weight of a tenant, by name or by pattern (`*` matches any run of characters, e.g.
+    /// `pro-*`), in the deficit round robin that hands out the executor's call slots: a tenant of
+    /// weight 4 gets up to four slots for every one of a tenant of weight 1 while both wait. An
+    /// exact name wins over patterns, a longer pattern over a shorter one. Default 1, from 1 to
+    /// 1000.
+    pub weights: BTreeMap<String, u32>,
+    /// Move a tenant with `tenant_max_buffered` tasks waiting off its partition's path, to
+    /// `actions.<service>.overflow`, and read it back at its share (default true). Off, such a
+    /// tenant holds the shared buffers, as before this existed.
+    pub overflow: bool,
+    /// Tenants with metrics of their own (`weir_tenant_*{tenant}`): the most backlogged; the rest
+    /// are counted as `other`, so the number of series stays bounded. Default 10, at most 100.
+    pub metrics_top_tenants: usize,
+}
+
+impl Default for FairnessConfig {
+    fn default() -> Self {
+        FairnessConfig { weights: BTreeMap::new(), overflow: true, metrics_top_tenants: 10 }
+    }
+}
+
+/// Largest weight a tenant may have: the deficit round robin hands a tenant up to its weight in
+/// slots in a row, so a huge weight would be a tenant taking the whole executor.
+pub const MAX_TENANT_WEIGHT: u32 = 1_000;
+
+impl FairnessConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        for (pattern, weight) in &self.weights {
+            if pattern.is_empty() {
+                bail!("executor.fairness.weights: a tenant name or pattern must not be empty");
+            }
+            if !(1..=MAX_TENANT_WEIGHT).contains(weight) {
+                bail!("executor.fairness.weights.{pattern:?}: must be between 1 and {MAX_TENANT_WEIGHT}, not {weight}");
+            }
+        }
+        if self.metrics_top_tenants > 100 {
+            bail!("executor.fairness.metrics_top_tenants: at most 100 (got {})", self.metrics_top_tenants);
+        }
+        Ok(())
     }
 }
 
@@ -351,6 +433,7 @@ impl Config {
                 );
             }
         }
+        self.executor.fairness.validate()?;
         if self.health.stall_after < Duration::from_millis(100) {
             bail!("health.stall_after: must be at least 100ms (got {:?})", self.health.stall_after);
         }
@@ -368,6 +451,7 @@ impl Config {
         }
         self.engine.validate()?;
         self.limits.validate()?;
+        self.replay.validate()?;
         Ok(())
     }
 
@@ -406,6 +490,8 @@ mod tests {
         assert!(service("url: http://x/\nretry: {attempts: 0}").contains("services.ai.retry.attempts"));
         assert!(service("url: http://x/\nretry: {tiers_ms: [5000, 1000]}").contains("services.ai.retry.tiers"));
         assert!(service("url: http://x/\nretry: {tiers: [1s, 1500us]}").contains("services.ai.retry.tiers"));
+        // Deferred work waits in a tier even when failures are not retried.
+        assert!(service("url: http://x/\nretry: {attempts: 1, tiers: []}").contains("at least one delay tier"));
         assert!(service("url: http://x/\ntimeout: 0s").contains("services.ai.timeout"));
         assert!(service("url: http://x/\nbreaker: {failure_ratio: 2}").contains("services.ai.breaker.failure_ratio"));
         assert!(service("url: http://x/\ntenant_concurrency: 0").contains("services.ai.tenant_concurrency"));
@@ -417,12 +503,27 @@ mod tests {
     }
 
     #[test]
+    fn fairness_weights_are_checked_at_load() {
+        let load = |yaml: &str| {
+            let c: Config = serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?;
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(load("executor: {fairness: {weights: {\"pro-*\": 4, acme: 1000}}}"), Ok(()));
+        let zero = load("executor: {fairness: {weights: {\"pro-*\": 0}}}").unwrap_err();
+        assert!(zero.contains("executor.fairness.weights.\"pro-*\"") && zero.contains("between 1 and 1000"), "{zero}");
+        assert!(load("executor: {fairness: {weights: {\"\": 2}}}").unwrap_err().contains("must not be empty"));
+        assert!(load("executor: {fairness: {metrics_top_tenants: 101}}").unwrap_err().contains("metrics_top_tenants"));
+        assert!(load("executor: {fairness: {weight: {a: 2}}}").unwrap_err().contains("weight"), "unknown key");
+    }
+
+    #[test]
     fn the_repo_weir_yaml_loads_and_states_the_defaults() {
         let config = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("weir.yaml")).unwrap();
         let webhook = &config.services["webhook"];
         let defaults = ServiceConfig::default();
         assert_eq!((&webhook.retry, &webhook.breaker), (&defaults.retry, &defaults.breaker));
         assert_eq!(config.executor.partition_max_buffered, ExecutorConfig::default().partition_max_buffered);
+        assert_eq!(config.executor.fairness, FairnessConfig::default());
     }
 
     #[test]

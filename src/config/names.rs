@@ -56,6 +56,11 @@ impl<'a> Names<'a> {
         self.topic(&format!("actions.{service}.retry.{tier}"))
     }
 
+    /// Where a service's tasks of tenants over their share wait (`executor.fairness.overflow`).
+    pub fn overflow(&self, service: &str) -> String {
+        self.topic(&format!("actions.{service}.overflow"))
+    }
+
     /// The consumer group of a stage or tool (`evaluate`, `sink`, `definitions`, `dlq-redrive`).
     pub fn group(&self, stage: &str) -> String {
         format!("{}weir-{stage}", self.prefix)
@@ -64,6 +69,12 @@ impl<'a> Names<'a> {
     /// The consumer group of a service's executor.
     pub fn execute_group(&self, service: &str) -> String {
         self.group(&format!("execute-{service}"))
+    }
+
+    /// The group under which a service's executors commit their progress in its overflow topic.
+    /// It never joins (its consumers are assigned the partitions the executor owns).
+    pub(crate) fn overflow_group(&self, service: &str) -> String {
+        self.group(&format!("overflow-{service}"))
     }
 
     /// The consumer group reading a service's delay topic of one tier.
@@ -88,5 +99,9 @@ mod tests {
             ["t1.weir-sink", "t1.weir-execute-hook", "t1.weir-retry-hook-1m"]
         );
         assert_eq!(Names::logical().retry("hook", "1s"), "actions.hook.retry.1s");
+        assert_eq!(
+            [n.overflow("hook"), n.overflow_group("hook")],
+            ["t1.actions.hook.overflow", "t1.weir-overflow-hook"]
+        );
     }
 }

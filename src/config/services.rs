@@ -151,7 +151,8 @@ pub struct RetryConfig {
     /// Delays of the delay topics, ascending. A retry goes to the shortest tier whose delay covers
     /// its backoff (and the service's Retry-After). Each needs a topic
     /// `actions.<service>.retry.<tier>`, which `weir topics apply` derives from
-    /// `actions.<service>` when not declared. Default 1s, 10s, 1m, 10m. (Also read as
+    /// `actions.<service>` when not declared. Default 1s, 10s, 1m, 10m; at least one, even without
+    /// retries, since deferred work (runs over a workflow's limit) waits there too. (Also read as
     /// `tiers_ms`, a list of milliseconds.)
     #[serde(with = "duration::list", alias = "tiers_ms")]
     pub tiers: Vec<Duration>,
@@ -266,8 +267,14 @@ impl ServiceConfig {
         if !(0.0..=1.0).contains(&r.jitter) {
             bail!("services.{name}.retry.jitter: must be between 0 and 1");
         }
-        if r.attempts > 1 && r.tiers.is_empty() {
-            bail!("services.{name}.retry.tiers: retries need at least one delay tier");
+        // Even without retries: work over a limit (a workflow's runs_per_minute, a tenant's own
+        // limit) waits in a delay tier, never in a stage, so there must be one to wait in.
+        if r.tiers.is_empty() {
+            bail!(
+                "services.{name}.retry.tiers: at least one delay tier is needed, even with attempts: 1: \
+                 retries and deferrals (runs over a workflow's limits.runs_per_minute, tasks of a tenant over \
+                 its own limit) wait there"
+            );
         }
         // A tier names its delay topic, in whole milliseconds at the finest (see `tier_name`).
         if r.tiers.iter().any(|t| t.is_zero() || t.subsec_nanos() % 1_000_000 != 0)

@@ -10,9 +10,11 @@
 //! never while events flow. See docs/workflows.md for the format with examples.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _};
@@ -125,7 +127,9 @@ fn default_backoff_ms() -> u64 {
 pub struct Limits {
     /// A run not finished after this long fails with "run time limit exceeded" (1 s – 1 day).
     pub max_run_seconds: u64,
-    /// Runs a tenant may start per minute; excess runs are delayed, never dropped.
+    /// Runs a tenant may start per minute (up to this many at once after a quiet minute); runs
+    /// over it are deferred through a delay topic to start at the limit, in order, never dropped
+    /// and never waited for.
     pub runs_per_minute: u32,
 }
 
@@ -260,7 +264,8 @@ pub struct CompiledWorkflow {
     /// the trigger condition's, the first steps' inputs', or the whole body when a first step
     /// has no input (it gets the whole event) or the tasks carry the event (multi-step).
     pub start_paths: FieldPaths,
-    limiter: governor::DefaultKeyedRateLimiter<String>,
+    /// Each tenant's reservations against `limits.runs_per_minute`.
+    runs: RunClock,
 }
 
 impl CompiledWorkflow {
@@ -388,10 +393,8 @@ impl CompiledWorkflow {
         if steps.len() > 1 {
             start_paths.insert(&["data"]);
         }
-        let quota =
-            governor::Quota::per_minute(std::num::NonZeroU32::new(def.limits.runs_per_minute).expect("validated"));
-        let limiter = governor::RateLimiter::keyed(quota);
-        Ok(CompiledWorkflow { def, trigger_if, steps, paths, start_paths, limiter })
+        let runs = RunClock::per_minute(def.limits.runs_per_minute);
+        Ok(CompiledWorkflow { def, trigger_if, steps, paths, start_paths, runs })
     }
 
     /// More than one step: results must be coordinated to start the later ones.
@@ -399,12 +402,16 @@ impl CompiledWorkflow {
         self.steps.len() > 1
     }
 
-    /// Waits until `tenant` may start another run of this workflow (`limits.runs_per_minute`).
-    pub(crate) async fn run_permit(&self, tenant: &str) {
-        let tenant = tenant.to_string();
-        if self.limiter.check_key(&tenant).is_err() {
-            self.limiter.until_key_ready(&tenant).await;
-        }
+    /// When `tenant`'s next run of this workflow may start (`limits.runs_per_minute`): now, or
+    /// deferred to a reserved time. Never waits: see [`RunClock`].
+    pub fn reserve_run(
+        &self,
+        tenant: &str,
+        now_ms: u64,
+        margin: Duration,
+        cover: impl Fn(Duration) -> Duration,
+    ) -> RunStart {
+        self.runs.reserve(tenant, now_ms, margin, cover)
     }
 
     /// Whether the run starts for this event; `scope` holds at least the fields of [`Self::paths`].
@@ -463,6 +470,149 @@ impl CompiledWorkflow {
     /// Indices of the steps with no needs: the ones a run starts with.
     pub fn roots(&self) -> impl Iterator<Item = usize> + '_ {
         self.steps.iter().enumerate().filter(|(_, s)| s.needs.is_empty()).map(|(i, _)| i)
+    }
+}
+
+/// When a run may start, as [`RunClock::reserve`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStart {
+    /// Within the limit, and no earlier run of the tenant is deferred ahead of it: start now.
+    Now,
+    /// Over the limit, or behind earlier runs that were: start at `due` (epoch ms), through a
+    /// delay tier at least `floor` long, so that it cannot overtake them (see [`RunClock`]).
+    Deferred { due: u64, floor: Duration },
+}
+
+/// Nanoseconds in a millisecond: the clock counts in nanoseconds (an interval at a million runs a
+/// minute is 60 µs), due times cross processes in milliseconds.
+const NANOS_PER_MS: u64 = 1_000_000;
+
+/// Tenants a clock holds before it first sweeps out the idle ones.
+const SWEEP_MIN: usize = 1_024;
+
+/// Reservations against a workflow's `limits.runs_per_minute`, per tenant: GCRA (the generic
+/// cell rate algorithm, as in governor) that *reserves* a start time instead of refusing, so the
+/// evaluator never waits for a permit.
+///
+/// Each tenant has a theoretical arrival time (`tat`): a run may start once `tat − tolerance`
+/// has come, and every run, started or deferred, moves `tat` one interval on. A run over the
+/// limit therefore gets the time its permit would be granted, the next one an interval later, and
+/// so on: deferred runs start at the limit, in the order they were reserved. (governor can say
+/// when a permit would be granted, but not take it ahead of time, hence this small clock.)
+///
+/// Order with what is already deferred: a deferred run travels through a delay tier and may come
+/// back late (a tier's consumer forwards a partition's records in order, holding the head until
+/// it is due, so a record can be held behind an earlier-written one for up to the tier's delay).
+/// While a tenant's last deferred run may not be back yet (its due time plus its tier's delay
+/// plus `margin`), later runs are deferred behind it even when within the limit: due no earlier
+/// than it, through the same tier or a longer one (`floor`). Records of one tenant in one tier
+/// are in one partition, so they come back in order; a run that must go through a longer tier
+/// (its wait has grown past the tier's delay) is due no earlier than the previous run could be
+/// back. A run due later than its reservation moves the tenant's later reservations on by as
+/// much, so they stay an interval apart.
+///
+/// Memory: a tenant whose `tat` has passed and whose deferred runs are back is the same as a
+/// tenant never seen; such entries are swept out whenever the map has doubled since the last
+/// sweep, so it holds about the tenants active within the last `runs_per_minute` runs' time.
+#[derive(Debug)]
+pub struct RunClock {
+    /// Nanoseconds between two runs at the limit.
+    interval: u64,
+    /// How far ahead of its turn a run may start (GCRA's τ): `burst − 1` intervals.
+    tolerance: u64,
+    tenants: Mutex<Tenants>,
+}
+
+#[derive(Debug, Default)]
+struct Tenants {
+    slots: HashMap<String, Slot>,
+    /// Sweep when `slots` reaches this many (at least [`SWEEP_MIN`]).
+    sweep_at: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// When the tenant's permits are all back (epoch ns).
+    tat: u64,
+    /// The tenant's last deferred run.
+    chain: Option<Chain>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Chain {
+    /// When it is due (epoch ns).
+    due: u64,
+    /// The tier delay it goes through; later runs go through at least as long a one.
+    floor: Duration,
+    /// By when it is surely back on the action topic: `due + floor + margin` (epoch ns).
+    back_by: u64,
+}
+
+impl Tenants {
+    fn sweep(&mut self, now: u64) {
+        if self.slots.len() < self.sweep_at.max(SWEEP_MIN) {
+            return;
+        }
+        self.slots.retain(|_, s| s.tat > now || s.chain.is_some_and(|c| c.back_by > now));
+        self.sweep_at = self.slots.len().saturating_mul(2);
+    }
+}
+
+impl RunClock {
+    /// `per_minute` runs a minute per tenant, up to `per_minute` at once after a quiet minute
+    /// (the burst of governor's `Quota::per_minute`, which the limit had before it reserved).
+    pub fn per_minute(per_minute: u32) -> RunClock {
+        let n = u64::from(per_minute.max(1));
+        let interval = (60_000 * NANOS_PER_MS / n).max(1);
+        RunClock { interval, tolerance: interval.saturating_mul(n - 1), tenants: Mutex::default() }
+    }
+
+    /// Reserves `tenant`'s next run at `now_ms` (epoch ms). `cover(wait)` is the delay of the
+    /// tier a run waiting `wait` would go through; `margin` covers a tier consumer's forwarding.
+    pub fn reserve(
+        &self,
+        tenant: &str,
+        now_ms: u64,
+        margin: Duration,
+        cover: impl Fn(Duration) -> Duration,
+    ) -> RunStart {
+        let now = now_ms.saturating_mul(NANOS_PER_MS);
+        // Nothing in here can panic, so a poisoned lock still holds consistent slots.
+        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tenants.sweep(now);
+        if !tenants.slots.contains_key(tenant) {
+            tenants.slots.insert(tenant.to_string(), Slot { tat: now, chain: None });
+        }
+        let slot = tenants.slots.get_mut(tenant).expect("inserted above");
+        let start = now.max(slot.tat.saturating_sub(self.tolerance));
+        slot.tat = slot.tat.max(now).saturating_add(self.interval);
+        let chain = slot.chain.filter(|c| c.back_by > now);
+        if start <= now && chain.is_none() {
+            slot.chain = None;
+            return RunStart::Now;
+        }
+        let wait = |due: u64| Duration::from_nanos(due.saturating_sub(now));
+        let mut due = start.max(chain.map_or(0, |c| c.due));
+        let mut floor = cover(wait(due));
+        if let Some(c) = chain {
+            if floor > c.floor {
+                // A longer tier than the earlier runs': this one must not be back before they are.
+                due = due.max(c.back_by);
+                floor = cover(wait(due));
+            }
+            floor = floor.max(c.floor);
+        }
+        slot.tat = slot.tat.saturating_add(due - start);
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let back_by = due.saturating_add(nanos(floor)).saturating_add(nanos(margin));
+        slot.chain = Some(Chain { due, floor, back_by });
+        RunStart::Deferred { due: due.div_ceil(NANOS_PER_MS), floor }
+    }
+
+    /// Tenants held (for tests of the sweep).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.tenants.lock().unwrap().slots.len()
     }
 }
 
@@ -828,5 +978,130 @@ mod tests {
         let e: Event = serde_json::from_value(json!({"id": "e1", "source": "/s", "type": "a", "tenant": "t"})).unwrap();
         let reason = c.render_input(0, &template_context(&e, json!({})), &e).unwrap_err();
         assert!(reason.starts_with("steps.s.input: input.x: engine ran out of fuel"), "{reason}");
+    }
+
+    /// The default tiers: a wait goes through the shortest covering one.
+    fn cover(wait: Duration) -> Duration {
+        [1, 10, 60, 600].map(Duration::from_secs).into_iter().find(|t| *t >= wait).unwrap_or(Duration::from_secs(600))
+    }
+
+    const MARGIN: Duration = Duration::from_secs(5);
+    const T0: u64 = 1_800_000_000_000;
+
+    fn due(start: RunStart) -> u64 {
+        match start {
+            RunStart::Deferred { due, .. } => due,
+            RunStart::Now => panic!("expected a deferral"),
+        }
+    }
+
+    #[test]
+    fn runs_over_the_limit_are_reserved_one_interval_apart() {
+        let clock = RunClock::per_minute(120);
+        // The burst: a quiet tenant may start a minute's runs at once.
+        for _ in 0..120 {
+            assert_eq!(clock.reserve("t", T0, MARGIN, cover), RunStart::Now);
+        }
+        // Then one every 500 ms, reserved now, in order, each through a tier covering its wait.
+        let mut dues = Vec::new();
+        for _ in 0..40 {
+            match clock.reserve("t", T0, MARGIN, cover) {
+                RunStart::Deferred { due, floor } => {
+                    assert!(floor >= Duration::from_millis(due - T0) || floor == Duration::from_secs(600));
+                    dues.push(due);
+                }
+                RunStart::Now => panic!("over the limit"),
+            }
+        }
+        assert_eq!(dues[0], T0 + 500);
+        assert_eq!(dues[1], T0 + 1_000);
+        assert!(dues.windows(2).all(|w| w[1] >= w[0] + 500), "{dues:?}");
+        // Another tenant is not affected.
+        assert_eq!(clock.reserve("other", T0, MARGIN, cover), RunStart::Now);
+    }
+
+    #[test]
+    fn deferred_runs_keep_their_order_across_tiers_and_later_runs_queue_behind_them() {
+        let clock = RunClock::per_minute(60);
+        for _ in 0..60 {
+            assert_eq!(clock.reserve("t", T0, MARGIN, cover), RunStart::Now);
+        }
+        let mut last: Option<(u64, Duration)> = None;
+        for _ in 0..30 {
+            let RunStart::Deferred { due, floor } = clock.reserve("t", T0, MARGIN, cover) else { panic!() };
+            if let Some((prev_due, prev_floor)) = last {
+                assert!(floor >= prev_floor, "never through a shorter tier than the run before");
+                if floor > prev_floor {
+                    // Through a longer tier: not back before the run ahead surely is.
+                    let back_by = prev_due + prev_floor.as_millis() as u64 + MARGIN.as_millis() as u64;
+                    assert!(due >= back_by, "{due} < {back_by}");
+                } else {
+                    assert!(due >= prev_due + 1_000);
+                }
+            }
+            last = Some((due, floor));
+        }
+        let (last_due, floor) = last.unwrap();
+        assert_eq!(floor, Duration::from_secs(60), "waits of up to a minute and more went up to the 1m tier");
+        // Once the tenant's limit has room again, a run is still deferred behind the last one,
+        // through the same tier, until that one is surely back.
+        let later = last_due + 30_000;
+        let RunStart::Deferred { due: behind, floor } = clock.reserve("t", later, MARGIN, cover) else { panic!() };
+        assert!(behind >= last_due && floor == Duration::from_secs(60), "{behind} {floor:?}");
+        let back = behind + 60_000 + MARGIN.as_millis() as u64;
+        assert_eq!(clock.reserve("t", back, MARGIN, cover), RunStart::Now);
+    }
+
+    #[test]
+    fn a_deferral_due_later_than_its_reservation_moves_the_later_ones() {
+        let clock = RunClock::per_minute(60);
+        for _ in 0..60 {
+            clock.reserve("t", T0, MARGIN, cover);
+        }
+        let dues: Vec<u64> = (0..12).map(|_| (due(clock.reserve("t", T0, MARGIN, cover)) - T0) / 1_000).collect();
+        // The first waits 1 s (the 1 s tier); the second would wait 2 s, so it goes through the
+        // 10 s tier, due once the first is surely back (1 s + 1 s + the 5 s margin); the one
+        // after 10 s through the 1 m tier, once the 10 s tier's last is back (10 + 10 + 5).
+        // Between, a second apart, and every later reservation moved on with them.
+        assert_eq!(dues, [1, 7, 8, 9, 10, 25, 26, 27, 28, 29, 30, 31]);
+    }
+
+    #[test]
+    fn idle_tenants_are_swept_out() {
+        let clock = RunClock::per_minute(600);
+        for i in 0..SWEEP_MIN {
+            assert_eq!(clock.reserve(&format!("t{i}"), T0, MARGIN, cover), RunStart::Now);
+        }
+        assert_eq!(clock.held(), SWEEP_MIN);
+        // 100 ms later each has its permit back: all are as good as new, and go.
+        assert_eq!(clock.reserve("new", T0 + 100, MARGIN, cover), RunStart::Now);
+        assert_eq!(clock.held(), 1);
+        // A tenant with a deferred run out is kept until the run is surely back.
+        let busy = RunClock::per_minute(1);
+        assert!(matches!(busy.reserve("busy", T0, MARGIN, cover), RunStart::Now));
+        assert!(matches!(busy.reserve("busy", T0, MARGIN, cover), RunStart::Deferred { .. }));
+        for i in 0..SWEEP_MIN - 1 {
+            busy.reserve(&format!("t{i}"), T0, MARGIN, cover);
+        }
+        busy.reserve("x", T0 + 61_000, MARGIN, cover);
+        assert_eq!(busy.held(), 2, "busy (its run due at 60 s is back by 125 s) and x");
+        busy.reserve("y", T0 + 200_000, MARGIN, cover);
+        assert_eq!(busy.held(), 3, "the next sweep waits until the map is large again");
+    }
+
+    #[test]
+    fn huge_limits_and_far_times_do_not_overflow() {
+        for per_minute in [1, 1_000_000, u32::MAX] {
+            let clock = RunClock::per_minute(per_minute);
+            for now in [0, T0, u64::MAX / 1_000_000, u64::MAX] {
+                for _ in 0..3 {
+                    let _ = clock.reserve("t", now, Duration::MAX, |_| Duration::MAX);
+                }
+            }
+        }
+        let clock = RunClock::per_minute(u32::MAX);
+        for _ in 0..10_000 {
+            assert_eq!(clock.reserve("t", T0, MARGIN, cover), RunStart::Now, "a burst as large as the limit");
+        }
     }
 }

@@ -30,6 +30,7 @@
 
 pub mod compacted;
 pub mod dead_letter;
+pub mod deferral;
 pub mod limits;
 pub mod offsets;
 pub mod partitioner;
@@ -224,6 +225,33 @@ pub async fn send(
         .await
         .map(|d| (d.partition, d.offset))
         .map_err(|(e, _)| e)
+}
+
+/// Hands one record for `partition` of `topic` to the producer at once and returns the wait for
+/// its acknowledgement. Unlike [`send`], whose record is handed over only when the future first
+/// runs, records enqueued one after the other keep that order in the partition (the producer is
+/// idempotent): for a stage moving one tenant's records somewhere in order.
+pub(crate) fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> Result<impl std::future::Future<Output = Result<(), rdkafka::error::KafkaError>>, rdkafka::error::KafkaError> {
+    let mut record =
+        rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).partition(partition).payload(payload).headers(headers);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    let delivery = producer.send_result(record).map_err(|(e, _)| e)?;
+    Ok(async move {
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(rdkafka::error::KafkaError::Canceled),
+        }
+    })
 }
 
 /// Headers for a record of the given encoding.

@@ -102,6 +102,9 @@ pub struct Delivery {
 pub struct Assignment {
     pub owned: BTreeSet<i32>,
     pub partitions: i32,
+    /// Counts the assignments this member received: a partition revoked and assigned again
+    /// between two looks at the watch shows in `owned` both times, but here as a new generation.
+    pub generation: u64,
 }
 
 struct Shared {
@@ -129,6 +132,11 @@ struct Shared {
     taken: Mutex<u64>,
     room: Condvar,
     assignment: watch::Sender<Assignment>,
+    /// For a source whose partitions are assigned by the stage ([`Source::assign`]): the
+    /// partitions assigned right now. A message the poll thread took from librdkafka just before
+    /// its partition was unassigned is dropped rather than handed over (see `poll_loop`). Locked
+    /// after `tracker`, never before. `None` for a group member, whose rebalances do this.
+    manual: Option<Mutex<BTreeSet<i32>>>,
 }
 
 /// What the stage wants paused, and what is paused in librdkafka.
@@ -203,6 +211,7 @@ impl ConsumerContext for SourceContext {
             // Partitions may have been added since the last look; a failed lookup keeps the count.
             let partitions = kafka::partition_count(consumer.client(), &self.shared.topic).ok();
             self.shared.assignment.send_modify(|a| {
+                a.generation += 1;
                 a.owned.extend(tpl.elements().iter().map(|e| e.partition()));
                 if let Some(n) = partitions {
                     a.partitions = n;
@@ -238,6 +247,18 @@ pub struct Source {
 impl Source {
     /// Joins `group` on `topic` (which must exist) and starts polling.
     pub fn subscribe(config: &Config, stage: Stage, topic: &str, group: &str) -> anyhow::Result<Source> {
+        Self::open(config, stage, topic, group, false)
+    }
+
+    /// Reads `topic` (which must exist) without joining a group: the stage assigns partitions
+    /// with [`add_partitions`](Self::add_partitions), at offsets it chooses, and removes them with
+    /// [`remove_partitions`](Self::remove_partitions). Offsets stored with [`done`](Self::done)
+    /// are committed under `group`, which never has members (as `weir dlq redrive` does).
+    pub fn assign(config: &Config, stage: Stage, topic: &str, group: &str) -> anyhow::Result<Source> {
+        Self::open(config, stage, topic, group, true)
+    }
+
+    fn open(config: &Config, stage: Stage, topic: &str, group: &str, manual: bool) -> anyhow::Result<Source> {
         let (assignment, _) = watch::channel(Assignment::default());
         let shared = Arc::new(Shared {
             stage,
@@ -255,13 +276,16 @@ impl Source {
             taken: Mutex::new(0),
             room: Condvar::new(),
             assignment,
+            manual: manual.then(Default::default),
         });
         let consumer: BaseConsumer<SourceContext> = kafka::member_config(config, group)
             .create_with_context(SourceContext { shared: shared.clone() })
             .context("creating Kafka consumer")?;
         let partitions = kafka::partition_count(consumer.client(), topic)?;
         shared.assignment.send_modify(|a| a.partitions = partitions);
-        consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;
+        if !manual {
+            consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;
+        }
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(2);
         let stop = CancellationToken::new();
@@ -355,6 +379,52 @@ impl Source {
         }
     }
 
+    /// Starts reading `partitions` of a source made with [`assign`](Self::assign), each from the
+    /// given offset.
+    pub fn add_partitions(&self, partitions: &[(i32, i64)]) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, offset) in partitions {
+            tpl.add_partition_offset(&self.shared.topic, *p, Offset::Offset(*offset))?;
+        }
+        if let Some(manual) = &self.shared.manual {
+            let _tracker = self.shared.tracker.lock().expect("tracker lock");
+            manual.lock().expect("manual lock").extend(partitions.iter().map(|(p, _)| *p));
+        }
+        self.consumer
+            .incremental_assign(&tpl)
+            .with_context(|| format!("assigning partitions {} of {}", describe(&tpl), self.shared.topic))?;
+        self.shared.assignment.send_modify(|a| {
+            a.generation += 1;
+            a.owned.extend(partitions.iter().map(|(p, _)| *p));
+        });
+        reconcile(&self.consumer, &self.shared);
+        Ok(())
+    }
+
+    /// Stops reading `partitions` of a source made with [`assign`](Self::assign): their work
+    /// still running stores no offset (as for a revoked partition), and messages not yet handed
+    /// over are dropped.
+    pub fn remove_partitions(&self, partitions: &[i32]) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut tracker = self.shared.tracker.lock().expect("tracker lock");
+            let mut manual = self.shared.manual.as_ref().map(|m| m.lock().expect("manual lock"));
+            for p in partitions {
+                tracker.forget(*p);
+                if manual.as_mut().is_some_and(|m| m.remove(p)) {
+                    tpl.add_partition(&self.shared.topic, *p);
+                }
+            }
+        }
+        self.shared.assignment.send_modify(|a| a.owned.retain(|p| !partitions.contains(p)));
+        if tpl.count() > 0 {
+            self.consumer
+                .incremental_unassign(&tpl)
+                .with_context(|| format!("unassigning partitions {} of {}", describe(&tpl), self.shared.topic))?;
+        }
+        Ok(())
+    }
+
     /// The owned partitions, updated on every rebalance.
     pub fn assignment(&self) -> watch::Receiver<Assignment> {
         self.shared.assignment.subscribe()
@@ -389,6 +459,11 @@ pub(crate) struct Ownership(Arc<Shared>);
 impl Ownership {
     pub(crate) fn owns(&self, ticket: &Ticket) -> bool {
         self.0.tracker.lock().expect("tracker lock").is_current(ticket.partition, ticket.generation)
+    }
+
+    /// Whether `partition` is assigned right now (whichever assignment handed out its work).
+    pub(crate) fn owns_partition(&self, partition: i32) -> bool {
+        self.0.assignment.borrow().owned.contains(&partition)
     }
 }
 
@@ -463,6 +538,11 @@ fn poll_loop(
             Event::Consumed { stage: shared.stage, count: raw.len() }.emit();
             let now = Instant::now();
             let mut tracker = shared.tracker.lock().expect("tracker lock");
+            if let Some(manual) = &shared.manual {
+                // Polled just before the stage unassigned its partition: not ours to hand over.
+                let manual = manual.lock().expect("manual lock");
+                raw.retain(|m| manual.contains(&m.partition()));
+            }
             batch.extend(raw.drain(..).map(|message| {
                 let (partition, offset) = (message.partition(), message.offset());
                 let generation = tracker.begin(partition, offset);
@@ -615,6 +695,63 @@ fn apply(
             Event::Failed { stage: shared.stage, reason: "pause", retryable: true, detail: &detail }.emit();
         }
     }
+}
+
+/// Where a stage-assigned reader of `partition` of `topic` should start (the offset `group`
+/// committed, or the earliest retained when there is none or it was deleted), and how many
+/// records each key has from there to the end of the partition as of now. Blocking: it reads
+/// that stretch once with a consumer of its own that commits nothing, so a stage taking over a
+/// partition learns which keys have work waiting there before it decides where their new work
+/// goes (the executor's overflow topic). Memory is one counter per key; fails after `patience`.
+pub fn backlog_by_key(
+    config: &Config,
+    topic: &str,
+    group: &str,
+    partition: i32,
+    patience: Duration,
+) -> anyhow::Result<(i64, std::collections::HashMap<Vec<u8>, usize>)> {
+    let consumer: BaseConsumer = kafka::consumer_config(config, group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("creating Kafka consumer")?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = consumer
+        .committed_offsets(tpl, kafka::METADATA_TIMEOUT)
+        .with_context(|| format!("reading the committed offset of {topic}/{partition} for {group}"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, kafka::METADATA_TIMEOUT)
+        .with_context(|| format!("reading the watermarks of {topic}/{partition}"))?;
+    let start = match committed.find_partition(topic, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => o.max(low),
+        _ => low,
+    };
+    let mut counts = std::collections::HashMap::new();
+    if start >= high {
+        return Ok((start, counts));
+    }
+    let mut from = TopicPartitionList::new();
+    from.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&from).with_context(|| format!("assigning {topic}/{partition}"))?;
+    let deadline = Instant::now() + patience;
+    let mut next = start;
+    while next < high {
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "reading {topic}/{partition} from {start} to {high} took over {}s (at {next}); retrying",
+                patience.as_secs()
+            );
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                *counts.entry(m.key().unwrap_or_default().to_vec()).or_insert(0) += 1;
+            }
+            Some(Err(e)) => anyhow::bail!("reading {topic}/{partition}: {e}"),
+            None => {}
+        }
+    }
+    Ok((start, counts))
 }
 
 /// Longest a watchdog's question to the broker (watermarks, committed offsets) may take.

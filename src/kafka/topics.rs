@@ -544,6 +544,7 @@ pub(crate) fn written_topics(config: &Config) -> Vec<String> {
     for (name, service) in &config.services {
         topics.push(names.actions(name));
         topics.extend(service.retry.tier_names().iter().map(|t| names.retry(name, t)));
+        topics.push(names.overflow(name));
     }
     topics
 }
@@ -678,8 +679,11 @@ pub(crate) const DERIVED_ACTIONS_CONFIG: [(&str, &str); 2] =
 /// to `weir.yaml` gets its topics from `weir topics apply`:
 /// - `actions.<service>`: partitions and replication of `events`, config
 ///   [`DERIVED_ACTIONS_CONFIG`] (declare it to choose otherwise);
-/// - its delay topics `actions.<service>.retry.<tier>`: the same partitions, replication and
-///   config as `actions.<service>`, declared or derived.
+/// - its delay topics `actions.<service>.retry.<tier>` and its overflow topic
+///   `actions.<service>.overflow`: the same partitions, replication and config as
+///   `actions.<service>`, declared or derived. The overflow topic must have exactly the partitions
+///   of the action topic (an executor reads overflow partition p only while it owns action
+///   partition p), so it follows the action topic even when `executor.fairness.overflow` is off.
 ///
 /// The files stay the source of truth: a declared topic always wins. Without a declared `events`
 /// topic an undeclared action topic cannot be derived, and the error names the service and what
@@ -705,8 +709,8 @@ pub(crate) fn service_topics(config: &Config, declared: &[TopicSpec]) -> anyhow:
                 spec
             }
         };
-        for tier in service.retry.tier_names() {
-            let name = names.retry(name, &tier);
+        let delay_topics = service.retry.tier_names().into_iter().map(|tier| names.retry(name, &tier));
+        for name in delay_topics.chain([names.overflow(name)]) {
             if !declared.iter().any(|s| s.name == name) {
                 derived.push(TopicSpec { name, ..base.clone() });
             }
@@ -782,7 +786,12 @@ mod tests {
         let specs = load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
         let mut config = Config::default();
         config.services.insert("webhook".into(), Default::default());
-        assert!(service_topics(&config, &specs).unwrap().is_empty(), "the repo declares webhook's delay topics");
+        let names: Vec<String> = service_topics(&config, &specs).unwrap().into_iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            ["actions.webhook.overflow"],
+            "the repo declares webhook's delay topics; its overflow topic is derived"
+        );
         let mut extra = specs.clone();
         extra.push(TopicSpec { name: "actions.slack".into(), partitions: 3, ..specs[0].clone() });
         let mut slack = crate::config::ServiceConfig::default();
@@ -790,8 +799,11 @@ mod tests {
         config.services.insert("slack".into(), slack);
         let derived = service_topics(&config, &extra).unwrap();
         let names: Vec<&str> = derived.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["actions.slack.retry.5s", "actions.slack.retry.2m"]);
-        assert!(derived.iter().all(|s| s.partitions == 3));
+        assert_eq!(
+            names,
+            ["actions.slack.retry.5s", "actions.slack.retry.2m", "actions.slack.overflow", "actions.webhook.overflow"]
+        );
+        assert!(derived.iter().filter(|s| s.name.starts_with("actions.slack")).all(|s| s.partitions == 3));
     }
 
     #[test]
@@ -809,7 +821,8 @@ mod tests {
                 "actions.crm.retry.1s",
                 "actions.crm.retry.10s",
                 "actions.crm.retry.1m",
-                "actions.crm.retry.10m"
+                "actions.crm.retry.10m",
+                "actions.crm.overflow"
             ]
         );
         for spec in &derived {

@@ -1,4 +1,4 @@
-//! What operators run besides the pipeline: producing events, the dead-letter topic, the demo
+//! What operators run besides the pipeline: producing events, the dead-letter topic, replays, the demo
 //! and the benchmark harness (with the local HTTP receiver they share).
 
 pub mod bench;
@@ -6,4 +6,5 @@ pub mod demo;
 pub mod dlq;
 pub mod produce;
 pub mod receiver;
+pub mod replay;
 pub mod workflows;

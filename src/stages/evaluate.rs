@@ -15,8 +15,45 @@
 //! type) does not stop anything: it becomes a `failed` result naming the reason, which the record
 //! stage stores like any other outcome. Which steps start is [`plan::start`]'s decision: the
 //! same planner the record stage uses for a run's later steps.
+//!
+//! # A workflow's `limits.runs_per_minute`: deferred, never waited for
+//!
+//! Each run with a task to start reserves a start time on its workflow's clock for its tenant
+//! ([`RunClock`](crate::engine::workflow::RunClock), GCRA). Within the limit (a minute's runs
+//! at once after a quiet minute, then one per interval) its first steps' tasks go to
+//! `actions.<service>` as always. Over it, the run is *deferred*: its tasks go to the service's
+//! delay tier covering the wait (`actions.<service>.retry.<tier>`) with
+//! `weir.retry.kind=deferral`, `weir.retry.due=<reserved start, epoch ms>` and
+//! `weir.retry.reason` naming the workflow and its limit: the same records as the executor's
+//! own deferrals ([`deferral`]). The tier's consumer sends them back to the action topic when
+//! due and the executor takes them like any task, so the run starts at the limit. Its decided
+//! results (steps that failed before a call) are produced at once: they call nothing. Deferred
+//! runs are counted in `weir_deferred_total{stage="evaluate",service}`.
+//!
+//! **Order.** A (workflow, tenant)'s runs start in event order: a run is never produced directly
+//! while earlier deferred runs of the same (workflow, tenant) may still be on their way back (due
+//! time, plus the tier's delay, plus [`FORWARDING_MARGIN`]); it is deferred behind them, through
+//! the same tier or a longer one, so that it comes back after them (the clock's docs say why that
+//! holds). Runs of *different* workflows have different limits and are not ordered with each
+//! other. The clock lives in memory: after a restart of the evaluator, or when a rebalance moves
+//! a partition to another process, a tenant starts with a fresh clock, so runs deferred before
+//! may start after later ones and the tenant may get up to one extra burst in the minute after.
+//! A crash replays the events after the last stored offset, and their runs are reserved again
+//! (the tasks keep their ids, so their calls keep their `Idempotency-Key`).
+//!
+//! A wait longer than a service's longest tier goes to the longest tier with its due time: its
+//! tier's consumer holds that partition's head until then (see the executor's delay module), so
+//! keep the longest tier at least as long as the backlog a tenant may build (default 10 min:
+//! 10,000 runs at 1,000 a minute).
+//!
+//! **Shared budgets.** `evaluator.max_inflight` counts events whose records are being produced,
+//! and nothing in an event's work waits for anything but the broker's acknowledgements: no
+//! permit, no tenant's turn, no lock held across an await. So a tenant over its limit holds a
+//! slot only as long as any other event does, and the stage goes on with every other tenant and
+//! partition. A service without delay tiers is refused when the config is loaded: there would
+//! be nowhere to defer to.
 
-use std::{borrow::Cow, collections::HashMap, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, sync::Arc, time::Duration};
 
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
@@ -26,10 +63,12 @@ use crate::{
     engine::condition::FieldPaths,
     engine::definitions::DefinitionStore,
     engine::plan,
-    engine::workflow::CompiledWorkflow,
+    engine::workflow,
+    engine::workflow::{CompiledWorkflow, RunStart},
     envelope::{self, ActionResult, ActionTask, Event as DomainEvent, Format, Status},
     kafka,
     kafka::dead_letter::DeadLetters,
+    kafka::deferral,
     kafka::limits::{self, Limits},
     kafka::source::{Source, Ticket},
     shutdown::CancellationToken,
@@ -40,8 +79,39 @@ use crate::{
 type Produced = Result<(), rdkafka::error::KafkaError>;
 type Outcome = (Ticket, Produced);
 
-/// A record to produce: topic, key, JSON payload.
-type Output = (Arc<str>, String, Vec<u8>);
+/// A record to produce: topic, key, JSON payload, and for a deferred task what makes it one.
+struct Output {
+    topic: Arc<str>,
+    key: String,
+    payload: Vec<u8>,
+    deferred: Option<Deferred>,
+}
+
+/// A first-step task of a run over its workflow's limit, on its way through a delay tier.
+struct Deferred {
+    /// When it is due back on the action topic (epoch ms).
+    due: u64,
+    reason: Arc<str>,
+    service: String,
+    tier: String,
+}
+
+/// How long after a deferred run is due, and its tier's delay has passed, it is taken to be back
+/// on the action topic: the tier consumer's poll, its produce and the broker's acknowledgement
+/// (milliseconds, normally), with room for a slow broker. A tier consumer stopped for longer
+/// (its process restarting) is not covered: see the module docs.
+const FORWARDING_MARGIN: Duration = Duration::from_secs(5);
+
+/// A service's delay tiers, ascending: their delays, and (delay, tier name, physical topic).
+type Tiers = (Vec<Duration>, Vec<(Duration, String, Arc<str>)>);
+
+/// A run about to start: its workflow, its first steps' tasks (service and record) and the
+/// records of what was decided without a call (failed steps).
+struct Run {
+    workflow: Arc<CompiledWorkflow>,
+    tasks: Vec<(String, Output)>,
+    decided: Vec<Output>,
+}
 
 struct Evaluator {
     definitions: Arc<DefinitionStore>,
@@ -49,6 +119,8 @@ struct Evaluator {
     dead_letters: DeadLetters,
     /// service name → physical action topic (shared, not copied, by every task's record)
     action_topics: HashMap<String, Arc<str>>,
+    /// service name → its delay tiers, where runs over their workflow's limit wait
+    tiers: HashMap<String, Tiers>,
     results_topic: Arc<str>,
     max_event_bytes: usize,
     limits: Limits,
@@ -62,8 +134,26 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut source =
         Source::subscribe(&config, Stage::Evaluate, &config.names().events(), &config.names().group("evaluate"))?;
+    // Runs over their workflow's limit wait in a delay tier of their first steps' service: one
+    // without tiers would leave nowhere to defer to (config validation refuses it; this names it
+    // again for a config built in code).
+    if let Some((service, _)) = config.services.iter().find(|(_, s)| s.retry.tiers.is_empty()) {
+        anyhow::bail!(
+            "evaluator: services.{service}.retry.tiers is empty: runs over a limit need a delay tier to wait in"
+        );
+    }
+    let tiers = config
+        .services
+        .iter()
+        .map(|(service, settings)| {
+            let tiers = settings.retry.tiers.iter().zip(settings.retry.tier_names());
+            let tiers = tiers.map(|(delay, name)| (*delay, name.clone(), config.names().retry(service, &name).into()));
+            (service.clone(), (settings.retry.tiers.clone(), tiers.collect()))
+        })
+        .collect();
     let producer = kafka::producer(&config)?;
     let evaluator = Arc::new(Evaluator {
+        tiers,
         definitions,
         dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Evaluate)
             .with_limits(&config.limits),
@@ -137,42 +227,71 @@ impl Evaluator {
                 return Some(async move { self.dead_letters.send(&message, &e.to_string()).await }.boxed());
             }
         };
-        let runs = self.runs(&event, &candidates);
-        if runs.is_empty() {
+        let now = deferral::epoch_ms();
+        let mut outputs = Vec::new();
+        for run in self.runs(&event, &candidates) {
+            outputs.extend(run.decided);
+            // A run with no task to start (every first step failed) starts nothing to limit.
+            if run.tasks.is_empty() {
+                continue;
+            }
+            let cover =
+                |wait| run.tasks.iter().map(|(service, _)| self.tier(service, wait).0).max().unwrap_or_default();
+            match run.workflow.reserve_run(&event.tenant, now, FORWARDING_MARGIN, cover) {
+                RunStart::Now => outputs.extend(run.tasks.into_iter().map(|(_, output)| output)),
+                RunStart::Deferred { due, floor } => {
+                    let wait = Duration::from_millis(due.saturating_sub(now)).max(floor);
+                    let wf = &run.workflow.def;
+                    let reason: Arc<str> = format!(
+                        "workflow {} (version {}): tenant over limits.runs_per_minute ({}), or behind its runs \
+                         deferred for it; the run starts at the limit, in event order",
+                        workflow::key(wf.tenant.as_deref(), &wf.id),
+                        wf.version,
+                        wf.limits.runs_per_minute
+                    )
+                    .into();
+                    for (service, mut output) in run.tasks {
+                        let (_, tier, topic) = self.tier(&service, wait);
+                        output.topic = topic.clone();
+                        output.deferred =
+                            Some(Deferred { due, reason: reason.clone(), tier: tier.to_string(), service });
+                        outputs.push(output);
+                    }
+                }
+            }
+        }
+        if outputs.is_empty() {
             return None;
         }
-        Some(
-            async move {
-                let mut outputs = Vec::new();
-                for (workflow, run) in runs {
-                    // Over the tenant's runs-per-minute limit: wait for a permit (delay, never drop).
-                    workflow.run_permit(&event.tenant).await;
-                    outputs.extend(run);
-                }
-                self.produce(&message, outputs).await
-            }
-            .boxed(),
-        )
+        Some(async move { self.produce(&message, outputs).await }.boxed())
     }
 
-    /// The records of the runs `event` starts, per workflow (for its runs-per-minute permit).
-    fn runs(
-        &self,
-        event: &DomainEvent,
-        candidates: &[Arc<CompiledWorkflow>],
-    ) -> Vec<(Arc<CompiledWorkflow>, Vec<Output>)> {
+    /// The delay tier of `service` that a task waiting `wait` goes through (see
+    /// [`deferral::tier_for`]). Every service has one: checked at start.
+    fn tier(&self, service: &str, wait: Duration) -> &(Duration, String, Arc<str>) {
+        let (delays, tiers) = &self.tiers[service];
+        &tiers[deferral::tier_for(delays, wait)]
+    }
+
+    /// The runs `event` starts: per workflow, its first steps' tasks and its decided results.
+    fn runs(&self, event: &DomainEvent, candidates: &[Arc<CompiledWorkflow>]) -> Vec<Run> {
         plan::start(event, candidates, &chrono::Utc::now().to_rfc3339())
             .into_iter()
-            .map(|(wf, plan)| {
+            .map(|(workflow, plan)| {
+                let mut run = Run { workflow, tasks: Vec::new(), decided: Vec::new() };
                 // Bounded before it is produced: a task over the limit is its run's failure.
-                let tasks = plan.tasks.into_iter().map(|task| {
+                for task in plan.tasks {
                     match limits::task_payload(&task, self.limits.max_record_bytes) {
-                        Ok(payload) => (self.action_topics[&task.service].clone(), task.tenant, payload),
-                        Err(reason) => self.failed_output(task_failed(task, reason)),
+                        Ok(payload) => {
+                            let topic = self.action_topics[&task.service].clone();
+                            let output = Output { topic, key: task.tenant, payload, deferred: None };
+                            run.tasks.push((task.service, output));
+                        }
+                        Err(reason) => run.decided.push(self.failed_output(task_failed(task, reason))),
                     }
-                });
-                let decided = plan.decided.into_iter().map(|result| self.failed_output(result));
-                (wf, tasks.chain(decided).collect())
+                }
+                run.decided.extend(plan.decided.into_iter().map(|result| self.failed_output(result)));
+                run
             })
             .collect()
     }
@@ -182,7 +301,7 @@ impl Evaluator {
         let detail = result.error.as_deref().unwrap_or_default();
         Event::Failed { stage: Stage::Evaluate, reason: "evaluate", retryable: false, detail }.emit();
         let payload = limits::result_payload(&mut result, self.limits.max_record_bytes);
-        (self.results_topic.clone(), result.tenant, payload)
+        Output { topic: self.results_topic.clone(), key: result.tenant, payload, deferred: None }
     }
 
     /// Produces the records of `event`. A record the producer or broker refuses for what it is
@@ -190,11 +309,18 @@ impl Evaluator {
     /// becomes its run's `failed` result, and a result that is refused dead-letters the event.
     /// Only infrastructure errors are returned.
     async fn produce(&self, event: &OwnedMessage, outputs: Vec<Output>) -> Produced {
-        let sends = outputs.iter().map(|(topic, key, payload)| async move {
-            let headers = kafka::content_headers(Format::Json);
+        let sends = outputs.iter().map(|Output { topic, key, payload, deferred }| async move {
+            let headers = match deferred {
+                None => kafka::content_headers(Format::Json),
+                Some(d) => deferral::deferral_headers(None, d.due, Some(&d.reason)),
+            };
             match kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, headers).await {
                 Ok(_) => {
                     Event::Produced { stage: Stage::Evaluate, topic, count: 1 }.emit();
+                    if let Some(d) = deferred {
+                        Event::Deferred { stage: Stage::Evaluate, service: &d.service, tenant: key, tier: &d.tier }
+                            .emit();
+                    }
                     Ok(())
                 }
                 Err(e) if limits::is_record_error(&e) => self.refused(event, topic, payload, e).await,
@@ -216,7 +342,7 @@ impl Evaluator {
         let task =
             (topic != &*self.results_topic).then(|| serde_json::from_slice::<ActionTask>(payload).ok()).flatten();
         if let Some(task) = task {
-            let (topic, key, payload) = self.failed_output(task_failed(task, reason.clone()));
+            let Output { topic, key, payload, .. } = self.failed_output(task_failed(task, reason.clone()));
             let headers = kafka::content_headers(Format::Json);
             match kafka::send(&self.producer, &topic, Some(key.as_bytes()), &payload, headers).await {
                 Ok(_) => {

@@ -119,20 +119,28 @@ impl Mix {
     /// One record: (key, payload).
     pub fn record(&self, shape: Shape, seq: u64, produced_us: u64, rng: &mut SmallRng) -> (String, String) {
         let tenant = Self::tenant_name(self.tenants.sample(rng) as usize);
-        let id = stamp(seq, produced_us);
         match shape {
             Shape::Events => {
-                let kind = self.kinds[rng.random_range(0..self.kinds.len())];
-                let index = EVENT_MIX.iter().position(|(k, _)| *k == kind).unwrap_or(0);
-                let variants = &self.bodies[index];
-                let data = &variants[rng.random_range(0..variants.len())];
-                let payload = format!(
-                    r#"{{"specversion":"1.0","id":"{id}","source":"/ghost/{tenant}","type":"{kind}","tenant":"{tenant}","datacontenttype":"application/json","data":{data}}}"#
-                );
+                let payload = self.event_for(&tenant, seq, produced_us, rng);
                 (tenant, payload)
             }
-            Shape::Results => (tenant.clone(), result_json(seq, &id, &tenant, &rfc3339_us(produced_us))),
+            Shape::Results => {
+                let id = stamp(seq, produced_us);
+                (tenant.clone(), result_json(seq, &id, &tenant, &rfc3339_us(produced_us)))
+            }
         }
+    }
+
+    /// One event of the mix for `tenant` (the noisy scenario chooses its tenants itself).
+    pub(crate) fn event_for(&self, tenant: &str, seq: u64, produced_us: u64, rng: &mut SmallRng) -> String {
+        let id = stamp(seq, produced_us);
+        let kind = self.kinds[rng.random_range(0..self.kinds.len())];
+        let index = EVENT_MIX.iter().position(|(k, _)| *k == kind).unwrap_or(0);
+        let variants = &self.bodies[index];
+        let data = &variants[rng.random_range(0..variants.len())];
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"/ghost/{tenant}","type":"{kind}","tenant":"{tenant}","datacontenttype":"application/json","data":{data}}}"#
+        )
     }
 }
 

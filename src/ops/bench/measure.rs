@@ -15,7 +15,7 @@ use super::load::Progress;
 /// Largest latency recorded: an hour, in µs.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 
-fn histogram(sigfig: u8) -> Histogram<u64> {
+pub(crate) fn histogram(sigfig: u8) -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, sigfig).expect("static histogram bounds are valid")
 }
 

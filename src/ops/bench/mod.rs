@@ -11,7 +11,10 @@
 //! - `throttled`: a rate limit set, measuring the call rate reached against the one configured;
 //! - `sink`: results → PostgreSQL through the sink, beside a standalone `COPY` of as many rows;
 //! - `backlog` (not in `all`): fills the events topic with `--events` events, then drains it with
-//!   the stages in a separate `weir run` process whose RSS is sampled ([`backlog`]).
+//!   the stages in a separate `weir run` process whose RSS is sampled ([`backlog`]);
+//! - `noisy` and `noisy-burst` (not in `all`: three phases each): quiet tenants beside one tenant
+//!   sending 90 % of the traffic, steadily or in bursts, each quiet tenant's p99 beside its p99
+//!   without the noisy one, and the throughput with one active tenant ([`noisy`]).
 //!
 //! A scenario warms up until its output shows the first record, then measures for `duration`:
 //! distinct input events seen at its output per second, end-to-end latency from the produce time
@@ -22,6 +25,8 @@
 pub mod backlog;
 pub mod load;
 pub(crate) mod measure;
+pub mod noisy;
+pub mod noisy_report;
 pub mod report;
 pub mod scenario;
 
@@ -42,6 +47,11 @@ pub enum Scenario {
     Sink,
     /// Not part of `all`: it runs on its own options ([`backlog::BacklogOptions`]).
     Backlog,
+    /// Not part of `all` (three phases, long): [`noisy`].
+    Noisy,
+    /// The same with the noisy tenant sending in bursts.
+    #[serde(rename = "noisy-burst")]
+    NoisyBurst,
 }
 
 impl Scenario {
@@ -56,6 +66,8 @@ impl Scenario {
             Scenario::Throttled => "throttled",
             Scenario::Sink => "sink",
             Scenario::Backlog => "backlog",
+            Scenario::Noisy => "noisy",
+            Scenario::NoisyBurst => "noisy-burst",
         }
     }
 
@@ -64,7 +76,9 @@ impl Scenario {
         match self {
             Scenario::Baseline => "passthrough output topic, consumed",
             Scenario::Evaluate => "action task on actions.webhook, consumed",
-            Scenario::Pipeline | Scenario::Throttled => "HTTP call arriving at the receiver (action start)",
+            Scenario::Pipeline | Scenario::Throttled | Scenario::Noisy | Scenario::NoisyBurst => {
+                "HTTP call arriving at the receiver (action start)"
+            }
             Scenario::Sink => "row's recorded_at in PostgreSQL (transaction start of its batch)",
             Scenario::Backlog => "offsets committed by the stages' consumer groups (a separate weir run process)",
         }
@@ -85,7 +99,7 @@ impl FromStr for Selection {
             return Ok(Selection::All);
         }
         <Scenario as clap::ValueEnum>::from_str(s, true).map(Selection::One).map_err(|_| {
-            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog or all")
+            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst or all")
         })
     }
 }
@@ -144,8 +158,10 @@ pub struct Options {
     pub scenarios: Vec<Scenario>,
     /// Measured time per scenario (after its warm-up).
     pub duration: Duration,
+    /// Events per second offered (in the noisy scenarios: by every tenant together).
     pub rate: RateArg,
-    /// Tenants in the load (Zipf-skewed) and with workflows of their own.
+    /// Tenants in the load (Zipf-skewed) and with workflows of their own; in the noisy
+    /// scenarios, the quiet tenants.
     pub tenants: usize,
     /// Where `bench.json` and `bench.svg` go.
     pub out: PathBuf,
@@ -166,6 +182,14 @@ impl Options {
         if self.scenarios.contains(&Scenario::Backlog) {
             self.backlog.validate()?;
         }
+        if self.scenarios.iter().any(|s| matches!(s, Scenario::Noisy | Scenario::NoisyBurst)) {
+            if self.tenants < 2 {
+                bail!("--tenants: the noisy scenarios need at least 2 quiet tenants (one on the noisy tenant's partition, one not), not {}", self.tenants);
+            }
+            if self.rate == RateArg::FlatOut {
+                bail!("--rate: the noisy scenarios need a rate in events per second (default {})", noisy::DEFAULT_RATE);
+            }
+        }
         Ok(())
     }
 }
@@ -184,6 +208,7 @@ pub async fn run(config: &Config, options: &Options) -> anyhow::Result<report::R
     for scenario in scenarios {
         let outcome = match scenario {
             Scenario::Backlog => backlog::run(config, options).await,
+            Scenario::Noisy | Scenario::NoisyBurst => noisy::run(config, options, scenario).await,
             _ => scenario::run(config, options, scenario).await,
         };
         results.push(outcome.map_err(|e| e.context(format!("scenario {}", scenario.name())))?);
@@ -214,5 +239,7 @@ mod tests {
         assert!("sinks".parse::<Selection>().unwrap_err().contains("sinks"));
         assert_eq!("backlog".parse::<Selection>(), Ok(Selection::One(Scenario::Backlog)));
         assert!(!Selection::All.scenarios().contains(&Scenario::Backlog));
+        assert_eq!("noisy-burst".parse::<Selection>(), Ok(Selection::One(Scenario::NoisyBurst)));
+        assert!(!Selection::All.scenarios().contains(&Scenario::Noisy));
     }
 }

@@ -37,6 +37,9 @@ pub struct ScenarioReport {
     pub rss_series_mb: Vec<f64>,
     /// Scenario-specific figures (throttle accuracy, COPY comparison, sink latency).
     pub extra: BTreeMap<String, serde_json::Value>,
+    /// The noisy scenarios' per-tenant report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noisy: Option<super::noisy_report::NoisyReport>,
 }
 
 impl ScenarioReport {
@@ -56,6 +59,7 @@ impl ScenarioReport {
             series: Vec::new(),
             rss_series_mb: Vec::new(),
             extra: BTreeMap::new(),
+            noisy: None,
         }
     }
 
@@ -144,6 +148,9 @@ impl Report {
             );
             for (k, v) in &s.extra {
                 t += &format!("{:<10}   {k}: {v}\n", "");
+            }
+            if let Some(noisy) = &s.noisy {
+                t += &noisy.table();
             }
         }
         t

@@ -184,6 +184,7 @@ async fn drive(
             (UnderTest::Stages(pipeline), observer, (config.names().events(), Shape::Events))
         }
         Scenario::Backlog => bail!("the backlog scenario runs through bench::backlog"),
+        Scenario::Noisy | Scenario::NoisyBurst => bail!("the noisy scenarios run through bench::noisy"),
         Scenario::Sink => {
             let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
             let observer = observe_committed(config, progress.clone())?;
@@ -634,8 +635,19 @@ impl Database {
 
     pub(super) async fn drop(&self) -> anyhow::Result<()> {
         let pool = sqlx::PgPool::connect(&self.admin).await?;
-        sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&pool).await?;
+        // `with (force)` may not end a backend of another role that is briefly on the new
+        // database (seen right after a scenario: "must be a member of the role whose process is
+        // being terminated"); such a backend leaves on its own, so try again for a while rather
+        // than leave the database on a shared disk.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let dropped = loop {
+            match sqlx::query(&format!("drop database if exists {} with (force)", self.name)).execute(&pool).await {
+                Ok(_) => break Ok(()),
+                Err(e) if Instant::now() >= deadline => break Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        };
         pool.close().await;
-        Ok(())
+        Ok(dropped?)
     }
 }

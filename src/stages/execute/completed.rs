@@ -203,8 +203,12 @@ impl Completed {
     /// Whether the task `task_id` (taken under `ticket`) already succeeded, so must not be called
     /// again. Waits, the first time for each assignment of the ticket's partition, for the tail of
     /// the results topic to be read. A skip is counted here.
-    pub(crate) async fn succeeded(self: &Arc<Self>, ticket: &Ticket, task_id: &str) -> bool {
-        if let Some(load) = self.load_for(ticket) {
+    ///
+    /// `overflow`: the ticket is of the overflow topic, whose partition p holds tenants of action
+    /// partition p but whose tickets count assignments of their own; such a task waits for the
+    /// action partition's tail read, whichever assignment started it.
+    pub(crate) async fn succeeded(self: &Arc<Self>, ticket: &Ticket, overflow: bool, task_id: &str) -> bool {
+        if let Some(load) = self.load_for(ticket, overflow) {
             load.await;
         }
         let known = self.state.lock().expect("completed lock").remembered.contains(key(task_id));
@@ -223,10 +227,13 @@ impl Completed {
 
     /// The tail read of the ticket's assignment, started if it is the first ticket of it; `None`
     /// for a ticket of an older assignment (its task is given up before its call anyway).
-    fn load_for(self: &Arc<Self>, ticket: &Ticket) -> Option<Load> {
-        let (partition, generation) = (ticket.partition, ticket.generation());
+    fn load_for(self: &Arc<Self>, ticket: &Ticket, overflow: bool) -> Option<Load> {
+        // An overflow task starts a read under generation 0, which the action partition's own
+        // first ticket (generations start at 1) replaces with a read of its assignment.
+        let (partition, generation) = (ticket.partition, if overflow { 0 } else { ticket.generation() });
         let mut state = self.state.lock().expect("completed lock");
         match state.loads.get(&partition) {
+            Some((_, load)) if overflow => return Some(load.clone()),
             Some((g, load)) if *g == generation => return Some(load.clone()),
             Some((g, _)) if *g > generation => return None,
             _ => {}

@@ -8,20 +8,14 @@
 //! acknowledged. Records of one tier are due at most one tier delay after they were written, so
 //! a partition's head is (nearly) the first due.
 //!
-//! Headers (kept when the record goes back, so the executor knows the history):
-//!
-//! | header | value |
-//! |---|---|
-//! | `weir.retry.kind` | `retry` or `deferral` (a deferral does not use up an attempt) |
-//! | `weir.retry.due` | milliseconds since the epoch when the task may run again |
-//! | `weir.retry.attempt` | the attempt the task comes back for |
-//! | `weir.retry.first-failure` | RFC 3339 time of the first failed call |
-//! | `weir.retry.last-error` | reason of the last failed call |
+//! What a delay record is (its headers, its due time, which tier a wait goes to) is shared with
+//! the evaluator, which defers runs over their workflow's limit the same way: see
+//! [`kafka::deferral`](crate::kafka::deferral).
 
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use futures::{stream::FuturesUnordered, StreamExt};
@@ -35,16 +29,8 @@ use crate::{
     telemetry::{Event, Stage},
 };
 
-pub(crate) const KIND: &str = "weir.retry.kind";
-pub(crate) const DUE: &str = "weir.retry.due";
-pub(crate) const ATTEMPT: &str = "weir.retry.attempt";
-pub const FIRST_FAILURE: &str = "weir.retry.first-failure";
-pub(crate) const LAST_ERROR: &str = "weir.retry.last-error";
-
-/// Milliseconds since the epoch: due times cross processes, so they are wall-clock times.
-pub(crate) fn epoch_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
+pub use crate::kafka::deferral::FIRST_FAILURE;
+pub(crate) use crate::kafka::deferral::{epoch_ms, tier_for, ATTEMPT, DUE, KIND, LAST_ERROR};
 
 /// The backoff after failed attempt `attempt` (1-based): exponential, capped, with up to
 /// `jitter` of it taken off at random (`random` in [0, 1)).
@@ -53,11 +39,6 @@ pub(crate) fn backoff(retry: &RetryConfig, attempt: i32, random: f64) -> Duratio
     let ms = (retry.initial_backoff.as_millis() as f64 * retry.multiplier.powi(exponent))
         .min(retry.max_backoff.as_millis() as f64);
     Duration::from_millis((ms * (1.0 - retry.jitter * random)) as u64)
-}
-
-/// Index of the shortest tier covering `wait`, else the longest.
-pub(crate) fn tier_for(tiers: &[Duration], wait: Duration) -> usize {
-    tiers.iter().position(|t| t.as_millis() >= wait.as_millis()).unwrap_or(tiers.len().saturating_sub(1))
 }
 
 /// The consumer of one tier: see the module docs.
@@ -152,14 +133,5 @@ mod tests {
         assert_eq!(backoff(&r, 10, 0.0), Duration::from_secs(5));
         assert_eq!(backoff(&r, 2, 0.999_999), Duration::from_millis(1_000));
         assert_eq!(backoff(&r, 1_000, 0.0), Duration::from_secs(5), "no overflow");
-    }
-
-    #[test]
-    fn the_shortest_covering_tier_is_chosen() {
-        let tiers = [1, 10, 60].map(Duration::from_secs);
-        assert_eq!(tier_for(&tiers, Duration::from_millis(0)), 0);
-        assert_eq!(tier_for(&tiers, Duration::from_millis(1_000)), 0);
-        assert_eq!(tier_for(&tiers, Duration::from_millis(1_001)), 1);
-        assert_eq!(tier_for(&tiers, Duration::from_secs(3_600)), 2);
     }
 }

@@ -11,8 +11,11 @@
 //! - the process's (`executor.max_buffered`) until its outcome is durable: past it the executor
 //!   takes no batches and the source, its channel full, pauses every partition.
 //!
-//! A tenant with `executor.tenant_max_buffered` tasks queued is deferred: its further tasks go to
-//! a delay topic, spaced at the tenant's own rate ([`InFlight::deferral`]).
+//! A tenant with `executor.tenant_max_buffered` tasks queued is deferred if it has limits of its
+//! own: its further tasks go to a delay topic, spaced at the tenant's own rate
+//! ([`InFlight::deferral`]). Any other tenant that far behind overflows ([`overflow`](super::overflow)).
+//! Records on their way elsewhere (overflowed, deferred, dead-lettered) count towards
+//! `max_buffered` until the broker has them, so a flood moved aside cannot grow memory either.
 //!
 //! Nothing here touches Kafka: methods say what should happen to a partition ([`Flow`]) and the
 //! executor's main loop does it, so every rule is tested without a broker.
@@ -53,6 +56,8 @@ pub(crate) struct InFlight<T> {
     tenant_max_buffered: usize,
     /// Tasks taken and not settled: queued, waiting for a permit, being called, or being settled.
     taken: usize,
+    /// Records being produced elsewhere instead (overflow, delay or dead-letter topic).
+    moving: usize,
     /// Per partition with tasks not yet called.
     partitions: HashMap<i32, Uncalled>,
     /// Per tenant being deferred: when its last deferred task is due (epoch ms).
@@ -75,6 +80,7 @@ impl<T: Task> InFlight<T> {
             partition_max_buffered: limits.partition_max_buffered,
             tenant_max_buffered: limits.tenant_max_buffered,
             taken: 0,
+            moving: 0,
             partitions: HashMap::new(),
             deferred_until: HashMap::new(),
         }
@@ -83,7 +89,27 @@ impl<T: Task> InFlight<T> {
     /// Whether the process is under `max_buffered`, so another batch may be taken. A batch may
     /// take it over by up to a batch: the bound is checked per batch, not per task.
     pub(crate) fn may_take_batch(&self) -> bool {
-        self.taken < self.max_buffered
+        self.taken + self.moving < self.max_buffered
+    }
+
+    /// A record is being produced elsewhere instead of taken (see the module docs).
+    pub(crate) fn moving(&mut self) {
+        self.moving += 1;
+    }
+
+    /// A record being produced elsewhere is acknowledged (or failed, which stops the stage).
+    pub(crate) fn moved(&mut self) {
+        self.moving = self.moving.saturating_sub(1);
+    }
+
+    /// Tasks of `tenant` in its lane, queued or being called.
+    pub(crate) fn queued(&self, tenant: &str) -> usize {
+        self.lanes.queued(tenant)
+    }
+
+    /// Every tenant with tasks in its lane, with their number.
+    pub(crate) fn backlogs(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.lanes.backlogs()
     }
 
     /// Takes `task`, received at `at`, into its tenant's lane.
@@ -233,6 +259,12 @@ mod tests {
         let (tenant, task) = f.next_call().unwrap();
         let _ = f.gave_up(&tenant, task.1);
         assert_eq!(f.taken, 0, "a task given up counts no more");
+        f.moving();
+        f.moving();
+        assert!(!f.may_take_batch(), "records on their way to another topic count too");
+        f.moved();
+        assert!(f.may_take_batch());
+        f.moved();
         assert!(f.partitions.is_empty() && f.lanes.is_empty());
     }
 

@@ -8,9 +8,12 @@
 //! 2. The tenant's own limits ([`throttle`]), *before* taking a concurrency slot: a tenant over
 //!    its limit waits without holding what other tenants need. A tenant with more than
 //!    `executor.tenant_max_buffered` tasks waiting is deferred to a delay topic instead
-//!    ([`delay`]), spaced at its own rate, so it cannot fill the buffer or block its partition.
-//! 3. A slot (`concurrency` calls at once per process), the circuit [`breaker`] (while open,
-//!    tasks wait), then the global limits (this process's share of them).
+//!    ([`delay`]), spaced at its own rate, if it has limits of its own; any other tenant that far
+//!    behind overflows ([`overflow`]): its tasks wait in the overflow topic and come back as its
+//!    lane has room, so it cannot fill the buffer or hold back its partition-mates.
+//! 3. A slot (`concurrency` calls at once per process, handed out by deficit round robin across
+//!    tenants with weights: [`fair`]), the circuit [`breaker`] (while open, tasks wait), then the
+//!    global limits (this process's share of them).
 //! 4. The [`Connector`]'s call, with an `Idempotency-Key` derived from the task id. A task value
 //!    no header can carry (a tenant holding CR or LF) fails the call permanently, naming the
 //!    header: sending it again would fail the same way.
@@ -36,9 +39,12 @@
 //! and books what they came to.
 
 pub mod breaker;
+pub(crate) mod classes;
 pub(crate) mod completed;
 pub mod delay;
+pub(crate) mod fair;
 pub(crate) mod in_flight;
+pub(crate) mod overflow;
 pub(crate) mod queues;
 pub mod throttle;
 
@@ -47,15 +53,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
-use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
-use rdkafka::{error::KafkaError, message::OwnedMessage, producer::FutureProducer, Message};
-use tokio::sync::Semaphore;
-
 use self::{
     breaker::{Breaker, Verdict},
+    classes::{Classes, Counted},
     completed::Completed,
+    fair::{FairSlots, Weights},
     in_flight::{Flow, InFlight},
+    overflow::{Reader, Route},
     throttle::Throttle,
 };
 pub use crate::connectors::{CallOutcome, Connector};
@@ -68,6 +72,9 @@ use crate::{
     shutdown::CancellationToken,
     telemetry::{Event, Stage},
 };
+use anyhow::Context as _;
+use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt};
+use rdkafka::{error::KafkaError, message::OwnedMessage, producer::FutureProducer, Message};
 
 /// Whether the records for a piece of work reached the broker.
 type Produced = Result<(), KafkaError>;
@@ -75,26 +82,38 @@ type Produced = Result<(), KafkaError>;
 /// Work running for the executor: calls, and records being produced.
 type Running = FuturesUnordered<BoxFuture<'static, Step>>;
 
+/// Counts of overflow partitions under way (see [`overflow`]).
+use overflow::Scans;
+
+/// A record's ticket, and which source it came from: the action topic or the overflow topic.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    ticket: Ticket,
+    overflow: bool,
+}
+
 /// What a piece of running work came to; the main loop books it.
 enum Step {
     /// The call of a task returned: its tenant's next task may start. `settle` makes the outcome
     /// durable; it runs after the lane is freed, so a tenant's next call does not wait for this
-    /// one's result to be acknowledged.
-    Called { tenant: Arc<str>, partition: i32, settle: BoxFuture<'static, Step> },
+    /// one's result to be acknowledged. `throttled`: it waited for its tenant's own limit.
+    Called { tenant: Arc<str>, partition: i32, throttled: bool, settle: BoxFuture<'static, Step> },
     /// A task taken into the lanes ended without a call (the executor is stopping, or its
     /// partition was revoked while it waited): its offset is not stored, the partition's next
     /// owner calls it.
     GaveUp { tenant: Arc<str>, partition: i32 },
     /// A called task's outcome (a result, a retry, or a dead letter and a failed result).
-    Settled { ticket: Ticket, produced: Produced },
-    /// A record that never entered the lanes: dead-lettered (undecodable) or deferred.
-    Moved { ticket: Ticket, produced: Produced },
+    Settled { mark: Mark, produced: Produced },
+    /// A record that never entered the lanes: dead-lettered (undecodable), deferred or overflowed.
+    Moved { mark: Mark, produced: Produced },
 }
 
 struct Job {
     message: OwnedMessage,
     task: ActionTask,
     ticket: Ticket,
+    /// Read back from the overflow topic.
+    overflow: bool,
 }
 
 impl in_flight::Task for Job {
@@ -113,7 +132,7 @@ struct Executor {
     connector: Arc<dyn Connector>,
     throttle: Throttle,
     breaker: Breaker,
-    slots: Semaphore,
+    slots: FairSlots,
     producer: FutureProducer,
     results_topic: String,
     /// (delay in ms, tier name, physical topic) of each delay tier.
@@ -124,6 +143,8 @@ struct Executor {
     ownership: Ownership,
     /// Tasks whose calls already succeeded, which are not called again (see [`completed`]).
     completed: Arc<Completed>,
+    /// The overflow topic and its reader's ownership, unless `executor.fairness.overflow` is off.
+    overflow: Option<(String, Ownership)>,
     /// Cancelled when the executor stops, or its main loop ends for a reason of its own (a child
     /// of the stage's token): tasks still waiting for a permit give up (their offsets are not
     /// stored, so whoever owns the partition next runs them); calls already made finish.
@@ -166,6 +187,20 @@ async fn main_loop(
     let topic = config.names().actions(&service);
     let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.names().execute_group(&service))?;
     let mut assignment = source.assignment();
+    let mut reader = match config.executor.fairness.overflow {
+        true => Some(Reader::new(config.clone(), &service)?),
+        false => None,
+    };
+    if let Some(r) = &reader {
+        let (ours, theirs) = (r.source().assignment().borrow().partitions, assignment.borrow().partitions);
+        if ours != theirs {
+            anyhow::bail!(
+                "{} has {ours} partitions and {topic} {theirs}: they must be equal (an overflow partition is \
+                 read by the owner of the action partition of the same number); raise them with `weir topics apply`",
+                config.names().overflow(&service)
+            );
+        }
+    }
     let tiers = settings
         .retry
         .tiers
@@ -177,7 +212,10 @@ async fn main_loop(
         connector,
         throttle: Throttle::new(&service, &settings.limits),
         breaker: Breaker::new(&service, settings.breaker.clone()),
-        slots: Semaphore::new(settings.concurrency.unwrap_or(config.executor.concurrency)),
+        slots: FairSlots::new(
+            settings.concurrency.unwrap_or(config.executor.concurrency),
+            Weights::new(&config.executor.fairness.weights),
+        ),
         dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute)
             .with_limits(&config.limits),
         max_record_bytes: config.limits.max_record_bytes,
@@ -186,39 +224,87 @@ async fn main_loop(
         tiers,
         ownership: source.ownership(),
         completed: Completed::new(config.clone(), &service),
+        overflow: reader.as_ref().map(|r| (config.names().overflow(&service), r.ownership())),
         calls: shutdown.child_token(),
         service,
         settings,
     });
     let mut in_flight: InFlight<Job> = InFlight::new(executor.settings.tenant_concurrency, &config.executor);
     let mut running = Running::new();
+    let mut scans = Scans::new();
+    let mut classes = Classes::new(config.executor.fairness.metrics_top_tenants);
     let mut tidy = tokio::time::interval(Duration::from_secs(30));
+    let mut report = tokio::time::interval(REPORT_EVERY);
+    let max_waiting = config.executor.max_buffered;
     let result = loop {
+        if let Some(r) = reader.as_mut() {
+            // Overflow tasks whose tenants have room again go back into their lanes first.
+            while let Some(d) = r.next_back(|tenant| in_flight.queued(tenant)) {
+                let mut stage =
+                    Taking { in_flight: &mut in_flight, running: &mut running, source: &source, reader: None };
+                executor.take_one(d, true, &mut stage, &mut classes, Instant::now(), delay::epoch_ms());
+            }
+            r.steer();
+        }
         while let Some((tenant, job)) = in_flight.next_call() {
-            if executor.ownership.owns(&job.ticket) {
+            if executor.owns(&job.ticket, job.overflow) {
                 running.push(executor.clone().execute(tenant, job));
             } else {
                 steer(&source, in_flight.gave_up(&tenant, job.ticket.partition));
             }
         }
+        let may_take = in_flight.may_take_batch();
+        let may_read_overflow = may_take && reader.as_ref().is_some_and(|r| r.waiting() < max_waiting);
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             Some(step) = running.next() => {
-                if let Err(e) = book(step, &mut running, &mut in_flight, &source) {
+                let sources = (&source, reader.as_ref().map(Reader::source));
+                if let Err(e) = book(step, &mut running, &mut in_flight, sources, &mut classes) {
                     break Err(e);
                 }
             }
             Ok(()) = assignment.changed() => {
                 let a = assignment.borrow_and_update().clone();
                 executor.throttle.set_share(a.owned.len(), a.partitions.max(0) as usize);
+                if let Some(r) = reader.as_mut() {
+                    r.follow(&a, &source, &mut scans);
+                }
             }
-            batch = source.recv(), if in_flight.may_take_batch() => match batch {
-                Some(batch) => executor.take(batch, &mut in_flight, &mut running, &source),
+            Some(counted) = scans.next() => {
+                if let Some(r) = reader.as_mut() {
+                    let held = r.counted(counted, &source, &mut scans);
+                    let mut stage = Taking { in_flight: &mut in_flight, running: &mut running, source: &source, reader: Some(r) };
+                    executor.take(held, &mut stage, &mut classes);
+                }
+            }
+            batch = source.recv(), if may_take => match batch {
+                Some(batch) => {
+                    let mut stage = Taking { in_flight: &mut in_flight, running: &mut running, source: &source, reader: reader.as_mut() };
+                    executor.take(batch, &mut stage, &mut classes);
+                }
+                None => break Ok(()),
+            },
+            batch = recv_overflow(&mut reader), if may_read_overflow => match batch {
+                Some(batch) => reader.as_mut().expect("read from the reader").receive(batch),
                 None => break Ok(()),
             },
             _ = tidy.tick() => {
                 executor.throttle.forget_idle_tenants();
                 in_flight.tidy(delay::epoch_ms());
+            }
+            _ = report.tick() => {
+                let backlogs = in_flight.backlogs().chain(reader.iter().flat_map(|r| r.book.backlogs()));
+                for (class, line) in classes.report(backlogs) {
+                    Event::TenantClass {
+                        service: &executor.service,
+                        class: &class,
+                        backlog: line.backlog,
+                        overflowed: line.overflowed,
+                        deferred: line.deferred,
+                        throttled: line.throttled,
+                    }
+                    .emit();
+                }
             }
         }
     };
@@ -229,26 +315,62 @@ async fn main_loop(
     while let Some(step) = running.next().await {
         match step {
             Step::Called { settle, .. } => running.push(settle),
-            Step::Settled { ticket, produced: Ok(()) } | Step::Moved { ticket, produced: Ok(()) } => {
-                source.done(&ticket)
+            Step::Settled { mark, produced: Ok(()) } | Step::Moved { mark, produced: Ok(()) } => {
+                match (mark.overflow, reader.as_ref()) {
+                    (true, Some(r)) => r.source().done(&mark.ticket),
+                    _ => source.done(&mark.ticket),
+                }
             }
             _ => {}
         }
+    }
+    if let Some(r) = reader {
+        r.close();
     }
     source.close();
     result.map_err(|e| anyhow::anyhow!("executor {}: producing a result failed: {e}", executor.service))
 }
 
+/// How often the per-tenant class metrics are reported.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// The next batch of the overflow reader; never, without one.
+async fn recv_overflow(reader: &mut Option<Reader>) -> Option<Vec<Delivery>> {
+    match reader {
+        Some(r) => r.source_mut().recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What taking records needs of the main loop's state.
+struct Taking<'a> {
+    in_flight: &'a mut InFlight<Job>,
+    running: &'a mut Running,
+    source: &'a Source,
+    /// The overflow reader, when action tasks may be routed to it.
+    reader: Option<&'a mut Reader>,
+}
+
 /// Books `first` and every other step already finished, and stores the offsets of the tasks now
-/// durable with one call (one tracker lock), up to a batch of them. An error is a record that
-/// could not be produced, which stops the stage.
-fn book(first: Step, running: &mut Running, in_flight: &mut InFlight<Job>, source: &Source) -> Produced {
-    let mut durable = Vec::new();
+/// durable with one call per source (one tracker lock), up to a batch of them. An error is a
+/// record that could not be produced, which stops the stage. `sources`: the action topic's, and
+/// the overflow topic's if it is read.
+fn book(
+    first: Step,
+    running: &mut Running,
+    in_flight: &mut InFlight<Job>,
+    (source, overflow): (&Source, Option<&Source>),
+    classes: &mut Classes,
+) -> Produced {
+    let (mut durable, mut durable_overflow) = (Vec::new(), Vec::new());
     let mut outcome = Ok(());
     let mut next = Some(first);
     while let Some(step) = next.take() {
         let produced = match step {
-            Step::Called { tenant, partition, settle } => {
+            Step::Called { tenant, partition, throttled, settle } => {
+                if throttled {
+                    classes.count(&tenant, Counted::Throttled);
+                }
                 steer(source, in_flight.called(&tenant, partition));
                 running.push(settle);
                 None
@@ -257,29 +379,39 @@ fn book(first: Step, running: &mut Running, in_flight: &mut InFlight<Job>, sourc
                 steer(source, in_flight.gave_up(&tenant, partition));
                 None
             }
-            Step::Settled { ticket, produced } => {
+            Step::Settled { mark, produced } => {
                 in_flight.settled();
-                Some((ticket, produced))
+                Some((mark, produced))
             }
-            Step::Moved { ticket, produced } => Some((ticket, produced)),
+            Step::Moved { mark, produced } => {
+                in_flight.moved();
+                Some((mark, produced))
+            }
         };
         match produced {
-            Some((ticket, Ok(()))) => durable.push(ticket),
+            Some((mark, Ok(()))) if mark.overflow => durable_overflow.push(mark.ticket),
+            Some((mark, Ok(()))) => durable.push(mark.ticket),
             Some((_, Err(e))) => {
                 outcome = Err(e);
                 break;
             }
             None => {}
         }
-        if durable.len() < source::BATCH {
+        if durable.len() + durable_overflow.len() < source::BATCH {
             next = running.next().now_or_never().flatten();
         }
     }
     if !durable.is_empty() {
         source.done_all(&durable);
     }
+    if let (false, Some(overflow)) = (durable_overflow.is_empty(), overflow) {
+        overflow.done_all(&durable_overflow);
+    }
     outcome
 }
+
+/// A wait for the tenant's own limit at least this long counts the call as throttled.
+const THROTTLED: Duration = Duration::from_millis(1);
 
 /// Pauses or resumes a partition as the bookkeeping says.
 fn steer(source: &Source, flow: Flow) {
@@ -301,55 +433,116 @@ impl Executor {
         Ok(task)
     }
 
-    /// Takes a batch: each task into its tenant's lane, unless it is undecodable (dead-lettered)
-    /// or its tenant is being deferred (moved to a delay topic).
-    fn take(
-        self: &Arc<Self>,
-        batch: Vec<Delivery>,
-        in_flight: &mut InFlight<Job>,
-        running: &mut Running,
-        source: &Source,
-    ) {
-        let now = delay::epoch_ms();
-        let received = Instant::now();
-        for d in batch {
-            let task = match self.decode(&d.message) {
-                Ok(task) => task,
-                Err(reason) => {
-                    running.push(self.clone().dead_letter(d, reason));
-                    continue;
-                }
-            };
-            if let Some(due) = self.deferral(&d.message, &task, in_flight, now) {
-                running.push(self.clone().defer(d, due));
-                continue;
-            }
-            steer(source, in_flight.take(Job { message: d.message, task, ticket: d.ticket }, received));
+    /// Whether work from `ticket` (of the overflow topic if `overflow`) is still this process's
+    /// to do. An overflow task is only while its action partition is owned too: the partition
+    /// may already be counted out by its next owner, whose reader starts from the last commit.
+    fn owns(&self, ticket: &Ticket, overflow: bool) -> bool {
+        match (&self.overflow, overflow) {
+            (Some((_, reader)), true) => reader.owns(ticket) && self.ownership.owns_partition(ticket.partition),
+            (None, true) => false,
+            (_, false) => self.ownership.owns(ticket),
         }
+    }
+
+    /// Takes a batch of the action topic (see [`take_one`](Self::take_one)).
+    fn take(self: &Arc<Self>, batch: Vec<Delivery>, stage: &mut Taking<'_>, classes: &mut Classes) {
+        let (received, now) = (Instant::now(), delay::epoch_ms());
+        for d in batch {
+            self.take_one(d, false, stage, classes, received, now);
+        }
+    }
+
+    /// Takes a record into its tenant's lane, unless it is undecodable (dead-lettered), its
+    /// tenant is being deferred (moved to a delay topic), or its tenant is over its share (moved to
+    /// the overflow topic). A record read back from the overflow topic (`from_overflow`) joins its
+    /// lane; so does a deferred task coming back due, which must not be moved again. A record of
+    /// a partition whose overflow partition is not counted yet waits for the count.
+    fn take_one(
+        self: &Arc<Self>,
+        d: Delivery,
+        from_overflow: bool,
+        stage: &mut Taking<'_>,
+        classes: &mut Classes,
+        received: Instant,
+        now: u64,
+    ) {
+        let partition = d.ticket.partition;
+        if let Some(reader) = stage.reader.as_deref_mut().filter(|r| !r.is_ready(partition)) {
+            // A task of a partition revoked since it was fetched is its next owner's.
+            if self.ownership.owns(&d.ticket) {
+                reader.hold(d, stage.source);
+            }
+            return;
+        }
+        let mark = Mark { ticket: d.ticket, overflow: from_overflow };
+        let task = match self.decode(&d.message) {
+            Ok(task) => task,
+            Err(reason) => {
+                stage.in_flight.moving();
+                stage.running.push(self.clone().dead_letter(d, mark, reason));
+                return;
+            }
+        };
+        if !from_overflow {
+            let returning = kafka::header_str(&d.message, delay::KIND) == Some("deferral");
+            if let Some(due) = self.deferral(&task, returning, stage.in_flight, now) {
+                classes.count(&task.tenant, Counted::Deferred);
+                stage.in_flight.moving();
+                stage.running.push(self.clone().defer(d, due));
+                return;
+            }
+            if let Some(reader) = stage.reader.as_deref_mut().filter(|_| !returning) {
+                let queued = stage.in_flight.queued(&task.tenant);
+                if let Route::Overflow { started } = reader.book.route(&task.tenant, partition, queued) {
+                    if started {
+                        let tenant = &task.tenant;
+                        Event::Overflowing { service: &self.service, tenant, partition, started }.emit();
+                    }
+                    classes.count(&task.tenant, Counted::Overflowed);
+                    stage.in_flight.moving();
+                    stage.running.push(self.clone().overflow(d, &task.tenant));
+                    return;
+                }
+            }
+        }
+        let job = Job { message: d.message, task, ticket: d.ticket, overflow: from_overflow };
+        steer(stage.source, stage.in_flight.take(job, received));
     }
 
     /// When a task of a tenant over its own limit should be deferred, the time it is due (see
     /// [`InFlight::deferral`]). Only tenants with limits of their own are, and only when there is
     /// a delay tier to defer them to.
-    fn deferral(
-        &self,
-        message: &OwnedMessage,
-        task: &ActionTask,
-        in_flight: &mut InFlight<Job>,
-        now: u64,
-    ) -> Option<u64> {
+    fn deferral(&self, task: &ActionTask, returning: bool, in_flight: &mut InFlight<Job>, now: u64) -> Option<u64> {
         if !self.throttle.has_tenant_limits() || self.tiers.is_empty() {
             return None;
         }
-        let returning = kafka::header_str(message, delay::KIND) == Some("deferral");
         in_flight.deferral(&task.tenant, returning, now, |n| self.throttle.tenant_backlog_delay(n))
     }
 
-    fn dead_letter(self: Arc<Self>, d: Delivery, reason: String) -> BoxFuture<'static, Step> {
+    fn dead_letter(self: Arc<Self>, d: Delivery, mark: Mark, reason: String) -> BoxFuture<'static, Step> {
         Event::Failed { stage: Stage::Execute, reason: "decode", retryable: false, detail: &reason }.emit();
         async move {
             let produced = self.dead_letters.send(&d.message, &reason).await.map(drop);
-            Step::Moved { ticket: d.ticket, produced }
+            Step::Moved { mark, produced }
+        }
+        .boxed()
+    }
+
+    /// Moves a task of `tenant` to the overflow topic, to the partition of its origin, unchanged.
+    /// Handed to the producer now, so a tenant's tasks keep their order there.
+    fn overflow(self: Arc<Self>, d: Delivery, tenant: &str) -> BoxFuture<'static, Step> {
+        let (topic, _) = self.overflow.as_ref().expect("overflow is on when a task overflows");
+        let headers = kafka::rewrite_headers(&d.message, |_| false, &[]);
+        let payload = d.message.payload().unwrap_or_default();
+        let enqueued =
+            kafka::enqueue(&self.producer, topic, d.ticket.partition, Some(tenant.as_bytes()), payload, headers);
+        let mark = Mark { ticket: d.ticket, overflow: false };
+        async move {
+            let produced = match enqueued {
+                Ok(acknowledged) => acknowledged.await,
+                Err(e) => Err(e),
+            };
+            Step::Moved { mark, produced }
         }
         .boxed()
     }
@@ -359,19 +552,14 @@ impl Executor {
         async move {
             let wait = Duration::from_millis(due.saturating_sub(delay::epoch_ms()));
             let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
-            let due = due.to_string();
-            let headers = kafka::rewrite_headers(
-                &d.message,
-                |k| k == delay::KIND || k == delay::DUE,
-                &[(delay::KIND, "deferral"), (delay::DUE, &due)],
-            );
+            let headers = kafka::deferral::deferral_headers(Some(&d.message), due, None);
             let payload = d.message.payload().unwrap_or_default();
             let sent = kafka::send(&self.producer, topic, d.message.key(), payload, headers).await;
             if sent.is_ok() {
                 let tenant = d.message.key().map(String::from_utf8_lossy).unwrap_or_default();
-                Event::Deferred { service: &self.service, tenant: &tenant, tier }.emit();
+                Event::Deferred { stage: Stage::Execute, service: &self.service, tenant: &tenant, tier }.emit();
             }
-            Step::Moved { ticket: d.ticket, produced: sent.map(drop) }
+            Step::Moved { mark: Mark { ticket: d.ticket, overflow: false }, produced: sent.map(drop) }
         }
         .boxed()
     }
@@ -379,35 +567,37 @@ impl Executor {
     /// Runs `job`, holding the lane of `tenant` until the call returns.
     fn execute(self: Arc<Self>, tenant: Arc<str>, job: Job) -> BoxFuture<'static, Step> {
         async move {
-            let Job { message, task, ticket } = job;
+            let Job { message, task, ticket, overflow } = job;
             let partition = ticket.partition;
             // A task whose call already succeeded (a copy replayed after a crash or a rebalance)
             // is done: its result is on the results topic, so its offset is stored without a call.
             let done = tokio::select! {
                 biased;
                 _ = self.calls.cancelled() => return Step::GaveUp { tenant, partition },
-                done = self.completed.succeeded(&ticket, &task.task_id) => done,
+                done = self.completed.succeeded(&ticket, overflow, &task.task_id) => done,
             };
             if done {
-                let settle = async move { Step::Settled { ticket, produced: Ok(()) } };
-                return Step::Called { tenant, partition, settle: settle.boxed() };
+                let settle = async move { Step::Settled { mark: Mark { ticket, overflow }, produced: Ok(()) } };
+                return Step::Called { tenant, partition, throttled: false, settle: settle.boxed() };
             }
             let estimate = self.connector.estimate_cost(&task);
             let ready = async {
+                let asked = Instant::now();
                 self.throttle.wait_tenant(&task.tenant, estimate).await;
-                let slot = self.slots.acquire().await.expect("the semaphore is never closed");
+                let throttled = self.throttle.has_tenant_limits() && asked.elapsed() >= THROTTLED;
+                let slot = self.slots.acquire(&task.tenant).await;
                 let admission = self.breaker.admit().await;
                 self.throttle.wait_global(estimate).await;
-                (slot, admission)
+                (slot, admission, throttled)
             };
-            let (slot, admission) = tokio::select! {
+            let (slot, admission, throttled) = tokio::select! {
                 // First, so that a task started after the executor began stopping does not wait.
                 biased;
                 _ = self.calls.cancelled() => return Step::GaveUp { tenant, partition },
                 ready = ready => ready,
             };
             // Waiting may have outlasted the partition's assignment; its new owner calls instead.
-            if !self.ownership.owns(&ticket) || self.calls.is_cancelled() {
+            if !self.owns(&ticket, overflow) || self.calls.is_cancelled() {
                 self.breaker.record(admission, Verdict::Neutral);
                 return Step::GaveUp { tenant, partition };
             }
@@ -424,9 +614,9 @@ impl Executor {
             drop(slot);
             let settle = async move {
                 let produced = self.settle(&message, task, outcome, latency, estimate).await;
-                Step::Settled { ticket, produced }
+                Step::Settled { mark: Mark { ticket, overflow }, produced }
             };
-            Step::Called { tenant, partition, settle: settle.boxed() }
+            Step::Called { tenant, partition, throttled, settle: settle.boxed() }
         }
         .boxed()
     }

@@ -92,6 +92,11 @@ impl<T> Lanes<T> {
         self.queues.get(key).map_or(0, |l| l.queue.len() + l.running)
     }
 
+    /// Every key with items queued or running, with their number.
+    pub(crate) fn backlogs(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.queues.iter().map(|(k, l)| (&**k, l.queue.len() + l.running))
+    }
+
     /// Whether no item is queued or running.
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {

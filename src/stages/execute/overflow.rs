@@ -1,0 +1,408 @@
+//! The overflow topic: how a tenant's backlog stays off its partition's path.
+//!
+//! A tenant with `executor.tenant_max_buffered` tasks waiting in its lane is *overflowing*: its
+//! next tasks, and all its later ones while any of them are out, are produced to
+//! `actions.<service>.overflow` (same partition number as their origin, keyed by tenant, headers
+//! and payload unchanged) and their offsets on the action topic are done. The partition flows
+//! on: its other tenants' tasks keep joining their lanes. The overflow partition is read back
+//! into the tenant's lane whenever the lane has room again, so the tenant drains at its share of
+//! the executor (its lane's turn in the round robin, its weight in [`fair`](super::fair)) and
+//! holds no more of the shared buffers than `tenant_max_buffered`. When every task it sent out
+//! is back in its lane, it stops overflowing and its tasks join the lane directly again.
+//!
+//! ## Which process reads overflow partition p
+//!
+//! The process that owns action partition p: only it knows that tenant T of p overflows. The
+//! overflow topic is read by a consumer of its own that never joins a group (`Source::assign`),
+//! assigned exactly the action partitions the main consumer owns and following every rebalance
+//! of it, committing its progress under `<prefix>weir-overflow-<service>`. The alternative, one
+//! consumer subscribed to both topics with a co-partitioning (range) assignor, would move both
+//! partitions in one rebalance, but it would make every part of the source (tickets, offset
+//! tracking, pauses, lag, the watchdog) carry a topic, for all stages; and the assignor would have
+//! to stay range forever, ruling out cooperative-sticky rebalancing. Following the assignment
+//! keeps the source single-topic and needs one guard: overflow work is called only while its
+//! action partition is still owned (checked with the action source's ownership, which the
+//! rebalance hook updates before the partition can be assigned elsewhere).
+//!
+//! ## Order, and what a rebalance or restart does to it
+//!
+//! Within a process: a tenant's tasks reach its lane in action-topic order. Overflowed tasks are
+//! enqueued to the producer one after the other as they are taken (the idempotent producer keeps
+//! their order in the partition), read back in that order, and while any are out the tenant's new
+//! tasks go behind them. Tasks that come back from a delay tier (retries, deferrals) join the lane
+//! directly, later than tasks behind them, as before.
+//!
+//! A process taking over partition p (after a rebalance or a restart) does not know which tenants
+//! of p were overflowing. So before it takes any task of action partition p it holds p (paused;
+//! the few tasks already fetched wait in memory) and reads overflow partition p once from the
+//! committed offset to its end, counting the records of each tenant (`backlog_by_key`). Those
+//! tenants start out overflowing with that count, and the reader starts at exactly the offset the
+//! count started from. Hence a tenant overflowing when p moved keeps its order on the new owner,
+//! and partition-mates that were not overflowing flow as soon as the count is done (a pass over the
+//! overflow partition: ~1 s per few hundred thousand records). What is *not* guaranteed is
+//! "exactly once": as on every topic, work done but not yet committed by the old owner is done
+//! again (a task already overflowed, whose action offset was not committed, is overflowed a second
+//! time behind the first; an overflow task called but not committed is called again). The calls
+//! carry the task id as `Idempotency-Key`, so a service drops the repeat. If a count fails (the
+//! broker does not answer), it is retried every second and p stays held, which the stage's
+//! watchdog reports if it lasts.
+//!
+//! ## Head-of-line in the overflow partition
+//!
+//! An overflow partition is a single log: when the tenant at its head has no room, the partition
+//! is paused and the records behind it (other overflowing tenants of the same partition) wait
+//! too. Only tenants over their share are ever there, and each is served at its lane's pace, so
+//! the cost is that two heavy tenants of one partition drain at the slower one's pace.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt};
+
+/// Counts under way; the main loop polls them.
+pub(crate) type Scans = FuturesUnordered<BoxFuture<'static, Counted>>;
+use rdkafka::Message;
+
+use crate::{
+    config::Config,
+    kafka::source::{self, Assignment, Delivery, Ownership, Source},
+    telemetry::{Event, Stage},
+};
+
+/// Which way a task of the action topic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Into its tenant's lane.
+    Lane,
+    /// To the overflow topic; `started` when its tenant just began overflowing.
+    Overflow { started: bool },
+}
+
+/// Which tenants overflow and how many of their tasks are out: no Kafka, every rule testable.
+#[derive(Debug, Default)]
+pub(crate) struct Book {
+    share: usize,
+    /// Tenants overflowing: their partition, and their tasks sent out and not back in the lane.
+    out: HashMap<Arc<str>, (i32, usize)>,
+}
+
+impl Book {
+    /// Bookkeeping for tenants allowed `share` tasks in their lane.
+    pub(crate) fn new(share: usize) -> Book {
+        Book { share: share.max(1), out: HashMap::new() }
+    }
+
+    /// Where a task of `tenant` from action partition `partition` goes, its tenant having
+    /// `queued` tasks in its lane; counts it out if it overflows.
+    pub(crate) fn route(&mut self, tenant: &str, partition: i32, queued: usize) -> Route {
+        if let Some((_, out)) = self.out.get_mut(tenant) {
+            *out += 1;
+            return Route::Overflow { started: false };
+        }
+        if queued < self.share {
+            return Route::Lane;
+        }
+        self.out.insert(Arc::from(tenant), (partition, 1));
+        Route::Overflow { started: true }
+    }
+
+    /// Whether a task of a tenant with `queued` tasks in its lane may come back into it.
+    pub(crate) fn has_room(&self, queued: usize) -> bool {
+        queued < self.share
+    }
+
+    /// A task of `tenant` came back from the overflow topic into its lane; true when that was its
+    /// last one out (it stops overflowing).
+    pub(crate) fn returned(&mut self, tenant: &str) -> bool {
+        let Some((_, out)) = self.out.get_mut(tenant) else { return false };
+        *out = out.saturating_sub(1);
+        if *out == 0 {
+            self.out.remove(tenant);
+            return true;
+        }
+        false
+    }
+
+    /// The overflow partition `partition` holds `counts` records per tenant that are not in a lane
+    /// (a partition just taken over); returns the tenants that start overflowing.
+    pub(crate) fn counted(&mut self, partition: i32, counts: impl IntoIterator<Item = (String, usize)>) -> Vec<String> {
+        let mut started = Vec::new();
+        for (tenant, n) in counts.into_iter().filter(|(_, n)| *n > 0) {
+            let entry = self.out.entry(Arc::from(tenant.as_str())).or_insert((partition, 0));
+            if entry.1 == 0 {
+                started.push(tenant);
+            }
+            entry.1 += n;
+        }
+        started
+    }
+
+    /// Forgets the tenants of a partition no longer owned; returns them.
+    pub(crate) fn forget(&mut self, partition: i32) -> Vec<Arc<str>> {
+        let gone: Vec<Arc<str>> =
+            self.out.iter().filter(|(_, (p, _))| *p == partition).map(|(t, _)| t.clone()).collect();
+        for t in &gone {
+            self.out.remove(t);
+        }
+        gone
+    }
+
+    /// Tasks of `tenant` out in the overflow topic.
+    #[cfg(test)]
+    pub(crate) fn out(&self, tenant: &str) -> usize {
+        self.out.get(tenant).map_or(0, |(_, n)| *n)
+    }
+
+    /// Every overflowing tenant with its tasks out.
+    pub(crate) fn backlogs(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.out.iter().map(|(t, (_, n))| (&**t, *n))
+    }
+}
+
+/// What a count of an overflow partition came to: (partition, the reader generation it was started
+/// for, where to read from and the records per tenant).
+pub(crate) type Counted = (i32, u64, anyhow::Result<(i64, HashMap<Vec<u8>, usize>)>);
+
+/// The overflow topic's reader, following the action source's assignment (see the module docs).
+pub(crate) struct Reader {
+    config: Arc<Config>,
+    service: String,
+    topic: String,
+    group: String,
+    source: Source,
+    pub(crate) book: Book,
+    /// The action partitions owned as last seen, and the assignment generation they came with.
+    owned: BTreeSet<i32>,
+    generation: u64,
+    /// Action partitions whose overflow partition is counted and read: their tasks may be routed.
+    ready: BTreeSet<i32>,
+    /// Action partitions being counted, with the count's generation (a newer one supersedes).
+    counting: HashMap<i32, u64>,
+    counts: u64,
+    /// Action tasks of partitions being counted, fetched before the hold took effect.
+    held: BTreeMap<i32, Vec<Delivery>>,
+    /// Overflow records read and not yet back in their lanes, per partition, in order.
+    waiting: BTreeMap<i32, VecDeque<Delivery>>,
+    waiting_len: usize,
+}
+
+impl Reader {
+    pub(crate) fn new(config: Arc<Config>, service: &str) -> anyhow::Result<Reader> {
+        let topic = config.names().overflow(service);
+        let group = config.names().overflow_group(service);
+        let source = Source::assign(&config, Stage::Execute, &topic, &group)?;
+        Ok(Reader {
+            book: Book::new(config.executor.tenant_max_buffered),
+            config,
+            service: service.to_string(),
+            topic,
+            group,
+            source,
+            owned: BTreeSet::new(),
+            generation: 0,
+            ready: BTreeSet::new(),
+            counting: HashMap::new(),
+            counts: 0,
+            held: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            waiting_len: 0,
+        })
+    }
+
+    pub(crate) fn source(&self) -> &Source {
+        &self.source
+    }
+
+    pub(crate) fn source_mut(&mut self) -> &mut Source {
+        &mut self.source
+    }
+
+    pub(crate) fn ownership(&self) -> Ownership {
+        self.source.ownership()
+    }
+
+    /// Follows a new assignment of the action topic: stops reading the overflow partitions of
+    /// action partitions lost, and holds those gained (`main` pauses them) until their overflow
+    /// partition is counted.
+    pub(crate) fn follow(&mut self, assignment: &Assignment, main: &Source, scans: &mut Scans) {
+        let same = assignment.generation == self.generation;
+        let lost: Vec<i32> = self.owned.iter().copied().filter(|p| !same || !assignment.owned.contains(p)).collect();
+        let gained: Vec<i32> = assignment.owned.iter().copied().filter(|p| !same || !self.owned.contains(p)).collect();
+        self.generation = assignment.generation;
+        self.owned = assignment.owned.clone();
+        if !lost.is_empty() {
+            if let Err(e) = self.source.remove_partitions(&lost) {
+                Event::Failed { stage: Stage::Execute, reason: "overflow", retryable: true, detail: &format!("{e:#}") }
+                    .emit();
+            }
+        }
+        for p in lost {
+            self.ready.remove(&p);
+            self.counting.remove(&p);
+            self.held.remove(&p);
+            self.waiting_len -= self.waiting.remove(&p).map_or(0, |q| q.len());
+            for tenant in self.book.forget(p) {
+                Event::Overflowing { service: &self.service, tenant: &tenant, partition: p, started: false }.emit();
+            }
+            main.resume_partition(p);
+        }
+        for p in gained {
+            main.pause_partition(p);
+            self.count(p, Duration::ZERO, scans);
+        }
+    }
+
+    /// Starts counting overflow partition `p` after `delay`.
+    fn count(&mut self, p: i32, delay: Duration, scans: &mut Scans) {
+        self.counts += 1;
+        let count = self.counts;
+        self.counting.insert(p, count);
+        let (config, topic, group) = (self.config.clone(), self.topic.clone(), self.group.clone());
+        scans.push(
+            async move {
+                tokio::time::sleep(delay).await;
+                let counted = tokio::task::spawn_blocking(move || {
+                    source::backlog_by_key(&config, &topic, &group, p, Duration::from_secs(60))
+                })
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("counting task failed: {e}")));
+                (p, count, counted)
+            }
+            .boxed(),
+        );
+    }
+
+    /// Books a finished count: the partition's tenants with tasks out start overflowing, the
+    /// reader starts where the count started, and the action tasks held meanwhile are returned to
+    /// be taken (`main` resumes the partition). A failed count is retried a second later.
+    pub(crate) fn counted(&mut self, (p, count, result): Counted, main: &Source, scans: &mut Scans) -> Vec<Delivery> {
+        if self.counting.get(&p) != Some(&count) {
+            return Vec::new();
+        }
+        let (start, counts) = match result {
+            Ok(counted) => counted,
+            Err(e) => {
+                let detail = format!("counting {}/{p}: {e:#}", self.topic);
+                Event::Failed { stage: Stage::Execute, reason: "overflow", retryable: true, detail: &detail }.emit();
+                self.count(p, Duration::from_secs(1), scans);
+                return Vec::new();
+            }
+        };
+        if let Err(e) = self.source.add_partitions(&[(p, start)]) {
+            let detail = format!("{e:#}");
+            Event::Failed { stage: Stage::Execute, reason: "overflow", retryable: true, detail: &detail }.emit();
+            self.count(p, Duration::from_secs(1), scans);
+            return Vec::new();
+        }
+        self.counting.remove(&p);
+        self.ready.insert(p);
+        let counts = counts.into_iter().map(|(k, n)| (String::from_utf8_lossy(&k).into_owned(), n));
+        for tenant in self.book.counted(p, counts) {
+            Event::Overflowing { service: &self.service, tenant: &tenant, partition: p, started: true }.emit();
+        }
+        main.resume_partition(p);
+        self.held.remove(&p).unwrap_or_default()
+    }
+
+    /// Whether tasks of action partition `p` may be routed (its overflow partition is counted).
+    pub(crate) fn is_ready(&self, p: i32) -> bool {
+        self.ready.contains(&p)
+    }
+
+    /// Keeps an action task of a partition not yet counted until it is.
+    pub(crate) fn hold(&mut self, d: Delivery, main: &Source) {
+        let p = d.ticket.partition;
+        if !self.owned.contains(&p) {
+            // A partition this executor no longer owns, or not yet knows it owns: the assignment
+            // arrives with the next look at the watch; until then it is held like a counted one.
+            main.pause_partition(p);
+        }
+        self.held.entry(p).or_default().push(d);
+    }
+
+    /// Takes a batch of overflow records in (each waits for room in its tenant's lane).
+    pub(crate) fn receive(&mut self, batch: Vec<Delivery>) {
+        let ownership = self.source.ownership();
+        for d in batch.into_iter().filter(|d| ownership.owns(&d.ticket)) {
+            self.waiting_len += 1;
+            self.waiting.entry(d.ticket.partition).or_default().push_back(d);
+        }
+    }
+
+    /// Overflow records read and not yet in a lane.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting_len
+    }
+
+    /// The next overflow record whose tenant has room in its lane (`queued` says how full a
+    /// tenant's lane is), counted back in.
+    pub(crate) fn next_back(&mut self, queued: impl Fn(&str) -> usize) -> Option<Delivery> {
+        for queue in self.waiting.values_mut() {
+            let Some(head) = queue.front() else { continue };
+            let tenant = String::from_utf8_lossy(head.message.key().unwrap_or_default());
+            if !self.book.has_room(queued(&tenant)) {
+                continue;
+            }
+            if self.book.returned(&tenant) {
+                let partition = head.ticket.partition;
+                Event::Overflowing { service: &self.service, tenant: &tenant, partition, started: false }.emit();
+            }
+            self.waiting_len -= 1;
+            return queue.pop_front();
+        }
+        None
+    }
+
+    /// Pauses the overflow partitions whose head waits for room, resumes the others.
+    pub(crate) fn steer(&mut self) {
+        self.waiting.retain(|p, queue| {
+            if queue.is_empty() {
+                self.source.resume_partition(*p);
+            } else {
+                self.source.pause_partition(*p);
+            }
+            !queue.is_empty()
+        });
+    }
+
+    pub(crate) fn close(self) {
+        self.source.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_over_its_share_overflows_until_every_task_it_sent_out_is_back() {
+        let mut b = Book::new(2);
+        assert_eq!(b.route("a", 3, 1), Route::Lane);
+        assert_eq!(b.route("a", 3, 2), Route::Overflow { started: true }, "two in the lane: the share");
+        assert_eq!(b.route("b", 3, 0), Route::Lane, "a partition-mate is not held behind it");
+        assert_eq!(b.route("a", 3, 0), Route::Overflow { started: false }, "behind its tasks out, even with room");
+        assert_eq!(b.out("a"), 2);
+        assert!(!b.has_room(2) && b.has_room(1));
+        assert!(!b.returned("a"));
+        assert!(b.returned("a"), "the last one out is back: a stops overflowing");
+        assert!(!b.returned("a"), "counts never go below zero");
+        assert_eq!(b.route("a", 3, 1), Route::Lane);
+        assert_eq!(b.backlogs().count(), 0);
+    }
+
+    #[test]
+    fn a_partition_taken_over_starts_with_its_counted_tenants_overflowing_and_a_lost_one_is_forgotten() {
+        let mut b = Book::new(100);
+        assert_eq!(b.route("a", 1, 100), Route::Overflow { started: true });
+        let started = b.counted(2, [("c".to_string(), 5), ("d".to_string(), 0)]);
+        assert_eq!(started, ["c"], "a tenant with nothing out does not overflow");
+        assert_eq!(b.route("c", 2, 0), Route::Overflow { started: false }, "behind its counted backlog");
+        assert_eq!(b.out("c"), 6);
+        assert_eq!(b.route("d", 2, 0), Route::Lane);
+        assert_eq!(b.forget(2).iter().map(|t| t.to_string()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!((b.out("a"), b.out("c")), (1, 0), "other partitions' tenants are kept");
+    }
+}
