@@ -23,6 +23,9 @@
 //!   `executor.fairness.metrics_top_tenants` most backlogged tenants, or `other`
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
+//! - `weir_completed_skipped_total{service}`: tasks not called because their call had already
+//!   succeeded (a copy replayed after a crash or a rebalance; `stages::execute::completed`)
+//! - `weir_sink_repaired_total`: `failed` rows that a later success replaced (a redrive, a replay)
 //! - `weir_replay_events_total`, `weir_replay_tasks_total`, `weir_replay_refused_total`: events read,
 //!   tasks re-driven, and tasks not sent because too large, by `weir replay`
 //! - `weir_stage_stalled{stage,topic,reason}`: 1 while a stage's consumer of `topic` has work
@@ -164,6 +167,22 @@ pub enum Event<'a> {
     Redriven {
         count: usize,
     },
+    /// A task was not called: its call had already succeeded.
+    SkippedCompleted {
+        service: &'a str,
+    },
+    /// An executor read the results topic's tail for a newly assigned partition.
+    CompletedLoaded {
+        service: &'a str,
+        partition: i32,
+        read: usize,
+        remembered: usize,
+        elapsed: Duration,
+    },
+    /// The record stage replaced `failed` rows by later successes of the same tasks.
+    Repaired {
+        rows: usize,
+    },
     /// `weir replay` made progress: `events` more read and `tasks` more re-driven (sent to the
     /// action topics) by replay `replay`.
     Replayed {
@@ -296,6 +315,22 @@ impl Event<'_> {
             Event::Redriven { count } => {
                 tracing::info!(count, "dead letters redriven");
                 counter!("weir_redriven_total").increment(count as u64)
+            }
+            Event::SkippedCompleted { service } => {
+                tracing::debug!(service, "task already succeeded: not called again");
+                counter!("weir_completed_skipped_total", "service" => service.to_string()).increment(1)
+            }
+            Event::CompletedLoaded { service, partition, read, remembered, elapsed } => tracing::info!(
+                service,
+                partition,
+                read,
+                remembered,
+                ms = elapsed.as_millis() as u64,
+                "completed tasks read from the results topic"
+            ),
+            Event::Repaired { rows } => {
+                tracing::info!(rows, "failed results replaced by later successes");
+                counter!("weir_sink_repaired_total").increment(rows as u64)
             }
             Event::Replayed { replay, events, tasks } => {
                 tracing::info!(replay, events, tasks, "replay progress");

@@ -69,6 +69,12 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Sizes of what weir writes and accepts (see `kafka::limits`).
     pub limits: RecordLimits,
+    /// This process's identity in its consumer groups (Kafka static membership,
+    /// `group.instance.id`): a process restarted under the same id takes its partitions back at
+    /// once instead of waiting for its old session to expire. Unique per live process: a second
+    /// process with the same id fences the first. `WEIR_INSTANCE_ID` overrides it; `null` (the
+    /// default) is dynamic membership.
+    pub instance_id: Option<String>,
     /// How `weir replay` paces what it re-drives.
     pub replay: ReplayConfig,
 }
@@ -91,6 +97,7 @@ impl Default for Config {
             network: Default::default(),
             engine: EngineConfig::default(),
             limits: RecordLimits::default(),
+            instance_id: None,
             replay: ReplayConfig::default(),
         }
     }
@@ -246,6 +253,9 @@ pub struct ExecutorConfig {
     /// limit; further tasks of that tenant are deferred to a delay topic and come back later, so
     /// a tenant far over its limit neither fills the buffer nor blocks its partition. Default 100.
     pub tenant_max_buffered: usize,
+    /// What the executor remembers of tasks already called, so that a copy replayed after a crash
+    /// or a rebalance is not called again (`stages::execute::completed`).
+    pub completed: CompletedConfig,
     /// How tenants share the executor (`docs/executor.md`, "Fair by default").
     pub fairness: FairnessConfig,
 }
@@ -257,8 +267,29 @@ impl Default for ExecutorConfig {
             max_buffered: 2_000,
             partition_max_buffered: 500,
             tenant_max_buffered: 100,
+            completed: CompletedConfig::default(),
             fairness: FairnessConfig::default(),
         }
+    }
+}
+
+/// `executor.completed` in `weir.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompletedConfig {
+    /// How far back the results topic is read when the executor is assigned a partition: the
+    /// succeeded tasks found there are not called again. Default 10m.
+    #[serde(with = "duration")]
+    pub lookback: Duration,
+    /// Task ids remembered per service, at most (16 bytes each); the oldest are forgotten first.
+    /// The tail read takes at most this many divided by the results topic's partition count from
+    /// each results partition. Default 200 000.
+    pub max_tasks: usize,
+}
+
+impl Default for CompletedConfig {
+    fn default() -> Self {
+        CompletedConfig { lookback: Duration::from_secs(600), max_tasks: 200_000 }
     }
 }
 
@@ -365,13 +396,16 @@ impl Config {
         Ok(config)
     }
 
-    /// `WEIR_BROKERS` and `DATABASE_URL` win over the file.
+    /// `WEIR_BROKERS`, `DATABASE_URL` and `WEIR_INSTANCE_ID` win over the file.
     pub fn apply_env(&mut self) {
         if let Ok(b) = std::env::var("WEIR_BROKERS") {
             self.brokers = b;
         }
         if let Ok(u) = std::env::var("DATABASE_URL") {
             self.database_url = u;
+        }
+        if let Ok(id) = std::env::var("WEIR_INSTANCE_ID") {
+            self.instance_id = Some(id).filter(|id| !id.is_empty());
         }
     }
 
@@ -387,6 +421,17 @@ impl Config {
         }
         if self.executor.partition_max_buffered == 0 || self.executor.tenant_max_buffered == 0 {
             bail!("executor.partition_max_buffered and executor.tenant_max_buffered must be at least 1");
+        }
+        if self.executor.completed.max_tasks == 0 {
+            bail!("executor.completed.max_tasks: must be at least 1");
+        }
+        if let Some(id) = &self.instance_id {
+            // It becomes librdkafka's group.instance.id: printable, and short enough for the broker.
+            if id.is_empty() || id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                bail!(
+                    "instance_id (or WEIR_INSTANCE_ID): {id:?} must be 1 to 200 ASCII letters, digits, '.', '_' or '-'"
+                );
+            }
         }
         self.executor.fairness.validate()?;
         if self.health.stall_after < Duration::from_millis(100) {

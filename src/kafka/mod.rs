@@ -10,6 +10,23 @@
 //!   only after the work it stands for is durable. That is rust-rdkafka's at-least-once pattern.
 //! - Every client gets a bounded `socket.connection.setup.timeout.ms` and metadata timeout, so an
 //!   unreachable broker is an error within seconds rather than a silent retry loop.
+//!
+//! ## Restarts without the dead pause
+//! A member that dies without leaving (kill -9, OOM, a lost node) stays in its group until its
+//! session times out (`session.timeout.ms`, 10 s): the rebalance its replacement starts waits for
+//! it, and its partitions are read by nobody meanwhile. Two settings remove that pause:
+//! - *Static membership* ([`member_config`]): with `instance_id` configured (or
+//!   `WEIR_INSTANCE_ID`), every group member of the process joins with `group.instance.id` set to
+//!   it. The broker then knows a restarted process as the member it replaces: its rejoin takes the
+//!   old member's place and assignment at once, with no rebalance and no wait. Ids are scoped by
+//!   group and each stage, service and delay tier has a group of its own, so one id per process
+//!   is enough; two *live* processes must never share one (the broker fences the older: its
+//!   consumers fail with `FENCED_INSTANCE_ID` and stop reading). A static member does not leave
+//!   on close, by Kafka's design (KIP-345): a process stopped for good hands its partitions over
+//!   after the session timeout, a restarted one gets them back at once.
+//! - *Leaving on a clean exit*: without an instance id, a stopping stage closes its consumer
+//!   ([`source::Source::close`]), which sends LeaveGroup, so the rest of the group rebalances at
+//!   once rather than after the session timeout.
 
 pub mod compacted;
 pub mod dead_letter;
@@ -98,6 +115,17 @@ pub fn consumer_config(config: &Config, group: &str) -> ClientConfig {
         .set("heartbeat.interval.ms", "1000");
     for (k, v) in &config.kafka {
         c.set(k, v);
+    }
+    c
+}
+
+/// [`consumer_config`] for a member that joins `group` (subscribes): static membership under the
+/// configured `instance_id` (see the module docs). Only for members: a consumer that assigns
+/// partitions itself (a tail read, `weir dlq`) must not claim the process's identity in a group.
+pub fn member_config(config: &Config, group: &str) -> ClientConfig {
+    let mut c = consumer_config(config, group);
+    if let Some(id) = &config.instance_id {
+        c.set("group.instance.id", id);
     }
     c
 }

@@ -81,6 +81,14 @@ pub struct Ticket {
     received: Instant,
 }
 
+impl Ticket {
+    /// Which assignment of its partition handed the message out: a partition revoked and assigned
+    /// again gets a new one (what the executor reloads its memory of completed tasks on).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
 /// A message and its ticket.
 #[derive(Debug)]
 pub struct Delivery {
@@ -270,7 +278,7 @@ impl Source {
             assignment,
             manual: manual.then(Default::default),
         });
-        let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(config, group)
+        let consumer: BaseConsumer<SourceContext> = kafka::member_config(config, group)
             .create_with_context(SourceContext { shared: shared.clone() })
             .context("creating Kafka consumer")?;
         let partitions = kafka::partition_count(consumer.client(), topic)?;

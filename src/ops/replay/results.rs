@@ -73,14 +73,23 @@ pub async fn rebuild(config: &Config, from: DateTime<Utc>, to: Option<DateTime<U
             continue;
         }
         let mut db = pool.acquire().await.map_err(|e| anyhow::anyhow!("connecting to the database: {e}"))?;
-        if let Err(batch) = columns.insert(&mut db).await {
+        let inserted = columns.insert(&mut db).await;
+        // A task failed, then succeeded (a redrive): the success replaces the failure, as the
+        // record stage did.
+        if inserted.as_ref().is_ok_and(|n| (*n as usize) < columns.len()) {
+            columns
+                .repair(&mut db)
+                .await
+                .map_err(|e| anyhow::anyhow!("repairing rebuilt rows (retryable: run it again): {e}"))?;
+        }
+        if let Err(batch) = inserted {
             // A row PostgreSQL refuses as data (the record stage dead-lettered it): one at a
             // time, so only such rows are left out; any other error stops the rebuild.
             for (result, finished_at) in rows {
                 let mut one = Columns::default();
                 one.push(result, finished_at);
                 match one.insert(&mut db).await {
-                    Ok(()) => {}
+                    Ok(_) => {}
                     Err(sqlx::Error::Database(e))
                         if e.code().is_some_and(|c| matches!(c.get(..2), Some("22" | "23" | "54"))) =>
                     {

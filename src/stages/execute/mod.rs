@@ -22,10 +22,14 @@
 //!    attempt or permanent failure: a dead letter with the reason, attempts and first failure
 //!    time, and a failed result.
 //!
+//! Before step 2, a task whose call already succeeded (a copy replayed after a crash or a
+//! rebalance) is skipped: [`completed`] remembers succeeded tasks, read back from the results
+//! topic when a partition is assigned, so a crash repeats only the calls in flight.
+//!
 //! The tenant's lane is freed as soon as the call returns: its next call need not wait for this
 //! one's result to be acknowledged. A task's offset is stored only once what step 5 produced is
-//! acknowledged, so a crash repeats the call, with the same `Idempotency-Key`, for the service to
-//! drop.
+//! acknowledged, so a crash repeats a call in flight, with the same `Idempotency-Key`, for the
+//! service to drop.
 //!
 //! In-flight work is bounded: `executor.max_buffered` tasks per process until their outcome is
 //! durable (past it the stage takes no batches and the source pauses every partition) and
@@ -36,6 +40,7 @@
 
 pub mod breaker;
 pub(crate) mod classes;
+pub(crate) mod completed;
 pub mod delay;
 pub(crate) mod fair;
 pub(crate) mod in_flight;
@@ -51,6 +56,7 @@ use std::{
 use self::{
     breaker::{Breaker, Verdict},
     classes::{Classes, Counted},
+    completed::Completed,
     fair::{FairSlots, Weights},
     in_flight::{Flow, InFlight},
     overflow::{Reader, Route},
@@ -135,6 +141,8 @@ struct Executor {
     /// Largest record this executor produces (`limits.max_record_bytes`).
     max_record_bytes: usize,
     ownership: Ownership,
+    /// Tasks whose calls already succeeded, which are not called again (see [`completed`]).
+    completed: Arc<Completed>,
     /// The overflow topic and its reader's ownership, unless `executor.fairness.overflow` is off.
     overflow: Option<(String, Ownership)>,
     /// Cancelled when the executor stops, or its main loop ends for a reason of its own (a child
@@ -215,6 +223,7 @@ async fn main_loop(
         results_topic: config.names().results(),
         tiers,
         ownership: source.ownership(),
+        completed: Completed::new(config.clone(), &service),
         overflow: reader.as_ref().map(|r| (config.names().overflow(&service), r.ownership())),
         calls: shutdown.child_token(),
         service,
@@ -565,6 +574,17 @@ impl Executor {
         async move {
             let Job { message, task, ticket, overflow } = job;
             let partition = ticket.partition;
+            // A task whose call already succeeded (a copy replayed after a crash or a rebalance)
+            // is done: its result is on the results topic, so its offset is stored without a call.
+            let done = tokio::select! {
+                biased;
+                _ = self.calls.cancelled() => return Step::GaveUp { tenant, partition },
+                done = self.completed.succeeded(&ticket, overflow, &task.task_id) => done,
+            };
+            if done {
+                let settle = async move { Step::Settled { mark: Mark { ticket, overflow }, produced: Ok(()) } };
+                return Step::Called { tenant, partition, throttled: false, settle: settle.boxed() };
+            }
             let estimate = self.connector.estimate_cost(&task);
             let ready = async {
                 let asked = Instant::now();
@@ -589,6 +609,7 @@ impl Executor {
             let started = Instant::now();
             let outcome = self.connector.call(&task).await;
             let latency = started.elapsed();
+            self.completed.called(&task.task_id, matches!(outcome, CallOutcome::Succeeded { .. }));
             let verdict = match &outcome {
                 CallOutcome::Succeeded { .. } => Verdict::Succeeded,
                 CallOutcome::Retryable { .. } => Verdict::Failed,

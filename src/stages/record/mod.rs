@@ -29,7 +29,10 @@
 //! A writer's batch is whatever is queued, topped up for at most `sink.linger`, up to
 //! `sink.batch_size` rows. It is written by one `INSERT … SELECT FROM UNNEST(…)` (one round trip
 //! for the whole batch) with `ON CONFLICT (task_id) DO NOTHING`, so results replayed after a crash
-//! are ignored. Offsets are stored only after the transaction commits: the writer hands its
+//! are ignored. A later outcome that changes the task's row is the exception: a `succeeded` result
+//! of a task whose row says `failed` (a dead letter redriven, a replay, after the service was
+//! fixed) replaces the row (never the reverse), and reopens its run so that the steps waiting for
+//! it start ([`runs`]). Offsets are stored only after the transaction commits: the writer hands its
 //! tickets back to the stage's task, which owns the source; the source's offset tracker accepts
 //! the writers' completions in any order and stores an offset only once everything below it is
 //! done.
@@ -218,8 +221,14 @@ impl Recorder {
     async fn write_batch(&self, rows: &Rows) -> Result<usize, WriteError> {
         let Recorder { pool, producer, coordinator, config, .. } = self;
         let mut tx = pool.begin().await?;
-        rows.columns.insert(&mut tx).await?;
-        let advance = coordinator.advance(&mut tx, &rows.multi_step).await?;
+        let inserted = rows.columns.insert(&mut tx).await?;
+        // Only a task that already had a row can be repaired: most batches skip the statement.
+        let repaired =
+            if (inserted as usize) < rows.columns.len() { rows.columns.repair(&mut tx).await? } else { Vec::new() };
+        if !repaired.is_empty() {
+            Event::Repaired { rows: repaired.len() }.emit();
+        }
+        let advance = coordinator.advance(&mut tx, &rows.multi_step, &repaired).await?;
         let mut decided = Columns::default();
         for r in advance.results {
             let finished_at = DateTime::parse_from_rfc3339(&r.finished_at)

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 use sqlx::{postgres::PgArguments, Arguments as _};
 
-use crate::envelope::{self, ActionResult};
+use crate::envelope::{self, ActionResult, Status};
 
 /// What U+0000 is stored as in body data.
 pub(crate) const NUL_REPLACEMENT: char = '\u{FFFD}';
@@ -94,13 +94,26 @@ impl Columns {
         Ok(args)
     }
 
-    pub async fn insert(&self, db: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    /// Inserts the rows whose tasks have none yet; returns how many were inserted (fewer than
+    /// [`len`](Self::len) when some tasks already had a row: replays, or later outcomes).
+    pub async fn insert(&self, db: &mut sqlx::PgConnection) -> Result<u64, sqlx::Error> {
         let args = self.arguments().map_err(sqlx::Error::Encode)?;
-        sqlx::query_with(INSERT, args).execute(db).await.map(|_| ())
+        sqlx::query_with(INSERT, args).execute(db).await.map(|r| r.rows_affected())
+    }
+
+    /// Replaces `failed` rows by the `succeeded` outcomes of the same tasks in this batch (a
+    /// redrive or a replay that succeeded after the task was dead-lettered); never the reverse,
+    /// and a `skipped` row stays as it is. Returns the run ids of the rows replaced.
+    pub async fn repair(&self, db: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
+        let mut args = self.arguments().map_err(sqlx::Error::Encode)?;
+        args.add(Status::Failed.as_str()).map_err(sqlx::Error::Encode)?;
+        args.add(Status::Succeeded.as_str()).map_err(sqlx::Error::Encode)?;
+        sqlx::query_scalar_with(REPAIR, args).fetch_all(db).await
     }
 }
 
-/// One statement per batch: the columns unnested back into rows, duplicates (replays) ignored.
+/// One statement per batch: the columns unnested back into rows, duplicates (replays) ignored;
+/// a later outcome that must replace a row is [`REPAIR`]'s.
 const INSERT: &str = "insert into action_results (task_id, run_id, event_id, tenant, workflow_id, workflow_version,
         step_id, service, status, attempts, latency_ms, http_status, error, output, finished_at, cost)
     select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f, c
@@ -109,6 +122,19 @@ const INSERT: &str = "insert into action_results (task_id, run_id, event_id, ten
         $15::timestamptz[], $16::float8[])
         as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c)
     on conflict (task_id) do nothing";
+
+/// The later outcome of a task whose row says `failed` ($17) replaces it when it `succeeded` ($18):
+/// an operator repaired what failed, and the row must say so. Nothing else is replaced, so a
+/// replayed old failure never overwrites a success. Several successes of one task in a batch
+/// update the row once.
+const REPAIR: &str = "update action_results a set status = x.st, attempts = x.a, latency_ms = x.l, http_status = x.h,
+        error = x.er, output = x.o::jsonb, finished_at = x.f, cost = x.c
+    from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
+        $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
+        $15::timestamptz[], $16::float8[])
+        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c)
+    where a.task_id = x.t and a.status = $17 and x.st = $18
+    returning a.run_id";
 
 /// Decodes one result record into what [`Columns::push`] takes; the error is the dead-letter reason.
 pub fn decode_row(payload: &[u8], content_type: Option<&[u8]>) -> Result<(ActionResult, DateTime<Utc>), String> {

@@ -19,6 +19,10 @@
 //! deterministic task ids — at worst a duplicate task with the same `Idempotency-Key`, never a
 //! lost step.
 //!
+//! A step whose `failed` row is replaced by a later success (see [`rows`]'s repair) reopens its
+//! failed run in the same transaction, with a fresh time limit; the planner then starts the steps
+//! that needed it, each claimed once in `run_steps_started` like any other.
+//!
 //! A run not finished after `limits.max_run_seconds` fails with "run time limit exceeded" (when
 //! its next result arrives, or at the stage's periodic sweep, [`expire`]). A run whose event does
 //! not deserialize cannot be planned: it is recorded as failed with the reason.
@@ -105,10 +109,16 @@ impl Coordinator {
             .or_else(|| self.definitions.version(None, &r.workflow_id, r.workflow_version))
     }
 
-    /// Advances the runs of `results` (already inserted in `tx`). Returns the steps to start and
-    /// the skipped/failed results to store; the caller inserts those, produces the tasks, and
-    /// commits.
-    pub async fn advance(&self, tx: &mut PgConnection, results: &[ActionResult]) -> Result<Advance, sqlx::Error> {
+    /// Advances the runs of `results` (already inserted in `tx`). `repaired` are the runs of
+    /// rows this batch turned from `failed` to `succeeded`: a run that failed is reopened first,
+    /// so the steps that needed the repaired one start. Returns the steps to start and the
+    /// skipped/failed results to store; the caller inserts those, produces the tasks, and commits.
+    pub async fn advance(
+        &self,
+        tx: &mut PgConnection,
+        results: &[ActionResult],
+        repaired: &[String],
+    ) -> Result<Advance, sqlx::Error> {
         let mut runs: BTreeMap<&str, Run> = BTreeMap::new();
         let mut broken: BTreeMap<&str, (&ActionResult, String)> = BTreeMap::new();
         for r in results.iter().filter(|r| !r.event.is_null()) {
@@ -150,6 +160,11 @@ impl Coordinator {
         }
         for run in runs.values() {
             insert_run(tx, run.first, run.workflow.def.limits.max_run_seconds, RunStatus::Running, None).await?;
+        }
+        for run_id in repaired.iter().collect::<BTreeSet<_>>() {
+            if let Some(run) = runs.get(run_id.as_str()) {
+                reopen(tx, run_id, run.workflow.def.limits.max_run_seconds).await?;
+            }
         }
         let ids: Vec<&str> = runs.keys().copied().collect();
         let state: Vec<(String, String, bool)> = sqlx::query_as(
@@ -249,6 +264,25 @@ async fn insert_run(
     .bind(status.as_sql())
     .bind(error.map(rows::storable_text))
     .bind(max_run_seconds as f64)
+    .execute(&mut *tx)
+    .await
+    .map(|_| ())
+}
+
+/// Reopens a run that failed, after one of its failed steps succeeded (a redrive or a replay):
+/// the planner then sees the repaired step and starts what needed it, or fails the run again if
+/// another step still failed. The repair is deliberate, so the run gets its time limit again from
+/// now (it may have failed a while ago). A run that did not fail is left as it is.
+async fn reopen(tx: &mut PgConnection, run_id: &str, max_run_seconds: u64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update workflow_runs set status = $2, error = null, finished_at = null,
+             deadline = greatest(deadline, now() + make_interval(secs => $3))
+         where run_id = $1 and status = $4",
+    )
+    .bind(run_id)
+    .bind(RunStatus::Running.as_sql())
+    .bind(max_run_seconds as f64)
+    .bind(RunStatus::Failed.as_sql())
     .execute(&mut *tx)
     .await
     .map(|_| ())
