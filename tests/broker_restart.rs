@@ -23,10 +23,9 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     ClientConfig, Message,
 };
-use serde_json::json;
 use weir::{
     config::Config,
-    envelope::{Event, Format},
+    envelope::Format,
     kafka::source::Source,
     ops::{produce::Producer, receiver::Receiver},
     pipeline::Pipeline,
@@ -35,17 +34,6 @@ use weir::{
 
 const WELCOME: &str =
     "{id: welcome, version: 1, trigger: {type: member.created}, steps: [{id: notify, service: webhook}]}";
-
-fn member_created(n: usize, tenants: usize) -> Event {
-    serde_json::from_value(json!({
-        "id": format!("e-{n}"),
-        "source": "/ghost/test",
-        "type": "member.created",
-        "tenant": format!("tenant-{}", n % tenants),
-        "data": {"seq": n},
-    }))
-    .unwrap()
-}
 
 async fn result_rows(database_url: &str) -> i64 {
     let Ok(pool) = sqlx::PgPool::connect(database_url).await else { return -1 };

@@ -12,10 +12,7 @@ use std::{
 };
 
 use common::*;
-use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
-    ClientConfig, Message,
-};
+use rdkafka::{consumer::Consumer, Message};
 use serde_json::json;
 use weir::{
     envelope::{Event, Format},
@@ -72,13 +69,7 @@ fn noisy_records(
     let actions = config.names().actions("webhook");
     let tiers: Vec<String> =
         ["1s", "10s", "1m", "10m"].iter().map(|tier| config.names().retry("webhook", tier)).collect();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("reader-"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let consumer = reader();
     let mut topics: Vec<&str> = tiers.iter().map(String::as_str).collect();
     topics.push(&actions);
     consumer.subscribe(&topics).unwrap();

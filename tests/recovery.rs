@@ -48,17 +48,6 @@ steps:
   - {id: d, service: webhook, needs: [b, c], input: {seq: '{{ data.seq }}'}}
 ";
 
-fn member_created(n: usize, tenants: usize) -> Event {
-    serde_json::from_value(json!({
-        "id": format!("e-{n}"),
-        "source": "/ghost/test",
-        "type": "member.created",
-        "tenant": format!("tenant-{}", n % tenants),
-        "data": {"seq": n},
-    }))
-    .unwrap()
-}
-
 async fn produce(config: &Config, events: impl Iterator<Item = Event>) {
     let producer = Producer::new(config).unwrap();
     producer.send_all(events.map(|e| (e, Format::Json)), 1_000).await.unwrap();

@@ -125,16 +125,34 @@ where
     }
 }
 
-/// Reads `topic` from the beginning with a throw-away group until `want` messages arrived or
-/// `timeout` passed.
-pub fn read_topic(topic: &str, want: usize, timeout: Duration) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A `member.created` event of tenant `tenant-{n % tenants}` carrying its sequence number `n`
+/// (`data.seq`), so a receiver's calls can be checked for order per tenant.
+pub fn member_created(n: usize, tenants: usize) -> weir::envelope::Event {
+    serde_json::from_value(serde_json::json!({
+        "id": format!("e-{n}"),
+        "source": "/ghost/test",
+        "type": "member.created",
+        "tenant": format!("tenant-{}", n % tenants),
+        "data": {"seq": n},
+    }))
+    .unwrap()
+}
+
+/// A consumer that reads from the beginning with a throw-away group and commits nothing.
+pub fn reader() -> BaseConsumer {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", unique("reader-"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// Reads `topic` from the beginning with a throw-away group until `want` messages arrived or
+/// `timeout` passed.
+pub fn read_topic(topic: &str, want: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    let consumer = reader();
     consumer.subscribe(&[topic]).unwrap();
     let deadline = std::time::Instant::now() + timeout;
     let mut out = Vec::new();
