@@ -87,6 +87,13 @@ pub enum Event<'a> {
         retryable: bool,
         detail: &'a str,
     },
+    /// A produce the broker refused for a reason that may pass (a restart, a leader moving, an
+    /// idempotent producer resetting its sequence) is being tried again.
+    ProduceRetried {
+        topic: &'a str,
+        attempt: u32,
+        error: &'a str,
+    },
     DeadLettered {
         stage: Stage,
         reason: &'a str,
@@ -237,6 +244,13 @@ impl Event<'_> {
                 counter!("weir_failed_total", "stage" => stage.as_str(), "reason" => reason,
                     "retryable" => if retryable { "true" } else { "false" })
                 .increment(1)
+            }
+            Event::ProduceRetried { topic, attempt, error } => {
+                // One line per window, whatever the number of records caught in the same outage.
+                if let Some(suppressed) = failed_log().admit((Stage::Produce, "retry"), std::time::Instant::now()) {
+                    tracing::warn!(topic, attempt, error, suppressed, "producing again");
+                }
+                counter!("weir_produce_retries_total").increment(1)
             }
             Event::DeadLettered { stage, reason, topic, partition, offset } => {
                 tracing::warn!(stage = stage.as_str(), reason, topic, partition, offset, "dead-lettered");

@@ -216,15 +216,90 @@ pub async fn send(
     payload: &[u8],
     headers: rdkafka::message::OwnedHeaders,
 ) -> Result<(i32, i64), rdkafka::error::KafkaError> {
-    let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers);
-    if let Some(key) = key {
-        record = record.key(key);
+    send_to(producer, topic, None, key, payload, headers).await
+}
+
+/// How often a produce that failed for a reason that may pass is tried again, and the longest
+/// wait between two tries: about half a minute in all, on top of librdkafka's own retries.
+const PRODUCE_ATTEMPTS: u32 = 10;
+const PRODUCE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Produces one record (to `partition`, or where the partitioner puts its key) and waits for the
+/// broker's acknowledgement.
+///
+/// librdkafka retries what it knows to be retriable until `message.timeout.ms`, but a broker
+/// restart also fails records with errors it hands back at once: an idempotent producer whose
+/// sequence no longer matches the restarted broker's resets and fails what it had in flight
+/// (`OutOfOrderSequenceNumber`, `UnknownProducerId`), a partition has no leader for a moment.
+/// Stopping the stage for those would turn every broker hiccup into a crash loop, so they are tried
+/// again here, with backoff, a bounded number of times. What comes back is permanent: a record
+/// the broker refuses (see [`limits::is_record_error`]: the caller dead-letters it), a delivery
+/// that librdkafka gave up on after `message.timeout.ms` (the broker is lost), a producer in a
+/// fatal state, or a transient error that outlasted the attempts.
+pub async fn send_to(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> Result<(i32, i64), rdkafka::error::KafkaError> {
+    let mut attempt = 1;
+    loop {
+        let mut record =
+            rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers.clone());
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        let sent = producer
+            .send(record, rdkafka::util::Timeout::After(Duration::from_secs(30)))
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| e);
+        match sent {
+            Err(e) if attempt < PRODUCE_ATTEMPTS && may_pass(producer, &e) => {
+                crate::telemetry::Event::ProduceRetried { topic, attempt, error: &e.to_string() }.emit();
+                let backoff = Duration::from_millis(100 << attempt.min(6)).min(PRODUCE_BACKOFF_MAX);
+                tokio::time::sleep(backoff).await;
+                attempt += 1;
+            }
+            sent => return sent,
+        }
     }
-    producer
-        .send(record, rdkafka::util::Timeout::After(Duration::from_secs(30)))
-        .await
-        .map(|d| (d.partition, d.offset))
-        .map_err(|(e, _)| e)
+}
+
+/// The error a stage stops with when `what` could not be produced even by [`send_to`]: the one
+/// exit a stage takes for a broker, with what it means and what to do.
+pub fn produce_lost(what: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what}: {e}. The broker did not take the record within `message.timeout.ms` and weir's own \
+         retries, so the stage stops without storing the offsets of unfinished work: once the broker \
+         is reachable, restart weir and that work is done again"
+    )
+}
+
+/// Whether a failed produce may succeed if tried again: see [`send_to`].
+pub(crate) fn may_pass(producer: &FutureProducer, e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::{error::KafkaError, producer::Producer as _, types::RDKafkaErrorCode as Code};
+    if limits::is_record_error(e) || producer.client().fatal_error().is_some() {
+        return false;
+    }
+    match e {
+        KafkaError::MessageProduction(code) => !matches!(
+            code,
+            Code::MessageTimedOut
+                | Code::Fatal
+                | Code::TopicAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::UnsupportedVersion
+        ),
+        // The delivery future was dropped: the producer is gone.
+        KafkaError::Canceled => false,
+        _ => false,
+    }
 }
 
 /// Hands one record for `partition` of `topic` to the producer at once and returns the wait for
@@ -258,4 +333,35 @@ pub(crate) fn enqueue(
 pub(crate) fn content_headers(format: crate::envelope::Format) -> rdkafka::message::OwnedHeaders {
     rdkafka::message::OwnedHeaders::new()
         .insert(rdkafka::message::Header { key: crate::envelope::CONTENT_TYPE, value: Some(format.content_type()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::{error::KafkaError, types::RDKafkaErrorCode as Code};
+
+    use super::*;
+
+    #[test]
+    fn what_a_broker_restart_fails_is_tried_again_and_what_is_permanent_is_not() {
+        // Creating a producer connects to nothing until it is used.
+        let producer: FutureProducer =
+            ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1").create().expect("a producer");
+        let again = |code| may_pass(&producer, &KafkaError::MessageProduction(code));
+        for code in [
+            Code::OutOfOrderSequenceNumber,
+            Code::UnknownProducerId,
+            Code::NotLeaderForPartition,
+            Code::BrokerTransportFailure,
+            Code::QueueFull,
+            Code::UnknownTopicOrPartition,
+        ] {
+            assert!(again(code), "{code:?} may pass");
+        }
+        for code in
+            [Code::MessageSizeTooLarge, Code::InvalidRecord, Code::MessageTimedOut, Code::TopicAuthorizationFailed]
+        {
+            assert!(!again(code), "{code:?} is permanent");
+        }
+        assert!(!may_pass(&producer, &KafkaError::Canceled));
+    }
 }

@@ -82,7 +82,7 @@ pub(crate) async fn run_tier(
             _ = shutdown.cancelled() => break Ok(()),
             Some((ticket, sent)) = sending.next() => match sent {
                 Ok(()) => source.done(&ticket),
-                Err(e) => break Err(anyhow::anyhow!("retry tier {topic}: producing to {main} failed: {e}")),
+                Err(e) => break Err(kafka::produce_lost(&format!("retry tier {topic}: producing to {main}"), e)),
             },
             batch = source.recv() => match batch {
                 Some(batch) => for d in batch {
