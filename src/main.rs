@@ -71,26 +71,28 @@ enum Command {
     },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
-        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst or all (all =
-        /// every one but backlog and the noisy ones, which are long: three phases of --duration).
+        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay or all
+        /// (all = every one but backlog, the noisy ones and replay, which are long: several phases).
         #[arg(long, default_value = "all")]
         scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).
         #[arg(long, default_value = "60s", value_parser = weir::ops::bench::parse_duration)]
         duration: std::time::Duration,
-        /// Events per second offered, or flat-out [default: flat-out; noisy: 4000, all tenants together].
+        /// Events per second offered, or flat-out [default: flat-out; noisy: 4000, replay: 400 live,
+        /// all tenants together].
         #[arg(long)]
         rate: Option<weir::ops::bench::RateArg>,
         /// Tenants in the load (Zipf-skewed volume), each with workflows of its own [default: 1000;
-        /// noisy: 20 quiet tenants beside the noisy one].
+        /// noisy: 20 quiet tenants beside the noisy one; replay: 20 live tenants].
         #[arg(long)]
         tenants: Option<usize>,
         /// Where bench.json and bench.svg are written.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
-        /// backlog: events put on the topic before the stages start.
-        #[arg(long, default_value_t = 10_000_000)]
-        events: u64,
+        /// backlog: events put on the topic before the stages start [default: 10,000,000]; replay:
+        /// events put there and then replayed beside live traffic [default: 100,000].
+        #[arg(long)]
+        events: Option<u64>,
         /// backlog: size of each event's data body in bytes (the record is ~180 more).
         #[arg(long, default_value_t = 400)]
         body_bytes: usize,
@@ -344,17 +346,25 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages } => {
-            let backlog = weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
-            use weir::ops::bench::{noisy, RateArg, Scenario};
+            use weir::ops::bench::{noisy, replay, RateArg, Scenario};
             let scenarios = scenario.scenarios();
-            // The noisy scenarios' defaults are the measurement (20 quiet tenants at
-            // 20/s beside 3,600/s), not a flat-out Zipf load.
+            // The noisy and replay scenarios' defaults are the issues' measurements (20 quiet
+            // tenants at 20/s beside 3,600/s; 100,000 events replayed beside 400/s), not a
+            // flat-out Zipf load.
             let is_noisy = scenarios.iter().any(|s| matches!(s, Scenario::Noisy | Scenario::NoisyBurst));
+            let is_replay = scenarios.contains(&Scenario::Replay);
+            let default_rate = match (is_noisy, is_replay) {
+                (true, _) => RateArg::PerSecond(noisy::DEFAULT_RATE),
+                (_, true) => RateArg::PerSecond(replay::DEFAULT_RATE),
+                _ => RateArg::FlatOut,
+            };
+            let events = events.unwrap_or(if is_replay { replay::DEFAULT_EVENTS } else { 10_000_000 });
+            let backlog = weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
             let options = weir::ops::bench::Options {
                 scenarios,
                 duration,
-                rate: rate.unwrap_or(if is_noisy { RateArg::PerSecond(noisy::DEFAULT_RATE) } else { RateArg::FlatOut }),
-                tenants: tenants.unwrap_or(if is_noisy { noisy::DEFAULT_QUIET_TENANTS } else { 1_000 }),
+                rate: rate.unwrap_or(default_rate),
+                tenants: tenants.unwrap_or(if is_noisy || is_replay { noisy::DEFAULT_QUIET_TENANTS } else { 1_000 }),
                 out,
                 progress: true,
                 backlog,
