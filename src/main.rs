@@ -98,6 +98,21 @@ enum Command {
         #[arg(long, value_enum, default_value = "evaluate")]
         stages: weir::ops::bench::backlog::BacklogStages,
     },
+    /// Where each stage stands: its consumer groups' members, partitions, lag and oldest
+    /// unprocessed record, each service's breaker and throttle wait, the dead letters
+    /// (docs/operations.md). Reads beside the groups, never joining them.
+    Status {
+        /// Print JSON (one document per refresh) for scripts; its schema is in docs/operations.md.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECS seconds until interrupted [default: 5].
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "5")]
+        watch: Option<f64>,
+        /// `/metrics` URL of a running weir process, for breaker state and throttle wait
+        /// (repeatable) [default: from the config's metrics_addr].
+        #[arg(long = "metrics", value_name = "URL")]
+        metrics: Vec<String>,
+    },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
         /// Sample events to produce (Ghost-shaped, half JSON and half Avro); the member.created
@@ -409,6 +424,15 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", report.render());
             Ok(())
+        }
+        Command::Status { json, watch, metrics } => {
+            let watch = match watch {
+                Some(secs) if !(secs.is_finite() && secs >= 0.1) => {
+                    anyhow::bail!("--watch {secs}: give an interval of at least 0.1 seconds")
+                }
+                secs => secs.map(std::time::Duration::from_secs_f64),
+            };
+            weir::ops::status::run(&config, &weir::ops::status::Options { metrics }, json, watch).await
         }
         Command::Demo { events, tenants } => weir::ops::demo::run(config, events, tenants.max(1)).await,
     }
