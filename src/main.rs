@@ -31,6 +31,10 @@ enum Command {
         /// Stages to run in this process (repeatable); default all.
         #[arg(long = "stage", value_enum)]
         stages: Vec<StageName>,
+        /// Run the executors of only this service (repeatable; needs the execute stage); default
+        /// every service in the config.
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
     },
     /// Topics as code (topics/*.yaml).
     Topics {
@@ -274,8 +278,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let check = config.clone();
     tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
     match cli.command {
-        Command::Run { stages } => {
+        Command::Run { stages, services } => {
             let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
+            if !services.is_empty() && !stages.contains(&StageName::Execute) {
+                anyhow::bail!("--service selects executors: run it with --stage execute");
+            }
             let config = Arc::new(config);
             // Cancelled by Ctrl-C or SIGTERM, and on the way out (the metrics server stops last).
             let shutdown = shutdown::on_signal().drop_guard();
@@ -285,7 +292,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             // Starting waits for the broker and reads every definition: a signal meanwhile stops it.
             let mut pipeline = tokio::select! {
-                started = Pipeline::start(config, &stages) => started?,
+                started = Pipeline::start_services(config, &stages, &services) => started?,
                 _ = shutdown.token().cancelled() => return Ok(()),
             };
             tracing::info!(?stages, "running; Ctrl-C or SIGTERM to stop");

@@ -246,3 +246,34 @@ async fn process_figures_come_from_the_metrics_endpoint() {
     pipeline.stop().await.unwrap();
     stop.cancel();
 }
+
+/// `weir run --stage execute --service NAME` (one Deployment per service) starts that service's
+/// executor and no other's; the groups show it.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_services_executor_runs_alone() {
+    let receiver = Receiver::start().await.unwrap();
+    let (mut config, _dir) = test_config(&receiver, &[]).await;
+    let other = weir::config::ServiceConfig { url: receiver.url("other"), ..config.services["webhook"].clone() };
+    config.services.insert("other".into(), other);
+    weir::kafka::topics::apply_dir(&config, false).await.unwrap();
+    let config = std::sync::Arc::new(config);
+    let execute = [weir::pipeline::StageName::Execute];
+    let unknown = weir::pipeline::Pipeline::start_services(config.clone(), &execute, &["nope".into()]).await;
+    assert!(unknown.err().unwrap().to_string().contains("--service nope"));
+
+    let pipeline = weir::pipeline::Pipeline::start_services(config.clone(), &execute, &["other".into()]).await.unwrap();
+    let members = |status: &Status, service: &str| {
+        let stage = status.stages.iter().find(|s| s.service.as_deref() == Some(service)).unwrap();
+        stage.groups.iter().find(|g| g.role == "main").unwrap().members.len()
+    };
+    let joined = eventually(Duration::from_secs(30), || {
+        let config = config.clone();
+        async move { members(&status::collect(&config, &status::Options::default()).await.unwrap(), "other") == 1 }
+    })
+    .await;
+    assert!(joined, "the executor of `other` never joined its group");
+    let status = status::collect(&config, &status::Options::default()).await.unwrap();
+    assert_eq!(members(&status, "other"), 1);
+    assert_eq!(members(&status, "webhook"), 0, "webhook's executor was not asked for");
+    pipeline.stop().await.unwrap();
+}
