@@ -10,7 +10,7 @@
 //! ## Why it never joins a group
 //! Joining a stage's group, even for a moment, would rebalance every member of it (and with static
 //! membership could fence one). Everything here is read beside the group: its state and members
-//! with librdkafka's DescribeConsumerGroups (see [`describe`] for why not `fetch_group_list`), its offsets with an OffsetFetch from a
+//! with librdkafka's DescribeConsumerGroups (see `describe.rs` for why not `fetch_group_list`), its offsets with an OffsetFetch from a
 //! consumer configured with the group's id that never subscribes (`committed_offsets`), the end
 //! offsets with `fetch_watermarks`, and the oldest unprocessed record with one throw-away consumer
 //! *assigned* the lagging partitions at their committed offsets, one record read from each.
