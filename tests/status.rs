@@ -137,10 +137,10 @@ async fn status_figures_are_the_brokers_committed_and_end_offsets() {
         (1..PARTITIONS).map(|p| (p, if p == 7 { PER_PARTITION } else { 3 * p as i64 })).collect();
     commit_outside(&names.group("evaluate"), &names.events(), &evaluated);
     // The record stage's group has a live member, which commits PER_PARTITION - p on partition p.
-    let sink = member(&config, &names.group("sink"), &names.results(), "classic");
-    // The webhook executor's group has a member on the KIP-848 protocol, which the classic
-    // DescribeGroups request would show as `Dead` with no members.
-    let _executor = member(&config, &names.execute_group("webhook"), &names.actions("webhook"), "consumer");
+    // It is on the KIP-848 protocol, whose groups the classic DescribeGroups request shows as
+    // `Dead` with no members; the webhook executor's group has a classic member.
+    let sink = member(&config, &names.group("sink"), &names.results(), "consumer");
+    let _executor = member(&config, &names.execute_group("webhook"), &names.actions("webhook"), "classic");
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition_offset(&names.results(), p, Offset::Offset(PER_PARTITION - p as i64)).unwrap();
@@ -172,18 +172,18 @@ async fn status_figures_are_the_brokers_committed_and_end_offsets() {
         let sink = group(status, "sink", "main");
         assert_matches_broker(sink);
         assert_eq!(sink.lag, (0..PARTITIONS as i64).sum::<i64>());
-        assert_eq!((sink.state.as_str(), sink.protocol.as_str()), ("Stable", "Classic"));
+        assert_eq!((sink.state.as_str(), sink.protocol.as_str()), ("Stable", "Consumer"));
         assert_eq!(sink.members.len(), 1, "{:?}", sink.members);
-        assert_eq!(sink.members[0].client_id, "status-test-classic");
+        assert_eq!(sink.members[0].client_id, "status-test-consumer");
         assert_eq!(sink.members[0].partitions, (0..PARTITIONS).collect::<Vec<_>>());
 
         // The executor's groups have committed nothing: they lag by whatever their topics hold.
         let execute = group(status, "execute", "main");
         assert_matches_broker(execute);
         assert_eq!((execute.lag, execute.partitions.iter().all(|p| p.committed.is_none())), (0, true));
-        assert_eq!((execute.state.as_str(), execute.protocol.as_str()), ("Stable", "Consumer"));
+        assert_eq!((execute.state.as_str(), execute.protocol.as_str()), ("Stable", "Classic"));
         assert_eq!(execute.members.len(), 1, "{:?}", execute.members);
-        assert_eq!(execute.members[0].client_id, "status-test-consumer");
+        assert_eq!(execute.members[0].client_id, "status-test-classic");
         assert_eq!(execute.members[0].partitions, (0..PARTITIONS).collect::<Vec<_>>());
         let stage = status.stages.iter().find(|s| s.service.as_deref() == Some("webhook")).unwrap();
         let tiers = config.services["webhook"].retry.tiers.len();
