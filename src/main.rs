@@ -31,6 +31,10 @@ enum Command {
         /// Stages to run in this process (repeatable); default all.
         #[arg(long = "stage", value_enum)]
         stages: Vec<StageName>,
+        /// Run the executors of only this service (repeatable; needs the execute stage); default
+        /// every service in the config.
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
     },
     /// Topics as code (topics/*.yaml).
     Topics {
@@ -99,6 +103,21 @@ enum Command {
         /// backlog: stages of the separate `weir run` process that drains it.
         #[arg(long, value_enum, default_value = "evaluate")]
         stages: weir::ops::bench::backlog::BacklogStages,
+    },
+    /// Where each stage stands: its consumer groups' members, partitions, lag and oldest
+    /// unprocessed record, each service's breaker and throttle wait, the dead letters
+    /// (docs/operations.md). Reads beside the groups, never joining them.
+    Status {
+        /// Print JSON (one document per refresh) for scripts; its schema is in docs/operations.md.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECS seconds until interrupted [default: 5].
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "5")]
+        watch: Option<f64>,
+        /// `/metrics` URL of a running weir process, for breaker state and throttle wait
+        /// (repeatable) [default: from the config's metrics_addr].
+        #[arg(long = "metrics", value_name = "URL")]
+        metrics: Vec<String>,
     },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
@@ -261,8 +280,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let check = config.clone();
     tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
     match cli.command {
-        Command::Run { stages } => {
+        Command::Run { stages, services } => {
             let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
+            if !services.is_empty() && !stages.contains(&StageName::Execute) {
+                anyhow::bail!("--service selects executors: run it with --stage execute");
+            }
             let config = Arc::new(config);
             // Cancelled by Ctrl-C or SIGTERM, and on the way out (the metrics server stops last).
             let shutdown = shutdown::on_signal().drop_guard();
@@ -272,7 +294,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             // Starting waits for the broker and reads every definition: a signal meanwhile stops it.
             let mut pipeline = tokio::select! {
-                started = Pipeline::start(config, &stages) => started?,
+                started = Pipeline::start_services(config, &stages, &services) => started?,
                 _ = shutdown.token().cancelled() => return Ok(()),
             };
             tracing::info!(?stages, "running; Ctrl-C or SIGTERM to stop");
@@ -419,6 +441,15 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", report.render());
             Ok(())
+        }
+        Command::Status { json, watch, metrics } => {
+            let watch = match watch {
+                Some(secs) if !(secs.is_finite() && secs >= 0.1) => {
+                    anyhow::bail!("--watch {secs}: give an interval of at least 0.1 seconds")
+                }
+                secs => secs.map(std::time::Duration::from_secs_f64),
+            };
+            weir::ops::status::run(&config, &weir::ops::status::Options { metrics }, json, watch).await
         }
         Command::Demo { events, tenants } => weir::ops::demo::run(config, events, tenants.max(1)).await,
     }

@@ -45,6 +45,19 @@ impl Pipeline {
     /// Checks the broker and the size limits, reads the workflow definitions topic and starts the
     /// requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
+        Pipeline::start_services(config, stages, &[]).await
+    }
+
+    /// [`Pipeline::start`], with the executors of only `services` (all when empty): one
+    /// Deployment per service scales each service's executor on its own lag.
+    pub async fn start_services(
+        config: Arc<Config>,
+        stages: &[StageName],
+        services: &[String],
+    ) -> anyhow::Result<Pipeline> {
+        if let Some(unknown) = services.iter().find(|s| !config.services.contains_key(*s)) {
+            anyhow::bail!("--service {unknown}: no such service in the config's services");
+        }
         crate::connectors::validate_all(&config).context("invalid config")?;
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
@@ -66,7 +79,7 @@ impl Pipeline {
                     tokio::spawn(evaluate::run(config.clone(), definitions.clone(), cancel.clone())),
                 )),
                 StageName::Execute => {
-                    for service in config.services.keys() {
+                    for service in config.services.keys().filter(|s| services.is_empty() || services.contains(s)) {
                         tasks.push((
                             format!("execute-{service}"),
                             tokio::spawn(execute::run(config.clone(), service.clone(), cancel.clone())),

@@ -22,6 +22,8 @@
 //!   a delay topic, calls that waited for the tenant's own limit). `tenant` is one of the
 //!   `executor.fairness.metrics_top_tenants` most backlogged tenants, or `other`
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
+//! - `weir_breaker_state{service,state}`: 1 for the breaker's current state (`closed`, `open`,
+//!   `half-open`), 0 for the others; set from the breaker's first change on
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
 //! - `weir_completed_skipped_total{service}`: tasks not called because their call had already
 //!   succeeded (a copy replayed after a crash or a rebalance; `stages::execute::completed`)
@@ -305,7 +307,16 @@ impl Event<'_> {
                     0.0
                 } else {
                     1.0
-                })
+                });
+                // The state itself, as a state set: 1 for the current state, 0 for the others
+                // (what `weir status` shows).
+                for s in ["closed", "open", "half-open"] {
+                    gauge!("weir_breaker_state", "service" => service.to_string(), "state" => s).set(if s == state {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                }
             }
             Event::Overflowing { service, tenant, partition, started } => {
                 if started {
