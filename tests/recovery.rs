@@ -365,6 +365,10 @@ async fn a_restart_under_the_same_instance_id_does_not_wait_for_the_old_session(
     let receiver = Receiver::start().await.unwrap();
     let (mut config, dir) = test_config(&receiver, &[SINGLE]).await;
     config.instance_id = Some(unique("static-"));
+    // The classic protocol: under KIP-848 (`consumer`, the default) a static member killed without
+    // leaving keeps its id until the broker's session timeout, and the client sets no session
+    // timeout (tests/scale.rs restarts a member cleanly under it instead).
+    config.consumer_groups.protocol = weir::config::GroupProtocol::Cooperative;
     // Far longer than the deadline below: a member that had to wait for its predecessor's
     // session to expire could not make it.
     config.kafka.insert("session.timeout.ms".into(), "60000".into());
