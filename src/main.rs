@@ -71,8 +71,9 @@ enum Command {
     },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
-        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst or all (all =
-        /// every one but backlog and the noisy ones, which are long: three phases of --duration).
+        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, scale or all
+        /// (all = every one but backlog, the noisy ones and scale, which are long: several phases
+        /// of --duration).
         #[arg(long, default_value = "all")]
         scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).

@@ -336,7 +336,10 @@ async fn a_redriven_success_replaces_the_failed_row_and_the_run_continues_once()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_exit_leaves_its_groups() {
     let receiver = Receiver::start().await.unwrap();
-    let (config, dir) = test_config(&receiver, &[SINGLE]).await;
+    let (mut config, dir) = test_config(&receiver, &[SINGLE]).await;
+    // `members` reads the classic group API (ListGroups, DescribeGroups), which lists no members
+    // of a KIP-848 group; tests/scale.rs shows the default protocol's hand-over on a clean exit.
+    config.consumer_groups.protocol = weir::config::GroupProtocol::Cooperative;
     let file = write_config_file(&config, dir.path());
     let mut weir = WeirProcess::start(&file, &["run"]);
     let groups =

@@ -15,6 +15,8 @@
 //! - `noisy` and `noisy-burst` (not in `all`: three phases each): quiet tenants beside one tenant
 //!   sending 90 % of the traffic, steadily or in bursts, each quiet tenant's p99 beside its p99
 //!   without the noisy one, and the throughput with one active tenant ([`noisy`]).
+//! - `scale` (not in `all`): `weir run` children scaled 1 → 3 → 1 under a steady load, the
+//!   longest stall of the output during each change, per rebalance protocol ([`scale`]).
 //!
 //! A scenario warms up until its output shows the first record, then measures for `duration`:
 //! distinct input events seen at its output per second, end-to-end latency from the produce time
@@ -28,6 +30,7 @@ pub(crate) mod measure;
 pub mod noisy;
 pub mod noisy_report;
 pub mod report;
+pub mod scale;
 pub mod scenario;
 
 use std::{path::PathBuf, str::FromStr, time::Duration};
@@ -52,6 +55,8 @@ pub enum Scenario {
     /// The same with the noisy tenant sending in bursts.
     #[serde(rename = "noisy-burst")]
     NoisyBurst,
+    /// Not part of `all` (children scaled out and in, per protocol): [`scale`].
+    Scale,
 }
 
 impl Scenario {
@@ -68,6 +73,7 @@ impl Scenario {
             Scenario::Backlog => "backlog",
             Scenario::Noisy => "noisy",
             Scenario::NoisyBurst => "noisy-burst",
+            Scenario::Scale => "scale",
         }
     }
 
@@ -81,6 +87,7 @@ impl Scenario {
             }
             Scenario::Sink => "row's recorded_at in PostgreSQL (transaction start of its batch)",
             Scenario::Backlog => "offsets committed by the stages' consumer groups (a separate weir run process)",
+            Scenario::Scale => "HTTP calls arriving at the receiver from weir run children (gaps between them)",
         }
     }
 }
@@ -99,7 +106,7 @@ impl FromStr for Selection {
             return Ok(Selection::All);
         }
         <Scenario as clap::ValueEnum>::from_str(s, true).map(Selection::One).map_err(|_| {
-            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst or all")
+            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, scale or all")
         })
     }
 }
@@ -209,6 +216,7 @@ pub async fn run(config: &Config, options: &Options) -> anyhow::Result<report::R
         let outcome = match scenario {
             Scenario::Backlog => backlog::run(config, options).await,
             Scenario::Noisy | Scenario::NoisyBurst => noisy::run(config, options, scenario).await,
+            Scenario::Scale => scale::run(config, options).await,
             _ => scenario::run(config, options, scenario).await,
         };
         results.push(outcome.map_err(|e| e.context(format!("scenario {}", scenario.name())))?);
