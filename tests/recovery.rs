@@ -109,6 +109,10 @@ async fn run_with_kills(
     receiver.set_mode(Mode { latency: Duration::from_millis(5), ..Default::default() });
     let (mut config, dir) = test_config(&receiver, &[workflow]).await;
     config.instance_id = Some(unique("recovery-"));
+    // Restarting at once under the same id after SIGKILL is the classic protocol's static
+    // membership: KIP-848 (`consumer`, the default) refuses the id until the broker's session
+    // timeout expires (see src/kafka/mod.rs, "Restarts without the dead pause").
+    config.consumer_groups.protocol = weir::config::GroupProtocol::Cooperative;
     config.executor.concurrency = CONCURRENCY;
     config.executor.max_buffered = MAX_BUFFERED;
     let file = write_config_file(&config, dir.path());

@@ -102,9 +102,13 @@ pub struct Delivery {
 pub struct Assignment {
     pub owned: BTreeSet<i32>,
     pub partitions: i32,
-    /// Counts the assignments this member received: a partition revoked and assigned again
-    /// between two looks at the watch shows in `owned` both times, but here as a new generation.
+    /// Counts the assignments this member received.
     pub generation: u64,
+    /// Per owned partition, the `generation` that assigned it: a partition revoked and assigned
+    /// again between two looks at the watch shows in `owned` both times, but here with a new
+    /// generation. Per partition, because under an incremental protocol an assignment adds to
+    /// what is owned and leaves the rest alone: what was kept has not moved.
+    pub assigned_in: BTreeMap<i32, u64>,
 }
 
 struct Shared {
@@ -208,6 +212,7 @@ impl ConsumerContext for SourceContext {
             self.shared.assignment.send_modify(|a| {
                 for e in tpl.elements() {
                     a.owned.remove(&e.partition());
+                    a.assigned_in.remove(&e.partition());
                 }
             });
             let (stage, topic) = (self.shared.stage, self.shared.topic.as_str());
@@ -222,6 +227,8 @@ impl ConsumerContext for SourceContext {
             self.shared.assignment.send_modify(|a| {
                 a.generation += 1;
                 a.owned.extend(tpl.elements().iter().map(|e| e.partition()));
+                let generation = a.generation;
+                a.assigned_in.extend(tpl.elements().iter().map(|e| (e.partition(), generation)));
                 if let Some(n) = partitions {
                     a.partitions = n;
                 }
@@ -424,6 +431,8 @@ impl Source {
         self.shared.assignment.send_modify(|a| {
             a.generation += 1;
             a.owned.extend(partitions.iter().map(|(p, _)| *p));
+            let generation = a.generation;
+            a.assigned_in.extend(partitions.iter().map(|(p, _)| (*p, generation)));
         });
         let fresh: Vec<i32> = partitions.iter().map(|(p, _)| *p).collect();
         reconcile(&self.consumer, &self.shared, &fresh);
@@ -445,7 +454,10 @@ impl Source {
                 }
             }
         }
-        self.shared.assignment.send_modify(|a| a.owned.retain(|p| !partitions.contains(p)));
+        self.shared.assignment.send_modify(|a| {
+            a.owned.retain(|p| !partitions.contains(p));
+            a.assigned_in.retain(|p, _| !partitions.contains(p));
+        });
         if tpl.count() > 0 {
             self.consumer
                 .incremental_unassign(&tpl)
