@@ -181,9 +181,9 @@ pub(crate) struct Reader {
     group: String,
     source: Source,
     pub(crate) book: Book,
-    /// The action partitions owned as last seen, and the assignment generation each came with.
+    /// The action partitions owned as last seen, and the assignment generation they came with.
     owned: BTreeSet<i32>,
-    assigned_in: BTreeMap<i32, u64>,
+    generation: u64,
     /// Action partitions whose overflow partition is counted and read: their tasks may be routed.
     ready: BTreeSet<i32>,
     /// Action partitions being counted, with the count's generation (a newer one supersedes).
@@ -209,7 +209,7 @@ impl Reader {
             group,
             source,
             owned: BTreeSet::new(),
-            assigned_in: BTreeMap::new(),
+            generation: 0,
             ready: BTreeSet::new(),
             counting: HashMap::new(),
             counts: 0,
@@ -235,13 +235,10 @@ impl Reader {
     /// action partitions lost, and holds those gained (`main` pauses them) until their overflow
     /// partition is counted.
     pub(crate) fn follow(&mut self, assignment: &Assignment, main: &Source, scans: &mut Scans) {
-        // Per partition: under an incremental protocol an assignment leaves the partitions it
-        // does not mention alone, and they must not be paused and counted again.
-        let moved = |p: &i32| assignment.assigned_in.get(p) != self.assigned_in.get(p);
-        let lost: Vec<i32> = self.owned.iter().copied().filter(|p| !assignment.owned.contains(p) || moved(p)).collect();
-        let gained: Vec<i32> =
-            assignment.owned.iter().copied().filter(|p| !self.owned.contains(p) || moved(p)).collect();
-        self.assigned_in = assignment.assigned_in.clone();
+        let same = assignment.generation == self.generation;
+        let lost: Vec<i32> = self.owned.iter().copied().filter(|p| !same || !assignment.owned.contains(p)).collect();
+        let gained: Vec<i32> = assignment.owned.iter().copied().filter(|p| !same || !self.owned.contains(p)).collect();
+        self.generation = assignment.generation;
         self.owned = assignment.owned.clone();
         if !lost.is_empty() {
             if let Err(e) = self.source.remove_partitions(&lost) {
