@@ -75,8 +75,9 @@ enum Command {
     },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
-        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay or all
-        /// (all = every one but backlog, the noisy ones and replay, which are long: several phases).
+        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale
+        /// or all (all = every one but backlog, the noisy ones, replay and scale, which are long:
+        /// several phases of --duration).
         #[arg(long, default_value = "all")]
         scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).

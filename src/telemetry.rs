@@ -114,9 +114,21 @@ pub enum Event<'a> {
         partition: i32,
         lag: i64,
     },
+    /// A member of `stage`'s group on `topic` was assigned (`kind` "assign") or gave up
+    /// ("revoke") `partitions`: with an incremental protocol only those that moved.
     Rebalanced {
         stage: Stage,
+        topic: &'a str,
         kind: &'static str,
+        partitions: &'a str,
+    },
+    /// A source closed with `messages` taken and not finished on `partitions` (a drain that ran
+    /// out of time, or work a stopping stage leaves queued): their offsets are not stored, so the
+    /// partitions' next owner does them again.
+    Abandoned {
+        stage: Stage,
+        topic: &'a str,
+        messages: usize,
         partitions: &'a str,
     },
     ActionDone {
@@ -267,8 +279,19 @@ impl Event<'_> {
             Event::Lag { stage, topic, partition, lag } => gauge!("weir_consumer_lag", "stage" => stage.as_str(),
                 "topic" => topic.to_string(), "partition" => partition.to_string())
             .set(lag as f64),
-            Event::Rebalanced { stage, kind, partitions } => {
-                tracing::info!(stage = stage.as_str(), kind, partitions, "rebalance")
+            Event::Rebalanced { stage, topic, kind, partitions } => {
+                tracing::info!(stage = stage.as_str(), topic, kind, partitions, "rebalance");
+                counter!("weir_rebalances_total", "stage" => stage.as_str(), "kind" => kind).increment(1)
+            }
+            Event::Abandoned { stage, topic, messages, partitions } => {
+                tracing::warn!(
+                    stage = stage.as_str(),
+                    topic,
+                    messages,
+                    partitions,
+                    "stopping with work unfinished: its offsets are not stored, the partitions' next owner does it again"
+                );
+                counter!("weir_abandoned_total", "stage" => stage.as_str()).increment(messages as u64)
             }
             Event::ActionDone { service, succeeded } => counter!("weir_actions_total",
                 "service" => service.to_string(), "status" => if succeeded { "succeeded" } else { "failed" })

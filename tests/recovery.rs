@@ -109,6 +109,10 @@ async fn run_with_kills(
     receiver.set_mode(Mode { latency: Duration::from_millis(5), ..Default::default() });
     let (mut config, dir) = test_config(&receiver, &[workflow]).await;
     config.instance_id = Some(unique("recovery-"));
+    // Restarting at once under the same id after SIGKILL is the classic protocol's static
+    // membership: KIP-848 (`consumer`, the default) refuses the id until the broker's session
+    // timeout expires (see src/kafka/mod.rs, "Restarts without the dead pause").
+    config.consumer_groups.protocol = weir::config::GroupProtocol::Cooperative;
     config.executor.concurrency = CONCURRENCY;
     config.executor.max_buffered = MAX_BUFFERED;
     let file = write_config_file(&config, dir.path());
@@ -337,7 +341,10 @@ async fn a_redriven_success_replaces_the_failed_row_and_the_run_continues_once()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_exit_leaves_its_groups() {
     let receiver = Receiver::start().await.unwrap();
-    let (config, dir) = test_config(&receiver, &[SINGLE]).await;
+    let (mut config, dir) = test_config(&receiver, &[SINGLE]).await;
+    // `members` reads the classic group API (ListGroups, DescribeGroups), which lists no members
+    // of a KIP-848 group; tests/scale.rs shows the default protocol's hand-over on a clean exit.
+    config.consumer_groups.protocol = weir::config::GroupProtocol::Cooperative;
     let file = write_config_file(&config, dir.path());
     let mut weir = WeirProcess::start(&file, &["run"]);
     let groups =
@@ -366,6 +373,10 @@ async fn a_restart_under_the_same_instance_id_does_not_wait_for_the_old_session(
     let receiver = Receiver::start().await.unwrap();
     let (mut config, dir) = test_config(&receiver, &[SINGLE]).await;
     config.instance_id = Some(unique("static-"));
+    // The classic protocol: under KIP-848 (`consumer`, the default) a static member killed without
+    // leaving keeps its id until the broker's session timeout, and the client sets no session
+    // timeout (tests/scale.rs restarts a member cleanly under it instead).
+    config.consumer_groups.protocol = weir::config::GroupProtocol::Cooperative;
     // Far longer than the deadline below: a member that had to wait for its predecessor's
     // session to expire could not make it.
     config.kafka.insert("session.timeout.ms".into(), "60000".into());

@@ -11,6 +11,21 @@
 //! - Every client gets a bounded `socket.connection.setup.timeout.ms` and metadata timeout, so an
 //!   unreachable broker is an error within seconds rather than a silent retry loop.
 //!
+//! ## Rebalancing
+//! How a stage's processes share its partitions is `consumer_groups.protocol` ([`member_config`]):
+//! - `consumer` (default): KIP-848. The broker computes the assignment and tells each member, by
+//!   heartbeat, only what it gains or loses; nobody stops for a change that does not concern
+//!   them. Session timeout and heartbeat interval are broker settings
+//!   (`group.consumer.session.timeout.ms`, 45 s by default): librdkafka refuses the client ones.
+//! - `cooperative`: the classic protocol with `cooperative-sticky`, for brokers before 4.0. Also
+//!   incremental: members first give up only what moves, then it is assigned in a second round.
+//! - `eager`: classic with `range,roundrobin`: every member gives up everything on every change.
+//!
+//! With either incremental protocol librdkafka hands the rebalance callback only the partitions
+//! that change, and rust-rdkafka's default callback answers with `incremental_assign` /
+//! `incremental_unassign` (it checks `rebalance_protocol()`); [`source`] keeps its assignment,
+//! offsets and pause state per partition, so it is right under all three.
+//!
 //! ## Restarts without the dead pause
 //! A member that dies without leaving (kill -9, OOM, a lost node) stays in its group until its
 //! session times out (`session.timeout.ms`, 10 s): the rebalance its replacement starts waits for
@@ -24,6 +39,15 @@
 //!   consumers fail with `FENCED_INSTANCE_ID` and stop reading). A static member does not leave
 //!   on close, by Kafka's design (KIP-345): a process stopped for good hands its partitions over
 //!   after the session timeout, a restarted one gets them back at once.
+//!
+//!   Under `consumer` (KIP-848) two things differ. A static member's clean exit tells the broker
+//!   it leaves *for now*: the replacement under the same id takes its partitions without any other
+//!   member noticing (a rolling restart moves nothing), but a process stopped for good holds its
+//!   partitions until the session times out. And a duplicate id refuses the *newcomer*
+//!   (`UNRELEASED_INSTANCE_ID`, fatal for the consumer): a process killed without a clean exit
+//!   cannot rejoin under its id until the broker expires the old session. The source reports it
+//!   and the stage fails (see [`source`]), so the supervisor restarts the process; scaling in
+//!   without replacement is best done without an instance id.
 //! - *Leaving on a clean exit*: without an instance id, a stopping stage closes its consumer
 //!   ([`source::Source::close`]), which sends LeaveGroup, so the rest of the group rebalances at
 //!   once rather than after the session timeout.
@@ -50,7 +74,7 @@ use rdkafka::{
     Message as _,
 };
 
-use crate::config::Config;
+use crate::config::{Config, GroupProtocol};
 
 /// How long to wait for the broker to answer a metadata request before calling it unreachable.
 pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,9 +134,7 @@ pub fn consumer_config(config: &Config, group: &str) -> ClientConfig {
         // the executor benchmark: 27.5k → 40.8k tasks/s with 10 ms).
         .set("fetch.queue.backoff.ms", "10")
         // Consumer lag per partition comes from librdkafka's statistics.
-        .set("statistics.interval.ms", "5000")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("statistics.interval.ms", "5000");
     for (k, v) in &config.kafka {
         c.set(k, v);
     }
@@ -122,8 +144,30 @@ pub fn consumer_config(config: &Config, group: &str) -> ClientConfig {
 /// [`consumer_config`] for a member that joins `group` (subscribes): static membership under the
 /// configured `instance_id` (see the module docs). Only for members: a consumer that assigns
 /// partitions itself (a tail read, `weir dlq`) must not claim the process's identity in a group.
+///
+/// The rebalance protocol is `consumer_groups.protocol` (see the module docs, "Rebalancing").
 pub fn member_config(config: &Config, group: &str) -> ClientConfig {
     let mut c = consumer_config(config, group);
+    match config.consumer_groups.protocol {
+        // The broker assigns and times sessions out: librdkafka refuses the classic settings.
+        GroupProtocol::Consumer => {
+            c.set("group.protocol", "consumer");
+        }
+        classic => {
+            let strategy = match classic {
+                GroupProtocol::Cooperative => "cooperative-sticky",
+                _ => "range,roundrobin",
+            };
+            c.set("group.protocol", "classic")
+                .set("partition.assignment.strategy", strategy)
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "1000");
+            // `kafka:` wins over the defaults above (config validation refuses the protocol keys).
+            for (k, v) in config.kafka.iter().filter(|(k, _)| k.as_str() != "group.protocol") {
+                c.set(k, v);
+            }
+        }
+    }
     if let Some(id) = &config.instance_id {
         c.set("group.instance.id", id);
     }

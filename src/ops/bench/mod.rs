@@ -15,6 +15,8 @@
 //! - `noisy` and `noisy-burst` (not in `all`: three phases each): quiet tenants beside one tenant
 //!   sending 90 % of the traffic, steadily or in bursts, each quiet tenant's p99 beside its p99
 //!   without the noisy one, and the throughput with one active tenant ([`noisy`]).
+//! - `scale` (not in `all`): `weir run` children scaled 1 → 3 → 1 under a steady load, the
+//!   longest stall of the output during each change, per rebalance protocol ([`scale`]).
 //!
 //! A scenario warms up until its output shows the first record, then measures for `duration`:
 //! distinct input events seen at its output per second, end-to-end latency from the produce time
@@ -29,6 +31,7 @@ pub mod noisy;
 pub mod noisy_report;
 pub mod replay;
 pub mod report;
+pub mod scale;
 pub mod scenario;
 
 use std::{path::PathBuf, str::FromStr, time::Duration};
@@ -55,6 +58,8 @@ pub enum Scenario {
     NoisyBurst,
     /// Not part of `all` (two phases, one as long as a replay): [`replay`].
     Replay,
+    /// Not part of `all` (children scaled out and in, per protocol): [`scale`].
+    Scale,
 }
 
 impl Scenario {
@@ -72,6 +77,7 @@ impl Scenario {
             Scenario::Noisy => "noisy",
             Scenario::NoisyBurst => "noisy-burst",
             Scenario::Replay => "replay",
+            Scenario::Scale => "scale",
         }
     }
 
@@ -85,6 +91,7 @@ impl Scenario {
             }
             Scenario::Sink => "row's recorded_at in PostgreSQL (transaction start of its batch)",
             Scenario::Backlog => "offsets committed by the stages' consumer groups (a separate weir run process)",
+            Scenario::Scale => "HTTP calls arriving at the receiver from weir run children (gaps between them)",
         }
     }
 }
@@ -103,7 +110,7 @@ impl FromStr for Selection {
             return Ok(Selection::All);
         }
         <Scenario as clap::ValueEnum>::from_str(s, true).map(Selection::One).map_err(|_| {
-            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay or all")
+            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale or all")
         })
     }
 }
@@ -225,6 +232,7 @@ pub async fn run(config: &Config, options: &Options) -> anyhow::Result<report::R
             Scenario::Backlog => backlog::run(config, options).await,
             Scenario::Noisy | Scenario::NoisyBurst => noisy::run(config, options, scenario).await,
             Scenario::Replay => replay::run(config, options).await,
+            Scenario::Scale => scale::run(config, options).await,
             _ => scenario::run(config, options, scenario).await,
         };
         results.push(outcome.map_err(|e| e.context(format!("scenario {}", scenario.name())))?);
