@@ -10,12 +10,20 @@ use super::duration;
 
 /// Which rebalance protocol a stage's consumer groups use.
 ///
-/// - `consumer` (the default): KIP-848, Kafka 4.0 and later. The broker computes assignments and
+/// - `cooperative` (the default): the classic protocol with librdkafka's `cooperative-sticky`
+///   assignor: incremental (members give up only what moves, in two rounds), any broker.
+/// - `consumer`: KIP-848, Kafka 4.0 and later. The broker computes assignments and
 ///   hands each member only what changes: a member joining or leaving moves the partitions that
 ///   must move, and every other partition keeps being read. The session timeout and heartbeat are
 ///   the broker's (`group.consumer.session.timeout.ms`, 45 s by default), not the client's.
-/// - `cooperative`: the classic protocol with librdkafka's `cooperative-sticky` assignor, for
-///   brokers before 4.0: also incremental (members give up only what moves), in two rounds.
+///
+///   Why it is not the default: a crash costs more under it. A crashed member's partitions move
+///   only after the broker's session timeout (45 s at least, by default, against the 10 s weir
+///   sets for the classic protocols), and a static member (`instance_id`) killed without a clean
+///   exit is refused under its id until then (`UNRELEASED_INSTANCE_ID`), where the classic
+///   protocol lets the restarted process take its place at once (docs/recovery.md). Where crashes
+///   are rare and rebalances frequent, or the broker's minimum session timeout is lowered, choose
+///   it.
 /// - `eager`: the classic protocol with the `range,roundrobin` assignors: every change stops
 ///   every member of the group until it is over. Kept for comparison (`weir bench --scenario
 ///   scale`) and for groups that must stay on it during a migration.
@@ -41,7 +49,7 @@ impl GroupProtocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GroupsConfig {
-    /// See [`GroupProtocol`]. Default `consumer`.
+    /// See [`GroupProtocol`]. Default `cooperative`.
     pub protocol: GroupProtocol,
     /// On SIGTERM a process stops taking records and finishes what it has in flight; whatever is
     /// still unfinished after this long is abandoned (logged; its offsets are not stored, so the
@@ -54,7 +62,7 @@ pub struct GroupsConfig {
 
 impl Default for GroupsConfig {
     fn default() -> Self {
-        GroupsConfig { protocol: GroupProtocol::Consumer, drain_timeout: Duration::from_secs(30) }
+        GroupsConfig { protocol: GroupProtocol::Cooperative, drain_timeout: Duration::from_secs(30) }
     }
 }
 
@@ -111,8 +119,8 @@ mod tests {
     #[test]
     fn contradicting_kafka_properties_are_refused() {
         let kafka = |k: &str| [(k.to_string(), "1".to_string())].into_iter().collect();
-        let consumer = GroupsConfig::default();
-        let cooperative = GroupsConfig { protocol: GroupProtocol::Cooperative, ..Default::default() };
+        let consumer = GroupsConfig { protocol: GroupProtocol::Consumer, ..Default::default() };
+        let cooperative = GroupsConfig::default();
         let err = consumer.validate(&kafka("session.timeout.ms")).unwrap_err().to_string();
         assert!(err.contains("kafka.session.timeout.ms") && err.contains("broker"), "{err}");
         assert!(cooperative.validate(&kafka("session.timeout.ms")).is_ok());
