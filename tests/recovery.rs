@@ -53,13 +53,6 @@ async fn produce(config: &Config, events: impl Iterator<Item = Event>) {
     producer.send_all(events.map(|e| (e, Format::Json)), 1_000).await.unwrap();
 }
 
-async fn scalar(url: &str, sql: &str) -> i64 {
-    let Ok(pool) = sqlx::PgPool::connect(url).await else { return -1 };
-    let n = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap_or(-1);
-    pool.close().await;
-    n
-}
-
 /// The members of `group` as the broker describes it.
 fn members(group: &str) -> usize {
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
@@ -182,16 +175,6 @@ async fn run_with_kills(
         succeeded_rows: scalar(&url, "select count(*) from action_results where status = 'succeeded'").await,
         order_violations,
     }
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-fn end_offsets(topic: &str, partitions: i32) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    (0..partitions).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).sum()
 }
 
 fn check(outcome: &Outcome, tasks: usize) {
@@ -357,11 +340,6 @@ async fn a_clean_exit_leaves_its_groups() {
     for g in &groups {
         assert_eq!(members(g), 0, "{g} has no member left");
     }
-}
-
-fn terminate(weir: &WeirProcess) {
-    let pid = weir.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
 }
 
 /// With an instance id, a process killed with SIGKILL and started again takes its member's

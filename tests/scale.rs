@@ -42,30 +42,8 @@ steps:
 const CONCURRENCY: usize = 16;
 const MAX_BUFFERED: usize = 200;
 
-async fn scalar(url: &str, sql: &str) -> i64 {
-    let Ok(pool) = sqlx::PgPool::connect(url).await else { return -1 };
-    let n = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap_or(-1);
-    pool.close().await;
-    n
-}
-
 async fn rows(url: &str) -> i64 {
     scalar(url, "select count(*) from action_results").await
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-fn end_offsets(topic: &str, partitions: i32) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    (0..partitions).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).sum()
-}
-
-fn terminate(weir: &WeirProcess) {
-    let pid = weir.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
 }
 
 /// SIGTERM, then the exit status once the drain is over.
