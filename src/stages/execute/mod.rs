@@ -628,9 +628,12 @@ impl Executor {
                 CallOutcome::Permanent { .. } => Verdict::Neutral,
             };
             self.breaker.record(admission, verdict);
-            drop(slot);
+            // The slot is held until the outcome is durable, not only while the call runs: a call
+            // counts as in flight until a crash can no longer make it be called again, so
+            // `concurrency` bounds the calls a crash repeats (docs/recovery.md).
             let settle = async move {
                 let produced = self.settle(&message, task, outcome, latency, estimate).await;
+                drop(slot);
                 Step::Settled { mark: Mark { ticket, overflow }, produced }
             };
             Step::Called { tenant, partition, throttled, settle: settle.boxed() }
