@@ -222,12 +222,16 @@ struct ReplayArgs {
     /// Confirms --rerun.
     #[arg(long)]
     yes: bool,
+    /// Call the selected steps even past their workflow's `expires_after` (the tasks the replay
+    /// sends carry no deadline).
+    #[arg(long)]
+    ignore_expiry: bool,
     /// Print, per tenant, workflow and service, the events, runs and calls a replay would make;
     /// send and store nothing.
     #[arg(long)]
     dry_run: bool,
     /// Continue an interrupted replay (its id, as `weir replay list` shows it).
-    #[arg(long, conflicts_with_all = ["from", "to", "tenants", "types", "workflows", "services", "rerun", "dry_run"])]
+    #[arg(long, conflicts_with_all = ["from", "to", "tenants", "types", "workflows", "services", "rerun", "dry_run", "ignore_expiry"])]
     resume: Option<String>,
 }
 
@@ -435,6 +439,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                         workflows: args.workflows,
                         services: args.services,
                         rerun: args.rerun,
+                        ignore_expiry: args.ignore_expiry,
                     };
                     weir::ops::replay::start(&config, selection, options).await?
                 }

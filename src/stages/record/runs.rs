@@ -74,7 +74,9 @@ impl RunStatus {
 /// A step's status as `action_results.status` holds it (written by [`rows::Columns`] with
 /// [`Status::as_str`]).
 pub(crate) fn step_status(text: &str) -> Option<Status> {
-    [Status::Succeeded, Status::Failed, Status::Skipped].into_iter().find(|s| s.as_str() == text)
+    [Status::Succeeded, Status::Failed, Status::Skipped, Status::Expired, Status::Cancelled]
+        .into_iter()
+        .find(|s| s.as_str() == text)
 }
 
 /// What a batch of results sets in motion: tasks to produce and results decided without a call.
