@@ -12,3 +12,7 @@ create table if not exists run_cancellations (
     reason       text not null,
     cancelled_at timestamptz not null default now()
 );
+
+alter table workflow_runs drop constraint if exists workflow_runs_status_check;
+alter table workflow_runs add constraint workflow_runs_status_check
+    check (status in ('running', 'succeeded', 'failed', 'cancelled'));

@@ -125,3 +125,110 @@ steps:
     let reason = "select count(*) from action_results where status = 'expired' and error like 'expired at %'";
     assert_eq!(scalar(&url, reason).await, EVENTS as i64, "each expired row says when it expired");
 }
+
+const DIAMOND: &str = "
+id: diamond
+version: 1
+trigger: {type: member.created}
+steps:
+  - {id: a, service: webhook, input: {seq: '{{ data.seq }}'}}
+  - {id: b, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
+  - {id: c, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
+  - {id: d, service: webhook, needs: [b, c], input: {seq: '{{ data.seq }}'}}
+";
+
+/// The run id the evaluator gives `event`'s run of `yaml`.
+fn run_id(yaml: &str, event: &Event) -> String {
+    let def = serde_yaml_ng::from_str(yaml).unwrap();
+    let services = std::collections::BTreeSet::from(["webhook"]);
+    weir::engine::workflow::CompiledWorkflow::compile(def, &services).unwrap().run_id(event)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_show_lists_a_diamond_runs_four_steps_in_order_with_timings() {
+    let receiver = Receiver::start().await.unwrap();
+    let (config, dir) = test_config(&receiver, &[DIAMOND]).await;
+    let config = Arc::new(config);
+    let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await.unwrap();
+    let event = member_created(7, 1);
+    let run = run_id(DIAMOND, &event);
+    produce(&config, vec![event]).await;
+    let url = config.database_url.clone();
+    let sql = format!("select count(*) from workflow_runs where run_id = '{run}' and status = 'succeeded'");
+    let done = eventually(Duration::from_secs(60), || async { scalar(&url, &sql).await == 1 }).await;
+    pipeline.stop().await.unwrap();
+    assert!(done, "the diamond run succeeded");
+
+    let file = write_config_file(&config, dir.path());
+    let out = weir_command(&file, &["runs", "show", &run]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("status succeeded"), "{text}");
+    let steps: Vec<&str> = text.lines().filter(|l| l.contains(" succeeded ")).collect();
+    let ids: Vec<&str> = steps.iter().map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(ids, ["a", "b", "c", "d"], "the workflow's order:\n{text}");
+    for line in steps {
+        // status, attempts, started, finished, latency, output size
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[2], "1", "one attempt: {line}");
+        assert!(cols[3].parse::<chrono::DateTime<chrono::Utc>>().is_ok(), "started: {line}");
+        assert!(cols[4].parse::<chrono::DateTime<chrono::Utc>>().is_ok(), "finished: {line}");
+        assert!(cols[3] <= cols[4], "started before finished: {line}");
+        assert!(cols[5].ends_with("ms"), "latency: {line}");
+    }
+    let list = weir_command(&file, &["runs", "list", "--workflow", "diamond", "--since", "1h"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.lines().any(|l| l.starts_with(&run) && l.contains("succeeded")), "{list}");
+}
+
+/// A chain a → b → c with the receiver holding each call 2 s: cancelled while `a` is being
+/// called, the run records `b` as cancelled, never calls `b` or `c`, and ends `cancelled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_cancel_in_the_middle_of_a_slow_run_stops_the_rest() {
+    const CHAIN: &str = "
+id: chain
+trigger: {type: member.created}
+steps:
+  - {id: a, service: webhook}
+  - {id: b, service: webhook, needs: [a]}
+  - {id: c, service: webhook, needs: [b]}
+";
+    let receiver = Receiver::start().await.unwrap();
+    receiver.set_mode(Mode { latency: Duration::from_secs(2), ..Default::default() });
+    let (config, dir) = test_config(&receiver, &[CHAIN]).await;
+    let config = Arc::new(config);
+    let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await.unwrap();
+    let event = member_created(3, 1);
+    let run = run_id(CHAIN, &event);
+    produce(&config, vec![event]).await;
+    assert!(eventually(Duration::from_secs(60), || async { receiver.arrived() >= 1 }).await, "step a is called");
+
+    let file = write_config_file(&config, dir.path());
+    let out = weir_command(&file, &["runs", "cancel", &run]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && said.contains("cancelled"), "{said}{}", String::from_utf8_lossy(&out.stderr));
+
+    let url = config.database_url.clone();
+    let sql = format!("select count(*) from workflow_runs where run_id = '{run}' and status = 'cancelled'");
+    let ended = eventually(Duration::from_secs(60), || async { scalar(&url, &sql).await == 1 }).await;
+    let results = config.names().results();
+    // Every result the run produced is stored once the sink's offsets reach the topic's end.
+    let stored = eventually(Duration::from_secs(30), || async {
+        committed_total(&config.names().group("sink"), &results, 8) >= 1
+    })
+    .await;
+    pipeline.stop().await.unwrap();
+    assert!(ended && stored, "the run ended cancelled");
+    let row = |step: &str, status: &str| {
+        format!(
+            "select count(*) from action_results where run_id = '{run}' and step_id = '{step}' and status = '{status}'"
+        )
+    };
+    assert_eq!(scalar(&url, &row("a", "succeeded")).await, 1, "a, under way, finished");
+    assert_eq!(scalar(&url, &row("b", "cancelled")).await, 1, "b is recorded cancelled");
+    assert_eq!(scalar(&url, &format!("select count(*) from action_results where run_id = '{run}'")).await, 2);
+    assert_eq!(receiver.arrived(), 1, "only a was called");
+    let show = weir_command(&file, &["runs", "show", &run]).output().unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("status cancelled") && show.contains("run cancelled"), "{show}");
+}
