@@ -188,6 +188,26 @@ pub struct ActionTask {
     /// input from it; null for single-step workflows.
     #[serde(default, skip_serializing_if = "Json::is_null")]
     pub event: Json,
+    /// The step's own per-call timeout (`timeout_ms`), honoured up to the service's timeout;
+    /// absent: the service's. Absent from tasks written before it existed, which decode as such.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// The step's own `retry`, honoured within the service's retry policy; absent: the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<TaskRetry>,
+    /// When the task stops being worth calling (`expires_after`): past it, the executor records
+    /// an `expired` result instead of calling. Absent: it never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A step's own retry policy, carried on its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRetry {
+    /// Attempts in all, including the first.
+    pub attempts: u32,
+    /// The first backoff; later ones grow as the service's retry policy says.
+    pub backoff_ms: u64,
 }
 
 fn first_attempt() -> i32 {
@@ -202,6 +222,10 @@ pub enum Status {
     Failed,
     /// The step's `if` was false, or a step it needs was skipped.
     Skipped,
+    /// The task was past its `expires_after` when it would have been called: no call was made.
+    Expired,
+    /// The run was cancelled (`weir runs cancel`) before this step started: no call was made.
+    Cancelled,
 }
 
 impl Status {
@@ -210,6 +234,8 @@ impl Status {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
             Status::Skipped => "skipped",
+            Status::Expired => "expired",
+            Status::Cancelled => "cancelled",
         }
     }
 }
@@ -492,7 +518,12 @@ mod tests {
             created_at: "2026-11-23T10:00:00Z".into(),
             input: json!({"a": [1, 2]}),
             event: json!({"id": "e"}),
+            timeout_ms: Some(100),
+            retry: Some(TaskRetry { attempts: 3, backoff_ms: 50 }),
+            expires_at: Some("2026-11-24T10:00:00Z".parse().unwrap()),
         };
+        let json = encode(&task, Format::Json).unwrap();
+        assert_eq!(decode::<ActionTask>(&json, Some(b"application/json")).unwrap(), task);
         let bytes = encode(&task, Format::Avro).unwrap();
         assert_eq!(decode::<ActionTask>(&bytes, Some(AVRO.as_bytes())).unwrap(), task);
         let result = ActionResult {

@@ -58,6 +58,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
     },
+    /// Inspect workflow runs (`list`, `show RUN_ID`) and cancel one (`cancel RUN_ID`).
+    Runs {
+        #[command(subcommand)]
+        action: RunsAction,
+    },
     /// Inspect the dead-letter topic and send records back to where they failed.
     Dlq {
         #[command(subcommand)]
@@ -223,13 +228,45 @@ struct ReplayArgs {
     /// Confirms --rerun.
     #[arg(long)]
     yes: bool,
+    /// Call the selected steps even past their workflow's `expires_after` (the tasks the replay
+    /// sends carry no deadline).
+    #[arg(long)]
+    ignore_expiry: bool,
     /// Print, per tenant, workflow and service, the events, runs and calls a replay would make;
     /// send and store nothing.
     #[arg(long)]
     dry_run: bool,
     /// Continue an interrupted replay (its id, as `weir replay list` shows it).
-    #[arg(long, conflicts_with_all = ["from", "to", "tenants", "types", "workflows", "services", "rerun", "dry_run"])]
+    #[arg(long, conflicts_with_all = ["from", "to", "tenants", "types", "workflows", "services", "rerun", "dry_run", "ignore_expiry"])]
     resume: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum RunsAction {
+    /// Runs, newest first: id, tenant, workflow, status, steps recorded, last step's finish.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        workflow: Option<String>,
+        /// running, succeeded, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// Runs with a step finished since this RFC 3339 time or this long ago (30m, 2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One run's steps in the workflow's order: status, attempts, started, finished, latency,
+    /// output size, error.
+    Show { run_id: String },
+    /// Cancel a run: its steps not yet started are recorded `cancelled` and never called.
+    Cancel {
+        run_id: String,
+        #[arg(long, default_value = "cancelled by an operator")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -343,6 +380,24 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             println!("produced {sent} events to {}", producer.topic());
             Ok(())
         }
+        Command::Runs { action: RunsAction::List { tenant, workflow, status, since, limit } } => {
+            let since = since.map(|s| weir::ops::dlq::parse_since(&s)).transpose()?;
+            let filter = weir::ops::runs::Filter { tenant, workflow, status, since, limit };
+            print!("{}", weir::ops::runs::render_list(&weir::ops::runs::list(&config, &filter).await?));
+            Ok(())
+        }
+        Command::Runs { action: RunsAction::Show { run_id } } => {
+            print!("{}", weir::ops::runs::render_detail(&weir::ops::runs::show(&config, &run_id).await?));
+            Ok(())
+        }
+        Command::Runs { action: RunsAction::Cancel { run_id, reason } } => {
+            if weir::ops::runs::cancel(&config, &run_id, &reason).await? {
+                println!("cancelled {run_id}: its steps not yet started will not start");
+            } else {
+                println!("{run_id} had already ended or been cancelled; nothing changed");
+            }
+            Ok(())
+        }
         Command::Dlq { action: DlqAction::List { filter } } => {
             let filter = filter.parse()?;
             let letters = tokio::task::spawn_blocking(move || weir::ops::dlq::list(&config, &filter)).await??;
@@ -436,6 +491,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                         workflows: args.workflows,
                         services: args.services,
                         rerun: args.rerun,
+                        ignore_expiry: args.ignore_expiry,
                     };
                     weir::ops::replay::start(&config, selection, options).await?
                 }

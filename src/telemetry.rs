@@ -135,6 +135,11 @@ pub enum Event<'a> {
         service: &'a str,
         succeeded: bool,
     },
+    /// A task past its `expires_after` was recorded `expired` instead of being called.
+    Expired {
+        service: &'a str,
+        tenant: &'a str,
+    },
     SinkWrote {
         rows: usize,
         elapsed: Duration,
@@ -296,6 +301,10 @@ impl Event<'_> {
             Event::ActionDone { service, succeeded } => counter!("weir_actions_total",
                 "service" => service.to_string(), "status" => if succeeded { "succeeded" } else { "failed" })
             .increment(1),
+            Event::Expired { service, tenant } => {
+                tracing::info!(service, tenant, "task expired before its call; recorded as expired, not called");
+                counter!("weir_actions_total", "service" => service.to_string(), "status" => "expired").increment(1)
+            }
             Event::SinkWrote { rows, elapsed } => {
                 tracing::debug!(rows, ms = elapsed.as_millis() as u64, "sink batch committed");
                 counter!("weir_sink_rows_total").increment(rows as u64)

@@ -33,6 +33,9 @@ fn task(input: Value) -> ActionTask {
         created_at: "2026-11-23T10:00:00Z".into(),
         input,
         event: Value::Null,
+        timeout_ms: None,
+        retry: None,
+        expires_at: None,
     }
 }
 

@@ -45,6 +45,9 @@ pub struct ApplyPlan {
     pub publish: Vec<Workflow>,
     pub delete: Vec<String>,
     pub unchanged: usize,
+    /// What the definitions ask for that the pipeline narrows (a step's timeout or retry beyond
+    /// its service's), said at apply time so that nobody relies on it.
+    pub notes: Vec<String>,
 }
 
 impl ApplyPlan {
@@ -58,6 +61,9 @@ impl ApplyPlan {
         }
         if self.publish.is_empty() && self.delete.is_empty() {
             println!("no changes ({} definitions up to date)", self.unchanged);
+        }
+        for note in &self.notes {
+            println!("note: {note}");
         }
     }
 }

@@ -171,8 +171,10 @@ fn plan_run(
     for step in &wf.def.steps {
         let Some(outcome) = known.outcomes.get(step.id.as_str()) else { continue };
         match outcome.status {
-            Status::Failed => {
-                let reason = outcome.error.unwrap_or("no reason given");
+            // A step that expired or was cancelled ends the run as a failed one would: its
+            // dependants cannot start, and the run's error says which step and why.
+            Status::Failed | Status::Expired | Status::Cancelled => {
+                let reason = outcome.error.unwrap_or(outcome.status.as_str());
                 plan.state = RunState::Failed(format!("step {} failed: {reason}", step.id));
                 return plan;
             }

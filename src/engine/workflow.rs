@@ -18,6 +18,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
@@ -25,7 +26,7 @@ use crate::{
     engine::condition::{Condition, FieldPaths, Scope},
     engine::template::{Context, InputTemplate, TemplateError},
     engine::Bounds,
-    envelope::{ActionTask, Event},
+    envelope::{ActionTask, Event, TaskRetry},
 };
 
 /// Most steps a workflow may have. Every step of a run is a task, a result row and a state
@@ -33,6 +34,11 @@ use crate::{
 /// definition costs the pipeline per event bounded (and the graph checks, quadratic in steps,
 /// cheap).
 pub(crate) const MAX_STEPS: usize = 50;
+
+/// Shortest and longest `expires_after`: under a second is shorter than a task's trip through
+/// the pipeline; over 30 days outlives any topic's retention, so it would never take effect.
+const MIN_EXPIRY: Duration = Duration::from_secs(1);
+const MAX_EXPIRY: Duration = Duration::from_secs(30 * 86_400);
 
 /// One workflow definition, as written in YAML (and published, as JSON, on the definitions topic).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +56,10 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     #[serde(default)]
     pub limits: Limits,
+    /// A run's tasks not called within this long of the event (its `time`, or when the evaluator
+    /// read it if the event has none) are recorded `expired`, uncalled, and the run fails.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub expires_after: Option<Duration>,
 }
 
 fn first_version() -> i64 {
@@ -105,6 +115,10 @@ pub struct Step {
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
+    /// This step's task, not called within this long of its creation, is recorded `expired`,
+    /// uncalled (with the workflow's `expires_after`, whichever comes first).
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub expires_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,6 +322,11 @@ impl CompiledWorkflow {
                 Field::top("steps").error(format!("{} steps, more than the limit of {MAX_STEPS}", def.steps.len()))
             );
         }
+        if let Some(after) = def.expires_after {
+            if !(MIN_EXPIRY..=MAX_EXPIRY).contains(&after) {
+                return Err(Field::top("expires_after").error(format!("{after:?} is outside 1s..=30 days")));
+            }
+        }
         if !(1..=86_400).contains(&def.limits.max_run_seconds) {
             return Err(Field::top("limits.max_run_seconds")
                 .error(format!("{} is outside 1..=86400", def.limits.max_run_seconds)));
@@ -360,6 +379,14 @@ impl CompiledWorkflow {
             if let Some(retry) = &step.retry {
                 if !(1..=20).contains(&retry.attempts) {
                     return Err(at("retry.attempts").error(format!("{} is outside 1..=20", retry.attempts)));
+                }
+                if !(1..=3_600_000).contains(&retry.backoff_ms) {
+                    return Err(at("retry.backoff_ms").error(format!("{} is outside 1..=3600000", retry.backoff_ms)));
+                }
+            }
+            if let Some(after) = step.expires_after {
+                if !(MIN_EXPIRY..=MAX_EXPIRY).contains(&after) {
+                    return Err(at("expires_after").error(format!("{after:?} is outside 1s..=30 days")));
                 }
             }
             steps.push(CompiledStep { condition, input, needs });
@@ -461,10 +488,28 @@ impl CompiledWorkflow {
             service: step.service.clone(),
             attempt: 1,
             created_at: created_at.to_string(),
+            timeout_ms: step.timeout_ms,
+            retry: step.retry.as_ref().map(|r| TaskRetry { attempts: r.attempts, backoff_ms: r.backoff_ms }),
+            expires_at: self.expires_at(step, event, created_at),
             input,
             // Later steps render their input from the event; carry it through the run.
             event: if self.is_multi_step() { serde_json::to_value(event).unwrap_or_default() } else { Json::Null },
         }
+    }
+
+    /// When step `step`'s task expires: the earlier of the workflow's `expires_after` counted
+    /// from the event's time (from `created_at` when the event has none, or one that does not
+    /// parse) and the step's own counted from `created_at`. Counting the workflow's from the
+    /// event is what "three days late" means to a member; a step's own is about that step's wait.
+    fn expires_at(&self, step: &Step, event: &Event, created_at: &str) -> Option<DateTime<Utc>> {
+        let parse = |t: &str| DateTime::parse_from_rfc3339(t).ok().map(|t| t.with_timezone(&Utc));
+        let created = parse(created_at).unwrap_or_else(Utc::now);
+        let happened = event.time.as_deref().and_then(parse).unwrap_or(created);
+        let after =
+            |from: DateTime<Utc>, d: Duration| from + chrono::Duration::from_std(d).unwrap_or(chrono::TimeDelta::MAX);
+        let run = self.def.expires_after.map(|d| after(happened, d));
+        let own = step.expires_after.map(|d| after(created, d));
+        run.into_iter().chain(own).min()
     }
 
     /// Indices of the steps with no needs: the ones a run starts with.

@@ -7,5 +7,6 @@ pub mod dlq;
 pub mod produce;
 pub mod receiver;
 pub mod replay;
+pub mod runs;
 pub mod status;
 pub mod workflows;

@@ -79,6 +79,11 @@ pub struct Selection {
     pub services: Vec<String>,
     /// Run everything selected again as new runs, instead of only what has no success.
     pub rerun: bool,
+    /// Send the tasks without their `expires_after` deadline, so that a replay of old events
+    /// calls even the steps of workflows that expire (`--ignore-expiry`). Only the tasks the
+    /// replay sends: later steps of a multi-step run, planned by the record stage, keep theirs.
+    #[serde(default)]
+    pub ignore_expiry: bool,
 }
 
 impl Selection {
@@ -102,6 +107,9 @@ impl Selection {
         }
         if self.rerun {
             text.push_str(" rerun");
+        }
+        if self.ignore_expiry {
+            text.push_str(" ignore-expiry");
         }
         text
     }
@@ -345,7 +353,10 @@ impl Job<'_> {
                 let rows = recorded.get(&(event.tenant.clone(), event.id.clone())).map(Vec::as_slice).unwrap_or(&[]);
                 let tasks =
                     decide::decide(self.definitions, self.selection, mode, event, rows, sent_before, &now, &mut tally);
-                for task in tasks {
+                for mut task in tasks {
+                    if self.selection.ignore_expiry {
+                        task.expires_at = None;
+                    }
                     let payload = match limits::task_payload(&task, config.limits.max_record_bytes) {
                         Ok(payload) => payload,
                         Err(reason) => {

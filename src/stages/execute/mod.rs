@@ -64,7 +64,7 @@ use self::{
 };
 pub use crate::connectors::{CallOutcome, Connector};
 use crate::{
-    config::{Config, ServiceConfig},
+    config::{Config, RetryConfig, ServiceConfig},
     envelope::{self, ActionResult, ActionTask, Format, Status},
     kafka,
     kafka::dead_letter::{self, DeadLetters},
@@ -597,6 +597,11 @@ impl Executor {
                 let settle = async move { Step::Settled { mark: Mark { ticket, overflow }, produced: Ok(()) } };
                 return Step::Called { tenant, partition, throttled: false, settle: settle.boxed() };
             }
+            // A task past its `expires_after` is not worth calling (nor waiting for a slot):
+            // it becomes an `expired` result, as it would at the call below.
+            if expired(&task) {
+                return self.expire(tenant, task, ticket, overflow);
+            }
             let estimate = self.connector.estimate_cost(&task);
             let ready = async {
                 let asked = Instant::now();
@@ -618,8 +623,26 @@ impl Executor {
                 self.breaker.record(admission, Verdict::Neutral);
                 return Step::GaveUp { tenant, partition };
             }
+            // It may have expired while it waited for its limits and a slot.
+            if expired(&task) {
+                self.breaker.record(admission, Verdict::Neutral);
+                drop(slot);
+                return self.expire(tenant, task, ticket, overflow);
+            }
             let started = Instant::now();
-            let outcome = self.connector.call(&task).await;
+            let outcome = match self.step_timeout(&task) {
+                // The step asked for less time than the service's client allows: the call is
+                // abandoned (its request dropped) at the step's timeout, a retryable failure like
+                // the client's own timeout.
+                Some(timeout) => tokio::time::timeout(timeout, self.connector.call(&task)).await.unwrap_or_else(|_| {
+                    CallOutcome::Retryable {
+                        reason: format!("timed out after {} ms (the step's timeout_ms)", timeout.as_millis()),
+                        http_status: None,
+                        retry_after: None,
+                    }
+                }),
+                None => self.connector.call(&task).await,
+            };
             let latency = started.elapsed();
             self.completed.called(&task.task_id, matches!(outcome, CallOutcome::Succeeded { .. }));
             let verdict = match &outcome {
@@ -641,6 +664,40 @@ impl Executor {
         .boxed()
     }
 
+    /// Ends `job` without a call: its task expired. The `expired` result frees the lane at once.
+    fn expire(self: Arc<Self>, tenant: Arc<str>, task: ActionTask, ticket: Ticket, overflow: bool) -> Step {
+        let partition = ticket.partition;
+        let settle = async move {
+            let at = task.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default();
+            let reason = format!("expired at {at} before it was called (expires_after)");
+            Event::Expired { service: &self.service, tenant: &task.tenant }.emit();
+            let produced =
+                self.send_result(task, Status::Expired, None, Some(reason), None, None, Duration::ZERO).await;
+            Step::Settled { mark: Mark { ticket, overflow }, produced }
+        };
+        Step::Called { tenant, partition, throttled: false, settle: settle.boxed() }
+    }
+
+    /// The step's own timeout, when it is shorter than the service's (the client's timeout
+    /// bounds every call already; a step cannot lengthen it).
+    fn step_timeout(&self, task: &ActionTask) -> Option<Duration> {
+        let own = Duration::from_millis(task.timeout_ms?);
+        (own < self.settings.timeout).then_some(own)
+    }
+
+    /// The retry policy of `task`: the service's, narrowed by the step's own `retry` (no more
+    /// attempts than the service allows, the first backoff within its longest).
+    fn retry_policy(&self, task: &ActionTask) -> std::borrow::Cow<'_, RetryConfig> {
+        match task.retry {
+            None => std::borrow::Cow::Borrowed(&self.settings.retry),
+            Some(own) => std::borrow::Cow::Owned(RetryConfig {
+                attempts: own.attempts.clamp(1, self.settings.retry.attempts),
+                initial_backoff: Duration::from_millis(own.backoff_ms).min(self.settings.retry.max_backoff),
+                ..self.settings.retry.clone()
+            }),
+        }
+    }
+
     /// Makes the outcome of a call durable: a result, a delayed retry, or a dead letter and a
     /// failed result.
     async fn settle(
@@ -651,7 +708,7 @@ impl Executor {
         latency: Duration,
         estimate: u64,
     ) -> Result<(), rdkafka::error::KafkaError> {
-        let attempts = self.settings.retry.attempts as i32;
+        let attempts = self.retry_policy(&task).attempts as i32;
         match outcome {
             CallOutcome::Succeeded { http_status, output, cost } => {
                 if let Some(reported) = cost {
@@ -691,8 +748,8 @@ impl Executor {
         reason: &str,
         retry_after: Option<Duration>,
     ) -> Result<(), rdkafka::error::KafkaError> {
-        let wait =
-            delay::backoff(&self.settings.retry, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
+        let policy = self.retry_policy(task);
+        let wait = delay::backoff(&policy, task.attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
         let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
         let next = ActionTask { attempt: task.attempt + 1, ..task.clone() };
         let payload = serde_json::to_vec(&next).expect("a task always serializes");
@@ -752,4 +809,9 @@ impl Executor {
         Event::Produced { stage: Stage::Execute, topic: &self.results_topic, count: 1 }.emit();
         Ok(())
     }
+}
+
+/// Whether `task` is past its `expires_at`, now.
+fn expired(task: &ActionTask) -> bool {
+    task.expires_at.is_some_and(|at| at <= chrono::Utc::now())
 }

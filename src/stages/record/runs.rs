@@ -53,6 +53,9 @@ pub(crate) enum RunStatus {
     Running,
     Succeeded,
     Failed,
+    /// Cancelled by an operator (`weir runs cancel`): the steps it would have started next were
+    /// recorded `cancelled` instead.
+    Cancelled,
 }
 
 // The statuses' SQL text, in one place: `workflow_runs.status` and `action_results.status`
@@ -63,18 +66,23 @@ impl RunStatus {
             RunStatus::Running => "running",
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
         }
     }
 
     pub(crate) fn from_sql(text: &str) -> Option<RunStatus> {
-        [RunStatus::Running, RunStatus::Succeeded, RunStatus::Failed].into_iter().find(|s| s.as_sql() == text)
+        [RunStatus::Running, RunStatus::Succeeded, RunStatus::Failed, RunStatus::Cancelled]
+            .into_iter()
+            .find(|s| s.as_sql() == text)
     }
 }
 
 /// A step's status as `action_results.status` holds it (written by [`rows::Columns`] with
 /// [`Status::as_str`]).
 pub(crate) fn step_status(text: &str) -> Option<Status> {
-    [Status::Succeeded, Status::Failed, Status::Skipped].into_iter().find(|s| s.as_str() == text)
+    [Status::Succeeded, Status::Failed, Status::Skipped, Status::Expired, Status::Cancelled]
+        .into_iter()
+        .find(|s| s.as_str() == text)
 }
 
 /// What a batch of results sets in motion: tasks to produce and results decided without a call.
@@ -196,6 +204,14 @@ impl Coordinator {
                 k.started.insert(step);
             }
         }
+        // Runs an operator cancelled (`weir runs cancel`): one indexed look-up per batch.
+        let cancelled: HashMap<String, String> =
+            sqlx::query_as("select run_id, reason from run_cancellations where run_id = any($1)")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
         let now = chrono::Utc::now().to_rfc3339();
         let mut finished: Vec<(&str, RunStatus, Option<String>)> = Vec::new();
         for (run_id, status, expired) in &state {
@@ -209,6 +225,19 @@ impl Coordinator {
                 continue;
             }
             let plan = plan::next(&run.workflow, &run.event, run_id, &known[run_id], &now);
+            if let Some(reason) = cancelled.get(run_id) {
+                // The steps it would start now are recorded `cancelled`, never produced; the
+                // run ends here (steps after them would need them, so none can start).
+                let why = format!("run cancelled: {reason}");
+                advance.results.extend(plan.decided);
+                advance.results.extend(plan.tasks.into_iter().map(|t| ActionResult {
+                    error: Some(why.clone()),
+                    attempts: 0,
+                    ..ActionResult::from_task(t, Status::Cancelled, std::time::Duration::ZERO)
+                }));
+                finished.push((run_id, RunStatus::Cancelled, Some(why)));
+                continue;
+            }
             advance.tasks.extend(plan.tasks);
             advance.results.extend(plan.decided);
             match plan.state {
