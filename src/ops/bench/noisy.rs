@@ -491,14 +491,17 @@ async fn measure(
         eprintln!("noisy: {name} phase, {} s window", options.duration.as_secs_f64());
     }
     let held = || shared.hold.load(Ordering::Acquire) && started.elapsed() < super::replay::HOLD_LIMIT;
+    // The window is `--duration` unless a replay held it open longer.
+    let mut extended = false;
     while started.elapsed() < options.duration || held() {
+        extended |= started.elapsed() >= options.duration;
         let left = options.duration.saturating_sub(started.elapsed()).max(Duration::from_millis(50));
         tokio::time::sleep(Duration::from_millis(250).min(left)).await;
         if let Some(e) = failed() {
             bail!(e);
         }
     }
-    let window = started.elapsed();
+    let window = if extended { started.elapsed() } else { options.duration };
     let end_us = load::now_us();
     shared.window_end_us.store(end_us, Ordering::Release);
     progress.stop.cancel();
