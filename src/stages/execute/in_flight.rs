@@ -92,6 +92,13 @@ impl<T: Task> InFlight<T> {
         self.taken + self.moving < self.max_buffered
     }
 
+    /// Whether the process holds half of `max_buffered` or more: then no tenant gets more than
+    /// its plain share (a lone tenant's larger one, see [`overflow`](super::overflow), must leave
+    /// room for any other partition's tasks to be taken).
+    pub(crate) fn crowded(&self) -> bool {
+        self.taken + self.moving >= self.max_buffered / 2
+    }
+
     /// A record is being produced elsewhere instead of taken (see the module docs).
     pub(crate) fn moving(&mut self) {
         self.moving += 1;

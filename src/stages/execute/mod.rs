@@ -239,7 +239,8 @@ async fn main_loop(
     let result = loop {
         if let Some(r) = reader.as_mut() {
             // Overflow tasks whose tenants have room again go back into their lanes first.
-            while let Some(d) = r.next_back(|tenant| in_flight.queued(tenant)) {
+            let crowded = in_flight.crowded();
+            while let Some(d) = r.next_back(|tenant| in_flight.queued(tenant), crowded) {
                 let mut stage =
                     Taking { in_flight: &mut in_flight, running: &mut running, source: &source, reader: None };
                 executor.take_one(d, true, &mut stage, &mut classes, Instant::now(), delay::epoch_ms());
@@ -497,8 +498,9 @@ impl Executor {
             // overflows here).
             let reader = stage.reader.as_deref_mut().filter(|r| !returning || r.book.is_overflowing(&task.tenant));
             if let Some(reader) = reader {
-                let queued = stage.in_flight.queued(&task.tenant);
-                if let Route::Overflow { started } = reader.book.route(&task.tenant, partition, queued) {
+                let (queued, crowded) = (stage.in_flight.queued(&task.tenant), stage.in_flight.crowded());
+                let route = reader.book.route(&task.tenant, partition, queued, received, crowded);
+                if let Route::Overflow { started } = route {
                     if started {
                         let tenant = &task.tenant;
                         Event::Overflowing { service: &self.service, tenant, partition, started }.emit();
