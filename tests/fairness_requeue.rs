@@ -38,7 +38,7 @@ async fn defer(producer: &FutureProducer, topic: &str, n: u64, tenant: &str, due
         .insert(Header { key: DUE, value: Some(due.as_str()) });
     let payload = task(n, tenant);
     let record = FutureRecord::to(topic).partition(0).key(tenant).payload(&payload).headers(headers);
-    producer.send(record, Timeout::After(Duration::from_secs(10))).await.map_err(|(e, _)| e).unwrap().1
+    producer.send(record, Timeout::After(Duration::from_secs(10))).await.map_err(|(e, _)| e).unwrap().offset
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +65,7 @@ async fn a_deferral_due_beyond_the_longest_tier_does_not_hold_back_a_near_one_on
         async move { calls.iter().any(|c| c.tenant.as_deref() == Some("near")) }
     })
     .await;
-    assert!(near_called, "the near deferral was called although a far one was ahead of it");
+    assert!(near_called, "the near deferral was not called: the far one ahead of it holds its partition");
 
     // Both of far's records went to the tail, in order, counted, each naming its origin.
     let tier_records = read_topic(&tier, 5, Duration::from_secs(30));
