@@ -20,7 +20,7 @@
 //! tenant): with nothing to let through it stays at the head and the partition is read on, so two
 //! far records do not chase each other round the partition; so is it when the partition holds
 //! [`MAX_HELD`] records behind it, and then it waits as before (memory is bounded; a log line
-//! and the stage's watchdog say so).
+//! says so).
 //!
 //! A tenant's records keep their order: once a record of a tenant is re-queued, the tenant's
 //! later records in that partition are re-queued behind it, until the copy comes back to the
@@ -121,13 +121,23 @@ pub(crate) fn decide(head: HeadRecord, now: u64, delay_ms: u64, movable_behind: 
 struct Waiting<T = Delivery> {
     queue: VecDeque<T>,
     requeued: HashMap<Vec<u8>, HashSet<i64>>,
+    /// The queue's length and the time of the last look behind a held head that found nothing
+    /// to move: what was behind it then is looked at again only a second later, so a head held
+    /// in front of many records costs a scan of what arrived since, not of everything each turn.
+    looked: (usize, u64),
+    /// Paused with [`MAX_HELD`] records behind a held head (said once).
+    full: bool,
 }
 
 impl<T> Default for Waiting<T> {
     fn default() -> Self {
-        Waiting { queue: VecDeque::new(), requeued: HashMap::new() }
+        Waiting { queue: VecDeque::new(), requeued: HashMap::new(), looked: (0, 0), full: false }
     }
 }
+
+/// How long a look behind a held head stays good for the records it saw (their due times move
+/// into the tier's delay as time passes).
+const LOOK_AGAIN_MS: u64 = 1_000;
 
 /// What [`Waiting`] reads of a record (tests keep bare messages).
 trait Record {
@@ -168,11 +178,14 @@ impl<T: Record> Waiting<T> {
     }
 
     /// Whether a record behind the head, of another tenant with nothing re-queued, is due within
-    /// `delay_ms`.
-    fn movable_behind(&self, now: u64, delay_ms: u64) -> bool {
+    /// `delay_ms` (only records that arrived since the last look, unless it is a second old).
+    fn movable_behind(&mut self, now: u64, delay_ms: u64) -> bool {
+        let (seen, at) = self.looked;
+        let from = if now >= at + LOOK_AGAIN_MS || seen > self.queue.len() { 1 } else { seen.max(1) };
+        self.looked = (self.queue.len(), if from == 1 { now } else { at });
         let Some(head) = self.queue.front() else { return false };
         let key = head.message().key().unwrap_or_default();
-        self.queue.iter().skip(1).any(|d| {
+        self.queue.iter().skip(from).any(|d| {
             let k = d.message().key().unwrap_or_default();
             let due = kafka::header_str(d.message(), DUE).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             k != key && !self.requeued.contains_key(k) && due <= now.saturating_add(delay_ms)
@@ -204,6 +217,7 @@ pub(crate) async fn run_tier(
     let dead_letters = DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute).with_limits(&config.limits);
     let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.names().retry_group(&service, &tier))?;
     let ownership = source.ownership();
+    let mut assignment = source.assignment();
     let mut waiting: BTreeMap<i32, Waiting> = BTreeMap::new();
     let mut sending = FuturesUnordered::new();
     let result = loop {
@@ -224,11 +238,22 @@ pub(crate) async fn run_tier(
                     Head::Hold { within } => {
                         next_due = next_due.min(within);
                         read_on = part.queue.len() < MAX_HELD;
+                        if !read_on && !part.full {
+                            let detail = format!(
+                                "{topic}/{partition}: {MAX_HELD} records held behind a head due at {} ms since the \
+                                 epoch, none due within the tier's delay; the partition waits for it",
+                                record.due
+                            );
+                            Event::Failed { stage: Stage::Execute, reason: "delay-held", retryable: true, detail: &detail }
+                                .emit();
+                        }
+                        part.full = !read_on;
                         break;
                     }
                     Head::Send | Head::Requeue | Head::GiveUp => {}
                 }
                 let d = part.queue.pop_front().expect("head exists");
+                part.looked = (0, 0);
                 // A revoked partition's records are its new owner's to send.
                 if !ownership.owns(&d.ticket) {
                     continue;
@@ -284,6 +309,15 @@ pub(crate) async fn run_tier(
                 Ok(()) => source.done(&ticket),
                 Err(e) => break Err(anyhow::anyhow!("retry tier {topic}: producing to {main} failed: {e}")),
             },
+            Ok(()) = assignment.changed() => {
+                // A partition may have been read by another member meanwhile, which took the
+                // copies re-queued here: waiting for them to come back could last for ever. So the
+                // bookkeeping starts afresh; a tenant's copy still out may then be overtaken by
+                // its later record (only around a rebalance).
+                let owned = assignment.borrow_and_update().owned.clone();
+                waiting.retain(|p, _| owned.contains(p));
+                waiting.values_mut().for_each(|w| w.requeued.clear());
+            }
             batch = source.recv() => match batch {
                 Some(batch) => for d in batch {
                     waiting.entry(d.ticket.partition).or_default().queue.push_back(d);

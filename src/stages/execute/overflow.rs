@@ -24,6 +24,18 @@
 //! as for any overflowing tenant (its lane is not refilled from the overflow topic until it is
 //! back under the share).
 //!
+//! The only tenant the whole process has had work of lately (none other seen on any partition in
+//! the last [`CONTENDED_FOR`], none with tasks out) does not overflow at all: there is nobody to
+//! make room for, and a lone tenant flat out would otherwise pay the overflow's produce and read
+//! for every task of its backlog (a quarter of its throughput, measured). It is held back as
+//! before fairness: its partition pauses at `partition_max_buffered`, the process at
+//! `max_buffered`. The first task of any other tenant, on any partition, ends that: the lone
+//! tenant's next task overflows if its lane holds its share, and its partition, resumed once half
+//! its lane is called, is read on past its backlog. The limit: a second tenant whose first tasks
+//! land on the lone tenant's partition, *behind* its backlog, while no other partition has work,
+//! is not seen until that backlog before it is called, as before fairness (a process with traffic
+//! from two tenants anywhere never pauses a partition for one).
+//!
 //! ## Which process reads overflow partition p
 //!
 //! The process that owns action partition p: only it knows that tenant T of p overflows. The
@@ -113,6 +125,8 @@ pub(crate) struct Book {
     out: HashMap<Arc<str>, (i32, usize)>,
     /// Per action partition, the last two different tenants whose tasks were taken from it.
     seen: HashMap<i32, Seen>,
+    /// The same over every partition of the process.
+    seen_anywhere: Seen,
 }
 
 /// The last tenant seen on a partition and the last one before it that was a different tenant,
@@ -148,7 +162,20 @@ impl Book {
     /// `alone_share` (at least `share`) while alone on their partition.
     pub(crate) fn new(share: usize, alone_share: usize) -> Book {
         let share = share.max(1);
-        Book { share, alone_share: alone_share.max(share), out: HashMap::new(), seen: HashMap::new() }
+        Book {
+            share,
+            alone_share: alone_share.max(share),
+            out: HashMap::new(),
+            seen: HashMap::new(),
+            seen_anywhere: Seen::default(),
+        }
+    }
+
+    /// Whether `tenant` is the only tenant this process has had work of lately: no other seen on
+    /// any partition in the last [`CONTENDED_FOR`], none with tasks out in the overflow topic.
+    pub(crate) fn alone_in_process(&self, tenant: &str, now: Instant) -> bool {
+        let lately = self.seen_anywhere.other_than(tenant).is_some_and(|at| now.saturating_duration_since(at) < CONTENDED_FOR);
+        !lately && !self.out.keys().any(|t| &**t != tenant)
     }
 
     /// The share of `tenant` of action partition `partition` at `now`; `crowded` when the process
@@ -175,11 +202,14 @@ impl Book {
     /// [`share_of`](Self::share_of).
     pub(crate) fn route(&mut self, tenant: &str, partition: i32, queued: usize, now: Instant, crowded: bool) -> Route {
         self.seen.entry(partition).or_default().saw(tenant, now);
+        self.seen_anywhere.saw(tenant, now);
         if let Some((_, out)) = self.out.get_mut(tenant) {
             *out += 1;
             return Route::Overflow { started: false };
         }
-        if queued < self.share_of(tenant, partition, now, crowded) {
+        // The only tenant of the process: nobody to make room for, so no overflow; the partition
+        // and process bounds hold it back as they did before fairness (see the module docs).
+        if self.alone_in_process(tenant, now) || queued < self.share_of(tenant, partition, now, crowded) {
             return Route::Lane;
         }
         self.out.insert(Arc::from(tenant), (partition, 1));
@@ -466,6 +496,7 @@ mod tests {
     fn a_tenant_over_its_share_overflows_until_every_task_it_sent_out_is_back() {
         let mut b = Book::new(2, 2);
         let now = Instant::now();
+        assert_eq!(b.route("z", 9, 0, now, false), Route::Lane, "another tenant in the process");
         assert_eq!(b.route("a", 3, 1, now, false), Route::Lane);
         assert_eq!(b.route("a", 3, 2, now, false), Route::Overflow { started: true }, "two in the lane: the share");
         assert_eq!(b.route("b", 3, 0, now, false), Route::Lane, "a partition-mate is not held behind it");
@@ -484,6 +515,7 @@ mod tests {
     fn a_partition_taken_over_starts_with_its_counted_tenants_overflowing_and_a_lost_one_is_forgotten() {
         let mut b = Book::new(100, 100);
         let now = Instant::now();
+        assert_eq!(b.route("z", 9, 0, now, false), Route::Lane, "another tenant in the process");
         assert_eq!(b.route("a", 1, 100, now, false), Route::Overflow { started: true });
         let started = b.counted(2, [("c".to_string(), 5), ("d".to_string(), 0)]);
         assert_eq!(started, ["c"], "a tenant with nothing out does not overflow");
@@ -498,6 +530,8 @@ mod tests {
     fn a_lone_tenant_holds_the_larger_share_until_a_partition_mate_has_work() {
         let mut b = Book::new(2, 5);
         let t0 = Instant::now();
+        // Another tenant in the process, on another partition.
+        assert_eq!(b.route("z", 1, 0, t0, false), Route::Lane);
         // Alone on partition 0: no overflow until the larger share.
         for queued in 0..5 {
             assert_eq!(b.route("a", 0, queued, t0, false), Route::Lane, "{queued} queued, alone");
@@ -507,8 +541,6 @@ mod tests {
         // The process past half its bound: the plain share, alone or not.
         assert_eq!(b.route("a", 0, 2, t0, true), Route::Overflow { started: true });
         assert!(b.returned("a"));
-        // A tenant on another partition changes nothing here.
-        assert_eq!(b.route("z", 1, 0, t0, false), Route::Lane);
         assert_eq!(b.route("a", 0, 4, t0, false), Route::Lane);
         // A partition-mate shows up: a, with 4 in its lane, overflows with its very next task,
         // and its lane is not refilled from the overflow topic until it is under the plain share.
@@ -531,5 +563,27 @@ mod tests {
         assert_eq!(b.share_of("b", 0, quiet, false), 2);
         b.forget(0);
         assert_eq!(b.share_of("a", 0, quiet, false), 5, "a partition given up is forgotten");
+    }
+
+    #[test]
+    fn the_only_tenant_of_the_process_never_overflows_until_another_shows_up_anywhere() {
+        let mut b = Book::new(2, 5);
+        let t0 = Instant::now();
+        for queued in [0, 5, 1_000] {
+            assert_eq!(b.route("a", 0, queued, t0, true), Route::Lane, "{queued} queued, the only tenant");
+        }
+        // Another tenant on another partition: a is held to its share on its own partition again.
+        assert_eq!(b.route("z", 1, 0, t0, false), Route::Lane);
+        assert!(!b.alone_in_process("a", t0));
+        assert_eq!(b.route("a", 0, 5, t0, false), Route::Overflow { started: true });
+        // z gone quiet, but a's tasks are out: a overflows behind them, alone or not.
+        let later = t0 + CONTENDED_FOR;
+        assert!(b.alone_in_process("a", later));
+        assert_eq!(b.route("a", 0, 0, later, false), Route::Overflow { started: false });
+        assert!(!b.returned("a") && b.returned("a"));
+        assert_eq!(b.route("a", 0, 1_000, later, false), Route::Lane, "all back: alone again");
+        // A tenant with tasks out counts as having work, however long ago it was seen.
+        assert_eq!(b.counted(1, [("z".to_string(), 3)]), ["z"]);
+        assert!(!b.alone_in_process("a", later + CONTENDED_FOR));
     }
 }
