@@ -213,8 +213,14 @@ pub(crate) async fn run_tier(
     let topic = config.names().retry(&service, &tier);
     let main = config.names().actions(&service);
     let retry = config.services.get(&service).map(|s| s.retry.clone()).unwrap_or_default();
-    let delay_ms = retry.tier_names().iter().zip(&retry.tiers).find(|(name, _)| **name == tier).map_or(0, |(_, d)| d.as_millis() as u64);
-    let dead_letters = DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute).with_limits(&config.limits);
+    let delay_ms = retry
+        .tier_names()
+        .iter()
+        .zip(&retry.tiers)
+        .find(|(name, _)| **name == tier)
+        .map_or(0, |(_, d)| d.as_millis() as u64);
+    let dead_letters =
+        DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute).with_limits(&config.limits);
     let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.names().retry_group(&service, &tier))?;
     let ownership = source.ownership();
     let mut assignment = source.assignment();
@@ -244,8 +250,13 @@ pub(crate) async fn run_tier(
                                  epoch, none due within the tier's delay; the partition waits for it",
                                 record.due
                             );
-                            Event::Failed { stage: Stage::Execute, reason: "delay-held", retryable: true, detail: &detail }
-                                .emit();
+                            Event::Failed {
+                                stage: Stage::Execute,
+                                reason: "delay-held",
+                                retryable: true,
+                                detail: &detail,
+                            }
+                            .emit();
                         }
                         part.full = !read_on;
                         break;
@@ -273,8 +284,8 @@ pub(crate) async fn run_tier(
                     },
                     _ => {
                         let reason = format!(
-                            "re-queued {} times on delay tier {topic} and still not due within {delay_ms} ms (due at {} ms \
-                             since the epoch)",
+                            "re-queued {} times on delay tier {topic} (the limit; due at {} ms since the epoch, the tier's \
+                             delay is {delay_ms} ms)",
                             record.requeues, record.due
                         );
                         Event::Failed { stage: Stage::Execute, reason: "requeue", retryable: false, detail: &reason }
@@ -349,8 +360,11 @@ fn requeue(
     rdkafka::error::KafkaError,
 > {
     let (count, from) = ((requeues + 1).to_string(), d.ticket.offset.to_string());
-    let headers =
-        kafka::rewrite_headers(&d.message, |k| k == REQUEUES || k == REQUEUED_FROM, &[(REQUEUES, &count), (REQUEUED_FROM, &from)]);
+    let headers = kafka::rewrite_headers(
+        &d.message,
+        |k| k == REQUEUES || k == REQUEUED_FROM,
+        &[(REQUEUES, &count), (REQUEUED_FROM, &from)],
+    );
     let key = d.message.key().unwrap_or_default().to_vec();
     let payload = d.message.payload().unwrap_or_default();
     let acknowledged = kafka::enqueue(producer, topic, d.ticket.partition, d.message.key(), payload, headers)?;

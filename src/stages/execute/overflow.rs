@@ -127,6 +127,8 @@ pub(crate) struct Book {
     seen: HashMap<i32, Seen>,
     /// The same over every partition of the process.
     seen_anywhere: Seen,
+    /// The tenant last routed to its lane as the only tenant of the process, and its partition.
+    lone: Option<(Arc<str>, i32)>,
 }
 
 /// The last tenant seen on a partition and the last one before it that was a different tenant,
@@ -168,13 +170,34 @@ impl Book {
             out: HashMap::new(),
             seen: HashMap::new(),
             seen_anywhere: Seen::default(),
+            lone: None,
         }
+    }
+
+    /// A task of `tenant` is about to be routed: if another tenant was the only one of the process
+    /// until now, that one and its partition (its lane may hold more than its share now; see the
+    /// module docs).
+    pub(crate) fn newcomer(&mut self, tenant: &str) -> Option<(Arc<str>, i32)> {
+        match &self.lone {
+            Some((lone, _)) if &**lone != tenant => self.lone.take(),
+            _ => None,
+        }
+    }
+
+    /// `n` tasks of `tenant` of `partition` were taken out of its lane to the overflow topic (after
+    /// [`newcomer`](Self::newcomer)): it overflows, its later tasks behind them. True when it
+    /// just began.
+    pub(crate) fn evicted(&mut self, tenant: &str, partition: i32, n: usize) -> bool {
+        let entry = self.out.entry(Arc::from(tenant)).or_insert((partition, 0));
+        entry.1 += n;
+        entry.1 == n
     }
 
     /// Whether `tenant` is the only tenant this process has had work of lately: no other seen on
     /// any partition in the last [`CONTENDED_FOR`], none with tasks out in the overflow topic.
     pub(crate) fn alone_in_process(&self, tenant: &str, now: Instant) -> bool {
-        let lately = self.seen_anywhere.other_than(tenant).is_some_and(|at| now.saturating_duration_since(at) < CONTENDED_FOR);
+        let lately =
+            self.seen_anywhere.other_than(tenant).is_some_and(|at| now.saturating_duration_since(at) < CONTENDED_FOR);
         !lately && !self.out.keys().any(|t| &**t != tenant)
     }
 
@@ -209,7 +232,13 @@ impl Book {
         }
         // The only tenant of the process: nobody to make room for, so no overflow; the partition
         // and process bounds hold it back as they did before fairness (see the module docs).
-        if self.alone_in_process(tenant, now) || queued < self.share_of(tenant, partition, now, crowded) {
+        if self.alone_in_process(tenant, now) {
+            if self.lone.as_ref().is_none_or(|(t, p)| &**t != tenant || *p != partition) {
+                self.lone = Some((Arc::from(tenant), partition));
+            }
+            return Route::Lane;
+        }
+        if queued < self.share_of(tenant, partition, now, crowded) {
             return Route::Lane;
         }
         self.out.insert(Arc::from(tenant), (partition, 1));
@@ -572,9 +601,20 @@ mod tests {
         for queued in [0, 5, 1_000] {
             assert_eq!(b.route("a", 0, queued, t0, true), Route::Lane, "{queued} queued, the only tenant");
         }
-        // Another tenant on another partition: a is held to its share on its own partition again.
+        assert_eq!(b.newcomer("a"), None, "a itself is no newcomer");
+        // Another tenant on another partition: a's lane beyond its share is to be evicted, and a is
+        // held to its share on its own partition again.
+        assert_eq!(b.newcomer("z"), Some((Arc::from("a"), 0)));
+        assert_eq!(b.newcomer("z"), None, "once");
         assert_eq!(b.route("z", 1, 0, t0, false), Route::Lane);
         assert!(!b.alone_in_process("a", t0));
+        assert!(b.evicted("a", 0, 995) && !b.evicted("a", 0, 1), "a overflows behind its evicted tasks");
+        assert_eq!(b.route("a", 0, 0, t0, false), Route::Overflow { started: false });
+        assert_eq!(b.out("a"), 997);
+        for _ in 0..996 {
+            assert!(!b.returned("a"));
+        }
+        assert!(b.returned("a"));
         assert_eq!(b.route("a", 0, 5, t0, false), Route::Overflow { started: true });
         // z gone quiet, but a's tasks are out: a overflows behind them, alone or not.
         let later = t0 + CONTENDED_FOR;
