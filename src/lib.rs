@@ -35,7 +35,7 @@
 //! - [`connectors`]: how a service is called (webhook, Slack, OpenAI, no-op), and the network
 //!   policy that guards every call.
 //! - [`ops`]: what operators run: [`ops::produce`], [`ops::workflows`], [`ops::dlq`],
-//!   [`ops::replay`], [`ops::demo`], [`ops::bench`], and [`ops::receiver`] (a real local HTTP server standing in
+//!   [`ops::replay`], [`ops::status`], [`ops::demo`], [`ops::bench`], and [`ops::receiver`] (a real local HTTP server standing in
 //!   for an external service in tests, the demo and the benchmark).
 //!
 //! At the top, what everything shares: [`config`] (`weir.yaml`), [`envelope`] (the records and

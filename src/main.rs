@@ -31,6 +31,10 @@ enum Command {
         /// Stages to run in this process (repeatable); default all.
         #[arg(long = "stage", value_enum)]
         stages: Vec<StageName>,
+        /// Run the executors of only this service (repeatable; needs the execute stage); default
+        /// every service in the config.
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
     },
     /// Topics as code (topics/*.yaml).
     Topics {
@@ -71,32 +75,50 @@ enum Command {
     },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
-        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst or all (all =
-        /// every one but backlog and the noisy ones, which are long: three phases of --duration).
+        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale
+        /// or all (all = every one but backlog, the noisy ones, replay and scale, which are long:
+        /// several phases of --duration).
         #[arg(long, default_value = "all")]
         scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).
         #[arg(long, default_value = "60s", value_parser = weir::ops::bench::parse_duration)]
         duration: std::time::Duration,
-        /// Events per second offered, or flat-out [default: flat-out; noisy: 4000, all tenants together].
+        /// Events per second offered, or flat-out [default: flat-out; noisy: 4000, replay: 400 live,
+        /// all tenants together].
         #[arg(long)]
         rate: Option<weir::ops::bench::RateArg>,
         /// Tenants in the load (Zipf-skewed volume), each with workflows of its own [default: 1000;
-        /// noisy: 20 quiet tenants beside the noisy one].
+        /// noisy: 20 quiet tenants beside the noisy one; replay: 20 live tenants].
         #[arg(long)]
         tenants: Option<usize>,
         /// Where bench.json and bench.svg are written.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
-        /// backlog: events put on the topic before the stages start.
-        #[arg(long, default_value_t = 10_000_000)]
-        events: u64,
+        /// backlog: events put on the topic before the stages start [default: 10,000,000]; replay:
+        /// events put there and then replayed beside live traffic [default: 100,000].
+        #[arg(long)]
+        events: Option<u64>,
         /// backlog: size of each event's data body in bytes (the record is ~180 more).
         #[arg(long, default_value_t = 400)]
         body_bytes: usize,
         /// backlog: stages of the separate `weir run` process that drains it.
         #[arg(long, value_enum, default_value = "evaluate")]
         stages: weir::ops::bench::backlog::BacklogStages,
+    },
+    /// Where each stage stands: its consumer groups' members, partitions, lag and oldest
+    /// unprocessed record, each service's breaker and throttle wait, the dead letters
+    /// (docs/operations.md). Reads beside the groups, never joining them.
+    Status {
+        /// Print JSON (one document per refresh) for scripts; its schema is in docs/operations.md.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECS seconds until interrupted [default: 5].
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "5")]
+        watch: Option<f64>,
+        /// `/metrics` URL of a running weir process, for breaker state and throttle wait
+        /// (repeatable) [default: from the config's metrics_addr].
+        #[arg(long = "metrics", value_name = "URL")]
+        metrics: Vec<String>,
     },
     /// Start everything in-process on sample events and show the outcome.
     Demo {
@@ -259,8 +281,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let check = config.clone();
     tokio::task::spawn_blocking(move || weir::kafka::check_reachable(&check)).await??;
     match cli.command {
-        Command::Run { stages } => {
+        Command::Run { stages, services } => {
             let stages = if stages.is_empty() { Pipeline::ALL.to_vec() } else { stages };
+            if !services.is_empty() && !stages.contains(&StageName::Execute) {
+                anyhow::bail!("--service selects executors: run it with --stage execute");
+            }
             let config = Arc::new(config);
             // Cancelled by Ctrl-C or SIGTERM, and on the way out (the metrics server stops last).
             let shutdown = shutdown::on_signal().drop_guard();
@@ -270,7 +295,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             // Starting waits for the broker and reads every definition: a signal meanwhile stops it.
             let mut pipeline = tokio::select! {
-                started = Pipeline::start(config, &stages) => started?,
+                started = Pipeline::start_services(config, &stages, &services) => started?,
                 _ = shutdown.token().cancelled() => return Ok(()),
             };
             tracing::info!(?stages, "running; Ctrl-C or SIGTERM to stop");
@@ -344,17 +369,25 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages } => {
-            let backlog = weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
-            use weir::ops::bench::{noisy, RateArg, Scenario};
+            use weir::ops::bench::{noisy, replay, RateArg, Scenario};
             let scenarios = scenario.scenarios();
-            // The noisy scenarios' defaults are the measurement (20 quiet tenants at
-            // 20/s beside 3,600/s), not a flat-out Zipf load.
+            // The noisy and replay scenarios' defaults are the issues' measurements (20 quiet
+            // tenants at 20/s beside 3,600/s; 100,000 events replayed beside 400/s), not a
+            // flat-out Zipf load.
             let is_noisy = scenarios.iter().any(|s| matches!(s, Scenario::Noisy | Scenario::NoisyBurst));
+            let is_replay = scenarios.contains(&Scenario::Replay);
+            let default_rate = match (is_noisy, is_replay) {
+                (true, _) => RateArg::PerSecond(noisy::DEFAULT_RATE),
+                (_, true) => RateArg::PerSecond(replay::DEFAULT_RATE),
+                _ => RateArg::FlatOut,
+            };
+            let events = events.unwrap_or(if is_replay { replay::DEFAULT_EVENTS } else { 10_000_000 });
+            let backlog = weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
             let options = weir::ops::bench::Options {
                 scenarios,
                 duration,
-                rate: rate.unwrap_or(if is_noisy { RateArg::PerSecond(noisy::DEFAULT_RATE) } else { RateArg::FlatOut }),
-                tenants: tenants.unwrap_or(if is_noisy { noisy::DEFAULT_QUIET_TENANTS } else { 1_000 }),
+                rate: rate.unwrap_or(default_rate),
+                tenants: tenants.unwrap_or(if is_noisy || is_replay { noisy::DEFAULT_QUIET_TENANTS } else { 1_000 }),
                 out,
                 progress: true,
                 backlog,
@@ -409,6 +442,15 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", report.render());
             Ok(())
+        }
+        Command::Status { json, watch, metrics } => {
+            let watch = match watch {
+                Some(secs) if !(secs.is_finite() && secs >= 0.1) => {
+                    anyhow::bail!("--watch {secs}: give an interval of at least 0.1 seconds")
+                }
+                secs => secs.map(std::time::Duration::from_secs_f64),
+            };
+            weir::ops::status::run(&config, &weir::ops::status::Options { metrics }, json, watch).await
         }
         Command::Demo { events, tenants } => weir::ops::demo::run(config, events, tenants.max(1)).await,
     }

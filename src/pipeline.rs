@@ -1,6 +1,16 @@
 //! Starting and stopping the stages in one process: what `weir run`, the demo, the benchmark and
 //! the integration tests share. Each stage is a tokio task with its own consumer group, so the
 //! same binary scales by starting more processes (or only some stages in each, `--stage`).
+//!
+//! ## Draining
+//! [`Pipeline::stop`] is the graceful drain of SIGTERM (a scale-in, a rolling update): every stage
+//! stops taking records, finishes what it has in flight, stores the offsets of what became
+//! durable, and its consumers commit them and leave their groups, so the partitions move to the
+//! remaining processes at once and their new owners repeat nothing that was done. Finishing is
+//! bounded by `consumer_groups.drain_timeout`: a stage still busy then (a service that stopped
+//! answering, a database that does not commit) is aborted. Its sources close as they are dropped:
+//! they log what they abandon (`Event::Abandoned`), commit what was stored, and leave. Kubernetes
+//! kills a pod `terminationGracePeriodSeconds` after SIGTERM, so the drain must end before that.
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -28,6 +38,8 @@ pub struct Pipeline {
     /// panic) does not leave stages running.
     cancel: DropGuard,
     tasks: Vec<(String, JoinHandle<anyhow::Result<()>>)>,
+    /// How long [`stop`](Self::stop) waits for the stages' in-flight work.
+    drain_timeout: std::time::Duration,
 }
 
 /// Reads the compacted definitions topic into a new store, then keeps the store current from a
@@ -45,6 +57,19 @@ impl Pipeline {
     /// Checks the broker and the size limits, reads the workflow definitions topic and starts the
     /// requested stages.
     pub async fn start(config: Arc<Config>, stages: &[StageName]) -> anyhow::Result<Pipeline> {
+        Pipeline::start_services(config, stages, &[]).await
+    }
+
+    /// [`Pipeline::start`], with the executors of only `services` (all when empty): one
+    /// Deployment per service scales each service's executor on its own lag.
+    pub async fn start_services(
+        config: Arc<Config>,
+        stages: &[StageName],
+        services: &[String],
+    ) -> anyhow::Result<Pipeline> {
+        if let Some(unknown) = services.iter().find(|s| !config.services.contains_key(*s)) {
+            anyhow::bail!("--service {unknown}: no such service in the config's services");
+        }
         crate::connectors::validate_all(&config).context("invalid config")?;
         let check = config.clone();
         tokio::task::spawn_blocking(move || kafka::check_reachable(&check)).await??;
@@ -66,7 +91,7 @@ impl Pipeline {
                     tokio::spawn(evaluate::run(config.clone(), definitions.clone(), cancel.clone())),
                 )),
                 StageName::Execute => {
-                    for service in config.services.keys() {
+                    for service in config.services.keys().filter(|s| services.is_empty() || services.contains(s)) {
                         tasks.push((
                             format!("execute-{service}"),
                             tokio::spawn(execute::run(config.clone(), service.clone(), cancel.clone())),
@@ -79,32 +104,51 @@ impl Pipeline {
                 )),
             }
         }
-        Ok(Pipeline { cancel: cancel.drop_guard(), tasks })
+        Ok(Pipeline { cancel: cancel.drop_guard(), tasks, drain_timeout: config.consumer_groups.drain_timeout })
     }
 
     /// All stages.
     pub const ALL: [StageName; 3] = [StageName::Evaluate, StageName::Execute, StageName::Sink];
 
-    /// Waits until a stage ends by itself: an error while running.
+    /// Waits until a stage ends by itself: an error while running. A stage runs until it is
+    /// stopped, so one that ends without an error ended because its source did (a consumer
+    /// librdkafka declared failed, which the source logged): an error too, so the process exits
+    /// non-zero and its supervisor restarts it.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
         let (result, index, _) = futures::future::select_all(self.tasks.iter_mut().map(|(_, t)| t)).await;
         let name = self.tasks.remove(index).0;
         match result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                Err(anyhow::anyhow!("stage {name} stopped by itself: its consumer failed (see the log above)"))
+            }
             Ok(Err(e)) => Err(e.context(format!("stage {name} failed"))),
             Err(e) => Err(anyhow::anyhow!("stage {name} panicked: {e}")),
         }
     }
 
-    /// Signals every stage to finish its current work and waits for them.
+    /// Signals every stage to finish its current work and waits for them, at most
+    /// `consumer_groups.drain_timeout` in all (see the module docs).
     pub async fn stop(self) -> anyhow::Result<()> {
-        let Pipeline { cancel, tasks } = self;
+        let Pipeline { cancel, tasks, drain_timeout } = self;
         cancel.disarm().cancel();
+        let deadline = tokio::time::Instant::now() + drain_timeout;
         let mut first_error = None;
-        for (name, task) in tasks {
-            let outcome = match task.await {
-                Ok(r) => r.with_context(|| format!("stage {name}")),
-                Err(e) => Err(anyhow::anyhow!("stage {name} panicked: {e}")),
+        for (name, mut task) in tasks {
+            let outcome = match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(r)) => r.with_context(|| format!("stage {name}")),
+                Ok(Err(e)) => Err(anyhow::anyhow!("stage {name} panicked: {e}")),
+                Err(_) => {
+                    tracing::warn!(
+                        stage = name,
+                        "consumer_groups.drain_timeout ({}s) is over: abandoning the stage's unfinished work",
+                        drain_timeout.as_secs_f64()
+                    );
+                    // Dropping the stage closes its sources: they log what they abandon, commit
+                    // what was stored and leave their groups.
+                    task.abort();
+                    let _ = task.await;
+                    Ok(())
+                }
             };
             if let Err(e) = outcome {
                 tracing::error!("{e:#}");

@@ -24,6 +24,8 @@
 //!   a delay topic, calls that waited for the tenant's own limit). `tenant` is one of the
 //!   `executor.fairness.metrics_top_tenants` most backlogged tenants, or `other`
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
+//! - `weir_breaker_state{service,state}`: 1 for the breaker's current state (`closed`, `open`,
+//!   `half-open`), 0 for the others; set from the breaker's first change on
 //! - `weir_redriven_total`: dead letters re-produced by `weir dlq redrive`
 //! - `weir_completed_skipped_total{service}`: tasks not called because their call had already
 //!   succeeded (a copy replayed after a crash or a rebalance; `stages::execute::completed`)
@@ -89,6 +91,13 @@ pub enum Event<'a> {
         retryable: bool,
         detail: &'a str,
     },
+    /// A produce the broker refused for a reason that may pass (a restart, a leader moving, an
+    /// idempotent producer resetting its sequence) is being tried again.
+    ProduceRetried {
+        topic: &'a str,
+        attempt: u32,
+        error: &'a str,
+    },
     DeadLettered {
         stage: Stage,
         reason: &'a str,
@@ -107,9 +116,21 @@ pub enum Event<'a> {
         partition: i32,
         lag: i64,
     },
+    /// A member of `stage`'s group on `topic` was assigned (`kind` "assign") or gave up
+    /// ("revoke") `partitions`: with an incremental protocol only those that moved.
     Rebalanced {
         stage: Stage,
+        topic: &'a str,
         kind: &'static str,
+        partitions: &'a str,
+    },
+    /// A source closed with `messages` taken and not finished on `partitions` (a drain that ran
+    /// out of time, or work a stopping stage leaves queued): their offsets are not stored, so the
+    /// partitions' next owner does them again.
+    Abandoned {
+        stage: Stage,
+        topic: &'a str,
+        messages: usize,
         partitions: &'a str,
     },
     ActionDone {
@@ -245,6 +266,13 @@ impl Event<'_> {
                     "retryable" => if retryable { "true" } else { "false" })
                 .increment(1)
             }
+            Event::ProduceRetried { topic, attempt, error } => {
+                // One line per window, whatever the number of records caught in the same outage.
+                if let Some(suppressed) = failed_log().admit((Stage::Produce, "retry"), std::time::Instant::now()) {
+                    tracing::warn!(topic, attempt, error, suppressed, "producing again");
+                }
+                counter!("weir_produce_retries_total").increment(1)
+            }
             Event::DeadLettered { stage, reason, topic, partition, offset } => {
                 tracing::warn!(stage = stage.as_str(), reason, topic, partition, offset, "dead-lettered");
                 counter!("weir_dead_lettered_total", "stage" => stage.as_str()).increment(1)
@@ -258,8 +286,19 @@ impl Event<'_> {
             Event::Lag { stage, topic, partition, lag } => gauge!("weir_consumer_lag", "stage" => stage.as_str(),
                 "topic" => topic.to_string(), "partition" => partition.to_string())
             .set(lag as f64),
-            Event::Rebalanced { stage, kind, partitions } => {
-                tracing::info!(stage = stage.as_str(), kind, partitions, "rebalance")
+            Event::Rebalanced { stage, topic, kind, partitions } => {
+                tracing::info!(stage = stage.as_str(), topic, kind, partitions, "rebalance");
+                counter!("weir_rebalances_total", "stage" => stage.as_str(), "kind" => kind).increment(1)
+            }
+            Event::Abandoned { stage, topic, messages, partitions } => {
+                tracing::warn!(
+                    stage = stage.as_str(),
+                    topic,
+                    messages,
+                    partitions,
+                    "stopping with work unfinished: its offsets are not stored, the partitions' next owner does it again"
+                );
+                counter!("weir_abandoned_total", "stage" => stage.as_str()).increment(messages as u64)
             }
             Event::ActionDone { service, succeeded } => counter!("weir_actions_total",
                 "service" => service.to_string(), "status" => if succeeded { "succeeded" } else { "failed" })
@@ -298,7 +337,16 @@ impl Event<'_> {
                     0.0
                 } else {
                     1.0
-                })
+                });
+                // The state itself, as a state set: 1 for the current state, 0 for the others
+                // (what `weir status` shows).
+                for s in ["closed", "open", "half-open"] {
+                    gauge!("weir_breaker_state", "service" => service.to_string(), "state" => s).set(if s == state {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                }
             }
             Event::Requeued { service, tier } => {
                 tracing::debug!(service, tier, "not due within the tier's delay: re-queued to the tier's tail");

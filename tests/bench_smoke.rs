@@ -265,3 +265,36 @@ async fn the_noisy_scenario_refuses_what_it_cannot_measure() {
     let err = bench::run(&Config::default(), &options(20, RateArg::FlatOut)).await.unwrap_err();
     assert!(err.to_string().contains("--rate"), "{err}");
 }
+
+/// The replay scenario on a small replay: both phases run, the replay sends a task for every event
+/// it re-drives (none of them had one), and the live load is measured beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_scenario_measures_live_traffic_beside_a_replay() {
+    let out = tempfile::tempdir().unwrap();
+    let options = bench::Options {
+        scenarios: vec![Scenario::Replay],
+        duration: Duration::from_secs(3),
+        rate: RateArg::PerSecond(100),
+        tenants: 4,
+        out: out.path().to_path_buf(),
+        progress: false,
+        backlog: BacklogOptions { events: 1_500, ..Default::default() },
+    };
+    let report = bench::run(&bench_config(), &options).await.expect("the replay scenario runs");
+    let s = &report.scenarios[0];
+    let extra = |key: &str| s.extra.get(key).unwrap_or_else(|| panic!("{key} in {:?}", s.extra));
+    let replay = extra("replay");
+    assert_eq!(replay["events"], 1_500, "{replay}");
+    assert_eq!(replay["tasks"], 1_500, "one task per replayed event: {replay}");
+    assert!(replay["error"].is_null(), "{replay}");
+    for phase in ["live_alone", "live_beside_replay"] {
+        let live = extra(phase);
+        assert!(live["produced"].as_u64().unwrap() > 0 && live["called"].as_u64().unwrap() > 0, "{phase}: {live}");
+    }
+    assert!(s.extra.contains_key("live_p99_ratio"));
+    assert!(report.table().contains("live_p99_ratio"), "{}", report.table());
+
+    let options = bench::Options { rate: RateArg::FlatOut, ..options };
+    let err = bench::run(&Config::default(), &options).await.unwrap_err();
+    assert!(err.to_string().contains("--rate"), "{err}");
+}

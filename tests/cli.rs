@@ -34,6 +34,7 @@ const ALL_COMMANDS: &[&[&str]] = &[
     &["dlq", "redrive"],
     &["bench"],
     &["demo"],
+    &["status"],
 ];
 
 /// A port nothing listens on: bound by the OS, then released.

@@ -21,6 +21,7 @@
 //! `connectors::validate_all`, which `Pipeline::start` and the CLI run on a loaded config.
 
 pub mod duration;
+mod groups;
 mod names;
 mod services;
 
@@ -34,6 +35,7 @@ use std::{
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+pub use groups::{GroupProtocol, GroupsConfig};
 pub use names::Names;
 pub use services::*;
 
@@ -75,6 +77,8 @@ pub struct Config {
     /// process with the same id fences the first. `WEIR_INSTANCE_ID` overrides it; `null` (the
     /// default) is dynamic membership.
     pub instance_id: Option<String>,
+    /// How each stage's processes share its partitions and hand them over (see `groups`).
+    pub consumer_groups: GroupsConfig,
     /// How `weir replay` paces what it re-drives.
     pub replay: ReplayConfig,
 }
@@ -98,6 +102,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             limits: RecordLimits::default(),
             instance_id: None,
+            consumer_groups: GroupsConfig::default(),
             replay: ReplayConfig::default(),
         }
     }
@@ -413,6 +418,7 @@ impl Config {
         if self.brokers.trim().is_empty() {
             bail!("brokers: must name at least one host:port");
         }
+        self.consumer_groups.validate(&self.kafka)?;
         if !self.topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
             bail!("topic_prefix: {:?} may only hold ASCII letters, digits, '.', '_' and '-'", self.topic_prefix);
         }

@@ -11,6 +11,21 @@
 //! - Every client gets a bounded `socket.connection.setup.timeout.ms` and metadata timeout, so an
 //!   unreachable broker is an error within seconds rather than a silent retry loop.
 //!
+//! ## Rebalancing
+//! How a stage's processes share its partitions is `consumer_groups.protocol` ([`member_config`]):
+//! - `consumer` (default): KIP-848. The broker computes the assignment and tells each member, by
+//!   heartbeat, only what it gains or loses; nobody stops for a change that does not concern
+//!   them. Session timeout and heartbeat interval are broker settings
+//!   (`group.consumer.session.timeout.ms`, 45 s by default): librdkafka refuses the client ones.
+//! - `cooperative`: the classic protocol with `cooperative-sticky`, for brokers before 4.0. Also
+//!   incremental: members first give up only what moves, then it is assigned in a second round.
+//! - `eager`: classic with `range,roundrobin`: every member gives up everything on every change.
+//!
+//! With either incremental protocol librdkafka hands the rebalance callback only the partitions
+//! that change, and rust-rdkafka's default callback answers with `incremental_assign` /
+//! `incremental_unassign` (it checks `rebalance_protocol()`); [`source`] keeps its assignment,
+//! offsets and pause state per partition, so it is right under all three.
+//!
 //! ## Restarts without the dead pause
 //! A member that dies without leaving (kill -9, OOM, a lost node) stays in its group until its
 //! session times out (`session.timeout.ms`, 10 s): the rebalance its replacement starts waits for
@@ -24,6 +39,15 @@
 //!   consumers fail with `FENCED_INSTANCE_ID` and stop reading). A static member does not leave
 //!   on close, by Kafka's design (KIP-345): a process stopped for good hands its partitions over
 //!   after the session timeout, a restarted one gets them back at once.
+//!
+//!   Under `consumer` (KIP-848) two things differ. A static member's clean exit tells the broker
+//!   it leaves *for now*: the replacement under the same id takes its partitions without any other
+//!   member noticing (a rolling restart moves nothing), but a process stopped for good holds its
+//!   partitions until the session times out. And a duplicate id refuses the *newcomer*
+//!   (`UNRELEASED_INSTANCE_ID`, fatal for the consumer): a process killed without a clean exit
+//!   cannot rejoin under its id until the broker expires the old session. The source reports it
+//!   and the stage fails (see [`source`]), so the supervisor restarts the process; scaling in
+//!   without replacement is best done without an instance id.
 //! - *Leaving on a clean exit*: without an instance id, a stopping stage closes its consumer
 //!   ([`source::Source::close`]), which sends LeaveGroup, so the rest of the group rebalances at
 //!   once rather than after the session timeout.
@@ -50,7 +74,7 @@ use rdkafka::{
     Message as _,
 };
 
-use crate::config::Config;
+use crate::config::{Config, GroupProtocol};
 
 /// How long to wait for the broker to answer a metadata request before calling it unreachable.
 pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,9 +134,7 @@ pub fn consumer_config(config: &Config, group: &str) -> ClientConfig {
         // the executor benchmark: 27.5k → 40.8k tasks/s with 10 ms).
         .set("fetch.queue.backoff.ms", "10")
         // Consumer lag per partition comes from librdkafka's statistics.
-        .set("statistics.interval.ms", "5000")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("statistics.interval.ms", "5000");
     for (k, v) in &config.kafka {
         c.set(k, v);
     }
@@ -122,8 +144,30 @@ pub fn consumer_config(config: &Config, group: &str) -> ClientConfig {
 /// [`consumer_config`] for a member that joins `group` (subscribes): static membership under the
 /// configured `instance_id` (see the module docs). Only for members: a consumer that assigns
 /// partitions itself (a tail read, `weir dlq`) must not claim the process's identity in a group.
+///
+/// The rebalance protocol is `consumer_groups.protocol` (see the module docs, "Rebalancing").
 pub fn member_config(config: &Config, group: &str) -> ClientConfig {
     let mut c = consumer_config(config, group);
+    match config.consumer_groups.protocol {
+        // The broker assigns and times sessions out: librdkafka refuses the classic settings.
+        GroupProtocol::Consumer => {
+            c.set("group.protocol", "consumer");
+        }
+        classic => {
+            let strategy = match classic {
+                GroupProtocol::Cooperative => "cooperative-sticky",
+                _ => "range,roundrobin",
+            };
+            c.set("group.protocol", "classic")
+                .set("partition.assignment.strategy", strategy)
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "1000");
+            // `kafka:` wins over the defaults above (config validation refuses the protocol keys).
+            for (k, v) in config.kafka.iter().filter(|(k, _)| k.as_str() != "group.protocol") {
+                c.set(k, v);
+            }
+        }
+    }
     if let Some(id) = &config.instance_id {
         c.set("group.instance.id", id);
     }
@@ -216,15 +260,90 @@ pub async fn send(
     payload: &[u8],
     headers: rdkafka::message::OwnedHeaders,
 ) -> Result<(i32, i64), rdkafka::error::KafkaError> {
-    let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers);
-    if let Some(key) = key {
-        record = record.key(key);
+    send_to(producer, topic, None, key, payload, headers).await
+}
+
+/// How often a produce that failed for a reason that may pass is tried again, and the longest
+/// wait between two tries: about half a minute in all, on top of librdkafka's own retries.
+const PRODUCE_ATTEMPTS: u32 = 10;
+const PRODUCE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Produces one record (to `partition`, or where the partitioner puts its key) and waits for the
+/// broker's acknowledgement.
+///
+/// librdkafka retries what it knows to be retriable until `message.timeout.ms`, but a broker
+/// restart also fails records with errors it hands back at once: an idempotent producer whose
+/// sequence no longer matches the restarted broker's resets and fails what it had in flight
+/// (`OutOfOrderSequenceNumber`, `UnknownProducerId`), a partition has no leader for a moment.
+/// Stopping the stage for those would turn every broker hiccup into a crash loop, so they are tried
+/// again here, with backoff, a bounded number of times. What comes back is permanent: a record
+/// the broker refuses (see [`limits::is_record_error`]: the caller dead-letters it), a delivery
+/// that librdkafka gave up on after `message.timeout.ms` (the broker is lost), a producer in a
+/// fatal state, or a transient error that outlasted the attempts.
+pub async fn send_to(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> Result<(i32, i64), rdkafka::error::KafkaError> {
+    let mut attempt = 1;
+    loop {
+        let mut record =
+            rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers.clone());
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        let sent = producer
+            .send(record, rdkafka::util::Timeout::After(Duration::from_secs(30)))
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| e);
+        match sent {
+            Err(e) if attempt < PRODUCE_ATTEMPTS && may_pass(producer, &e) => {
+                crate::telemetry::Event::ProduceRetried { topic, attempt, error: &e.to_string() }.emit();
+                let backoff = Duration::from_millis(100 << attempt.min(6)).min(PRODUCE_BACKOFF_MAX);
+                tokio::time::sleep(backoff).await;
+                attempt += 1;
+            }
+            sent => return sent,
+        }
     }
-    producer
-        .send(record, rdkafka::util::Timeout::After(Duration::from_secs(30)))
-        .await
-        .map(|d| (d.partition, d.offset))
-        .map_err(|(e, _)| e)
+}
+
+/// The error a stage stops with when `what` could not be produced even by [`send_to`]: the one
+/// exit a stage takes for a broker, with what it means and what to do.
+pub fn produce_lost(what: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what}: {e}. The broker did not take the record within `message.timeout.ms` and weir's own \
+         retries, so the stage stops without storing the offsets of unfinished work: once the broker \
+         is reachable, restart weir and that work is done again"
+    )
+}
+
+/// Whether a failed produce may succeed if tried again: see [`send_to`].
+pub(crate) fn may_pass(producer: &FutureProducer, e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::{error::KafkaError, producer::Producer as _, types::RDKafkaErrorCode as Code};
+    if limits::is_record_error(e) || producer.client().fatal_error().is_some() {
+        return false;
+    }
+    match e {
+        KafkaError::MessageProduction(code) => !matches!(
+            code,
+            Code::MessageTimedOut
+                | Code::Fatal
+                | Code::TopicAuthorizationFailed
+                | Code::ClusterAuthorizationFailed
+                | Code::UnsupportedVersion
+        ),
+        // The delivery future was dropped: the producer is gone.
+        KafkaError::Canceled => false,
+        _ => false,
+    }
 }
 
 /// Hands one record for `partition` of `topic` to the producer at once and returns the wait for
@@ -258,4 +377,35 @@ pub(crate) fn enqueue(
 pub(crate) fn content_headers(format: crate::envelope::Format) -> rdkafka::message::OwnedHeaders {
     rdkafka::message::OwnedHeaders::new()
         .insert(rdkafka::message::Header { key: crate::envelope::CONTENT_TYPE, value: Some(format.content_type()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::{error::KafkaError, types::RDKafkaErrorCode as Code};
+
+    use super::*;
+
+    #[test]
+    fn what_a_broker_restart_fails_is_tried_again_and_what_is_permanent_is_not() {
+        // Creating a producer connects to nothing until it is used.
+        let producer: FutureProducer =
+            ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1").create().expect("a producer");
+        let again = |code| may_pass(&producer, &KafkaError::MessageProduction(code));
+        for code in [
+            Code::OutOfOrderSequenceNumber,
+            Code::UnknownProducerId,
+            Code::NotLeaderForPartition,
+            Code::BrokerTransportFailure,
+            Code::QueueFull,
+            Code::UnknownTopicOrPartition,
+        ] {
+            assert!(again(code), "{code:?} may pass");
+        }
+        for code in
+            [Code::MessageSizeTooLarge, Code::InvalidRecord, Code::MessageTimedOut, Code::TopicAuthorizationFailed]
+        {
+            assert!(!again(code), "{code:?} is permanent");
+        }
+        assert!(!may_pass(&producer, &KafkaError::Canceled));
+    }
 }

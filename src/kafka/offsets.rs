@@ -8,7 +8,7 @@
 //! therefore commits nothing new, and a crash replays 5, 6 and 7 (at-least-once; the sink and the
 //! idempotency keys make the replay harmless).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Pending offsets of one partition.
 #[derive(Debug, Default)]
@@ -79,6 +79,11 @@ impl OffsetTracker {
     /// Whether offsets handed out under `generation` still belong to the current assignment.
     pub(crate) fn is_current(&self, partition: i32, generation: u64) -> bool {
         self.partitions.get(&partition).is_some_and(|s| s.generation == generation)
+    }
+
+    /// Offsets handed out and not yet done, per partition that has any.
+    pub(crate) fn pending_by_partition(&self) -> BTreeMap<i32, usize> {
+        self.partitions.iter().filter(|(_, s)| !s.pending.is_empty()).map(|(p, s)| (*p, s.pending.len())).collect()
     }
 
     /// Number of offsets handed out and not yet done, over all partitions.

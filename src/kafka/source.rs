@@ -102,9 +102,13 @@ pub struct Delivery {
 pub struct Assignment {
     pub owned: BTreeSet<i32>,
     pub partitions: i32,
-    /// Counts the assignments this member received: a partition revoked and assigned again
-    /// between two looks at the watch shows in `owned` both times, but here as a new generation.
+    /// Counts the assignments this member received.
     pub generation: u64,
+    /// Per owned partition, the `generation` that assigned it: a partition revoked and assigned
+    /// again between two looks at the watch shows in `owned` both times, but here with a new
+    /// generation. Per partition, because under an incremental protocol an assignment adds to
+    /// what is owned and leaves the rest alone: what was kept has not moved.
+    pub assigned_in: BTreeMap<i32, u64>,
 }
 
 struct Shared {
@@ -126,7 +130,13 @@ struct Shared {
     started: Instant,
     /// Whether the consumer reaches a broker, from librdkafka's statistics and errors.
     reachable: AtomicBool,
+    /// Counts revocations, and the partitions revoked since the poll thread last looked: messages
+    /// it polled before a revocation are dropped rather than handed over (see `poll_loop`).
+    revokes: AtomicU64,
+    revoked: Mutex<BTreeSet<i32>>,
     health: Health,
+    /// The configured static membership id, to name it when the broker refuses it.
+    instance_id: Option<String>,
     /// Batches the stage has taken, and its signal: what the poll thread waits on when the
     /// channel is full (see [`wait_for_room`]).
     taken: Mutex<u64>,
@@ -197,12 +207,16 @@ impl ConsumerContext for SourceContext {
             for e in tpl.elements() {
                 tracker.forget(e.partition());
             }
+            self.shared.revoked.lock().expect("revoked lock").extend(tpl.elements().iter().map(|e| e.partition()));
+            self.shared.revokes.fetch_add(1, Ordering::SeqCst);
             self.shared.assignment.send_modify(|a| {
                 for e in tpl.elements() {
                     a.owned.remove(&e.partition());
+                    a.assigned_in.remove(&e.partition());
                 }
             });
-            Event::Rebalanced { stage: self.shared.stage, kind: "revoke", partitions: &describe(tpl) }.emit();
+            let (stage, topic) = (self.shared.stage, self.shared.topic.as_str());
+            Event::Rebalanced { stage, topic, kind: "revoke", partitions: &describe(tpl) }.emit();
         }
     }
 
@@ -213,12 +227,18 @@ impl ConsumerContext for SourceContext {
             self.shared.assignment.send_modify(|a| {
                 a.generation += 1;
                 a.owned.extend(tpl.elements().iter().map(|e| e.partition()));
+                let generation = a.generation;
+                a.assigned_in.extend(tpl.elements().iter().map(|e| (e.partition(), generation)));
                 if let Some(n) = partitions {
                     a.partitions = n;
                 }
             });
-            Event::Rebalanced { stage: self.shared.stage, kind: "assign", partitions: &describe(tpl) }.emit();
-            reconcile(consumer, &self.shared);
+            let (stage, topic) = (self.shared.stage, self.shared.topic.as_str());
+            Event::Rebalanced { stage, topic, kind: "assign", partitions: &describe(tpl) }.emit();
+            // Under an incremental protocol `tpl` is only what was added; the rest of the
+            // assignment kept reading and keeps its pause state.
+            let fresh: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            reconcile(consumer, &self.shared, &fresh);
         }
     }
 
@@ -240,7 +260,8 @@ pub struct Source {
     rx: mpsc::Receiver<Vec<Delivery>>,
     /// Stops the poll thread, which reads it between polls.
     stop: CancellationToken,
-    thread: Option<JoinHandle<()>>,
+    /// The poll thread; it returns the batch it held when it stopped.
+    thread: Option<JoinHandle<Vec<Delivery>>>,
     watchdog: Option<(std_mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -272,7 +293,10 @@ impl Source {
             progress_ms: AtomicU64::new(0),
             started: Instant::now(),
             reachable: AtomicBool::new(true),
+            revokes: AtomicU64::new(0),
+            revoked: Mutex::new(BTreeSet::new()),
             health: Health::register(stage, topic),
+            instance_id: config.instance_id.clone(),
             taken: Mutex::new(0),
             room: Condvar::new(),
             assignment,
@@ -311,14 +335,25 @@ impl Source {
     }
 
     /// The next batch, in partition order; `None` once the source is closed.
+    ///
+    /// Messages of a partition revoked since the poll thread handed them over are left out: their
+    /// offsets could not be stored, and the partition's new owner reads them again (under the
+    /// eager protocol a partition revoked and assigned back is read again from its committed
+    /// offset, so handing the old copies over would do them twice).
     pub async fn recv(&mut self) -> Option<Vec<Delivery>> {
-        let batch = self.rx.recv().await;
-        if batch.is_some() {
+        loop {
+            let mut batch = self.rx.recv().await?;
             self.shared.received.fetch_add(1, Ordering::Relaxed);
             self.shared.progressed();
             self.shared.wake_poll_thread();
+            {
+                let tracker = self.shared.tracker.lock().expect("tracker lock");
+                batch.retain(|d| tracker.is_current(d.ticket.partition, d.ticket.generation));
+            }
+            if !batch.is_empty() {
+                return Some(batch);
+            }
         }
-        batch
     }
 
     /// The work for `ticket` is durable: its offset may be committed once all before it are.
@@ -396,8 +431,11 @@ impl Source {
         self.shared.assignment.send_modify(|a| {
             a.generation += 1;
             a.owned.extend(partitions.iter().map(|(p, _)| *p));
+            let generation = a.generation;
+            a.assigned_in.extend(partitions.iter().map(|(p, _)| (*p, generation)));
         });
-        reconcile(&self.consumer, &self.shared);
+        let fresh: Vec<i32> = partitions.iter().map(|(p, _)| *p).collect();
+        reconcile(&self.consumer, &self.shared, &fresh);
         Ok(())
     }
 
@@ -416,7 +454,10 @@ impl Source {
                 }
             }
         }
-        self.shared.assignment.send_modify(|a| a.owned.retain(|p| !partitions.contains(p)));
+        self.shared.assignment.send_modify(|a| {
+            a.owned.retain(|p| !partitions.contains(p));
+            a.assigned_in.retain(|p, _| !partitions.contains(p));
+        });
         if tpl.count() > 0 {
             self.consumer
                 .incremental_unassign(&tpl)
@@ -437,12 +478,40 @@ impl Source {
     }
 
     /// Stops polling and leaves the group; librdkafka commits the stored offsets on the way out.
+    /// Work taken and not finished is logged as abandoned ([`Event::Abandoned`]).
     pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
         self.stop.cancel();
         self.rx.close();
         self.shared.wake_poll_thread();
+        // What the stage never took (the poll thread's batch, the channel's) is not abandoned
+        // work: only messages the stage took and did not finish are reported.
+        let mut untaken: BTreeMap<i32, usize> = BTreeMap::new();
+        let mut count = |batch: Vec<Delivery>| {
+            for d in batch {
+                *untaken.entry(d.ticket.partition).or_default() += 1;
+            }
+        };
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            count(t.join().unwrap_or_default());
+        }
+        while let Ok(batch) = self.rx.try_recv() {
+            count(batch);
+        }
+        let pending = self.shared.tracker.lock().expect("tracker lock").pending_by_partition();
+        let abandoned: BTreeMap<i32, usize> = pending
+            .into_iter()
+            .map(|(p, n)| (p, n.saturating_sub(untaken.get(&p).copied().unwrap_or(0))))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if !abandoned.is_empty() {
+            let messages = abandoned.values().sum();
+            let partitions = abandoned.keys().map(i32::to_string).collect::<Vec<_>>().join(",");
+            Event::Abandoned { stage: self.shared.stage, topic: &self.shared.topic, messages, partitions: &partitions }
+                .emit();
         }
         // Joined, so it does not hold the consumer (and the group membership) past the close.
         if let Some((stop, t)) = self.watchdog.take() {
@@ -467,10 +536,13 @@ impl Ownership {
     }
 }
 
+/// A source dropped without [`Source::close`] (a stage task aborted at the drain deadline, or
+/// an early return) closes the same way, so its consumer still commits what was stored and leaves.
 impl Drop for Source {
     fn drop(&mut self) {
-        self.stop.cancel();
-        self.shared.wake_poll_thread();
+        if self.thread.is_some() {
+            self.shutdown();
+        }
     }
 }
 
@@ -502,15 +574,17 @@ impl Shared {
     }
 }
 
+/// Polls until `stop`; returns the batch it held and could not hand over.
 fn poll_loop(
     consumer: &BaseConsumer<SourceContext>,
     shared: &Shared,
     tx: &mpsc::Sender<Vec<Delivery>>,
     stop: &CancellationToken,
-) {
+) -> Vec<Delivery> {
     let mut batch: Vec<Delivery> = Vec::new();
     let mut raw: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
     let mut paused = false;
+    let mut revokes = shared.revokes.load(Ordering::SeqCst);
     while !stop.is_cancelled() {
         // Wait for the first message only when there is nothing to hand over; then take what
         // librdkafka has already fetched without waiting.
@@ -522,9 +596,25 @@ fn poll_loop(
             (false, true) => Duration::from_millis(100),
             (false, false) => Duration::ZERO,
         };
+        let mut fatal = None;
         while paused || batch.len() + raw.len() < BATCH {
-            match consumer.poll(timeout) {
+            let polled = consumer.poll(timeout);
+            // A revocation is served inside `poll`: what was polled before it may belong to a
+            // partition this member no longer owns. What `poll` returns after it is current
+            // (librdkafka discards what it fetched for a partition it unassigns).
+            if shared.revokes.load(Ordering::SeqCst) != revokes {
+                revokes = shared.revokes.load(Ordering::SeqCst);
+                let gone = std::mem::take(&mut *shared.revoked.lock().expect("revoked lock"));
+                raw.retain(|m| !gone.contains(&m.partition()));
+                let tracker = shared.tracker.lock().expect("tracker lock");
+                batch.retain(|d| tracker.is_current(d.ticket.partition, d.ticket.generation));
+            }
+            match polled {
                 Some(Ok(m)) => raw.push(m.detach()),
+                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                    fatal = Some(code);
+                    break;
+                }
                 Some(Err(e)) => {
                     Event::Failed { stage: shared.stage, reason: "consume", retryable: true, detail: &e.to_string() }
                         .emit();
@@ -533,6 +623,28 @@ fn poll_loop(
                 None => break,
             }
             timeout = Duration::ZERO;
+        }
+        if let Some(code) = fatal {
+            // The consumer cannot go on (librdkafka says so); the stage ends, and with it the
+            // process, whose supervisor starts it again. Nothing is handed over or stored.
+            let reason = consumer.client().fatal_error().map(|(_, reason)| reason).unwrap_or_default();
+            let hint = match code {
+                RDKafkaErrorCode::UnreleasedInstanceId => format!(
+                    "the broker still holds a member with instance id {:?} (a process with the same \
+                     id that did not exit cleanly, or is still running); it expires after the group's \
+                     session timeout (group.consumer.session.timeout.ms), then a restart gets in",
+                    shared.instance_id.as_deref().unwrap_or("?")
+                ),
+                RDKafkaErrorCode::UnsupportedVersion | RDKafkaErrorCode::UnsupportedFeature => {
+                    "the broker does not support the KIP-848 consumer group protocol (Kafka 4.0 and \
+                     later do); set consumer_groups.protocol: cooperative"
+                        .to_string()
+                }
+                _ => "the consumer cannot continue".to_string(),
+            };
+            let detail = format!("{}: {code}: {reason}; {hint}", shared.topic);
+            Event::Failed { stage: shared.stage, reason: "fatal", retryable: false, detail: &detail }.emit();
+            break;
         }
         if !raw.is_empty() {
             Event::Consumed { stage: shared.stage, count: raw.len() }.emit();
@@ -573,16 +685,23 @@ fn poll_loop(
                     set_paused(consumer, shared, true);
                     paused = true;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => break,
+                Err(mpsc::error::TrySendError::Closed(back)) => {
+                    batch = back;
+                    break;
+                }
             },
             Err(mpsc::error::TrySendError::Full(back)) => {
                 batch = back;
                 // Re-pausing every round also covers partitions assigned while paused.
                 set_paused(consumer, shared, true);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => break,
+            Err(mpsc::error::TrySendError::Closed(back)) => {
+                batch = back;
+                break;
+            }
         }
     }
+    batch
 }
 
 /// How long a full channel is waited on before the partitions are paused.
@@ -643,17 +762,24 @@ fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bo
 /// Makes librdkafka's pause state of the assigned partitions what the stage wants: paused if the
 /// stage holds them or everything is paused for backpressure, fetching otherwise. Called on every
 /// assignment, because librdkafka carries a pause over from the partition's previous assignment.
-fn reconcile(consumer: &BaseConsumer<SourceContext>, shared: &Shared) {
+///
+/// `fresh`, the partitions this assignment added, get the wanted state whatever `applied` says:
+/// they have fetched nothing yet, so a pause or resume costs nothing, and it does not matter
+/// whether librdkafka kept their old flag through the revocation (eager `assign(NULL)` and
+/// incremental `incremental_unassign` are different paths). Partitions kept from before (an
+/// incremental protocol leaves them alone) change only where they differ: a pause or resume
+/// drops what librdkafka prefetched for them.
+fn reconcile(consumer: &BaseConsumer<SourceContext>, shared: &Shared, fresh: &[i32]) {
     let Ok(assignment) = consumer.assignment() else { return };
     let mut state = shared.pause.lock().expect("pause lock");
     let everything = shared.all_paused.load(Ordering::Relaxed);
     let (pause, resume): (Vec<i32>, Vec<i32>) =
         assignment.elements().iter().map(|e| e.partition()).partition(|p| everything || state.held.contains(p));
-    // Only what differs: a pause or resume of librdkafka drops what it prefetched for the partition.
-    let pause: Vec<i32> = pause.into_iter().filter(|p| !state.applied.contains(p)).collect();
-    let resume: Vec<i32> = resume.into_iter().filter(|p| state.applied.contains(p)).collect();
-    if !resume.is_empty() {
-        let list = resume.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+    let pause: Vec<i32> = pause.into_iter().filter(|p| fresh.contains(p) || !state.applied.contains(p)).collect();
+    let resume: Vec<i32> = resume.into_iter().filter(|p| fresh.contains(p) || state.applied.contains(p)).collect();
+    let resume_logged: Vec<i32> = resume.iter().copied().filter(|p| state.applied.contains(p)).collect();
+    if !resume_logged.is_empty() {
+        let list = resume_logged.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
         tracing::info!(
             stage = shared.stage.as_str(),
             partitions = list,

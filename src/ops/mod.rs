@@ -1,5 +1,5 @@
-//! What operators run besides the pipeline: producing events, the dead-letter topic, replays, the demo
-//! and the benchmark harness (with the local HTTP receiver they share).
+//! What operators run besides the pipeline: producing events, the dead-letter topic, replays, where
+//! each stage stands (`weir status`), the demo and the benchmark harness (with the local HTTP receiver they share).
 
 pub mod bench;
 pub mod demo;
@@ -7,4 +7,5 @@ pub mod dlq;
 pub mod produce;
 pub mod receiver;
 pub mod replay;
+pub mod status;
 pub mod workflows;

@@ -196,7 +196,7 @@ pub async fn run(
         }
     }
     source.close();
-    result.map_err(|e| anyhow::anyhow!("evaluator: producing failed, stopping without committing: {e}"))
+    result.map_err(|e| kafka::produce_lost("evaluator: producing failed", e))
 }
 
 impl Evaluator {

@@ -294,3 +294,30 @@ impl Drop for WeirProcess {
         self.kill();
     }
 }
+
+/// A single number from PostgreSQL, or -1 while the query fails (the database or a table not there
+/// yet).
+pub async fn scalar(url: &str, sql: &str) -> i64 {
+    let Ok(pool) = sqlx::PgPool::connect(url).await else { return -1 };
+    let n = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap_or(-1);
+    pool.close().await;
+    n
+}
+
+/// The last 30 lines of a log, for a failure message.
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The sum of `topic`'s end offsets over its `partitions`.
+pub fn end_offsets(topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    (0..partitions).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).sum()
+}
+
+/// SIGTERM to a `weir` child: the graceful drain.
+pub fn terminate(weir: &WeirProcess) {
+    let pid = weir.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+}

@@ -392,7 +392,7 @@ impl Groups {
 
 /// The config file of the child: the scenario's config as it is (`Config` serializes to the
 /// `weir.yaml` it would load from), with absolute paths and without a metrics endpoint.
-fn write_child_config(config: &Config, dir: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn write_child_config(config: &Config, dir: &Path) -> anyhow::Result<PathBuf> {
     let mut child = config.clone();
     child.topics_dir = std::fs::canonicalize(&config.topics_dir).unwrap_or_else(|_| config.topics_dir.clone());
     child.workflows = dir.to_path_buf();
@@ -404,13 +404,18 @@ fn write_child_config(config: &Config, dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// The `weir run` child; killed if dropped while running (an error or Ctrl-C on the way).
-struct ChildProcess {
+pub(super) struct ChildProcess {
     child: Child,
     log: PathBuf,
 }
 
 impl ChildProcess {
-    fn start(binary: &Path, config: &Path, stages: BacklogStages, log: &Path) -> anyhow::Result<ChildProcess> {
+    pub(super) fn start(
+        binary: &Path,
+        config: &Path,
+        stages: BacklogStages,
+        log: &Path,
+    ) -> anyhow::Result<ChildProcess> {
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(binary)
             .arg("--config")
@@ -438,14 +443,14 @@ impl ChildProcess {
     }
 
     /// The end of the child's log, for errors.
-    fn log_tail(&self) -> String {
+    pub(super) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// SIGTERM (the child finishes in-flight work and exits), then SIGKILL after [`STOP_LIMIT`].
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub(super) async fn stop(mut self) -> anyhow::Result<()> {
         let term = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
         if !term.is_ok_and(|s| s.success()) {
             tracing::warn!("could not send SIGTERM to weir run ({}); killing it", self.pid());

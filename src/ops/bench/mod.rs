@@ -15,6 +15,8 @@
 //! - `noisy` and `noisy-burst` (not in `all`: three phases each): quiet tenants beside one tenant
 //!   sending 90 % of the traffic, steadily or in bursts, each quiet tenant's p99 beside its p99
 //!   without the noisy one, and the throughput with one active tenant ([`noisy`]).
+//! - `scale` (not in `all`): `weir run` children scaled 1 → 3 → 1 under a steady load, the
+//!   longest stall of the output during each change, per rebalance protocol ([`scale`]).
 //!
 //! A scenario warms up until its output shows the first record, then measures for `duration`:
 //! distinct input events seen at its output per second, end-to-end latency from the produce time
@@ -27,7 +29,9 @@ pub mod load;
 pub(crate) mod measure;
 pub mod noisy;
 pub mod noisy_report;
+pub mod replay;
 pub mod report;
+pub mod scale;
 pub mod scenario;
 
 use std::{path::PathBuf, str::FromStr, time::Duration};
@@ -52,6 +56,10 @@ pub enum Scenario {
     /// The same with the noisy tenant sending in bursts.
     #[serde(rename = "noisy-burst")]
     NoisyBurst,
+    /// Not part of `all` (two phases, one as long as a replay): [`replay`].
+    Replay,
+    /// Not part of `all` (children scaled out and in, per protocol): [`scale`].
+    Scale,
 }
 
 impl Scenario {
@@ -68,6 +76,8 @@ impl Scenario {
             Scenario::Backlog => "backlog",
             Scenario::Noisy => "noisy",
             Scenario::NoisyBurst => "noisy-burst",
+            Scenario::Replay => "replay",
+            Scenario::Scale => "scale",
         }
     }
 
@@ -76,11 +86,12 @@ impl Scenario {
         match self {
             Scenario::Baseline => "passthrough output topic, consumed",
             Scenario::Evaluate => "action task on actions.webhook, consumed",
-            Scenario::Pipeline | Scenario::Throttled | Scenario::Noisy | Scenario::NoisyBurst => {
+            Scenario::Pipeline | Scenario::Throttled | Scenario::Noisy | Scenario::NoisyBurst | Scenario::Replay => {
                 "HTTP call arriving at the receiver (action start)"
             }
             Scenario::Sink => "row's recorded_at in PostgreSQL (transaction start of its batch)",
             Scenario::Backlog => "offsets committed by the stages' consumer groups (a separate weir run process)",
+            Scenario::Scale => "HTTP calls arriving at the receiver from weir run children (gaps between them)",
         }
     }
 }
@@ -99,7 +110,7 @@ impl FromStr for Selection {
             return Ok(Selection::All);
         }
         <Scenario as clap::ValueEnum>::from_str(s, true).map(Selection::One).map_err(|_| {
-            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst or all")
+            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale or all")
         })
     }
 }
@@ -190,6 +201,17 @@ impl Options {
                 bail!("--rate: the noisy scenarios need a rate in events per second (default {})", noisy::DEFAULT_RATE);
             }
         }
+        if self.scenarios.contains(&Scenario::Replay) {
+            if self.rate == RateArg::FlatOut {
+                bail!(
+                    "--rate: the replay scenario needs a rate in events per second (default {})",
+                    replay::DEFAULT_RATE
+                );
+            }
+            if self.backlog.events == 0 {
+                bail!("--events: the replay scenario needs at least one event to replay");
+            }
+        }
         Ok(())
     }
 }
@@ -209,6 +231,8 @@ pub async fn run(config: &Config, options: &Options) -> anyhow::Result<report::R
         let outcome = match scenario {
             Scenario::Backlog => backlog::run(config, options).await,
             Scenario::Noisy | Scenario::NoisyBurst => noisy::run(config, options, scenario).await,
+            Scenario::Replay => replay::run(config, options).await,
+            Scenario::Scale => scale::run(config, options).await,
             _ => scenario::run(config, options, scenario).await,
         };
         results.push(outcome.map_err(|e| e.context(format!("scenario {}", scenario.name())))?);
@@ -241,5 +265,7 @@ mod tests {
         assert!(!Selection::All.scenarios().contains(&Scenario::Backlog));
         assert_eq!("noisy-burst".parse::<Selection>(), Ok(Selection::One(Scenario::NoisyBurst)));
         assert!(!Selection::All.scenarios().contains(&Scenario::Noisy));
+        assert_eq!("replay".parse::<Selection>(), Ok(Selection::One(Scenario::Replay)));
+        assert!(!Selection::All.scenarios().contains(&Scenario::Replay));
     }
 }

@@ -156,12 +156,12 @@ impl TenantStats {
 }
 
 /// What the generator and the observer share in a phase.
-struct Shared {
+pub(super) struct Shared {
     /// Tenants: the quiet ones, then the noisy one.
     tenants: Vec<String>,
     index: HashMap<String, usize>,
     /// µs since the epoch; 0 until the window opens.
-    window_start_us: AtomicU64,
+    pub(super) window_start_us: AtomicU64,
     window_end_us: AtomicU64,
     /// Set when the phase ends: later calls are not counted, so every figure of the phase is
     /// of the same moment.
@@ -170,6 +170,8 @@ struct Shared {
     produced: Vec<AtomicU64>,
     stats: Mutex<(Vec<u64>, Vec<TenantStats>)>,
     progress: Arc<Progress>,
+    /// While set, the window stays open past `--duration` (a replay that has not finished).
+    pub(super) hold: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -185,6 +187,7 @@ impl Shared {
             produced: (0..n).map(|_| AtomicU64::new(0)).collect(),
             stats: Mutex::new((Vec::new(), (0..n).map(|_| TenantStats::new()).collect())),
             progress,
+            hold: Default::default(),
         }
     }
 
@@ -250,8 +253,8 @@ pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow
     }
     let one = scenario::run(base, &single, Scenario::Pipeline).await.context("one-active-tenant phase")?;
     let uncontended =
-        phase(base, options, quiet_rate, NoisyLoad::Off, "uncontended").await.context("uncontended phase")?;
-    let contended = phase(base, options, quiet_rate, noisy, "contended").await.context("contended phase")?;
+        phase(base, options, quiet_rate, NoisyLoad::Off, None, "uncontended").await.context("uncontended phase")?;
+    let contended = phase(base, options, quiet_rate, noisy, None, "contended").await.context("contended phase")?;
 
     let quiet = contended.tenants.len() - 1;
     let noisy_partition = kafka::partitioner::partition_for_key(NOISY_TENANT.as_bytes(), contended.partitions);
@@ -333,18 +336,20 @@ pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow
 }
 
 /// What one phase measured.
-struct PhaseOutcome {
-    tenants: Vec<String>,
+pub(super) struct PhaseOutcome {
+    pub tenants: Vec<String>,
     partitions: i32,
     produced: Vec<u64>,
     stats: Vec<TenantStats>,
-    summary: Phase,
+    pub summary: Phase,
     /// The whole traffic's row (throughput, latency, series, CPU), for the table and the plot.
-    report: ScenarioReport,
+    pub report: ScenarioReport,
+    /// The replay that ran beside the quiet load, if any.
+    pub replay: Option<super::replay::Replayed>,
 }
 
 impl PhaseOutcome {
-    fn tenant(&self, i: usize) -> TenantPhase {
+    pub(super) fn tenant(&self, i: usize) -> TenantPhase {
         self.stats[i].phase(self.produced[i])
     }
 
@@ -359,19 +364,21 @@ impl PhaseOutcome {
 }
 
 /// One phase on fresh topics and database: warm up on the quiet load, open the window (the
-/// noisy tenant starts), stop the load after `--duration`, drain, stop the stages.
-async fn phase(
+/// noisy tenant starts, or the replay), stop the load after `--duration` (and once the replay
+/// finished), drain, stop the stages.
+pub(super) async fn phase(
     base: &Config,
     options: &Options,
     quiet_rate: f64,
     noisy: NoisyLoad,
+    replay: Option<super::replay::Replay>,
     name: &str,
 ) -> anyhow::Result<PhaseOutcome> {
     let mut setting = Setting::new(base, "noisy", true).await?;
     let outcome = async {
         crate::kafka::topics::apply_dir(&setting.config, false).await.context("creating the scenario's topics")?;
         tokio::select! {
-            outcome = drive(&mut setting.config, options, quiet_rate, noisy, &setting.receiver, &setting.workdir, name) => outcome,
+            outcome = drive(&mut setting.config, options, (quiet_rate, noisy, replay), &setting.receiver, &setting.workdir, name) => outcome,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         }
     }
@@ -383,8 +390,7 @@ async fn phase(
 async fn drive(
     config: &mut Config,
     options: &Options,
-    quiet_rate: f64,
-    noisy: NoisyLoad,
+    (quiet_rate, noisy, replay): (f64, NoisyLoad, Option<super::replay::Replay>),
     receiver: &Arc<Receiver>,
     workdir: &std::path::Path,
     name: &str,
@@ -408,6 +414,11 @@ async fn drive(
     });
     scenario::write_workflows(workdir, &[workflow])?;
     crate::ops::workflows::apply_dir(config, workdir, false).await.context("publishing the workflow")?;
+    // The events to replay go on the topic before the stages start, past their offsets.
+    let backfilled = match &replay {
+        Some(r) => r.prepare(config).await?,
+        None => None,
+    };
     let pipeline = Pipeline::start(Arc::new(config.clone()), &Pipeline::ALL).await?;
 
     let progress = Arc::new(Progress::default());
@@ -415,8 +426,13 @@ async fn drive(
     let meter = Arc::new(Meter::new(progress.clone()));
     let observer = observe(receiver.clone(), shared.clone(), meter.clone());
     let generator = generate(config, shared.clone(), quiet_rate, noisy)?;
+    let replaying = backfilled.map(|window| super::replay::spawn(config.clone(), window, shared.clone()));
 
     let measured = measure(options, &shared, &meter, name).await;
+    let replay = match replaying {
+        Some(task) => Some(task.await.context("the replay task")?),
+        None => None,
+    };
     progress.stop.cancel();
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
     let stopped_cleanly = match tokio::time::timeout(STOP_LIMIT, pipeline.stop()).await {
@@ -443,7 +459,7 @@ async fn drive(
     let shared = Arc::into_inner(shared).context("the observer still holds the phase's counters")?;
     let produced = shared.produced.iter().map(|p| p.load(Ordering::Relaxed)).collect();
     let (_, stats) = shared.stats.into_inner().expect("stats lock");
-    Ok(PhaseOutcome { tenants: shared.tenants, partitions, produced, stats, summary, report })
+    Ok(PhaseOutcome { tenants: shared.tenants, partitions, produced, stats, summary, report, replay })
 }
 
 /// Warm-up, window and drain of a phase; returns its totals and the whole traffic's row.
@@ -474,20 +490,23 @@ async fn measure(
     if options.progress {
         eprintln!("noisy: {name} phase, {} s window", options.duration.as_secs_f64());
     }
-    while started.elapsed() < options.duration {
-        tokio::time::sleep(Duration::from_millis(250).min(options.duration.saturating_sub(started.elapsed()))).await;
+    let held = || shared.hold.load(Ordering::Acquire) && started.elapsed() < super::replay::HOLD_LIMIT;
+    while started.elapsed() < options.duration || held() {
+        let left = options.duration.saturating_sub(started.elapsed()).max(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(250).min(left)).await;
         if let Some(e) = failed() {
             bail!(e);
         }
     }
+    let window = started.elapsed();
     let end_us = load::now_us();
     shared.window_end_us.store(end_us, Ordering::Release);
     progress.stop.cancel();
     let cpu = CpuSample::now().since(&cpu);
-    let window = options.duration.as_secs_f64();
-    let m = meter.close(window.ceil() as usize);
+    let m = meter.close(window.as_secs_f64().ceil() as usize);
     let mut report = ScenarioReport::new(Scenario::Noisy, cpu, measure::peak_rss_mb());
-    report.fill(&m, options.duration);
+    report.fill(&m, window);
+    let window = window.as_secs_f64();
 
     // Drain: until every quiet event of the window was called, or the limit.
     let quiet = shared.quiet();

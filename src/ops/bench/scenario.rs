@@ -185,6 +185,8 @@ async fn drive(
         }
         Scenario::Backlog => bail!("the backlog scenario runs through bench::backlog"),
         Scenario::Noisy | Scenario::NoisyBurst => bail!("the noisy scenarios run through bench::noisy"),
+        Scenario::Replay => bail!("the replay scenario runs through bench::replay"),
+        Scenario::Scale => bail!("the scale scenario runs through bench::scale"),
         Scenario::Sink => {
             let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
             let observer = observe_committed(config, progress.clone())?;

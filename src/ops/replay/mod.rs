@@ -317,7 +317,7 @@ impl Job<'_> {
         let config = self.config;
         let group = config.names().group(&format!("replay-{}", self.id.unwrap_or("dry-run")));
         let mut reader = read::Reader::open(config, &group, &config.names().events(), bounds, &positions)?;
-        let pacer = pace::Pacer::new(config);
+        let pacer = pace::Pacer::new(config)?;
         let producer = kafka::producer(config)?;
         let mode = match (self.selection.rerun, self.id) {
             (false, _) => decide::Mode::Missing,
@@ -357,7 +357,7 @@ impl Job<'_> {
                     if sent_before.contains(&task.task_id) {
                         continue;
                     }
-                    pacer.wait(&task.service, &task.tenant).await;
+                    pacer.wait(&task).await;
                     sends.push(send(&producer, config, id, task, payload));
                     // Polled at once, so the record is on its way now rather than when the
                     // chunk's acknowledgements are awaited.

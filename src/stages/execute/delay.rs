@@ -318,7 +318,7 @@ pub(crate) async fn run_tier(
             _ = shutdown.cancelled() => break Ok(()),
             Some((ticket, sent)) = sending.next() => match sent {
                 Ok(()) => source.done(&ticket),
-                Err(e) => break Err(anyhow::anyhow!("retry tier {topic}: producing to {main} failed: {e}")),
+                Err(e) => break Err(kafka::produce_lost(&format!("retry tier {topic}: producing to {main}"), e)),
             },
             Ok(()) = assignment.changed() => {
                 // A partition may have been read by another member meanwhile, which took the

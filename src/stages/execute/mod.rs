@@ -329,7 +329,7 @@ async fn main_loop(
         r.close();
     }
     source.close();
-    result.map_err(|e| anyhow::anyhow!("executor {}: producing a result failed: {e}", executor.service))
+    result.map_err(|e| kafka::produce_lost(&format!("executor {}: producing an outcome", executor.service), e))
 }
 
 /// How often the per-tenant class metrics are reported.
@@ -571,6 +571,18 @@ impl Executor {
             let produced = match enqueued {
                 Ok(acknowledged) => acknowledged.await,
                 Err(e) => Err(e),
+            };
+            // A failure that may pass (a broker restart) is tried again like any send; the
+            // tenant's later tasks, already handed over, may then precede this one in the topic.
+            let produced = match produced {
+                Err(e) if kafka::may_pass(&self.producer, &e) => {
+                    let (topic, _) = self.overflow.as_ref().expect("overflow is on when a task overflows");
+                    let (partition, key) = (Some(mark.ticket.partition), d.message.key());
+                    let headers = kafka::rewrite_headers(&d.message, |_| false, &[]);
+                    let payload = d.message.payload().unwrap_or_default();
+                    kafka::send_to(&self.producer, topic, partition, key, payload, headers).await.map(drop)
+                }
+                produced => produced,
             };
             Step::Moved { mark, produced }
         }
