@@ -29,12 +29,14 @@
 //! make room for, and a lone tenant flat out would otherwise pay the overflow's produce and read
 //! for every task of its backlog (a quarter of its throughput, measured). It is held back as
 //! before fairness: its partition pauses at `partition_max_buffered`, the process at
-//! `max_buffered`. The first task of any other tenant, on any partition, ends that: the lone
-//! tenant's next task overflows if its lane holds its share, and its partition, resumed once half
-//! its lane is called, is read on past its backlog. The limit: a second tenant whose first tasks
-//! land on the lone tenant's partition, *behind* its backlog, while no other partition has work,
-//! is not seen until that backlog before it is called, as before fairness (a process with traffic
-//! from two tenants anywhere never pauses a partition for one).
+//! `max_buffered`. The first task of any other tenant, on any partition, ends that: the tasks
+//! of the lone tenant's lane beyond its share are taken out of it and overflowed at once (its
+//! latest ones, in order; its later tasks go behind them as for any overflowing tenant), which
+//! frees the process's buffer and resumes its partition, so it is read on past the backlog to
+//! whoever is behind it. The limit: a second tenant whose first tasks land on the lone tenant's
+//! partition, *behind* its backlog, while no other partition has work, is not seen until that
+//! backlog before it is called, as before fairness (a process with work from two tenants anywhere
+//! never pauses a partition for one).
 //!
 //! ## Which process reads overflow partition p
 //!
