@@ -348,7 +348,8 @@ pub(crate) async fn run_tier(
 }
 
 /// Hands `d` to the producer for the tail of its own partition, its re-queue counted; returns
-/// its key, its offset (which the copy names) and the wait for the acknowledgement.
+/// its key, its offset (which the copy names) and the wait for the acknowledgement. A failure that
+/// may pass (a broker restart) is tried again like any send.
 #[allow(clippy::type_complexity)]
 fn requeue(
     producer: &FutureProducer,
@@ -360,16 +361,31 @@ fn requeue(
     rdkafka::error::KafkaError,
 > {
     let (count, from) = ((requeues + 1).to_string(), d.ticket.offset.to_string());
-    let headers = kafka::rewrite_headers(
-        &d.message,
-        |k| k == REQUEUES || k == REQUEUED_FROM,
-        &[(REQUEUES, &count), (REQUEUED_FROM, &from)],
-    );
+    let headers = move |m: &OwnedMessage| {
+        kafka::rewrite_headers(
+            m,
+            |k| k == REQUEUES || k == REQUEUED_FROM,
+            &[(REQUEUES, &count), (REQUEUED_FROM, &from)],
+        )
+    };
     let key = d.message.key().unwrap_or_default().to_vec();
     let payload = d.message.payload().unwrap_or_default();
-    let acknowledged = kafka::enqueue(producer, topic, d.ticket.partition, d.message.key(), payload, headers)?;
+    let acknowledged =
+        kafka::enqueue(producer, topic, d.ticket.partition, d.message.key(), payload, headers(&d.message))?;
     let (ticket, offset) = (d.ticket, d.ticket.offset);
-    Ok((key, offset, async move { (ticket, acknowledged.await) }))
+    let (producer, topic) = (producer.clone(), topic.to_string());
+    Ok((key, offset, async move {
+        let sent = match acknowledged.await {
+            Err(e) if kafka::may_pass(&producer, &e) => {
+                let (key, payload) = (d.message.key(), d.message.payload().unwrap_or_default());
+                kafka::send_to(&producer, &topic, Some(ticket.partition), key, payload, headers(&d.message))
+                    .await
+                    .map(drop)
+            }
+            sent => sent,
+        };
+        (ticket, sent)
+    }))
 }
 
 async fn forward(

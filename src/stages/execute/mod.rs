@@ -577,9 +577,9 @@ impl Executor {
             let produced = match produced {
                 Err(e) if kafka::may_pass(&self.producer, &e) => {
                     let (topic, _) = self.overflow.as_ref().expect("overflow is on when a task overflows");
-                    let (partition, key) = (Some(mark.ticket.partition), d.message.key());
-                    let headers = kafka::rewrite_headers(&d.message, |_| false, &[]);
-                    let payload = d.message.payload().unwrap_or_default();
+                    let (partition, key) = (Some(mark.ticket.partition), message.key());
+                    let headers = kafka::rewrite_headers(&message, |_| false, &[]);
+                    let payload = message.payload().unwrap_or_default();
                     kafka::send_to(&self.producer, topic, partition, key, payload, headers).await.map(drop)
                 }
                 produced => produced,
