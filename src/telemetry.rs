@@ -16,6 +16,8 @@
 //! - `weir_retries_total{service,tier}`: retryable failures sent to a delay topic
 //! - `weir_deferred_total{stage,service}`: work over a limit moved to a delay topic: tasks of a
 //!   tenant over its own limit (`execute`), runs over a workflow's `runs_per_minute` (`evaluate`)
+//! - `weir_delay_requeued_total{service,tier}`: delay-tier records not due within the tier's delay,
+//!   moved to the tail of their partition so the records behind them flow (`stages::execute::delay`)
 //! - `weir_tenant_backlog{service,tenant}`: a tenant's tasks waiting in the executor (its lane
 //!   and the overflow topic), `weir_tenant_overflowed_total`, `weir_tenant_deferred_total` and
 //!   `weir_tenant_throttled_total{service,tenant}` (tasks moved to the overflow topic, deferred to
@@ -172,6 +174,11 @@ pub enum Event<'a> {
     Breaker {
         service: &'a str,
         state: &'static str,
+    },
+    /// A delay tier's head, not due within the tier's delay, went to the tail of its partition.
+    Requeued {
+        service: &'a str,
+        tier: &'a str,
     },
     /// A tenant of the executor started (or stopped) sending its tasks to the overflow topic.
     Overflowing {
@@ -349,6 +356,11 @@ impl Event<'_> {
                         0.0
                     });
                 }
+            }
+            Event::Requeued { service, tier } => {
+                tracing::debug!(service, tier, "not due within the tier's delay: re-queued to the tier's tail");
+                counter!("weir_delay_requeued_total", "service" => service.to_string(), "tier" => tier.to_string())
+                    .increment(1)
             }
             Event::Overflowing { service, tenant, partition, started } => {
                 if started {

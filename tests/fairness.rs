@@ -8,6 +8,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use common::*;
 use futures::{stream::FuturesUnordered, StreamExt};
+use rdkafka::consumer::Consumer as _;
 use serde_json::json;
 use weir::{
     envelope::ActionTask,
@@ -145,5 +146,67 @@ async fn a_noisy_tenant_at_nine_times_the_others_does_not_hold_back_any_of_them(
     assert_eq!(calls.iter().filter(|c| c.replayed).count(), 0, "no call was repeated");
     assert!(!by[NOISY].is_empty(), "the noisy tenant is served too");
 
+    pipeline.stop().await.unwrap();
+}
+
+/// The lone tenant's backlog: its tasks that must still be uncalled when the newcomers are done.
+const LONE_TASKS: usize = 3_000;
+const LONE_BACKLOG: usize = 1_000;
+const NEWCOMER_TASKS: usize = 20;
+
+/// A tenant alone in the process does not overflow (it is held back by its partition's bound, as
+/// before fairness); the moment another tenant has work, it must: a newcomer on another partition,
+/// then one on its own partition behind its backlog, are both called while it still has more than
+/// `LONE_BACKLOG` tasks uncalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_tenant_with_a_backlog_makes_room_as_soon_as_another_tenant_has_work() {
+    let receiver = Receiver::start().await.unwrap();
+    receiver.set_mode(Mode { latency: Duration::from_millis(10), ..Default::default() });
+    let (config, _dir) = test_config(&receiver, &[WELCOME]).await;
+    let config = Arc::new(config);
+    let quiet = quiet_tenants(8, 1); // topics/actions.yaml: 8 partitions
+    let (mate, elsewhere) = (&quiet[0], &quiet[1]);
+    let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
+    let producer = Producer::for_topic(&config, &config.names().actions("webhook")).unwrap();
+
+    let lone: Vec<ActionTask> = (0..LONE_TASKS).map(|n| task(n, NOISY)).collect();
+    produce(&producer, &lone).await;
+    // Alone for a while: its lane full, its partition held at its bound.
+    let started = eventually(Duration::from_secs(60), || {
+        let n = per_tenant(&receiver.calls()).get(NOISY).map_or(0, Vec::len);
+        async move { n >= 100 }
+    })
+    .await;
+    assert!(started, "the lone tenant is being called");
+    let (reader, overflow) = (reader(), config.names().overflow("webhook"));
+    let overflowed: i64 =
+        (0..8).map(|p| reader.fetch_watermarks(&overflow, p, Duration::from_secs(10)).unwrap().1).sum();
+    assert_eq!(overflowed, 0, "the only tenant of the process does not overflow");
+
+    // A newcomer elsewhere, then one behind the lone tenant's backlog on its partition.
+    let mut next = LONE_TASKS;
+    for tenant in [elsewhere, mate] {
+        let tasks: Vec<ActionTask> = (0..NEWCOMER_TASKS).map(|i| task(next + i, tenant)).collect();
+        next += NEWCOMER_TASKS;
+        produce(&producer, &tasks).await;
+    }
+    let done = eventually(Duration::from_secs(60), || {
+        let by = per_tenant(&receiver.calls());
+        let done = [elsewhere, mate].iter().all(|t| by.get(*t).map_or(0, Vec::len) == NEWCOMER_TASKS);
+        async move { done }
+    })
+    .await;
+    let calls = receiver.calls();
+    let by = per_tenant(&calls);
+    let counts: HashMap<&String, usize> = by.iter().map(|(t, s)| (t, s.len())).collect();
+    assert!(done, "both newcomers' tasks called: {counts:?}");
+    let last = calls.iter().rposition(|c| c.tenant.as_deref() != Some(NOISY)).unwrap();
+    let lone_before = calls[..last].iter().filter(|c| c.tenant.as_deref() == Some(NOISY)).count();
+    assert!(
+        lone_before + LONE_BACKLOG <= LONE_TASKS,
+        "{lone_before} of the lone tenant's {LONE_TASKS} tasks called before the newcomers' last: they waited \
+         behind its backlog"
+    );
+    assert_in_order(&by);
     pipeline.stop().await.unwrap();
 }

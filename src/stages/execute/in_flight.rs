@@ -92,6 +92,13 @@ impl<T: Task> InFlight<T> {
         self.taken + self.moving < self.max_buffered
     }
 
+    /// Whether the process holds half of `max_buffered` or more: then no tenant gets more than
+    /// its plain share (a lone tenant's larger one, see [`overflow`](super::overflow), must leave
+    /// room for any other partition's tasks to be taken).
+    pub(crate) fn crowded(&self) -> bool {
+        self.taken + self.moving >= self.max_buffered / 2
+    }
+
     /// A record is being produced elsewhere instead of taken (see the module docs).
     pub(crate) fn moving(&mut self) {
         self.moving += 1;
@@ -159,6 +166,30 @@ impl<T: Task> InFlight<T> {
         } else {
             Flow::Keep
         }
+    }
+
+    /// Takes the queued tasks of `tenant` (of `partition`) beyond its first `keep` out of its
+    /// lane, the latest ones, in order, to be moved elsewhere (the overflow topic): they count as
+    /// records being moved until [`moved`](Self::moved), and its partition no longer counts them.
+    pub(crate) fn evict(&mut self, tenant: &str, partition: i32, keep: usize) -> (Vec<T>, Flow) {
+        let moved = self.lanes.split_off(tenant, keep);
+        let n = moved.len();
+        if n == 0 {
+            return (moved, Flow::Keep);
+        }
+        self.taken -= n;
+        self.moving += n;
+        let bound = self.partition_max_buffered;
+        let uncalled = self.partitions.entry(partition).or_default();
+        uncalled.count = uncalled.count.saturating_sub(n);
+        if uncalled.count < bound {
+            uncalled.over_since = None;
+        }
+        let count = uncalled.count;
+        if count == 0 {
+            self.partitions.remove(&partition);
+        }
+        (moved, if count <= bound / 2 { Flow::Resume(partition) } else { Flow::Keep })
     }
 
     /// The outcome of a called task is durable (or producing it failed, which stops the stage).
@@ -295,6 +326,24 @@ mod tests {
             assert_eq!(f.take(T("a", 3, 10 + n), t1), Flow::Keep);
         }
         assert_eq!(f.take(T("a", 3, 12), t1 + PAUSE_GRACE), Flow::Pause(3));
+    }
+
+    #[test]
+    fn a_tenants_latest_tasks_are_evicted_in_order_and_its_partition_resumed() {
+        let mut f = in_flight(100, 4, 100);
+        let t0 = Instant::now();
+        for n in 0..6 {
+            let _ = f.take(T("a", 3, n), t0);
+        }
+        assert_eq!(f.take(T("a", 3, 6), t0 + PAUSE_GRACE), Flow::Pause(3));
+        let (tenant, first) = f.next_call().unwrap();
+        let (evicted, flow) = f.evict(&tenant, 3, 2);
+        assert_eq!(evicted, [T("a", 3, 2), T("a", 3, 3), T("a", 3, 4), T("a", 3, 5), T("a", 3, 6)]);
+        assert_eq!(flow, Flow::Resume(3), "two left uncalled of a bound of four");
+        assert_eq!((f.taken, f.moving, f.queued("a")), (2, 5, 2));
+        let _ = f.called(&tenant, first.1);
+        assert_eq!(f.next_call(), Some((Arc::from("a"), T("a", 3, 1))), "the earliest stay, in order");
+        assert_eq!(f.evict("a", 3, 0).0, [], "a running task stays");
     }
 
     #[test]

@@ -239,7 +239,8 @@ async fn main_loop(
     let result = loop {
         if let Some(r) = reader.as_mut() {
             // Overflow tasks whose tenants have room again go back into their lanes first.
-            while let Some(d) = r.next_back(|tenant| in_flight.queued(tenant)) {
+            let crowded = in_flight.crowded();
+            while let Some(d) = r.next_back(|tenant| in_flight.queued(tenant), crowded) {
                 let mut stage =
                     Taking { in_flight: &mut in_flight, running: &mut running, source: &source, reader: None };
                 executor.take_one(d, true, &mut stage, &mut classes, Instant::now(), delay::epoch_ms());
@@ -497,8 +498,27 @@ impl Executor {
             // overflows here).
             let reader = stage.reader.as_deref_mut().filter(|r| !returning || r.book.is_overflowing(&task.tenant));
             if let Some(reader) = reader {
-                let queued = stage.in_flight.queued(&task.tenant);
-                if let Route::Overflow { started } = reader.book.route(&task.tenant, partition, queued) {
+                // The first task of another tenant ends a lone tenant's unbounded lane: what it
+                // holds beyond its share goes to the overflow topic now (its latest tasks, in order,
+                // its later ones behind them), so that neither the partition nor the process stays
+                // full of it while someone else has work.
+                if let Some((lone, p)) = reader.book.newcomer(&task.tenant) {
+                    let keep = reader.book.share_of(&lone, p, received, stage.in_flight.crowded());
+                    let (evicted, flow) = stage.in_flight.evict(&lone, p, keep);
+                    if !evicted.is_empty() && reader.book.evicted(&lone, p, evicted.len()) {
+                        Event::Overflowing { service: &self.service, tenant: &lone, partition: p, started: true }
+                            .emit();
+                    }
+                    for job in evicted {
+                        classes.count(&lone, Counted::Overflowed);
+                        let mark = Mark { ticket: job.ticket, overflow: job.overflow };
+                        stage.running.push(self.clone().overflow_message(job.message, mark, &lone));
+                    }
+                    steer(stage.source, flow);
+                }
+                let (queued, crowded) = (stage.in_flight.queued(&task.tenant), stage.in_flight.crowded());
+                let route = reader.book.route(&task.tenant, partition, queued, received, crowded);
+                if let Route::Overflow { started } = route {
                     if started {
                         let tenant = &task.tenant;
                         Event::Overflowing { service: &self.service, tenant, partition, started }.emit();
@@ -536,12 +556,17 @@ impl Executor {
     /// Moves a task of `tenant` to the overflow topic, to the partition of its origin, unchanged.
     /// Handed to the producer now, so a tenant's tasks keep their order there.
     fn overflow(self: Arc<Self>, d: Delivery, tenant: &str) -> BoxFuture<'static, Step> {
+        self.overflow_message(d.message, Mark { ticket: d.ticket, overflow: false }, tenant)
+    }
+
+    /// [`overflow`](Self::overflow) of a record of either source (`mark` says which: a task
+    /// taken out of a lane may have come from the overflow topic already).
+    fn overflow_message(self: Arc<Self>, message: OwnedMessage, mark: Mark, tenant: &str) -> BoxFuture<'static, Step> {
         let (topic, _) = self.overflow.as_ref().expect("overflow is on when a task overflows");
-        let headers = kafka::rewrite_headers(&d.message, |_| false, &[]);
-        let payload = d.message.payload().unwrap_or_default();
+        let headers = kafka::rewrite_headers(&message, |_| false, &[]);
+        let payload = message.payload().unwrap_or_default();
         let enqueued =
-            kafka::enqueue(&self.producer, topic, d.ticket.partition, Some(tenant.as_bytes()), payload, headers);
-        let mark = Mark { ticket: d.ticket, overflow: false };
+            kafka::enqueue(&self.producer, topic, mark.ticket.partition, Some(tenant.as_bytes()), payload, headers);
         async move {
             let produced = match enqueued {
                 Ok(acknowledged) => acknowledged.await,
@@ -552,9 +577,9 @@ impl Executor {
             let produced = match produced {
                 Err(e) if kafka::may_pass(&self.producer, &e) => {
                     let (topic, _) = self.overflow.as_ref().expect("overflow is on when a task overflows");
-                    let (partition, key) = (Some(mark.ticket.partition), d.message.key());
-                    let headers = kafka::rewrite_headers(&d.message, |_| false, &[]);
-                    let payload = d.message.payload().unwrap_or_default();
+                    let (partition, key) = (Some(mark.ticket.partition), message.key());
+                    let headers = kafka::rewrite_headers(&message, |_| false, &[]);
+                    let payload = message.payload().unwrap_or_default();
                     kafka::send_to(&self.producer, topic, partition, key, payload, headers).await.map(drop)
                 }
                 produced => produced,

@@ -1,14 +1,42 @@
 //! The overflow topic: how a tenant's backlog stays off its partition's path.
 //!
-//! A tenant with `executor.tenant_max_buffered` tasks waiting in its lane is *overflowing*: its
-//! next tasks, and all its later ones while any of them are out, are produced to
+//! A tenant with its share of tasks waiting in its lane is *overflowing*: its next tasks, and all its later ones while any of them are out, are produced to
 //! `actions.<service>.overflow` (same partition number as their origin, keyed by tenant, headers
 //! and payload unchanged) and their offsets on the action topic are done. The partition flows
 //! on: its other tenants' tasks keep joining their lanes. The overflow partition is read back
 //! into the tenant's lane whenever the lane has room again, so the tenant drains at its share of
 //! the executor (its lane's turn in the round robin, its weight in [`fair`](super::fair)) and
-//! holds no more of the shared buffers than `tenant_max_buffered`. When every task it sent out
-//! is back in its lane, it stops overflowing and its tasks join the lane directly again.
+//! holds no more of the shared buffers than its share. When every task it sent out is back in its
+//! lane, it stops overflowing and its tasks join the lane directly again.
+//!
+//! ## A tenant's share depends on who else has work
+//!
+//! A tenant's share is `executor.tenant_max_buffered` while another tenant of its partition has
+//! work (tasks seen in the last [`CONTENDED_FOR`], or tasks out in the overflow topic), or while the
+//! process holds half of `executor.max_buffered`. A tenant alone on its partition in a process
+//! with room may hold more: half of `partition_max_buffered`. Overflowing costs a produce and a
+//! read per task, which is worth paying only to let someone else through; a lone tenant's lane
+//! is the pre-fairness buffer again, bounded so that it never takes its partition to
+//! `partition_max_buffered` (which would pause it: a tenant arriving behind would not be seen)
+//! and leaves the process room to take any other partition's tasks. When a second tenant of the
+//! partition shows up, the lone tenant's share drops at once: its next task overflows although
+//! its lane still holds more than the share, and the tasks already in its lane are called first,
+//! as for any overflowing tenant (its lane is not refilled from the overflow topic until it is
+//! back under the share).
+//!
+//! The only tenant the whole process has had work of lately (none other seen on any partition in
+//! the last [`CONTENDED_FOR`], none with tasks out) does not overflow at all: there is nobody to
+//! make room for, and a lone tenant flat out would otherwise pay the overflow's produce and read
+//! for every task of its backlog (a quarter of its throughput, measured). It is held back as
+//! before fairness: its partition pauses at `partition_max_buffered`, the process at
+//! `max_buffered`. The first task of any other tenant, on any partition, ends that: the tasks
+//! of the lone tenant's lane beyond its share are taken out of it and overflowed at once (its
+//! latest ones, in order; its later tasks go behind them as for any overflowing tenant), which
+//! frees the process's buffer and resumes its partition, so it is read on past the backlog to
+//! whoever is behind it. The limit: a second tenant whose first tasks land on the lone tenant's
+//! partition, *behind* its backlog, while no other partition has work, is not seen until that
+//! backlog before it is called, as before fairness (a process with work from two tenants anywhere
+//! never pauses a partition for one).
 //!
 //! ## Which process reads overflow partition p
 //!
@@ -59,7 +87,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt};
@@ -83,28 +111,136 @@ pub(crate) enum Route {
     Overflow { started: bool },
 }
 
+/// How long a tenant seen on a partition counts as having work there, for its partition-mates'
+/// shares: longer than the gaps between a steady tenant's tasks, short enough that a lone tenant
+/// gets its larger share back soon after the others went quiet.
+pub(crate) const CONTENDED_FOR: Duration = Duration::from_secs(1);
+
 /// Which tenants overflow and how many of their tasks are out: no Kafka, every rule testable.
 #[derive(Debug, Default)]
 pub(crate) struct Book {
+    /// A tenant's share of the buffer while others have work (`tenant_max_buffered`).
     share: usize,
+    /// A tenant's share while it is alone on its partition (see the module docs).
+    alone_share: usize,
     /// Tenants overflowing: their partition, and their tasks sent out and not back in the lane.
     out: HashMap<Arc<str>, (i32, usize)>,
+    /// Per action partition, the last two different tenants whose tasks were taken from it.
+    seen: HashMap<i32, Seen>,
+    /// The same over every partition of the process.
+    seen_anywhere: Seen,
+    /// The tenant last routed to its lane as the only tenant of the process, and its partition.
+    lone: Option<(Arc<str>, i32)>,
+}
+
+/// The last tenant seen on a partition and the last one before it that was a different tenant,
+/// with when: enough to tell any tenant whether *another* one was seen lately.
+#[derive(Debug, Default)]
+struct Seen {
+    last: Option<(Arc<str>, Instant)>,
+    other: Option<(Arc<str>, Instant)>,
+}
+
+impl Seen {
+    fn saw(&mut self, tenant: &str, now: Instant) {
+        if let Some((t, at)) = &mut self.last {
+            if &**t == tenant {
+                *at = now;
+                return;
+            }
+        }
+        self.other = self.last.replace((Arc::from(tenant), now));
+    }
+
+    /// When a tenant other than `tenant` was last seen.
+    fn other_than(&self, tenant: &str) -> Option<Instant> {
+        match &self.last {
+            Some((t, _)) if &**t == tenant => self.other.as_ref().map(|(_, at)| *at),
+            last => last.as_ref().map(|(_, at)| *at),
+        }
+    }
 }
 
 impl Book {
-    /// Bookkeeping for tenants allowed `share` tasks in their lane.
-    pub(crate) fn new(share: usize) -> Book {
-        Book { share: share.max(1), out: HashMap::new() }
+    /// Bookkeeping for tenants allowed `share` tasks in their lane while others have work, and
+    /// `alone_share` (at least `share`) while alone on their partition.
+    pub(crate) fn new(share: usize, alone_share: usize) -> Book {
+        let share = share.max(1);
+        Book {
+            share,
+            alone_share: alone_share.max(share),
+            out: HashMap::new(),
+            seen: HashMap::new(),
+            seen_anywhere: Seen::default(),
+            lone: None,
+        }
+    }
+
+    /// A task of `tenant` is about to be routed: if another tenant was the only one of the process
+    /// until now, that one and its partition (its lane may hold more than its share now; see the
+    /// module docs).
+    pub(crate) fn newcomer(&mut self, tenant: &str) -> Option<(Arc<str>, i32)> {
+        match &self.lone {
+            Some((lone, _)) if &**lone != tenant => self.lone.take(),
+            _ => None,
+        }
+    }
+
+    /// `n` tasks of `tenant` of `partition` were taken out of its lane to the overflow topic (after
+    /// [`newcomer`](Self::newcomer)): it overflows, its later tasks behind them. True when it
+    /// just began.
+    pub(crate) fn evicted(&mut self, tenant: &str, partition: i32, n: usize) -> bool {
+        let entry = self.out.entry(Arc::from(tenant)).or_insert((partition, 0));
+        entry.1 += n;
+        entry.1 == n
+    }
+
+    /// Whether `tenant` is the only tenant this process has had work of lately: no other seen on
+    /// any partition in the last [`CONTENDED_FOR`], none with tasks out in the overflow topic.
+    pub(crate) fn alone_in_process(&self, tenant: &str, now: Instant) -> bool {
+        let lately =
+            self.seen_anywhere.other_than(tenant).is_some_and(|at| now.saturating_duration_since(at) < CONTENDED_FOR);
+        !lately && !self.out.keys().any(|t| &**t != tenant)
+    }
+
+    /// The share of `tenant` of action partition `partition` at `now`; `crowded` when the process
+    /// holds so much that no tenant may have more than the plain share.
+    pub(crate) fn share_of(&self, tenant: &str, partition: i32, now: Instant, crowded: bool) -> usize {
+        if crowded || self.alone_share == self.share {
+            return self.share;
+        }
+        let lately = self
+            .seen
+            .get(&partition)
+            .and_then(|s| s.other_than(tenant))
+            .is_some_and(|at| now.saturating_duration_since(at) < CONTENDED_FOR);
+        let overflowing = || self.out.iter().any(|(t, (p, _))| *p == partition && &**t != tenant);
+        if lately || overflowing() {
+            self.share
+        } else {
+            self.alone_share
+        }
     }
 
     /// Where a task of `tenant` from action partition `partition` goes, its tenant having
-    /// `queued` tasks in its lane; counts it out if it overflows.
-    pub(crate) fn route(&mut self, tenant: &str, partition: i32, queued: usize) -> Route {
+    /// `queued` tasks in its lane; counts it out if it overflows. `now` and `crowded` as for
+    /// [`share_of`](Self::share_of).
+    pub(crate) fn route(&mut self, tenant: &str, partition: i32, queued: usize, now: Instant, crowded: bool) -> Route {
+        self.seen.entry(partition).or_default().saw(tenant, now);
+        self.seen_anywhere.saw(tenant, now);
         if let Some((_, out)) = self.out.get_mut(tenant) {
             *out += 1;
             return Route::Overflow { started: false };
         }
-        if queued < self.share {
+        // The only tenant of the process: nobody to make room for, so no overflow; the partition
+        // and process bounds hold it back as they did before fairness (see the module docs).
+        if self.alone_in_process(tenant, now) {
+            if self.lone.as_ref().is_none_or(|(t, p)| &**t != tenant || *p != partition) {
+                self.lone = Some((Arc::from(tenant), partition));
+            }
+            return Route::Lane;
+        }
+        if queued < self.share_of(tenant, partition, now, crowded) {
             return Route::Lane;
         }
         self.out.insert(Arc::from(tenant), (partition, 1));
@@ -116,9 +252,10 @@ impl Book {
         self.out.contains_key(tenant)
     }
 
-    /// Whether a task of a tenant with `queued` tasks in its lane may come back into it.
-    pub(crate) fn has_room(&self, queued: usize) -> bool {
-        queued < self.share
+    /// Whether a task of `tenant` of `partition` with `queued` tasks in its lane may come back
+    /// into it (`now` and `crowded` as for [`share_of`](Self::share_of)).
+    pub(crate) fn has_room(&self, tenant: &str, partition: i32, queued: usize, now: Instant, crowded: bool) -> bool {
+        queued < self.share_of(tenant, partition, now, crowded)
     }
 
     /// A task of `tenant` came back from the overflow topic into its lane; true when that was its
@@ -154,6 +291,7 @@ impl Book {
         for t in &gone {
             self.out.remove(t);
         }
+        self.seen.remove(&partition);
         gone
     }
 
@@ -202,7 +340,7 @@ impl Reader {
         let group = config.names().overflow_group(service);
         let source = Source::assign(&config, Stage::Execute, &topic, &group)?;
         Ok(Reader {
-            book: Book::new(config.executor.tenant_max_buffered),
+            book: Book::new(config.executor.tenant_max_buffered, config.executor.partition_max_buffered / 2),
             config,
             service: service.to_string(),
             topic,
@@ -345,12 +483,13 @@ impl Reader {
     }
 
     /// The next overflow record whose tenant has room in its lane (`queued` says how full a
-    /// tenant's lane is), counted back in.
-    pub(crate) fn next_back(&mut self, queued: impl Fn(&str) -> usize) -> Option<Delivery> {
-        for queue in self.waiting.values_mut() {
+    /// tenant's lane is; `crowded` whether the process is past half its bound), counted back in.
+    pub(crate) fn next_back(&mut self, queued: impl Fn(&str) -> usize, crowded: bool) -> Option<Delivery> {
+        let now = Instant::now();
+        for (partition, queue) in self.waiting.iter_mut() {
             let Some(head) = queue.front() else { continue };
             let tenant = String::from_utf8_lossy(head.message.key().unwrap_or_default());
-            if !self.book.has_room(queued(&tenant)) {
+            if !self.book.has_room(&tenant, *partition, queued(&tenant), now, crowded) {
                 continue;
             }
             if self.book.returned(&tenant) {
@@ -386,30 +525,107 @@ mod tests {
 
     #[test]
     fn a_tenant_over_its_share_overflows_until_every_task_it_sent_out_is_back() {
-        let mut b = Book::new(2);
-        assert_eq!(b.route("a", 3, 1), Route::Lane);
-        assert_eq!(b.route("a", 3, 2), Route::Overflow { started: true }, "two in the lane: the share");
-        assert_eq!(b.route("b", 3, 0), Route::Lane, "a partition-mate is not held behind it");
-        assert_eq!(b.route("a", 3, 0), Route::Overflow { started: false }, "behind its tasks out, even with room");
+        let mut b = Book::new(2, 2);
+        let now = Instant::now();
+        assert_eq!(b.route("z", 9, 0, now, false), Route::Lane, "another tenant in the process");
+        assert_eq!(b.route("a", 3, 1, now, false), Route::Lane);
+        assert_eq!(b.route("a", 3, 2, now, false), Route::Overflow { started: true }, "two in the lane: the share");
+        assert_eq!(b.route("b", 3, 0, now, false), Route::Lane, "a partition-mate is not held behind it");
+        let behind = b.route("a", 3, 0, now, false);
+        assert_eq!(behind, Route::Overflow { started: false }, "behind its tasks out, even with room");
         assert_eq!(b.out("a"), 2);
-        assert!(!b.has_room(2) && b.has_room(1));
+        assert!(!b.has_room("a", 3, 2, now, false) && b.has_room("a", 3, 1, now, false));
         assert!(!b.returned("a"));
         assert!(b.returned("a"), "the last one out is back: a stops overflowing");
         assert!(!b.returned("a"), "counts never go below zero");
-        assert_eq!(b.route("a", 3, 1), Route::Lane);
+        assert_eq!(b.route("a", 3, 1, now, false), Route::Lane);
         assert_eq!(b.backlogs().count(), 0);
     }
 
     #[test]
     fn a_partition_taken_over_starts_with_its_counted_tenants_overflowing_and_a_lost_one_is_forgotten() {
-        let mut b = Book::new(100);
-        assert_eq!(b.route("a", 1, 100), Route::Overflow { started: true });
+        let mut b = Book::new(100, 100);
+        let now = Instant::now();
+        assert_eq!(b.route("z", 9, 0, now, false), Route::Lane, "another tenant in the process");
+        assert_eq!(b.route("a", 1, 100, now, false), Route::Overflow { started: true });
         let started = b.counted(2, [("c".to_string(), 5), ("d".to_string(), 0)]);
         assert_eq!(started, ["c"], "a tenant with nothing out does not overflow");
-        assert_eq!(b.route("c", 2, 0), Route::Overflow { started: false }, "behind its counted backlog");
+        assert_eq!(b.route("c", 2, 0, now, false), Route::Overflow { started: false }, "behind its counted backlog");
         assert_eq!(b.out("c"), 6);
-        assert_eq!(b.route("d", 2, 0), Route::Lane);
+        assert_eq!(b.route("d", 2, 0, now, false), Route::Lane);
         assert_eq!(b.forget(2).iter().map(|t| t.to_string()).collect::<Vec<_>>(), ["c"]);
         assert_eq!((b.out("a"), b.out("c")), (1, 0), "other partitions' tenants are kept");
+    }
+
+    #[test]
+    fn a_lone_tenant_holds_the_larger_share_until_a_partition_mate_has_work() {
+        let mut b = Book::new(2, 5);
+        let t0 = Instant::now();
+        // Another tenant in the process, on another partition.
+        assert_eq!(b.route("z", 1, 0, t0, false), Route::Lane);
+        // Alone on partition 0: no overflow until the larger share.
+        for queued in 0..5 {
+            assert_eq!(b.route("a", 0, queued, t0, false), Route::Lane, "{queued} queued, alone");
+        }
+        assert_eq!(b.route("a", 0, 5, t0, false), Route::Overflow { started: true }, "the larger share is a bound");
+        assert!(b.returned("a"));
+        // The process past half its bound: the plain share, alone or not.
+        assert_eq!(b.route("a", 0, 2, t0, true), Route::Overflow { started: true });
+        assert!(b.returned("a"));
+        assert_eq!(b.route("a", 0, 4, t0, false), Route::Lane);
+        // A partition-mate shows up: a, with 4 in its lane, overflows with its very next task,
+        // and its lane is not refilled from the overflow topic until it is under the plain share.
+        assert_eq!(b.route("b", 0, 0, t0, false), Route::Lane, "b is not held behind a's lane");
+        assert_eq!(b.route("a", 0, 4, t0, false), Route::Overflow { started: true });
+        assert!(!b.has_room("a", 0, 2, t0, false) && b.has_room("a", 0, 1, t0, false));
+        // b's share is the plain one too while a has tasks out, however long ago a was seen.
+        let later = t0 + CONTENDED_FOR * 2;
+        assert_eq!(b.route("b", 0, 2, later, false), Route::Overflow { started: true });
+        assert!(b.returned("b") && b.returned("a"));
+        // Nobody else seen for CONTENDED_FOR: a is alone again.
+        let quiet = later + CONTENDED_FOR;
+        assert_eq!(b.share_of("a", 0, later + CONTENDED_FOR / 2, false), 2, "b was seen lately");
+        assert_eq!(b.share_of("a", 0, quiet, false), 5);
+        assert_eq!(b.route("a", 0, 4, quiet, false), Route::Lane);
+        // a seen again does not hide b: b's last sight is kept as "another tenant".
+        assert_eq!(b.route("b", 0, 0, quiet, false), Route::Lane);
+        assert_eq!(b.route("a", 0, 1, quiet, false), Route::Lane);
+        assert_eq!(b.share_of("a", 0, quiet, false), 2);
+        assert_eq!(b.share_of("b", 0, quiet, false), 2);
+        b.forget(0);
+        assert_eq!(b.share_of("a", 0, quiet, false), 5, "a partition given up is forgotten");
+    }
+
+    #[test]
+    fn the_only_tenant_of_the_process_never_overflows_until_another_shows_up_anywhere() {
+        let mut b = Book::new(2, 5);
+        let t0 = Instant::now();
+        for queued in [0, 5, 1_000] {
+            assert_eq!(b.route("a", 0, queued, t0, true), Route::Lane, "{queued} queued, the only tenant");
+        }
+        assert_eq!(b.newcomer("a"), None, "a itself is no newcomer");
+        // Another tenant on another partition: a's lane beyond its share is to be evicted, and a is
+        // held to its share on its own partition again.
+        assert_eq!(b.newcomer("z"), Some((Arc::from("a"), 0)));
+        assert_eq!(b.newcomer("z"), None, "once");
+        assert_eq!(b.route("z", 1, 0, t0, false), Route::Lane);
+        assert!(!b.alone_in_process("a", t0));
+        assert!(b.evicted("a", 0, 995) && !b.evicted("a", 0, 1), "a overflows behind its evicted tasks");
+        assert_eq!(b.route("a", 0, 0, t0, false), Route::Overflow { started: false });
+        assert_eq!(b.out("a"), 997);
+        for _ in 0..996 {
+            assert!(!b.returned("a"));
+        }
+        assert!(b.returned("a"));
+        assert_eq!(b.route("a", 0, 5, t0, false), Route::Overflow { started: true });
+        // z gone quiet, but a's tasks are out: a overflows behind them, alone or not.
+        let later = t0 + CONTENDED_FOR;
+        assert!(b.alone_in_process("a", later));
+        assert_eq!(b.route("a", 0, 0, later, false), Route::Overflow { started: false });
+        assert!(!b.returned("a") && b.returned("a"));
+        assert_eq!(b.route("a", 0, 1_000, later, false), Route::Lane, "all back: alone again");
+        // A tenant with tasks out counts as having work, however long ago it was seen.
+        assert_eq!(b.counted(1, [("z".to_string(), 3)]), ["z"]);
+        assert!(!b.alone_in_process("a", later + CONTENDED_FOR));
     }
 }

@@ -87,6 +87,25 @@ impl<T> Lanes<T> {
         }
     }
 
+    /// Removes the queued items of `key` beyond its first `keep` (running ones count), the latest
+    /// ones, and returns them in order: they are to be done elsewhere, after the ones kept.
+    pub(crate) fn split_off(&mut self, key: &str, keep: usize) -> Vec<T> {
+        let Some(lane) = self.queues.get_mut(key) else { return Vec::new() };
+        let at = keep.saturating_sub(lane.running).min(lane.queue.len());
+        let moved: Vec<T> = lane.queue.drain(at..).collect();
+        self.len -= moved.len();
+        if lane.queue.is_empty() {
+            if lane.in_ready {
+                lane.in_ready = false;
+                self.ready.retain(|k| &**k != key);
+            }
+            if lane.running == 0 {
+                self.queues.remove(key);
+            }
+        }
+        moved
+    }
+
     /// Items of `key` queued or running.
     pub(crate) fn queued(&self, key: &str) -> usize {
         self.queues.get(key).map_or(0, |l| l.queue.len() + l.running)
@@ -147,6 +166,25 @@ mod tests {
         lanes.finish("a");
         assert!(lanes.is_empty());
         assert!(lanes.queues.is_empty() && lanes.ready.is_empty());
+    }
+
+    #[test]
+    fn the_latest_items_of_a_key_are_split_off_in_order() {
+        let mut lanes = Lanes::default();
+        for i in 1..=5 {
+            lanes.push("a", i);
+        }
+        lanes.push("b", 1);
+        assert_eq!(lanes.start_next(), Some((k("a"), 1)));
+        assert_eq!(lanes.split_off("a", 3), [4, 5], "one running and two queued are kept");
+        assert_eq!(lanes.queued("a"), 3);
+        assert_eq!(lanes.split_off("a", 0), [2, 3], "a running item is never split off");
+        assert_eq!(lanes.start_next(), Some((k("b"), 1)), "a is no longer ready: nothing queued");
+        assert_eq!(lanes.start_next(), None);
+        lanes.finish("a");
+        lanes.finish("b");
+        assert!(lanes.is_empty() && lanes.queues.is_empty() && lanes.ready.is_empty());
+        assert!(lanes.split_off("none", 0).is_empty());
     }
 
     #[test]
