@@ -122,7 +122,7 @@ async fn a_paused_partition_resumes_after_a_rebalance() {
 
     // A second member joins and leaves: two rebalances, each revoking and assigning.
     let mut assignment = source.assignment();
-    let member = SecondMember::join(&topic, &group);
+    let member = SecondMember::join(&config, &topic, &group);
     assert!(
         eventually(Duration::from_secs(30), || {
             let owned = assignment.borrow_and_update().owned.clone();
@@ -180,14 +180,11 @@ struct SecondMember {
 }
 
 impl SecondMember {
-    fn join(topic: &str, group: &str) -> SecondMember {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "10000")
-            .create()
-            .unwrap();
+    /// A member configured as weir's own (the same group protocol and assignor: a member whose
+    /// assignor the group does not share is refused).
+    fn join(config: &Config, topic: &str, group: &str) -> SecondMember {
+        let consumer: BaseConsumer =
+            weir::kafka::member_config(config, group).set("enable.auto.commit", "false").create().unwrap();
         consumer.subscribe(&[topic]).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::spawn({
