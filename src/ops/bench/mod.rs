@@ -30,6 +30,7 @@ pub(crate) mod measure;
 pub mod noisy;
 pub mod noisy_report;
 pub mod replay;
+pub mod replaying;
 pub mod report;
 pub mod scale;
 pub mod scenario;

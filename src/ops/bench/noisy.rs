@@ -345,7 +345,7 @@ pub(super) struct PhaseOutcome {
     /// The whole traffic's row (throughput, latency, series, CPU), for the table and the plot.
     pub report: ScenarioReport,
     /// The replay that ran beside the quiet load, if any.
-    pub replay: Option<super::replay::Replayed>,
+    pub replay: Option<super::replaying::Replayed>,
 }
 
 impl PhaseOutcome {
@@ -371,7 +371,7 @@ pub(super) async fn phase(
     options: &Options,
     quiet_rate: f64,
     noisy: NoisyLoad,
-    replay: Option<super::replay::Replay>,
+    replay: Option<super::replaying::Replay>,
     name: &str,
 ) -> anyhow::Result<PhaseOutcome> {
     let mut setting = Setting::new(base, "noisy", true).await?;
@@ -390,7 +390,7 @@ pub(super) async fn phase(
 async fn drive(
     config: &mut Config,
     options: &Options,
-    (quiet_rate, noisy, replay): (f64, NoisyLoad, Option<super::replay::Replay>),
+    (quiet_rate, noisy, replay): (f64, NoisyLoad, Option<super::replaying::Replay>),
     receiver: &Arc<Receiver>,
     workdir: &std::path::Path,
     name: &str,
@@ -426,7 +426,15 @@ async fn drive(
     let meter = Arc::new(Meter::new(progress.clone()));
     let observer = observe(receiver.clone(), shared.clone(), meter.clone());
     let generator = generate(config, shared.clone(), quiet_rate, noisy)?;
-    let replaying = backfilled.map(|window| super::replay::spawn(config.clone(), window, shared.clone()));
+    let replaying = backfilled.map(|window| {
+        let (opened, held) = (shared.clone(), shared.clone());
+        super::replaying::spawn(
+            config.clone(),
+            window,
+            move || opened.window_start_us.load(Ordering::Acquire) != 0,
+            move |hold| held.hold.store(hold, Ordering::Release),
+        )
+    });
 
     let measured = measure(options, &shared, &meter, name).await;
     let replay = match replaying {
@@ -490,7 +498,7 @@ async fn measure(
     if options.progress {
         eprintln!("noisy: {name} phase, {} s window", options.duration.as_secs_f64());
     }
-    let held = || shared.hold.load(Ordering::Acquire) && started.elapsed() < super::replay::HOLD_LIMIT;
+    let held = || shared.hold.load(Ordering::Acquire) && started.elapsed() < super::replaying::HOLD_LIMIT;
     // The window is `--duration` unless a replay held it open longer.
     let mut extended = false;
     while started.elapsed() < options.duration || held() {
