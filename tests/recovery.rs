@@ -37,17 +37,6 @@ steps:
   - {id: notify, service: webhook, input: {seq: '{{ data.seq }}'}}
 ";
 
-const DIAMOND: &str = "
-id: diamond
-version: 1
-trigger: {type: member.created}
-steps:
-  - {id: a, service: webhook, input: {seq: '{{ data.seq }}'}}
-  - {id: b, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
-  - {id: c, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
-  - {id: d, service: webhook, needs: [b, c], input: {seq: '{{ data.seq }}'}}
-";
-
 async fn produce(config: &Config, events: impl Iterator<Item = Event>) {
     let producer = Producer::new(config).unwrap();
     producer.send_all(events.map(|e| (e, Format::Json)), 1_000).await.unwrap();

@@ -14,13 +14,6 @@ use weir::{
     pipeline::{Pipeline, StageName},
 };
 
-async fn scalar(url: &str, sql: &str) -> i64 {
-    let Ok(pool) = sqlx::PgPool::connect(url).await else { return -1 };
-    let n = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap_or(-1);
-    pool.close().await;
-    n
-}
-
 async fn produce(config: &weir::config::Config, events: Vec<Event>) {
     let producer = Producer::new(config).unwrap();
     producer.send_all(events.into_iter().map(|e| (e, Format::Json)), 1_000).await.unwrap();
@@ -125,17 +118,6 @@ steps:
     let reason = "select count(*) from action_results where status = 'expired' and error like 'expired at %'";
     assert_eq!(scalar(&url, reason).await, EVENTS as i64, "each expired row says when it expired");
 }
-
-const DIAMOND: &str = "
-id: diamond
-version: 1
-trigger: {type: member.created}
-steps:
-  - {id: a, service: webhook, input: {seq: '{{ data.seq }}'}}
-  - {id: b, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
-  - {id: c, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
-  - {id: d, service: webhook, needs: [b, c], input: {seq: '{{ data.seq }}'}}
-";
 
 /// The run id the evaluator gives `event`'s run of `yaml`.
 fn run_id(yaml: &str, event: &Event) -> String {

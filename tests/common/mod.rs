@@ -321,3 +321,15 @@ pub fn terminate(weir: &WeirProcess) {
     let pid = weir.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
 }
+
+/// A diamond workflow (a → b, c → d), each step carrying the event's `seq`.
+pub const DIAMOND: &str = "
+id: diamond
+version: 1
+trigger: {type: member.created}
+steps:
+  - {id: a, service: webhook, input: {seq: '{{ data.seq }}'}}
+  - {id: b, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
+  - {id: c, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
+  - {id: d, service: webhook, needs: [b, c], input: {seq: '{{ data.seq }}'}}
+";
