@@ -502,7 +502,8 @@ impl Executor {
                 // holds beyond its share goes to the overflow topic now (its latest tasks, in order,
                 // its later ones behind them), so that neither the partition nor the process stays
                 // full of it while someone else has work.
-                if let Some((lone, p)) = reader.book.newcomer(&task.tenant) {
+                let newcomer = reader.book.newcomer(&task.tenant).filter(|(_, p)| self.ownership.owns_partition(*p));
+                if let Some((lone, p)) = newcomer {
                     let keep = reader.book.share_of(&lone, p, received, stage.in_flight.crowded());
                     let (evicted, flow) = stage.in_flight.evict(&lone, p, keep);
                     if !evicted.is_empty() && reader.book.evicted(&lone, p, evicted.len()) {

@@ -292,6 +292,10 @@ impl Book {
             self.out.remove(t);
         }
         self.seen.remove(&partition);
+        if self.lone.as_ref().is_some_and(|(_, p)| *p == partition) {
+            // Its lane's tasks of that partition are the next owner's: none to evict here.
+            self.lone = None;
+        }
         gone
     }
 
@@ -594,6 +598,10 @@ mod tests {
         assert_eq!(b.share_of("b", 0, quiet, false), 2);
         b.forget(0);
         assert_eq!(b.share_of("a", 0, quiet, false), 5, "a partition given up is forgotten");
+        let mut b = Book::new(2, 5);
+        assert_eq!(b.route("a", 4, 10, t0, false), Route::Lane, "the only tenant");
+        b.forget(4);
+        assert_eq!(b.newcomer("z"), None, "a tenant of a partition given up is not evicted here");
     }
 
     #[test]
