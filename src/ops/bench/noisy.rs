@@ -163,6 +163,11 @@ pub(super) struct Shared {
     /// µs since the epoch; 0 until the window opens.
     pub(super) window_start_us: AtomicU64,
     window_end_us: AtomicU64,
+    /// The first event sequence number the generator produced after it saw the window open;
+    /// `u64::MAX` until then. An event is in the window exactly when its sequence number is at
+    /// least this: the generator alone decides, so an event is never counted as called without
+    /// having been counted as produced (a timestamp test raced with the window's opening).
+    window_first_seq: AtomicU64,
     /// Set when the phase ends: later calls are not counted, so every figure of the phase is
     /// of the same moment.
     closed: std::sync::atomic::AtomicBool,
@@ -183,6 +188,7 @@ impl Shared {
             index,
             window_start_us: AtomicU64::new(0),
             window_end_us: AtomicU64::new(0),
+            window_first_seq: AtomicU64::new(u64::MAX),
             closed: Default::default(),
             produced: (0..n).map(|_| AtomicU64::new(0)).collect(),
             stats: Mutex::new((Vec::new(), (0..n).map(|_| TenantStats::new()).collect())),
@@ -194,8 +200,7 @@ impl Shared {
     /// A call for `tenant` of event `seq` produced at `produced_us` arrived at `at_us`: counted
     /// once per event (a retried call is not a second event), if produced in the window.
     fn record(&self, tenant: usize, seq: u64, produced_us: u64, at_us: u64) {
-        let start = self.window_start_us.load(Ordering::Acquire);
-        if start == 0 || produced_us < start {
+        if seq < self.window_first_seq.load(Ordering::Acquire) {
             return;
         }
         let end = self.window_end_us.load(Ordering::Acquire);
@@ -611,9 +616,11 @@ fn generate(
         let mut sent = vec![0u64; shared.tenants.len()];
         let mut seq = 0u64;
         while !progress.stop.is_cancelled() {
-            let window = shared.window_start_us.load(Ordering::Acquire);
-            if window != 0 && noisy_started.is_none() {
+            let window = shared.window_start_us.load(Ordering::Acquire) != 0;
+            if window && noisy_started.is_none() {
                 noisy_started = Some(Instant::now());
+                // Before any event of the window is sent, so before any of them can be called.
+                shared.window_first_seq.store(seq, Ordering::Release);
             }
             let mut any = false;
             for (i, tenant) in shared.tenants.iter().enumerate() {
@@ -636,7 +643,7 @@ fn generate(
                         progress.stop.cancel();
                         return;
                     }
-                    if window != 0 && produced_us >= window {
+                    if window {
                         shared.produced[i].fetch_add(1, Ordering::Relaxed);
                     }
                     sent[i] += 1;
