@@ -21,7 +21,9 @@
 //! - `weir_tenant_backlog{service,tenant}`: a tenant's tasks waiting in the executor (its lane
 //!   and the overflow topic), `weir_tenant_overflowed_total`, `weir_tenant_deferred_total` and
 //!   `weir_tenant_throttled_total{service,tenant}` (tasks moved to the overflow topic, deferred to
-//!   a delay topic, calls that waited for the tenant's own limit). `tenant` is one of the
+//!   a delay topic, calls that waited for the tenant's own limit), `weir_tenant_calls_total`
+//!   (calls started) and `weir_tenant_share` (the class's share of the process's call slots now,
+//!   0 to 1: what `weir status` shows). `tenant` is one of the
 //!   `executor.fairness.metrics_top_tenants` most backlogged tenants, or `other`
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_breaker_state{service,state}`: 1 for the breaker's current state (`closed`, `open`,
@@ -196,6 +198,11 @@ pub enum Event<'a> {
         overflowed: u64,
         deferred: u64,
         throttled: u64,
+        /// Calls started since the last report.
+        called: u64,
+        /// Its share of the process's call slots now (weights of its tenants with work over all
+        /// tenants' with work; 0 when none has work).
+        share: f64,
     },
     Redriven {
         count: usize,
@@ -374,12 +381,14 @@ impl Event<'_> {
                     tracing::info!(service, tenant, partition, "tenant back within its share: overflow drained");
                 }
             }
-            Event::TenantClass { service, class, backlog, overflowed, deferred, throttled } => {
+            Event::TenantClass { service, class, backlog, overflowed, deferred, throttled, called, share } => {
                 let labels = [("service", service.to_string()), ("tenant", class.to_string())];
                 gauge!("weir_tenant_backlog", &labels).set(backlog as f64);
                 counter!("weir_tenant_overflowed_total", &labels).increment(overflowed);
                 counter!("weir_tenant_deferred_total", &labels).increment(deferred);
                 counter!("weir_tenant_throttled_total", &labels).increment(throttled);
+                counter!("weir_tenant_calls_total", &labels).increment(called);
+                gauge!("weir_tenant_share", &labels).set(share);
             }
             Event::Redriven { count } => {
                 tracing::info!(count, "dead letters redriven");

@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::*;
-use futures::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
+use futures::future::BoxFuture;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
 use weir::{
@@ -45,26 +45,11 @@ fn requests(n: u32, scope: Scope) -> LimitConfig {
     LimitConfig { requests: Some(n), cost: None, per: Per::Second, scope, burst: None }
 }
 
-fn task(n: usize, tenant: &str, input: serde_json::Value) -> ActionTask {
-    serde_json::from_value(json!({
-        "task_id": format!("task-{n}"), "run_id": format!("run-{n}"), "event_id": format!("e-{n}"),
-        "event_type": "member.created", "tenant": tenant, "workflow_id": "welcome", "workflow_version": 1,
-        "step_id": "notify", "service": "webhook", "created_at": "2026-11-23T10:00:00Z", "input": input,
-    }))
-    .unwrap()
-}
+use common::webhook_task as task;
 
 async fn produce(config: &Config, tasks: &[ActionTask]) {
     let producer = Producer::for_topic(config, &config.names().actions("webhook")).unwrap();
-    let mut inflight = FuturesUnordered::new();
-    for t in tasks {
-        if inflight.len() >= 1_000 {
-            inflight.next().await.unwrap();
-        }
-        let (producer, key, payload) = (producer.clone(), t.tenant.clone(), serde_json::to_vec(t).unwrap());
-        inflight.push(async move { producer.send_raw(key.as_bytes(), &payload, "application/json").await.unwrap() });
-    }
-    while inflight.next().await.is_some() {}
+    common::produce_tasks(&producer, tasks).await;
 }
 
 /// The most items (weighted by `weight`) whose time falls in one window `[t, t + width)`.

@@ -7,7 +7,6 @@ mod common;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use common::*;
-use futures::{stream::FuturesUnordered, StreamExt};
 use rdkafka::consumer::Consumer as _;
 use serde_json::json;
 use weir::{
@@ -35,12 +34,7 @@ const BACKLOG: usize = 10_000;
 const TICK: Duration = Duration::from_millis(75);
 
 fn task(n: usize, tenant: &str) -> ActionTask {
-    serde_json::from_value(json!({
-        "task_id": format!("task-{n}"), "run_id": format!("run-{n}"), "event_id": format!("e-{n}"),
-        "event_type": "member.created", "tenant": tenant, "workflow_id": "welcome", "workflow_version": 1,
-        "step_id": "notify", "service": "webhook", "created_at": "2026-11-23T10:00:00Z", "input": {"seq": n},
-    }))
-    .unwrap()
+    common::webhook_task(n, tenant, json!({"seq": n}))
 }
 
 /// The task's sequence number, from the body the receiver got.
@@ -65,17 +59,6 @@ fn quiet_tenants(partitions: i32, on_noisy: usize) -> Vec<String> {
         }
     }
     mates.into_iter().chain(others).collect()
-}
-
-/// Produces `tasks`, all in flight at once (a tenant's tasks stay in order: the producer is
-/// idempotent and each tenant is one partition).
-async fn produce(producer: &Producer, tasks: &[ActionTask]) {
-    let mut inflight = FuturesUnordered::new();
-    for t in tasks {
-        let (producer, key, payload) = (producer.clone(), t.tenant.clone(), serde_json::to_vec(t).unwrap());
-        inflight.push(async move { producer.send_raw(key.as_bytes(), &payload, "application/json").await.unwrap() });
-    }
-    while inflight.next().await.is_some() {}
 }
 
 /// Calls per tenant, executed (not replays).
@@ -121,7 +104,7 @@ async fn a_noisy_tenant_at_nine_times_the_others_does_not_hold_back_any_of_them(
             tick.push(task(next, q));
             next += 1;
         }
-        produce(&producer, &tick).await;
+        produce_tasks(&producer, &tick).await;
     }
 
     let quiet_done = eventually(Duration::from_secs(60), || {
@@ -170,7 +153,7 @@ async fn a_lone_tenant_with_a_backlog_makes_room_as_soon_as_another_tenant_has_w
     let producer = Producer::for_topic(&config, &config.names().actions("webhook")).unwrap();
 
     let lone: Vec<ActionTask> = (0..LONE_TASKS).map(|n| task(n, NOISY)).collect();
-    produce(&producer, &lone).await;
+    produce_tasks(&producer, &lone).await;
     // Alone for a while: its lane full, its partition held at its bound.
     let started = eventually(Duration::from_secs(60), || {
         let n = per_tenant(&receiver.calls()).get(NOISY).map_or(0, Vec::len);
@@ -188,7 +171,7 @@ async fn a_lone_tenant_with_a_backlog_makes_room_as_soon_as_another_tenant_has_w
     for tenant in [elsewhere, mate] {
         let tasks: Vec<ActionTask> = (0..NEWCOMER_TASKS).map(|i| task(next + i, tenant)).collect();
         next += NEWCOMER_TASKS;
-        produce(&producer, &tasks).await;
+        produce_tasks(&producer, &tasks).await;
     }
     let done = eventually(Duration::from_secs(60), || {
         let by = per_tenant(&receiver.calls());

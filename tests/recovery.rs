@@ -104,14 +104,23 @@ async fn run_with_kills(
     let url = config.database_url.clone();
     let mut weir = WeirProcess::start(&file, &["run"]);
     let mut killed = 0;
+    // Calls the receiver had seen when the running process started.
+    let mut started_at = 0;
     while killed < kills {
-        let at = (killed + 1) * expected as usize / (kills + 1);
+        // Kills spread through the work, and each after the restarted process has made half a
+        // stretch of calls of its own (the acceptance kills every 10 s, not twice in a row): when
+        // this loop falls behind a fast pipeline on a loaded machine, the next threshold may
+        // already be passed, and a kill right after a restart would catch the calls the previous
+        // kill left in flight a second time.
+        let stretch = expected as usize / (kills + 1);
+        let at = ((killed + 1) * stretch).max(started_at + stretch / 2);
         let reached = eventually(Duration::from_secs(120), || async { receiver.arrived() >= at }).await;
         if !reached || scalar(&url, "select count(*) from action_results").await >= expected {
             break;
         }
         weir.kill();
         killed += 1;
+        started_at = receiver.arrived();
         weir = WeirProcess::start(&file, &["run"]);
     }
     let done = eventually(Duration::from_secs(300), || async {
@@ -132,7 +141,15 @@ async fn run_with_kills(
         committed_total(&group, &topic, 8) == end_offsets(&topic, 8) && receiver.arrived() == receiver.calls().len()
     })
     .await;
-    assert!(caught_up, "the executor committed everything it read");
+    assert!(
+        caught_up,
+        "the executor did not commit everything it read: committed {} of {} ({} calls booked of {}); last log:\n{}",
+        committed_total(&group, &topic, 8),
+        end_offsets(&topic, 8),
+        receiver.calls().len(),
+        receiver.arrived(),
+        tail(&weir.output())
+    );
     weir.kill();
 
     let calls = receiver.calls();

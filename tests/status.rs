@@ -277,3 +277,78 @@ async fn one_services_executor_runs_alone() {
     assert_eq!(members(&status, "webhook"), 0, "webhook's executor was not asked for");
     pipeline.stop().await.unwrap();
 }
+
+/// Each executor's tenant classes, with their share of the call slots and their backlog, come
+/// from its `/metrics` (issue 17: "each tenant's share in `weir status`"): two tenants with work,
+/// one weighted 3, share the slots 3:1 whatever their backlogs; once both are drained nobody has a
+/// share and the calls counted are the tasks produced.
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_shares_come_from_the_executors() {
+    const NOISY: usize = 200;
+    const STEADY: usize = 100;
+    let receiver = Receiver::start().await.unwrap();
+    // Slow enough that both tenants, called one task at a time, have a backlog for several reports.
+    receiver.set_mode(weir::ops::receiver::Mode { latency: Duration::from_millis(100), ..Default::default() });
+    let (mut config, _dir) = test_config(&receiver, &[]).await;
+    config.executor.fairness.weights.insert("noisy".into(), 3);
+    let stop = weir::shutdown::CancellationToken::new();
+    let (addr, _) = weir::telemetry::serve_metrics(([127, 0, 0, 1], 0).into(), stop.clone()).await.unwrap();
+    let options = status::Options { metrics: vec![format!("http://{addr}/metrics")] };
+    let config = std::sync::Arc::new(config);
+    let pipeline =
+        weir::pipeline::Pipeline::start(config.clone(), &[weir::pipeline::StageName::Execute]).await.unwrap();
+    let tasks: Vec<_> = (0..NOISY + STEADY)
+        .map(|n| {
+            let tenant = if n % 3 == 2 && n / 3 < STEADY { "steady" } else { "noisy" };
+            common::webhook_task(n, tenant, serde_json::json!({"seq": n}))
+        })
+        .collect();
+    assert_eq!(tasks.iter().filter(|t| t.tenant == "steady").count(), STEADY);
+    let producer = weir::ops::produce::Producer::for_topic(&config, &config.names().actions("webhook")).unwrap();
+    common::produce_tasks(&producer, &tasks).await;
+
+    let tenants = |status: &Status| {
+        status.stages.iter().find(|s| s.service.as_deref() == Some("webhook")).unwrap().tenants.clone()
+    };
+    let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let both_busy = eventually(Duration::from_secs(60), || {
+        let (config, options, seen) = (config.clone(), options.clone(), seen.clone());
+        async move {
+            let status = status::collect(&config, &options).await.unwrap();
+            let t = tenants(&status);
+            let busy = |name: &str| t.iter().find(|c| c.tenant == name && c.backlog > 0).cloned();
+            if let (Some(noisy), Some(steady)) = (busy("noisy"), busy("steady")) {
+                *seen.lock().unwrap() = Some((noisy, steady, status::render(&status)));
+            }
+            seen.lock().unwrap().is_some()
+        }
+    })
+    .await;
+    assert!(
+        both_busy,
+        "no report showed both tenants with a backlog: {:?}",
+        tenants(&status::collect(&config, &options).await.unwrap())
+    );
+    let (noisy, steady, table) = seen.lock().unwrap().take().unwrap();
+    assert!(
+        near(noisy.share, 0.75) && near(steady.share, 0.25),
+        "weights 3:1 → shares 3/4 and 1/4: {noisy:?} {steady:?}"
+    );
+    assert!(table.contains("noisy") && table.contains("75.0%") && table.contains("25.0%"), "{table}");
+
+    let drained = eventually(Duration::from_secs(120), || {
+        let (config, options) = (config.clone(), options.clone());
+        async move {
+            let t = tenants(&status::collect(&config, &options).await.unwrap());
+            t.iter().map(|c| c.calls).sum::<u64>() == (NOISY + STEADY) as u64
+                && t.iter().all(|c| c.share == 0.0 && c.backlog == 0)
+        }
+    })
+    .await;
+    let t = tenants(&status::collect(&config, &options).await.unwrap());
+    assert!(drained, "the classes' calls are not the {} tasks called, or a share is left: {t:?}", NOISY + STEADY);
+    assert_eq!(receiver.executed(), NOISY + STEADY);
+    pipeline.stop().await.unwrap();
+    stop.cancel();
+}

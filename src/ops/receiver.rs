@@ -15,7 +15,10 @@
 //! response is far bigger than its request.
 //!
 //! It is a real server on a real socket (port 0), so the executor's HTTP client, timeouts and
-//! error handling are exercised exactly as against a remote service.
+//! error handling are exercised exactly as against a remote service. Like a remote service, it
+//! finishes (and records) a call whose client went away mid-request (a caller killed with
+//! SIGKILL): the server would otherwise drop the handler with the connection, and a call that
+//! arrived would be missing from [`Receiver::calls`] although a real service would have acted on it.
 //!
 //! Paths ending in `chat/completions` answer like OpenAI's chat completions (with `usage`
 //! derived from the request: prompt characters ÷ 4 rounded up, and half of `max_tokens`), and
@@ -159,7 +162,15 @@ impl Drop for Receiver {
     }
 }
 
+/// Runs [`answer_call`] in a task of its own, so it completes when the client disconnects.
 async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, headers: HeaderMap, raw: Bytes) -> Response {
+    match tokio::spawn(answer_call(inner, method, uri, headers, raw)).await {
+        Ok(response) => response,
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("the receiver's handler failed: {e}")).into_response(),
+    }
+}
+
+async fn answer_call(inner: Arc<Inner>, method: Method, uri: Uri, headers: HeaderMap, raw: Bytes) -> Response {
     let at = Instant::now();
     let body = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into()));
     inner.arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -333,3 +333,30 @@ steps:
   - {id: c, service: webhook, needs: [a], input: {seq: '{{ data.seq }}'}}
   - {id: d, service: webhook, needs: [b, c], input: {seq: '{{ data.seq }}'}}
 ";
+
+/// Task `n` of tenant `tenant` for the `webhook` service (workflow `welcome`, step `notify`), with
+/// `input` as the call's body input: what the evaluator would produce, for tests of the executor
+/// that put tasks on the action topic themselves.
+pub fn webhook_task(n: usize, tenant: &str, input: serde_json::Value) -> weir::envelope::ActionTask {
+    serde_json::from_value(serde_json::json!({
+        "task_id": format!("task-{n}"), "run_id": format!("run-{n}"), "event_id": format!("e-{n}"),
+        "event_type": "member.created", "tenant": tenant, "workflow_id": "welcome", "workflow_version": 1,
+        "step_id": "notify", "service": "webhook", "created_at": "2026-11-23T10:00:00Z", "input": input,
+    }))
+    .unwrap()
+}
+
+/// Produces `tasks` keyed by tenant through `producer`, up to 1,000 in flight at once (a tenant's
+/// tasks stay in order: the producer is idempotent and a tenant is one partition).
+pub async fn produce_tasks(producer: &weir::ops::produce::Producer, tasks: &[weir::envelope::ActionTask]) {
+    use futures::{stream::FuturesUnordered, StreamExt};
+    let mut inflight = FuturesUnordered::new();
+    for t in tasks {
+        if inflight.len() >= 1_000 {
+            inflight.next().await.unwrap();
+        }
+        let (producer, key, payload) = (producer.clone(), t.tenant.clone(), serde_json::to_vec(t).unwrap());
+        inflight.push(async move { producer.send_raw(key.as_bytes(), &payload, "application/json").await.unwrap() });
+    }
+    while inflight.next().await.is_some() {}
+}

@@ -45,6 +45,7 @@ pub(super) fn read(config: &Config) -> anyhow::Result<(Vec<StageStatus>, DeadLet
                 groups,
                 breaker: None,
                 throttle_wait: None,
+                tenants: Vec::new(),
             }
         })
         .collect();

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{MetricsSource, ThrottleWait, METRICS_TIMEOUT};
+use super::{MetricsSource, TenantShare, ThrottleWait, METRICS_TIMEOUT};
 use crate::config::Config;
 
 /// One sample: its labels and value.
@@ -18,13 +18,18 @@ pub struct Sample {
 pub type Samples = BTreeMap<String, Vec<Sample>>;
 
 /// The series read (the rest of an exposition is skipped).
-const WANTED: [&str; 6] = [
+const WANTED: [&str; 11] = [
     "weir_breaker_state",
     "weir_breaker_open",
     "weir_throttle_wait_seconds_sum",
     "weir_throttle_wait_seconds_count",
     "weir_consumer_lag",
     "weir_tenant_backlog",
+    "weir_tenant_share",
+    "weir_tenant_calls_total",
+    "weir_tenant_overflowed_total",
+    "weir_tenant_deferred_total",
+    "weir_tenant_throttled_total",
 ];
 
 /// Parses a Prometheus text exposition, keeping the samples of `wanted` names. Lines it cannot
@@ -209,6 +214,50 @@ impl Scraped {
     }
 }
 
+impl Scraped {
+    /// The service's tenant classes over the processes that run its executor (those that report
+    /// a share for it), largest share first, then largest backlog.
+    pub fn tenants(&self, service: &str) -> Vec<TenantShare> {
+        let mut classes: BTreeMap<String, TenantShare> = BTreeMap::new();
+        let mut processes = 0;
+        for samples in self.answered() {
+            if with(samples, "weir_tenant_share", "service", service).next().is_none() {
+                continue;
+            }
+            processes += 1;
+            let series: [(&str, fn(&mut TenantShare, f64)); 6] = [
+                ("weir_tenant_share", |t, v| t.share += v),
+                ("weir_tenant_backlog", |t, v| t.backlog += v as u64),
+                ("weir_tenant_calls_total", |t, v| t.calls += v as u64),
+                ("weir_tenant_overflowed_total", |t, v| t.overflowed += v as u64),
+                ("weir_tenant_deferred_total", |t, v| t.deferred += v as u64),
+                ("weir_tenant_throttled_total", |t, v| t.throttled += v as u64),
+            ];
+            for (name, add) in series {
+                for sample in with(samples, name, "service", service) {
+                    let Some(tenant) = sample.labels.get("tenant") else { continue };
+                    let class = classes.entry(tenant.clone()).or_insert_with(|| TenantShare {
+                        tenant: tenant.clone(),
+                        backlog: 0,
+                        share: 0.0,
+                        calls: 0,
+                        overflowed: 0,
+                        deferred: 0,
+                        throttled: 0,
+                    });
+                    add(class, sample.value);
+                }
+            }
+        }
+        let mut tenants: Vec<TenantShare> = classes.into_values().collect();
+        for t in &mut tenants {
+            t.share /= f64::from(processes.max(1));
+        }
+        tenants.sort_by(|a, b| b.share.total_cmp(&a.share).then(b.backlog.cmp(&a.backlog)));
+        tenants
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +272,12 @@ weir_throttle_wait_seconds_count{service="hook",scope="global"} 3
 weir_throttle_wait_seconds_count{service="hook",scope="tenant"} 1
 weir_throttle_wait_seconds_bucket{service="hook",scope="global",le="0.5"} 1
 weir_consumer_lag{stage="execute",topic="actions.quiet",partition="0"} 0
+weir_tenant_share{service="hook",tenant="noisy"} 0.25
+weir_tenant_share{service="hook",tenant="other"} 0.75
+weir_tenant_backlog{service="hook",tenant="noisy"} 40000
+weir_tenant_backlog{service="hook",tenant="other"} 3
+weir_tenant_calls_total{service="hook",tenant="noisy"} 900
+weir_tenant_overflowed_total{service="hook",tenant="noisy"} 39000
 weir_other{a="b \"quoted\", and {braces}",c="d\\e"} 7 1700000000000
 not a line at all {
 weir_breaker_open{service="broken label} 1
@@ -258,6 +313,20 @@ weir_breaker_open{service="broken label} 1
         assert!(scraped.breaker(&config, "elsewhere").starts_with("unknown"));
         let wait = scraped.throttle_wait("hook");
         assert_eq!((wait.calls, wait.seconds), (Some(4), Some(2.0)));
+        // Tenant classes: one process reports noisy and other, a second only other (noisy's
+        // partitions are not its own): noisy's share is averaged over both.
+        let second = "weir_tenant_share{service=\"hook\",tenant=\"other\"} 1\nweir_tenant_backlog{service=\"hook\",tenant=\"other\"} 5\n";
+        let two = Scraped {
+            endpoints: vec![("a".into(), Ok(parse(TEXT, &WANTED))), ("c".into(), Ok(parse(second, &WANTED)))],
+        };
+        let tenants = two.tenants("hook");
+        assert_eq!(tenants.iter().map(|t| t.tenant.as_str()).collect::<Vec<_>>(), ["other", "noisy"]);
+        assert_eq!((tenants[0].share, tenants[0].backlog), (0.875, 8));
+        assert_eq!(
+            (tenants[1].share, tenants[1].backlog, tenants[1].calls, tenants[1].overflowed),
+            (0.125, 40_000, 900, 39_000)
+        );
+        assert!(two.tenants("quiet").is_empty(), "no process reports quiet's tenants");
         let none = Scraped { endpoints: vec![] };
         assert_eq!(none.breaker(&config, "hook"), "unknown (no metrics endpoint)");
         assert_eq!(none.throttle_wait("hook").unknown.as_deref(), Some("unknown (no metrics endpoint)"));

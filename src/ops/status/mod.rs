@@ -72,6 +72,30 @@ pub struct StageStatus {
     pub breaker: Option<String>,
     /// For an executor: time its calls waited for rate-limit permits, from the metrics endpoints.
     pub throttle_wait: Option<ThrottleWait>,
+    /// For an executor: its tenant classes (the most backlogged tenants by name, the rest as
+    /// `other`) with their backlog and share of the call slots, from the metrics endpoints; the
+    /// largest share first. Empty when no answering process runs the executor.
+    #[serde(default)]
+    pub tenants: Vec<TenantShare>,
+}
+
+/// One tenant class of an executor, over the processes that run it (`weir_tenant_*`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TenantShare {
+    /// A tenant's name, or `other` for the tenants not among the most backlogged.
+    pub tenant: String,
+    /// Tasks waiting (in the executors' lanes and the overflow topic), summed over processes.
+    pub backlog: u64,
+    /// Share of the service's call slots the class gets now, 0 to 1: per process, the weights of
+    /// its tenants with work over the weights of all tenants with work; averaged over the
+    /// processes that run the executor (each has the same slots).
+    pub share: f64,
+    /// Calls started, tasks overflowed, deferred, and throttled (waited for the tenant's own
+    /// limit): totals since the processes started.
+    pub calls: u64,
+    pub overflowed: u64,
+    pub deferred: u64,
+    pub throttled: u64,
 }
 
 /// `weir_throttle_wait_seconds{service}` summed over scopes and metrics endpoints: what waiting
@@ -232,6 +256,7 @@ pub async fn collect(config: &Config, options: &Options) -> anyhow::Result<Statu
         if let Some(service) = stage.service.clone() {
             stage.breaker = Some(scraped.breaker(config, &service));
             stage.throttle_wait = Some(scraped.throttle_wait(&service));
+            stage.tenants = scraped.tenants(&service);
         }
     }
     Ok(Status {

@@ -120,6 +120,26 @@ pub(super) fn table(status: &Status) -> String {
             }
         }
         out.push('\n');
+        if !stage.tenants.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
+                "tenant", "share", "backlog", "calls", "overflowed", "deferred", "throttled"
+            );
+        }
+        for t in &stage.tenants {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:>5.1}% {:>10} {:>10} {:>10} {:>9} {:>9}",
+                t.tenant,
+                t.share * 100.0,
+                t.backlog,
+                t.calls,
+                t.overflowed,
+                t.deferred,
+                t.throttled
+            );
+        }
         for g in &stage.groups {
             group(&mut out, g, g.role == "main");
         }

@@ -232,7 +232,8 @@ async fn main_loop(
     let mut in_flight: InFlight<Job> = InFlight::new(executor.settings.tenant_concurrency, &config.executor);
     let mut running = Running::new();
     let mut scans = Scans::new();
-    let mut classes = Classes::new(config.executor.fairness.metrics_top_tenants);
+    let mut classes =
+        Classes::new(config.executor.fairness.metrics_top_tenants, Weights::new(&config.executor.fairness.weights));
     let mut tidy = tokio::time::interval(Duration::from_secs(30));
     let mut report = tokio::time::interval(REPORT_EVERY);
     let max_waiting = config.executor.max_buffered;
@@ -303,6 +304,8 @@ async fn main_loop(
                         overflowed: line.overflowed,
                         deferred: line.deferred,
                         throttled: line.throttled,
+                        called: line.called,
+                        share: line.share,
                     }
                     .emit();
                 }
@@ -372,6 +375,7 @@ fn book(
                 if throttled {
                     classes.count(&tenant, Counted::Throttled);
                 }
+                classes.count(&tenant, Counted::Called);
                 steer(source, in_flight.called(&tenant, partition));
                 running.push(settle);
                 None
