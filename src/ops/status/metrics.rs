@@ -214,6 +214,9 @@ impl Scraped {
     }
 }
 
+/// Adds a sample's value to a field of a tenant class.
+type AddTo = fn(&mut TenantShare, f64);
+
 impl Scraped {
     /// The service's tenant classes over the processes that run its executor (those that report
     /// a share for it), largest share first, then largest backlog.
@@ -225,7 +228,7 @@ impl Scraped {
                 continue;
             }
             processes += 1;
-            let series: [(&str, fn(&mut TenantShare, f64)); 6] = [
+            let series: [(&str, AddTo); 6] = [
                 ("weir_tenant_share", |t, v| t.share += v),
                 ("weir_tenant_backlog", |t, v| t.backlog += v as u64),
                 ("weir_tenant_calls_total", |t, v| t.calls += v as u64),
