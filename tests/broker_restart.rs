@@ -159,6 +159,70 @@ async fn a_paused_partition_resumes_after_a_rebalance() {
     source.close();
 }
 
+/// The poll thread pauses every partition when the stage has no room for a batch, and resumes
+/// them when it hands that batch over. A rebalance that revokes every partition the held batch
+/// came from (eager rebalancing revokes all; an incremental one, the partitions that move) empties
+/// it, and the partitions used to stay paused with nothing left to hand over: the executor that
+/// took no record again after a scale-out. Now the stage, once it takes again, gets the records of
+/// the partitions it owns after the rebalance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_held_for_backpressure_and_revoked_does_not_leave_the_source_paused() {
+    let mut config = Config { brokers: brokers(), topic_prefix: unique("t") + ".", ..Config::default() };
+    config.consumer_groups.protocol = weir::config::GroupProtocol::Eager;
+    let topic = config.names().topic("held");
+    let group = config.names().group("held");
+    let admin = weir::kafka::admin(&config).unwrap();
+    let created = admin
+        .create_topics(&[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    let _cleanup = DeleteTopicOnDrop(config.clone(), topic.clone());
+    // More than the channel's two batches and the one the poll thread holds, on each partition.
+    let per_partition = 4 * weir::kafka::source::BATCH;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let mut sends = futures::stream::FuturesUnordered::new();
+    for i in 0..2 * per_partition {
+        let (partition, payload) = ((i % 2) as i32, i.to_string());
+        let producer = producer.clone();
+        let topic = topic.clone();
+        sends.push(async move {
+            let record = FutureRecord::<(), _>::to(&topic).partition(partition).payload(&payload);
+            producer.send(record, Duration::from_secs(10)).await.unwrap();
+        });
+    }
+    while futures::StreamExt::next(&mut sends).await.is_some() {}
+
+    // The stage takes nothing: the channel fills, and the poll thread pauses everything.
+    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &group).unwrap();
+    let paused = eventually(Duration::from_secs(30), || {
+        let paused = source.paused_for_backpressure();
+        async move { paused }
+    })
+    .await;
+    assert!(paused, "the source never paused for backpressure");
+
+    // A second member joins: every partition is revoked, then one of them assigned again.
+    let mut assignment = source.assignment();
+    let _member = SecondMember::join(&config, &topic, &group);
+    let rebalanced = eventually(Duration::from_secs(30), || {
+        let owned = assignment.borrow_and_update().owned.clone();
+        async move { owned.len() == 1 }
+    })
+    .await;
+    assert!(rebalanced, "the second member never got a partition");
+    let owned = *assignment.borrow().owned.iter().next().unwrap();
+
+    // The stage takes again: what it is handed must include records of the partition it owns now
+    // (the batches from before the rebalance are dropped as stale).
+    let mut seen = [0usize; 2];
+    assert!(
+        take(&mut source, &mut seen, |s| s[owned as usize] > 0).await,
+        "no record of partition {owned}, owned after the rebalance: the source stayed paused ({seen:?})"
+    );
+    source.close();
+}
+
 /// Takes batches from `source`, counting messages per partition, until `until` holds (true) or
 /// 30 s pass (false).
 async fn take(source: &mut Source, seen: &mut [usize; 2], until: impl Fn(&[usize; 2]) -> bool) -> bool {

@@ -9,12 +9,15 @@
 mod common;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::BTreeSet,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use common::*;
+use common::{
+    outcome::{finish, Outcome},
+    *,
+};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     ClientConfig,
@@ -159,75 +162,6 @@ async fn setup(latency: Duration) -> (Receiver, Config, TestDir) {
     (receiver, config, dir)
 }
 
-/// What the receiver and the database saw of a run of `n` single-step events.
-#[derive(Debug)]
-struct Outcome {
-    tasks: usize,
-    calls: usize,
-    repeated_keys: usize,
-    most_calls: usize,
-    rows: i64,
-    succeeded_rows: i64,
-    /// Tenants whose first calls did not follow their events' order.
-    order_violations: usize,
-}
-
-impl Outcome {
-    async fn of(receiver: &Receiver, url: &str) -> Outcome {
-        let calls = receiver.calls();
-        let mut per_key: HashMap<String, usize> = HashMap::new();
-        let mut per_tenant: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for c in &calls {
-            let key = c.idempotency_key.clone().unwrap_or_default();
-            let count = per_key.entry(key).or_default();
-            *count += 1;
-            if *count == 1 {
-                let seq = &c.body["input"]["seq"];
-                let seq = seq.as_u64().or_else(|| seq.as_str()?.parse().ok()).expect("seq in the input");
-                per_tenant.entry(c.tenant.clone().unwrap_or_default()).or_default().push(seq);
-            }
-        }
-        Outcome {
-            tasks: per_key.len(),
-            calls: calls.len(),
-            repeated_keys: per_key.values().filter(|c| **c > 1).count(),
-            most_calls: per_key.values().copied().max().unwrap_or(0),
-            rows: rows(url).await,
-            succeeded_rows: scalar(url, "select count(*) from action_results where status = 'succeeded'").await,
-            order_violations: per_tenant.values().filter(|s| s.windows(2).any(|w| w[0] > w[1])).count(),
-        }
-    }
-
-    /// 0 lost, 0 duplicate rows, per-tenant order, and at most `bound` repeated calls.
-    fn check(&self, n: usize, bound: usize) {
-        eprintln!(
-            "{self:?}: {} repeated calls on {} keys (bound {bound})",
-            self.calls - self.tasks,
-            self.repeated_keys
-        );
-        assert_eq!(self.tasks, n, "every task was called: {self:?}");
-        assert_eq!((self.rows, self.succeeded_rows), (n as i64, n as i64), "0 lost, 0 duplicate rows: {self:?}");
-        assert_eq!(self.order_violations, 0, "each tenant's calls in order: {self:?}");
-        assert!(self.most_calls <= 2, "no task called more than twice: {self:?}");
-        assert!(self.calls - self.tasks <= bound, "repeated calls within the in-flight work that moved: {self:?}");
-    }
-}
-
-/// Waits until every row is there, then until the executors' group has committed all it read and
-/// every call the receiver got is booked (late copies had their chance to arrive).
-async fn finish(receiver: &Receiver, config: &Config, n: usize, logs: &[&WeirProcess]) {
-    let url = config.database_url.clone();
-    let done = eventually(Duration::from_secs(240), || async { rows(&url).await >= n as i64 }).await;
-    let last: String = logs.iter().map(|w| tail(&w.output())).collect::<Vec<_>>().join("\n---\n");
-    assert!(done, "{} of {n} rows; logs:\n{last}", rows(&url).await);
-    let (group, topic) = (config.names().execute_group("webhook"), config.names().actions("webhook"));
-    let caught_up = eventually(Duration::from_secs(60), || async {
-        committed_total(&group, &topic, 8) == end_offsets(&topic, 8) && receiver.arrived() == receiver.calls().len()
-    })
-    .await;
-    assert!(caught_up, "the executors committed everything they read");
-}
-
 /// Each stage scaled 1 → 3 → 1 processes during a run (scale-in by SIGTERM, the graceful drain):
 /// nothing lost, no duplicate row, each tenant's calls in order, and repeated calls at most the
 /// work in flight in the partitions that moved (`MAX_BUFFERED` per change of the groups: two
@@ -269,9 +203,9 @@ async fn each_stage_scaled_out_and_in_loses_and_repeats_nothing() {
     let back = eventually(Duration::from_secs(60), || async { owned(&first, &actions).len() == 8 }).await;
     assert!(back, "the remaining executor owns every partition again; log:\n{}", tail(&first.output()));
 
-    finish(&receiver, &config, n, &[&first]).await;
+    finish(&receiver, &config, n, Duration::from_secs(240), &[&first]).await;
     first.kill();
-    Outcome::of(&receiver, &url).await.check(n, 4 * MAX_BUFFERED);
+    Outcome::of(&receiver, &url, None).await.check(n, 4 * MAX_BUFFERED);
 }
 
 /// A member stopped and started again under its instance id, within the session timeout: the
@@ -361,7 +295,7 @@ async fn kill_9_of_one_of_three_executors_moves_its_partitions_and_loses_nothing
     .await;
     assert!(moved, "partitions {orphaned:?} of the killed executor moved; log:\n{}", tail(&executors[0].output()));
 
-    finish(&receiver, &config, n, &[&executors[0], &executors[1]]).await;
+    finish(&receiver, &config, n, Duration::from_secs(240), &[&executors[0], &executors[1]]).await;
     drop(executors);
-    Outcome::of(&receiver, &url).await.check(n, 3 * MAX_BUFFERED);
+    Outcome::of(&receiver, &url, None).await.check(n, 3 * MAX_BUFFERED);
 }

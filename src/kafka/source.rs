@@ -403,6 +403,12 @@ impl Source {
         }
     }
 
+    /// Whether the poll thread has paused every assigned partition because the stage has not
+    /// taken its batches (backpressure; see the module docs).
+    pub fn paused_for_backpressure(&self) -> bool {
+        self.shared.all_paused.load(Ordering::Relaxed)
+    }
+
     /// Ends the hold of [`pause_partition`](Self::pause_partition). Also right for a partition
     /// revoked meanwhile: that clears librdkafka's flag, which would otherwise pause it the next
     /// time it is assigned.
@@ -662,6 +668,15 @@ fn poll_loop(
             }));
         }
         if batch.is_empty() {
+            if paused {
+                // Paused for a batch the stage had no room for, and that batch is gone: all of it
+                // was of partitions revoked since. Nothing waits for room any more, so nothing
+                // would resume the partitions (a successful hand-over does): resume them now, or
+                // the stage would never be given another record (seen after a scale-out).
+                shared.holding.store(false, Ordering::Relaxed);
+                set_paused(consumer, shared, false);
+                paused = false;
+            }
             continue;
         }
         shared.holding.store(true, Ordering::Relaxed);
