@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, Priority};
 
 /// Version of the `--json` document (see the module docs).
 pub const SCHEMA: u32 = 1;
@@ -181,6 +181,14 @@ pub fn layout(config: &Config) -> Vec<StageGroups> {
         if config.executor.fairness.overflow {
             // Never a member: the executor's overflow readers only commit under it.
             groups.push(name("overflow", n.overflow_group(service), n.overflow(service)));
+        }
+        // The readers of the other priorities' action topics (docs/executor.md, "Priorities").
+        for p in [Priority::High, Priority::Low] {
+            groups.push(name(p.as_str(), n.execute_group_at(service, p), n.actions_at(service, p)));
+            if config.executor.fairness.overflow {
+                let (group, topic) = (n.overflow_group_at(service, p), n.overflow_at(service, p));
+                groups.push(name(&format!("overflow {p}"), group, topic));
+            }
         }
         for tier in spec.retry.tier_names() {
             groups.push(name(&format!("retry {tier}"), n.retry_group(service, &tier), n.retry(service, &tier)));
