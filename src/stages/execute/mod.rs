@@ -1,6 +1,9 @@
 //! Stage 3: call an external service for each action task, and report the outcome.
 //!
-//! One executor per service reads that service's action topic. A task goes through:
+//! One executor per service reads that service's action topics, one per workflow priority
+//! (`actions.<service>`, `.high`, `.low`), each with a reader of its own ([`main_loop`]) that
+//! shares the service's connector, limits, breaker and call slots with the others (the slots go to
+//! the priorities by weight: [`fair`]). A task goes through:
 //!
 //! 1. [`Lanes`](queues::Lanes) keyed by tenant: a tenant's tasks start in event order, `tenant_concurrency` at a
 //!    time, while other tenants go on. Tasks therefore finish out of partition order; the
@@ -25,6 +28,9 @@
 //! Before step 2, a task whose call already succeeded (a copy replayed after a crash or a
 //! rebalance) is skipped: [`completed`] remembers succeeded tasks, read back from the results
 //! topic when a partition is assigned, so a crash repeats only the calls in flight.
+//! A task past its `expires_after`, or of a run cancelled with `weir runs cancel` ([`cancelled`]),
+//! is not called: it becomes an `expired` or `cancelled` result, checked before step 2 and again
+//! just before the call.
 //!
 //! The tenant's lane is freed as soon as the call returns: its next call need not wait for this
 //! one's result to be acknowledged. A task's offset is stored only once what step 5 produced is
