@@ -17,6 +17,8 @@ use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value as Json;
 
+use crate::config::Priority;
+
 /// Header naming the encoding of the payload.
 pub const CONTENT_TYPE: &str = "content-type";
 pub const JSON: &str = "application/json";
@@ -199,6 +201,17 @@ pub struct ActionTask {
     /// an `expired` result instead of calling. Absent: it never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Its workflow's `priority`, which picks its action topic (`actions.<service>.high`…);
+    /// absent: normal (as in tasks written before priorities existed). See [`Self::priority`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+impl ActionTask {
+    /// Its priority: normal unless its workflow said otherwise.
+    pub fn priority(&self) -> Priority {
+        self.priority.unwrap_or_default()
+    }
 }
 
 /// A step's own retry policy, carried on its tasks.
@@ -521,6 +534,7 @@ mod tests {
             timeout_ms: Some(100),
             retry: Some(TaskRetry { attempts: 3, backoff_ms: 50 }),
             expires_at: Some("2026-11-24T10:00:00Z".parse().unwrap()),
+            priority: Some(Priority::High),
         };
         let json = encode(&task, Format::Json).unwrap();
         assert_eq!(decode::<ActionTask>(&json, Some(b"application/json")).unwrap(), task);

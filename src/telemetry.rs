@@ -18,13 +18,13 @@
 //!   tenant over its own limit (`execute`), runs over a workflow's `runs_per_minute` (`evaluate`)
 //! - `weir_delay_requeued_total{service,tier}`: delay-tier records not due within the tier's delay,
 //!   moved to the tail of their partition so the records behind them flow (`stages::execute::delay`)
-//! - `weir_tenant_backlog{service,tenant}`: a tenant's tasks waiting in the executor (its lane
-//!   and the overflow topic), `weir_tenant_overflowed_total`, `weir_tenant_deferred_total` and
-//!   `weir_tenant_throttled_total{service,tenant}` (tasks moved to the overflow topic, deferred to
-//!   a delay topic, calls that waited for the tenant's own limit), `weir_tenant_calls_total`
-//!   (calls started) and `weir_tenant_share` (the class's share of the process's call slots now,
-//!   0 to 1: what `weir status` shows). `tenant` is one of the
-//!   `executor.fairness.metrics_top_tenants` most backlogged tenants, or `other`
+//! - `weir_tenant_backlog{service,priority,tenant}`: a tenant's tasks waiting in the executor (its
+//!   lane and the overflow topic) in one priority's reader, `weir_tenant_overflowed_total`,
+//!   `weir_tenant_deferred_total` and `weir_tenant_throttled_total{service,priority,tenant}` (tasks
+//!   moved to the overflow topic, deferred to a delay topic, calls that waited for the tenant's own
+//!   limit), `weir_tenant_calls_total` (calls started) and `weir_tenant_share` (the class's share
+//!   of its priority's call slots now, 0 to 1: what `weir status` shows). `tenant` is one of the
+//!   `executor.fairness.metrics_top_tenants` most backlogged tenants of that priority, or `other`
 //! - `weir_breaker_open{service}`: 1 while a service's circuit breaker is open or half-open
 //! - `weir_breaker_state{service,state}`: 1 for the breaker's current state (`closed`, `open`,
 //!   `half-open`), 0 for the others; set from the breaker's first change on
@@ -144,6 +144,13 @@ pub enum Event<'a> {
         service: &'a str,
         tenant: &'a str,
     },
+    /// A task of a run cancelled with `weir runs cancel` was recorded `cancelled` instead of
+    /// being called.
+    CancelledTask {
+        service: &'a str,
+        tenant: &'a str,
+        run_id: &'a str,
+    },
     SinkWrote {
         rows: usize,
         elapsed: Duration,
@@ -193,6 +200,8 @@ pub enum Event<'a> {
     /// what happened to its tasks since the last report.
     TenantClass {
         service: &'a str,
+        /// The priority whose reader counted it: each priority's reader has its own lanes.
+        priority: &'a str,
         class: &'a str,
         backlog: usize,
         overflowed: u64,
@@ -200,8 +209,8 @@ pub enum Event<'a> {
         throttled: u64,
         /// Calls started since the last report.
         called: u64,
-        /// Its share of the process's call slots now (weights of its tenants with work over all
-        /// tenants' with work; 0 when none has work).
+        /// Its share of its priority's call slots in the process now (weights of its tenants with
+        /// work over all that priority's tenants' with work; 0 when none has work).
         share: f64,
     },
     Redriven {
@@ -319,6 +328,10 @@ impl Event<'_> {
                 tracing::info!(service, tenant, "task expired before its call; recorded as expired, not called");
                 counter!("weir_actions_total", "service" => service.to_string(), "status" => "expired").increment(1)
             }
+            Event::CancelledTask { service, tenant, run_id } => {
+                tracing::info!(service, tenant, run_id, "task of a cancelled run; recorded as cancelled, not called");
+                counter!("weir_actions_total", "service" => service.to_string(), "status" => "cancelled").increment(1)
+            }
             Event::SinkWrote { rows, elapsed } => {
                 tracing::debug!(rows, ms = elapsed.as_millis() as u64, "sink batch committed");
                 counter!("weir_sink_rows_total").increment(rows as u64)
@@ -381,8 +394,22 @@ impl Event<'_> {
                     tracing::info!(service, tenant, partition, "tenant back within its share: overflow drained");
                 }
             }
-            Event::TenantClass { service, class, backlog, overflowed, deferred, throttled, called, share } => {
-                let labels = [("service", service.to_string()), ("tenant", class.to_string())];
+            Event::TenantClass {
+                service,
+                priority,
+                class,
+                backlog,
+                overflowed,
+                deferred,
+                throttled,
+                called,
+                share,
+            } => {
+                let labels = [
+                    ("service", service.to_string()),
+                    ("priority", priority.to_string()),
+                    ("tenant", class.to_string()),
+                ];
                 gauge!("weir_tenant_backlog", &labels).set(backlog as f64);
                 counter!("weir_tenant_overflowed_total", &labels).increment(overflowed);
                 counter!("weir_tenant_deferred_total", &labels).increment(deferred);

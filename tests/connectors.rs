@@ -36,6 +36,7 @@ fn task(input: Value) -> ActionTask {
         timeout_ms: None,
         retry: None,
         expires_at: None,
+        priority: None,
     }
 }
 

@@ -11,6 +11,7 @@ use weir::{
     envelope::{Event, Format},
     ops::produce::Producer,
     ops::receiver::{Mode, Receiver},
+    ops::replay::{Options, Selection},
     pipeline::{Pipeline, StageName},
 };
 
@@ -54,18 +55,43 @@ steps:
     assert!(error.contains("timed out after 100 ms"), "{error}");
 }
 
-/// Events of a workflow with `expires_after: 2s`, evaluated while the executor is down; the
-/// executor starts once they are past it: each is an `expired` row and none is called, while the
-/// same events' tasks of a workflow without expiry are called.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_past_their_expiry_after_an_outage_are_expired_and_never_called() {
-    const EXPIRING: &str = "
+const EXPIRING: &str = "
 id: welcome
 expires_after: 2s
 trigger: {type: member.created}
 steps:
   - {id: email, service: webhook, input: {kind: welcome}}
 ";
+
+/// The outage: `events` member.created events (timed now) evaluated while the executor is down,
+/// until their `expires_after: 2s` has passed. Returns the running evaluator and sink.
+async fn evaluated_past_expiry(config: &Arc<weir::config::Config>, events: usize, receiver: &Receiver) -> Pipeline {
+    let running = Pipeline::start(config.clone(), &[StageName::Evaluate, StageName::Sink]).await.unwrap();
+    let now = chrono::Utc::now();
+    let events: Vec<Event> = (0..events)
+        .map(|n| {
+            let mut e = member_created(n, 4);
+            e.time = Some(now.to_rfc3339());
+            e
+        })
+        .collect();
+    let count = events.len() as i64;
+    produce(config, events).await;
+    let (group, topic) = (config.names().group("evaluate"), config.names().events());
+    let past = eventually(Duration::from_secs(60), || async {
+        committed_total(&group, &topic, 8) == count && chrono::Utc::now() > now + chrono::Duration::seconds(2)
+    })
+    .await;
+    assert!(past, "the evaluator took every event, and their expiry passed");
+    assert_eq!(receiver.arrived(), 0, "the executor is not running yet");
+    running
+}
+
+/// Events of a workflow with `expires_after: 2s`, evaluated while the executor is down; the
+/// executor starts once they are past it: each is an `expired` row and none is called, while the
+/// same events' tasks of a workflow without expiry are called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_past_their_expiry_after_an_outage_are_expired_and_never_called() {
     const LASTING: &str = "
 id: audit
 trigger: {type: member.created}
@@ -76,24 +102,7 @@ steps:
     let receiver = Receiver::start().await.unwrap();
     let (config, _dir) = test_config(&receiver, &[EXPIRING, LASTING]).await;
     let config = Arc::new(config);
-    // The outage: everything but the executor runs.
-    let running = Pipeline::start(config.clone(), &[StageName::Evaluate, StageName::Sink]).await.unwrap();
-    let now = chrono::Utc::now();
-    let events: Vec<Event> = (0..EVENTS)
-        .map(|n| {
-            let mut e = member_created(n, 4);
-            e.time = Some(now.to_rfc3339());
-            e
-        })
-        .collect();
-    produce(&config, events).await;
-    let (group, topic) = (config.names().group("evaluate"), config.names().events());
-    let past = eventually(Duration::from_secs(60), || async {
-        committed_total(&group, &topic, 8) == EVENTS as i64 && chrono::Utc::now() > now + chrono::Duration::seconds(2)
-    })
-    .await;
-    assert!(past, "the evaluator took every event, and their expiry passed");
-    assert_eq!(receiver.arrived(), 0, "the executor is not running yet");
+    let running = evaluated_past_expiry(&config, EVENTS, &receiver).await;
 
     let executor = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
     let url = config.database_url.clone();
@@ -117,6 +126,53 @@ steps:
     assert!(calls.iter().all(|c| c.body["input"]["kind"] == json!("audit")), "no expired task was called");
     let reason = "select count(*) from action_results where status = 'expired' and error like 'expired at %'";
     assert_eq!(scalar(&url, reason).await, EVENTS as i64, "each expired row says when it expired");
+}
+
+/// Tasks that expired during an outage: `weir replay` alone sends them again with their deadline,
+/// so they expire again, uncalled; `weir replay --ignore-expiry` sends them without it, and each
+/// is called once and its row turns from `expired` to `succeeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_with_ignore_expiry_calls_the_tasks_that_expired() {
+    const EVENTS: usize = 6;
+    let receiver = Receiver::start().await.unwrap();
+    let (config, _dir) = test_config(&receiver, &[EXPIRING]).await;
+    let config = Arc::new(config);
+    let from = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let running = evaluated_past_expiry(&config, EVENTS, &receiver).await;
+    let executor = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
+    let url = config.database_url.clone();
+    let rows = |status: &str| format!("select count(*) from action_results where status = '{status}'");
+    let (actions, group) = (config.names().actions("webhook"), config.names().execute_group("webhook"));
+    // Every task taken and settled: the executor stored the offset of the last one sent.
+    let settled = |tasks: i64| {
+        let (actions, group) = (actions.clone(), group.clone());
+        async move { eventually(Duration::from_secs(60), || async { committed_total(&group, &actions, 8) == tasks }).await }
+    };
+    let expired = eventually(Duration::from_secs(60), || async { scalar(&url, &rows("expired")).await == 6 }).await;
+    assert!(expired && settled(6).await, "the outage's tasks expired: {}", scalar(&url, &rows("expired")).await);
+
+    let replay = |ignore_expiry| {
+        let selection = Selection { from, ignore_expiry, ..Selection::default() };
+        weir::ops::replay::start(&config, selection, Options { dry_run: false, progress: false })
+    };
+    let plain = replay(false).await.unwrap();
+    assert_eq!(plain.tally.total().calls, EVENTS as u64, "the expired tasks are what the replay sends");
+    assert!(settled(12).await, "the executor took the replayed tasks");
+    assert_eq!(receiver.arrived(), 0, "sent with their deadline, they expired again, uncalled");
+
+    let overriding = replay(true).await.unwrap();
+    assert_eq!(overriding.tally.total().calls, EVENTS as u64);
+    let called = eventually(Duration::from_secs(60), || async {
+        scalar(&url, &rows("succeeded")).await == EVENTS as i64 && receiver.executed() == EVENTS
+    })
+    .await;
+    let settled = settled(18).await;
+    executor.stop().await.unwrap();
+    running.stop().await.unwrap();
+    assert!(called, "called {}, succeeded rows {}", receiver.executed(), scalar(&url, &rows("succeeded")).await);
+    assert!(settled, "the executor settled every replayed task");
+    assert_eq!(receiver.arrived(), EVENTS, "each expired task called once");
+    assert_eq!(scalar(&url, &rows("expired")).await, 0, "no row says expired any more");
 }
 
 /// The run id the evaluator gives `event`'s run of `yaml`.
@@ -213,4 +269,51 @@ steps:
     let show = weir_command(&file, &["runs", "show", &run]).output().unwrap();
     let show = String::from_utf8_lossy(&show.stdout);
     assert!(show.contains("status cancelled") && show.contains("run cancelled"), "{show}");
+}
+
+/// Steps already on the action topic when their runs are cancelled: one tenant's single-step
+/// runs, called one at a time by a receiver holding each call 3 s. Cancelled while the first is
+/// being called, the runs of the third and fourth events are recorded `cancelled` and never
+/// called (the executor follows the cancellations topic); the first two are called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_cancel_stops_steps_already_queued_on_the_action_topic() {
+    const ONE: &str = "
+id: one
+trigger: {type: member.created}
+steps:
+  - {id: only, service: webhook, input: {seq: '{{ data.seq }}'}}
+";
+    let receiver = Receiver::start().await.unwrap();
+    receiver.set_mode(Mode { latency: Duration::from_secs(3), ..Default::default() });
+    let (config, dir) = test_config(&receiver, &[ONE]).await;
+    let config = Arc::new(config);
+    let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await.unwrap();
+    // One tenant: its tasks are called one at a time, in order (tenant_concurrency 1).
+    let events: Vec<Event> = (0..4).map(|n| member_created(n, 1)).collect();
+    let runs: Vec<String> = events.iter().map(|e| run_id(ONE, e)).collect();
+    produce(&config, events).await;
+    assert!(eventually(Duration::from_secs(60), || async { receiver.arrived() >= 1 }).await, "the first is called");
+
+    let file = write_config_file(&config, dir.path());
+    for run in &runs[2..] {
+        let out = weir_command(&file, &["runs", "cancel", run, "--reason", "sent by mistake"]).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success() && said.contains("cancelled"), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let url = config.database_url.clone();
+    let all = eventually(Duration::from_secs(60), || async {
+        scalar(&url, "select count(*) from action_results").await == 4
+    })
+    .await;
+    pipeline.stop().await.unwrap();
+    assert!(all, "a row per run: {}", scalar(&url, "select count(*) from action_results").await);
+    for (n, run) in runs.iter().enumerate() {
+        let status = if n < 2 { "succeeded" } else { "cancelled" };
+        let sql = format!("select count(*) from action_results where run_id = '{run}' and status = '{status}'");
+        assert_eq!(scalar(&url, &sql).await, 1, "run {n} is {status}");
+    }
+    let why = "select count(*) from action_results where status = 'cancelled' and error like 'run cancelled: sent by mistake%'";
+    assert_eq!(scalar(&url, why).await, 2, "each cancelled row says why");
+    let seqs: Vec<u64> = receiver.calls().iter().map(|c| c.body["input"]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [0, 1], "only the runs not cancelled were called");
 }

@@ -187,7 +187,11 @@ async fn status_figures_are_the_brokers_committed_and_end_offsets() {
         assert_eq!(execute.members[0].partitions, (0..PARTITIONS).collect::<Vec<_>>());
         let stage = status.stages.iter().find(|s| s.service.as_deref() == Some("webhook")).unwrap();
         let tiers = config.services["webhook"].retry.tiers.len();
-        assert_eq!(stage.groups.len(), 1 + 1 + tiers, "main, overflow and one per retry tier");
+        assert_eq!(
+            stage.groups.len(),
+            1 + 1 + 2 * 2 + tiers,
+            "main, overflow, high and low with their overflow, and one per retry tier"
+        );
         assert_eq!(stage.breaker.as_deref(), Some("unknown (no metrics endpoint)"), "metrics_addr is null");
 
         assert_eq!((status.dead_letters.written, status.dead_letters.retained), (8, 8));

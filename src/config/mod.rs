@@ -23,6 +23,7 @@
 pub mod duration;
 mod groups;
 mod names;
+mod priority;
 mod services;
 
 use std::{
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use groups::{GroupProtocol, GroupsConfig};
 pub use names::Names;
+pub use priority::{Priority, PriorityWeights, MAX_PRIORITY_WEIGHT};
 pub use services::*;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,6 +265,9 @@ pub struct ExecutorConfig {
     pub completed: CompletedConfig,
     /// How tenants share the executor (`docs/executor.md`, "Fair by default").
     pub fairness: FairnessConfig,
+    /// How the priorities of workflows share a service's call slots (`docs/executor.md`,
+    /// "Priorities"): default `{high: 6, normal: 3, low: 1}`.
+    pub priorities: PriorityWeights,
 }
 
 impl Default for ExecutorConfig {
@@ -274,6 +279,7 @@ impl Default for ExecutorConfig {
             tenant_max_buffered: 100,
             completed: CompletedConfig::default(),
             fairness: FairnessConfig::default(),
+            priorities: PriorityWeights::default(),
         }
     }
 }
@@ -440,6 +446,7 @@ impl Config {
             }
         }
         self.executor.fairness.validate()?;
+        self.executor.priorities.validate()?;
         if self.health.stall_after < Duration::from_millis(100) {
             bail!("health.stall_after: must be at least 100ms (got {:?})", self.health.stall_after);
         }

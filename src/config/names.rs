@@ -3,6 +3,8 @@
 //! several installations or tests share a cluster; building them anywhere else with `format!`
 //! is how a stage and `weir topics apply` come to disagree about a name.
 
+use super::Priority;
+
 /// Names under one prefix: [`Config::names`](super::Config::names), or [`Names::logical`] for
 /// the names as `topics/*.yaml` declares them.
 #[derive(Debug, Clone, Copy)]
@@ -45,9 +47,24 @@ impl<'a> Names<'a> {
         self.topic("definitions")
     }
 
-    /// A service's action tasks.
+    /// Runs cancelled with `weir runs cancel` (compacted, keyed by run id), read by every executor.
+    pub fn cancellations(&self) -> String {
+        self.topic("cancellations")
+    }
+
+    /// A service's action tasks (of normal priority: see [`actions_at`](Self::actions_at)).
     pub fn actions(&self, service: &str) -> String {
         self.topic(&format!("actions.{service}"))
+    }
+
+    /// A service's action tasks of one priority: `actions.<service>` for normal (the topic every
+    /// deployment already has), `actions.<service>.high` and `actions.<service>.low` (service
+    /// names hold no `.`, so these cannot be another service's).
+    pub fn actions_at(&self, service: &str, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.actions(service),
+            p => self.topic(&format!("actions.{service}.{p}")),
+        }
     }
 
     /// A service's delay topic of one retry tier (`1s`, `10m`: see
@@ -61,6 +78,11 @@ impl<'a> Names<'a> {
         self.topic(&format!("actions.{service}.overflow"))
     }
 
+    /// The overflow topic of one priority's action topic: `<actions topic>.overflow`.
+    pub fn overflow_at(&self, service: &str, priority: Priority) -> String {
+        format!("{}.overflow", self.actions_at(service, priority))
+    }
+
     /// The consumer group of a stage or tool (`evaluate`, `sink`, `definitions`, `dlq-redrive`).
     pub fn group(&self, stage: &str) -> String {
         format!("{}weir-{stage}", self.prefix)
@@ -71,10 +93,27 @@ impl<'a> Names<'a> {
         self.group(&format!("execute-{service}"))
     }
 
+    /// The consumer group reading one priority's action topic: [`execute_group`](Self::execute_group)
+    /// for normal, `weir-execute-<service>.high` and `.low` for the others.
+    pub fn execute_group_at(&self, service: &str, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.execute_group(service),
+            p => format!("{}.{p}", self.execute_group(service)),
+        }
+    }
+
     /// The group under which a service's executors commit their progress in its overflow topic.
     /// It never joins (its consumers are assigned the partitions the executor owns).
     pub(crate) fn overflow_group(&self, service: &str) -> String {
         self.group(&format!("overflow-{service}"))
+    }
+
+    /// [`overflow_group`](Self::overflow_group) of one priority's overflow topic.
+    pub(crate) fn overflow_group_at(&self, service: &str, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => self.overflow_group(service),
+            p => format!("{}.{p}", self.overflow_group(service)),
+        }
     }
 
     /// The consumer group reading a service's delay topic of one tier.
@@ -102,6 +141,22 @@ mod tests {
         assert_eq!(
             [n.overflow("hook"), n.overflow_group("hook")],
             ["t1.actions.hook.overflow", "t1.weir-overflow-hook"]
+        );
+        assert_eq!(
+            [
+                n.actions_at("hook", Priority::Normal),
+                n.actions_at("hook", Priority::High),
+                n.overflow_at("hook", Priority::Low)
+            ],
+            ["t1.actions.hook", "t1.actions.hook.high", "t1.actions.hook.low.overflow"]
+        );
+        assert_eq!(
+            [
+                n.overflow_at("hook", Priority::Normal),
+                n.execute_group_at("hook", Priority::Low),
+                n.overflow_group_at("hook", Priority::High)
+            ],
+            ["t1.actions.hook.overflow", "t1.weir-execute-hook.low", "t1.weir-overflow-hook.high"]
         );
     }
 }

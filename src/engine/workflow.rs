@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
 use crate::{
+    config::Priority,
     engine::condition::{Condition, FieldPaths, Scope},
     engine::template::{Context, InputTemplate, TemplateError},
     engine::Bounds,
@@ -60,6 +61,14 @@ pub struct Workflow {
     /// read it if the event has none) are recorded `expired`, uncalled, and the run fails.
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub expires_after: Option<Duration>,
+    /// How urgent its tasks are (`high`, `normal`, `low`; default normal): each priority has its
+    /// own action topics, and the executor serves them by weight (`executor.priorities`).
+    #[serde(default, skip_serializing_if = "is_normal")]
+    pub priority: Priority,
+}
+
+fn is_normal(p: &Priority) -> bool {
+    *p == Priority::Normal
 }
 
 fn first_version() -> i64 {
@@ -491,6 +500,7 @@ impl CompiledWorkflow {
             timeout_ms: step.timeout_ms,
             retry: step.retry.as_ref().map(|r| TaskRetry { attempts: r.attempts, backoff_ms: r.backoff_ms }),
             expires_at: self.expires_at(step, event, created_at),
+            priority: (self.def.priority != Priority::Normal).then_some(self.def.priority),
             input,
             // Later steps render their input from the event; carry it through the run.
             event: if self.is_multi_step() { serde_json::to_value(event).unwrap_or_default() } else { Json::Null },

@@ -42,7 +42,7 @@ use rdkafka::{
 use serde::Deserialize;
 
 use crate::{
-    config::Config,
+    config::{Config, Priority},
     kafka::{self, METADATA_TIMEOUT},
 };
 
@@ -542,9 +542,11 @@ pub(crate) fn written_topics(config: &Config) -> Vec<String> {
     let names = config.names();
     let mut topics = vec![names.dlq(), names.results()];
     for (name, service) in &config.services {
-        topics.push(names.actions(name));
+        for p in Priority::ALL {
+            topics.push(names.actions_at(name, p));
+            topics.push(names.overflow_at(name, p));
+        }
         topics.extend(service.retry.tier_names().iter().map(|t| names.retry(name, t)));
-        topics.push(names.overflow(name));
     }
     topics
 }
@@ -679,11 +681,13 @@ pub(crate) const DERIVED_ACTIONS_CONFIG: [(&str, &str); 2] =
 /// to `weir.yaml` gets its topics from `weir topics apply`:
 /// - `actions.<service>`: partitions and replication of `events`, config
 ///   [`DERIVED_ACTIONS_CONFIG`] (declare it to choose otherwise);
-/// - its delay topics `actions.<service>.retry.<tier>` and its overflow topic
-///   `actions.<service>.overflow`: the same partitions, replication and config as
-///   `actions.<service>`, declared or derived. The overflow topic must have exactly the partitions
-///   of the action topic (an executor reads overflow partition p only while it owns action
-///   partition p), so it follows the action topic even when `executor.fairness.overflow` is off.
+/// - its delay topics `actions.<service>.retry.<tier>`, its priorities' action topics
+///   `actions.<service>.high` and `.low`, and the overflow topic of each of the three
+///   (`actions.<service>.overflow`, `actions.<service>.high.overflow`, …): the same partitions,
+///   replication and config as `actions.<service>`, declared or derived. An overflow topic must
+///   have exactly the partitions of its action topic (an executor reads overflow partition p only
+///   while it owns action partition p), so it follows the action topic even when
+///   `executor.fairness.overflow` is off.
 ///
 /// The files stay the source of truth: a declared topic always wins. Without a declared `events`
 /// topic an undeclared action topic cannot be derived, and the error names the service and what
@@ -710,7 +714,13 @@ pub(crate) fn service_topics(config: &Config, declared: &[TopicSpec]) -> anyhow:
             }
         };
         let delay_topics = service.retry.tier_names().into_iter().map(|tier| names.retry(name, &tier));
-        for name in delay_topics.chain([names.overflow(name)]) {
+        // Each priority's action topic and its overflow topic (normal's are `main` and
+        // `actions.<service>.overflow`).
+        let priority_topics = Priority::ALL.into_iter().flat_map(|p| {
+            let actions = (p != Priority::Normal).then(|| names.actions_at(name, p));
+            actions.into_iter().chain([names.overflow_at(name, p)])
+        });
+        for name in delay_topics.chain(priority_topics) {
             if !declared.iter().any(|s| s.name == name) {
                 derived.push(TopicSpec { name, ..base.clone() });
             }
@@ -781,6 +791,10 @@ mod tests {
         assert!(specs[1].config.is_empty());
     }
 
+    /// What `service_topics` derives after a service's delay topics, in order (behind
+    /// `actions.<service>.`).
+    const PRIORITY_TOPICS: [&str; 5] = ["high", "high.overflow", "overflow", "low", "low.overflow"];
+
     #[test]
     fn delay_topics_are_derived_for_every_service_unless_declared() {
         let specs = load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
@@ -789,8 +803,8 @@ mod tests {
         let names: Vec<String> = service_topics(&config, &specs).unwrap().into_iter().map(|s| s.name).collect();
         assert_eq!(
             names,
-            ["actions.webhook.overflow"],
-            "the repo declares webhook's delay topics; its overflow topic is derived"
+            PRIORITY_TOPICS.map(|t| format!("actions.webhook.{t}")),
+            "the repo declares webhook's delay topics; its priorities' and overflow topics are derived"
         );
         let mut extra = specs.clone();
         extra.push(TopicSpec { name: "actions.slack".into(), partitions: 3, ..specs[0].clone() });
@@ -799,10 +813,10 @@ mod tests {
         config.services.insert("slack".into(), slack);
         let derived = service_topics(&config, &extra).unwrap();
         let names: Vec<&str> = derived.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["actions.slack.retry.5s", "actions.slack.retry.2m", "actions.slack.overflow", "actions.webhook.overflow"]
-        );
+        let mut want = vec!["actions.slack.retry.5s".to_string(), "actions.slack.retry.2m".into()];
+        want.extend(PRIORITY_TOPICS.map(|t| format!("actions.slack.{t}")));
+        want.extend(PRIORITY_TOPICS.map(|t| format!("actions.webhook.{t}")));
+        assert_eq!(names, want);
         assert!(derived.iter().filter(|s| s.name.starts_with("actions.slack")).all(|s| s.partitions == 3));
     }
 
@@ -822,7 +836,11 @@ mod tests {
                 "actions.crm.retry.10s",
                 "actions.crm.retry.1m",
                 "actions.crm.retry.10m",
-                "actions.crm.overflow"
+                "actions.crm.high",
+                "actions.crm.high.overflow",
+                "actions.crm.overflow",
+                "actions.crm.low",
+                "actions.crm.low.overflow"
             ]
         );
         for spec in &derived {

@@ -84,8 +84,12 @@ impl DeadLetter {
     }
 
     fn matches(&self, config: &Config, filter: &Filter) -> bool {
-        let service_topic = filter.service.as_ref().map(|s| config.names().actions(s));
-        service_topic.is_none_or(|t| self.header(dead_letter::ORIGIN_TOPIC) == Some(t.as_str()))
+        // A service's dead letters come from the action topic of any of its priorities.
+        let origin = self.header(dead_letter::ORIGIN_TOPIC);
+        let of_service = |s: &String| {
+            crate::config::Priority::ALL.iter().any(|p| origin == Some(config.names().actions_at(s, *p).as_str()))
+        };
+        filter.service.as_ref().is_none_or(of_service)
             && filter.tenant.as_ref().is_none_or(|t| self.key() == *t)
             && filter.since.is_none_or(|since| self.time().is_some_and(|t| t >= since))
     }

@@ -4,10 +4,11 @@
 //! A run's rows are read by its id (indexed: `action_results_run`); `list` scans results by
 //! `finished_at` (indexed with the tenant). Cancelling writes one row to `run_cancellations`; the
 //! record stage reads it in the transaction that would start the run's next steps, and records
-//! those steps `cancelled` instead (see `stages::record::runs`). A step already on its action
-//! topic, or being called, when the run is cancelled still runs: the executor does not look the
-//! run up (a database round trip per task), and such a step is at most the one after the last
-//! finished one in each branch.
+//! those steps `cancelled` instead (see `stages::record::runs`). It also produces the
+//! cancellation to the compacted `cancellations` topic, which every executor follows
+//! (`stages::execute::cancelled`): a step already on its action topic is recorded `cancelled`
+//! instead of being called. Only a call already under way when the cancellation arrives runs to
+//! its end.
 
 use std::fmt::Write as _;
 
@@ -15,7 +16,10 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::{config::Config, engine::workflow, ops::workflows, stages::record};
+use crate::{
+    config::Config, engine::workflow, envelope::Format, kafka, ops::workflows,
+    stages::execute::cancelled::Cancellation, stages::record,
+};
 
 /// What `weir runs list` selects.
 #[derive(Debug, Clone, Default)]
@@ -232,6 +236,21 @@ pub async fn cancel(config: &Config, run_id: &str, reason: &str) -> anyhow::Resu
             .await
             .context("recording the cancellation")?
             .rows_affected();
+    // Produced even when the row was there already: a cancel whose produce failed is completed
+    // by running it again (a second record of the run replaces the first when compacted).
+    let recorded: String = sqlx::query_scalar("select reason from run_cancellations where run_id = $1")
+        .bind(run_id)
+        .fetch_one(&pool)
+        .await
+        .context("reading the cancellation back")?;
     pool.close().await;
+    let producer = kafka::producer(config)?;
+    let payload = serde_json::to_vec(&Cancellation { reason: recorded }).expect("a cancellation serializes");
+    let topic = config.names().cancellations();
+    kafka::send(&producer, &topic, Some(run_id.as_bytes()), &payload, kafka::content_headers(Format::Json))
+        .await
+        .with_context(|| {
+            format!("producing the cancellation to {topic} (the executors read it there); run the command again")
+        })?;
     Ok(inserted == 1)
 }

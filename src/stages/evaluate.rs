@@ -59,7 +59,7 @@ use futures::{future::BoxFuture, stream::FuturesUnordered, FutureExt, StreamExt}
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
 
 use crate::{
-    config::Config,
+    config::{Config, Priority},
     engine::condition::FieldPaths,
     engine::definitions::DefinitionStore,
     engine::plan,
@@ -94,6 +94,8 @@ struct Deferred {
     reason: Arc<str>,
     service: String,
     tier: String,
+    /// The task's priority: the delay tier sends it back to that priority's action topic.
+    priority: Priority,
 }
 
 /// How long after a deferred run is due, and its tier's delay has passed, it is taken to be back
@@ -109,7 +111,7 @@ type Tiers = (Vec<Duration>, Vec<(Duration, String, Arc<str>)>);
 /// records of what was decided without a call (failed steps).
 struct Run {
     workflow: Arc<CompiledWorkflow>,
-    tasks: Vec<(String, Output)>,
+    tasks: Vec<(String, Priority, Output)>,
     decided: Vec<Output>,
 }
 
@@ -117,8 +119,9 @@ struct Evaluator {
     definitions: Arc<DefinitionStore>,
     producer: FutureProducer,
     dead_letters: DeadLetters,
-    /// service name → physical action topic (shared, not copied, by every task's record)
-    action_topics: HashMap<String, Arc<str>>,
+    /// service name → its physical action topics, by [`Priority::index`] (shared, not copied, by
+    /// every task's record)
+    action_topics: HashMap<String, [Arc<str>; 3]>,
     /// service name → its delay tiers, where runs over their workflow's limit wait
     tiers: HashMap<String, Tiers>,
     results_topic: Arc<str>,
@@ -158,7 +161,11 @@ pub async fn run(
         dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Evaluate)
             .with_limits(&config.limits),
         producer,
-        action_topics: config.services.keys().map(|s| (s.clone(), config.names().actions(s).into())).collect(),
+        action_topics: config
+            .services
+            .keys()
+            .map(|s| (s.clone(), Priority::ALL.map(|p| config.names().actions_at(s, p).into())))
+            .collect(),
         results_topic: config.names().results().into(),
         max_event_bytes: config.evaluator.max_event_bytes,
         limits: config.limits.clone(),
@@ -236,9 +243,9 @@ impl Evaluator {
                 continue;
             }
             let cover =
-                |wait| run.tasks.iter().map(|(service, _)| self.tier(service, wait).0).max().unwrap_or_default();
+                |wait| run.tasks.iter().map(|(service, ..)| self.tier(service, wait).0).max().unwrap_or_default();
             match run.workflow.reserve_run(&event.tenant, now, FORWARDING_MARGIN, cover) {
-                RunStart::Now => outputs.extend(run.tasks.into_iter().map(|(_, output)| output)),
+                RunStart::Now => outputs.extend(run.tasks.into_iter().map(|(.., output)| output)),
                 RunStart::Deferred { due, floor } => {
                     let wait = Duration::from_millis(due.saturating_sub(now)).max(floor);
                     let wf = &run.workflow.def;
@@ -250,11 +257,11 @@ impl Evaluator {
                         wf.limits.runs_per_minute
                     )
                     .into();
-                    for (service, mut output) in run.tasks {
+                    for (service, priority, mut output) in run.tasks {
                         let (_, tier, topic) = self.tier(&service, wait);
                         output.topic = topic.clone();
-                        output.deferred =
-                            Some(Deferred { due, reason: reason.clone(), tier: tier.to_string(), service });
+                        let (reason, tier) = (reason.clone(), tier.to_string());
+                        output.deferred = Some(Deferred { due, reason, tier, service, priority });
                         outputs.push(output);
                     }
                 }
@@ -283,9 +290,10 @@ impl Evaluator {
                 for task in plan.tasks {
                     match limits::task_payload(&task, self.limits.max_record_bytes) {
                         Ok(payload) => {
-                            let topic = self.action_topics[&task.service].clone();
+                            let topic = self.action_topics[&task.service][task.priority().index()].clone();
+                            let priority = task.priority();
                             let output = Output { topic, key: task.tenant, payload, deferred: None };
-                            run.tasks.push((task.service, output));
+                            run.tasks.push((task.service, priority, output));
                         }
                         Err(reason) => run.decided.push(self.failed_output(task_failed(task, reason))),
                     }
@@ -312,7 +320,7 @@ impl Evaluator {
         let sends = outputs.iter().map(|Output { topic, key, payload, deferred }| async move {
             let headers = match deferred {
                 None => kafka::content_headers(Format::Json),
-                Some(d) => deferral::deferral_headers(None, d.due, Some(&d.reason)),
+                Some(d) => deferral::deferral_headers(None, d.due, Some(&d.reason), d.priority),
             };
             match kafka::send(&self.producer, topic, Some(key.as_bytes()), payload, headers).await {
                 Ok(_) => {

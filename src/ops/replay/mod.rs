@@ -49,7 +49,7 @@ use rdkafka::{message::OwnedMessage, Message as _};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Config,
+    config::{Config, Priority},
     engine::definitions::DefinitionStore,
     envelope::{self, ActionTask, Format},
     kafka::{self, compacted::Table, limits},
@@ -441,7 +441,7 @@ impl Job<'_> {
             Err((task, e)) => Err(anyhow::anyhow!(
                 "sending task {} to {} failed (retryable: resume the replay): {e}",
                 task.task_id,
-                self.config.names().actions(&task.service)
+                self.config.names().actions_at(&task.service, task.priority())
             )),
         }
     }
@@ -455,7 +455,7 @@ fn send(
     task: ActionTask,
     payload: Vec<u8>,
 ) -> futures::future::BoxFuture<'static, Result<(), (ActionTask, rdkafka::error::KafkaError)>> {
-    let (producer, topic) = (producer.clone(), config.names().actions(&task.service));
+    let (producer, topic) = (producer.clone(), config.names().actions_at(&task.service, task.priority()));
     let headers = kafka::content_headers(Format::Json)
         .insert(rdkafka::message::Header { key: REPLAY_HEADER, value: Some(id.as_bytes()) });
     async move {
@@ -479,8 +479,9 @@ async fn sent_since_checkpoint(config: &Config, stored: &state::Stored) -> anyho
     };
     let mut sent = HashSet::new();
     let group = config.names().group(&format!("replay-{}", stored.id));
-    for service in services {
-        let topic = config.names().actions(&service);
+    // Each task went to its priority's action topic.
+    let topics = services.iter().flat_map(|s| Priority::ALL.map(|p| config.names().actions_at(s, p)));
+    for topic in topics {
         let (c, t) = (config.clone(), topic.clone());
         let bounds = tokio::task::spawn_blocking(move || read::bounds(&c, &t, since, None)).await??;
         let mut reader = read::Reader::open(config, &group, &topic, &bounds, &BTreeMap::new())?;

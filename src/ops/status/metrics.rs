@@ -218,10 +218,10 @@ impl Scraped {
 type AddTo = fn(&mut TenantShare, f64);
 
 impl Scraped {
-    /// The service's tenant classes over the processes that run its executor (those that report
-    /// a share for it), largest share first, then largest backlog.
+    /// The service's tenant classes per priority over the processes that run its executor (those
+    /// that report a share for it): by priority, high first, then largest share, then backlog.
     pub fn tenants(&self, service: &str) -> Vec<TenantShare> {
-        let mut classes: BTreeMap<String, TenantShare> = BTreeMap::new();
+        let mut classes: BTreeMap<(String, String), TenantShare> = BTreeMap::new();
         let mut processes = 0;
         for samples in self.answered() {
             if with(samples, "weir_tenant_share", "service", service).next().is_none() {
@@ -239,7 +239,10 @@ impl Scraped {
             for (name, add) in series {
                 for sample in with(samples, name, "service", service) {
                     let Some(tenant) = sample.labels.get("tenant") else { continue };
-                    let class = classes.entry(tenant.clone()).or_insert_with(|| TenantShare {
+                    // A process from before priorities reports none: its tasks were all normal.
+                    let priority = sample.labels.get("priority").cloned().unwrap_or_else(|| "normal".into());
+                    let class = classes.entry((priority.clone(), tenant.clone())).or_insert_with(|| TenantShare {
+                        priority,
                         tenant: tenant.clone(),
                         backlog: 0,
                         share: 0.0,
@@ -256,7 +259,15 @@ impl Scraped {
         for t in &mut tenants {
             t.share /= f64::from(processes.max(1));
         }
-        tenants.sort_by(|a, b| b.share.total_cmp(&a.share).then(b.backlog.cmp(&a.backlog)));
+        let rank = |p: &str| match p {
+            "high" => 0,
+            "normal" => 1,
+            "low" => 2,
+            _ => 3,
+        };
+        tenants.sort_by(|a, b| {
+            rank(&a.priority).cmp(&rank(&b.priority)).then(b.share.total_cmp(&a.share)).then(b.backlog.cmp(&a.backlog))
+        });
         tenants
     }
 }
@@ -275,12 +286,14 @@ weir_throttle_wait_seconds_count{service="hook",scope="global"} 3
 weir_throttle_wait_seconds_count{service="hook",scope="tenant"} 1
 weir_throttle_wait_seconds_bucket{service="hook",scope="global",le="0.5"} 1
 weir_consumer_lag{stage="execute",topic="actions.quiet",partition="0"} 0
-weir_tenant_share{service="hook",tenant="noisy"} 0.25
-weir_tenant_share{service="hook",tenant="other"} 0.75
-weir_tenant_backlog{service="hook",tenant="noisy"} 40000
-weir_tenant_backlog{service="hook",tenant="other"} 3
-weir_tenant_calls_total{service="hook",tenant="noisy"} 900
-weir_tenant_overflowed_total{service="hook",tenant="noisy"} 39000
+weir_tenant_share{service="hook",priority="normal",tenant="noisy"} 0.25
+weir_tenant_share{service="hook",priority="normal",tenant="other"} 0.75
+weir_tenant_share{service="hook",priority="high",tenant="vip"} 1
+weir_tenant_backlog{service="hook",priority="normal",tenant="noisy"} 40000
+weir_tenant_backlog{service="hook",priority="normal",tenant="other"} 3
+weir_tenant_backlog{service="hook",priority="high",tenant="vip"} 2
+weir_tenant_calls_total{service="hook",priority="normal",tenant="noisy"} 900
+weir_tenant_overflowed_total{service="hook",priority="normal",tenant="noisy"} 39000
 weir_other{a="b \"quoted\", and {braces}",c="d\\e"} 7 1700000000000
 not a line at all {
 weir_breaker_open{service="broken label} 1
@@ -316,19 +329,20 @@ weir_breaker_open{service="broken label} 1
         assert!(scraped.breaker(&config, "elsewhere").starts_with("unknown"));
         let wait = scraped.throttle_wait("hook");
         assert_eq!((wait.calls, wait.seconds), (Some(4), Some(2.0)));
-        // Tenant classes: one process reports noisy and other, a second only other (noisy's
-        // partitions are not its own): noisy's share is averaged over both.
+        // Tenant classes: one process reports noisy and other (normal) and vip (high), a second
+        // only other, and without a priority label (a process from before priorities: normal).
+        // noisy's share is averaged over both processes; classes come by priority, high first.
         let second = "weir_tenant_share{service=\"hook\",tenant=\"other\"} 1\nweir_tenant_backlog{service=\"hook\",tenant=\"other\"} 5\n";
         let two = Scraped {
             endpoints: vec![("a".into(), Ok(parse(TEXT, &WANTED))), ("c".into(), Ok(parse(second, &WANTED)))],
         };
         let tenants = two.tenants("hook");
-        assert_eq!(tenants.iter().map(|t| t.tenant.as_str()).collect::<Vec<_>>(), ["other", "noisy"]);
-        assert_eq!((tenants[0].share, tenants[0].backlog), (0.875, 8));
-        assert_eq!(
-            (tenants[1].share, tenants[1].backlog, tenants[1].calls, tenants[1].overflowed),
-            (0.125, 40_000, 900, 39_000)
-        );
+        let classes: Vec<(&str, &str)> = tenants.iter().map(|t| (t.priority.as_str(), t.tenant.as_str())).collect();
+        assert_eq!(classes, [("high", "vip"), ("normal", "other"), ("normal", "noisy")]);
+        assert_eq!((tenants[0].share, tenants[0].backlog), (0.5, 2));
+        assert_eq!((tenants[1].share, tenants[1].backlog), (0.875, 8));
+        let noisy = &tenants[2];
+        assert_eq!((noisy.share, noisy.backlog, noisy.calls, noisy.overflowed), (0.125, 40_000, 900, 39_000));
         assert!(two.tenants("quiet").is_empty(), "no process reports quiet's tenants");
         let none = Scraped { endpoints: vec![] };
         assert_eq!(none.breaker(&config, "hook"), "unknown (no metrics endpoint)");

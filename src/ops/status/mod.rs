@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, Priority};
 
 /// Version of the `--json` document (see the module docs).
 pub const SCHEMA: u32 = 1;
@@ -72,23 +72,26 @@ pub struct StageStatus {
     pub breaker: Option<String>,
     /// For an executor: time its calls waited for rate-limit permits, from the metrics endpoints.
     pub throttle_wait: Option<ThrottleWait>,
-    /// For an executor: its tenant classes (the most backlogged tenants by name, the rest as
-    /// `other`) with their backlog and share of the call slots, from the metrics endpoints; the
-    /// largest share first. Empty when no answering process runs the executor.
+    /// For an executor: its tenant classes per priority (the most backlogged tenants by name, the
+    /// rest as `other`) with their backlog and share of the priority's call slots, from the
+    /// metrics endpoints; by priority (high first), then the largest share first. Empty when no answering process runs the executor.
     #[serde(default)]
     pub tenants: Vec<TenantShare>,
 }
 
-/// One tenant class of an executor, over the processes that run it (`weir_tenant_*`).
+/// One tenant class of an executor's priority, over the processes that run it (`weir_tenant_*`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TenantShare {
+    /// The priority whose reader it is in (`high`, `normal`, `low`): each has its own lanes.
+    pub priority: String,
     /// A tenant's name, or `other` for the tenants not among the most backlogged.
     pub tenant: String,
     /// Tasks waiting (in the executors' lanes and the overflow topic), summed over processes.
     pub backlog: u64,
-    /// Share of the service's call slots the class gets now, 0 to 1: per process, the weights of
-    /// its tenants with work over the weights of all tenants with work; averaged over the
-    /// processes that run the executor (each has the same slots).
+    /// Share of its priority's call slots the class gets now, 0 to 1: per process, the weights of
+    /// its tenants with work over the weights of all the priority's tenants with work; averaged
+    /// over the processes that run the executor (each has the same slots). The priorities
+    /// themselves share the slots by `executor.priorities`.
     pub share: f64,
     /// Calls started, tasks overflowed, deferred, and throttled (waited for the tenant's own
     /// limit): totals since the processes started.
@@ -205,6 +208,14 @@ pub fn layout(config: &Config) -> Vec<StageGroups> {
         if config.executor.fairness.overflow {
             // Never a member: the executor's overflow readers only commit under it.
             groups.push(name("overflow", n.overflow_group(service), n.overflow(service)));
+        }
+        // The readers of the other priorities' action topics (docs/executor.md, "Priorities").
+        for p in [Priority::High, Priority::Low] {
+            groups.push(name(p.as_str(), n.execute_group_at(service, p), n.actions_at(service, p)));
+            if config.executor.fairness.overflow {
+                let (group, topic) = (n.overflow_group_at(service, p), n.overflow_at(service, p));
+                groups.push(name(&format!("overflow {p}"), group, topic));
+            }
         }
         for tier in spec.retry.tier_names() {
             groups.push(name(&format!("retry {tier}"), n.retry_group(service, &tier), n.retry(service, &tier)));

@@ -123,14 +123,15 @@ pub(super) fn table(status: &Status) -> String {
         if !stage.tenants.is_empty() {
             let _ = writeln!(
                 out,
-                "  {:<24} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
-                "tenant", "share", "backlog", "calls", "overflowed", "deferred", "throttled"
+                "  {:<8} {:<24} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
+                "priority", "tenant", "share", "backlog", "calls", "overflowed", "deferred", "throttled"
             );
         }
         for t in &stage.tenants {
             let _ = writeln!(
                 out,
-                "  {:<24} {:>5.1}% {:>10} {:>10} {:>10} {:>9} {:>9}",
+                "  {:<8} {:<24} {:>5.1}% {:>10} {:>10} {:>10} {:>9} {:>9}",
+                t.priority,
                 t.tenant,
                 t.share * 100.0,
                 t.backlog,

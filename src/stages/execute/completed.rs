@@ -170,6 +170,9 @@ type Load = Shared<BoxFuture<'static, ()>>;
 /// What one executor (one service) knows of completed tasks: see the module docs.
 pub(crate) struct Completed {
     service: String,
+    /// The action topic whose partitions tickets name (one per priority: each priority's reader
+    /// has its own `Completed`, as its tickets count its own assignments).
+    actions_topic: String,
     config: Arc<Config>,
     state: Mutex<State>,
 }
@@ -191,10 +194,11 @@ struct Seen<'a> {
 }
 
 impl Completed {
-    pub(crate) fn new(config: Arc<Config>, service: &str) -> Arc<Completed> {
+    pub(crate) fn new(config: Arc<Config>, service: &str, actions_topic: String) -> Arc<Completed> {
         let max = config.executor.completed.max_tasks;
         Arc::new(Completed {
             service: service.to_string(),
+            actions_topic,
             config,
             state: Mutex::new(State { remembered: Remembered::new(max), loads: HashMap::new() }),
         })
@@ -297,7 +301,7 @@ impl Completed {
     /// topic's tail, and how many records were read. Blocking.
     fn read_tail(&self, partition: i32) -> anyhow::Result<(Vec<Key>, usize)> {
         let names = self.config.names();
-        let (actions_topic, results_topic) = (names.actions(&self.service), names.results());
+        let (actions_topic, results_topic) = (&self.actions_topic, names.results());
         // Assigned, never subscribed, nothing committed: the group only names the client.
         let consumer: BaseConsumer = kafka::consumer_config(&self.config, &names.group("completed-tail"))
             .set("enable.auto.commit", "false")
@@ -305,7 +309,7 @@ impl Completed {
             .set("statistics.interval.ms", "0")
             .create()
             .context("creating the tail consumer")?;
-        let actions = kafka::partition_count(consumer.client(), &actions_topic)?;
+        let actions = kafka::partition_count(consumer.client(), actions_topic)?;
         let results = kafka::partition_count(consumer.client(), &results_topic)?;
         let per_partition = (self.config.executor.completed.max_tasks as i64 / i64::from(results)).max(1);
         let since = chrono::Utc::now().timestamp_millis() - self.config.executor.completed.lookback.as_millis() as i64;

@@ -42,9 +42,10 @@ use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use rdkafka::{message::OwnedMessage, producer::FutureProducer, Message};
 
 use crate::{
-    config::{Config, RetryConfig},
+    config::{Config, Priority, RetryConfig},
     kafka,
     kafka::dead_letter::DeadLetters,
+    kafka::deferral,
     kafka::source::{Delivery, Source, Ticket},
     shutdown::CancellationToken,
     telemetry::{Event, Stage},
@@ -211,7 +212,8 @@ pub(crate) async fn run_tier(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let topic = config.names().retry(&service, &tier);
-    let main = config.names().actions(&service);
+    // Every priority's tasks wait in the same tiers; each goes back to its own action topic.
+    let mains = Priority::ALL.map(|p| config.names().actions_at(&service, p));
     let retry = config.services.get(&service).map(|s| s.retry.clone()).unwrap_or_default();
     let delay_ms = retry
         .tier_names()
@@ -270,7 +272,10 @@ pub(crate) async fn run_tier(
                     continue;
                 }
                 match decision {
-                    Head::Send => sending.push(forward(producer.clone(), main.clone(), d).boxed()),
+                    Head::Send => {
+                        let main = mains[deferral::priority_of(&d.message).index()].clone();
+                        sending.push(forward(producer.clone(), main, d).boxed())
+                    }
                     Head::Requeue => match requeue(&producer, &topic, d, record.requeues) {
                         Ok((key, offset, sent)) => {
                             part.requeued.entry(key).or_default().insert(offset);
@@ -318,7 +323,7 @@ pub(crate) async fn run_tier(
             _ = shutdown.cancelled() => break Ok(()),
             Some((ticket, sent)) = sending.next() => match sent {
                 Ok(()) => source.done(&ticket),
-                Err(e) => break Err(kafka::produce_lost(&format!("retry tier {topic}: producing to {main}"), e)),
+                Err(e) => break Err(kafka::produce_lost(&format!("retry tier {topic}: producing back to the action topics of {service}"), e)),
             },
             Ok(()) = assignment.changed() => {
                 // A partition may have been read by another member meanwhile, which took the

@@ -13,6 +13,14 @@
 //!
 //! A waiter that gives up (its future is dropped: the executor stops, its partition is revoked)
 //! is skipped; a slot sent to a waiter that goes away before taking it comes back when dropped.
+//!
+//! **Priorities** are a level above tenants: the readers of a service's three action topics
+//! (high, normal, low) share one `FairSlots`, and the slots go round robin across the priorities
+//! with waiters first, each getting up to its weight (`executor.priorities`, default 6:3:1) per
+//! turn, then, within the priority, round robin across its tenants as above. So while all three
+//! wait, high gets six slots in ten and low one: high goes first, low never starves, and a
+//! priority alone takes every slot. The slots, like the service's rate limits and breaker, are
+//! the service's: the priorities share them, they are not multiplied by three.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -20,6 +28,8 @@ use std::{
 };
 
 use tokio::sync::oneshot;
+
+use crate::config::{Priority, PriorityWeights};
 
 /// Tenant weights from `executor.fairness.weights`: exact names, then `*` patterns.
 ///
@@ -78,7 +88,8 @@ fn matches(parts: &[String], name: &str) -> bool {
     true
 }
 
-/// The process's call slots, granted by deficit round robin across tenants (see the module docs).
+/// The process's call slots, granted by deficit round robin across priorities, then tenants (see
+/// the module docs).
 pub(crate) struct FairSlots {
     inner: Arc<Inner>,
 }
@@ -91,9 +102,21 @@ struct Inner {
 #[derive(Default)]
 struct State {
     free: usize,
+    /// Priorities with waiters, each once; the front one is being served.
+    classes: VecDeque<Priority>,
+    /// Per priority ([`Priority::index`]), its tenants.
+    class: [Class; 3],
+}
+
+/// The waiting tenants of one priority.
+#[derive(Default)]
+struct Class {
     /// Tenants with waiters, each once; the front one is being served.
     ring: VecDeque<Arc<str>>,
     waiting: HashMap<Arc<str>, Waiting>,
+    /// Slots the priority may still take in its current turn, and its weight.
+    deficit: u32,
+    weight: u32,
 }
 
 struct Waiting {
@@ -119,28 +142,37 @@ impl Drop for Slot {
 }
 
 impl FairSlots {
-    pub(crate) fn new(slots: usize, weights: Weights) -> FairSlots {
-        let state = State { free: slots, ..Default::default() };
+    /// `slots` shared by every priority and tenant; `weights` of tenants, `priorities` of the
+    /// priorities.
+    pub(crate) fn new(slots: usize, weights: Weights, priorities: PriorityWeights) -> FairSlots {
+        let mut state = State { free: slots, ..Default::default() };
+        for p in Priority::ALL {
+            state.class[p.index()].weight = priorities.of(p);
+        }
         FairSlots { inner: Arc::new(Inner { state: Mutex::new(state), weights }) }
     }
 
-    /// Waits for a slot for a call of `tenant`.
-    pub(crate) async fn acquire(&self, tenant: &str) -> Slot {
+    /// Waits for a slot for a call of `tenant`, of a task of `priority`.
+    pub(crate) async fn acquire(&self, priority: Priority, tenant: &str) -> Slot {
         let granted = {
             let mut state = self.inner.state.lock().expect("slots lock");
-            if state.free > 0 && state.ring.is_empty() {
+            if state.free > 0 && state.classes.is_empty() {
                 state.free -= 1;
                 return Slot { inner: Some(self.inner.clone()) };
             }
             let (tx, rx) = oneshot::channel();
             let state = &mut *state;
-            match state.waiting.get_mut(tenant) {
+            let class = &mut state.class[priority.index()];
+            if class.ring.is_empty() {
+                state.classes.push_back(priority);
+            }
+            match class.waiting.get_mut(tenant) {
                 Some(w) => w.waiters.push_back(tx),
                 None => {
                     let key: Arc<str> = Arc::from(tenant);
                     let weight = self.inner.weights.of(tenant);
-                    state.waiting.insert(key.clone(), Waiting { waiters: VecDeque::from([tx]), deficit: 0, weight });
-                    state.ring.push_back(key);
+                    class.waiting.insert(key.clone(), Waiting { waiters: VecDeque::from([tx]), deficit: 0, weight });
+                    class.ring.push_back(key);
                 }
             }
             dispatch(&self.inner, state);
@@ -151,25 +183,39 @@ impl FairSlots {
     }
 }
 
-/// Hands free slots to waiters, in deficit round robin order.
+/// Hands free slots to waiters, in deficit round robin order: across priorities, then across
+/// the tenants of the priority being served.
 fn dispatch(inner: &Arc<Inner>, state: &mut State) {
     while state.free > 0 {
-        let Some(key) = state.ring.front().cloned() else { return };
-        let w = state.waiting.get_mut(&key).expect("a tenant in the ring is waiting");
+        let Some(&priority) = state.classes.front() else { return };
+        let class = &mut state.class[priority.index()];
+        let Some(key) = class.ring.front().cloned() else {
+            // Its last waiter gave up: the priority's turn ends.
+            state.classes.pop_front();
+            class.deficit = 0;
+            continue;
+        };
+        let w = class.waiting.get_mut(&key).expect("a tenant in the ring is waiting");
         while w.waiters.front().is_some_and(|tx| tx.is_closed()) {
             w.waiters.pop_front();
         }
         let Some(tx) = w.waiters.pop_front() else {
-            state.ring.pop_front();
-            state.waiting.remove(&key);
+            class.ring.pop_front();
+            class.waiting.remove(&key);
             continue;
         };
         if w.deficit == 0 {
             w.deficit = w.weight;
         }
+        if class.deficit == 0 {
+            class.deficit = class.weight;
+        }
         state.free -= 1;
         match tx.send(Slot { inner: Some(inner.clone()) }) {
-            Ok(()) => w.deficit -= 1,
+            Ok(()) => {
+                w.deficit -= 1;
+                class.deficit -= 1;
+            }
             Err(mut slot) => {
                 // Gone between the check and the send: not given back through `Drop`, which would
                 // take the lock held here.
@@ -178,10 +224,17 @@ fn dispatch(inner: &Arc<Inner>, state: &mut State) {
             }
         }
         if w.waiters.is_empty() {
-            state.ring.pop_front();
-            state.waiting.remove(&key);
+            class.ring.pop_front();
+            class.waiting.remove(&key);
         } else if w.deficit == 0 {
-            state.ring.rotate_left(1);
+            class.ring.rotate_left(1);
+        }
+        if class.ring.is_empty() {
+            // Nobody of this priority waits: its turn ends, and an idle priority saves up nothing.
+            state.classes.pop_front();
+            class.deficit = 0;
+        } else if class.deficit == 0 {
+            state.classes.rotate_left(1);
         }
     }
 }
@@ -189,6 +242,8 @@ fn dispatch(inner: &Arc<Inner>, state: &mut State) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NORMAL: usize = 1;
 
     fn weights(pairs: &[(&str, u32)]) -> Weights {
         Weights::new(&pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect())
@@ -218,21 +273,23 @@ mod tests {
         (0..n)
             .map(|_| {
                 let slots = slots.clone();
-                tokio::spawn(async move { (tenant, slots.acquire(tenant).await) })
+                tokio::spawn(async move { (tenant, slots.acquire(Priority::Normal, tenant).await) })
             })
             .collect()
     }
 
     #[tokio::test]
     async fn waiting_tenants_get_slots_in_proportion_to_their_weights() {
-        let slots = Arc::new(FairSlots::new(1, weights(&[("heavy", 3)])));
-        let first = slots.acquire("noisy").await;
+        let slots = Arc::new(FairSlots::new(1, weights(&[("heavy", 3)]), PriorityWeights::default()));
+        let first = slots.acquire(Priority::Normal, "noisy").await;
         let mut handles = wait_for(&slots, "noisy", 8);
         tokio::task::yield_now().await;
         handles.extend(wait_for(&slots, "heavy", 6));
         handles.extend(wait_for(&slots, "quiet", 2));
         // Let every waiter queue before the first slot comes back.
-        while slots.inner.state.lock().unwrap().waiting.values().map(|w| w.waiters.len()).sum::<usize>() < 16 {
+        while slots.inner.state.lock().unwrap().class[NORMAL].waiting.values().map(|w| w.waiters.len()).sum::<usize>()
+            < 16
+        {
             tokio::task::yield_now().await;
         }
         drop(first);
@@ -256,15 +313,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_tenant_alone_takes_every_slot_and_a_waiter_that_gives_up_is_skipped() {
-        let slots = Arc::new(FairSlots::new(3, Weights::default()));
-        let held: Vec<Slot> = vec![slots.acquire("a").await, slots.acquire("a").await, slots.acquire("a").await];
+        let slots = Arc::new(FairSlots::new(3, Weights::default(), PriorityWeights::default()));
+        let held: Vec<Slot> = vec![
+            slots.acquire(Priority::Normal, "a").await,
+            slots.acquire(Priority::Normal, "a").await,
+            slots.acquire(Priority::Normal, "a").await,
+        ];
         // A waiter that gives up before its turn: its place passes to the next.
         let gave_up = tokio::spawn({
             let slots = slots.clone();
-            async move { slots.acquire("b").await }
+            async move { slots.acquire(Priority::Normal, "b").await }
         });
         let next = wait_for(&slots, "c", 1);
-        while slots.inner.state.lock().unwrap().ring.len() < 2 {
+        while slots.inner.state.lock().unwrap().class[NORMAL].ring.len() < 2 {
             tokio::task::yield_now().await;
         }
         gave_up.abort();
@@ -274,6 +335,55 @@ mod tests {
         assert_eq!(tenant, "c");
         drop(slot);
         let state = slots.inner.state.lock().unwrap();
-        assert_eq!((state.free, state.ring.len(), state.waiting.len()), (3, 0, 0));
+        let normal = &state.class[NORMAL];
+        assert_eq!((state.free, normal.ring.len(), normal.waiting.len(), state.classes.len()), (3, 0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn priorities_share_the_slots_by_weight_and_low_is_never_starved() {
+        let slots = Arc::new(FairSlots::new(1, Weights::default(), PriorityWeights::default()));
+        let first = slots.acquire(Priority::Low, "bulk").await;
+        let mut handles = Vec::new();
+        for (priority, tenant, n) in
+            [(Priority::Low, "bulk", 20), (Priority::High, "paid", 14), (Priority::Normal, "n", 5)]
+        {
+            for _ in 0..n {
+                let slots = slots.clone();
+                handles.push(tokio::spawn(async move { (priority, slots.acquire(priority, tenant).await) }));
+            }
+            tokio::task::yield_now().await;
+        }
+        let queued = |s: &Arc<FairSlots>| {
+            let state = s.inner.state.lock().unwrap();
+            state.class.iter().flat_map(|c| c.waiting.values()).map(|w| w.waiters.len()).sum::<usize>()
+        };
+        while queued(&slots) < 39 {
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        let mut order = Vec::new();
+        let mut pending = handles;
+        while !pending.is_empty() {
+            let (done, _, rest) = futures::future::select_all(pending).await;
+            let (priority, slot) = done.unwrap();
+            order.push(priority);
+            drop(slot);
+            pending = rest;
+        }
+        let count = |slice: &[Priority], p| slice.iter().filter(|x| **x == p).count();
+        // The first full round while all three wait: 6 high, 3 normal, 1 low, whichever queued first.
+        let round = &order[..10];
+        assert_eq!(
+            [count(round, Priority::High), count(round, Priority::Normal), count(round, Priority::Low)],
+            [6, 3, 1],
+            "{order:?}"
+        );
+        // High (14) is done within the first three rounds, and low got a slot in each of them.
+        let last_high = order.iter().rposition(|p| *p == Priority::High).unwrap();
+        assert!(last_high < 30, "{order:?}");
+        assert!(count(&order[..last_high], Priority::Low) >= 2, "{order:?}");
+        assert_eq!(count(&order, Priority::Low), 20);
+        let state = slots.inner.state.lock().unwrap();
+        assert_eq!((state.free, state.classes.len()), (1, 0));
     }
 }

@@ -1,6 +1,9 @@
 //! Stage 3: call an external service for each action task, and report the outcome.
 //!
-//! One executor per service reads that service's action topic. A task goes through:
+//! One executor per service reads that service's action topics, one per workflow priority
+//! (`actions.<service>`, `.high`, `.low`), each with a reader of its own ([`main_loop`]) that
+//! shares the service's connector, limits, breaker and call slots with the others (the slots go to
+//! the priorities by weight: [`fair`]). A task goes through:
 //!
 //! 1. [`Lanes`](queues::Lanes) keyed by tenant: a tenant's tasks start in event order, `tenant_concurrency` at a
 //!    time, while other tenants go on. Tasks therefore finish out of partition order; the
@@ -25,6 +28,9 @@
 //! Before step 2, a task whose call already succeeded (a copy replayed after a crash or a
 //! rebalance) is skipped: [`completed`] remembers succeeded tasks, read back from the results
 //! topic when a partition is assigned, so a crash repeats only the calls in flight.
+//! A task past its `expires_after`, or of a run cancelled with `weir runs cancel` ([`cancelled`]),
+//! is not called: it becomes an `expired` or `cancelled` result, checked before step 2 and again
+//! just before the call.
 //!
 //! The tenant's lane is freed as soon as the call returns: its next call need not wait for this
 //! one's result to be acknowledged. A task's offset is stored only once what step 5 produced is
@@ -39,6 +45,7 @@
 //! and books what they came to.
 
 pub mod breaker;
+pub mod cancelled;
 pub(crate) mod classes;
 pub(crate) mod completed;
 pub mod delay;
@@ -55,6 +62,7 @@ use std::{
 
 use self::{
     breaker::{Breaker, Verdict},
+    cancelled::Cancelled,
     classes::{Classes, Counted},
     completed::Completed,
     fair::{FairSlots, Weights},
@@ -64,7 +72,7 @@ use self::{
 };
 pub use crate::connectors::{CallOutcome, Connector};
 use crate::{
-    config::{Config, RetryConfig, ServiceConfig},
+    config::{Config, Priority, RetryConfig, ServiceConfig},
     envelope::{self, ActionResult, ActionTask, Format, Status},
     kafka,
     kafka::dead_letter::{self, DeadLetters},
@@ -126,13 +134,20 @@ impl in_flight::Task for Job {
     }
 }
 
+/// What one priority's reader of a service runs with. The connector, throttle, breaker, slots and
+/// cancelled runs are the service's, shared by its three readers ([`Shared`]); the rest is the
+/// reader's own.
 struct Executor {
     service: String,
+    /// The priority of the action topic this reader reads.
+    priority: Priority,
     settings: ServiceConfig,
     connector: Arc<dyn Connector>,
-    throttle: Throttle,
-    breaker: Breaker,
-    slots: FairSlots,
+    throttle: Arc<Throttle>,
+    breaker: Arc<Breaker>,
+    slots: Arc<FairSlots>,
+    /// Runs cancelled with `weir runs cancel`: their tasks are recorded `cancelled`, not called.
+    cancelled: Arc<Cancelled>,
     producer: FutureProducer,
     results_topic: String,
     /// (delay in ms, tier name, physical topic) of each delay tier.
@@ -158,8 +173,22 @@ pub async fn run(config: Arc<Config>, service: String, shutdown: CancellationTok
     run_with(config, service, connector, shutdown).await
 }
 
-/// Runs the executor of `service` with `connector`: the main consumer and one consumer per delay
-/// tier, until `shutdown` or the first error.
+/// What the readers of a service's three priorities share: its limits, one connector, one
+/// throttle (rate and cost limits), one breaker and one set of call slots (`concurrency`), so a
+/// service's limits are not multiplied by its priorities (the slots are handed to the priorities
+/// by weight, see [`fair`]); and the cancelled runs ([`cancelled`]).
+#[derive(Clone)]
+struct Shared {
+    connector: Arc<dyn Connector>,
+    throttle: Arc<Throttle>,
+    breaker: Arc<Breaker>,
+    slots: Arc<FairSlots>,
+    cancelled: Arc<Cancelled>,
+}
+
+/// Runs the executor of `service` with `connector`: a reader per priority's action topic (each a
+/// consumer-group member of its own, see [`main_loop`]) sharing the service's [`Shared`], and one
+/// consumer per delay tier, until `shutdown` or the first error.
 pub async fn run_with(
     config: Arc<Config>,
     service: String,
@@ -168,27 +197,54 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?.clone();
     let producer = kafka::producer(&config)?;
+    let cancelled = tokio::task::spawn_blocking({
+        let (config, stop) = (config.clone(), shutdown.child_token());
+        move || Cancelled::follow(&config, stop)
+    })
+    .await?
+    .with_context(|| format!("executor {service}: reading the cancelled runs"))?;
+    let shared = Shared {
+        cancelled,
+        connector,
+        throttle: Arc::new(Throttle::new(&service, &settings.limits)),
+        breaker: Arc::new(Breaker::new(&service, settings.breaker.clone())),
+        slots: Arc::new(FairSlots::new(
+            settings.concurrency.unwrap_or(config.executor.concurrency),
+            Weights::new(&config.executor.fairness.weights),
+            config.executor.priorities,
+        )),
+    };
     let mut parts: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
     for tier in settings.retry.tier_names() {
         parts.push(delay::run_tier(config.clone(), service.clone(), tier, producer.clone(), shutdown.clone()).boxed());
     }
-    parts.push(main_loop(config, service, settings, connector, producer, shutdown).boxed());
+    for priority in Priority::ALL {
+        let (config, service, settings) = (config.clone(), service.clone(), settings.clone());
+        let reader = main_loop(config, service, priority, settings, shared.clone(), producer.clone(), shutdown.clone());
+        parts.push(reader.boxed());
+    }
     futures::future::try_join_all(parts).await.map(|_| ())
 }
 
+/// The reader of the action topic of one priority: its own consumer group, lanes, in-flight
+/// bounds, overflow topic and memory of completed tasks, so a backlog of one priority never holds
+/// the buffers or partitions of another, and each topic's offsets are stored only once its own
+/// tasks' outcomes are durable.
 async fn main_loop(
     config: Arc<Config>,
     service: String,
+    priority: Priority,
     settings: ServiceConfig,
-    connector: Arc<dyn Connector>,
+    shared: Shared,
     producer: FutureProducer,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let topic = config.names().actions(&service);
-    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &config.names().execute_group(&service))?;
+    let topic = config.names().actions_at(&service, priority);
+    let group = config.names().execute_group_at(&service, priority);
+    let mut source = Source::subscribe(&config, Stage::Execute, &topic, &group)?;
     let mut assignment = source.assignment();
     let mut reader = match config.executor.fairness.overflow {
-        true => Some(Reader::new(config.clone(), &service)?),
+        true => Some(Reader::new(config.clone(), &service, priority)?),
         false => None,
     };
     if let Some(r) = &reader {
@@ -197,7 +253,7 @@ async fn main_loop(
             anyhow::bail!(
                 "{} has {ours} partitions and {topic} {theirs}: they must be equal (an overflow partition is \
                  read by the owner of the action partition of the same number); raise them with `weir topics apply`",
-                config.names().overflow(&service)
+                config.names().overflow_at(&service, priority)
             );
         }
     }
@@ -208,14 +264,14 @@ async fn main_loop(
         .zip(settings.retry.tier_names())
         .map(|(delay, name)| (delay.as_millis() as u64, name.clone(), config.names().retry(&service, &name)))
         .collect();
+    let Shared { connector, throttle, breaker, slots, cancelled } = shared;
     let executor = Arc::new(Executor {
+        priority,
+        cancelled,
         connector,
-        throttle: Throttle::new(&service, &settings.limits),
-        breaker: Breaker::new(&service, settings.breaker.clone()),
-        slots: FairSlots::new(
-            settings.concurrency.unwrap_or(config.executor.concurrency),
-            Weights::new(&config.executor.fairness.weights),
-        ),
+        throttle,
+        breaker,
+        slots,
         dead_letters: DeadLetters::new(producer.clone(), config.names().dlq(), Stage::Execute)
             .with_limits(&config.limits),
         max_record_bytes: config.limits.max_record_bytes,
@@ -223,8 +279,8 @@ async fn main_loop(
         results_topic: config.names().results(),
         tiers,
         ownership: source.ownership(),
-        completed: Completed::new(config.clone(), &service),
-        overflow: reader.as_ref().map(|r| (config.names().overflow(&service), r.ownership())),
+        completed: Completed::new(config.clone(), &service, topic.clone()),
+        overflow: reader.as_ref().map(|r| (config.names().overflow_at(&service, priority), r.ownership())),
         calls: shutdown.child_token(),
         service,
         settings,
@@ -267,7 +323,12 @@ async fn main_loop(
             }
             Ok(()) = assignment.changed() => {
                 let a = assignment.borrow_and_update().clone();
-                executor.throttle.set_share(a.owned.len(), a.partitions.max(0) as usize);
+                // The service's global limits are shared by its priorities: one reader sets this
+                // process's share of them, from its topic's assignment (the three topics have
+                // the same partitions, and their groups the same members).
+                if priority == Priority::Normal {
+                    executor.throttle.set_share(a.owned.len(), a.partitions.max(0) as usize);
+                }
                 if let Some(r) = reader.as_mut() {
                     r.follow(&a, &source, &mut scans);
                 }
@@ -299,6 +360,7 @@ async fn main_loop(
                 for (class, line) in classes.report(backlogs) {
                     Event::TenantClass {
                         service: &executor.service,
+                        priority: executor.priority.as_str(),
                         class: &class,
                         backlog: line.backlog,
                         overflowed: line.overflowed,
@@ -599,7 +661,7 @@ impl Executor {
         async move {
             let wait = Duration::from_millis(due.saturating_sub(delay::epoch_ms()));
             let (_, tier, topic) = &self.tiers[delay::tier_for(&self.settings.retry.tiers, wait)];
-            let headers = kafka::deferral::deferral_headers(Some(&d.message), due, None);
+            let headers = kafka::deferral::deferral_headers(Some(&d.message), due, None, self.priority);
             let payload = d.message.payload().unwrap_or_default();
             let sent = kafka::send(&self.producer, topic, d.message.key(), payload, headers).await;
             if sent.is_ok() {
@@ -627,17 +689,18 @@ impl Executor {
                 let settle = async move { Step::Settled { mark: Mark { ticket, overflow }, produced: Ok(()) } };
                 return Step::Called { tenant, partition, throttled: false, settle: settle.boxed() };
             }
-            // A task past its `expires_after` is not worth calling (nor waiting for a slot):
-            // it becomes an `expired` result, as it would at the call below.
-            if expired(&task) {
-                return self.expire(tenant, task, ticket, overflow);
+            // A task past its `expires_after`, or of a cancelled run, is not worth calling (nor
+            // waiting for a slot): it becomes an `expired` or `cancelled` result, as it would at
+            // the call below.
+            if let Some(end) = self.uncalled(&task) {
+                return self.end_uncalled(tenant, task, ticket, overflow, end);
             }
             let estimate = self.connector.estimate_cost(&task);
             let ready = async {
                 let asked = Instant::now();
                 self.throttle.wait_tenant(&task.tenant, estimate).await;
                 let throttled = self.throttle.has_tenant_limits() && asked.elapsed() >= THROTTLED;
-                let slot = self.slots.acquire(&task.tenant).await;
+                let slot = self.slots.acquire(self.priority, &task.tenant).await;
                 let admission = self.breaker.admit().await;
                 self.throttle.wait_global(estimate).await;
                 (slot, admission, throttled)
@@ -653,11 +716,12 @@ impl Executor {
                 self.breaker.record(admission, Verdict::Neutral);
                 return Step::GaveUp { tenant, partition };
             }
-            // It may have expired while it waited for its limits and a slot.
-            if expired(&task) {
+            // It may have expired, or its run been cancelled, while it waited for its limits and
+            // a slot.
+            if let Some(end) = self.uncalled(&task) {
                 self.breaker.record(admission, Verdict::Neutral);
                 drop(slot);
-                return self.expire(tenant, task, ticket, overflow);
+                return self.end_uncalled(tenant, task, ticket, overflow, end);
             }
             let started = Instant::now();
             let outcome = match self.step_timeout(&task) {
@@ -694,15 +758,32 @@ impl Executor {
         .boxed()
     }
 
-    /// Ends `job` without a call: its task expired. The `expired` result frees the lane at once.
-    fn expire(self: Arc<Self>, tenant: Arc<str>, task: ActionTask, ticket: Ticket, overflow: bool) -> Step {
+    /// Why `task` must not be called now, if it must not: it is past its `expires_after`, or its
+    /// run was cancelled. A result with the status and the reason ends it.
+    fn uncalled(&self, task: &ActionTask) -> Option<(Status, String)> {
+        if expired(task) {
+            let at = task.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default();
+            Event::Expired { service: &self.service, tenant: &task.tenant }.emit();
+            return Some((Status::Expired, format!("expired at {at} before it was called (expires_after)")));
+        }
+        let reason = self.cancelled.reason(&task.run_id)?;
+        Event::CancelledTask { service: &self.service, tenant: &task.tenant, run_id: &task.run_id }.emit();
+        Some((Status::Cancelled, format!("run cancelled: {reason} (before this step was called)")))
+    }
+
+    /// Ends `job` without a call, with the result [`uncalled`](Self::uncalled) decided. The
+    /// result frees the lane at once.
+    fn end_uncalled(
+        self: Arc<Self>,
+        tenant: Arc<str>,
+        task: ActionTask,
+        ticket: Ticket,
+        overflow: bool,
+        (status, reason): (Status, String),
+    ) -> Step {
         let partition = ticket.partition;
         let settle = async move {
-            let at = task.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default();
-            let reason = format!("expired at {at} before it was called (expires_after)");
-            Event::Expired { service: &self.service, tenant: &task.tenant }.emit();
-            let produced =
-                self.send_result(task, Status::Expired, None, Some(reason), None, None, Duration::ZERO).await;
+            let produced = self.send_result(task, status, None, Some(reason), None, None, Duration::ZERO).await;
             Step::Settled { mark: Mark { ticket, overflow }, produced }
         };
         Step::Called { tenant, partition, throttled: false, settle: settle.boxed() }
@@ -792,9 +873,11 @@ impl Executor {
         let reason: String = reason.chars().take(500).collect();
         let headers = kafka::rewrite_headers(
             message,
-            |k| k.starts_with("weir.retry.") || k == envelope::CONTENT_TYPE,
+            |k| k.starts_with("weir.retry.") || k == envelope::CONTENT_TYPE || k == kafka::deferral::PRIORITY,
             &[
                 (envelope::CONTENT_TYPE, Format::Json.content_type()),
+                // Back to this reader's topic when due.
+                (kafka::deferral::PRIORITY, self.priority.as_str()),
                 (delay::KIND, "retry"),
                 (delay::DUE, &due),
                 (delay::ATTEMPT, &attempt),

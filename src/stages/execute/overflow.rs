@@ -97,7 +97,7 @@ pub(crate) type Scans = FuturesUnordered<BoxFuture<'static, Counted>>;
 use rdkafka::Message;
 
 use crate::{
-    config::Config,
+    config::{Config, Priority},
     kafka::source::{self, Assignment, Delivery, Ownership, Source},
     telemetry::{Event, Stage},
 };
@@ -339,9 +339,10 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    pub(crate) fn new(config: Arc<Config>, service: &str) -> anyhow::Result<Reader> {
-        let topic = config.names().overflow(service);
-        let group = config.names().overflow_group(service);
+    /// The reader of the overflow topic of `service`'s action topic of `priority`.
+    pub(crate) fn new(config: Arc<Config>, service: &str, priority: Priority) -> anyhow::Result<Reader> {
+        let topic = config.names().overflow_at(service, priority);
+        let group = config.names().overflow_group_at(service, priority);
         let source = Source::assign(&config, Stage::Execute, &topic, &group)?;
         Ok(Reader {
             book: Book::new(config.executor.tenant_max_buffered, config.executor.partition_max_buffered / 2),

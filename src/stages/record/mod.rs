@@ -241,7 +241,7 @@ impl Recorder {
             decided.insert(&mut tx).await?;
         }
         let sends = advance.tasks.iter().map(|task| {
-            let topic = config.names().actions(&task.service);
+            let topic = config.names().actions_at(&task.service, task.priority());
             let payload = serde_json::to_vec(task).expect("a task always serializes");
             async move {
                 kafka::send(

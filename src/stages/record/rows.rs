@@ -101,13 +101,15 @@ impl Columns {
         sqlx::query_with(INSERT, args).execute(db).await.map(|r| r.rows_affected())
     }
 
-    /// Replaces `failed` rows by the `succeeded` outcomes of the same tasks in this batch (a
-    /// redrive or a replay that succeeded after the task was dead-lettered); never the reverse,
-    /// and a `skipped` row stays as it is. Returns the run ids of the rows replaced.
+    /// Replaces `failed` and `expired` rows by the `succeeded` outcomes of the same tasks in this
+    /// batch (a redrive or a replay that succeeded after the task was dead-lettered, or a
+    /// `weir replay --ignore-expiry` of a task that had expired); never the reverse, and a
+    /// `skipped` or `cancelled` row stays as it is. Returns the run ids of the rows replaced.
     pub async fn repair(&self, db: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
         let mut args = self.arguments().map_err(sqlx::Error::Encode)?;
         args.add(Status::Failed.as_str()).map_err(sqlx::Error::Encode)?;
         args.add(Status::Succeeded.as_str()).map_err(sqlx::Error::Encode)?;
+        args.add(Status::Expired.as_str()).map_err(sqlx::Error::Encode)?;
         sqlx::query_scalar_with(REPAIR, args).fetch_all(db).await
     }
 }
@@ -123,8 +125,9 @@ const INSERT: &str = "insert into action_results (task_id, run_id, event_id, ten
         as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c)
     on conflict (task_id) do nothing";
 
-/// The later outcome of a task whose row says `failed` ($17) replaces it when it `succeeded` ($18):
-/// an operator repaired what failed, and the row must say so. Nothing else is replaced, so a
+/// The later outcome of a task whose row says `failed` ($17) or `expired` ($19) replaces it when it
+/// `succeeded` ($18): an operator repaired what failed (or replayed what expired, overriding the
+/// expiry), and the row must say so. Nothing else is replaced, so a
 /// replayed old failure never overwrites a success. Several successes of one task in a batch
 /// update the row once.
 const REPAIR: &str = "update action_results a set status = x.st, attempts = x.a, latency_ms = x.l, http_status = x.h,
@@ -133,7 +136,7 @@ const REPAIR: &str = "update action_results a set status = x.st, attempts = x.a,
         $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
         $15::timestamptz[], $16::float8[])
         as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c)
-    where a.task_id = x.t and a.status = $17 and x.st = $18
+    where a.task_id = x.t and a.status in ($17, $19) and x.st = $18
     returning a.run_id";
 
 /// Decodes one result record into what [`Columns::push`] takes; the error is the dead-letter reason.
