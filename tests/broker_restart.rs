@@ -83,21 +83,27 @@ async fn poll_endpoint(
 // Pause state across a rebalance
 // ---------------------------------------------------------------------------------------------
 
+/// A topic `name` of two partitions under `config`'s prefix, deleted when the guard drops, and a
+/// group named after it.
+async fn two_partitions(config: &Config, name: &str) -> (String, String, DeleteTopicOnDrop) {
+    let (topic, group) = (config.names().topic(name), config.names().group(name));
+    let admin = weir::kafka::admin(config).unwrap();
+    let created = admin
+        .create_topics(&[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    let cleanup = DeleteTopicOnDrop(config.clone(), topic.clone());
+    (topic, group, cleanup)
+}
+
 /// librdkafka keeps a partition's application pause across revoke and assign. The source used to
 /// forget its own record of the pause on revoke, so the stage's later resume did nothing and the
 /// partition never delivered again (the executor that went silent after a broker restart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_partition_resumes_after_a_rebalance() {
     let config = Config { brokers: brokers(), topic_prefix: unique("t") + ".", ..Config::default() };
-    let topic = config.names().topic("paused");
-    let group = config.names().group("paused");
-    let admin = weir::kafka::admin(&config).unwrap();
-    let created = admin
-        .create_topics(&[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))], &AdminOptions::new())
-        .await
-        .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
-    let _cleanup = DeleteTopicOnDrop(config.clone(), topic.clone());
+    let (topic, group, _cleanup) = two_partitions(&config, "paused").await;
 
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let send = |partition: i32, n: usize| {
@@ -169,15 +175,7 @@ async fn a_paused_partition_resumes_after_a_rebalance() {
 async fn a_batch_held_for_backpressure_and_revoked_does_not_leave_the_source_paused() {
     let mut config = Config { brokers: brokers(), topic_prefix: unique("t") + ".", ..Config::default() };
     config.consumer_groups.protocol = weir::config::GroupProtocol::Eager;
-    let topic = config.names().topic("held");
-    let group = config.names().group("held");
-    let admin = weir::kafka::admin(&config).unwrap();
-    let created = admin
-        .create_topics(&[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))], &AdminOptions::new())
-        .await
-        .unwrap();
-    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
-    let _cleanup = DeleteTopicOnDrop(config.clone(), topic.clone());
+    let (topic, group, _cleanup) = two_partitions(&config, "held").await;
     // More than the channel's two batches and the one the poll thread holds, on each partition.
     let per_partition = 4 * weir::kafka::source::BATCH;
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
