@@ -22,6 +22,7 @@
 
 pub mod duration;
 mod groups;
+mod ingest;
 mod names;
 mod services;
 
@@ -36,6 +37,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 pub use groups::{GroupProtocol, GroupsConfig};
+pub use ingest::*;
 pub use names::Names;
 pub use services::*;
 
@@ -81,6 +83,8 @@ pub struct Config {
     pub consumer_groups: GroupsConfig,
     /// How `weir replay` paces what it re-drives.
     pub replay: ReplayConfig,
+    /// The HTTP endpoint of `weir run --stage ingest` (docs/ingest.md).
+    pub ingest: IngestConfig,
 }
 
 impl Default for Config {
@@ -104,6 +108,7 @@ impl Default for Config {
             instance_id: None,
             consumer_groups: GroupsConfig::default(),
             replay: ReplayConfig::default(),
+            ingest: IngestConfig::default(),
         }
     }
 }
@@ -458,6 +463,7 @@ impl Config {
         self.engine.validate()?;
         self.limits.validate()?;
         self.replay.validate()?;
+        self.ingest.validate(self.limits.max_attribute_bytes)?;
         Ok(())
     }
 
@@ -530,6 +536,7 @@ mod tests {
         assert_eq!((&webhook.retry, &webhook.breaker), (&defaults.retry, &defaults.breaker));
         assert_eq!(config.executor.partition_max_buffered, ExecutorConfig::default().partition_max_buffered);
         assert_eq!(config.executor.fairness, FairnessConfig::default());
+        assert_eq!(config.ingest, IngestConfig::default(), "weir.yaml states the ingest defaults");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod network;
 pub(crate) mod noop;
 pub mod openai;
 pub mod slack;
+pub mod signature;
 pub mod webhook;
 
 use std::{sync::Arc, time::Duration};

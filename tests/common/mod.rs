@@ -3,6 +3,8 @@
 //! `scripts/test.sh` starts. Nothing here mocks Kafka or PostgreSQL.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::{
     future::Future,
     path::PathBuf,
