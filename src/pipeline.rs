@@ -88,10 +88,9 @@ impl Pipeline {
         let mut tasks = Vec::new();
         for stage in stages.iter().copied().collect::<BTreeSet<_>>() {
             match stage {
-                StageName::Ingest => tasks.push((
-                    "ingest".to_string(),
-                    tokio::spawn(ingest::run(config.clone(), cancel.child_token())),
-                )),
+                StageName::Ingest => {
+                    tasks.push(("ingest".to_string(), tokio::spawn(ingest::run(config.clone(), cancel.child_token()))))
+                }
                 StageName::Evaluate => tasks.push((
                     "evaluate".to_string(),
                     tokio::spawn(evaluate::run(config.clone(), definitions.clone(), cancel.clone())),

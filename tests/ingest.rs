@@ -90,6 +90,18 @@ fn seq_of(call: &weir::ops::receiver::Call) -> u64 {
     data["seq"].as_u64().or(data["member"]["current"]["seq"].as_u64()).expect("the task carries the event's seq")
 }
 
+/// A structured CloudEvent posted to `/ingest/<source>/<tenant>` with a bearer token.
+async fn structured_to(poster: &Poster, source: &str, tenant: &str, token: &str, event: &Event) -> reqwest::Response {
+    poster
+        .request(source, Some(tenant), None)
+        .bearer_auth(token)
+        .header("content-type", "application/cloudevents+json")
+        .body(serde_json::to_vec(event).unwrap())
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn status(response: reqwest::Result<reqwest::Response>) -> u16 {
     response.expect("the ingest stage answers").status().as_u16()
 }
@@ -212,14 +224,21 @@ async fn refused_requests_get_their_status_and_produce_nothing() {
         refusals.push((what, want, got, response.text().await.unwrap_or_default()));
     };
 
-    let r = poster.request("ce", None, None).header("content-type", "application/cloudevents+json").body("{}").send().await.unwrap();
+    let r = poster
+        .request("ce", None, None)
+        .header("content-type", "application/cloudevents+json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     check("no credential", 401, r).await;
     let r = ghost(1, "not-the-secret-of-tenant-1", now_ms).await.unwrap();
     check("wrong Ghost signature", 401, r).await;
     let r = ghost(1, &ghost_secret(1), now_ms - 10 * 60 * 1000).await.unwrap();
     check("stale Ghost timestamp", 401, r).await;
     let stale = json!({"type": "member.created", "data": {}}).to_string();
-    let headers = weir::connectors::signature::standard_headers(&standard_secret(2), "msg-stale", stale.as_bytes()).unwrap();
+    let headers =
+        weir::connectors::signature::standard_headers(&standard_secret(2), "msg-stale", stale.as_bytes()).unwrap();
     let mut request = poster.request("sw", Some("tenant-2"), None);
     for (name, value) in headers {
         // Ten minutes ago: the signature is right, the time is not.
@@ -230,14 +249,7 @@ async fn refused_requests_get_their_status_and_produce_nothing() {
     let r = poster.signed("sw", "tenant-2", &standard_secret(3), "msg-x", b"{\"type\":\"a\"}").await.unwrap();
     check("Standard Webhooks signed with another tenant's secret", 401, r).await;
 
-    let r = poster
-        .request("ce", Some("tenant-2"), None)
-        .bearer_auth(token(1))
-        .header("content-type", "application/cloudevents+json")
-        .body(serde_json::to_vec(&member(2, 1)).unwrap())
-        .send()
-        .await
-        .unwrap();
+    let r = structured_to(&poster, "ce", "tenant-2", &token(1), &member(2, 1)).await;
     check("another tenant's token", 403, r).await;
     let r = poster.cloudevent("ce", &token(1), &member(2, 2), Mode::Structured).await.unwrap();
     check("a structured event naming another tenant", 403, r).await;
@@ -249,14 +261,7 @@ async fn refused_requests_get_their_status_and_produce_nothing() {
     let generic = json!({"event": "member.created", "id": "g-1", "site": "tenant-3", "payload": {}}).to_string();
     let r = poster.signed("gen", "tenant-2", &standard_secret(2), "g-1", generic.as_bytes()).await.unwrap();
     check("a generic body naming another tenant", 403, r).await;
-    let r = poster
-        .request("platform", Some("tenant-2"), None)
-        .bearer_auth(PLATFORM_TOKEN)
-        .header("content-type", "application/cloudevents+json")
-        .body(serde_json::to_vec(&member(2, 6)).unwrap())
-        .send()
-        .await
-        .unwrap();
+    let r = structured_to(&poster, "platform", "tenant-2", PLATFORM_TOKEN, &member(2, 6)).await;
     check("a platform token for a tenant outside its list", 403, r).await;
     let r = poster.cloudevent("platform", PLATFORM_TOKEN, &member(12, 7), Mode::Structured).await.unwrap();
     check("a platform token without the tenant in the route", 400, r).await;
@@ -278,28 +283,33 @@ async fn refused_requests_get_their_status_and_produce_nothing() {
     check("a body over ingest.max_body_bytes", 413, r).await;
     let r = poster.request("nope", None, None).bearer_auth(token(1)).body("{}").send().await.unwrap();
     check("an unknown source", 404, r).await;
-    let r = poster.request("ce", None, None).bearer_auth(token(1)).header("content-type", "text/csv").body("a,b").send().await.unwrap();
+    let r = poster
+        .request("ce", None, None)
+        .bearer_auth(token(1))
+        .header("content-type", "text/csv")
+        .body("a,b")
+        .send()
+        .await
+        .unwrap();
     check("a content type that is no CloudEvents mode", 415, r).await;
 
-    drop(check);
     let wrong: Vec<_> = refusals.iter().filter(|(_, want, got, _)| want != got).collect();
     assert!(wrong.is_empty(), "wrong statuses (what, wanted, got): {wrong:?}");
 
     // What is accepted: a Standard Webhooks delivery and its replay (one event), a platform's
     // event, and a tenant's posts up to its burst of 3 (the 4th is over its rate: 429).
-    let accepted = poster.standard("sw", "tenant-2", &standard_secret(2), "msg-1", "member.created", &json!({"n": 1})).await.unwrap();
-    assert_eq!(accepted.status(), 202);
-    let replay = poster.standard("sw", "tenant-2", &standard_secret(2), "msg-1", "member.created", &json!({"n": 1})).await.unwrap();
-    assert_eq!(replay.status(), 202, "a replayed webhook-id is acknowledged");
-    assert_eq!(replay.json::<Json>().await.unwrap()["duplicate"], true);
-    let r = poster
-        .request("platform", Some("tenant-12"), None)
-        .bearer_auth(PLATFORM_TOKEN)
-        .header("content-type", "application/cloudevents+json")
-        .body(serde_json::to_vec(&member(12, 100)).unwrap())
-        .send()
+    let accepted = poster
+        .standard("sw", "tenant-2", &standard_secret(2), "msg-1", "member.created", &json!({"n": 1}))
         .await
         .unwrap();
+    assert_eq!(accepted.status(), 202);
+    let replay = poster
+        .standard("sw", "tenant-2", &standard_secret(2), "msg-1", "member.created", &json!({"n": 1}))
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 202, "a replayed webhook-id is acknowledged");
+    assert_eq!(replay.json::<Json>().await.unwrap()["duplicate"], true);
+    let r = structured_to(&poster, "platform", "tenant-12", PLATFORM_TOKEN, &member(12, 100)).await;
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
     for seq in 101..104 {
         assert_eq!(status(poster.cloudevent("ce", &token(5), &member(5, seq), Mode::Structured).await).await, 202);
@@ -460,7 +470,11 @@ async fn broker_killed(broker: &OwnBroker) {
     tokio::time::sleep(Duration::from_secs(8)).await;
     let during = count(&accepted);
     broker.up();
-    assert!(progressed(during + 300).await, "posting never succeeded again after the restart: {:?}", others.lock().unwrap());
+    assert!(
+        progressed(during + 300).await,
+        "posting never succeeded again after the restart: {:?}",
+        others.lock().unwrap()
+    );
     running.store(false, Ordering::SeqCst);
     for w in workers {
         w.await.unwrap();
@@ -491,7 +505,11 @@ async fn broker_killed(broker: &OwnBroker) {
         }
     }
     let missing: Vec<_> = accepted.difference(&stored).take(10).collect();
-    assert!(missing.is_empty(), "acknowledged but not stored ({} in all): {missing:?}", accepted.difference(&stored).count());
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored ({} in all): {missing:?}",
+        accepted.difference(&stored).count()
+    );
     eprintln!(
         "sent {}, acknowledged {}, stored {}, others {others:?}",
         sent.load(Ordering::SeqCst),

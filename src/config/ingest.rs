@@ -185,7 +185,8 @@ pub struct GenericMapping {
 impl Credential {
     /// Checks that exactly one way of giving the token or secret is used; `at` names the field.
     fn validate(&self, at: &str, platform: bool) -> anyhow::Result<()> {
-        let given = [&self.token, &self.token_env, &self.secret, &self.secret_env].iter().filter(|v| v.is_some()).count();
+        let given =
+            [&self.token, &self.token_env, &self.secret, &self.secret_env].iter().filter(|v| v.is_some()).count();
         if given != 1 {
             bail!("{at}: give exactly one of token, token_env, secret, secret_env (got {given})");
         }
@@ -248,10 +249,12 @@ impl IngestConfig {
                 platform.validate(&format!("{at}.platform"), true)?;
             }
             let mut credentials = source.tenants.values().chain(source.platform.as_ref());
-            if matches!(source.format, SourceFormat::Ghost | SourceFormat::StandardWebhooks) {
-                if credentials.any(Credential::is_token) {
-                    bail!("{at}: {} requests are signed: give `secret` or `secret_env`, not a token", source.format.as_str());
-                }
+            let signed = matches!(source.format, SourceFormat::Ghost | SourceFormat::StandardWebhooks);
+            if signed && credentials.any(Credential::is_token) {
+                bail!(
+                    "{at}: {} requests are signed: give `secret` or `secret_env`, not a token",
+                    source.format.as_str()
+                );
             }
             match (&source.generic, source.format) {
                 (None, SourceFormat::Generic) => bail!("{at}.generic: a generic source needs its mapping"),
@@ -301,10 +304,16 @@ mod tests {
             ("sources: {g: {format: ghost}}", "ingest.sources.g: give credentials"),
             ("sources: {g: {format: ghost, tenants: {a: {token: 0123456789abcdef}}}}", "are signed"),
             ("sources: {g: {format: cloudevents, tenants: {a: {token: short}}}}", "at least 16"),
-            ("sources: {g: {format: cloudevents, tenants: {a: {token: 0123456789abcdef, secret_env: S}}}}", "exactly one"),
+            (
+                "sources: {g: {format: cloudevents, tenants: {a: {token: 0123456789abcdef, secret_env: S}}}}",
+                "exactly one",
+            ),
             ("sources: {g: {format: cloudevents, platform: {token_env: T}}}", "ingest.sources.g.platform.tenants"),
             ("sources: {g: {format: generic, tenants: {a: {token_env: T}}}}", "needs its mapping"),
-            ("sources: {g: {format: generic, tenants: {a: {token_env: T}}, generic: {type_pointer: event}}}", "starts with '/'"),
+            (
+                "sources: {g: {format: generic, tenants: {a: {token_env: T}}, generic: {type_pointer: event}}}",
+                "starts with '/'",
+            ),
             ("sources: {'a b': {format: cloudevents, tenants: {a: {token_env: T}}}}", "source name"),
             ("sources: {g: {format: cloudevents, tenants: {'a/b': {token_env: T}}}}", "not a valid tenant"),
             ("sources: {g: {format: webhooks, tenants: {a: {token_env: T}}}}", "unknown variant"),

@@ -16,8 +16,8 @@
 pub mod network;
 pub(crate) mod noop;
 pub mod openai;
-pub mod slack;
 pub mod signature;
+pub mod slack;
 pub mod webhook;
 
 use std::{sync::Arc, time::Duration};

@@ -219,9 +219,9 @@ impl Connector for Webhook {
                 let now = chrono::Utc::now().timestamp();
                 let bytes = body.as_ref().map_or(&[][..], |(bytes, _)| bytes);
                 request = match scheme {
-                    SignatureScheme::Weir => request
-                        .header(TIMESTAMP_HEADER, now)
-                        .header(SIGNATURE_HEADER, signature::weir(key, bytes)),
+                    SignatureScheme::Weir => {
+                        request.header(TIMESTAMP_HEADER, now).header(SIGNATURE_HEADER, signature::weir(key, bytes))
+                    }
                     SignatureScheme::StandardWebhooks => request
                         .header("webhook-id", &task.task_id)
                         .header("webhook-timestamp", now)

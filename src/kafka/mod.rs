@@ -404,11 +404,8 @@ pub(crate) const PRODUCED_AT: &str = "weir.produced-at";
 
 /// The headers of a produced event: its `content-type` and the produce time.
 pub(crate) fn event_headers(content_type: &str) -> OwnedHeaders {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis()
-        .to_string();
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis().to_string();
     OwnedHeaders::new()
         .insert(Header { key: crate::envelope::CONTENT_TYPE, value: Some(content_type) })
         .insert(Header { key: PRODUCED_AT, value: Some(now.as_str()) })

@@ -49,13 +49,7 @@ impl Poster {
 
     /// One CloudEvent, with a bearer token, in structured or binary mode. The event's `tenant`
     /// travels as the `tenant` extension (the stage checks it against the token's).
-    pub async fn cloudevent(
-        &self,
-        source: &str,
-        token: &str,
-        event: &Event,
-        mode: Mode,
-    ) -> reqwest::Result<Response> {
+    pub async fn cloudevent(&self, source: &str, token: &str, event: &Event, mode: Mode) -> reqwest::Result<Response> {
         let request = self.request(source, None, None).bearer_auth(token);
         match mode {
             Mode::Structured => {
@@ -133,8 +127,7 @@ impl Poster {
         id: &str,
         body: &[u8],
     ) -> anyhow::Result<Response> {
-        let mut request =
-            self.request(source, Some(tenant), None).header(header::CONTENT_TYPE, "application/json");
+        let mut request = self.request(source, Some(tenant), None).header(header::CONTENT_TYPE, "application/json");
         for (name, value) in signature::standard_headers(secret, id, body)? {
             request = request.header(name, value);
         }

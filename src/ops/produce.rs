@@ -80,8 +80,11 @@ impl Producer {
         for (line, event) in lines {
             let payload = envelope::encode(&event, format)
                 .with_context(|| format!("line {line}: encoding event {:?}", event.id))?;
-            let size =
-                limits::record_size(Some(event.tenant.as_bytes()), &payload, Some(&kafka::event_headers(format.content_type())));
+            let size = limits::record_size(
+                Some(event.tenant.as_bytes()),
+                &payload,
+                Some(&kafka::event_headers(format.content_type())),
+            );
             if size > limit {
                 anyhow::bail!(
                     "line {line}: event {:?} is a {size}-byte record, over the limit of {limit} bytes ({what}); nothing was produced",

@@ -101,4 +101,3 @@ pub fn free_port_pair() -> u16 {
     }
     panic!("no two consecutive free ports");
 }
-

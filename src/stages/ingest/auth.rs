@@ -250,7 +250,8 @@ fn verify_ghost(key: &[u8], headers: &HeaderMap, body: &[u8], now_ms: i64, toler
     let at: i64 = timestamp.parse().map_err(|_| Refusal::unauthenticated("X-Ghost-Signature: t is not a number"))?;
     check_time(at, now_ms, tolerance_ms)?;
     ghost_mac(key, body, timestamp)
-        .verify_slice(&signature).map_err(|_| Refusal::unauthenticated("X-Ghost-Signature does not match"))?;
+        .verify_slice(&signature)
+        .map_err(|_| Refusal::unauthenticated("X-Ghost-Signature does not match"))?;
     Ok(at)
 }
 
@@ -271,9 +272,7 @@ fn verify_standard(
     check_time(at, now_ms, tolerance_ms)?;
     let mac = standard_mac(key, id, timestamp, body);
     let matches = signatures.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|b64| {
-        base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .is_ok_and(|sig| mac.clone().verify_slice(&sig).is_ok())
+        base64::engine::general_purpose::STANDARD.decode(b64).is_ok_and(|sig| mac.clone().verify_slice(&sig).is_ok())
     });
     if !matches {
         return Err(Refusal::unauthenticated("webhook-signature does not match (no v1 signature verifies)"));

@@ -112,7 +112,8 @@ impl Gate {
             }
             if let Some(max) = self.max_lag {
                 let (client, config, group, topic) = (client.clone(), config.clone(), group.clone(), topic.clone());
-                let read = tokio::task::spawn_blocking(move || kafka::group_lag(&client, &config, &group, &topic)).await;
+                let read =
+                    tokio::task::spawn_blocking(move || kafka::group_lag(&client, &config, &group, &topic)).await;
                 match read {
                     Ok(Ok(lag)) => self.set_lag(lag, max),
                     // The last reading stands: the broker being away shows in acknowledgements.

@@ -227,7 +227,8 @@ impl Ingest {
     async fn read(&self, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, Refusal> {
         let max = self.config.ingest.max_body_bytes;
         let over = || Refusal::too_large(format!("the body is over ingest.max_body_bytes ({max} bytes)"));
-        let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let declared =
+            headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max as u64) {
             return Err(over());
         }

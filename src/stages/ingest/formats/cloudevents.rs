@@ -60,7 +60,8 @@ fn from_json(request: &Request<'_>, value: Json, index: Option<usize>) -> Result
         _ => return Err(Refusal::invalid(name("specversion must be \"1.0\"".into()))),
     }
     attributes.insert("tenant".into(), Json::String(request.auth.tenant.clone()));
-    serde_json::from_value(Json::Object(attributes)).map_err(|e| Refusal::invalid(name(format!("not a CloudEvent: {e}"))))
+    serde_json::from_value(Json::Object(attributes))
+        .map_err(|e| Refusal::invalid(name(format!("not a CloudEvent: {e}"))))
 }
 
 /// Binary mode: attributes from `ce-*` headers, the body as data.

@@ -25,7 +25,9 @@ pub(super) fn parse(request: &Request<'_>) -> Result<Event, Refusal> {
     let id = match mapping.id_pointer.as_ref().map(|p| (p, body.pointer(p))) {
         Some((_, Some(Json::String(id)))) => id.clone(),
         Some((_, Some(Json::Number(n)))) => n.to_string(),
-        Some((pointer, _)) => return Err(Refusal::invalid(format!("the body holds no id (a string or number) at {pointer}"))),
+        Some((pointer, _)) => {
+            return Err(Refusal::invalid(format!("the body holds no id (a string or number) at {pointer}")))
+        }
         None => request.derived_id(),
     };
     let data = match &mapping.data_pointer {

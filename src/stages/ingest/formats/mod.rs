@@ -96,7 +96,8 @@ impl Request<'_> {
 
     /// The time of an event whose format carries none: when it was signed, else now.
     fn time(&self) -> String {
-        let at = self.auth.signed_at_ms.and_then(chrono::DateTime::from_timestamp_millis).unwrap_or_else(chrono::Utc::now);
+        let at =
+            self.auth.signed_at_ms.and_then(chrono::DateTime::from_timestamp_millis).unwrap_or_else(chrono::Utc::now);
         at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
     }
 
