@@ -109,8 +109,8 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
 
     let sample: Vec<Event> = (0..events).map(|n| sample_event(&run, n, tenants)).collect();
     let expected = sample.iter().filter(|e| e.kind == "member.created").count();
-    let (posted, produced): (Vec<(usize, Event)>, Vec<(usize, Event)>) =
-        sample.into_iter().enumerate().partition(|(n, _)| n % 4 == 1);
+    let numbered: Vec<(usize, Event)> = sample.into_iter().enumerate().collect();
+    let (posted, produced): (Vec<_>, Vec<_>) = numbered.into_iter().partition(|(n, _)| n % 4 == 1);
     let producer = Producer::new(&config)?;
     let formats = [Format::Json, Format::Avro].into_iter().cycle();
     producer.send_all(produced.into_iter().map(|(_, e)| e).zip(formats), 1_000).await?;
