@@ -326,6 +326,55 @@ async fn refused_requests_get_their_status_and_produce_nothing() {
     stop.cancel();
 }
 
+/// `ingest.max_in_flight` bounds the requests being handled, taken before a body is read: a
+/// sender that sends its headers and holds its body back holds the only place, the next request
+/// is answered 503 with `Retry-After` at once, and once the first connection goes, requests are
+/// accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_bounded_before_their_bodies_are_read() {
+    use tokio::io::AsyncWriteExt as _;
+    let receiver = Receiver::start().await.unwrap();
+    let (mut config, _dir) = test_config(&receiver, &[WELCOME]).await;
+    config.ingest.sources = sources(2);
+    config.ingest.max_in_flight = 1;
+    config.ingest.max_lag = None;
+    let (config, poster, stop) = start_ingest(&mut config).await;
+    let addr = poster.request("ce", None, None).build().unwrap().url().socket_addrs(|| None).unwrap()[0];
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /ingest/ce HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/cloudevents+json\r\nContent-Length: 100000\r\n\r\n{{",
+        token(0)
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    // Polled until the server has taken the slow request's headers (and its place).
+    let (mut refused, mut accepted_before) = (None, false);
+    for _ in 0..600 {
+        let answer = poster.cloudevent("ce", &token(1), &member(1, 1), Mode::Structured).await.unwrap();
+        if answer.status() == 503 {
+            refused = Some(answer);
+            break;
+        }
+        accepted_before |= answer.status() == 202;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = refused.expect("a second request was handled while the first held the only place");
+    assert!(refused.headers().get("retry-after").is_some(), "the 503 says when to come back");
+    drop(slow);
+    let accepted = eventually(Duration::from_secs(30), || async {
+        poster.cloudevent("ce", &token(1), &member(1, 2), Mode::Structured).await.unwrap().status() == 202
+    })
+    .await;
+    assert!(accepted, "the place was not given back when the slow sender went away");
+    let mut want = vec!["e-2"];
+    if accepted_before {
+        want.insert(0, "e-1");
+    }
+    let ids = topic_ids(&config.names().events(), want.len() + 2, Duration::from_secs(10));
+    assert_eq!(ids, want, "only the accepted events are on the topic");
+    stop.cancel();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Overload: the evaluator's lag over the bound
 // ---------------------------------------------------------------------------------------------
