@@ -566,3 +566,50 @@ async fn broker_killed(broker: &OwnBroker) {
         stored.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The binary
+// ---------------------------------------------------------------------------------------------
+
+/// `weir run --stage ingest` from a weir.yaml: a token read from the environment, an event
+/// accepted over HTTP and on the topic; without the variable the process stops at start naming
+/// the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_run_stage_ingest_serves_the_configured_sources() {
+    let receiver = Receiver::start().await.unwrap();
+    let (mut config, dir) = test_config(&receiver, &[WELCOME]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    config.ingest.listen = ([127, 0, 0, 1], port).into();
+    config.ingest.sources = serde_json::from_value(
+        json!({"shop": {"format": "cloudevents", "tenants": {"tenant-1": {"token_env": "WEIR_TEST_SHOP_TOKEN"}}}}),
+    )
+    .unwrap();
+    let path = write_config_file(&config, dir.path());
+
+    let missing =
+        weir_command(&path, &["run", "--stage", "ingest"]).env_remove("WEIR_TEST_SHOP_TOKEN").output().unwrap();
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success(), "started without its token");
+    assert!(
+        stderr.contains("ingest.sources.shop.tenants.tenant-1") && stderr.contains("WEIR_TEST_SHOP_TOKEN"),
+        "{stderr}"
+    );
+
+    let mut command = weir_command(&path, &["run", "--stage", "ingest"]);
+    command.env("WEIR_TEST_SHOP_TOKEN", token(1));
+    let log = dir.path().join("weir-ingest.log");
+    command
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap());
+    let child = command.spawn().unwrap();
+    let weir = WeirProcess { child, log };
+    let poster = Poster::new(format!("127.0.0.1:{port}"));
+    let accepted = eventually(Duration::from_secs(60), || async {
+        let answer = poster.cloudevent("shop", &token(1), &member(1, 7), Mode::Structured).await;
+        answer.is_ok_and(|a| a.status() == 202)
+    })
+    .await;
+    assert!(accepted, "never accepted: {}", tail(&weir.output()));
+    assert_eq!(topic_ids(&config.names().events(), 1, Duration::from_secs(10)), ["e-7"]);
+    terminate(&weir);
+}
