@@ -412,11 +412,11 @@ pub(crate) fn event_headers(content_type: &str) -> OwnedHeaders {
 }
 
 /// Records of `topic` that `group` has not committed yet, all partitions together: the lag a
-/// stage is behind. `client` is any consumer (it does not join `group`; a partition the group
-/// never committed counts from its start).
+/// stage is behind. `client` is a consumer configured with `group`'s id that never subscribes
+/// (`consumer_config`): it asks the group's coordinator for the committed offsets without
+/// joining. A partition the group never committed counts from its start.
 pub(crate) fn group_lag<C: rdkafka::consumer::ConsumerContext>(
     client: &BaseConsumer<C>,
-    config: &Config,
     group: &str,
     topic: &str,
 ) -> anyhow::Result<i64> {
@@ -425,10 +425,7 @@ pub(crate) fn group_lag<C: rdkafka::consumer::ConsumerContext>(
     for p in 0..partitions {
         wanted.add_partition(topic, p);
     }
-    // Committed offsets are asked of the group's coordinator by a client configured with its id.
-    let reader: BaseConsumer<Quiet> =
-        consumer_config(config, group).create_with_context(Quiet).context("creating Kafka client")?;
-    let committed = reader
+    let committed = client
         .committed_offsets(wanted, METADATA_TIMEOUT)
         .with_context(|| format!("fetching the committed offsets of group {group}"))?;
     let mut lag = 0;

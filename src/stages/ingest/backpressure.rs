@@ -96,24 +96,23 @@ impl Gate {
     /// off; also lets the rate limiter forget tenants idle long enough to be back at full burst.
     pub(super) async fn watch(self: Arc<Self>, config: Arc<Config>, stop: CancellationToken) {
         let interval = config.ingest.lag_interval;
-        let client = match kafka::consumer_config(&config, &config.names().group("ingest-lag"))
-            .create::<rdkafka::consumer::BaseConsumer>()
-        {
+        let (group, topic) = (config.names().group("evaluate"), config.names().events());
+        // Configured with the evaluator's group id, never subscribing: it reads the group's
+        // committed offsets without joining it.
+        let client = match kafka::consumer_config(&config, &group).create::<rdkafka::consumer::BaseConsumer>() {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!("ingest: cannot create the lag reader ({e}); ingest.max_lag is not enforced");
                 return;
             }
         };
-        let (group, topic) = (config.names().group("evaluate"), config.names().events());
         loop {
             if let Some(limiter) = &self.limiter {
                 limiter.retain_recent();
             }
             if let Some(max) = self.max_lag {
-                let (client, config, group, topic) = (client.clone(), config.clone(), group.clone(), topic.clone());
-                let read =
-                    tokio::task::spawn_blocking(move || kafka::group_lag(&client, &config, &group, &topic)).await;
+                let (client, group, topic) = (client.clone(), group.clone(), topic.clone());
+                let read = tokio::task::spawn_blocking(move || kafka::group_lag(&client, &group, &topic)).await;
                 match read {
                     Ok(Ok(lag)) => self.set_lag(lag, max),
                     // The last reading stands: the broker being away shows in acknowledgements.
