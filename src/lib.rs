@@ -6,13 +6,18 @@
 //! by starting more processes (`weir run --stage …`):
 //!
 //! ```text
+//!                    ┌─ stages::ingest ◄─ HTTP (platforms that do not speak Kafka)
+//!                    ▼
 //!  ops::produce ─► events ─► stages::evaluate ─► actions.<service> ─► stages::execute ─► results ─► stages::record ─► PostgreSQL
 //!                                 │                      ▲                  │                              │
 //!                                 │                      └──── next steps of multi-step runs ◄────────────┤
 //!                                 └──────────────────────────► dlq (reason + origin in headers) ◄─────────┘
 //! ```
 //!
-//! - [`stages`]: the three stages.
+//! - [`stages`]: the three stages, and the HTTP door in front of them.
+//!   - [`stages::ingest`] (only with `--stage ingest`) takes events over HTTP from platforms that
+//!     do not speak Kafka (CloudEvents, Ghost and Standard Webhooks), the tenant decided by the
+//!     credential, and answers 202 once the broker acknowledged them, 503/429 when saturated.
 //!   - [`stages::evaluate`] matches each event against the workflow definitions and produces
 //!     the first steps' tasks on `actions.<service>`.
 //!   - [`stages::execute`] (one per service) calls the service through its connector, within

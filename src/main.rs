@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Run pipeline stages until interrupted (Ctrl-C or SIGTERM finishes in-flight work, then exits).
     Run {
-        /// Stages to run in this process (repeatable); default all.
+        /// Stages to run in this process (repeatable); default evaluate, execute and sink. The
+        /// HTTP ingest stage runs only when named (`--stage ingest`, see docs/ingest.md).
         #[arg(long = "stage", value_enum)]
         stages: Vec<StageName>,
         /// Run the executors of only this service (repeatable; needs the execute stage); default
@@ -80,9 +81,9 @@ enum Command {
     },
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
-        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale
-        /// or all (all = every one but backlog, the noisy ones, replay and scale, which are long:
-        /// several phases of --duration).
+        /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale,
+        /// ingest or all (all = every one but backlog, the noisy ones, replay, scale and ingest,
+        /// which are long: several phases of --duration).
         #[arg(long, default_value = "all")]
         scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).

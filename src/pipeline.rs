@@ -22,12 +22,14 @@ use crate::{
     config::Config,
     engine::definitions::DefinitionStore,
     kafka::{self, compacted::Table},
-    stages::{evaluate, execute, record},
+    stages::{evaluate, execute, ingest, record},
 };
 
 /// Which stages a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum StageName {
+    /// The HTTP endpoint (`ingest:` in weir.yaml); not among the default stages.
+    Ingest,
     Evaluate,
     Execute,
     Sink,
@@ -86,6 +88,9 @@ impl Pipeline {
         let mut tasks = Vec::new();
         for stage in stages.iter().copied().collect::<BTreeSet<_>>() {
             match stage {
+                StageName::Ingest => {
+                    tasks.push(("ingest".to_string(), tokio::spawn(ingest::run(config.clone(), cancel.child_token()))))
+                }
                 StageName::Evaluate => tasks.push((
                     "evaluate".to_string(),
                     tokio::spawn(evaluate::run(config.clone(), definitions.clone(), cancel.clone())),

@@ -34,6 +34,11 @@
 //! - `weir_sink_repaired_total`: `failed` rows that a later success replaced (a redrive, a replay)
 //! - `weir_replay_events_total`, `weir_replay_tasks_total`, `weir_replay_refused_total`: events read,
 //!   tasks re-driven, and tasks not sent because too large, by `weir replay`
+//! - `weir_ingest_requests_total{route,status,class}`, `weir_ingest_bytes_total{route}`,
+//!   `weir_ingest_events_total{route}` (events acknowledged), `weir_ingest_ack_seconds{route}`
+//!   (from the first record handed to the producer to the last acknowledgement),
+//!   `weir_ingest_backpressure` (1 while the evaluator's lag is over `ingest.max_lag`) and
+//!   `weir_ingest_events_lag`: the HTTP ingest stage (`stages::ingest`)
 //! - `weir_stage_stalled{stage,topic,reason}`: 1 while a stage's consumer of `topic` has work
 //!   waiting and made no progress for `health.stall_after_ms` (see [`Health`])
 //!
@@ -59,6 +64,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
     Produce,
+    Ingest,
     Evaluate,
     Execute,
     Sink,
@@ -68,6 +74,7 @@ impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Produce => "produce",
+            Stage::Ingest => "ingest",
             Stage::Evaluate => "evaluate",
             Stage::Execute => "execute",
             Stage::Sink => "sink",
@@ -252,6 +259,25 @@ pub enum Event<'a> {
         topic: &'a str,
         reason: &'static str,
         detail: &'a str,
+    },
+    /// The ingest stage answered a request (`stages::ingest`): `route` is the source's format,
+    /// `class` how the tenant was known (`tenant`: its own credential, `platform`: a platform's,
+    /// `none`: refused before), `events` how many it carried and `ack` how long the broker took to
+    /// acknowledge them (202 only). A refusal's `reason` is logged, never counted by value.
+    IngestAnswered {
+        route: &'static str,
+        status: u16,
+        class: &'static str,
+        bytes: usize,
+        events: usize,
+        ack: Option<Duration>,
+        reason: Option<&'a str>,
+    },
+    /// The ingest stage started or stopped refusing requests because the evaluator is behind.
+    IngestBackpressure {
+        lag: i64,
+        max: i64,
+        on: bool,
     },
     /// A stalled consumer moved again.
     Progressing {
@@ -450,6 +476,37 @@ impl Event<'_> {
                 tracing::error!(stage = stage.as_str(), topic, reason, detail, "stage stalled");
                 gauge!("weir_stage_stalled", "stage" => stage.as_str(), "topic" => topic.to_string(), "reason" => reason)
                     .set(1.0)
+            }
+            Event::IngestAnswered { route, status, class, bytes, events, ack, reason } => {
+                let status_label = status.to_string();
+                counter!("weir_ingest_requests_total", "route" => route, "status" => status_label.clone(), "class" => class)
+                    .increment(1);
+                counter!("weir_ingest_bytes_total", "route" => route).increment(bytes as u64);
+                if let Some(ack) = ack {
+                    counter!("weir_ingest_events_total", "route" => route).increment(events as u64);
+                    histogram!("weir_ingest_ack_seconds", "route" => route).record(ack.as_secs_f64());
+                }
+                if let Some(reason) = reason {
+                    // A sender retrying a refused request can repeat it many times a second: the
+                    // lines are limited like failures', the counter has them all.
+                    let key = if status >= 500 { "ingest-unavailable" } else { "ingest-refused" };
+                    if let Some(suppressed) = failed_log().admit((Stage::Ingest, key), std::time::Instant::now()) {
+                        if status >= 500 {
+                            tracing::warn!(route, status, reason, suppressed, "ingest: request refused");
+                        } else {
+                            tracing::info!(route, status, reason, suppressed, "ingest: request refused");
+                        }
+                    }
+                }
+            }
+            Event::IngestBackpressure { lag, max, on } => {
+                if on {
+                    tracing::warn!(lag, max, "ingest: the evaluator is behind by more than ingest.max_lag; answering 503 until it catches up");
+                } else {
+                    tracing::info!(lag, max, "ingest: the evaluator caught up; accepting requests again");
+                }
+                gauge!("weir_ingest_backpressure").set(if on { 1.0 } else { 0.0 });
+                gauge!("weir_ingest_events_lag").set(lag as f64)
             }
             Event::Progressing { stage, topic, reason } => {
                 tracing::info!(stage = stage.as_str(), topic, reason, "stage progressing again");

@@ -298,3 +298,31 @@ async fn the_replay_scenario_measures_live_traffic_beside_a_replay() {
     let err = bench::run(&Config::default(), &options).await.unwrap_err();
     assert!(err.to_string().contains("--rate"), "{err}");
 }
+
+/// The ingest scenario (issue 14): `weir produce`'s producer, one CloudEvent per HTTP request and
+/// batches over HTTP, each phase moving events with an acknowledgement latency, and ingest's
+/// throughput as a share of produce's from the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_scenario_reports_http_beside_produce() {
+    let out = tempfile::tempdir().unwrap();
+    let options = bench::Options {
+        scenarios: vec![Scenario::Ingest],
+        duration: Duration::from_secs(3),
+        rate: RateArg::FlatOut,
+        tenants: 20,
+        out: out.path().to_path_buf(),
+        progress: false,
+        backlog: Default::default(),
+    };
+    let report = bench::run(&bench_config(), &options).await.expect("the ingest scenario runs");
+    let s = &report.scenarios[0];
+    assert_eq!(s.scenario, Scenario::Ingest);
+    assert!(s.events > 0 && s.throughput > 0.0 && s.latency_ms.count > 0, "{s:?}");
+    for phase in ["produce", "ingest", "ingest_batch_50"] {
+        let p = &s.extra[phase];
+        assert!(p["events"].as_u64().unwrap() > 0, "{phase}: {p}");
+        assert!(p["ack_p50_ms"].as_f64().unwrap() <= p["ack_p99_ms"].as_f64().unwrap(), "{phase}: {p}");
+    }
+    assert!(s.extra["ingest_over_produce"].as_f64().unwrap() > 0.0);
+    assert!(report.table().contains("ingest_over_produce"));
+}

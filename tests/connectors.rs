@@ -119,6 +119,45 @@ connector:
     assert!(wrong.verify_slice(&hex::decode(hex).unwrap()).is_err(), "and only with the secret");
 }
 
+/// `signature: standard_webhooks`: the call carries Standard Webhooks' three headers, the id is
+/// the task id (the same on a retry), and the signature covers id, timestamp and body, keyed with
+/// the base64-decoded `whsec_` secret, as the specification's libraries verify it.
+#[tokio::test]
+async fn webhooks_can_be_signed_per_standard_webhooks_covering_id_time_and_body() {
+    use base64::Engine as _;
+    let receiver = Receiver::start().await.unwrap();
+    let var = unique("WEIR_TEST_SW_SECRET_").to_uppercase();
+    let key = b"standard-webhooks-key";
+    std::env::set_var(&var, format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key)));
+    let svc = service(&format!(
+        "{{url: '{}', connector: {{type: webhook, hmac_secret_env: {var}, signature: standard_webhooks}}}}",
+        receiver.url("hook")
+    ));
+    let t = task(json!({"n": 1}));
+    let outcome = call(&svc, &t).await;
+    assert!(matches!(outcome, CallOutcome::Succeeded { .. }), "{outcome:?}");
+    call(&svc, &t).await;
+
+    let calls = receiver.calls();
+    let c = &calls[0];
+    assert_eq!(header(c, "webhook-id"), Some(t.task_id.as_str()));
+    assert_eq!(header(&calls[1], "webhook-id"), Some(t.task_id.as_str()), "the same id on a retry");
+    assert_eq!(header(c, "x-weir-signature"), None, "the body-only scheme is not sent as well");
+    let timestamp = header(c, "webhook-timestamp").expect("webhook-timestamp");
+    assert!(timestamp.parse::<i64>().unwrap() > 1_700_000_000);
+    let signature = header(c, "webhook-signature").and_then(|s| s.strip_prefix("v1,")).expect("v1,<base64>");
+    let signature = base64::engine::general_purpose::STANDARD.decode(signature).unwrap();
+    let signed = |id: &str, body: &[u8]| {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+        mac.update(format!("{id}.{timestamp}.").as_bytes());
+        mac.update(body);
+        mac
+    };
+    signed(&t.task_id, &c.raw).verify_slice(&signature).expect("the signature covers id, timestamp and body");
+    assert!(signed("another-id", &c.raw).verify_slice(&signature).is_err(), "the id is covered");
+    assert!(signed(&t.task_id, b"{}").verify_slice(&signature).is_err(), "the body is covered");
+}
+
 #[tokio::test]
 async fn a_string_body_is_sent_as_text_and_a_get_sends_none() {
     let receiver = Receiver::start().await.unwrap();

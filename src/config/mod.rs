@@ -22,6 +22,7 @@
 
 pub mod duration;
 mod groups;
+mod ingest;
 mod names;
 mod priority;
 mod services;
@@ -37,6 +38,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 pub use groups::{GroupProtocol, GroupsConfig};
+pub use ingest::*;
 pub use names::Names;
 pub use priority::{Priority, PriorityWeights, MAX_PRIORITY_WEIGHT};
 pub use services::*;
@@ -83,6 +85,8 @@ pub struct Config {
     pub consumer_groups: GroupsConfig,
     /// How `weir replay` paces what it re-drives.
     pub replay: ReplayConfig,
+    /// The HTTP endpoint of `weir run --stage ingest` (docs/ingest.md).
+    pub ingest: IngestConfig,
 }
 
 impl Default for Config {
@@ -106,6 +110,7 @@ impl Default for Config {
             instance_id: None,
             consumer_groups: GroupsConfig::default(),
             replay: ReplayConfig::default(),
+            ingest: IngestConfig::default(),
         }
     }
 }
@@ -465,6 +470,7 @@ impl Config {
         self.engine.validate()?;
         self.limits.validate()?;
         self.replay.validate()?;
+        self.ingest.validate(self.limits.max_attribute_bytes)?;
         Ok(())
     }
 
@@ -537,6 +543,7 @@ mod tests {
         assert_eq!((&webhook.retry, &webhook.breaker), (&defaults.retry, &defaults.breaker));
         assert_eq!(config.executor.partition_max_buffered, ExecutorConfig::default().partition_max_buffered);
         assert_eq!(config.executor.fairness, FairnessConfig::default());
+        assert_eq!(config.ingest, IngestConfig::default(), "weir.yaml states the ingest defaults");
     }
 
     #[test]

@@ -327,14 +327,34 @@ pub struct WebhookConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
     /// Name of the environment variable holding the HMAC-SHA256 secret; when set, every request
-    /// is signed (`X-Weir-Signature`, `X-Weir-Timestamp`).
+    /// is signed as `signature` says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hmac_secret_env: Option<String>,
+    /// How requests are signed: `weir` (default: `X-Weir-Signature` of the body, with
+    /// `X-Weir-Timestamp`) or `standard_webhooks` (`webhook-id` = the task id, the same on every
+    /// retry; `webhook-timestamp`; `webhook-signature` covering id, timestamp and body, so the
+    /// receiver can refuse replays). A `whsec_<base64>` secret is the base64 of its key.
+    pub signature: SignatureScheme,
+}
+
+/// `connector.signature` of a webhook.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignatureScheme {
+    #[default]
+    Weir,
+    StandardWebhooks,
 }
 
 impl Default for WebhookConfig {
     fn default() -> Self {
-        WebhookConfig { method: "POST".into(), headers: BTreeMap::new(), body: None, hmac_secret_env: None }
+        WebhookConfig {
+            method: "POST".into(),
+            headers: BTreeMap::new(),
+            body: None,
+            hmac_secret_env: None,
+            signature: SignatureScheme::Weir,
+        }
     }
 }
 

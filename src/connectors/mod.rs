@@ -16,6 +16,7 @@
 pub mod network;
 pub(crate) mod noop;
 pub mod openai;
+pub mod signature;
 pub mod slack;
 pub mod webhook;
 

@@ -17,12 +17,16 @@
 //! stand for the host: the URL must parse with the template in it), and each rendered URL is
 //! checked again against the network policy before the call.
 //!
-//! The signature is GitHub's scheme: `X-Weir-Signature: sha256=<hex HMAC-SHA256 of the exact body
-//! bytes, keyed with the secret>`, next to `X-Weir-Timestamp` (Unix seconds of sending).
+//! The signature is GitHub's scheme by default: `X-Weir-Signature: sha256=<hex HMAC-SHA256 of the
+//! exact body bytes, keyed with the secret>`, next to `X-Weir-Timestamp` (Unix seconds of
+//! sending). It covers the body only, so a captured request can be replayed; with
+//! `signature: standard_webhooks` requests are signed per Standard Webhooks instead
+//! (`webhook-id`: the task id, the same on every retry; `webhook-timestamp`;
+//! `webhook-signature: v1,<base64>` of `id.timestamp.body`), which receivers' Standard Webhooks
+//! libraries verify and use to refuse replays (see [`super::signature`]).
 
 use anyhow::{bail, Context as _};
 use futures::{future::BoxFuture, FutureExt};
-use hmac::{Hmac, Mac};
 use reqwest::{
     header::{HeaderName, HeaderValue, CONTENT_TYPE},
     Method,
@@ -31,10 +35,14 @@ use serde_json::{Map, Value};
 
 pub use super::WebhookConfig;
 use super::{
-    client, compile, context, exchange, is_template, parse_target, secret, text, CallOutcome, Connector, NetworkPolicy,
-    IDEMPOTENCY_KEY, TENANT_HEADER,
+    client, compile, context, exchange, is_template, parse_target, secret, signature, text, CallOutcome, Connector,
+    NetworkPolicy, IDEMPOTENCY_KEY, TENANT_HEADER,
 };
-use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
+use crate::{
+    config::{ServiceConfig, SignatureScheme},
+    engine::template::InputTemplate,
+    envelope::ActionTask,
+};
 
 /// `X-Weir-Signature: sha256=<hex>`: the HMAC-SHA256 of the body.
 pub(crate) const SIGNATURE_HEADER: &str = "X-Weir-Signature";
@@ -78,7 +86,15 @@ impl WebhookConfig {
         for key in self.headers.keys() {
             let header = HeaderName::from_bytes(key.as_bytes())
                 .with_context(|| format!("{}: {key:?} is not a valid header name", at("headers")))?;
-            let reserved = [IDEMPOTENCY_KEY, TENANT_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER];
+            let reserved = [
+                IDEMPOTENCY_KEY,
+                TENANT_HEADER,
+                SIGNATURE_HEADER,
+                TIMESTAMP_HEADER,
+                "webhook-id",
+                "webhook-timestamp",
+                "webhook-signature",
+            ];
             if reserved.iter().any(|r| r.eq_ignore_ascii_case(key)) {
                 bail!("{}: {key} is set by weir and cannot be overridden", at("headers"));
             }
@@ -118,7 +134,8 @@ pub(crate) struct Webhook {
     http: reqwest::Client,
     network: NetworkPolicy,
     request: Request,
-    secret: Option<Vec<u8>>,
+    /// The HMAC key and how to sign with it.
+    secret: Option<(Vec<u8>, SignatureScheme)>,
 }
 
 impl Webhook {
@@ -130,7 +147,16 @@ impl Webhook {
     ) -> anyhow::Result<Webhook> {
         let request = config.validate(name, service, network)?;
         let secret = match &config.hmac_secret_env {
-            Some(var) => Some(secret(&format!("services.{name}.connector.hmac_secret_env"), var)?.into_bytes()),
+            Some(var) => {
+                let field = format!("services.{name}.connector.hmac_secret_env");
+                let secret = secret(&field, var)?;
+                // The original scheme keeps its secret's bytes as they are (whsec_ included).
+                let key = match config.signature {
+                    SignatureScheme::Weir => secret.into_bytes(),
+                    SignatureScheme::StandardWebhooks => signature::hmac_key(&secret).with_context(|| field.clone())?,
+                };
+                Some((key, config.signature))
+            }
             None => None,
         };
         Ok(Webhook { http: client(name, service, network)?, network: network.clone(), request, secret })
@@ -171,13 +197,6 @@ impl Webhook {
     }
 }
 
-/// `sha256=<hex>` of the HMAC-SHA256 of `body` keyed with `secret`, as in `X-Weir-Signature`.
-pub(crate) fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 impl Connector for Webhook {
     fn estimate_cost(&self, _task: &ActionTask) -> u64 {
         1
@@ -196,10 +215,18 @@ impl Connector for Webhook {
             if let (Some((_, content_type)), false) = (&body, self.request.user_content_type) {
                 request = request.header(CONTENT_TYPE, *content_type);
             }
-            if let Some(secret) = &self.secret {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                let signature = sign(secret, body.as_ref().map_or(&[][..], |(bytes, _)| bytes));
-                request = request.header(TIMESTAMP_HEADER, now.as_secs()).header(SIGNATURE_HEADER, signature);
+            if let Some((key, scheme)) = &self.secret {
+                let now = chrono::Utc::now().timestamp();
+                let bytes = body.as_ref().map_or(&[][..], |(bytes, _)| bytes);
+                request = match scheme {
+                    SignatureScheme::Weir => {
+                        request.header(TIMESTAMP_HEADER, now).header(SIGNATURE_HEADER, signature::weir(key, bytes))
+                    }
+                    SignatureScheme::StandardWebhooks => request
+                        .header("webhook-id", &task.task_id)
+                        .header("webhook-timestamp", now)
+                        .header("webhook-signature", signature::standard(key, &task.task_id, now, bytes)),
+                };
             }
             if let Some((bytes, _)) = body {
                 request = request.body(bytes);
@@ -236,15 +263,6 @@ mod tests {
             "workflow_id": "w", "workflow_version": 1, "step_id": "s", "service": "hook", "created_at": "2026-11-23T10:00:00Z",
             "input": {"name": "Ada", "n": 2}}))
         .unwrap()
-    }
-
-    #[test]
-    fn signatures_are_hmac_sha256_in_hex() {
-        // RFC 4231, test case 2.
-        assert_eq!(
-            sign(b"Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
     }
 
     #[test]

@@ -358,8 +358,34 @@ pub(crate) fn enqueue(
     payload: &[u8],
     headers: rdkafka::message::OwnedHeaders,
 ) -> Result<impl std::future::Future<Output = Result<(), rdkafka::error::KafkaError>>, rdkafka::error::KafkaError> {
-    let mut record =
-        rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).partition(partition).payload(payload).headers(headers);
+    enqueue_to(producer, topic, Some(partition), key, payload, headers)
+}
+
+/// [`enqueue`] to the partition the partitioner picks for `key`. It fails at once, without
+/// waiting, when the producer's queue is full (`QueueFull`): the ingest stage answers that
+/// with 503 instead of holding the request.
+pub(crate) fn enqueue_keyed(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> Result<impl std::future::Future<Output = Result<(), rdkafka::error::KafkaError>>, rdkafka::error::KafkaError> {
+    enqueue_to(producer, topic, None, Some(key), payload, headers)
+}
+
+fn enqueue_to(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> Result<impl std::future::Future<Output = Result<(), rdkafka::error::KafkaError>>, rdkafka::error::KafkaError> {
+    let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers);
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
     if let Some(key) = key {
         record = record.key(key);
     }
@@ -371,6 +397,49 @@ pub(crate) fn enqueue(
             Err(_) => Err(rdkafka::error::KafkaError::Canceled),
         }
     })
+}
+
+/// Header carrying the produce time in milliseconds since the epoch, for end-to-end latency.
+pub(crate) const PRODUCED_AT: &str = "weir.produced-at";
+
+/// The headers of a produced event: its `content-type` and the produce time.
+pub(crate) fn event_headers(content_type: &str) -> OwnedHeaders {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis().to_string();
+    OwnedHeaders::new()
+        .insert(Header { key: crate::envelope::CONTENT_TYPE, value: Some(content_type) })
+        .insert(Header { key: PRODUCED_AT, value: Some(now.as_str()) })
+}
+
+/// Records of `topic` that `group` has not committed yet, all partitions together: the lag a
+/// stage is behind. `client` is a consumer configured with `group`'s id that never subscribes
+/// (`consumer_config`): it asks the group's coordinator for the committed offsets without
+/// joining. A partition the group never committed counts from its start.
+pub(crate) fn group_lag<C: rdkafka::consumer::ConsumerContext>(
+    client: &BaseConsumer<C>,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<i64> {
+    let partitions = partition_count(client.client(), topic)?;
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        wanted.add_partition(topic, p);
+    }
+    let committed = client
+        .committed_offsets(wanted, METADATA_TIMEOUT)
+        .with_context(|| format!("fetching the committed offsets of group {group}"))?;
+    let mut lag = 0;
+    for p in 0..partitions {
+        let (start, end) = client
+            .fetch_watermarks(topic, p, METADATA_TIMEOUT)
+            .with_context(|| format!("fetching the offsets of {topic}/{p}"))?;
+        let next = match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(o)) => o.max(start),
+            _ => start,
+        };
+        lag += (end - next).max(0);
+    }
+    Ok(lag)
 }
 
 /// Headers for a record of the given encoding.

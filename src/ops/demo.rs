@@ -1,18 +1,21 @@
 //! `weir demo`: the README's walk-through of the main job on a fresh machine. It applies the
 //! topics under a fresh prefix, starts a local HTTP receiver as the "customer webhook", runs the
 //! whole pipeline in this process, produces sample events for a few tenants (JSON and Avro mixed,
-//! plus a few malformed ones), waits until every expected call and row has arrived, and shows
+//! plus a few malformed ones) and posts a quarter of them over HTTP to the ingest stage (as
+//! CloudEvents, structured and binary, with a token per tenant: docs/ingest.md), waits until every expected call and row has arrived, and shows
 //! the outcome: calls received, rows in PostgreSQL, dead letters and metrics.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use serde_json::json;
 
 use crate::{
     config::{Config, ServiceConfig},
     envelope::{Event, Format},
     kafka::topics,
+    ops::post::{Mode, Poster},
     ops::produce::Producer,
     ops::receiver::Receiver,
     ops::workflows,
@@ -90,16 +93,50 @@ pub async fn run(mut config: Config, events: usize, tenants: usize) -> anyhow::R
     println!("\n3. pipeline: evaluate → execute(webhook) → sink(PostgreSQL)");
     let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await?;
 
+    // The ingest stage, with a token per tenant: a quarter of the events arrive over HTTP.
+    let mut with_ingest = (*config).clone();
+    with_ingest.ingest.listen = ([127, 0, 0, 1], 0).into();
+    let tokens: Vec<String> = (0..tenants).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+    let credentials: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(t, token)| (format!("site-{t}"), json!({"token": token}))).collect();
+    with_ingest.ingest.sources =
+        serde_json::from_value(json!({"demo": {"format": "cloudevents", "tenants": credentials}}))?;
+    with_ingest.validate()?;
+    let stop_ingest = CancellationToken::new();
+    let _stop_ingest = stop_ingest.clone().drop_guard();
+    let (ingest_addr, _) = crate::stages::ingest::start(Arc::new(with_ingest), stop_ingest).await?;
+    println!("   ingest stage on http://{ingest_addr}/ingest/demo");
+
     let sample: Vec<Event> = (0..events).map(|n| sample_event(&run, n, tenants)).collect();
     let expected = sample.iter().filter(|e| e.kind == "member.created").count();
+    let numbered: Vec<(usize, Event)> = sample.into_iter().enumerate().collect();
+    let (posted, produced): (Vec<_>, Vec<_>) = numbered.into_iter().partition(|(n, _)| n % 4 == 1);
     let producer = Producer::new(&config)?;
     let formats = [Format::Json, Format::Avro].into_iter().cycle();
-    producer.send_all(sample.into_iter().zip(formats), 1_000).await?;
+    producer.send_all(produced.into_iter().map(|(_, e)| e).zip(formats), 1_000).await?;
+    let poster = Poster::new(ingest_addr);
+    let mut answers = futures::stream::iter(posted.iter().map(|(n, event)| {
+        let mode = if n % 8 == 1 { Mode::Structured } else { Mode::Binary };
+        let token = &tokens[n % tenants];
+        poster.cloudevent("demo", token, event, mode)
+    }))
+    .buffer_unordered(16);
+    while let Some(answer) = answers.next().await {
+        let answer = answer.context("posting to the ingest stage")?;
+        if answer.status() != reqwest::StatusCode::ACCEPTED {
+            anyhow::bail!("the ingest stage answered {}: {}", answer.status(), answer.text().await.unwrap_or_default());
+        }
+    }
     for (i, bad) in [&b"{not json"[..], b"{\"id\":\"x\"}", b"\xc3\x01\x00garbage"].into_iter().enumerate() {
         let ct = if i == 2 { "application/avro" } else { "application/json" };
         producer.send_raw(b"site-0", bad, ct).await?;
     }
-    println!("\n4. produced {events} events for {tenants} tenants (half JSON, half Avro) and 3 malformed records");
+    println!(
+        "\n4. {events} events for {tenants} tenants: {} produced to Kafka (half JSON, half Avro), {} posted over HTTP \
+         (CloudEvents structured and binary), and 3 malformed records",
+        events - posted.len(),
+        posted.len()
+    );
     println!("   the welcome-webhook workflow matches {expected} of them (member.created)");
 
     let pool = record::pool(&config)?;

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod demo;
 pub mod dlq;
+pub mod post;
 pub mod produce;
 pub mod receiver;
 pub mod replay;

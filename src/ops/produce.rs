@@ -5,17 +5,11 @@
 //! in the partition a Java producer would choose (librdkafka's `murmur2_random` partitioner).
 //! The producer is idempotent with `acks=all` (see [`crate::kafka`]).
 
-use std::{
-    io::BufRead,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::io::BufRead;
 
 use anyhow::Context as _;
 use futures::{stream::FuturesUnordered, StreamExt};
-use rdkafka::{
-    message::{Header, OwnedHeaders},
-    producer::FutureProducer,
-};
+use rdkafka::producer::FutureProducer;
 
 use crate::{
     config::Config,
@@ -23,9 +17,6 @@ use crate::{
     kafka::{self, limits, topics},
     telemetry::{self, Stage},
 };
-
-/// Header carrying the produce time in milliseconds since the epoch, for end-to-end latency.
-pub(crate) const PRODUCED_AT: &str = "weir.produced-at";
 
 /// Where an acknowledged event was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +65,7 @@ impl Producer {
         content_type: &str,
     ) -> Result<Written, rdkafka::error::KafkaError> {
         let (partition, offset) =
-            kafka::send(&self.inner, &self.topic, Some(key), payload, headers(content_type)).await?;
+            kafka::send(&self.inner, &self.topic, Some(key), payload, kafka::event_headers(content_type)).await?;
         telemetry::Event::Produced { stage: Stage::Produce, topic: &self.topic, count: 1 }.emit();
         Ok(Written { partition, offset })
     }
@@ -89,8 +80,11 @@ impl Producer {
         for (line, event) in lines {
             let payload = envelope::encode(&event, format)
                 .with_context(|| format!("line {line}: encoding event {:?}", event.id))?;
-            let size =
-                limits::record_size(Some(event.tenant.as_bytes()), &payload, Some(&headers(format.content_type())));
+            let size = limits::record_size(
+                Some(event.tenant.as_bytes()),
+                &payload,
+                Some(&kafka::event_headers(format.content_type())),
+            );
             if size > limit {
                 anyhow::bail!(
                     "line {line}: event {:?} is a {size}-byte record, over the limit of {limit} bytes ({what}); nothing was produced",
@@ -165,14 +159,6 @@ impl Producer {
         }
         Ok(sent)
     }
-}
-
-/// The `content-type` and produce-time headers of a produced event.
-fn headers(content_type: &str) -> OwnedHeaders {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis().to_string();
-    OwnedHeaders::new()
-        .insert(Header { key: envelope::CONTENT_TYPE, value: Some(content_type) })
-        .insert(Header { key: PRODUCED_AT, value: Some(now.as_str()) })
 }
 
 /// Reads newline-delimited JSON events, each with its line number (from 1); an unparsable line

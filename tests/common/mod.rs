@@ -3,6 +3,7 @@
 //! `scripts/test.sh` starts. Nothing here mocks Kafka or PostgreSQL.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod outcome;
 
 use std::{

@@ -15,6 +15,9 @@
 //! - `noisy` and `noisy-burst` (not in `all`: three phases each): quiet tenants beside one tenant
 //!   sending 90 % of the traffic, steadily or in bursts, each quiet tenant's p99 beside its p99
 //!   without the noisy one, and the throughput with one active tenant ([`noisy`]).
+//! - `ingest` (not in `all`): events over HTTP/1.1 keep-alive into the ingest stage, one per
+//!   request and in batches, beside `weir produce`'s producer, acknowledgement latency of each
+//!   ([`ingest`]).
 //! - `scale` (not in `all`): `weir run` children scaled 1 → 3 → 1 under a steady load, the
 //!   longest stall of the output during each change, per rebalance protocol ([`scale`]).
 //!
@@ -25,6 +28,7 @@
 //! writes `bench.json` and `bench.svg`.
 
 pub mod backlog;
+pub mod ingest;
 pub mod load;
 pub(crate) mod measure;
 pub mod noisy;
@@ -61,6 +65,8 @@ pub enum Scenario {
     Replay,
     /// Not part of `all` (children scaled out and in, per protocol): [`scale`].
     Scale,
+    /// Not part of `all`: events over HTTP into the ingest stage beside `weir produce`: [`ingest`].
+    Ingest,
 }
 
 impl Scenario {
@@ -79,6 +85,7 @@ impl Scenario {
             Scenario::NoisyBurst => "noisy-burst",
             Scenario::Replay => "replay",
             Scenario::Scale => "scale",
+            Scenario::Ingest => "ingest",
         }
     }
 
@@ -93,6 +100,7 @@ impl Scenario {
             Scenario::Sink => "row's recorded_at in PostgreSQL (transaction start of its batch)",
             Scenario::Backlog => "offsets committed by the stages' consumer groups (a separate weir run process)",
             Scenario::Scale => "HTTP calls arriving at the receiver from weir run children (gaps between them)",
+            Scenario::Ingest => "the ingest stage's 202 (broker acknowledged), beside weir produce's acknowledgement",
         }
     }
 }
@@ -111,7 +119,7 @@ impl FromStr for Selection {
             return Ok(Selection::All);
         }
         <Scenario as clap::ValueEnum>::from_str(s, true).map(Selection::One).map_err(|_| {
-            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale or all")
+            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale, ingest or all")
         })
     }
 }
@@ -234,6 +242,7 @@ pub async fn run(config: &Config, options: &Options) -> anyhow::Result<report::R
             Scenario::Noisy | Scenario::NoisyBurst => noisy::run(config, options, scenario).await,
             Scenario::Replay => replay::run(config, options).await,
             Scenario::Scale => scale::run(config, options).await,
+            Scenario::Ingest => ingest::run(config, options).await,
             _ => scenario::run(config, options, scenario).await,
         };
         results.push(outcome.map_err(|e| e.context(format!("scenario {}", scenario.name())))?);

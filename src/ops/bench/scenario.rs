@@ -187,6 +187,7 @@ async fn drive(
         Scenario::Noisy | Scenario::NoisyBurst => bail!("the noisy scenarios run through bench::noisy"),
         Scenario::Replay => bail!("the replay scenario runs through bench::replay"),
         Scenario::Scale => bail!("the scale scenario runs through bench::scale"),
+        Scenario::Ingest => bail!("the ingest scenario runs through bench::ingest"),
         Scenario::Sink => {
             let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
             let observer = observe_committed(config, progress.clone())?;

@@ -70,7 +70,7 @@ impl Weights {
 
 /// Whether `name` matches a pattern split at its `*`s: the first part is a prefix, the last a
 /// suffix, the ones between appear in order.
-fn matches(parts: &[String], name: &str) -> bool {
+pub(crate) fn matches(parts: &[String], name: &str) -> bool {
     let (Some(first), Some(last)) = (parts.first(), parts.last()) else { return false };
     if parts.len() == 1 {
         return name == first;
