@@ -290,14 +290,7 @@ pub async fn send_to(
 ) -> Result<(i32, i64), rdkafka::error::KafkaError> {
     let mut attempt = 1;
     loop {
-        let mut record =
-            rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers.clone());
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        if let Some(partition) = partition {
-            record = record.partition(partition);
-        }
+        let record = future_record(topic, partition, key, payload, headers.clone());
         let sent = producer
             .send(record, rdkafka::util::Timeout::After(Duration::from_secs(30)))
             .await
@@ -374,6 +367,25 @@ pub(crate) fn enqueue_keyed(
     enqueue_to(producer, topic, None, Some(key), payload, headers)
 }
 
+/// The record `send_to` and `enqueue_to` hand to librdkafka: to `partition` when given, else where
+/// the partitioner puts `key`.
+fn future_record<'a>(
+    topic: &'a str,
+    partition: Option<i32>,
+    key: Option<&'a [u8]>,
+    payload: &'a [u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> rdkafka::producer::FutureRecord<'a, [u8], [u8]> {
+    let mut record = rdkafka::producer::FutureRecord::to(topic).payload(payload).headers(headers);
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    record
+}
+
 fn enqueue_to(
     producer: &FutureProducer,
     topic: &str,
@@ -382,13 +394,7 @@ fn enqueue_to(
     payload: &[u8],
     headers: rdkafka::message::OwnedHeaders,
 ) -> Result<impl std::future::Future<Output = Result<(), rdkafka::error::KafkaError>>, rdkafka::error::KafkaError> {
-    let mut record = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers);
-    if let Some(partition) = partition {
-        record = record.partition(partition);
-    }
-    if let Some(key) = key {
-        record = record.key(key);
-    }
+    let record = future_record(topic, partition, key, payload, headers);
     let delivery = producer.send_result(record).map_err(|(e, _)| e)?;
     Ok(async move {
         match delivery.await {
