@@ -205,6 +205,13 @@ pub struct ActionTask {
     /// absent: normal (as in tasks written before priorities existed). See [`Self::priority`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// When its run started, as the record stage partitions its rows by (`run_at`, see
+    /// [`crate::stages::record::retention`]): the Kafka timestamp of the event record that
+    /// started the run, the same for every step of the run and on every redelivery, retry and
+    /// replay, so that a result written twice lands in the same partition and conflicts. Absent
+    /// from tasks written before it existed: their results fall back to `finished_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl ActionTask {
@@ -280,6 +287,9 @@ pub struct ActionResult {
     /// The task's `event`, passed on for the run coordinator (null for single-step workflows).
     #[serde(default, skip_serializing_if = "Json::is_null")]
     pub event: Json,
+    /// The task's `run_at`: the time the record stage partitions the row by (see [`ActionTask`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl ActionResult {
@@ -305,6 +315,7 @@ impl ActionResult {
             finished_at: chrono::Utc::now().to_rfc3339(),
             output: None,
             event: task.event,
+            run_at: task.run_at,
         }
     }
 
@@ -336,6 +347,7 @@ impl ActionResult {
             finished_at: run.now.to_string(),
             output: None,
             event: Json::Null,
+            run_at: None,
         }
     }
 }
@@ -535,6 +547,7 @@ mod tests {
             retry: Some(TaskRetry { attempts: 3, backoff_ms: 50 }),
             expires_at: Some("2026-11-24T10:00:00Z".parse().unwrap()),
             priority: Some(Priority::High),
+            run_at: Some("2026-11-23T09:59:59.123Z".parse().unwrap()),
         };
         let json = encode(&task, Format::Json).unwrap();
         assert_eq!(decode::<ActionTask>(&json, Some(b"application/json")).unwrap(), task);
@@ -558,6 +571,7 @@ mod tests {
             finished_at: "2026-11-23T10:00:01Z".into(),
             output: None,
             event: Json::Null,
+            run_at: Some("2026-11-23T09:59:59.123Z".parse().unwrap()),
         };
         let bytes = encode(&result, Format::Avro).unwrap();
         assert_eq!(decode::<ActionResult>(&bytes, Some(AVRO.as_bytes())).unwrap(), result);

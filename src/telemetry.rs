@@ -32,6 +32,11 @@
 //! - `weir_completed_skipped_total{service}`: tasks not called because their call had already
 //!   succeeded (a copy replayed after a crash or a rebalance; `stages::execute::completed`)
 //! - `weir_sink_repaired_total`: `failed` rows that a later success replaced (a redrive, a replay)
+//! - `weir_retention_partitions_created_total{table}`, `weir_retention_partitions_dropped_total{table}`:
+//!   time partitions of the results and run tables made ahead and dropped past `sink.retention.keep`;
+//!   `weir_retention_expired_rows_total{table,where}`: rows older than the retention, `where` =
+//!   `sink` (a result that arrived for a window already dropped: not written) or `default` (deleted
+//!   from the default partition); see `stages::record::retention`
 //! - `weir_replay_events_total`, `weir_replay_tasks_total`, `weir_replay_refused_total`: events read,
 //!   tasks re-driven, and tasks not sent because too large, by `weir replay`
 //! - `weir_ingest_requests_total{route,status,class}`, `weir_ingest_bytes_total{route}`,
@@ -238,6 +243,29 @@ pub enum Event<'a> {
     /// The record stage replaced `failed` rows by later successes of the same tasks.
     Repaired {
         rows: usize,
+    },
+    /// The retention made partition `partition` of `table` for `[from, to)`, moving `moved` rows
+    /// of that range out of the default partition into it.
+    PartitionCreated {
+        table: &'a str,
+        partition: &'a str,
+        from: &'a str,
+        to: &'a str,
+        moved: u64,
+    },
+    /// The retention dropped partition `partition` of `table`: wholly older than `sink.retention.keep`.
+    PartitionDropped {
+        table: &'a str,
+        partition: &'a str,
+        to: &'a str,
+    },
+    /// `rows` rows of `table` older than the retention: results that arrived for a window already
+    /// dropped, not written (`at` = "sink"), or rows deleted from the default partition (`at` =
+    /// "default").
+    RetentionExpired {
+        table: &'a str,
+        at: &'static str,
+        rows: u64,
     },
     /// `weir replay` made progress: `events` more read and `tasks` more re-driven (sent to the
     /// action topics) by replay `replay`.
@@ -462,6 +490,19 @@ impl Event<'_> {
             Event::Repaired { rows } => {
                 tracing::info!(rows, "failed results replaced by later successes");
                 counter!("weir_sink_repaired_total").increment(rows as u64)
+            }
+            Event::PartitionCreated { table, partition, from, to, moved } => {
+                tracing::info!(table, partition, from, to, moved, "retention: partition created");
+                counter!("weir_retention_partitions_created_total", "table" => table.to_string()).increment(1)
+            }
+            Event::PartitionDropped { table, partition, to } => {
+                tracing::info!(table, partition, to, "retention: partition dropped (older than sink.retention.keep)");
+                counter!("weir_retention_partitions_dropped_total", "table" => table.to_string()).increment(1)
+            }
+            Event::RetentionExpired { table, at, rows } => {
+                tracing::warn!(table, at, rows, "retention: rows older than sink.retention.keep not kept");
+                counter!("weir_retention_expired_rows_total", "table" => table.to_string(), "where" => at)
+                    .increment(rows)
             }
             Event::Replayed { replay, events, tasks } => {
                 tracing::info!(replay, events, tasks, "replay progress");

@@ -25,6 +25,7 @@ mod groups;
 mod ingest;
 mod names;
 mod priority;
+mod retention;
 mod services;
 
 use std::{
@@ -41,6 +42,7 @@ pub use groups::{GroupProtocol, GroupsConfig};
 pub use ingest::*;
 pub use names::Names;
 pub use priority::{Priority, PriorityWeights, MAX_PRIORITY_WEIGHT};
+pub use retention::RetentionConfig;
 pub use services::*;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -369,11 +371,20 @@ pub struct SinkConfig {
     /// results topic's partitions (partition modulo this number), so a run's results are still
     /// written one batch at a time. At most `pool_size`.
     pub transactions: usize,
+    /// How long results and runs are kept, in time partitions (`{keep: 30d, partition: 1d}`);
+    /// default: kept forever, in daily partitions. See docs/operations.md.
+    pub retention: RetentionConfig,
 }
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        SinkConfig { batch_size: 2_000, linger: Duration::from_millis(20), pool_size: 4, transactions: 4 }
+        SinkConfig {
+            batch_size: 2_000,
+            linger: Duration::from_millis(20),
+            pool_size: 4,
+            transactions: 4,
+            retention: RetentionConfig::default(),
+        }
     }
 }
 
@@ -461,6 +472,7 @@ impl Config {
         if self.sink.transactions == 0 || self.sink.transactions > self.sink.pool_size as usize {
             bail!("sink.transactions must be between 1 and sink.pool_size ({})", self.sink.pool_size);
         }
+        self.sink.retention.validate()?;
         for (name, service) in &self.services {
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
                 bail!("services.{name}: a service name may only hold ASCII letters, digits, '_' and '-'");

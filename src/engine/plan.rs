@@ -76,6 +76,16 @@ pub struct Plan {
     pub state: RunState,
 }
 
+impl Plan {
+    /// The plan with `run_at` (when its run started, see [`ActionTask::run_at`]) on every task
+    /// and decided result: planning has no clock, so the caller says, from the run.
+    pub fn stamped(mut self, run_at: Option<chrono::DateTime<chrono::Utc>>) -> Plan {
+        self.tasks.iter_mut().for_each(|t| t.run_at = run_at);
+        self.decided.iter_mut().for_each(|r| r.run_at = run_at);
+        self
+    }
+}
+
 /// The step id of the result that records a trigger condition failing on an event.
 pub(crate) const TRIGGER_STEP: &str = "trigger";
 /// The service of results the evaluator decides for a run that never started.

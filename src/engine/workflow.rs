@@ -501,6 +501,8 @@ impl CompiledWorkflow {
             retry: step.retry.as_ref().map(|r| TaskRetry { attempts: r.attempts, backoff_ms: r.backoff_ms }),
             expires_at: self.expires_at(step, event, created_at),
             priority: (self.def.priority != Priority::Normal).then_some(self.def.priority),
+            // Set by whoever knows the run's start (the evaluator, the coordinator): `Plan::stamped`.
+            run_at: None,
             input,
             // Later steps render their input from the event; carry it through the run.
             event: if self.is_multi_step() { serde_json::to_value(event).unwrap_or_default() } else { Json::Null },

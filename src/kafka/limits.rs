@@ -169,6 +169,7 @@ mod tests {
             finished_at: "2026-11-23T10:00:00Z".into(),
             output: Some(output),
             event: Json::Null,
+            run_at: None,
         }
     }
 

@@ -232,6 +232,13 @@ pub fn header_str<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> 
     header(message.headers(), name).and_then(|v| std::str::from_utf8(v).ok())
 }
 
+/// When `message` was written: its Kafka timestamp (the producer's create time, or the broker's
+/// append time when the topic says so); now for a record without one. The same on every
+/// redelivery and replay of the record, which is why a run's `run_at` is this time of its event.
+pub fn record_time(message: &OwnedMessage) -> chrono::DateTime<chrono::Utc> {
+    message.timestamp().to_millis().and_then(chrono::DateTime::from_timestamp_millis).unwrap_or_else(chrono::Utc::now)
+}
+
 /// `message`'s headers without those `drop` names, plus `add`: what a record keeps when it is
 /// forwarded (to a delay topic, back from one, to the dead-letter topic).
 pub(crate) fn rewrite_headers(

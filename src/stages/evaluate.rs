@@ -236,7 +236,8 @@ impl Evaluator {
         };
         let now = deferral::epoch_ms();
         let mut outputs = Vec::new();
-        for run in self.runs(&event, &candidates) {
+        let run_at = kafka::record_time(&message);
+        for run in self.runs(&event, &candidates, run_at) {
             outputs.extend(run.decided);
             // A run with no task to start (every first step failed) starts nothing to limit.
             if run.tasks.is_empty() {
@@ -281,10 +282,18 @@ impl Evaluator {
     }
 
     /// The runs `event` starts: per workflow, its first steps' tasks and its decided results.
-    fn runs(&self, event: &DomainEvent, candidates: &[Arc<CompiledWorkflow>]) -> Vec<Run> {
+    /// `run_at` is when the runs started, for the partitioning of their rows (the event record's
+    /// timestamp, [`kafka::record_time`]).
+    fn runs(
+        &self,
+        event: &DomainEvent,
+        candidates: &[Arc<CompiledWorkflow>],
+        run_at: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<Run> {
         plan::start(event, candidates, &chrono::Utc::now().to_rfc3339())
             .into_iter()
             .map(|(workflow, plan)| {
+                let plan = plan.stamped(Some(run_at));
                 let mut run = Run { workflow, tasks: Vec::new(), decided: Vec::new() };
                 // Bounded before it is produced: a task over the limit is its run's failure.
                 for task in plan.tasks {

@@ -45,6 +45,9 @@ pub struct StepRow {
     pub step_id: String,
     pub status: String,
     pub output: Option<Json>,
+    /// The run's `run_at` (its rows' partition key): a replayed task of the run carries it, so
+    /// that its result conflicts with a row already written.
+    pub run_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// The recorded rows of a chunk's events, by (tenant, event id).
@@ -52,19 +55,23 @@ pub type Recorded = HashMap<(String, String), Vec<StepRow>>;
 
 /// Reads the rows of `events`' runs. The index on `event_id` (migration 0010) makes this one
 /// index scan per chunk.
-pub async fn recorded(pool: &sqlx::PgPool, events: &[Event]) -> Result<Recorded, sqlx::Error> {
-    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
-    type Row = (String, String, String, String, String, i64, String, String, Option<Json>);
+pub async fn recorded<'a>(
+    pool: &sqlx::PgPool,
+    events: impl Iterator<Item = &'a Event>,
+) -> Result<Recorded, sqlx::Error> {
+    let ids: Vec<&str> = events.map(|e| e.id.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+    type Row =
+        (String, String, String, String, String, i64, String, String, Option<Json>, chrono::DateTime<chrono::Utc>);
     let rows: Vec<Row> = sqlx::query_as(
-        "select tenant, event_id, task_id, run_id, workflow_id, workflow_version, step_id, status, output
+        "select tenant, event_id, task_id, run_id, workflow_id, workflow_version, step_id, status, output, run_at
          from action_results where event_id = any($1)",
     )
     .bind(&ids)
     .fetch_all(pool)
     .await?;
     let mut recorded = Recorded::new();
-    for (tenant, event_id, task_id, run_id, workflow_id, workflow_version, step_id, status, output) in rows {
-        let row = StepRow { task_id, run_id, workflow_id, workflow_version, step_id, status, output };
+    for (tenant, event_id, task_id, run_id, workflow_id, workflow_version, step_id, status, output, run_at) in rows {
+        let row = StepRow { task_id, run_id, workflow_id, workflow_version, step_id, status, output, run_at };
         recorded.entry((tenant, event_id)).or_default().push(row);
     }
     Ok(recorded)
@@ -219,6 +226,7 @@ mod tests {
             step_id: task.step_id.clone(),
             status: status.into(),
             output: Some(json!({"v": 1})),
+            run_at: chrono::Utc::now(),
         }
     }
 

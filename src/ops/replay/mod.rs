@@ -342,18 +342,19 @@ impl Job<'_> {
             let before = (tally.read, tally.total().calls);
             let events = self.events(&chunk, &mut tally);
             let recorded = match mode {
-                decide::Mode::Missing => decide::recorded(self.pool, &events)
+                decide::Mode::Missing => decide::recorded(self.pool, events.iter().map(|(e, _)| e))
                     .await
                     .map_err(|e| anyhow::anyhow!("reading what the events' runs did (retryable): {e}"))?,
                 decide::Mode::Rerun(_) => decide::Recorded::new(),
             };
             let now = Utc::now().to_rfc3339();
             let mut sends = FuturesUnordered::new();
-            for event in &events {
+            for (event, record_time) in &events {
                 let rows = recorded.get(&(event.tenant.clone(), event.id.clone())).map(Vec::as_slice).unwrap_or(&[]);
                 let tasks =
                     decide::decide(self.definitions, self.selection, mode, event, rows, sent_before, &now, &mut tally);
                 for mut task in tasks {
+                    task.run_at = Some(run_at(mode, &task, rows, *record_time));
                     if self.selection.ignore_expiry {
                         task.expires_at = None;
                     }
@@ -397,7 +398,8 @@ impl Job<'_> {
     }
 
     /// The chunk's events that decode and are selected.
-    fn events(&self, chunk: &[OwnedMessage], tally: &mut Tally) -> Vec<envelope::Event> {
+    /// The chunk's selected events, each with its record's time (a new run's `run_at`).
+    fn events(&self, chunk: &[OwnedMessage], tally: &mut Tally) -> Vec<(envelope::Event, DateTime<Utc>)> {
         let max = self.config.evaluator.max_event_bytes;
         let mut events = Vec::with_capacity(chunk.len());
         for m in chunk {
@@ -406,7 +408,7 @@ impl Job<'_> {
             match envelope::decode_event(m.payload().unwrap_or_default(), content_type, max) {
                 Ok(event) if self.selection.selects(&event) => {
                     tally.selected += 1;
-                    events.push(event);
+                    events.push((event, kafka::record_time(m)));
                 }
                 Ok(_) => {}
                 Err(_) => tally.undecodable += 1,
@@ -516,6 +518,21 @@ async fn load_definitions(config: &Config) -> anyhow::Result<DefinitionStore> {
 /// A new replay id: the time and a random suffix (`20261127-103000-4f2a`), readable in `list`.
 fn new_id() -> String {
     format!("{}-{:04x}", Utc::now().format("%Y%m%d-%H%M%S"), fastrand::u16(..))
+}
+
+/// The `run_at` a replayed task carries: its run's, when the run has rows (so that its result
+/// conflicts with a row written already, in the same partition); a new run's is its event
+/// record's time, as the evaluator gives it — except a rerun's, which is a new run started now.
+fn run_at(
+    mode: decide::Mode,
+    task: &ActionTask,
+    rows: &[decide::StepRow],
+    record_time: DateTime<Utc>,
+) -> DateTime<Utc> {
+    match mode {
+        decide::Mode::Rerun(_) => Utc::now(),
+        decide::Mode::Missing => rows.iter().find(|r| r.run_id == task.run_id).map_or(record_time, |r| r.run_at),
+    }
 }
 
 /// Warns when the window ends so recently that some of its tasks may still be retried by the

@@ -57,6 +57,7 @@
 //! batch is written. Body data PostgreSQL cannot store (U+0000) is rewritten rather than refused:
 //! see [`rows`].
 
+pub mod retention;
 pub mod rows;
 pub mod runs;
 
@@ -82,7 +83,7 @@ use crate::{
     kafka::dead_letter::DeadLetters,
     kafka::source::{self, Delivery, Source, Ticket},
     shutdown::CancellationToken,
-    stages::record::runs::Coordinator,
+    stages::record::{retention::Window, runs::Coordinator},
     telemetry::{Event, Stage},
 };
 
@@ -175,6 +176,8 @@ struct Recorder {
     dead_letters: DeadLetters,
     coordinator: Coordinator,
     config: Arc<Config>,
+    /// What `sink.retention` keeps: a result older than that is not written (see [`retention`]).
+    window: Window,
 }
 
 /// A writer's batch: the records that decoded as results (kept to split the batch and to
@@ -199,12 +202,15 @@ impl Rows {
         self.columns.push(result, finished_at);
     }
 
-    /// The rows of records that decoded once already (so they decode again).
-    fn of(records: &[OwnedMessage]) -> Rows {
+    /// The rows of records that decoded once already (so they decode again), but those past the
+    /// retention (counted when they were first decoded).
+    fn of(records: &[OwnedMessage], window: &Window) -> Rows {
         let mut rows = Rows::default();
         for m in records {
             if let Ok((result, finished_at)) = decode_row(m.payload().unwrap_or_default(), content_type(m)) {
-                rows.push(result, finished_at);
+                if !window.expired(rows::run_at(&result, finished_at)) {
+                    rows.push(result, finished_at);
+                }
             }
         }
         rows
@@ -270,7 +276,7 @@ impl Recorder {
             if range.is_empty() {
                 continue;
             }
-            let rows = rows.unwrap_or_else(|| Rows::of(&batch.records[range.clone()]));
+            let rows = rows.unwrap_or_else(|| Rows::of(&batch.records[range.clone()], &self.window));
             let mut backoff = Backoff::default();
             loop {
                 let started = std::time::Instant::now();
@@ -346,6 +352,7 @@ pub async fn run(
         producer,
         coordinator: Coordinator::new(definitions),
         config: config.clone(),
+        window: Window::new(&config.sink.retention),
     });
     // The writers stop on shutdown, and also when this loop ends for a reason of its own.
     let stop = shutdown.child_token();
@@ -359,6 +366,9 @@ pub async fn run(
         tasks.push(tokio::spawn(writer(recorder.clone(), rx, done.clone(), stop.clone())));
     }
     drop(done);
+    // Partitions made ahead and dropped when old, on a connection of its own: it may wait for a
+    // lock (at most its lock timeout) while the writers write.
+    let maintenance = tokio::spawn(retention::run(pool.clone(), Arc::new(config.sink.retention.clone()), stop.clone()));
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
@@ -393,6 +403,7 @@ pub async fn run(
     for task in tasks {
         task.await.context("record writer panicked")??;
     }
+    maintenance.await.context("retention maintenance panicked")?;
     Ok(())
 }
 
@@ -446,7 +457,7 @@ async fn writer(
                 _ => break,
             }
         }
-        let (batch, rows) = decode(deliveries, &recorder.dead_letters).await?;
+        let (batch, rows) = decode(deliveries, &recorder.dead_letters, &recorder.window).await?;
         if !recorder.write(&batch, rows, &stop).await? {
             return Ok(());
         }
@@ -455,13 +466,20 @@ async fn writer(
     }
 }
 
-/// Decodes a batch; records that are not results are dead-lettered (and count as done).
-async fn decode(deliveries: Vec<Delivery>, dead_letters: &DeadLetters) -> anyhow::Result<(Batch, Rows)> {
+/// Decodes a batch; records that are not results are dead-lettered, and results past the
+/// retention are counted and left out (both count as done).
+async fn decode(
+    deliveries: Vec<Delivery>,
+    dead_letters: &DeadLetters,
+    window: &Window,
+) -> anyhow::Result<(Batch, Rows)> {
     let mut rows = Rows::default();
+    let mut expired = 0;
     let mut batch =
         Batch { records: Vec::with_capacity(deliveries.len()), tickets: Vec::with_capacity(deliveries.len()) };
     for Delivery { message, ticket } in deliveries {
         match decode_row(message.payload().unwrap_or_default(), content_type(&message)) {
+            Ok((result, finished_at)) if window.expired(rows::run_at(&result, finished_at)) => expired += 1,
             Ok((result, finished_at)) => {
                 rows.push(result, finished_at);
                 batch.records.push(message);
@@ -472,6 +490,9 @@ async fn decode(deliveries: Vec<Delivery>, dead_letters: &DeadLetters) -> anyhow
             }
         }
         batch.tickets.push(ticket);
+    }
+    if expired > 0 {
+        Event::RetentionExpired { table: "action_results", at: "sink", rows: expired }.emit();
     }
     Ok((batch, rows))
 }

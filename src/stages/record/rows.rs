@@ -41,10 +41,12 @@ pub struct Columns {
     error: Vec<Option<String>>,
     output: Vec<Option<String>>,
     finished_at: Vec<DateTime<Utc>>,
+    run_at: Vec<DateTime<Utc>>,
 }
 
 impl Columns {
     pub fn push(&mut self, r: ActionResult, finished_at: DateTime<Utc>) {
+        self.run_at.push(run_at(&r, finished_at));
         self.task_id.push(r.task_id);
         self.run_id.push(r.run_id);
         self.event_id.push(r.event_id);
@@ -91,6 +93,7 @@ impl Columns {
         args.add(&self.output)?;
         args.add(&self.finished_at)?;
         args.add(&self.cost)?;
+        args.add(&self.run_at)?;
         Ok(args)
     }
 
@@ -117,26 +120,27 @@ impl Columns {
 /// One statement per batch: the columns unnested back into rows, duplicates (replays) ignored;
 /// a later outcome that must replace a row is [`REPAIR`]'s.
 const INSERT: &str = "insert into action_results (task_id, run_id, event_id, tenant, workflow_id, workflow_version,
-        step_id, service, status, attempts, latency_ms, http_status, error, output, finished_at, cost)
-    select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f, c
+        step_id, service, status, attempts, latency_ms, http_status, error, output, finished_at, cost, run_at)
+    select t, r, e, te, w, wv, s, sv, st, a, l, h, er, o::jsonb, f, c, ra
     from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
         $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
-        $15::timestamptz[], $16::float8[])
-        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c)
-    on conflict (task_id) do nothing";
+        $15::timestamptz[], $16::float8[], $17::timestamptz[])
+        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c, ra)
+    on conflict (task_id, run_at) do nothing";
 
-/// The later outcome of a task whose row says `failed` ($17) or `expired` ($19) replaces it when it
-/// `succeeded` ($18): an operator repaired what failed (or replayed what expired, overriding the
+/// The later outcome of a task whose row says `failed` ($18) or `expired` ($20) replaces it when it
+/// `succeeded` ($19): an operator repaired what failed (or replayed what expired, overriding the
 /// expiry), and the row must say so. Nothing else is replaced, so a
 /// replayed old failure never overwrites a success. Several successes of one task in a batch
-/// update the row once.
+/// update the row once. The row is the one of the same `run_at` (the same partition), as for
+/// the INSERT's conflict.
 const REPAIR: &str = "update action_results a set status = x.st, attempts = x.a, latency_ms = x.l, http_status = x.h,
         error = x.er, output = x.o::jsonb, finished_at = x.f, cost = x.c
     from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
         $8::text[], $9::text[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::text[],
-        $15::timestamptz[], $16::float8[])
-        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c)
-    where a.task_id = x.t and a.status in ($17, $19) and x.st = $18
+        $15::timestamptz[], $16::float8[], $17::timestamptz[])
+        as x(t, r, e, te, w, wv, s, sv, st, a, l, h, er, o, f, c, ra)
+    where a.task_id = x.t and a.run_at = x.ra and a.status in ($18, $20) and x.st = $19
     returning a.run_id";
 
 /// Decodes one result record into what [`Columns::push`] takes; the error is the dead-letter reason.
@@ -146,6 +150,12 @@ pub fn decode_row(payload: &[u8], content_type: Option<&[u8]>) -> Result<(Action
         Ok(t) => Ok((r, t.with_timezone(&Utc))),
         Err(e) => Err(format!("finished_at {:?}: {e}", r.finished_at)),
     }
+}
+
+/// The row's partition key (see `retention`): the result's `run_at`, or for a result from before
+/// it existed, its `finished_at`.
+pub fn run_at(result: &ActionResult, finished_at: DateTime<Utc>) -> DateTime<Utc> {
+    result.run_at.unwrap_or(finished_at)
 }
 
 /// `text` as PostgreSQL can store it: U+0000 replaced by [`NUL_REPLACEMENT`].

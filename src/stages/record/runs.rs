@@ -32,6 +32,7 @@ use std::{
     sync::Arc,
 };
 
+use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 use sqlx::{PgConnection, PgPool};
 
@@ -101,6 +102,14 @@ struct Run<'a> {
     workflow: Arc<CompiledWorkflow>,
     event: DomainEvent,
     first: &'a ActionResult,
+    /// When the run started (its rows' partition key): on every task and result it leads to.
+    run_at: DateTime<Utc>,
+}
+
+/// The run's `run_at` as `r` carries it (see [`rows::run_at`]).
+fn run_at_of(r: &ActionResult) -> DateTime<Utc> {
+    let finished_at = DateTime::parse_from_rfc3339(&r.finished_at).map(|t| t.with_timezone(&Utc));
+    rows::run_at(r, finished_at.unwrap_or_else(|_| Utc::now()))
 }
 
 /// A stored step outcome: run id, step id, status, output, error.
@@ -146,7 +155,7 @@ impl Coordinator {
             };
             match serde_json::from_value::<DomainEvent>(r.event.clone()) {
                 Ok(event) => {
-                    runs.insert(&r.run_id, Run { workflow, event, first: r });
+                    runs.insert(&r.run_id, Run { workflow, event, first: r, run_at: run_at_of(r) });
                 }
                 Err(e) => {
                     // The same bytes fail the same way on every replay: the run can never be
@@ -224,7 +233,7 @@ impl Coordinator {
                 finished.push((run_id, RunStatus::Failed, Some(TIME_LIMIT.into())));
                 continue;
             }
-            let plan = plan::next(&run.workflow, &run.event, run_id, &known[run_id], &now);
+            let plan = plan::next(&run.workflow, &run.event, run_id, &known[run_id], &now).stamped(Some(run.run_at));
             if let Some(reason) = cancelled.get(run_id) {
                 // The steps it would start now are recorded `cancelled`, never produced; the
                 // run ends here (steps after them would need them, so none can start).
@@ -271,7 +280,9 @@ impl Coordinator {
 }
 
 /// Creates the run's row if it has none. Its event is stored with U+0000 replaced
-/// ([`rows::storable`]): `jsonb` cannot hold it.
+/// ([`rows::storable`]): `jsonb` cannot hold it. The key is (run_id, run_at), `run_at` the same for
+/// every result of the run; a run looked up by its id alone as well covers results that fell back
+/// to their `finished_at` (from before `run_at` existed): one row per run whatever they say.
 async fn insert_run(
     tx: &mut PgConnection,
     r: &ActionResult,
@@ -280,9 +291,11 @@ async fn insert_run(
     error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "insert into workflow_runs (run_id, tenant, workflow_id, workflow_version, event_id, event, status, error, deadline)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
-         on conflict (run_id) do nothing",
+        "insert into workflow_runs (run_id, tenant, workflow_id, workflow_version, event_id, event, status, error,
+             deadline, run_at)
+         select $1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10
+         where not exists (select 1 from workflow_runs where run_id = $1)
+         on conflict (run_id, run_at) do nothing",
     )
     .bind(&r.run_id)
     .bind(&r.tenant)
@@ -293,6 +306,7 @@ async fn insert_run(
     .bind(status.as_sql())
     .bind(error.map(rows::storable_text))
     .bind(max_run_seconds as f64)
+    .bind(run_at_of(r))
     .execute(&mut *tx)
     .await
     .map(|_| ())
