@@ -108,7 +108,7 @@ impl Window {
 }
 
 /// A partition of a table, as PostgreSQL describes it; `None` bounds: the DEFAULT partition.
-#[derive(Debug)]
+#[derive(Debug, sqlx::FromRow)]
 struct Partition {
     name: String,
     from: Option<DateTime<Utc>>,
@@ -124,17 +124,16 @@ pub fn partition_name(table: &str, from: DateTime<Utc>) -> String {
 /// The partitions of `table`, with their bounds read back from the catalog (so partitions made by
 /// hand, or of another size, are seen as they are).
 async fn partitions(db: &mut PgConnection, table: &str) -> Result<Vec<Partition>, sqlx::Error> {
-    let rows: Vec<(String, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
-        r"select c.relname::text,
-               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\)'))[1]::timestamptz,
-               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz
+    sqlx::query_as(
+        r#"select c.relname::text as name,
+               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\)'))[1]::timestamptz as "from",
+               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]::timestamptz as "to"
           from pg_inherits i join pg_class c on c.oid = i.inhrelid
-          where i.inhparent = $1::regclass",
+          where i.inhparent = $1::regclass"#,
     )
     .bind(table)
     .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(|(name, from, to)| Partition { name, from, to }).collect())
+    .await
 }
 
 /// What one round did.
