@@ -35,8 +35,9 @@
 //! - `weir_retention_partitions_created_total{table}`, `weir_retention_partitions_dropped_total{table}`:
 //!   time partitions of the results and run tables made ahead and dropped past `sink.retention.keep`;
 //!   `weir_retention_expired_rows_total{table,where}`: rows older than the retention, `where` =
-//!   `sink` (a result that arrived for a window already dropped: not written) or `default` (deleted
-//!   from the default partition); see `stages::record::retention`
+//!   `sink` (a result that arrived for a window already dropped: not written), `default` (deleted
+//!   from the default partition) or `ledger` (`run_steps_started`, `run_cancellations`); see
+//!   `stages::record::retention`
 //! - `weir_replay_events_total`, `weir_replay_tasks_total`, `weir_replay_refused_total`: events read,
 //!   tasks re-driven, and tasks not sent because too large, by `weir replay`
 //! - `weir_ingest_requests_total{route,status,class}`, `weir_ingest_bytes_total{route}`,
@@ -260,8 +261,8 @@ pub enum Event<'a> {
         to: &'a str,
     },
     /// `rows` rows of `table` older than the retention: results that arrived for a window already
-    /// dropped, not written (`at` = "sink"), or rows deleted from the default partition (`at` =
-    /// "default").
+    /// dropped, not written (`at` = "sink"), rows deleted from the default partition (`at` =
+    /// "default") or from a table kept whole (`at` = "ledger").
     RetentionExpired {
         table: &'a str,
         at: &'static str,

@@ -10,6 +10,7 @@
 //!
 //! - [`rows`]: a result as a row (decoding, the batch's columns, the INSERT, U+0000 in data).
 //! - [`runs`]: run state in SQL.
+//! - [`retention`]: the tables' time partitions, made ahead and dropped past `sink.retention.keep`.
 //! - this module: the stage's loop, its writers, and what happens when a write fails.
 //!
 //! ## Writers: several transactions in flight
@@ -28,8 +29,9 @@
 //! ## A batch
 //! A writer's batch is whatever is queued, topped up for at most `sink.linger`, up to
 //! `sink.batch_size` rows. It is written by one `INSERT … SELECT FROM UNNEST(…)` (one round trip
-//! for the whole batch) with `ON CONFLICT (task_id) DO NOTHING`, so results replayed after a crash
-//! are ignored. A later outcome that changes the task's row is the exception: a `succeeded` result
+//! for the whole batch) with `ON CONFLICT (task_id, run_at) DO NOTHING`, so results replayed after
+//! a crash are ignored (`run_at`, the partition key, is the same on every copy of a result: see
+//! [`retention`]). A later outcome that changes the task's row is the exception: a `succeeded` result
 //! of a task whose row says `failed` (a dead letter redriven, a replay, after the service was
 //! fixed) replaces the row (never the reverse), and reopens its run so that the steps waiting for
 //! it start ([`runs`]). Offsets are stored only after the transaction commits: the writer hands its
