@@ -332,3 +332,63 @@ async fn a_database_of_the_old_shape_upgrades_without_losing_a_row() {
     assert_eq!(count("select count(*) from action_results").await, rows as i64);
     pool.close().await;
 }
+
+/// The maintenance on its own, at two moments: rows that reached the default partition before
+/// their partition existed are moved into it when it is made; a row older than the retention is
+/// deleted from the default partition; five days later, the partitions older than `keep` are
+/// dropped, their rows with them, and new ones are made ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_maintenance_moves_rows_out_of_the_default_partition_and_drops_whole_partitions() {
+    let url = fresh_database().await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    record::migrate(&pool).await.unwrap();
+    let now = Utc::now();
+    let row = |n: usize, run_at: DateTime<Utc>| -> weir::envelope::ActionResult {
+        serde_json::from_value(serde_json::json!({
+            "task_id": format!("task-{n}"), "run_id": format!("run-{n}"), "event_id": format!("e-{n}"),
+            "tenant": "tenant", "workflow_id": "w", "workflow_version": 1, "step_id": "s", "service": "webhook",
+            "status": "succeeded", "attempts": 1, "latency_ms": 1.0, "finished_at": now.to_rfc3339(),
+            "run_at": run_at.to_rfc3339()}))
+        .unwrap()
+    };
+    let mut columns = record::Columns::default();
+    columns.push(row(1, now), now);
+    columns.push(row(2, now - chrono::Duration::days(10)), now);
+    assert_eq!(columns.insert(&mut pool.acquire().await.unwrap()).await.unwrap(), 2);
+    let count = |sql: String| {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await.unwrap() }
+    };
+    assert_eq!(count("select count(*) from action_results_default".into()).await, 2, "no partition yet");
+
+    let config = RetentionConfig { keep: Some(Duration::from_secs(3 * 86_400)), ..Default::default() };
+    let window = retention::Window::new(&config);
+    let round = retention::maintain(&pool, &config, now).await.unwrap();
+    // Per table: the day before, today and three ahead.
+    assert_eq!((round.created, round.dropped, round.deleted), (10, 0, 1), "{round:?}");
+    assert_eq!(count("select count(*) from action_results_default".into()).await, 0);
+    assert_eq!(
+        partition_of(&url, "action_results", 1).await,
+        vec![retention::partition_name("action_results", window.start_of(now))]
+    );
+    assert_eq!(
+        count("select count(*) from action_results where task_id = 'task-2'".into()).await,
+        0,
+        "older than keep"
+    );
+
+    // Five days on, the cutoff is two days after today: yesterday's, today's and tomorrow's go.
+    let later = now + chrono::Duration::days(5);
+    let round = retention::maintain(&pool, &config, later).await.unwrap();
+    assert_eq!(round.dropped, 6, "{round:?}");
+    assert_eq!(round.created, 10, "per table, the day before then and three ahead: {round:?}");
+    assert_eq!(count("select count(*) from action_results".into()).await, 0, "today's row went with its partition");
+    let kept = count(
+        "select count(*) from pg_inherits where inhparent = 'action_results'::regclass
+         and inhrelid::regclass::text like 'action_results_p%'"
+            .into(),
+    )
+    .await;
+    assert_eq!(kept, 5 - 3 + 5, "made before, less dropped, plus made now");
+    pool.close().await;
+}

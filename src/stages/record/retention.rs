@@ -17,8 +17,9 @@
 //!   `sink.retention.partition` long and aligned on multiples of it since the epoch, skipping any
 //!   range an existing partition overlaps (partitions of another size, e.g. the daily ones the
 //!   migration made, stay as they are). A partition is made as a table of its own, the rows of its
-//!   range are moved into it from the DEFAULT partition, and it is attached: ATTACH takes only a
-//!   SHARE UPDATE EXCLUSIVE lock on the parent, which the sink's inserts do not wait for.
+//!   range are moved into it from the DEFAULT partition, and it is attached, in one transaction:
+//!   ATTACH takes only a SHARE UPDATE EXCLUSIVE lock on the parent, which the sink's inserts do not
+//!   wait for; only inserts into the DEFAULT partition wait, for the move.
 //! - **drops** (with `keep`) every partition wholly older than `keep`: its upper bound at or before
 //!   the *cutoff*, the start of the partition `keep` ago. DROP takes an ACCESS EXCLUSIVE lock on the
 //!   parent for a moment (DETACH CONCURRENTLY is not allowed beside a DEFAULT partition), so every
@@ -219,6 +220,10 @@ async fn create(db: &mut PgConnection, table: &str, from: DateTime<Utc>, to: Dat
     let name = partition_name(table, from);
     let (a, b) = (from.to_rfc3339(), to.to_rfc3339());
     let mut tx = sqlx::Connection::begin(&mut *db).await?;
+    // No row may reach the default partition between the move and the ATTACH (which checks that
+    // the default holds none of the range, and would fail): its inserts wait for this commit (at
+    // most the lock timeout). Rows of other partitions, the usual case, do not wait.
+    sqlx::query(&format!("lock table {table}_default in exclusive mode")).execute(&mut *tx).await?;
     sqlx::query(&format!("create table \"{name}\" (like {table} including defaults including constraints)"))
         .execute(&mut *tx)
         .await?;
