@@ -94,8 +94,13 @@ pub const SQLSTATE: &str = "weir.error.sqlstate";
 
 /// Opens a pool without connecting: the stage must start (and wait) while the database is down.
 pub fn pool(config: &Config) -> anyhow::Result<PgPool> {
+    pool_of(config, config.sink.pool_size)
+}
+
+/// [`pool`] with `connections` at most.
+fn pool_of(config: &Config, connections: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
-        .max_connections(config.sink.pool_size)
+        .max_connections(connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy(&config.database_url)
         .context("database_url is not a valid PostgreSQL URL")
@@ -368,9 +373,10 @@ pub async fn run(
         tasks.push(tokio::spawn(writer(recorder.clone(), rx, done.clone(), stop.clone())));
     }
     drop(done);
-    // Partitions made ahead and dropped when old, on a connection of its own: it may wait for a
-    // lock (at most its lock timeout) while the writers write.
-    let maintenance = tokio::spawn(retention::run(pool.clone(), Arc::new(config.sink.retention.clone()), stop.clone()));
+    // Partitions made ahead and dropped when old, on a connection of its own (not one of the
+    // writers' `pool_size`): it may wait for a lock (at most its lock timeout) while they write.
+    let upkeep = pool_of(&config, 1)?;
+    let maintenance = tokio::spawn(retention::run(upkeep, Arc::new(config.sink.retention.clone()), stop.clone()));
     let mut sweep = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
