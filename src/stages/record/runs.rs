@@ -436,25 +436,14 @@ mod tests {
         let workflow = Arc::new(CompiledWorkflow::compile(def, &BTreeSet::from(["webhook"])).unwrap());
         let event: DomainEvent =
             serde_json::from_value(serde_json::json!({"id": "e", "source": "/s", "type": "t", "tenant": "x"})).unwrap();
-        let result = |run_at: Option<&str>| ActionResult {
-            task_id: "k".into(),
-            run_id: "r".into(),
-            event_id: "e".into(),
-            tenant: "x".into(),
-            workflow_id: "w".into(),
-            workflow_version: 1,
-            step_id: "s".into(),
-            service: "webhook".into(),
-            status: Status::Succeeded,
-            attempts: 1,
-            latency_ms: 1.0,
-            http_status: None,
-            cost: None,
-            error: None,
-            finished_at: "2026-12-07T12:00:00Z".into(),
-            output: None,
-            event: Json::Null,
-            run_at: run_at.map(|t| t.parse().unwrap()),
+        let result = |run_at: Option<&str>| -> ActionResult {
+            let mut r = serde_json::json!({"task_id": "k", "run_id": "r", "event_id": "e", "tenant": "x",
+                "workflow_id": "w", "workflow_version": 1, "step_id": "s", "service": "webhook",
+                "status": "succeeded", "attempts": 1, "latency_ms": 1.0, "finished_at": "2026-12-07T12:00:00Z"});
+            if let Some(t) = run_at {
+                r["run_at"] = t.into();
+            }
+            serde_json::from_value(r).unwrap()
         };
         let (early, late, legacy) =
             (result(Some("2026-12-07T10:00:00Z")), result(Some("2026-12-07T11:00:00Z")), result(None));
