@@ -199,7 +199,7 @@ proptest! {
     fn arbitrary_events_round_trip_through_both_encodings(
         id in ".*", source in ".*", kind in ".*", tenant in ".*", data in exact_json_value(), avro in any::<bool>(),
     ) {
-        let event: Event = Event { specversion: "1.0".into(), id, source, kind, time: None, tenant,
+        let event: Event = Event { specversion: "1.0".into(), id, source, kind, time: None, tenant, subject: None,
             datacontenttype: None, data };
         let format = if avro { Format::Avro } else { Format::Json };
         let bytes = encode(&event, format).unwrap();

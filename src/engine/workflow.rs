@@ -65,10 +65,45 @@ pub struct Workflow {
     /// own action topics, and the executor serves them by weight (`executor.priorities`).
     #[serde(default, skip_serializing_if = "is_normal")]
     pub priority: Priority,
+    /// Which of a tenant's calls stay in order (`subject`, `tenant`, `none`; default subject):
+    /// calls with the same order key are made one at a time in event order, the tenant's others
+    /// side by side up to the service's `tenant_concurrency`. See [`OrderBy`].
+    #[serde(default, skip_serializing_if = "OrderBy::is_default")]
+    pub order_by: OrderBy,
 }
 
 fn is_normal(p: &Priority) -> bool {
     *p == Priority::Normal
+}
+
+/// A workflow's ordering key: which of a tenant's calls the executor keeps in order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderBy {
+    /// The event's CloudEvents `subject` (a member, a post, an order): one subject's calls in
+    /// order, the tenant's other subjects side by side. Events without a subject are ordered by
+    /// tenant, among themselves.
+    #[default]
+    Subject,
+    /// The tenant: all its calls of this workflow's service in event order, one at a time.
+    Tenant,
+    /// No order between runs (each run its own key); a run's steps still follow its graph.
+    None,
+}
+
+impl OrderBy {
+    fn is_default(&self) -> bool {
+        *self == OrderBy::Subject
+    }
+
+    /// The order key of the tasks of `run_id`, started by `event` (`None`: the tenant).
+    pub(crate) fn key(self, event: &Event, run_id: &str) -> Option<String> {
+        match self {
+            OrderBy::Subject => event.subject.as_ref().map(|s| format!("subject:{s}")),
+            OrderBy::Tenant => None,
+            OrderBy::None => Some(format!("run:{run_id}")),
+        }
+    }
 }
 
 fn first_version() -> i64 {
@@ -501,6 +536,7 @@ impl CompiledWorkflow {
             retry: step.retry.as_ref().map(|r| TaskRetry { attempts: r.attempts, backoff_ms: r.backoff_ms }),
             expires_at: self.expires_at(step, event, created_at),
             priority: (self.def.priority != Priority::Normal).then_some(self.def.priority),
+            order_key: self.def.order_by.key(event, run_id),
             input,
             // Later steps render their input from the event; carry it through the run.
             event: if self.is_multi_step() { serde_json::to_value(event).unwrap_or_default() } else { Json::Null },
@@ -686,13 +722,14 @@ pub fn template_context(event: &Event, steps: Json) -> Context {
 }
 
 /// The CloudEvents attributes templates see as `event.*` (besides `event.data`).
-fn event_attributes(event: &Event) -> [(&'static str, Json); 5] {
+fn event_attributes(event: &Event) -> [(&'static str, Json); 6] {
     [
         ("id", json!(event.id)),
         ("type", json!(event.kind)),
         ("source", json!(event.source)),
         ("time", json!(event.time)),
         ("tenant", json!(event.tenant)),
+        ("subject", json!(event.subject)),
     ]
 }
 

@@ -9,6 +9,8 @@
 //! is derived from the signed request, so Ghost's own retries of a delivery (same body, same
 //! signature) are one event.
 
+use serde_json::Value as Json;
+
 use super::Request;
 use crate::{envelope::Event, stages::ingest::refusal::Refusal};
 
@@ -73,7 +75,17 @@ pub(super) fn parse(request: &Request<'_>) -> Result<Event, Refusal> {
     if resource != "site" && data.get(resource).is_none() {
         return Err(Refusal::invalid(format!("a Ghost {event} webhook's body holds a `{resource}` object")));
     }
-    Ok(request.event(request.derived_id(), weir_type(event), None, data))
+    let subject = subject(resource, &data);
+    Ok(Event { subject, ..request.event(request.derived_id(), weir_type(event), None, data) })
+}
+
+/// The subject of a Ghost webhook: its resource and the resource's id (`member/6543…`), from the
+/// current state or, for a deletion, the previous one. A member's or post's calls then stay in
+/// order while the site's others go on (a workflow's `order_by: subject`).
+fn subject(resource: &str, data: &Json) -> Option<String> {
+    let body = data.get(resource)?;
+    let id = ["current", "previous"].iter().find_map(|state| body.get(state)?.get("id")?.as_str())?;
+    Some(format!("{resource}/{id}"))
 }
 
 #[cfg(test)]
