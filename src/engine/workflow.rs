@@ -989,6 +989,31 @@ mod tests {
         assert_ne!(v1.run_id(&e), v2.run_id(&e));
     }
 
+    #[test]
+    fn order_by_gives_each_task_its_order_key() {
+        let e = |subject: Option<&str>| -> Event {
+            serde_json::from_value(json!({"id": "e1", "source": "/s", "type": "a", "tenant": "t", "subject": subject}))
+                .unwrap()
+        };
+        let key = |order_by: &str, event: &Event| {
+            let wf =
+                compile(&format!("{{id: w, {order_by} trigger: {{type: a}}, steps: [{{id: s, service: webhook}}]}}"))
+                    .unwrap();
+            let run = wf.run_id(event);
+            (wf.task(0, event, &run, Json::Null, "2026-12-07T00:00:00Z").order_key, run)
+        };
+        assert_eq!(key("", &e(Some("member/1"))).0.as_deref(), Some("subject:member/1"), "subject by default");
+        assert_eq!(key("", &e(None)).0, None, "no subject: the tenant's order");
+        assert_eq!(key("order_by: tenant,", &e(Some("member/1"))).0, None);
+        let (none, run) = key("order_by: none,", &e(Some("member/1")));
+        assert_eq!(none, Some(format!("run:{run}")), "each run its own key");
+        let wrong = serde_yaml_ng::from_str::<Workflow>("{id: w, order_by: member, trigger: {type: a}, steps: []}");
+        assert!(wrong.unwrap_err().to_string().contains("unknown variant `member`"));
+        // The default is not written out: definitions published before order_by read the same.
+        let def: Workflow = serde_yaml_ng::from_str("{id: w, trigger: {type: a}, steps: []}").unwrap();
+        assert!(!serde_json::to_string(&def).unwrap().contains("order_by"));
+    }
+
     /// `weir workflows apply` names file, line and column for every error in a definition.
     #[test]
     fn load_errors_give_file_line_and_column() {

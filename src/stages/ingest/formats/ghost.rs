@@ -100,4 +100,14 @@ mod tests {
         assert_eq!(weir_type("post.tag.attached"), "post.tag.attached");
         assert_eq!(weir_type("site.changed"), "site.changed");
     }
+
+    #[test]
+    fn a_webhooks_subject_is_its_resource_and_id() {
+        let current = serde_json::json!({"member": {"current": {"id": "6543a"}, "previous": {}}});
+        assert_eq!(subject("member", &current).as_deref(), Some("member/6543a"));
+        let deleted = serde_json::json!({"post": {"current": {}, "previous": {"id": "p-9"}}});
+        assert_eq!(subject("post", &deleted).as_deref(), Some("post/p-9"));
+        assert_eq!(subject("site", &serde_json::json!({})), None, "nothing to name: the tenant's order");
+        assert_eq!(subject("member", &serde_json::json!({"member": {"current": {"id": 7}}})), None);
+    }
 }
