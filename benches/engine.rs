@@ -62,6 +62,7 @@ fn event() -> Event {
         kind: "member.updated".into(),
         time: Some("2026-11-23T10:05:00Z".into()),
         tenant: "t-1".into(),
+        subject: None,
         datacontenttype: Some("application/json".into()),
         data,
     }

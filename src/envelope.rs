@@ -85,6 +85,11 @@ pub struct Event<D = Json> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
     pub tenant: String,
+    /// What the event is about within its tenant (CloudEvents `subject`: a member, a post, an
+    /// order). A workflow's calls for one subject stay in order while the tenant's other subjects
+    /// go on (`order_by`, docs/executor.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datacontenttype: Option<String>,
     #[serde(default)]
@@ -118,6 +123,7 @@ impl<D> Event<D> {
             kind: self.kind,
             time: self.time,
             tenant: self.tenant,
+            subject: self.subject,
             datacontenttype: self.datacontenttype,
             data: f(self.data)?,
         })
@@ -147,10 +153,17 @@ impl<D> Event<D> {
                 )));
             }
         }
+        if let Some(subject) = self.subject.as_ref().filter(|s| s.len() > max_attribute_bytes) {
+            return Err(DecodeError::Invalid(format!(
+                "attribute 'subject' is {} bytes, over the limit of {max_attribute_bytes} (limits.max_attribute_bytes)",
+                subject.len()
+            )));
+        }
         let optional = [("specversion", Some(&self.specversion)), ("time", self.time.as_ref())];
         for (name, value) in [("id", Some(&self.id)), ("source", Some(&self.source)), ("type", Some(&self.kind))]
             .into_iter()
             .chain([("tenant", Some(&self.tenant)), ("datacontenttype", self.datacontenttype.as_ref())])
+            .chain([("subject", self.subject.as_ref())])
             .chain(optional)
         {
             let Some(value) = value else { continue };
@@ -205,6 +218,12 @@ pub struct ActionTask {
     /// absent: normal (as in tasks written before priorities existed). See [`Self::priority`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// Calls of the tenant with the same order key are made one at a time, in task order; tasks
+    /// with different keys run side by side (up to the service's `tenant_concurrency`). Set from
+    /// the workflow's `order_by`: the event's subject, or the run. Absent: the tenant is the key,
+    /// all its calls in order (as in tasks written before order keys existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_key: Option<String>,
     /// When its run started, as the record stage partitions its rows by (`run_at`, see
     /// [`crate::stages::record::retention`]): the Kafka timestamp of the event record that
     /// started the run, the same for every step of the run and on every redelivery, retry and
@@ -369,13 +388,16 @@ pub trait Record: Serialize + DeserializeOwned {
     /// The fields that hold arbitrary JSON, carried as JSON text in Avro.
     const JSON_FIELDS: &'static [&'static str];
     fn schema() -> &'static Schema;
-    /// The single-object reader of the schema, built once: building one per record (it copies
-    /// the schema and fingerprints it) cost 8× the JSON decode.
-    fn reader() -> &'static GenericSingleObjectReader;
+    /// The single-object readers of the schema and of its earlier versions (`schemas/history/`),
+    /// built once: building one per record (it copies the schema and fingerprints it) cost 8×
+    /// the JSON decode. A single-object record names its writer's schema by fingerprint, so a
+    /// record written before a field was added is read with the schema it was written with; the
+    /// added fields are optional and take their defaults.
+    fn readers() -> &'static [GenericSingleObjectReader];
 }
 
 macro_rules! record_schema {
-    ($ty:ty, $file:literal, [$($field:literal),*]) => {
+    ($ty:ty, $file:literal, [$($field:literal),*], history: [$($old:literal),*]) => {
         impl Record for $ty {
             const JSON_FIELDS: &'static [&'static str] = &[$($field),*];
             fn schema() -> &'static Schema {
@@ -385,20 +407,43 @@ macro_rules! record_schema {
                         .expect(concat!("schemas/", $file, " is a valid Avro schema"))
                 })
             }
-            fn reader() -> &'static GenericSingleObjectReader {
-                static READER: OnceLock<GenericSingleObjectReader> = OnceLock::new();
-                READER.get_or_init(|| {
-                    GenericSingleObjectReader::new(Self::schema().clone())
-                        .expect(concat!("schemas/", $file, " has a single-object reader"))
+            fn readers() -> &'static [GenericSingleObjectReader] {
+                static READERS: OnceLock<Vec<GenericSingleObjectReader>> = OnceLock::new();
+                READERS.get_or_init(|| {
+                    let older = [$(include_str!(concat!("../schemas/history/", $old))),*].into_iter().map(|text| {
+                        Schema::parse_str(text).expect(concat!("the history of schemas/", $file, " is valid Avro"))
+                    });
+                    std::iter::once(Self::schema().clone())
+                        .chain(older)
+                        .map(|schema| {
+                            GenericSingleObjectReader::new(schema)
+                                .expect(concat!("schemas/", $file, " has a single-object reader"))
+                        })
+                        .collect()
                 })
             }
         }
     };
 }
 
-record_schema!(Event, "event.avsc", ["data"]);
-record_schema!(ActionTask, "action_task.avsc", ["input", "event"]);
-record_schema!(ActionResult, "action_result.avsc", ["output", "event"]);
+record_schema!(Event, "event.avsc", ["data"], history: ["event.1.avsc"]);
+record_schema!(ActionTask, "action_task.avsc", ["input", "event"], history: ["action_task.2.avsc", "action_task.1.avsc"]);
+record_schema!(ActionResult, "action_result.avsc", ["output", "event"], history: ["action_result.1.avsc"]);
+
+/// Reads a single-object Avro record with the first of `T`'s readers whose schema wrote it (the
+/// current one, or an earlier version's); the current reader's error if none did.
+fn read_avro<T: Record>(payload: &[u8]) -> Result<apache_avro::types::Value, DecodeError> {
+    let mut first = None;
+    for reader in T::readers() {
+        match reader.read_value(&mut &payload[..]) {
+            Ok(value) => return Ok(value),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    Err(DecodeError::Avro(first.map(|e| e.to_string()).unwrap_or_default()))
+}
 
 /// Encodes `value` in `format`.
 pub fn encode<T: Record>(value: &T, format: Format) -> Result<Vec<u8>, DecodeError> {
@@ -432,7 +477,7 @@ pub fn decode<T: Record>(payload: &[u8], content_type: Option<&[u8]>) -> Result<
     match Format::from_content_type(content_type)? {
         Format::Json => Ok(serde_json::from_slice(payload)?),
         Format::Avro => {
-            let value = T::reader().read_value(&mut &payload[..]).map_err(|e| DecodeError::Avro(e.to_string()))?;
+            let value = read_avro::<T>(payload)?;
             let mut json = Json::try_from(value).map_err(|e| DecodeError::Avro(e.to_string()))?;
             if let Json::Object(map) = &mut json {
                 for field in T::JSON_FIELDS {
@@ -513,6 +558,7 @@ mod tests {
             kind: "member.created".into(),
             time: Some("2026-11-23T10:00:00Z".into()),
             tenant: "t-1".into(),
+            subject: None,
             datacontenttype: Some(JSON.into()),
             data: json!({"member": {"email": "a@example.com", "paid": true, "n": 3}}),
         }
@@ -525,6 +571,50 @@ mod tests {
             let back: Event = decode(&bytes, Some(format.content_type().as_bytes())).unwrap();
             assert_eq!(back, event(), "{format:?}");
         }
+    }
+
+    #[test]
+    fn an_event_with_a_subject_round_trips_and_one_written_with_the_earlier_schema_still_decodes() {
+        let with = Event { subject: Some("member/42".into()), ..event() };
+        let back: Event = decode(&encode(&with, Format::Avro).unwrap(), Some(AVRO.as_bytes())).unwrap();
+        assert_eq!(back, with);
+        // A producer still on schemas/history/event.1.avsc (no subject): its fingerprint differs.
+        let old = Schema::parse_str(include_str!("../schemas/history/event.1.avsc")).unwrap();
+        let mut json = serde_json::to_value(event()).unwrap();
+        json["data"] = Json::String(json["data"].to_string());
+        json.as_object_mut().unwrap().remove("subject");
+        let value = apache_avro::types::Value::from(json).resolve(&old).unwrap();
+        let mut bytes = Vec::new();
+        GenericSingleObjectWriter::new_with_capacity(&old, 1024).unwrap().write_value(value, &mut bytes).unwrap();
+        assert_ne!(bytes, encode(&event(), Format::Avro).unwrap(), "written with another fingerprint");
+        let back: Event = decode(&bytes, Some(AVRO.as_bytes())).unwrap();
+        assert_eq!(back, event());
+        // Garbage still fails, naming the current schema's complaint.
+        assert!(matches!(decode::<Event>(b"\xc3\x01nonsense", Some(AVRO.as_bytes())), Err(DecodeError::Avro(_))));
+    }
+
+    #[test]
+    fn a_result_written_before_run_at_existed_still_decodes_without_one() {
+        let old = Schema::parse_str(include_str!("../schemas/history/action_result.1.avsc")).unwrap();
+        let json = serde_json::json!({"task_id": "k", "run_id": "r", "event_id": "e", "tenant": "t",
+            "workflow_id": "w", "workflow_version": 1, "step_id": "s", "service": "webhook", "status": "succeeded",
+            "attempts": 1, "latency_ms": 1.0, "http_status": null, "cost": null, "error": null,
+            "finished_at": "2026-11-23T10:00:00Z", "output": null, "event": null});
+        let value = apache_avro::types::Value::from(json.clone()).resolve(&old).unwrap();
+        let mut bytes = Vec::new();
+        GenericSingleObjectWriter::new_with_capacity(&old, 1024).unwrap().write_value(value, &mut bytes).unwrap();
+        let back: ActionResult = decode(&bytes, Some(AVRO.as_bytes())).unwrap();
+        assert_eq!(back, serde_json::from_value::<ActionResult>(json).unwrap());
+        assert_eq!(back.run_at, None);
+    }
+
+    #[test]
+    fn a_subject_is_checked_like_the_other_attributes() {
+        let long = Event { subject: Some("s".repeat(MAX_ATTRIBUTE_BYTES + 1)), ..event() };
+        assert!(long.validate().unwrap_err().to_string().contains("'subject'"));
+        let control = Event { subject: Some("a\nb".into()), ..event() };
+        assert!(control.validate().unwrap_err().to_string().contains("'subject'"));
+        assert!(Event { subject: Some("member/42".into()), ..event() }.validate().is_ok());
     }
 
     #[test]
@@ -547,6 +637,7 @@ mod tests {
             retry: Some(TaskRetry { attempts: 3, backoff_ms: 50 }),
             expires_at: Some("2026-11-24T10:00:00Z".parse().unwrap()),
             priority: Some(Priority::High),
+            order_key: Some("subject:member/1".into()),
             run_at: Some("2026-11-23T09:59:59.123Z".parse().unwrap()),
         };
         let json = encode(&task, Format::Json).unwrap();

@@ -37,6 +37,7 @@ fn task(input: Value) -> ActionTask {
         retry: None,
         expires_at: None,
         priority: None,
+        order_key: None,
         run_at: None,
     }
 }

@@ -46,6 +46,9 @@ fn task(n: usize, tenant: &str, workflow: &str, priority: Priority) -> ActionTas
         "event_type": "newsletter.opened", "tenant": tenant, "workflow_id": workflow, "workflow_version": 1,
         "step_id": "notify", "service": "webhook", "created_at": "2026-11-23T10:00:00Z", "input": {"seq": n},
         "priority": priority,
+        // Unordered, as a workflow with `order_by: none` makes them: a tenant's calls run side by
+        // side up to its tenant_concurrency, so the slots are contended.
+        "order_key": format!("run:{n}"),
     }))
     .unwrap()
 }
@@ -74,7 +77,8 @@ async fn high_priority_tasks_overtake_a_low_backlog_of_50_000_and_low_keeps_flow
     let receiver = Receiver::start().await.unwrap();
     receiver.set_mode(Mode { latency: Duration::from_millis(10), ..Default::default() });
     let (mut config, _dir) = test_config(&receiver, &[WELCOME]).await;
-    // Several calls per tenant at once, so the 64 slots are contended by both priorities.
+    // Several calls per tenant at once (the high events' workflow orders by subject, and they
+    // have none: each high tenant's calls are in order), so the 64 slots are contended.
     config.services.get_mut("webhook").unwrap().tenant_concurrency = 8;
     let config = Arc::new(config);
 

@@ -288,7 +288,7 @@ steps:
     let (config, dir) = test_config(&receiver, &[ONE]).await;
     let config = Arc::new(config);
     let pipeline = Pipeline::start(config.clone(), &Pipeline::ALL).await.unwrap();
-    // One tenant: its tasks are called one at a time, in order (tenant_concurrency 1).
+    // One tenant, events without a subject: its tasks are called one at a time, in order.
     let events: Vec<Event> = (0..4).map(|n| member_created(n, 1)).collect();
     let runs: Vec<String> = events.iter().map(|e| run_id(ONE, e)).collect();
     produce(&config, events).await;

@@ -29,8 +29,10 @@ pub struct ServiceConfig {
     pub connector: ConnectorConfig,
     /// Calls in flight at once for this service in one process; default `executor.concurrency`.
     pub concurrency: Option<usize>,
-    /// Calls in flight at once for one tenant. 1 (the default) calls a tenant's tasks one at a
-    /// time in event order; more trades that order for throughput.
+    /// Calls in flight at once for one tenant, of different order keys (default 8). A tenant's
+    /// calls with the same order key (its workflow's `order_by`: by default the event's
+    /// subject, else the tenant) are always made one at a time, in event order; 1 makes all of
+    /// a tenant's calls wait for each other.
     pub tenant_concurrency: usize,
     /// Rate limits, all enforced at once (e.g. 450 requests/min and 450 000 tokens/min global,
     /// plus 20 requests/min per tenant). None by default.
@@ -47,7 +49,7 @@ impl Default for ServiceConfig {
             url: String::new(),
             timeout: Duration::from_secs(10),
             concurrency: None,
-            tenant_concurrency: 1,
+            tenant_concurrency: 8,
             limits: Vec::new(),
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),

@@ -59,7 +59,7 @@ use crate::{engine::contain, envelope::Event};
 pub(crate) const VARIABLES: [&str; 3] = ["event", "data", "steps"];
 
 /// The attributes `event` carries.
-pub(crate) const EVENT_ATTRIBUTES: [&str; 5] = ["id", "type", "source", "time", "tenant"];
+pub(crate) const EVENT_ATTRIBUTES: [&str; 6] = ["id", "type", "source", "time", "tenant", "subject"];
 
 /// Longest condition accepted, in bytes. The parser and the interpreter recurse over the
 /// expression, so its size is what bounds their stack use and the time one evaluation takes
@@ -745,6 +745,7 @@ fn attributes(event: &Event, selection: &Selection) -> Cel {
         ("source", Some(&event.source)),
         ("time", event.time.as_ref()),
         ("tenant", Some(&event.tenant)),
+        ("subject", event.subject.as_ref()),
     ] {
         if let Some(value) = value.filter(|_| wanted(name)) {
             entries.insert(CelMapKey::from(name.to_string()), Box::new(CelString::from(value.clone())) as Cel);
@@ -804,6 +805,7 @@ mod tests {
             kind: "member.created".into(),
             time: None,
             tenant: "t-1".into(),
+            subject: None,
             datacontenttype: None,
             data,
         }

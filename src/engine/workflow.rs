@@ -65,10 +65,45 @@ pub struct Workflow {
     /// own action topics, and the executor serves them by weight (`executor.priorities`).
     #[serde(default, skip_serializing_if = "is_normal")]
     pub priority: Priority,
+    /// Which of a tenant's calls stay in order (`subject`, `tenant`, `none`; default subject):
+    /// calls with the same order key are made one at a time in event order, the tenant's others
+    /// side by side up to the service's `tenant_concurrency`. See [`OrderBy`].
+    #[serde(default, skip_serializing_if = "OrderBy::is_default")]
+    pub order_by: OrderBy,
 }
 
 fn is_normal(p: &Priority) -> bool {
     *p == Priority::Normal
+}
+
+/// A workflow's ordering key: which of a tenant's calls the executor keeps in order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderBy {
+    /// The event's CloudEvents `subject` (a member, a post, an order): one subject's calls in
+    /// order, the tenant's other subjects side by side. Events without a subject are ordered by
+    /// tenant, among themselves.
+    #[default]
+    Subject,
+    /// The tenant: all its calls of this workflow's service in event order, one at a time.
+    Tenant,
+    /// No order between runs (each run its own key); a run's steps still follow its graph.
+    None,
+}
+
+impl OrderBy {
+    fn is_default(&self) -> bool {
+        *self == OrderBy::Subject
+    }
+
+    /// The order key of the tasks of `run_id`, started by `event` (`None`: the tenant).
+    pub(crate) fn key(self, event: &Event, run_id: &str) -> Option<String> {
+        match self {
+            OrderBy::Subject => event.subject.as_ref().map(|s| format!("subject:{s}")),
+            OrderBy::Tenant => None,
+            OrderBy::None => Some(format!("run:{run_id}")),
+        }
+    }
 }
 
 fn first_version() -> i64 {
@@ -501,6 +536,7 @@ impl CompiledWorkflow {
             retry: step.retry.as_ref().map(|r| TaskRetry { attempts: r.attempts, backoff_ms: r.backoff_ms }),
             expires_at: self.expires_at(step, event, created_at),
             priority: (self.def.priority != Priority::Normal).then_some(self.def.priority),
+            order_key: self.def.order_by.key(event, run_id),
             // Set by whoever knows the run's start (the evaluator, the coordinator): `Plan::stamped`.
             run_at: None,
             input,
@@ -688,13 +724,14 @@ pub fn template_context(event: &Event, steps: Json) -> Context {
 }
 
 /// The CloudEvents attributes templates see as `event.*` (besides `event.data`).
-fn event_attributes(event: &Event) -> [(&'static str, Json); 5] {
+fn event_attributes(event: &Event) -> [(&'static str, Json); 6] {
     [
         ("id", json!(event.id)),
         ("type", json!(event.kind)),
         ("source", json!(event.source)),
         ("time", json!(event.time)),
         ("tenant", json!(event.tenant)),
+        ("subject", json!(event.subject)),
     ]
 }
 
@@ -952,6 +989,31 @@ mod tests {
         let v2 = compile("{id: w, version: 2, trigger: {type: a}, steps: [{id: s, service: webhook}]}").unwrap();
         assert_eq!(v1.run_id(&e), v1.run_id(&e));
         assert_ne!(v1.run_id(&e), v2.run_id(&e));
+    }
+
+    #[test]
+    fn order_by_gives_each_task_its_order_key() {
+        let e = |subject: Option<&str>| -> Event {
+            serde_json::from_value(json!({"id": "e1", "source": "/s", "type": "a", "tenant": "t", "subject": subject}))
+                .unwrap()
+        };
+        let key = |order_by: &str, event: &Event| {
+            let wf =
+                compile(&format!("{{id: w, {order_by} trigger: {{type: a}}, steps: [{{id: s, service: webhook}}]}}"))
+                    .unwrap();
+            let run = wf.run_id(event);
+            (wf.task(0, event, &run, Json::Null, "2026-12-07T00:00:00Z").order_key, run)
+        };
+        assert_eq!(key("", &e(Some("member/1"))).0.as_deref(), Some("subject:member/1"), "subject by default");
+        assert_eq!(key("", &e(None)).0, None, "no subject: the tenant's order");
+        assert_eq!(key("order_by: tenant,", &e(Some("member/1"))).0, None);
+        let (none, run) = key("order_by: none,", &e(Some("member/1")));
+        assert_eq!(none, Some(format!("run:{run}")), "each run its own key");
+        let wrong = serde_yaml_ng::from_str::<Workflow>("{id: w, order_by: member, trigger: {type: a}, steps: []}");
+        assert!(wrong.unwrap_err().to_string().contains("unknown variant `member`"));
+        // The default is not written out: definitions published before order_by read the same.
+        let def: Workflow = serde_yaml_ng::from_str("{id: w, trigger: {type: a}, steps: []}").unwrap();
+        assert!(!serde_json::to_string(&def).unwrap().contains("order_by"));
     }
 
     /// `weir workflows apply` names file, line and column for every error in a definition.

@@ -48,6 +48,7 @@ pub fn sample_event(run: &str, n: usize, tenants: usize) -> Event {
         kind: kind.into(),
         time: Some(chrono::Utc::now().to_rfc3339()),
         tenant,
+        subject: None,
         datacontenttype: Some("application/json".into()),
         data,
     }

@@ -85,6 +85,8 @@ struct Inner {
     script: Mutex<Vec<(Instant, u16)>>,
     /// Arrival times of accepted requests in the last second, for `rate_limit`.
     recent: Mutex<std::collections::VecDeque<Instant>>,
+    /// Per tenant (`x-weir-tenant`): requests being answered now, and the most there ever were.
+    open: Mutex<std::collections::HashMap<String, (usize, usize)>>,
 }
 
 pub struct Receiver {
@@ -150,6 +152,12 @@ impl Receiver {
         std::mem::take(&mut *self.inner.calls.lock().expect("calls lock"))
     }
 
+    /// The most requests of `tenant` (its `x-weir-tenant` header) the receiver was answering at
+    /// once: 1 when its calls were made one at a time.
+    pub fn most_at_once(&self, tenant: &str) -> usize {
+        self.inner.open.lock().expect("open lock").get(tenant).map_or(0, |(_, most)| *most)
+    }
+
     /// Calls executed successfully, replays of an already succeeded key excluded.
     pub fn executed(&self) -> usize {
         self.inner.calls.lock().expect("calls lock").iter().filter(|c| c.status < 300 && !c.replayed).count()
@@ -177,6 +185,13 @@ async fn answer_call(inner: Arc<Inner>, method: Method, uri: Uri, headers: Heade
     let mode = inner.mode.lock().expect("mode lock").clone();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let key = header("idempotency-key");
+    let tenant = header("x-weir-tenant");
+    if let Some(t) = &tenant {
+        let mut open = inner.open.lock().expect("open lock");
+        let (now, most) = open.entry(t.clone()).or_default();
+        *now += 1;
+        *most = (*most).max(*now);
+    }
     let stored = key.as_ref().and_then(|k| inner.done.lock().expect("done lock").get(k).cloned());
     if !mode.latency.is_zero() && stored.is_none() {
         tokio::time::sleep(mode.latency).await;
@@ -203,9 +218,12 @@ async fn answer_call(inner: Arc<Inner>, method: Method, uri: Uri, headers: Heade
     if let (Some(k), true, None) = (&key, status < 300, &stored) {
         inner.done.lock().expect("done lock").insert(k.clone(), response.clone());
     }
+    if let Some(t) = &tenant {
+        inner.open.lock().expect("open lock").entry(t.clone()).or_default().0 -= 1;
+    }
     inner.calls.lock().expect("calls lock").push(Call {
         at,
-        tenant: header("x-weir-tenant"),
+        tenant,
         idempotency_key: key,
         body,
         raw,

@@ -81,6 +81,7 @@ fn event(tenant: usize, seq: u64) -> Event {
         kind: "member.created".into(),
         time: None,
         tenant: format!("tenant-{tenant}"),
+        subject: None,
         datacontenttype: Some("application/json".into()),
         data: json!({"seq": seq, "member": {"email": format!("m{seq}@example.com")}}),
     }

@@ -138,11 +138,19 @@ impl Mix {
         let index = EVENT_MIX.iter().position(|(k, _)| *k == kind).unwrap_or(0);
         let variants = &self.bodies[index];
         let data = &variants[rng.random_range(0..variants.len())];
+        // What the event is about: one of the tenant's members or posts (an order key, see
+        // docs/executor.md).
+        let resource = kind.split('.').next().unwrap_or("member");
+        let subject = rng.random_range(0..SUBJECTS);
         format!(
-            r#"{{"specversion":"1.0","id":"{id}","source":"/ghost/{tenant}","type":"{kind}","tenant":"{tenant}","datacontenttype":"application/json","data":{data}}}"#
+            r#"{{"specversion":"1.0","id":"{id}","source":"/ghost/{tenant}","type":"{kind}","tenant":"{tenant}","subject":"{resource}/{subject}","datacontenttype":"application/json","data":{data}}}"#
         )
     }
 }
+
+/// Members (or posts) per tenant the events are about, drawn uniformly: a site's busy members
+/// see a few events a minute at most.
+const SUBJECTS: u64 = 10_000;
 
 /// An action result as the executor writes it, for the sink scenario and its COPY comparison.
 pub(crate) fn result_json(seq: u64, event_id: &str, tenant: &str, finished_at: &str) -> String {

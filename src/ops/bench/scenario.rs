@@ -86,8 +86,14 @@ impl Setting {
         config.topic_prefix = format!("{kind}{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         config.metrics_addr = None;
         let receiver = Arc::new(Receiver::start().await.context("starting the HTTP receiver")?);
-        let service =
-            ServiceConfig { url: receiver.url("hook"), timeout: Duration::from_secs(10), ..Default::default() };
+        // The config's own `webhook` service, if it has one (its concurrency, tenant_concurrency,
+        // retry, breaker: what an A/B with `--config` varies), pointed at the receiver.
+        let service = ServiceConfig {
+            url: receiver.url("hook"),
+            timeout: Duration::from_secs(10),
+            limits: Vec::new(),
+            ..base.services.get(SERVICE).cloned().unwrap_or_default()
+        };
         config.services = [(SERVICE.to_string(), service)].into();
         // The receiver is on this machine, which the network policy refuses unless allowed.
         config.network.allow.push(std::net::IpAddr::from([127, 0, 0, 1]).into());

@@ -36,6 +36,9 @@ pub(crate) const PAUSE_GRACE: Duration = Duration::from_millis(100);
 pub(crate) trait Task {
     fn tenant(&self) -> &str;
     fn partition(&self) -> i32;
+    /// The hash of its order key ([`order_hash`](super::queues::order_hash)): a tenant's tasks
+    /// with the same one are called one at a time, in order.
+    fn order(&self) -> u64;
 }
 
 /// What to do with a partition after a change in what it holds.
@@ -72,10 +75,11 @@ struct Uncalled {
 }
 
 impl<T: Task> InFlight<T> {
-    /// Bookkeeping with the bounds of `limits`, calling up to `per_tenant` tasks of a tenant at once.
+    /// Bookkeeping with the bounds of `limits`, calling up to `per_tenant` tasks of a tenant at
+    /// once (of different order keys).
     pub fn new(per_tenant: usize, limits: &ExecutorConfig) -> Self {
         InFlight {
-            lanes: Lanes::with_per_key(per_tenant),
+            lanes: Lanes::with_per_tenant(per_tenant),
             max_buffered: limits.max_buffered,
             partition_max_buffered: limits.partition_max_buffered,
             tenant_max_buffered: limits.tenant_max_buffered,
@@ -135,21 +139,23 @@ impl<T: Task> InFlight<T> {
                 flow = Flow::Pause(partition);
             }
         }
-        self.lanes.push_keyed(task, |t| t.tenant());
+        let order = task.order();
+        self.lanes.push_keyed(task, order, |t| t.tenant());
         flow
     }
 
-    /// The next task whose tenant may have another call going, with its tenant. It counts as it
-    /// did until [`called`](Self::called) or [`gave_up`](Self::gave_up).
+    /// The next task whose tenant may have another call going and whose order key has none,
+    /// with its tenant. It counts as it did until [`called`](Self::called) or
+    /// [`gave_up`](Self::gave_up).
     pub(crate) fn next_call(&mut self) -> Option<(Arc<str>, T)> {
-        self.lanes.start_next()
+        self.lanes.start_next().map(|(tenant, _, task)| (tenant, task))
     }
 
-    /// The call of a task of `tenant` in `partition` returned: the tenant's next task may start
-    /// and the partition no longer counts it. It still counts towards `max_buffered` until
-    /// [`settled`](Self::settled).
-    pub fn called(&mut self, tenant: &str, partition: i32) -> Flow {
-        self.lanes.finish(tenant);
+    /// The call of a task of `tenant` with order key `order` in `partition` returned: the
+    /// tenant's and the key's next tasks may start and the partition no longer counts it. It
+    /// still counts towards `max_buffered` until [`settled`](Self::settled).
+    pub fn called(&mut self, tenant: &str, order: u64, partition: i32) -> Flow {
+        self.lanes.finish(tenant, order);
         let bound = self.partition_max_buffered;
         let uncalled = self.partitions.entry(partition).or_default();
         uncalled.count = uncalled.count.saturating_sub(1);
@@ -199,9 +205,9 @@ impl<T: Task> InFlight<T> {
 
     /// A task that was taken ends without a call: the executor is stopping, or its partition was
     /// revoked while it waited. Its offset is not stored: whoever owns the partition next calls it.
-    pub(crate) fn gave_up(&mut self, tenant: &str, partition: i32) -> Flow {
+    pub(crate) fn gave_up(&mut self, tenant: &str, order: u64, partition: i32) -> Flow {
         self.settled();
-        self.called(tenant, partition)
+        self.called(tenant, order, partition)
     }
 
     /// When a task of `tenant` should be deferred rather than taken, the time (epoch ms) it is
@@ -248,6 +254,10 @@ mod tests {
         fn partition(&self) -> i32 {
             self.1
         }
+
+        fn order(&self) -> u64 {
+            0
+        }
     }
 
     fn in_flight(max: usize, partition_max: usize, tenant_max: usize) -> InFlight<T> {
@@ -270,7 +280,7 @@ mod tests {
         assert_eq!(f.next_call(), Some((Arc::from("a"), T("a", 0, 1))));
         assert_eq!(f.next_call(), Some((Arc::from("b"), T("b", 0, 1))));
         assert_eq!(f.next_call(), None, "a's second task waits for its first call");
-        let _ = f.called("a", 0);
+        let _ = f.called("a", 0, 0);
         assert_eq!(f.next_call(), Some((Arc::from("a"), T("a", 0, 2))));
     }
 
@@ -283,12 +293,12 @@ mod tests {
         let _ = f.take(T("b", 1, 1), now);
         assert!(!f.may_take_batch(), "two taken of two");
         let (tenant, task) = f.next_call().unwrap();
-        let _ = f.called(&tenant, task.1);
+        let _ = f.called(&tenant, 0, task.1);
         assert!(!f.may_take_batch(), "a called task counts until its outcome is durable");
         f.settled();
         assert!(f.may_take_batch());
         let (tenant, task) = f.next_call().unwrap();
-        let _ = f.gave_up(&tenant, task.1);
+        let _ = f.gave_up(&tenant, 0, task.1);
         assert_eq!(f.taken, 0, "a task given up counts no more");
         f.moving();
         f.moving();
@@ -305,7 +315,7 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(f.take(T("b", 5, 0), t0), Flow::Keep);
         assert_eq!(f.next_call(), Some((Arc::from("b"), T("b", 5, 0))));
-        assert_eq!(f.called("b", 5), Flow::Resume(5), "resuming a partition not paused does nothing");
+        assert_eq!(f.called("b", 0, 5), Flow::Resume(5), "resuming a partition not paused does nothing");
         for n in 0..4 {
             assert_eq!(f.take(T("a", 3, n), t0), Flow::Keep, "at the bound, within the grace");
         }
@@ -316,7 +326,7 @@ mod tests {
         for _ in 0..4 {
             let (tenant, task) = f.next_call().unwrap();
             assert_eq!(&*tenant, "a");
-            flows.push(f.called(&tenant, task.1));
+            flows.push(f.called(&tenant, 0, task.1));
         }
         assert_eq!(flows, [Flow::Keep, Flow::Keep, Flow::Keep, Flow::Resume(3)]);
         assert_eq!(f.partitions[&3].over_since, None, "under the bound, the grace starts again");
@@ -341,7 +351,7 @@ mod tests {
         assert_eq!(evicted, [T("a", 3, 2), T("a", 3, 3), T("a", 3, 4), T("a", 3, 5), T("a", 3, 6)]);
         assert_eq!(flow, Flow::Resume(3), "two left uncalled of a bound of four");
         assert_eq!((f.taken, f.moving, f.queued("a")), (2, 5, 2));
-        let _ = f.called(&tenant, first.1);
+        let _ = f.called(&tenant, 0, first.1);
         assert_eq!(f.next_call(), Some((Arc::from("a"), T("a", 3, 1))), "the earliest stay, in order");
         assert_eq!(f.evict("a", 3, 0).0, [], "a running task stays");
     }
@@ -359,7 +369,7 @@ mod tests {
         assert_eq!(f.deferral("b", false, now, per_call), None, "other tenants are taken");
         // While a is deferred, its new tasks queue behind the deferred ones, even with room.
         let (tenant, task) = f.next_call().unwrap();
-        let _ = f.called(&tenant, task.1);
+        let _ = f.called(&tenant, 0, task.1);
         assert_eq!(f.deferral("a", false, now, per_call), Some(now + 400));
         assert_eq!(f.deferral("a", true, now, per_call), None, "a deferred task coming back joins the lane");
         f.tidy(now + 399);

@@ -5,8 +5,10 @@
 //! shares the service's connector, limits, breaker and call slots with the others (the slots go to
 //! the priorities by weight: [`fair`]). A task goes through:
 //!
-//! 1. [`Lanes`](queues::Lanes) keyed by tenant: a tenant's tasks start in event order, `tenant_concurrency` at a
-//!    time, while other tenants go on. Tasks therefore finish out of partition order; the
+//! 1. [`Lanes`](queues::Lanes) per tenant and order key: a tenant's tasks with the same order key
+//!    (its workflow's `order_by`: the event's subject by default, else the tenant) start one at
+//!    a time in event order, up to `tenant_concurrency` of its keys at once, while other tenants
+//!    go on. Tasks therefore finish out of partition order; the
 //!    [`OffsetTracker`](crate::kafka::offsets::OffsetTracker) commits only below the lowest unfinished.
 //! 2. The tenant's own limits ([`throttle`]), *before* taking a concurrency slot: a tenant over
 //!    its limit waits without holding what other tenants need. A tenant with more than
@@ -105,11 +107,11 @@ enum Step {
     /// The call of a task returned: its tenant's next task may start. `settle` makes the outcome
     /// durable; it runs after the lane is freed, so a tenant's next call does not wait for this
     /// one's result to be acknowledged. `throttled`: it waited for its tenant's own limit.
-    Called { tenant: Arc<str>, partition: i32, throttled: bool, settle: BoxFuture<'static, Step> },
+    Called { tenant: Arc<str>, order: u64, partition: i32, throttled: bool, settle: BoxFuture<'static, Step> },
     /// A task taken into the lanes ended without a call (the executor is stopping, or its
     /// partition was revoked while it waited): its offset is not stored, the partition's next
     /// owner calls it.
-    GaveUp { tenant: Arc<str>, partition: i32 },
+    GaveUp { tenant: Arc<str>, order: u64, partition: i32 },
     /// A called task's outcome (a result, a retry, or a dead letter and a failed result).
     Settled { mark: Mark, produced: Produced },
     /// A record that never entered the lanes: dead-lettered (undecodable), deferred or overflowed.
@@ -119,6 +121,8 @@ enum Step {
 struct Job {
     message: OwnedMessage,
     task: ActionTask,
+    /// The hash of the task's order key (see [`queues`]).
+    order: u64,
     ticket: Ticket,
     /// Read back from the overflow topic.
     overflow: bool,
@@ -131,6 +135,10 @@ impl in_flight::Task for Job {
 
     fn partition(&self) -> i32 {
         self.ticket.partition
+    }
+
+    fn order(&self) -> u64 {
+        self.order
     }
 }
 
@@ -308,7 +316,7 @@ async fn main_loop(
             if executor.owns(&job.ticket, job.overflow) {
                 running.push(executor.clone().execute(tenant, job));
             } else {
-                steer(&source, in_flight.gave_up(&tenant, job.ticket.partition));
+                steer(&source, in_flight.gave_up(&tenant, job.order, job.ticket.partition));
             }
         }
         let may_take = in_flight.may_take_batch();
@@ -433,17 +441,17 @@ fn book(
     let mut next = Some(first);
     while let Some(step) = next.take() {
         let produced = match step {
-            Step::Called { tenant, partition, throttled, settle } => {
+            Step::Called { tenant, order, partition, throttled, settle } => {
                 if throttled {
                     classes.count(&tenant, Counted::Throttled);
                 }
                 classes.count(&tenant, Counted::Called);
-                steer(source, in_flight.called(&tenant, partition));
+                steer(source, in_flight.called(&tenant, order, partition));
                 running.push(settle);
                 None
             }
-            Step::GaveUp { tenant, partition } => {
-                steer(source, in_flight.gave_up(&tenant, partition));
+            Step::GaveUp { tenant, order, partition } => {
+                steer(source, in_flight.gave_up(&tenant, order, partition));
                 None
             }
             Step::Settled { mark, produced } => {
@@ -597,7 +605,8 @@ impl Executor {
                 }
             }
         }
-        let job = Job { message: d.message, task, ticket: d.ticket, overflow: from_overflow };
+        let order = queues::order_hash(task.order_key.as_deref());
+        let job = Job { message: d.message, task, order, ticket: d.ticket, overflow: from_overflow };
         steer(stage.source, stage.in_flight.take(job, received));
     }
 
@@ -676,24 +685,24 @@ impl Executor {
     /// Runs `job`, holding the lane of `tenant` until the call returns.
     fn execute(self: Arc<Self>, tenant: Arc<str>, job: Job) -> BoxFuture<'static, Step> {
         async move {
-            let Job { message, task, ticket, overflow } = job;
+            let Job { message, task, order, ticket, overflow } = job;
             let partition = ticket.partition;
             // A task whose call already succeeded (a copy replayed after a crash or a rebalance)
             // is done: its result is on the results topic, so its offset is stored without a call.
             let done = tokio::select! {
                 biased;
-                _ = self.calls.cancelled() => return Step::GaveUp { tenant, partition },
+                _ = self.calls.cancelled() => return Step::GaveUp { tenant, order, partition },
                 done = self.completed.succeeded(&ticket, overflow, &task.task_id) => done,
             };
             if done {
                 let settle = async move { Step::Settled { mark: Mark { ticket, overflow }, produced: Ok(()) } };
-                return Step::Called { tenant, partition, throttled: false, settle: settle.boxed() };
+                return Step::Called { tenant, order, partition, throttled: false, settle: settle.boxed() };
             }
             // A task past its `expires_after`, or of a cancelled run, is not worth calling (nor
             // waiting for a slot): it becomes an `expired` or `cancelled` result, as it would at
             // the call below.
             if let Some(end) = self.uncalled(&task) {
-                return self.end_uncalled(tenant, task, ticket, overflow, end);
+                return self.end_uncalled((tenant, order), task, ticket, overflow, end);
             }
             let estimate = self.connector.estimate_cost(&task);
             let ready = async {
@@ -708,20 +717,20 @@ impl Executor {
             let (slot, admission, throttled) = tokio::select! {
                 // First, so that a task started after the executor began stopping does not wait.
                 biased;
-                _ = self.calls.cancelled() => return Step::GaveUp { tenant, partition },
+                _ = self.calls.cancelled() => return Step::GaveUp { tenant, order, partition },
                 ready = ready => ready,
             };
             // Waiting may have outlasted the partition's assignment; its new owner calls instead.
             if !self.owns(&ticket, overflow) || self.calls.is_cancelled() {
                 self.breaker.record(admission, Verdict::Neutral);
-                return Step::GaveUp { tenant, partition };
+                return Step::GaveUp { tenant, order, partition };
             }
             // It may have expired, or its run been cancelled, while it waited for its limits and
             // a slot.
             if let Some(end) = self.uncalled(&task) {
                 self.breaker.record(admission, Verdict::Neutral);
                 drop(slot);
-                return self.end_uncalled(tenant, task, ticket, overflow, end);
+                return self.end_uncalled((tenant, order), task, ticket, overflow, end);
             }
             let started = Instant::now();
             let outcome = match self.step_timeout(&task) {
@@ -753,7 +762,7 @@ impl Executor {
                 drop(slot);
                 Step::Settled { mark: Mark { ticket, overflow }, produced }
             };
-            Step::Called { tenant, partition, throttled, settle: settle.boxed() }
+            Step::Called { tenant, order, partition, throttled, settle: settle.boxed() }
         }
         .boxed()
     }
@@ -775,7 +784,7 @@ impl Executor {
     /// result frees the lane at once.
     fn end_uncalled(
         self: Arc<Self>,
-        tenant: Arc<str>,
+        (tenant, order): (Arc<str>, u64),
         task: ActionTask,
         ticket: Ticket,
         overflow: bool,
@@ -786,7 +795,7 @@ impl Executor {
             let produced = self.send_result(task, status, None, Some(reason), None, None, Duration::ZERO).await;
             Step::Settled { mark: Mark { ticket, overflow }, produced }
         };
-        Step::Called { tenant, partition, throttled: false, settle: settle.boxed() }
+        Step::Called { tenant, order, partition, throttled: false, settle: settle.boxed() }
     }
 
     /// The step's own timeout, when it is shorter than the service's (the client's timeout

@@ -9,6 +9,8 @@
 //! is derived from the signed request, so Ghost's own retries of a delivery (same body, same
 //! signature) are one event.
 
+use serde_json::Value as Json;
+
 use super::Request;
 use crate::{envelope::Event, stages::ingest::refusal::Refusal};
 
@@ -73,7 +75,17 @@ pub(super) fn parse(request: &Request<'_>) -> Result<Event, Refusal> {
     if resource != "site" && data.get(resource).is_none() {
         return Err(Refusal::invalid(format!("a Ghost {event} webhook's body holds a `{resource}` object")));
     }
-    Ok(request.event(request.derived_id(), weir_type(event), None, data))
+    let subject = subject(resource, &data);
+    Ok(Event { subject, ..request.event(request.derived_id(), weir_type(event), None, data) })
+}
+
+/// The subject of a Ghost webhook: its resource and the resource's id (`member/6543…`), from the
+/// current state or, for a deletion, the previous one. A member's or post's calls then stay in
+/// order while the site's others go on (a workflow's `order_by: subject`).
+fn subject(resource: &str, data: &Json) -> Option<String> {
+    let body = data.get(resource)?;
+    let id = ["current", "previous"].iter().find_map(|state| body.get(state)?.get("id")?.as_str())?;
+    Some(format!("{resource}/{id}"))
 }
 
 #[cfg(test)]
@@ -87,5 +99,15 @@ mod tests {
         assert_eq!(weir_type("post.published.edited"), "post.published.updated");
         assert_eq!(weir_type("post.tag.attached"), "post.tag.attached");
         assert_eq!(weir_type("site.changed"), "site.changed");
+    }
+
+    #[test]
+    fn a_webhooks_subject_is_its_resource_and_id() {
+        let current = serde_json::json!({"member": {"current": {"id": "6543a"}, "previous": {}}});
+        assert_eq!(subject("member", &current).as_deref(), Some("member/6543a"));
+        let deleted = serde_json::json!({"post": {"current": {}, "previous": {"id": "p-9"}}});
+        assert_eq!(subject("post", &deleted).as_deref(), Some("post/p-9"));
+        assert_eq!(subject("site", &serde_json::json!({})), None, "nothing to name: the tenant's order");
+        assert_eq!(subject("member", &serde_json::json!({"member": {"current": {"id": 7}}})), None);
     }
 }

@@ -110,6 +110,7 @@ impl Request<'_> {
             kind,
             time: Some(time.unwrap_or_else(|| self.time())),
             tenant: self.auth.tenant.clone(),
+            subject: None,
             datacontenttype: Some(content_type(self.headers).unwrap_or(crate::envelope::JSON).to_string()),
             data,
         }
