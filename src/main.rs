@@ -110,6 +110,11 @@ enum Command {
         /// backlog: stages of the separate `weir run` process that drains it.
         #[arg(long, value_enum, default_value = "evaluate")]
         stages: weir::ops::bench::backlog::BacklogStages,
+        /// Run the stages of evaluate, pipeline, throttled and sink in this process, beside the
+        /// load generator, instead of in a `weir run` child process (as builds before 2026-12-07
+        /// did; for an A/B against one).
+        #[arg(long)]
+        in_process: bool,
     },
     /// Where each stage stands: its consumer groups' members, partitions, lag and oldest
     /// unprocessed record, each service's breaker and throttle wait, the dead letters
@@ -424,7 +429,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages } => {
+        Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages, in_process } => {
             use weir::ops::bench::{noisy, replay, RateArg, Scenario};
             let scenarios = scenario.scenarios();
             // The noisy and replay scenarios' defaults are the issues' measurements (20 quiet
@@ -447,6 +452,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 out,
                 progress: true,
                 backlog,
+                in_process,
             };
             let report = weir::ops::bench::run(&config, &options).await?;
             print!("{}", report.table());

@@ -41,7 +41,9 @@ async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
         tenants: 50,
         out: out.path().to_path_buf(),
         progress: false,
-        backlog: Default::default(),
+        // The stages run in `weir run` children: the built binary (this one is the test harness).
+        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
+        in_process: false,
     };
     let report = bench::run(&config, &options).await.expect("every scenario runs");
     assert_eq!(report.scenarios.len(), Scenario::ALL.len());
@@ -52,6 +54,10 @@ async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
         assert!(s.cpu_s.weir_s > 0.0 && s.peak_rss_mb > 0.0, "{name}: CPU and RSS are read");
         assert!(s.ratio_to_baseline.is_some(), "{name}: a ratio against the baseline of the same run");
         assert!(!s.series.is_empty(), "{name}: a series over time");
+        if s.scenario != Scenario::Baseline {
+            assert_eq!(s.extra["stages_run_in"], "weir run child", "{name}");
+            assert!(s.cpu_s.bench_s > 0.0, "{name}: the generator's CPU is measured apart from the stages'");
+        }
     }
     let throttled = report.scenarios.iter().find(|s| s.scenario == Scenario::Throttled).unwrap();
     assert!(throttled.extra["configured_per_s"].as_u64().unwrap() > 0);
@@ -71,6 +77,28 @@ async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
     assert!(report.table().lines().count() > Scenario::ALL.len(), "a table row per scenario");
 }
 
+/// `--in-process`, for an A/B against builds that measured that way: the stages share this
+/// process, whose CPU is then all counted as the stages'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stages_can_still_run_in_the_bench_process() {
+    let out = tempfile::tempdir().unwrap();
+    let options = bench::Options {
+        scenarios: vec![Scenario::Evaluate],
+        duration: Duration::from_secs(3),
+        rate: RateArg::FlatOut,
+        tenants: 20,
+        out: out.path().to_path_buf(),
+        progress: false,
+        backlog: Default::default(),
+        in_process: true,
+    };
+    let report = bench::run(&bench_config(), &options).await.expect("the evaluate scenario runs");
+    let s = &report.scenarios[0];
+    assert!(s.events > 0, "events through");
+    assert_eq!(s.extra["stages_run_in"], "this process");
+    assert_eq!(s.cpu_s.bench_s, 0.0, "nothing to tell apart: the stages' CPU is this process's");
+}
+
 #[tokio::test]
 async fn bad_options_are_refused_with_the_reason() {
     let options = bench::Options {
@@ -81,6 +109,7 @@ async fn bad_options_are_refused_with_the_reason() {
         out: std::env::temp_dir(),
         progress: false,
         backlog: Default::default(),
+        in_process: false,
     };
     let err = bench::run(&Config::default(), &options).await.unwrap_err();
     assert!(err.to_string().contains("--tenants"), "{err}");
@@ -107,6 +136,7 @@ async fn the_backlog_is_drained_by_a_separate_process_whose_memory_is_sampled() 
                 stages,
                 binary: Some(env!("CARGO_BIN_EXE_weir").into()),
             },
+            in_process: false,
         };
         let report = bench::run(&bench_config(), &options).await.expect("the backlog scenario runs");
         let s = &report.scenarios[0];
@@ -161,6 +191,7 @@ async fn bad_backlog_options_are_refused_with_the_flag() {
         out: std::env::temp_dir(),
         progress: false,
         backlog: BacklogOptions { body_bytes: 5, ..Default::default() },
+        in_process: false,
     };
     let err = bench::run(&Config::default(), &options).await.unwrap_err();
     assert!(err.to_string().contains("--body-bytes"), "{err}");
@@ -182,6 +213,7 @@ async fn the_noisy_scenario_reports_every_quiet_tenant_beside_its_uncontended_se
         out: out.path().to_path_buf(),
         progress: false,
         backlog: Default::default(),
+        in_process: false,
     };
     let report = bench::run(&bench_config(), &options).await.expect("the noisy scenario runs");
     assert_eq!(report.scenarios.len(), 1);
@@ -259,6 +291,7 @@ async fn the_noisy_scenario_refuses_what_it_cannot_measure() {
         out: std::env::temp_dir(),
         progress: false,
         backlog: Default::default(),
+        in_process: false,
     };
     let err = bench::run(&Config::default(), &options(1, RateArg::PerSecond(400))).await.unwrap_err();
     assert!(err.to_string().contains("--tenants") && err.to_string().contains("partition"), "{err}");
@@ -279,6 +312,7 @@ async fn the_replay_scenario_measures_live_traffic_beside_a_replay() {
         out: out.path().to_path_buf(),
         progress: false,
         backlog: BacklogOptions { events: 1_500, ..Default::default() },
+        in_process: false,
     };
     let report = bench::run(&bench_config(), &options).await.expect("the replay scenario runs");
     let s = &report.scenarios[0];
@@ -313,6 +347,7 @@ async fn the_ingest_scenario_reports_http_beside_produce() {
         out: out.path().to_path_buf(),
         progress: false,
         backlog: Default::default(),
+        in_process: false,
     };
     let report = bench::run(&bench_config(), &options).await.expect("the ingest scenario runs");
     let s = &report.scenarios[0];

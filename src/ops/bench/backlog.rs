@@ -69,7 +69,8 @@ pub struct BacklogOptions {
     /// Size of each event's `data` body; the whole record is ~180 bytes more.
     pub body_bytes: usize,
     pub stages: BacklogStages,
-    /// The `weir` binary to start; `None`: this executable (tests pass the built binary, since
+    /// The `weir` binary of the child processes (the backlog's, and every scenario's stages
+    /// unless `--in-process`); `None`: this executable (tests pass the built binary, since
     /// theirs is the test harness).
     pub binary: Option<PathBuf>,
 }
@@ -416,12 +417,17 @@ impl ChildProcess {
         stages: BacklogStages,
         log: &Path,
     ) -> anyhow::Result<ChildProcess> {
+        ChildProcess::start_with(binary, config, stages.args(), log)
+    }
+
+    /// `weir --config <config> run <args>`, its output to `log`.
+    pub(super) fn start_with(binary: &Path, config: &Path, args: &[&str], log: &Path) -> anyhow::Result<ChildProcess> {
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(binary)
             .arg("--config")
             .arg(config)
             .arg("run")
-            .args(stages.args())
+            .args(args)
             // The file says where everything is (the scenario's database, for one).
             .env_remove("DATABASE_URL")
             .env_remove("WEIR_BROKERS")
@@ -434,7 +440,7 @@ impl ChildProcess {
         Ok(ChildProcess { child, log: log.to_path_buf() })
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
 

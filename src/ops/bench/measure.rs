@@ -168,6 +168,7 @@ impl Meter {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CpuSample {
     weir: f64,
+    bench: f64,
     broker: HashMap<u32, f64>,
     postgres: HashMap<u32, f64>,
 }
@@ -175,8 +176,12 @@ pub(crate) struct CpuSample {
 /// CPU seconds used between two samples.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CpuUsed {
-    /// This process: the stages under test, plus the load generator and the observer.
+    /// The process running the stages under test: the `weir run` child, or this process when
+    /// they run in it (`--in-process`; it then includes the generator, observer and receiver).
     pub weir_s: f64,
+    /// This process (the load generator, the observer and the HTTP receiver) when the stages run
+    /// in a child; 0 otherwise (counted in `weir_s`).
+    pub bench_s: f64,
     /// The Kafka broker's JVM (found by `kafka.Kafka` in its command line); 0 if not found.
     pub broker_s: f64,
     /// Every `postgres` process alive at the end of the window (backends that exited during
@@ -194,9 +199,15 @@ impl CpuSample {
         CpuSample::with_weir(&pid.to_string())
     }
 
+    /// [`of_child`](Self::of_child) when there is a child, else [`now`](Self::now).
+    pub(crate) fn of(child: Option<u32>) -> CpuSample {
+        child.map_or_else(CpuSample::now, CpuSample::of_child)
+    }
+
     fn with_weir(weir: &str) -> CpuSample {
         let tick = clock_ticks();
-        let mut sample = CpuSample { weir: process_cpu(weir, tick).unwrap_or(0.0), ..Default::default() };
+        let bench = if weir == "self" { 0.0 } else { process_cpu("self", tick).unwrap_or(0.0) };
+        let mut sample = CpuSample { weir: process_cpu(weir, tick).unwrap_or(0.0), bench, ..Default::default() };
         for (pid, kind) in service_pids() {
             let Some(cpu) = process_cpu(&pid.to_string(), tick) else { continue };
             match kind {
@@ -213,6 +224,7 @@ impl CpuSample {
         };
         CpuUsed {
             weir_s: self.weir - earlier.weir,
+            bench_s: self.bench - earlier.bench,
             broker_s: delta(&self.broker, &earlier.broker),
             postgres_s: delta(&self.postgres, &earlier.postgres),
         }
@@ -263,12 +275,22 @@ fn service_pids() -> Vec<(u32, Service)> {
 
 /// Resets this process's peak RSS, so each scenario reports its own.
 pub(crate) fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    reset_peak_rss_of("self");
 }
 
 /// Peak RSS (VmHWM) of this process in MB.
 pub fn peak_rss_mb() -> f64 {
-    status_mb("self", "VmHWM").unwrap_or(0.0)
+    peak_rss_mb_of("self")
+}
+
+/// [`reset_peak_rss`] of `pid` (a child).
+pub(crate) fn reset_peak_rss_of(pid: &str) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// [`peak_rss_mb`] of `pid` (a child).
+pub(crate) fn peak_rss_mb_of(pid: &str) -> f64 {
+    status_mb(pid, "VmHWM").unwrap_or(0.0)
 }
 
 /// A memory figure (`VmRSS`, `VmHWM`, ...) of `/proc/<pid>/status` in MB; `None` once the process

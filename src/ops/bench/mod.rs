@@ -189,6 +189,10 @@ pub struct Options {
     pub progress: bool,
     /// What the backlog scenario fills and runs.
     pub backlog: backlog::BacklogOptions,
+    /// Run the stages of the baseline-relative scenarios (evaluate, pipeline, throttled, sink)
+    /// in this process, beside the generator and observer, instead of in a `weir run` child: how
+    /// builds before 2026-12-07 measured, for an A/B against one.
+    pub in_process: bool,
 }
 
 impl Options {

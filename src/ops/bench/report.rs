@@ -75,9 +75,10 @@ impl ScenarioReport {
         let c = &self.cpu_s;
         self.cpu_s_per_million = [
             ("weir", per_million(c.weir_s)),
+            ("bench", per_million(c.bench_s)),
             ("broker", per_million(c.broker_s)),
             ("postgres", per_million(c.postgres_s)),
-            ("total", per_million(c.weir_s + c.broker_s + c.postgres_s)),
+            ("total", per_million(c.weir_s + c.bench_s + c.broker_s + c.postgres_s)),
         ]
         .into();
     }

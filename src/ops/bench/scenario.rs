@@ -16,6 +16,7 @@ use rdkafka::{
 use serde_json::json;
 
 use super::{
+    backlog::{write_child_config, ChildProcess},
     load::{self, Mix, Progress, Rate, Shape},
     measure::{self, CpuSample, Meter},
     report::ScenarioReport,
@@ -123,7 +124,60 @@ impl Setting {
 /// What runs under test, to stop once measured.
 enum UnderTest {
     Passthrough(std::thread::JoinHandle<anyhow::Result<()>>),
+    /// The stages in this process (`--in-process`).
     Stages(Pipeline),
+    /// The stages in a `weir run` child, measured apart from the generator, observer and
+    /// receiver (this process).
+    Child(ChildProcess),
+}
+
+impl UnderTest {
+    /// The process whose CPU and memory are the scenario's: the child, or this one.
+    fn pid(&self) -> Option<u32> {
+        match self {
+            UnderTest::Child(c) => Some(c.pid()),
+            _ => None,
+        }
+    }
+
+    /// Where it runs, for the report.
+    fn place(&self) -> &'static str {
+        match self {
+            UnderTest::Child(_) => "weir run child",
+            _ => "this process",
+        }
+    }
+}
+
+/// Starts `stages` as `options` say: in a `weir run` child (the default), or in this process.
+async fn start_stages(
+    config: &Config,
+    options: &Options,
+    stages: &[StageName],
+    workdir: &Path,
+) -> anyhow::Result<UnderTest> {
+    if options.in_process {
+        return Ok(UnderTest::Stages(Pipeline::start(Arc::new(config.clone()), stages).await?));
+    }
+    let binary = match &options.backlog.binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().context("finding the weir binary to start")?,
+    };
+    std::fs::create_dir_all(workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    let file = write_child_config(config, workdir)?;
+    let args: Vec<&str> = stages
+        .iter()
+        .flat_map(|s| {
+            let name = match s {
+                StageName::Ingest => "ingest",
+                StageName::Evaluate => "evaluate",
+                StageName::Execute => "execute",
+                StageName::Sink => "sink",
+            };
+            ["--stage", name]
+        })
+        .collect();
+    Ok(UnderTest::Child(ChildProcess::start_with(&binary, &file, &args, &workdir.join("weir-run.log"))?))
 }
 
 /// Where output is observed.
@@ -176,7 +230,7 @@ async fn drive(
                 Scenario::Throttled => &[StageName::Evaluate, StageName::Execute],
                 _ => &Pipeline::ALL,
             };
-            let pipeline = Pipeline::start(Arc::new(config.clone()), stages).await?;
+            let under_test = start_stages(config, options, stages, workdir).await?;
             let observer = if scenario == Scenario::Evaluate {
                 Observer::Topic(observe_topic(
                     config,
@@ -187,7 +241,7 @@ async fn drive(
             } else {
                 Observer::Receiver(observe_receiver(receiver.clone(), meter.clone(), progress.clone()))
             };
-            (UnderTest::Stages(pipeline), observer, (config.names().events(), Shape::Events))
+            (under_test, observer, (config.names().events(), Shape::Events))
         }
         Scenario::Backlog => bail!("the backlog scenario runs through bench::backlog"),
         Scenario::Noisy | Scenario::NoisyBurst => bail!("the noisy scenarios run through bench::noisy"),
@@ -195,22 +249,28 @@ async fn drive(
         Scenario::Scale => bail!("the scale scenario runs through bench::scale"),
         Scenario::Ingest => bail!("the ingest scenario runs through bench::ingest"),
         Scenario::Sink => {
-            let pipeline = Pipeline::start(Arc::new(config.clone()), &[StageName::Sink]).await?;
+            let under_test = start_stages(config, options, &[StageName::Sink], workdir).await?;
             let observer = observe_committed(config, progress.clone())?;
-            (UnderTest::Stages(pipeline), Observer::Committed(observer), (config.names().results(), Shape::Results))
+            (under_test, Observer::Committed(observer), (config.names().results(), Shape::Results))
         }
     };
 
     let generator = load::spawn(config, input.0, input.1, mix.clone(), rate, head_start, progress.clone())?;
     let settle = (scenario == Scenario::Throttled).then_some(THROTTLE_PER_SECOND);
-    let measured = measure_window(options, scenario, &meter, &progress, warm_until, settle).await;
+    let measured = measure_window(options, scenario, &meter, &progress, warm_until, settle, under_test.pid()).await;
     progress.stop.cancel();
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
+    let place = under_test.place();
+    let child_log = match (&under_test, &measured) {
+        (UnderTest::Child(c), Err(_)) => Some(c.log_tail()),
+        _ => None,
+    };
     let stopped = match under_test {
         UnderTest::Passthrough(t) => {
             tokio::task::spawn_blocking(move || t.join()).await?.unwrap_or_else(|_| bail!("the passthrough panicked"))
         }
         UnderTest::Stages(p) => p.stop().await,
+        UnderTest::Child(c) => c.stop().await,
     };
     let observed = match observer {
         Observer::Topic(t) => {
@@ -221,7 +281,10 @@ async fn drive(
             Ok(())
         }
     };
-    let (window, mut report) = measured?;
+    let (window, mut report) = match (measured, &child_log) {
+        (Err(e), Some(log)) => bail!("{e:#}\nthe weir run child's log ends:\n{log}"),
+        (measured, _) => measured?,
+    };
     stopped?;
     observed?;
     if let Some(e) = progress.error.lock().expect("error lock").take() {
@@ -231,6 +294,7 @@ async fn drive(
     // What the generator offered in all (warm-up included): with what was seen, tells whether
     // the scenario kept up.
     report.extra.insert("produced".into(), json!(progress.produced.load(Ordering::Relaxed)));
+    report.extra.insert("stages_run_in".into(), json!(place));
     match scenario {
         Scenario::Pipeline => {
             let (rows, latency) = stored_latency(&config.database_url, &window).await?;
@@ -278,6 +342,7 @@ async fn measure_window(
     progress: &Progress,
     warm_until: u64,
     settle_per_s: Option<u64>,
+    child: Option<u32>,
 ) -> anyhow::Result<(Window, ScenarioReport)> {
     let warm_up = Instant::now();
     let mut last: Option<(Instant, u64)> = None;
@@ -317,8 +382,9 @@ async fn measure_window(
             .progress_chars("=> "),
     );
     bar.set_prefix(scenario.name());
-    measure::reset_peak_rss();
-    let cpu = CpuSample::now();
+    let under_test = child.map_or_else(|| "self".to_string(), |pid| pid.to_string());
+    measure::reset_peak_rss_of(&under_test);
+    let cpu = CpuSample::of(child);
     let start_us = load::now_us();
     // At a paced rate (not flat out, not the throttled backlog) only events produced inside the
     // window count: see `Meter::open`.
@@ -338,8 +404,8 @@ async fn measure_window(
         }
     }
     let end_us = load::now_us();
-    let cpu = CpuSample::now().since(&cpu);
-    let peak_rss_mb = measure::peak_rss_mb();
+    let cpu = CpuSample::of(child).since(&cpu);
+    let peak_rss_mb = measure::peak_rss_mb_of(&under_test);
     bar.finish_and_clear();
     let mut report = ScenarioReport::new(scenario, cpu, peak_rss_mb);
     if scenario != Scenario::Sink {
