@@ -212,7 +212,7 @@ async fn the_noisy_scenario_reports_every_quiet_tenant_beside_its_uncontended_se
         tenants: 4,
         out: out.path().to_path_buf(),
         progress: false,
-        backlog: Default::default(),
+        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
         in_process: false,
     };
     let report = bench::run(&bench_config(), &options).await.expect("the noisy scenario runs");
