@@ -99,6 +99,29 @@ async fn the_stages_can_still_run_in_the_bench_process() {
     assert_eq!(s.cpu_s.bench_s, 0.0, "nothing to tell apart: the stages' CPU is this process's");
 }
 
+/// The remote scenario: a service answering in 200 ms ± 50 ms, calls counted at the receiver,
+/// and the report says what bounds them (`concurrency` calls per 200 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_scenario_calls_a_slow_service_and_reports_its_bound() {
+    let out = tempfile::tempdir().unwrap();
+    let options = bench::Options {
+        scenarios: vec![Scenario::Remote],
+        duration: Duration::from_secs(3),
+        rate: RateArg::FlatOut,
+        tenants: 20,
+        out: out.path().to_path_buf(),
+        progress: false,
+        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
+        in_process: false,
+    };
+    let report = bench::run(&bench_config(), &options).await.expect("the remote scenario runs");
+    let s = &report.scenarios[0];
+    assert!(s.outputs > 0, "calls made");
+    assert!(s.latency_ms.p50 >= 150.0, "each call took the service's 200 ± 50 ms at least: {:?}", s.latency_ms);
+    let bound = s.extra["concurrency_bound_calls_per_s"].as_f64().unwrap();
+    assert!(s.extra["calls_per_s"].as_f64().unwrap() <= bound * 1.1, "{:?}", s.extra);
+}
+
 #[tokio::test]
 async fn bad_options_are_refused_with_the_reason() {
     let options = bench::Options {
