@@ -112,11 +112,6 @@ async fn run_with_kills(
     (killed, Outcome::of(&receiver, &url, Some(ordered_step)).await)
 }
 
-/// `WEIR_RECOVERY_EVENTS` if set (the issue's 100,000), else `default`: what fits a CI run.
-fn events_or(default: usize) -> usize {
-    std::env::var("WEIR_RECOVERY_EVENTS").ok().and_then(|n| n.parse().ok()).unwrap_or(default)
-}
-
 /// The checks of [`Outcome::check`], with at most the calls in flight at each of `kills` repeated,
 /// and the figure the issue asks for: repeated calls per kill.
 fn check((kills, outcome): (usize, Outcome), tasks: usize) {
@@ -132,7 +127,7 @@ fn check((kills, outcome): (usize, Outcome), tasks: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_six_times_repeats_at_most_the_calls_in_flight() {
     // WEIR_RECOVERY_EVENTS=100000 runs the issue's size (docs/recovery.md has its figures).
-    let n = events_or(12_000);
+    let n = events_or("WEIR_RECOVERY_EVENTS", 12_000);
     let outcome = run_with_kills(SINGLE, 1, "notify", n, 200, 6).await;
     check(outcome, n);
 }
@@ -141,7 +136,7 @@ async fn kill_9_six_times_repeats_at_most_the_calls_in_flight() {
 /// through the work. The record stage's next steps are replayed too (produced, then the transaction lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_a_diamond_workflow_calls_no_step_more_than_twice() {
-    let n = events_or(3_000);
+    let n = events_or("WEIR_RECOVERY_EVENTS", 3_000);
     let outcome = run_with_kills(DIAMOND, 4, "a", n, 100, 6).await;
     check(outcome, 4 * n);
 }
