@@ -33,14 +33,6 @@ use weir::{
     },
 };
 
-const SINGLE: &str = "
-id: notify
-version: 1
-trigger: {type: member.created}
-steps:
-  - {id: notify, service: webhook, input: {seq: '{{ data.seq }}'}}
-";
-
 /// Calls in flight at once, and tasks an executor holds until their outcome is durable. A member
 /// that gives partitions up (a revocation) or leaves can have a call of each task it holds for
 /// them repeated by the next owner: at most `MAX_BUFFERED` per change of the group.
@@ -112,7 +104,7 @@ async fn produce(config: &Config, range: std::ops::Range<usize>, tenants: usize)
 async fn setup(latency: Duration) -> (Receiver, Config, TestDir) {
     let receiver = Receiver::start().await.unwrap();
     receiver.set_mode(Mode { latency, ..Default::default() });
-    let (mut config, dir) = test_config(&receiver, &[SINGLE]).await;
+    let (mut config, dir) = test_config(&receiver, &[SINGLE_STEP]).await;
     config.executor.concurrency = CONCURRENCY;
     config.executor.max_buffered = MAX_BUFFERED;
     (receiver, config, dir)
