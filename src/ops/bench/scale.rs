@@ -23,7 +23,11 @@
 //! were stopped: what they took at scale-out and gave back at scale-in, read from their logs'
 //! `rebalance` lines, [`crate::ops::rebalances`]) and those that *stayed* with the first child.
 //! Reported: the longest gap of any moved partition and of any that stayed. Under eager both
-//! stall; under an incremental protocol only the moved ones should.
+//! stall; under an incremental protocol only the moved ones should. The two groups assign
+//! independently, so with moves counted in either group few partitions (none, under eager's
+//! `range` assignor) may count as stayed; the same split is also given with only the executors'
+//! group's moves counted (`by_execute_group_moves`), where a partition that stayed may still have
+//! stalled for a move of its events partition.
 
 use std::{
     collections::BTreeSet,
@@ -59,34 +63,35 @@ struct Phases {
     scale_out: Phase,
     scale_in: Phase,
     /// The partitions the added children owned: moved out at scale-out, back at scale-in.
-    moved: BTreeSet<i32>,
+    moved: Moved,
 }
 
 /// One phase: the whole stream's gaps, and the longest gap of the partitions that moved and of
-/// those that stayed.
+/// those that stayed, counting a partition as moved if it did in either group (`either`) or in
+/// the executors' group only (`execute`).
 #[derive(Debug, Default)]
 struct Phase {
     all: Gaps,
-    moved: Option<Duration>,
-    stayed: Option<Duration>,
+    either: Split,
+    execute: Split,
+}
+
+/// The partitions that moved in a phase: in either group (events or actions), in the executors'.
+#[derive(Debug, Default, Clone)]
+struct Moved {
+    either: BTreeSet<i32>,
+    execute: BTreeSet<i32>,
 }
 
 impl Phase {
     /// Over the calls `at` of the whole run (sorted by time, each with its partition, if it has
-    /// one), in the window `from..to`, with `moved` the partitions that changed owner in it. A
-    /// partition no call of the run went to (no tenant hashes to it) is left out.
-    fn of(at: &[(Instant, Option<i32>)], moved: &BTreeSet<i32>, from: Instant, to: Instant) -> Phase {
+    /// one), in the window `from..to`, with `moved` the partitions that changed owner in it.
+    fn of(at: &[(Instant, Option<i32>)], moved: &Moved, from: Instant, to: Instant) -> Phase {
         let times: Vec<Instant> = at.iter().map(|(t, _)| *t).collect();
-        let longest_of = |p: i32| {
-            let times: Vec<Instant> = at.iter().filter(|(_, q)| *q == Some(p)).map(|(t, _)| *t).collect();
-            Gaps::of(&times, from, to).longest
-        };
-        let called: BTreeSet<i32> = at.iter().filter_map(|(_, p)| *p).collect();
-        let (moved_ps, stayed_ps): (Vec<i32>, Vec<i32>) = called.into_iter().partition(|p| moved.contains(p));
         Phase {
             all: Gaps::of(&times, from, to),
-            moved: moved_ps.into_iter().map(longest_of).max(),
-            stayed: stayed_ps.into_iter().map(longest_of).max(),
+            either: Split::of(at, &moved.either, from, to),
+            execute: Split::of(at, &moved.execute, from, to),
         }
     }
 
@@ -95,9 +100,35 @@ impl Phase {
         json!({
             "calls": self.all.calls,
             "longest_stall_ms": self.all.longest.as_millis() as u64,
-            "longest_stall_moved_partitions_ms": ms(self.moved),
-            "longest_stall_stayed_partitions_ms": ms(self.stayed),
+            "longest_stall_moved_partitions_ms": ms(self.either.moved),
+            "longest_stall_stayed_partitions_ms": ms(self.either.stayed),
+            "by_execute_group_moves": {
+                "longest_stall_moved_partitions_ms": ms(self.execute.moved),
+                "longest_stall_stayed_partitions_ms": ms(self.execute.stayed),
+            },
         })
+    }
+}
+
+/// The longest gap of any partition that moved and of any that stayed (`None`: there was none).
+#[derive(Debug, Default, Clone, Copy)]
+struct Split {
+    moved: Option<Duration>,
+    stayed: Option<Duration>,
+}
+
+impl Split {
+    /// Over the calls `at` of the whole run (sorted by time, each with its partition, if it has
+    /// one), in the window `from..to`, with `moved` the partitions that changed owner in it. A
+    /// partition no call of the run went to (no tenant hashes to it) is left out.
+    fn of(at: &[(Instant, Option<i32>)], moved: &BTreeSet<i32>, from: Instant, to: Instant) -> Split {
+        let longest_of = |p: i32| {
+            let times: Vec<Instant> = at.iter().filter(|(_, q)| *q == Some(p)).map(|(t, _)| *t).collect();
+            Gaps::of(&times, from, to).longest
+        };
+        let called: BTreeSet<i32> = at.iter().filter_map(|(_, p)| *p).collect();
+        let (moved_ps, stayed_ps): (Vec<i32>, Vec<i32>) = called.into_iter().partition(|p| moved.contains(p));
+        Split { moved: moved_ps.into_iter().map(longest_of).max(), stayed: stayed_ps.into_iter().map(longest_of).max() }
     }
 }
 
@@ -147,7 +178,7 @@ pub async fn run(base: &Config, options: &Options) -> anyhow::Result<ScenarioRep
         report_extra.insert(
             protocol.as_str().to_string(),
             json!({"steady": p.steady.json(), "scale_out_1_to_3": p.scale_out.json(), "scale_in_3_to_1": p.scale_in.json(),
-                "moved_partitions": p.moved}),
+                "moved_partitions": p.moved.either, "moved_partitions_execute_group": p.moved.execute}),
         );
     }
     let cpu = CpuSample::now().since(&cpu_before);
@@ -217,13 +248,11 @@ async fn phases(
     wait(options.duration).await;
     collect(&mut arrivals);
     let t2 = Instant::now();
-    let moved: BTreeSet<i32> = more
-        .iter()
-        .flat_map(|child| {
-            let log = child.log();
-            topics.iter().flat_map(|t| rebalances::owned(&log, t)).collect::<Vec<_>>()
-        })
-        .collect();
+    let logs: Vec<String> = more.iter().map(ChildProcess::log).collect();
+    let owned_by_more = |topics: &[String]| -> BTreeSet<i32> {
+        logs.iter().flat_map(|log| topics.iter().flat_map(|t| rebalances::owned(log, t))).collect()
+    };
+    let moved = Moved { either: owned_by_more(&topics), execute: owned_by_more(&topics[topics.len() - 1..]) };
     let stopped = futures::future::join_all(more.into_iter().map(ChildProcess::stop)).await;
     let left = Instant::now();
     if left < t2 + options.duration {
@@ -244,7 +273,7 @@ async fn phases(
     arrivals.sort_by_key(|(t, _)| *t);
     let phase = |from, to, moved| Phase::of(&arrivals, moved, from, to);
     Ok(Phases {
-        steady: phase(t0, t1, &BTreeSet::new()),
+        steady: phase(t0, t1, &Moved::default()),
         scale_out: phase(t1, t2, &moved),
         scale_in: phase(t2, t3, &moved),
         moved,
@@ -276,13 +305,17 @@ mod tests {
         let mut at: Vec<(Instant, Option<i32>)> = (0..10).map(|i| (ms(i * 10 + 5), Some(0))).collect();
         at.extend([(ms(10), Some(1)), (ms(20), Some(1)), (ms(80), Some(1)), (ms(50), None), (ms(150), Some(2))]);
         at.sort_by_key(|(t, _)| *t);
-        let p = Phase::of(&at, &BTreeSet::from([1, 2, 3]), ms(0), ms(100));
+        let p = Phase::of(
+            &at,
+            &Moved { either: BTreeSet::from([1, 2, 3]), execute: BTreeSet::from([1, 3]) },
+            ms(0),
+            ms(100),
+        );
         assert_eq!(p.all.calls, 14);
-        assert_eq!(p.stayed, Some(Duration::from_millis(10)));
-        assert_eq!(p.moved, Some(Duration::from_millis(100)), "partition 2 stalled all along");
-        let p = Phase::of(&at, &BTreeSet::from([1, 3]), ms(0), ms(100));
-        assert_eq!(p.moved, Some(Duration::from_millis(60)));
-        assert_eq!(p.stayed, Some(Duration::from_millis(100)), "partition 2 stayed, and stalled");
-        assert_eq!(Phase::of(&at, &BTreeSet::new(), ms(0), ms(100)).moved, None);
+        assert_eq!(p.either.stayed, Some(Duration::from_millis(10)));
+        assert_eq!(p.either.moved, Some(Duration::from_millis(100)), "partition 2 stalled all along");
+        assert_eq!(p.execute.moved, Some(Duration::from_millis(60)));
+        assert_eq!(p.execute.stayed, Some(Duration::from_millis(100)), "partition 2 stayed, and stalled");
+        assert_eq!(Phase::of(&at, &Moved::default(), ms(0), ms(100)).either.moved, None);
     }
 }
