@@ -222,9 +222,9 @@ async fn a_member_restarted_under_its_instance_id_moves_nothing_of_the_others() 
 /// The session that expires is the client's `session.timeout.ms` (10 s, weir's setting) under the
 /// classic protocols and the broker's `group.consumer.session.timeout.ms` (45 s by default) under
 /// `consumer`; a static member's does too, since nothing restarts under the dead one's id.
-/// Measured 2026-12-07 (debug build, loaded 2-core machine, two runs): moved 10.3–10.8 s after
-/// the kill under `cooperative`, 43.5–48.5 s under `consumer` with instance ids (broker default
-/// 45 s from the last heartbeat); 0–3 and 6–8 repeated calls.
+/// Measured 2026-12-07 (debug build, loaded 2-core machine, three runs): moved 10.3–11.0 s after
+/// the kill under `cooperative`, 43.5–49.5 s under `consumer` with instance ids (broker default
+/// 45 s from the last heartbeat); 0–16 and 6–12 repeated calls.
 async fn kill_9_of_one_of_three_executors(protocol: GroupProtocol, static_ids: bool) {
     let n = 4_000;
     let (receiver, mut config, dir) = setup(Duration::from_millis(40)).await;
