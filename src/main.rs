@@ -82,8 +82,9 @@ enum Command {
     /// Measure the stages beside a raw Kafka passthrough on the same broker (docs/BENCHMARKS.md).
     Bench {
         /// baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale,
-        /// ingest or all (all = every one but backlog, the noisy ones, replay, scale and ingest,
-        /// which are long: several phases of --duration).
+        /// ingest, remote or all (all = every one but backlog, the noisy ones, replay, scale,
+        /// ingest and remote, which run on their own: several phases of --duration, or a slow
+        /// service).
         #[arg(long, default_value = "all")]
         scenario: weir::ops::bench::Selection,
         /// Measured time per scenario, after its warm-up (e.g. 60s, 500ms, 2m).

@@ -99,6 +99,29 @@ async fn the_stages_can_still_run_in_the_bench_process() {
     assert_eq!(s.cpu_s.bench_s, 0.0, "nothing to tell apart: the stages' CPU is this process's");
 }
 
+/// The remote scenario: a service answering in 200 ms ± 50 ms, calls counted at the receiver,
+/// and the report says what bounds them (`concurrency` calls per 200 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_scenario_calls_a_slow_service_and_reports_its_bound() {
+    let out = tempfile::tempdir().unwrap();
+    let options = bench::Options {
+        scenarios: vec![Scenario::Remote],
+        duration: Duration::from_secs(3),
+        rate: RateArg::FlatOut,
+        tenants: 20,
+        out: out.path().to_path_buf(),
+        progress: false,
+        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
+        in_process: false,
+    };
+    let report = bench::run(&bench_config(), &options).await.expect("the remote scenario runs");
+    let s = &report.scenarios[0];
+    assert!(s.outputs > 0, "calls made");
+    assert!(s.latency_ms.p50 >= 150.0, "each call took the service's 200 ± 50 ms at least: {:?}", s.latency_ms);
+    let bound = s.extra["concurrency_bound_calls_per_s"].as_f64().unwrap();
+    assert!(s.extra["calls_per_s"].as_f64().unwrap() <= bound * 1.1, "{:?}", s.extra);
+}
+
 #[tokio::test]
 async fn bad_options_are_refused_with_the_reason() {
     let options = bench::Options {
@@ -360,4 +383,52 @@ async fn the_ingest_scenario_reports_http_beside_produce() {
     }
     assert!(s.extra["ingest_over_produce"].as_f64().unwrap() > 0.0);
     assert!(report.table().contains("ingest_over_produce"));
+}
+
+/// The scale scenario (issue 13): for each protocol, every phase moved calls, and the split of the
+/// partitions into moved and stayed comes from the children's logs. Phases are windows of time,
+/// and on a loaded machine a debug child may join its groups after its window ended (nothing
+/// moved then), so the split is required to have found moves under some protocol, not each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scale_scenario_splits_the_partitions_that_moved_from_those_that_stayed() {
+    let out = tempfile::tempdir().unwrap();
+    let options = bench::Options {
+        scenarios: vec![Scenario::Scale],
+        duration: Duration::from_secs(10),
+        rate: RateArg::PerSecond(200),
+        tenants: 20,
+        out: out.path().to_path_buf(),
+        progress: false,
+        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
+        in_process: false,
+    };
+    let report = bench::run(&bench_config(), &options).await.expect("the scale scenario runs");
+    let s = &report.scenarios[0];
+    assert_eq!(s.scenario, Scenario::Scale);
+    let partitions = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("a list of partitions: {v}"))
+            .iter()
+            .map(|p| p.as_u64().unwrap())
+            .collect()
+    };
+    let mut moves_found = false;
+    for protocol in ["eager", "cooperative", "consumer"] {
+        let p = &s.extra[&format!("protocol_{protocol}")];
+        for phase in ["steady", "scale_out_1_to_3", "scale_in_3_to_1"] {
+            assert!(p[phase]["calls"].as_u64().unwrap() > 0, "{protocol} {phase}: {p}");
+            assert!(p[phase]["longest_stall_ms"].is_u64(), "{protocol} {phase}: {p}");
+        }
+        assert!(p["steady"]["longest_stall_moved_partitions_ms"].is_null(), "nothing moves in the steady phase: {p}");
+        let (either, execute) = (partitions(&p["moved_partitions"]), partitions(&p["moved_partitions_execute_group"]));
+        assert!(either.iter().chain(&execute).all(|n| *n < 8), "{protocol}: partitions of 8: {p}");
+        assert!(execute.iter().all(|n| either.contains(n)), "{protocol}: an executor's move is a move: {p}");
+        // The first process keeps some of the executors' partitions: three members share eight.
+        assert!(execute.len() < 8, "{protocol}: the added children took everything: {p}");
+        if !execute.is_empty() {
+            moves_found = true;
+            assert!(p["scale_out_1_to_3"]["longest_stall_moved_partitions_ms"].is_u64(), "{protocol}: {p}");
+        }
+    }
+    assert!(moves_found, "no protocol's children were found owning partitions: {:?}", s.extra);
 }

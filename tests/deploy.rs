@@ -13,7 +13,7 @@ use std::{
 
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
-use weir::config::Config;
+use weir::config::{Config, Priority};
 
 fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes")
@@ -82,18 +82,41 @@ fn drain_deadline(config: &Config) -> Duration {
     find(&value).map_or(Duration::from_secs(30), |v| weir::config::duration::deserialize(v.clone()).unwrap())
 }
 
-/// Partitions of each declared topic (topics/, the physical names under `config`).
+/// Partitions of each topic `weir topics apply` creates from topics/ for `config`: those declared
+/// and those it derives (a service's priority, overflow and delay topics), by physical name.
 fn partitions(config: &Config) -> BTreeMap<String, i64> {
-    let specs = weir::kafka::topics::load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
-    let declared: BTreeMap<String, i64> =
-        specs.iter().map(|s| (config.names().topic(&s.name), s.partitions as i64)).collect();
-    // `weir topics apply` derives an undeclared service topic with the partitions of `events`.
-    let events = declared[&config.names().events()];
-    let mut all = declared;
-    for service in config.services.keys() {
-        all.entry(config.names().actions(service)).or_insert(events);
+    let mut specs = weir::kafka::topics::load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topics")).unwrap();
+    let derived = weir::kafka::topics::service_topics(config, &specs).unwrap();
+    specs.extend(derived);
+    specs.iter().map(|s| (config.names().topic(&s.name), s.partitions as i64)).collect()
+}
+
+/// The (consumer group, topic) pairs a stage's autoscaler must watch: an executor's one per
+/// priority (each priority's action topic has a group of its own), another stage's main group.
+fn lag_sources(config: &Config, stage: &weir::ops::status::StageGroups) -> BTreeSet<(String, String)> {
+    let names = config.names();
+    match &stage.service {
+        Some(service) => {
+            Priority::ALL.iter().map(|p| (names.execute_group_at(service, *p), names.actions_at(service, *p))).collect()
+        }
+        None => [(stage.groups[0].group.clone(), stage.groups[0].topic.clone())].into(),
     }
-    all
+}
+
+/// The (consumer group, topic) pairs of a ScaledObject's Kafka triggers.
+fn triggers(so: &Value) -> BTreeSet<(String, String)> {
+    let triggers = so["spec"]["triggers"].as_sequence().expect("triggers");
+    let pairs: BTreeSet<(String, String)> = triggers
+        .iter()
+        .map(|t| {
+            assert_eq!(t["type"].as_str(), Some("kafka"), "{t:?}");
+            let field =
+                |k: &str| t["metadata"][k].as_str().unwrap_or_else(|| panic!("a trigger without {k}")).to_string();
+            (field("consumerGroup"), field("topic"))
+        })
+        .collect();
+    assert_eq!(pairs.len(), triggers.len(), "a trigger repeated: {triggers:?}");
+    pairs
 }
 
 /// A Deployment's name for a stage (and service): what the manifests call it.
@@ -230,23 +253,22 @@ fn one_deployment_per_stage_and_service_matching_weirs_names() {
             assert_eq!(&labels[k.as_str().unwrap()], v, "{name}: the PodDisruptionBudget selects its pods");
         }
 
-        // The autoscaler watches weir's own group and topic, and stops at the partitions.
+        // The autoscaler watches weir's own groups and topics (an executor's: one per priority),
+        // and stops at the partitions of the smallest.
         let so = &base[&("ScaledObject".to_string(), name.clone())];
         assert_eq!(so["spec"]["scaleTargetRef"]["name"].as_str(), Some(name.as_str()));
-        let triggers = so["spec"]["triggers"].as_sequence().unwrap();
-        assert_eq!(triggers.len(), 1, "{name}");
-        let t = &triggers[0];
-        assert_eq!(t["type"].as_str(), Some("kafka"), "{name}");
-        assert_eq!(t["metadata"]["consumerGroup"].as_str(), Some(main.group.as_str()), "{name}: consumerGroup");
-        assert_eq!(t["metadata"]["topic"].as_str(), Some(main.topic.as_str()), "{name}: topic");
+        let watched = triggers(so);
+        assert_eq!(watched, lag_sources(&config, stage), "{name}: the triggers' consumerGroup and topic");
+        assert!(watched.contains(&(main.group.clone(), main.topic.clone())), "{name}: the main group is watched");
         let max = int(&so["spec"]["maxReplicaCount"]);
         assert!(int(&so["spec"]["minReplicaCount"]) <= max, "{name}");
-        assert!(
-            max <= partitions[&main.topic],
-            "{name}: maxReplicaCount {max} > {} partitions of {}",
-            partitions[&main.topic],
-            main.topic
-        );
+        for (_, topic) in &watched {
+            assert!(
+                max <= partitions[topic],
+                "{name}: maxReplicaCount {max} > {} partitions of {topic}",
+                partitions[topic]
+            );
+        }
     }
 }
 
@@ -265,13 +287,14 @@ fn overlays_keep_the_invariants() {
                     let effective = |field: &str| {
                         int(if patch["spec"][field].is_null() { &target["spec"][field] } else { &patch["spec"][field] })
                     };
-                    let topic = target["spec"]["triggers"][0]["metadata"]["topic"].as_str().unwrap();
                     let (min, max) = (effective("minReplicaCount"), effective("maxReplicaCount"));
-                    assert!(
-                        min <= max && max <= partitions[topic],
-                        "{overlay}: {name} replicas {min}..{max}, {topic} has {}",
-                        partitions[topic]
-                    );
+                    for (_, topic) in triggers(target) {
+                        assert!(
+                            min <= max && max <= partitions[&topic],
+                            "{overlay}: {name} replicas {min}..{max}, {topic} has {}",
+                            partitions[&topic]
+                        );
+                    }
                     assert!(
                         patch["spec"]["triggers"].is_null(),
                         "{overlay}: {name}: triggers belong to base, where they are checked"
@@ -290,5 +313,117 @@ fn overlays_keep_the_invariants() {
                 _ => {}
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The image (Dockerfile). No Docker engine runs where these tests run, so the image is never
+// built here: this checks that the file agrees with the manifests and with scripts/setup.sh.
+// ---------------------------------------------------------------------------------------------
+
+fn repo_file(rel: &str) -> String {
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+}
+
+/// A Dockerfile instruction's keyword (upper case) and its arguments on one line.
+fn instruction(i: &dockerfile_parser::Instruction) -> (String, String) {
+    use dockerfile_parser::Instruction as I;
+    let exec_or_shell = |e: &dockerfile_parser::ShellOrExecExpr| match e {
+        dockerfile_parser::ShellOrExecExpr::Exec(a) => a.as_str_vec().join(" "),
+        dockerfile_parser::ShellOrExecExpr::Shell(s) => s.to_string(),
+    };
+    match i {
+        I::From(f) => ("FROM".into(), f.image.content.clone()),
+        I::Run(r) => ("RUN".into(), exec_or_shell(&r.expr)),
+        I::Entrypoint(e) => ("ENTRYPOINT".into(), exec_or_shell(&e.expr)),
+        I::Cmd(c) => ("CMD".into(), exec_or_shell(&c.expr)),
+        I::Env(e) => ("ENV".into(), e.vars.iter().map(|v| format!("{}={}", v.key.content, v.value)).collect()),
+        I::Misc(m) => (m.instruction.content.to_uppercase(), m.arguments.to_string().trim().to_string()),
+        other => (format!("{other:?}").split('(').next().unwrap().to_uppercase(), String::new()),
+    }
+}
+
+/// Each Deployment of base's pod spec and its one container.
+fn pods(base: &BTreeMap<(String, String), Value>) -> Vec<(String, &Value, &Value)> {
+    base.iter()
+        .filter(|((kind, _), _)| kind == "Deployment")
+        .map(|((_, name), d)| {
+            let pod = &d["spec"]["template"]["spec"];
+            (name.clone(), pod, &pod["containers"][0])
+        })
+        .collect()
+}
+
+#[test]
+fn the_dockerfile_builds_what_the_manifests_run() {
+    let text = repo_file("Dockerfile");
+    let dockerfile = dockerfile_parser::Dockerfile::parse(&text).unwrap();
+    let stages: Vec<Vec<(String, String)>> =
+        dockerfile.iter_stages().map(|s| s.instructions.iter().map(|i| instruction(i)).collect()).collect();
+    assert!(stages.len() >= 2, "a multi-stage build: a build stage and a slim runtime stage");
+    let (build, runtime) = (&stages[0], stages.last().unwrap());
+    let all = |stage: &[(String, String)], keyword: &str| -> Vec<String> {
+        stage.iter().filter(|(k, _)| k == keyword).map(|(_, a)| a.clone()).collect()
+    };
+
+    // The build stage installs what scripts/setup.sh installs for a build (not Java and Maven,
+    // which are the local test broker's) and builds the weir binary.
+    let setup = repo_file("scripts/setup.sh");
+    let packages: Vec<&str> = setup
+        .lines()
+        .filter_map(|l| Some(l.split("missing+=(").nth(1)?.split(')').next()?.trim()))
+        .filter(|p| !p.starts_with("openjdk") && *p != "maven")
+        .collect();
+    assert!(packages.contains(&"cmake") && packages.contains(&"libcurl4-openssl-dev"), "{packages:?}");
+    let runs = all(build, "RUN").join("\n");
+    for package in &packages {
+        assert!(runs.split_whitespace().any(|w| w == *package), "the build stage installs {package}: {runs}");
+    }
+    assert!(runs.contains("cargo build --release") && runs.contains("--bin weir"), "{runs}");
+
+    // The runtime stage: the metrics port the probes use, the config path the pods mount, the
+    // user they run as, and `weir` as the entrypoint (the manifests give only its arguments).
+    let config = shipped_config();
+    let port = config.metrics_addr.unwrap().port().to_string();
+    let exposed = all(runtime, "EXPOSE").join(" ");
+    assert!(exposed.split_whitespace().any(|p| p.trim_end_matches("/tcp") == port), "EXPOSE {port}: {exposed}");
+    let env = all(runtime, "ENV").join(" ");
+    let user = all(runtime, "USER");
+    let user = user.last().expect("a USER: the image does not run as root");
+    let (uid, gid) = user.split_once(':').unwrap_or((user, user));
+    let entrypoint = all(runtime, "ENTRYPOINT");
+    let entrypoint = entrypoint.last().expect("an ENTRYPOINT");
+    assert_eq!(Path::new(entrypoint.split_whitespace().next().unwrap()).file_name().unwrap(), "weir", "{entrypoint}");
+
+    let base = objects(&deploy_dir().join("base"));
+    for (name, pod, c) in pods(&base) {
+        assert!(c["command"].is_null(), "{name}: the image's entrypoint runs; the manifest gives args only");
+        let env_var = |n: &str| {
+            let vars = c["env"].as_sequence().unwrap();
+            vars.iter().find(|e| e["name"].as_str() == Some(n)).and_then(|e| e["value"].as_str()).map(str::to_string)
+        };
+        let config_path = env_var("WEIR_CONFIG").unwrap_or_else(|| panic!("{name}: WEIR_CONFIG"));
+        assert!(env.contains(&format!("WEIR_CONFIG={config_path}")), "{name}: the image's WEIR_CONFIG is {env}");
+        let security = &pod["securityContext"];
+        assert_eq!(security["runAsNonRoot"].as_bool(), Some(true), "{name}");
+        assert_eq!(int(&security["runAsUser"]).to_string(), uid, "{name}: runAsUser is the image's USER {user}");
+        assert_eq!(int(&security["runAsGroup"]).to_string(), gid, "{name}: runAsGroup is the image's USER {user}");
+    }
+
+    // The image name: what the Dockerfile's build command tags is what kustomize makes of the
+    // image the Deployments name.
+    let tagged = text
+        .lines()
+        .find_map(|l| l.trim_start_matches('#').trim().strip_prefix("docker build -t "))
+        .expect("the Dockerfile's header gives its build command");
+    let tagged = tagged.split_whitespace().next().unwrap();
+    let repository = tagged.rsplit_once(':').map_or(tagged, |(r, _)| r);
+    let kustomization = &documents(&deploy_dir().join("base/kustomization.yaml"))[0];
+    for (name, _, c) in pods(&base) {
+        let image = c["image"].as_str().unwrap();
+        let images = kustomization["images"].as_sequence().unwrap();
+        let mapped = images.iter().find(|i| i["name"].as_str() == Some(image));
+        let mapped = mapped.unwrap_or_else(|| panic!("{name}: kustomization.yaml does not name image {image}"));
+        assert_eq!(mapped["newName"].as_str(), Some(repository), "{name}: image {image} is what the Dockerfile builds");
     }
 }

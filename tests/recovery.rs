@@ -28,14 +28,6 @@ use weir::{
     pipeline::Pipeline,
 };
 
-const SINGLE: &str = "
-id: notify
-version: 1
-trigger: {type: member.created}
-steps:
-  - {id: notify, service: webhook, input: {seq: '{{ data.seq }}'}}
-";
-
 async fn produce(config: &Config, events: impl Iterator<Item = Event>) {
     let producer = Producer::new(config).unwrap();
     producer.send_all(events.map(|e| (e, Format::Json)), 1_000).await.unwrap();
@@ -112,11 +104,6 @@ async fn run_with_kills(
     (killed, Outcome::of(&receiver, &url, Some(ordered_step)).await)
 }
 
-/// `WEIR_RECOVERY_EVENTS` if set (the issue's 100,000), else `default`: what fits a CI run.
-fn events_or(default: usize) -> usize {
-    std::env::var("WEIR_RECOVERY_EVENTS").ok().and_then(|n| n.parse().ok()).unwrap_or(default)
-}
-
 /// The checks of [`Outcome::check`], with at most the calls in flight at each of `kills` repeated,
 /// and the figure the issue asks for: repeated calls per kill.
 fn check((kills, outcome): (usize, Outcome), tasks: usize) {
@@ -132,8 +119,8 @@ fn check((kills, outcome): (usize, Outcome), tasks: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_six_times_repeats_at_most_the_calls_in_flight() {
     // WEIR_RECOVERY_EVENTS=100000 runs the issue's size (docs/recovery.md has its figures).
-    let n = events_or(12_000);
-    let outcome = run_with_kills(SINGLE, 1, "notify", n, 200, 6).await;
+    let n = events_or("WEIR_RECOVERY_EVENTS", 12_000);
+    let outcome = run_with_kills(SINGLE_STEP, 1, "notify", n, 200, 6).await;
     check(outcome, n);
 }
 
@@ -141,7 +128,7 @@ async fn kill_9_six_times_repeats_at_most_the_calls_in_flight() {
 /// through the work. The record stage's next steps are replayed too (produced, then the transaction lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_a_diamond_workflow_calls_no_step_more_than_twice() {
-    let n = events_or(3_000);
+    let n = events_or("WEIR_RECOVERY_EVENTS", 3_000);
     let outcome = run_with_kills(DIAMOND, 4, "a", n, 100, 6).await;
     check(outcome, 4 * n);
 }
@@ -254,7 +241,7 @@ async fn a_redriven_success_replaces_the_failed_row_and_the_run_continues_once()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_exit_leaves_its_groups() {
     let receiver = Receiver::start().await.unwrap();
-    let (mut config, dir) = test_config(&receiver, &[SINGLE]).await;
+    let (mut config, dir) = test_config(&receiver, &[SINGLE_STEP]).await;
     // `members` reads the classic group API (ListGroups, DescribeGroups), which lists no members
     // of a KIP-848 group; tests/scale.rs shows the default protocol's hand-over on a clean exit.
     config.consumer_groups.protocol = weir::config::GroupProtocol::Cooperative;
@@ -279,7 +266,7 @@ async fn a_clean_exit_leaves_its_groups() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_the_same_instance_id_does_not_wait_for_the_old_session() {
     let receiver = Receiver::start().await.unwrap();
-    let (mut config, dir) = test_config(&receiver, &[SINGLE]).await;
+    let (mut config, dir) = test_config(&receiver, &[SINGLE_STEP]).await;
     config.instance_id = Some(unique("static-"));
     // The classic protocol: under KIP-848 (`consumer`, the default) a static member killed without
     // leaving keeps its id until the broker's session timeout, and the client sets no session

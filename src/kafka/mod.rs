@@ -13,12 +13,13 @@
 //!
 //! ## Rebalancing
 //! How a stage's processes share its partitions is `consumer_groups.protocol` ([`member_config`]):
-//! - `consumer` (default): KIP-848. The broker computes the assignment and tells each member, by
-//!   heartbeat, only what it gains or loses; nobody stops for a change that does not concern
+//! - `cooperative` (default): the classic protocol with `cooperative-sticky`, any broker.
+//!   Incremental: members first give up only what moves, then it is assigned in a second round.
+//! - `consumer`: KIP-848 (Kafka 4.0+). The broker computes the assignment and tells each member,
+//!   by heartbeat, only what it gains or loses; nobody stops for a change that does not concern
 //!   them. Session timeout and heartbeat interval are broker settings
 //!   (`group.consumer.session.timeout.ms`, 45 s by default): librdkafka refuses the client ones.
-//! - `cooperative`: the classic protocol with `cooperative-sticky`, for brokers before 4.0. Also
-//!   incremental: members first give up only what moves, then it is assigned in a second round.
+//!   Not the default because a crash costs more under it ([`crate::config::GroupProtocol`]).
 //! - `eager`: classic with `range,roundrobin`: every member gives up everything on every change.
 //!
 //! With either incremental protocol librdkafka hands the rebalance callback only the partitions

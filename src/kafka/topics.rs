@@ -692,7 +692,7 @@ pub(crate) const DERIVED_ACTIONS_CONFIG: [(&str, &str); 2] =
 /// The files stay the source of truth: a declared topic always wins. Without a declared `events`
 /// topic an undeclared action topic cannot be derived, and the error names the service and what
 /// to declare.
-pub(crate) fn service_topics(config: &Config, declared: &[TopicSpec]) -> anyhow::Result<Vec<TopicSpec>> {
+pub fn service_topics(config: &Config, declared: &[TopicSpec]) -> anyhow::Result<Vec<TopicSpec>> {
     let names = crate::config::Names::logical();
     let mut derived = Vec::new();
     for (name, service) in &config.services {

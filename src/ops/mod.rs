@@ -6,6 +6,7 @@ pub mod demo;
 pub mod dlq;
 pub mod post;
 pub mod produce;
+pub mod rebalances;
 pub mod receiver;
 pub mod replay;
 pub mod runs;

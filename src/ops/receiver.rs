@@ -64,6 +64,8 @@ pub struct Call {
 pub struct Mode {
     /// Delay before answering.
     pub latency: Duration,
+    /// Added to or taken off `latency` at random (uniform), per request.
+    pub jitter: Duration,
     /// Answer with this status instead of 200 (e.g. 429, 503).
     pub fail_with: Option<u16>,
     /// Sent as `Retry-After` (whole seconds) with failures.
@@ -193,8 +195,9 @@ async fn answer_call(inner: Arc<Inner>, method: Method, uri: Uri, headers: Heade
         *most = (*most).max(*now);
     }
     let stored = key.as_ref().and_then(|k| inner.done.lock().expect("done lock").get(k).cloned());
-    if !mode.latency.is_zero() && stored.is_none() {
-        tokio::time::sleep(mode.latency).await;
+    if !(mode.latency.is_zero() && mode.jitter.is_zero()) && stored.is_none() {
+        let spread = mode.jitter.as_secs_f64() * (2.0 * fastrand::f64() - 1.0);
+        tokio::time::sleep(Duration::from_secs_f64((mode.latency.as_secs_f64() + spread).max(0.0))).await;
     }
     let scripted = inner.script.lock().expect("script lock").iter().find(|(until, _)| *until > at).map(|(_, s)| *s);
     let over_limit = mode.rate_limit.is_some_and(|limit| {

@@ -34,6 +34,22 @@ pub fn admin_database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://weir:weir@127.0.0.1:5432/weir".into())
 }
 
+/// A one-step workflow of `member.created` ([`member_created`]) calling `webhook` with the event's
+/// `seq`: the runs under faults (kills, scaling) check each tenant's order on it.
+pub const SINGLE_STEP: &str = "
+id: notify
+version: 1
+trigger: {type: member.created}
+steps:
+  - {id: notify, service: webhook, input: {seq: '{{ data.seq }}'}}
+";
+
+/// The events of a run under faults: `var` if set (the issue's 100,000, e.g.
+/// `WEIR_RECOVERY_EVENTS`), else `default`, what fits a CI run of a debug build.
+pub fn events_or(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|n| n.parse().ok()).unwrap_or(default)
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }

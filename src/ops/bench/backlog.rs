@@ -417,13 +417,37 @@ impl ChildProcess {
         stages: BacklogStages,
         log: &Path,
     ) -> anyhow::Result<ChildProcess> {
-        ChildProcess::start_with(binary, config, stages.args(), log)
+        Self::spawn(binary, config, stages.args(), log, Command::new(binary))
+    }
+
+    /// [`ChildProcess::start`], with the child's rebalances in its log whatever `RUST_LOG` says
+    /// (the `rebalance` lines [`crate::ops::rebalances`] reads are logged at `info`).
+    pub(super) fn start_logging_rebalances(
+        binary: &Path,
+        config: &Path,
+        stages: BacklogStages,
+        log: &Path,
+    ) -> anyhow::Result<ChildProcess> {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
+        let mut command = Command::new(binary);
+        command.env("RUST_LOG", format!("{filter},weir::telemetry=info"));
+        Self::spawn(binary, config, stages.args(), log, command)
     }
 
     /// `weir --config <config> run <args>`, its output to `log`.
     pub(super) fn start_with(binary: &Path, config: &Path, args: &[&str], log: &Path) -> anyhow::Result<ChildProcess> {
+        Self::spawn(binary, config, args, log, Command::new(binary))
+    }
+
+    fn spawn(
+        binary: &Path,
+        config: &Path,
+        args: &[&str],
+        log: &Path,
+        mut command: Command,
+    ) -> anyhow::Result<ChildProcess> {
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(binary)
+        let child = command
             .arg("--config")
             .arg(config)
             .arg("run")
@@ -448,9 +472,14 @@ impl ChildProcess {
         Ok(self.child.try_wait()?)
     }
 
+    /// The child's log so far.
+    pub(super) fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The end of the child's log, for errors.
     pub(super) fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }

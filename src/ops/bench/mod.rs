@@ -67,6 +67,9 @@ pub enum Scenario {
     Scale,
     /// Not part of `all`: events over HTTP into the ingest stage beside `weir produce`: [`ingest`].
     Ingest,
+    /// Not part of `all`: evaluate and execute against a service answering in 200 ms ± 50 ms,
+    /// as real ones do: how many calls one executor process holds in flight.
+    Remote,
 }
 
 impl Scenario {
@@ -86,6 +89,7 @@ impl Scenario {
             Scenario::Replay => "replay",
             Scenario::Scale => "scale",
             Scenario::Ingest => "ingest",
+            Scenario::Remote => "remote",
         }
     }
 
@@ -94,9 +98,12 @@ impl Scenario {
         match self {
             Scenario::Baseline => "passthrough output topic, consumed",
             Scenario::Evaluate => "action task on actions.webhook, consumed",
-            Scenario::Pipeline | Scenario::Throttled | Scenario::Noisy | Scenario::NoisyBurst | Scenario::Replay => {
-                "HTTP call arriving at the receiver (action start)"
-            }
+            Scenario::Pipeline
+            | Scenario::Throttled
+            | Scenario::Noisy
+            | Scenario::NoisyBurst
+            | Scenario::Replay
+            | Scenario::Remote => "HTTP call arriving at the receiver (action start)",
             Scenario::Sink => "row's recorded_at in PostgreSQL (transaction start of its batch)",
             Scenario::Backlog => "offsets committed by the stages' consumer groups (a separate weir run process)",
             Scenario::Scale => "HTTP calls arriving at the receiver from weir run children (gaps between them)",
@@ -119,7 +126,7 @@ impl FromStr for Selection {
             return Ok(Selection::All);
         }
         <Scenario as clap::ValueEnum>::from_str(s, true).map(Selection::One).map_err(|_| {
-            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale, ingest or all")
+            format!("unknown scenario {s:?}; expected baseline, evaluate, pipeline, throttled, sink, backlog, noisy, noisy-burst, replay, scale, ingest, remote or all")
         })
     }
 }

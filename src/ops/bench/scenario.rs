@@ -26,7 +26,7 @@ use crate::{
     config::{Config, ServiceConfig},
     envelope::{self, ActionResult},
     kafka,
-    ops::receiver::Receiver,
+    ops::receiver::{Mode, Receiver},
     pipeline::{Pipeline, StageName},
 };
 
@@ -42,6 +42,10 @@ const FLAT_OUT_AHEAD_SINK: u64 = 300_000;
 const WARM_UP_LIMIT: Duration = Duration::from_secs(90);
 /// The service the workflows call.
 pub(super) const SERVICE: &str = "webhook";
+/// How the remote scenario's service answers: after 200 ms ± 50 ms (uniform), as the design
+/// documents' real services do (100–500 ms).
+const REMOTE_LATENCY: Duration = Duration::from_millis(200);
+const REMOTE_JITTER: Duration = Duration::from_millis(50);
 
 /// THE place where the throttled scenario sets its limit: the service's own request limit
 /// (`services.<name>.limits`, a governor GCRA limit in the executor). The receiver's call times
@@ -213,8 +217,11 @@ async fn drive(
             let observer = observe_topic(config, config.names().results(), meter.clone(), progress.clone())?;
             (UnderTest::Passthrough(passthrough), Observer::Topic(observer), (config.names().events(), Shape::Events))
         }
-        Scenario::Evaluate | Scenario::Pipeline | Scenario::Throttled => {
+        Scenario::Evaluate | Scenario::Pipeline | Scenario::Throttled | Scenario::Remote => {
             let mut workflows = workflows(tenants, scenario != Scenario::Throttled);
+            if scenario == Scenario::Remote {
+                receiver.set_mode(Mode { latency: REMOTE_LATENCY, jitter: REMOTE_JITTER, ..Mode::default() });
+            }
             if scenario == Scenario::Throttled {
                 set_throttle(&mut workflows[0], config, THROTTLE_PER_SECOND)?;
                 rate = Rate::PerSecond(THROTTLE_PER_SECOND * 2);
@@ -227,7 +234,7 @@ async fn drive(
             crate::ops::workflows::apply_dir(config, workdir, false).await.context("publishing the workflows")?;
             let stages: &[StageName] = match scenario {
                 Scenario::Evaluate => &[StageName::Evaluate],
-                Scenario::Throttled => &[StageName::Evaluate, StageName::Execute],
+                Scenario::Throttled | Scenario::Remote => &[StageName::Evaluate, StageName::Execute],
                 _ => &Pipeline::ALL,
             };
             let under_test = start_stages(config, options, stages, workdir).await?;
@@ -310,6 +317,16 @@ async fn drive(
             report
                 .extra
                 .insert("limit_set_by".into(), json!("services.<name>.limits (executor, global requests per second)"));
+        }
+        Scenario::Remote => {
+            let concurrency = config.services.get(SERVICE).and_then(|s| s.concurrency);
+            let concurrency = concurrency.unwrap_or(config.executor.concurrency);
+            report.extra.insert("service_latency_ms".into(), json!("200 ± 50 (uniform)"));
+            report.extra.insert("calls_per_s".into(), json!(report.outputs as f64 / report.duration_s.max(1e-3)));
+            report.extra.insert("concurrency".into(), json!(concurrency));
+            // Calls in flight can be no more than `concurrency`: at 200 ms each, that many per
+            // 0.2 s is the most one process can call.
+            report.extra.insert("concurrency_bound_calls_per_s".into(), json!(concurrency as f64 / 0.2));
         }
         Scenario::Sink => {
             // The rows the sink wrote in the window are its output: read them back with their
