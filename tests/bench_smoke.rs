@@ -30,21 +30,31 @@ fn bench_config() -> Config {
     }
 }
 
+/// Options for `scenarios`, each measured `secs` seconds, with `tenants` tenants, flat out, the
+/// files in `out`; child processes run the built binary (this one is the test harness).
+fn options(scenarios: Vec<Scenario>, secs: u64, tenants: usize, out: &std::path::Path) -> bench::Options {
+    bench::Options {
+        scenarios,
+        duration: Duration::from_secs(secs),
+        rate: RateArg::FlatOut,
+        tenants,
+        out: out.to_path_buf(),
+        progress: false,
+        backlog: options_backlog(),
+        in_process: false,
+    }
+}
+
+/// The backlog options of [`options`]: the defaults, with the built binary.
+fn options_backlog() -> BacklogOptions {
+    BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
     let out = tempfile::tempdir().unwrap();
     let config = bench_config();
-    let options = bench::Options {
-        scenarios: Scenario::ALL.to_vec(),
-        duration: Duration::from_secs(5),
-        rate: RateArg::FlatOut,
-        tenants: 50,
-        out: out.path().to_path_buf(),
-        progress: false,
-        // The stages run in `weir run` children: the built binary (this one is the test harness).
-        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
-        in_process: false,
-    };
+    let options = options(Scenario::ALL.to_vec(), 5, 50, out.path());
     let report = bench::run(&config, &options).await.expect("every scenario runs");
     assert_eq!(report.scenarios.len(), Scenario::ALL.len());
     for s in &report.scenarios {
@@ -82,16 +92,7 @@ async fn every_scenario_completes_with_throughput_and_a_well_formed_report() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stages_can_still_run_in_the_bench_process() {
     let out = tempfile::tempdir().unwrap();
-    let options = bench::Options {
-        scenarios: vec![Scenario::Evaluate],
-        duration: Duration::from_secs(3),
-        rate: RateArg::FlatOut,
-        tenants: 20,
-        out: out.path().to_path_buf(),
-        progress: false,
-        backlog: Default::default(),
-        in_process: true,
-    };
+    let options = bench::Options { in_process: true, ..options(vec![Scenario::Evaluate], 3, 20, out.path()) };
     let report = bench::run(&bench_config(), &options).await.expect("the evaluate scenario runs");
     let s = &report.scenarios[0];
     assert!(s.events > 0, "events through");
@@ -104,16 +105,7 @@ async fn the_stages_can_still_run_in_the_bench_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_remote_scenario_calls_a_slow_service_and_reports_its_bound() {
     let out = tempfile::tempdir().unwrap();
-    let options = bench::Options {
-        scenarios: vec![Scenario::Remote],
-        duration: Duration::from_secs(3),
-        rate: RateArg::FlatOut,
-        tenants: 20,
-        out: out.path().to_path_buf(),
-        progress: false,
-        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
-        in_process: false,
-    };
+    let options = options(vec![Scenario::Remote], 3, 20, out.path());
     let report = bench::run(&bench_config(), &options).await.expect("the remote scenario runs");
     let s = &report.scenarios[0];
     assert!(s.outputs > 0, "calls made");
@@ -124,16 +116,7 @@ async fn the_remote_scenario_calls_a_slow_service_and_reports_its_bound() {
 
 #[tokio::test]
 async fn bad_options_are_refused_with_the_reason() {
-    let options = bench::Options {
-        scenarios: vec![Scenario::Baseline],
-        duration: Duration::from_secs(1),
-        rate: RateArg::FlatOut,
-        tenants: 0,
-        out: std::env::temp_dir(),
-        progress: false,
-        backlog: Default::default(),
-        in_process: false,
-    };
+    let options = options(vec![Scenario::Baseline], 1, 0, &std::env::temp_dir());
     let err = bench::run(&Config::default(), &options).await.unwrap_err();
     assert!(err.to_string().contains("--tenants"), "{err}");
     assert!("fast".parse::<RateArg>().unwrap_err().contains("flat-out"));
@@ -147,19 +130,8 @@ async fn the_backlog_is_drained_by_a_separate_process_whose_memory_is_sampled() 
     for (stages, events) in [(BacklogStages::Evaluate, 3_000), (BacklogStages::All, 1_000)] {
         let out = tempfile::tempdir().unwrap();
         let options = bench::Options {
-            scenarios: vec![Scenario::Backlog],
-            duration: Duration::from_secs(1),
-            rate: RateArg::FlatOut,
-            tenants: 20,
-            out: out.path().to_path_buf(),
-            progress: false,
-            backlog: BacklogOptions {
-                events,
-                body_bytes: 300,
-                stages,
-                binary: Some(env!("CARGO_BIN_EXE_weir").into()),
-            },
-            in_process: false,
+            backlog: BacklogOptions { events, body_bytes: 300, stages, ..options_backlog() },
+            ..options(vec![Scenario::Backlog], 1, 20, out.path())
         };
         let report = bench::run(&bench_config(), &options).await.expect("the backlog scenario runs");
         let s = &report.scenarios[0];
@@ -207,14 +179,8 @@ async fn the_backlog_is_drained_by_a_separate_process_whose_memory_is_sampled() 
 #[tokio::test]
 async fn bad_backlog_options_are_refused_with_the_flag() {
     let options = bench::Options {
-        scenarios: vec![Scenario::Backlog],
-        duration: Duration::from_secs(1),
-        rate: RateArg::FlatOut,
-        tenants: 10,
-        out: std::env::temp_dir(),
-        progress: false,
-        backlog: BacklogOptions { body_bytes: 5, ..Default::default() },
-        in_process: false,
+        backlog: BacklogOptions { body_bytes: 5, ..options_backlog() },
+        ..options(vec![Scenario::Backlog], 1, 10, &std::env::temp_dir())
     };
     let err = bench::run(&Config::default(), &options).await.unwrap_err();
     assert!(err.to_string().contains("--body-bytes"), "{err}");
@@ -228,16 +194,7 @@ async fn bad_backlog_options_are_refused_with_the_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_noisy_scenario_reports_every_quiet_tenant_beside_its_uncontended_self() {
     let out = tempfile::tempdir().unwrap();
-    let options = bench::Options {
-        scenarios: vec![Scenario::Noisy],
-        duration: Duration::from_secs(4),
-        rate: RateArg::PerSecond(400),
-        tenants: 4,
-        out: out.path().to_path_buf(),
-        progress: false,
-        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
-        in_process: false,
-    };
+    let options = bench::Options { rate: RateArg::PerSecond(400), ..options(vec![Scenario::Noisy], 4, 4, out.path()) };
     let report = bench::run(&bench_config(), &options).await.expect("the noisy scenario runs");
     assert_eq!(report.scenarios.len(), 1);
     let s = &report.scenarios[0];
@@ -307,14 +264,8 @@ async fn the_noisy_scenario_reports_every_quiet_tenant_beside_its_uncontended_se
 #[tokio::test]
 async fn the_noisy_scenario_refuses_what_it_cannot_measure() {
     let options = |tenants, rate| bench::Options {
-        scenarios: vec![Scenario::NoisyBurst],
-        duration: Duration::from_secs(1),
         rate,
-        tenants,
-        out: std::env::temp_dir(),
-        progress: false,
-        backlog: Default::default(),
-        in_process: false,
+        ..options(vec![Scenario::NoisyBurst], 1, tenants, &std::env::temp_dir())
     };
     let err = bench::run(&Config::default(), &options(1, RateArg::PerSecond(400))).await.unwrap_err();
     assert!(err.to_string().contains("--tenants") && err.to_string().contains("partition"), "{err}");
@@ -328,14 +279,9 @@ async fn the_noisy_scenario_refuses_what_it_cannot_measure() {
 async fn the_replay_scenario_measures_live_traffic_beside_a_replay() {
     let out = tempfile::tempdir().unwrap();
     let options = bench::Options {
-        scenarios: vec![Scenario::Replay],
-        duration: Duration::from_secs(3),
         rate: RateArg::PerSecond(100),
-        tenants: 4,
-        out: out.path().to_path_buf(),
-        progress: false,
-        backlog: BacklogOptions { events: 1_500, ..Default::default() },
-        in_process: false,
+        backlog: BacklogOptions { events: 1_500, ..options_backlog() },
+        ..options(vec![Scenario::Replay], 3, 4, out.path())
     };
     let report = bench::run(&bench_config(), &options).await.expect("the replay scenario runs");
     let s = &report.scenarios[0];
@@ -362,16 +308,7 @@ async fn the_replay_scenario_measures_live_traffic_beside_a_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ingest_scenario_reports_http_beside_produce() {
     let out = tempfile::tempdir().unwrap();
-    let options = bench::Options {
-        scenarios: vec![Scenario::Ingest],
-        duration: Duration::from_secs(3),
-        rate: RateArg::FlatOut,
-        tenants: 20,
-        out: out.path().to_path_buf(),
-        progress: false,
-        backlog: Default::default(),
-        in_process: false,
-    };
+    let options = options(vec![Scenario::Ingest], 3, 20, out.path());
     let report = bench::run(&bench_config(), &options).await.expect("the ingest scenario runs");
     let s = &report.scenarios[0];
     assert_eq!(s.scenario, Scenario::Ingest);
@@ -392,16 +329,8 @@ async fn the_ingest_scenario_reports_http_beside_produce() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scale_scenario_splits_the_partitions_that_moved_from_those_that_stayed() {
     let out = tempfile::tempdir().unwrap();
-    let options = bench::Options {
-        scenarios: vec![Scenario::Scale],
-        duration: Duration::from_secs(10),
-        rate: RateArg::PerSecond(200),
-        tenants: 20,
-        out: out.path().to_path_buf(),
-        progress: false,
-        backlog: BacklogOptions { binary: Some(env!("CARGO_BIN_EXE_weir").into()), ..Default::default() },
-        in_process: false,
-    };
+    let options =
+        bench::Options { rate: RateArg::PerSecond(200), ..options(vec![Scenario::Scale], 10, 20, out.path()) };
     let report = bench::run(&bench_config(), &options).await.expect("the scale scenario runs");
     let s = &report.scenarios[0];
     assert_eq!(s.scenario, Scenario::Scale);
