@@ -225,7 +225,7 @@ pub struct ActionTask {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_key: Option<String>,
     /// When its run started, as the record stage partitions its rows by (`run_at`, see
-    /// [`crate::stages::record::retention`]): the Kafka timestamp of the event record that
+    /// `sink.retention` in docs/operations.md): the Kafka timestamp of the event record that
     /// started the run, the same for every step of the run and on every redelivery, retry and
     /// replay, so that a result written twice lands in the same partition and conflicts. Absent
     /// from tasks written before it existed: their results fall back to `finished_at`.

@@ -28,6 +28,7 @@
 //! writes `bench.json` and `bench.svg`.
 
 pub mod backlog;
+mod child;
 pub mod ingest;
 pub mod load;
 pub(crate) mod measure;

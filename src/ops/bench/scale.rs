@@ -39,7 +39,8 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 
 use super::{
-    backlog::{write_child_config, BacklogStages, ChildProcess},
+    backlog::BacklogStages,
+    child::{write_child_config, ChildProcess},
     load::{self, Mix, Progress, Rate, Shape},
     measure::{self, CpuSample},
     report::ScenarioReport,
@@ -228,7 +229,7 @@ async fn phases(
     let collect = |arrivals: &mut Vec<(Instant, Option<i32>)>| {
         arrivals.extend(receiver.drain().iter().map(|c| (c.at, partition_of(&c.tenant))))
     };
-    let start = |n: usize| ChildProcess::start_logging_rebalances(binary, &file, BacklogStages::All, &log(n));
+    let start = |n: usize| ChildProcess::start_logging_rebalances(binary, &file, BacklogStages::All.args(), &log(n));
 
     let first = start(0)?;
     let warm = Instant::now();

@@ -16,7 +16,7 @@ use rdkafka::{
 use serde_json::json;
 
 use super::{
-    backlog::{write_child_config, ChildProcess},
+    child::{write_child_config, ChildProcess},
     load::{self, Mix, Progress, Rate, Shape},
     measure::{self, CpuSample, Meter},
     report::ScenarioReport,
@@ -181,7 +181,7 @@ async fn start_stages(
             ["--stage", name]
         })
         .collect();
-    Ok(UnderTest::Child(ChildProcess::start_with(&binary, &file, &args, &workdir.join("weir-run.log"))?))
+    Ok(UnderTest::Child(ChildProcess::start(&binary, &file, &args, &workdir.join("weir-run.log"))?))
 }
 
 /// Where output is observed.
