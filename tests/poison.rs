@@ -154,6 +154,7 @@ fn avro_with_data(data: &str) -> Vec<u8> {
         ("type".into(), s("member.created")),
         ("time".into(), none()),
         ("tenant".into(), s("poison-avro")),
+        ("subject".into(), none()),
         ("datacontenttype".into(), none()),
         ("data".into(), Avro::Union(1, Box::new(s(data)))),
     ]);
