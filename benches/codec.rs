@@ -100,7 +100,7 @@ fn sink_batch(c: &mut Criterion) {
         .map(|seq| mix.record(Shape::Results, seq, 1_700_000_000_000_000 + seq * 1_000, &mut rng).1)
         .collect();
     let columns = decode_batch(&payloads);
-    assert_eq!(encode_batch(&columns), 16);
+    assert_eq!(encode_batch(&columns), record::COLUMNS);
     let mut group = c.benchmark_group("sink_batch");
     group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
     group.throughput(Throughput::Elements(BATCH as u64));

@@ -76,7 +76,7 @@ use rdkafka::{
 use sqlx::{postgres::PgPoolOptions, Connection as _, PgPool};
 use tokio::sync::mpsc;
 
-pub use self::rows::{decode_row, Columns};
+pub use self::rows::{decode_row, Columns, COLUMNS};
 use crate::{
     config::Config,
     engine::definitions::DefinitionStore,

@@ -22,6 +22,9 @@ use crate::envelope::{self, ActionResult, Status};
 /// What U+0000 is stored as in body data.
 pub(crate) const NUL_REPLACEMENT: char = '\u{FFFD}';
 
+/// How many columns a batch binds: one array per column of `action_results` that the sink writes.
+pub const COLUMNS: usize = 17;
+
 /// Rows of one batch, column by column, as UNNEST wants them.
 #[derive(Default)]
 pub struct Columns {
@@ -227,6 +230,20 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn the_statements_bind_one_array_per_column() {
+        // INSERT binds exactly the columns; REPAIR binds them and three statuses after them.
+        let highest = |sql: &str| (1..=40).rev().find(|n| sql.contains(&format!("${n}::"))).unwrap();
+        assert_eq!(highest(INSERT), COLUMNS);
+        let mut columns = Columns::default();
+        let result: ActionResult = serde_json::from_value(json!({"task_id": "k", "run_id": "r", "event_id": "e",
+            "tenant": "t", "workflow_id": "w", "workflow_version": 1, "step_id": "s", "service": "webhook",
+            "status": "succeeded", "attempts": 1, "latency_ms": 1.0, "finished_at": "2026-12-07T10:00:00Z"}))
+        .unwrap();
+        columns.push(result, Utc::now());
+        assert_eq!(columns.arguments().unwrap().len(), COLUMNS);
+    }
 
     #[test]
     fn nul_in_body_data_is_replaced_everywhere_and_nothing_else_changes() {
