@@ -89,7 +89,12 @@ up() {
   fi
   write_config
   if [ ! -f "$state/data/meta.properties" ]; then
-    cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    # A random UUID in Kafka's URL-safe base64. Like Kafka's own Uuid.randomUuid, never one that
+    # starts with '-' (1 in 64 would), which the format tool would read as an option.
+    cluster_id=-
+    while [ "${cluster_id#-}" != "$cluster_id" ]; do
+      cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    done
     java -cp "$libs/*" kafka.tools.StorageTool format -t "$cluster_id" \
       -c "$state/server.properties" >"$state/format.log" 2>&1 \
       || { cat "$state/format.log" >&2; exit 1; }

@@ -96,10 +96,14 @@ impl Pipeline {
                     tokio::spawn(evaluate::run(config.clone(), definitions.clone(), cancel.clone())),
                 )),
                 StageName::Execute => {
+                    // One budget for the calls in flight of all the process's services.
+                    let memory = execute::memory::CallMemory::new(config.executor.max_in_flight_bytes);
+                    let ours = config.services.iter().filter(|(s, _)| services.is_empty() || services.contains(s));
+                    crate::connectors::raise_open_files(&config, ours);
                     for service in config.services.keys().filter(|s| services.is_empty() || services.contains(s)) {
                         tasks.push((
                             format!("execute-{service}"),
-                            tokio::spawn(execute::run(config.clone(), service.clone(), cancel.clone())),
+                            tokio::spawn(execute::run(config.clone(), service.clone(), memory.clone(), cancel.clone())),
                         ));
                     }
                 }

@@ -197,6 +197,14 @@ pub enum Event<'a> {
         service: &'a str,
         state: &'static str,
     },
+    /// Bytes the process's calls in flight hold now (`executor.max_in_flight_bytes`).
+    CallMemory {
+        reserved: usize,
+    },
+    /// A call waits for room in `executor.max_in_flight_bytes` before it starts.
+    CallMemoryFull {
+        budget: usize,
+    },
     /// A delay tier's head, not due within the tier's delay, went to the tail of its partition.
     Requeued {
         service: &'a str,
@@ -414,6 +422,12 @@ impl Event<'_> {
                 );
                 counter!("weir_deferred_total", "stage" => stage.as_str(), "service" => service.to_string())
                     .increment(1)
+            }
+            Event::CallMemory { reserved } => gauge!("weir_executor_call_memory_bytes").set(reserved as f64),
+            Event::CallMemoryFull { budget } => {
+                tracing::debug!(budget, "calls in flight hold all of executor.max_in_flight_bytes: a call waits");
+                gauge!("weir_executor_call_memory_budget_bytes").set(budget as f64);
+                counter!("weir_executor_call_memory_waits_total").increment(1)
             }
             Event::Breaker { service, state } => {
                 tracing::warn!(service, state, "circuit breaker");

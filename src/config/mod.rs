@@ -254,8 +254,16 @@ impl Default for EvaluatorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExecutorConfig {
-    /// Calls in flight at once per executor process.
+    /// Calls in flight at once per service in one executor process, at most (default 1024, which
+    /// at 200 ms a call is ~5,000 calls/s). What bounds them first when tasks or answers are
+    /// big is `max_in_flight_bytes`. `services.<name>.concurrency` overrides it per service.
     pub concurrency: usize,
+    /// Memory for calls in flight, shared by all services of a process: each call holds its
+    /// task record's size plus its service's `max_response_bytes` (the most of an answer it
+    /// reads) from before the call until its outcome is durable, and a call waits for room
+    /// before it starts. Default 256 MiB: ~4,000 calls of small tasks with the 64 KiB answer
+    /// bound, ~250 with the `openai` connector's 1 MiB.
+    pub max_in_flight_bytes: usize,
     /// Tasks taken from Kafka but not finished (running or waiting behind an earlier task of the
     /// same tenant); past this the consumer pauses.
     pub max_buffered: usize,
@@ -280,7 +288,8 @@ pub struct ExecutorConfig {
 impl Default for ExecutorConfig {
     fn default() -> Self {
         ExecutorConfig {
-            concurrency: 64,
+            concurrency: 1024,
+            max_in_flight_bytes: 256 << 20,
             max_buffered: 2_000,
             partition_max_buffered: 500,
             tenant_max_buffered: 100,
@@ -450,6 +459,17 @@ impl Config {
         if self.executor.partition_max_buffered == 0 || self.executor.tenant_max_buffered == 0 {
             bail!("executor.partition_max_buffered and executor.tenant_max_buffered must be at least 1");
         }
+        for (name, service) in &self.services {
+            // The most one call can hold must fit, or a call of that service could never start.
+            let most = self.limits.max_record_bytes + service.response_limit();
+            if most > self.executor.max_in_flight_bytes {
+                bail!(
+                    "executor.max_in_flight_bytes: {} bytes cannot hold one call of service {name}, which may \
+                     take up to {most} bytes (limits.max_record_bytes + services.{name}.max_response_bytes)",
+                    self.executor.max_in_flight_bytes
+                );
+            }
+        }
         if self.executor.completed.max_tasks == 0 {
             bail!("executor.completed.max_tasks: must be at least 1");
         }
@@ -526,6 +546,18 @@ mod tests {
         assert!(service("url: http://x/\ntimeout: 0s").contains("services.ai.timeout"));
         assert!(service("url: http://x/\nbreaker: {failure_ratio: 2}").contains("services.ai.breaker.failure_ratio"));
         assert!(service("url: http://x/\ntenant_concurrency: 0").contains("services.ai.tenant_concurrency"));
+        assert!(service("url: http://x/\nmax_response_bytes: 0").contains("services.ai.max_response_bytes"));
+        assert!(service("url: http://x/\nhttp: {pools: 0}").contains("services.ai.http.pools"));
+        assert!(service("url: http://x/\nhttp: {max_idle_per_host: 0}").contains("services.ai.http.max_idle_per_host"));
+        assert_eq!(service("url: http://x/\nhttp: {version: http2, pools: 2, idle_timeout: 5s}"), "");
+        // One call of the service must fit in the calls' memory, or none could ever start.
+        let too_big = service("url: http://x/\nmax_response_bytes: 300000000");
+        assert!(too_big.contains("executor.max_in_flight_bytes") && too_big.contains("service ai"), "{too_big}");
+        let err = serde_yaml_ng::from_str::<ServiceConfig>("url: http://x/\nhttp: {version: http3}").unwrap_err();
+        assert!(err.to_string().contains("http3"), "{err}");
+        let openai: ServiceConfig = serde_yaml_ng::from_str("url: http://x/\nconnector: {type: openai, model: m}").unwrap();
+        assert_eq!(openai.response_limit(), MAX_RESPONSE_BYTES_OPENAI);
+        assert_eq!(ServiceConfig::default().response_limit(), MAX_RESPONSE_BYTES);
         let err =
             serde_yaml_ng::from_str::<ServiceConfig>("url: http://x/\nlimits: [{requests: 1, per: day}]").unwrap_err();
         assert!(err.to_string().contains("day"), "{err}");
@@ -553,7 +585,13 @@ mod tests {
         let webhook = &config.services["webhook"];
         let defaults = ServiceConfig::default();
         assert_eq!((&webhook.retry, &webhook.breaker), (&defaults.retry, &defaults.breaker));
-        assert_eq!(config.executor.partition_max_buffered, ExecutorConfig::default().partition_max_buffered);
+        let executor = ExecutorConfig::default();
+        assert_eq!(config.executor.partition_max_buffered, executor.partition_max_buffered);
+        assert_eq!(
+            (config.executor.concurrency, config.executor.max_in_flight_bytes),
+            (executor.concurrency, executor.max_in_flight_bytes)
+        );
+        assert_eq!(webhook.http, HttpConfig::default());
         assert_eq!(config.executor.fairness, FairnessConfig::default());
         assert_eq!(config.ingest, IngestConfig::default(), "weir.yaml states the ingest defaults");
     }

@@ -28,7 +28,15 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub connector: ConnectorConfig,
     /// Calls in flight at once for this service in one process; default `executor.concurrency`.
+    /// Every call also holds its share of `executor.max_in_flight_bytes` (its request plus
+    /// `max_response_bytes`), which bounds them first when answers may be big.
     pub concurrency: Option<usize>,
+    /// The most of an answer's body a call reads; the rest is not read. A 2xx answer over it is
+    /// still a success (the service acted), its output a `weir.truncated` marker instead of the
+    /// body. Default 64 KiB, or 1 MiB for the `openai` connector (long completions).
+    pub max_response_bytes: Option<usize>,
+    /// How the HTTP client talks to the service: protocol version and connection pool.
+    pub http: HttpConfig,
     /// Calls in flight at once for one tenant, of different order keys (default 8). A tenant's
     /// calls with the same order key (its workflow's `order_by`: by default the event's
     /// subject, else the tenant) are always made one at a time, in event order; 1 makes all of
@@ -49,6 +57,8 @@ impl Default for ServiceConfig {
             url: String::new(),
             timeout: Duration::from_secs(10),
             concurrency: None,
+            max_response_bytes: None,
+            http: HttpConfig::default(),
             tenant_concurrency: 8,
             limits: Vec::new(),
             retry: RetryConfig::default(),
@@ -56,6 +66,53 @@ impl Default for ServiceConfig {
             connector: Default::default(),
         }
     }
+}
+
+/// `services.<name>.http`: the HTTP client of one service. Each service has a client, and so a
+/// connection pool, of its own, sized here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `auto` (default): HTTP/2 where an `https` service offers it (ALPN), else HTTP/1.1;
+    /// `http2`: HTTP/2 only, also over plain `http` (prior knowledge, h2c), for services known
+    /// to speak it: all calls share a few connections, each carrying many at once; `http1`:
+    /// HTTP/1.1 only, one call per connection at a time.
+    pub version: HttpVersion,
+    /// Idle connections kept per host for the next calls. Default: every connection the
+    /// service's calls opened, so at most its calls in flight (HTTP/1.1 needs a connection per
+    /// call in flight; HTTP/2 carries many calls on one); set it lower to give connections back
+    /// sooner after a burst.
+    pub max_idle_per_host: Option<usize>,
+    /// How long an idle connection is kept. Default 90s.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Connection pools the service's calls are spread over, round robin (default 8). Over
+    /// HTTP/2 a pool holds one connection per host, which carries as many calls at once as the
+    /// server allows (`SETTINGS_MAX_CONCURRENT_STREAMS`, usually 100 to 250) and makes the rest
+    /// wait: 8 carry ~1,000 to 2,000. Over HTTP/1.1 it changes nothing but how the connections
+    /// are grouped.
+    pub pools: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            version: HttpVersion::Auto,
+            max_idle_per_host: None,
+            idle_timeout: Duration::from_secs(90),
+            pools: 8,
+        }
+    }
+}
+
+/// The HTTP version a service is called with: see [`HttpConfig::version`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpVersion {
+    #[default]
+    Auto,
+    Http1,
+    Http2,
 }
 
 /// One rate limit: `requests` or `cost` (e.g. tokens) per `per`, for the whole service or for
@@ -227,7 +284,20 @@ impl Default for BreakerConfig {
     }
 }
 
+/// `max_response_bytes` when the service does not set it.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 10;
+/// The same for the `openai` connector, whose completions can be long.
+pub const MAX_RESPONSE_BYTES_OPENAI: usize = 1 << 20;
+
 impl ServiceConfig {
+    /// The most of an answer's body a call reads (see [`ServiceConfig::max_response_bytes`]).
+    pub fn response_limit(&self) -> usize {
+        self.max_response_bytes.unwrap_or(match self.connector {
+            ConnectorConfig::OpenAi(_) => MAX_RESPONSE_BYTES_OPENAI,
+            _ => MAX_RESPONSE_BYTES,
+        })
+    }
+
     /// Checks the values; errors name `services.<name>.<field>`.
     pub(super) fn validate(&self, name: &str) -> anyhow::Result<()> {
         let url = reqwest::Url::parse(&self.url).with_context(|| format!("services.{name}.url: {:?}", self.url))?;
@@ -242,6 +312,15 @@ impl ServiceConfig {
         }
         if self.tenant_concurrency == 0 {
             bail!("services.{name}.tenant_concurrency: must be at least 1");
+        }
+        if self.max_response_bytes == Some(0) {
+            bail!("services.{name}.max_response_bytes: must be at least 1");
+        }
+        if !(1..=256).contains(&self.http.pools) {
+            bail!("services.{name}.http.pools: must be between 1 and 256");
+        }
+        if self.http.max_idle_per_host == Some(0) {
+            bail!("services.{name}.http.max_idle_per_host: must be at least 1 (or absent: the concurrency)");
         }
         for (i, limit) in self.limits.iter().enumerate() {
             let at = format!("services.{name}.limits[{i}]");

@@ -34,7 +34,7 @@ use serde_json::Value;
 pub use network::Refused;
 // The settings are data in `config` (which must not depend on this module); re-exported here,
 // next to the connectors that use them.
-pub use crate::config::{ConnectorConfig, NetworkPolicy, NoopConfig, OpenAiConfig, SlackConfig, WebhookConfig};
+pub use crate::config::{ConnectorConfig, HttpVersion, NetworkPolicy, NoopConfig, OpenAiConfig, SlackConfig, WebhookConfig};
 
 /// Header with the task id on every call, for the service to deduplicate retries.
 pub(crate) const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -133,17 +133,146 @@ fn is_template(s: &str) -> bool {
     s.contains("{{") || s.contains("{%")
 }
 
-/// The HTTP client of a service: its timeout, the guarded resolver, no redirects (a redirect
-/// could point at a literal address the resolver never sees) and no proxy (the proxy would do
-/// the resolving).
-fn client(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(service.timeout)
-        .dns_resolver(network.resolver(name))
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .with_context(|| format!("services.{name}: building the HTTP client"))
+/// A service's HTTP clients (`http.pools` of them, each with its own connection pool, used in
+/// turn) and the most of an answer it reads.
+#[derive(Debug)]
+struct Http {
+    clients: Vec<reqwest::Client>,
+    /// The client the next call uses, modulo their number.
+    next: std::sync::atomic::AtomicUsize,
+    /// `services.<name>.max_response_bytes`, resolved.
+    response_limit: usize,
+    /// The field that sets it, for the marker of a cut answer.
+    limit_field: String,
+}
+
+impl Http {
+    /// The client of service `name`: its timeout, HTTP version and pool, the guarded resolver,
+    /// no redirects (a redirect could point at a literal address the resolver never sees) and no
+    /// proxy (the proxy would do the resolving).
+    fn new(name: &str, service: &ServiceConfig, network: &NetworkPolicy) -> anyhow::Result<Http> {
+        let build = || {
+            let mut builder = reqwest::Client::builder()
+                .timeout(service.timeout)
+                .dns_resolver(network.resolver(name))
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .pool_idle_timeout(service.http.idle_timeout);
+            if let Some(idle) = service.http.max_idle_per_host {
+                builder = builder.pool_max_idle_per_host(idle);
+            }
+            builder = match service.http.version {
+                HttpVersion::Auto => builder,
+                HttpVersion::Http1 => builder.http1_only(),
+                // Many calls share a connection: let its windows grow with them, and notice a
+                // dead connection (a service restarted behind a load balancer) without waiting
+                // for the calls' timeouts.
+                HttpVersion::Http2 => builder
+                    .http2_prior_knowledge()
+                    .http2_adaptive_window(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .http2_keep_alive_while_idle(true),
+            };
+            builder.build().with_context(|| format!("services.{name}: building the HTTP client"))
+        };
+        Ok(Http {
+            clients: (0..service.http.pools).map(|_| build()).collect::<anyhow::Result<_>>()?,
+            next: Default::default(),
+            response_limit: service.response_limit(),
+            limit_field: format!("services.{name}.max_response_bytes"),
+        })
+    }
+
+    /// The client of the next call: over HTTP/2, each pool's connection carries its share.
+    fn client(&self) -> &reqwest::Client {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.clients[n % self.clients.len()]
+    }
+
+    /// Sends `request` with the identity headers. A 2xx is a [`Reply`]; anything else is the
+    /// outcome of the call: retryable for 408, 429, 5xx and network failures, permanent
+    /// otherwise. At most `response_limit` bytes of the answer are read.
+    async fn exchange(&self, request: reqwest::RequestBuilder, task: &ActionTask) -> Result<Reply, CallOutcome> {
+        let permanent = |reason| CallOutcome::Permanent { reason, http_status: None };
+        let key = header_value(IDEMPOTENCY_KEY, "the task id", &task.task_id).map_err(permanent)?;
+        let tenant = header_value(TENANT_HEADER, "the tenant", &task.tenant).map_err(permanent)?;
+        let response =
+            request.header(IDEMPOTENCY_KEY, key).header(TENANT_HEADER, tenant).send().await.map_err(failed)?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let (body, cut) = read_at_most(response, self.response_limit).await.map_err(failed)?;
+        if status.is_success() {
+            let cut = cut.map(|length| Cut { read: body.len(), length, field: self.limit_field.clone() });
+            return Ok(Reply { status, body, cut });
+        }
+        let (reason, http_status) = (format!("HTTP {status}: {}", snippet(&body, 200)), Some(status.as_u16()));
+        Err(match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
+                CallOutcome::Retryable { reason, http_status, retry_after }
+            }
+            s if s.is_server_error() => CallOutcome::Retryable { reason, http_status, retry_after },
+            _ => CallOutcome::Permanent { reason, http_status },
+        })
+    }
+}
+
+/// The body of `response`, read up to `limit` bytes; past it the rest is left unread (the
+/// connection is dropped rather than drained) and the second value is `Some`, with the
+/// `Content-Length` the service announced, if it did.
+async fn read_at_most(mut response: reqwest::Response, limit: usize) -> reqwest::Result<(Bytes, Option<Option<u64>>)> {
+    let length = response.content_length();
+    let mut body = bytes::BytesMut::with_capacity(length.map_or(0, |l| l.min(limit as u64) as usize));
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            body.extend_from_slice(&chunk[..limit - body.len()]);
+            return Ok((body.freeze(), Some(length)));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body.freeze(), None))
+}
+
+/// An answer whose body was longer than the service's `max_response_bytes`.
+struct Cut {
+    /// Bytes read (the limit).
+    read: usize,
+    /// The `Content-Length` the service announced, if it did.
+    length: Option<u64>,
+    /// The setting that bounds it.
+    field: String,
+}
+
+/// File descriptors kept for everything but the services' connections: Kafka's sockets, the
+/// metrics server, logs.
+const OTHER_FILES: u64 = 512;
+
+/// Raises this process's open-files limit to its hard limit (as Go's runtime does) and warns if
+/// that still cannot hold a connection for every call `services` may have in flight: over
+/// HTTP/1.1 each call needs a connection of its own, and a process at its limit fails calls with
+/// "too many open files" (retried, but slow). Returns the soft limit in force, if known.
+pub fn raise_open_files<'a>(config: &Config, services: impl IntoIterator<Item = (&'a String, &'a ServiceConfig)>) -> Option<u64> {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the open-files limit (RLIMIT_NOFILE)");
+            return None;
+        }
+    };
+    let connections: u64 = services
+        .into_iter()
+        .filter(|(_, s)| s.http.version != HttpVersion::Http2)
+        .map(|(_, s)| s.concurrency.unwrap_or(config.executor.concurrency) as u64)
+        .sum();
+    if connections + OTHER_FILES > limit {
+        tracing::warn!(
+            limit,
+            connections,
+            "the open-files limit (ulimit -n) is below the calls the executors may have in flight, each an HTTP/1.1 \
+             connection: raise the limit, lower concurrency, or call services that speak it over HTTP/2 \
+             (services.<name>.http.version: http2)"
+        );
+    }
+    Some(limit)
 }
 
 /// A secret from the environment variable a config field names.
@@ -176,11 +305,23 @@ fn text(value: Value) -> String {
 struct Reply {
     status: StatusCode,
     body: Bytes,
+    /// Set when the body was longer than the service's limit and was not read whole.
+    cut: Option<Cut>,
 }
 
 impl Reply {
-    /// The body as JSON, else as text (Slack answers `ok`); nothing if empty.
+    /// The body as JSON, else as text (Slack answers `ok`); nothing if empty. An answer cut at
+    /// the service's limit is a `weir.truncated` marker saying so (the call still succeeded:
+    /// the service acted), like a result whose output is over `limits.max_record_bytes`.
     fn output(&self) -> Option<Value> {
+        if let Some(cut) = &self.cut {
+            let reason = format!(
+                "the answer's body was longer than {} bytes ({}); the rest was not read",
+                cut.read, cut.field
+            );
+            let marker = serde_json::json!({"reason": reason, "bytes_read": cut.read, "content_length": cut.length});
+            return Some(serde_json::json!({ crate::kafka::limits::TRUNCATED: marker }));
+        }
         serde_json::from_slice(&self.body)
             .ok()
             .or_else(|| (!self.body.is_empty()).then(|| Value::String(snippet(&self.body, 4096))))
@@ -189,29 +330,6 @@ impl Reply {
     fn succeeded(&self, output: Option<Value>, cost: Option<u64>) -> CallOutcome {
         CallOutcome::Succeeded { http_status: Some(self.status.as_u16()), output, cost }
     }
-}
-
-/// Sends `request` with the identity headers. A 2xx is a [`Reply`]; anything else is the
-/// outcome of the call: retryable for 408, 429, 5xx and network failures, permanent otherwise.
-async fn exchange(request: reqwest::RequestBuilder, task: &ActionTask) -> Result<Reply, CallOutcome> {
-    let permanent = |reason| CallOutcome::Permanent { reason, http_status: None };
-    let key = header_value(IDEMPOTENCY_KEY, "the task id", &task.task_id).map_err(permanent)?;
-    let tenant = header_value(TENANT_HEADER, "the tenant", &task.tenant).map_err(permanent)?;
-    let response = request.header(IDEMPOTENCY_KEY, key).header(TENANT_HEADER, tenant).send().await.map_err(failed)?;
-    let status = response.status();
-    let retry_after = retry_after(response.headers());
-    let body = response.bytes().await.map_err(failed)?;
-    if status.is_success() {
-        return Ok(Reply { status, body });
-    }
-    let (reason, http_status) = (format!("HTTP {status}: {}", snippet(&body, 200)), Some(status.as_u16()));
-    Err(match status {
-        StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
-            CallOutcome::Retryable { reason, http_status, retry_after }
-        }
-        s if s.is_server_error() => CallOutcome::Retryable { reason, http_status, retry_after },
-        _ => CallOutcome::Permanent { reason, http_status },
-    })
 }
 
 /// `value` as the value of header `name`, or why it cannot be one: the header, `what` the value

@@ -30,7 +30,7 @@ use futures::{future::BoxFuture, FutureExt};
 use serde_json::{json, Value};
 
 pub use super::OpenAiConfig;
-use super::{client, compile, context, exchange, secret, target, CallOutcome, Connector, NetworkPolicy};
+use super::{compile, context, Http, secret, target, CallOutcome, Connector, NetworkPolicy};
 use crate::{
     config::ServiceConfig,
     engine::template::InputTemplate,
@@ -57,7 +57,7 @@ impl OpenAiConfig {
 
 pub(crate) struct OpenAi {
     service: String,
-    http: reqwest::Client,
+    http: Http,
     url: reqwest::Url,
     model: String,
     max_tokens: u64,
@@ -80,7 +80,7 @@ impl OpenAi {
         Ok(OpenAi {
             service: name.to_string(),
             url: target(name, service, network)?,
-            http: client(name, service, network)?,
+            http: Http::new(name, service, network)?,
             model: config.model.clone(),
             max_tokens: config.max_tokens,
             api_key,
@@ -148,11 +148,11 @@ impl Connector for OpenAi {
                 Ok(body) => body,
                 Err(reason) => return CallOutcome::Permanent { reason, http_status: None },
             };
-            let mut request = self.http.post(self.url.clone()).json(&body);
+            let mut request = self.http.client().post(self.url.clone()).json(&body);
             if let Some(key) = &self.api_key {
                 request = request.bearer_auth(key);
             }
-            match exchange(request, task).await {
+            match self.http.exchange(request, task).await {
                 Ok(reply) => {
                     let output = reply.output();
                     let usage = output.as_ref().map(|o| &o["usage"]);

@@ -15,7 +15,7 @@ use futures::{future::BoxFuture, FutureExt};
 use serde_json::{json, Value};
 
 pub use super::SlackConfig;
-use super::{client, compile, context, exchange, target, text, CallOutcome, Connector, NetworkPolicy};
+use super::{compile, context, Http, target, text, CallOutcome, Connector, NetworkPolicy};
 use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
 
 impl SlackConfig {
@@ -25,7 +25,7 @@ impl SlackConfig {
 }
 
 pub struct Slack {
-    http: reqwest::Client,
+    http: Http,
     url: reqwest::Url,
     text: InputTemplate,
 }
@@ -40,7 +40,7 @@ impl Slack {
         Ok(Slack {
             text: config.compile(name)?,
             url: target(name, service, network)?,
-            http: client(name, service, network)?,
+            http: Http::new(name, service, network)?,
         })
     }
 }
@@ -56,7 +56,7 @@ impl Connector for Slack {
                 Ok(message) => text(message),
                 Err(e) => return CallOutcome::Permanent { reason: e.to_string(), http_status: None },
             };
-            match exchange(self.http.post(self.url.clone()).json(&json!({"text": message})), task).await {
+            match self.http.exchange(self.http.client().post(self.url.clone()).json(&json!({"text": message})), task).await {
                 Ok(reply) => reply.succeeded(reply.output(), None),
                 Err(outcome) => outcome,
             }

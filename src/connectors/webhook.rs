@@ -35,7 +35,7 @@ use serde_json::{Map, Value};
 
 pub use super::WebhookConfig;
 use super::{
-    client, compile, context, exchange, is_template, parse_target, secret, signature, text, CallOutcome, Connector,
+    compile, context, Http, is_template, parse_target, secret, signature, text, CallOutcome, Connector,
     NetworkPolicy, IDEMPOTENCY_KEY, TENANT_HEADER,
 };
 use crate::{
@@ -131,7 +131,7 @@ enum Target {
 }
 
 pub(crate) struct Webhook {
-    http: reqwest::Client,
+    http: Http,
     network: NetworkPolicy,
     request: Request,
     /// The HMAC key and how to sign with it.
@@ -159,7 +159,7 @@ impl Webhook {
             }
             None => None,
         };
-        Ok(Webhook { http: client(name, service, network)?, network: network.clone(), request, secret })
+        Ok(Webhook { http: Http::new(name, service, network)?, network: network.clone(), request, secret })
     }
 
     /// The URL for `task`; a rendered one is checked as the config's is.
@@ -208,7 +208,7 @@ impl Connector for Webhook {
                 Ok((url, (headers, body))) => (url, headers, body),
                 Err(reason) => return CallOutcome::Permanent { reason, http_status: None },
             };
-            let mut request = self.http.request(self.request.method.clone(), url);
+            let mut request = self.http.client().request(self.request.method.clone(), url);
             for (name, value) in headers {
                 request = request.header(name, value);
             }
@@ -231,7 +231,7 @@ impl Connector for Webhook {
             if let Some((bytes, _)) = body {
                 request = request.body(bytes);
             }
-            match exchange(request, task).await {
+            match self.http.exchange(request, task).await {
                 Ok(reply) => {
                     // A service that reports usage like OpenAI (`usage.total_tokens`) gets its cost
                     // limits corrected by it, whatever its connector.

@@ -32,7 +32,7 @@ use std::{
 
 use axum::{
     extract::State,
-    http::{HeaderMap, Method, StatusCode, Uri},
+    http::{HeaderMap, Method, StatusCode, Uri, Version},
     response::{IntoResponse, Response},
     routing::any,
     Json, Router,
@@ -57,6 +57,8 @@ pub struct Call {
     pub status: u16,
     /// A repeat of a key that had already succeeded: answered from the stored response.
     pub replayed: bool,
+    /// The HTTP version the call came over (`HTTP/1.1`, `HTTP/2.0`).
+    pub version: String,
 }
 
 /// How the receiver answers.
@@ -89,6 +91,9 @@ struct Inner {
     recent: Mutex<std::collections::VecDeque<Instant>>,
     /// Per tenant (`x-weir-tenant`): requests being answered now, and the most there ever were.
     open: Mutex<std::collections::HashMap<String, (usize, usize)>>,
+    /// All requests being answered now, and the most there ever were.
+    in_flight: std::sync::atomic::AtomicUsize,
+    most_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 pub struct Receiver {
@@ -160,6 +165,11 @@ impl Receiver {
         self.inner.open.lock().expect("open lock").get(tenant).map_or(0, |(_, most)| *most)
     }
 
+    /// The most requests, of all tenants, the receiver was answering at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.inner.most_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Calls executed successfully, replays of an already succeeded key excluded.
     pub fn executed(&self) -> usize {
         self.inner.calls.lock().expect("calls lock").iter().filter(|c| c.status < 300 && !c.replayed).count()
@@ -173,15 +183,32 @@ impl Drop for Receiver {
 }
 
 /// Runs [`answer_call`] in a task of its own, so it completes when the client disconnects.
-async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, headers: HeaderMap, raw: Bytes) -> Response {
-    match tokio::spawn(answer_call(inner, method, uri, headers, raw)).await {
+async fn handle(
+    State(inner): State<Arc<Inner>>,
+    method: Method,
+    version: Version,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Response {
+    match tokio::spawn(answer_call(inner, method, version, uri, headers, raw)).await {
         Ok(response) => response,
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("the receiver's handler failed: {e}")).into_response(),
     }
 }
 
-async fn answer_call(inner: Arc<Inner>, method: Method, uri: Uri, headers: HeaderMap, raw: Bytes) -> Response {
+async fn answer_call(
+    inner: Arc<Inner>,
+    method: Method,
+    version: Version,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
     let at = Instant::now();
+    let now = inner.in_flight.fetch_add(1, SeqCst) + 1;
+    inner.most_in_flight.fetch_max(now, SeqCst);
     let body = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into()));
     inner.arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mode = inner.mode.lock().expect("mode lock").clone();
@@ -224,6 +251,7 @@ async fn answer_call(inner: Arc<Inner>, method: Method, uri: Uri, headers: Heade
     if let Some(t) = &tenant {
         inner.open.lock().expect("open lock").entry(t.clone()).or_default().0 -= 1;
     }
+    inner.in_flight.fetch_sub(1, SeqCst);
     inner.calls.lock().expect("calls lock").push(Call {
         at,
         tenant,
@@ -235,6 +263,7 @@ async fn answer_call(inner: Arc<Inner>, method: Method, uri: Uri, headers: Heade
         headers,
         status,
         replayed: stored.is_some(),
+        version: format!("{version:?}"),
     });
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut reply = match response {

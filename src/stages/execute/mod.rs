@@ -53,6 +53,7 @@ pub(crate) mod completed;
 pub mod delay;
 pub(crate) mod fair;
 pub(crate) mod in_flight;
+pub(crate) mod memory;
 pub(crate) mod overflow;
 pub(crate) mod queues;
 pub mod throttle;
@@ -69,6 +70,7 @@ use self::{
     completed::Completed,
     fair::{FairSlots, Weights},
     in_flight::{Flow, InFlight},
+    memory::CallMemory,
     overflow::{Reader, Route},
     throttle::Throttle,
 };
@@ -154,6 +156,8 @@ struct Executor {
     throttle: Arc<Throttle>,
     breaker: Arc<Breaker>,
     slots: Arc<FairSlots>,
+    /// The process's memory for calls in flight, shared by all its services ([`memory`]).
+    memory: CallMemory,
     /// Runs cancelled with `weir runs cancel`: their tasks are recorded `cancelled`, not called.
     cancelled: Arc<Cancelled>,
     producer: FutureProducer,
@@ -174,11 +178,17 @@ struct Executor {
     calls: CancellationToken,
 }
 
-/// Runs the executor of `service` with its configured connector until `shutdown`.
-pub async fn run(config: Arc<Config>, service: String, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the executor of `service` with its configured connector until `shutdown`. `memory` is
+/// the process's budget for calls in flight, shared with its other services' executors.
+pub async fn run(
+    config: Arc<Config>,
+    service: String,
+    memory: CallMemory,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?;
     let connector = crate::connectors::build(&service, settings, &config.network)?;
-    run_with(config, service, connector, shutdown).await
+    run_shared(config, service, connector, memory, shutdown).await
 }
 
 /// What the readers of a service's three priorities share: its limits, one connector, one
@@ -191,16 +201,30 @@ struct Shared {
     throttle: Arc<Throttle>,
     breaker: Arc<Breaker>,
     slots: Arc<FairSlots>,
+    memory: CallMemory,
     cancelled: Arc<Cancelled>,
+}
+
+/// Runs the executor of `service` with `connector`, as the only service of its process (its
+/// own `executor.max_in_flight_bytes`): see [`run_shared`].
+pub async fn run_with(
+    config: Arc<Config>,
+    service: String,
+    connector: Arc<dyn Connector>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let memory = CallMemory::new(config.executor.max_in_flight_bytes);
+    run_shared(config, service, connector, memory, shutdown).await
 }
 
 /// Runs the executor of `service` with `connector`: a reader per priority's action topic (each a
 /// consumer-group member of its own, see [`main_loop`]) sharing the service's [`Shared`], and one
 /// consumer per delay tier, until `shutdown` or the first error.
-pub async fn run_with(
+async fn run_shared(
     config: Arc<Config>,
     service: String,
     connector: Arc<dyn Connector>,
+    memory: CallMemory,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let settings = config.services.get(&service).with_context(|| format!("unknown service {service}"))?.clone();
@@ -213,6 +237,7 @@ pub async fn run_with(
     .with_context(|| format!("executor {service}: reading the cancelled runs"))?;
     let shared = Shared {
         cancelled,
+        memory,
         connector,
         throttle: Arc::new(Throttle::new(&service, &settings.limits)),
         breaker: Arc::new(Breaker::new(&service, settings.breaker.clone())),
@@ -272,9 +297,10 @@ async fn main_loop(
         .zip(settings.retry.tier_names())
         .map(|(delay, name)| (delay.as_millis() as u64, name.clone(), config.names().retry(&service, &name)))
         .collect();
-    let Shared { connector, throttle, breaker, slots, cancelled } = shared;
+    let Shared { connector, throttle, breaker, slots, memory, cancelled } = shared;
     let executor = Arc::new(Executor {
         priority,
+        memory,
         cancelled,
         connector,
         throttle,
@@ -710,9 +736,11 @@ impl Executor {
                 self.throttle.wait_tenant(&task.tenant, estimate).await;
                 let throttled = self.throttle.has_tenant_limits() && asked.elapsed() >= THROTTLED;
                 let slot = self.slots.acquire(self.priority, &task.tenant).await;
+                let size = message.payload().map_or(0, <[u8]>::len);
+                let room = self.memory.reserve(CallMemory::call_bytes(size, self.settings.response_limit())).await;
                 let admission = self.breaker.admit().await;
                 self.throttle.wait_global(estimate).await;
-                (slot, admission, throttled)
+                ((slot, room), admission, throttled)
             };
             let (slot, admission, throttled) = tokio::select! {
                 // First, so that a task started after the executor began stopping does not wait.
@@ -754,7 +782,7 @@ impl Executor {
                 CallOutcome::Permanent { .. } => Verdict::Neutral,
             };
             self.breaker.record(admission, verdict);
-            // The slot is held until the outcome is durable, not only while the call runs: a call
+            // The slot (and the call's memory) is held until the outcome is durable, not only while the call runs: a call
             // counts as in flight until a crash can no longer make it be called again, so
             // `concurrency` bounds the calls a crash repeats (docs/recovery.md).
             let settle = async move {
