@@ -2,6 +2,13 @@
 
 use std::{io::BufReader, path::PathBuf, process::ExitCode, sync::Arc};
 
+/// mimalloc, not glibc's malloc: profiles of the executor at ~3,000 calls/s spent a quarter of
+/// its CPU in glibc's allocator (per-call buffers freed on other threads than they were
+/// allocated on, consolidated over and over), and glibc's per-thread arenas inflate RSS. The
+/// library leaves the choice to whoever embeds it; the binary makes it (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weir::{

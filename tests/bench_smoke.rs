@@ -112,6 +112,10 @@ async fn the_remote_scenario_calls_a_slow_service_and_reports_its_bound() {
     assert!(s.latency_ms.p50 >= 150.0, "each call took the service's 200 ± 50 ms at least: {:?}", s.latency_ms);
     let bound = s.extra["concurrency_bound_calls_per_s"].as_f64().unwrap();
     assert!(s.extra["calls_per_s"].as_f64().unwrap() <= bound * 1.1, "{:?}", s.extra);
+    // The executor alone is in the child, per-tenant caps lifted; the service saw calls overlap.
+    assert_eq!(s.extra["stages_run_in"], "weir run child");
+    assert_eq!(s.extra["tenant_concurrency"], s.extra["concurrency"]);
+    assert!(s.extra["most_calls_at_once"].as_u64().unwrap() >= 1, "{:?}", s.extra);
 }
 
 #[tokio::test]

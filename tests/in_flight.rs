@@ -120,7 +120,8 @@ async fn the_memory_bound_holds_calls_back_before_the_count_bound_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_over_max_response_bytes_is_cut_and_the_call_still_succeeds() {
     let receiver = Receiver::start().await.unwrap();
-    let (config, _dir) = setup(&receiver, |c| c.services.get_mut("webhook").unwrap().max_response_bytes = Some(1_000)).await;
+    let (config, _dir) =
+        setup(&receiver, |c| c.services.get_mut("webhook").unwrap().max_response_bytes = Some(1_000)).await;
     // The receiver pads its answer to about `respond_bytes`.
     let tasks = vec![
         webhook_task(0, "acme", json!({"respond_bytes": 200_000})),

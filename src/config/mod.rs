@@ -555,7 +555,8 @@ mod tests {
         assert!(too_big.contains("executor.max_in_flight_bytes") && too_big.contains("service ai"), "{too_big}");
         let err = serde_yaml_ng::from_str::<ServiceConfig>("url: http://x/\nhttp: {version: http3}").unwrap_err();
         assert!(err.to_string().contains("http3"), "{err}");
-        let openai: ServiceConfig = serde_yaml_ng::from_str("url: http://x/\nconnector: {type: openai, model: m}").unwrap();
+        let openai: ServiceConfig =
+            serde_yaml_ng::from_str("url: http://x/\nconnector: {type: openai, model: m}").unwrap();
         assert_eq!(openai.response_limit(), MAX_RESPONSE_BYTES_OPENAI);
         assert_eq!(ServiceConfig::default().response_limit(), MAX_RESPONSE_BYTES);
         let err =

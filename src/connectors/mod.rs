@@ -34,7 +34,9 @@ use serde_json::Value;
 pub use network::Refused;
 // The settings are data in `config` (which must not depend on this module); re-exported here,
 // next to the connectors that use them.
-pub use crate::config::{ConnectorConfig, HttpVersion, NetworkPolicy, NoopConfig, OpenAiConfig, SlackConfig, WebhookConfig};
+pub use crate::config::{
+    ConnectorConfig, HttpVersion, NetworkPolicy, NoopConfig, OpenAiConfig, SlackConfig, WebhookConfig,
+};
 
 /// Header with the task id on every call, for the service to deduplicate retries.
 pub(crate) const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -250,7 +252,10 @@ const OTHER_FILES: u64 = 512;
 /// that still cannot hold a connection for every call `services` may have in flight: over
 /// HTTP/1.1 each call needs a connection of its own, and a process at its limit fails calls with
 /// "too many open files" (retried, but slow). Returns the soft limit in force, if known.
-pub fn raise_open_files<'a>(config: &Config, services: impl IntoIterator<Item = (&'a String, &'a ServiceConfig)>) -> Option<u64> {
+pub fn raise_open_files<'a>(
+    config: &Config,
+    services: impl IntoIterator<Item = (&'a String, &'a ServiceConfig)>,
+) -> Option<u64> {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         Err(e) => {
@@ -315,10 +320,8 @@ impl Reply {
     /// the service acted), like a result whose output is over `limits.max_record_bytes`.
     fn output(&self) -> Option<Value> {
         if let Some(cut) = &self.cut {
-            let reason = format!(
-                "the answer's body was longer than {} bytes ({}); the rest was not read",
-                cut.read, cut.field
-            );
+            let reason =
+                format!("the answer's body was longer than {} bytes ({}); the rest was not read", cut.read, cut.field);
             let marker = serde_json::json!({"reason": reason, "bytes_read": cut.read, "content_length": cut.length});
             return Some(serde_json::json!({ crate::kafka::limits::TRUNCATED: marker }));
         }

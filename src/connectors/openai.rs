@@ -30,7 +30,7 @@ use futures::{future::BoxFuture, FutureExt};
 use serde_json::{json, Value};
 
 pub use super::OpenAiConfig;
-use super::{compile, context, Http, secret, target, CallOutcome, Connector, NetworkPolicy};
+use super::{compile, context, secret, target, CallOutcome, Connector, Http, NetworkPolicy};
 use crate::{
     config::ServiceConfig,
     engine::template::InputTemplate,

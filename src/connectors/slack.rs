@@ -15,7 +15,7 @@ use futures::{future::BoxFuture, FutureExt};
 use serde_json::{json, Value};
 
 pub use super::SlackConfig;
-use super::{compile, context, Http, target, text, CallOutcome, Connector, NetworkPolicy};
+use super::{compile, context, target, text, CallOutcome, Connector, Http, NetworkPolicy};
 use crate::{config::ServiceConfig, engine::template::InputTemplate, envelope::ActionTask};
 
 impl SlackConfig {
@@ -56,7 +56,11 @@ impl Connector for Slack {
                 Ok(message) => text(message),
                 Err(e) => return CallOutcome::Permanent { reason: e.to_string(), http_status: None },
             };
-            match self.http.exchange(self.http.client().post(self.url.clone()).json(&json!({"text": message})), task).await {
+            match self
+                .http
+                .exchange(self.http.client().post(self.url.clone()).json(&json!({"text": message})), task)
+                .await
+            {
                 Ok(reply) => reply.succeeded(reply.output(), None),
                 Err(outcome) => outcome,
             }

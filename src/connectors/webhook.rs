@@ -35,8 +35,8 @@ use serde_json::{Map, Value};
 
 pub use super::WebhookConfig;
 use super::{
-    compile, context, Http, is_template, parse_target, secret, signature, text, CallOutcome, Connector,
-    NetworkPolicy, IDEMPOTENCY_KEY, TENANT_HEADER,
+    compile, context, is_template, parse_target, secret, signature, text, CallOutcome, Connector, Http, NetworkPolicy,
+    IDEMPOTENCY_KEY, TENANT_HEADER,
 };
 use crate::{
     config::{ServiceConfig, SignatureScheme},

@@ -20,6 +20,10 @@
 //!   ([`ingest`]).
 //! - `scale` (not in `all`): `weir run` children scaled 1 → 3 → 1 under a steady load, the
 //!   longest stall of the output during each change, per rebalance protocol ([`scale`]).
+//! - `remote` (not in `all`): the executor alone in the `weir run` child (its evaluator in this
+//!   process) against a receiver answering after 200 ± 50 ms, per-tenant caps lifted
+//!   (`tenant_concurrency` = `concurrency`): the calls per second one executor process reaches
+//!   with its calls in flight bounded by `concurrency` and `executor.max_in_flight_bytes`.
 //!
 //! A scenario warms up until its output shows the first record, then measures for `duration`:
 //! distinct input events seen at its output per second, end-to-end latency from the produce time

@@ -53,11 +53,7 @@ impl CallMemory {
     /// A budget of `bytes` (rounded up to whole KiB).
     pub fn new(bytes: usize) -> CallMemory {
         let units = bytes.div_ceil(UNIT).max(1);
-        CallMemory {
-            permits: Arc::new(Semaphore::new(units)),
-            reserved: Arc::default(),
-            budget: units * UNIT,
-        }
+        CallMemory { permits: Arc::new(Semaphore::new(units)), reserved: Arc::default(), budget: units * UNIT }
     }
 
     /// What a call of a task of `task_bytes` to a service reading answers of up to
