@@ -279,6 +279,11 @@ impl Status {
     }
 }
 
+/// Key of the object that stands in for a result's `output` that was not kept whole: an answer
+/// longer than its service's `max_response_bytes` (the connectors), or an output that would
+/// make the result's record too big (`limits.max_record_bytes`).
+pub(crate) const TRUNCATED: &str = "weir.truncated";
+
 /// What an executor reports for a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActionResult {

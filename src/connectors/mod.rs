@@ -323,7 +323,7 @@ impl Reply {
             let reason =
                 format!("the answer's body was longer than {} bytes ({}); the rest was not read", cut.read, cut.field);
             let marker = serde_json::json!({"reason": reason, "bytes_read": cut.read, "content_length": cut.length});
-            return Some(serde_json::json!({ crate::kafka::limits::TRUNCATED: marker }));
+            return Some(serde_json::json!({ crate::envelope::TRUNCATED: marker }));
         }
         serde_json::from_slice(&self.body)
             .ok()

@@ -33,8 +33,7 @@ use crate::envelope::{ActionResult, ActionTask, Status};
 /// record framing, ~40 bytes), rounded up.
 pub(crate) const RECORD_OVERHEAD: usize = 128;
 
-/// Key of the object that replaces an oversize result `output`.
-pub(crate) const TRUNCATED: &str = "weir.truncated";
+pub(crate) use crate::envelope::TRUNCATED;
 
 /// Longest error text a result or dead letter carries: a reason is for a person to read, and an
 /// error message can quote its input.
