@@ -49,6 +49,20 @@ async fn produce(config: &Config, tasks: &[ActionTask]) {
     produce_tasks(&producer, tasks).await;
 }
 
+/// Produces `tasks`, runs an executor until the receiver has executed them all (or `within`
+/// passes, failing), then stops it.
+async fn call_all(config: &Arc<Config>, receiver: &Receiver, tasks: &[ActionTask], within: Duration) {
+    produce(config, tasks).await;
+    let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
+    let n = tasks.len();
+    assert!(
+        eventually(within, || async { receiver.executed() >= n }).await,
+        "{} of {n} calls made",
+        receiver.executed()
+    );
+    pipeline.stop().await.unwrap();
+}
+
 fn results(config: &Config, want: usize) -> Vec<ActionResult> {
     read_topic(&config.names().results(), want, Duration::from_secs(60))
         .iter()
@@ -70,15 +84,7 @@ async fn one_executor_holds_a_thousand_calls_in_flight_over_http2() {
     // Default bounds: executor.concurrency 1024, 256 MiB for calls, 2,000 tasks buffered.
     assert_eq!(config.executor.concurrency, 1024);
     let n = 1_500;
-    produce(&config, &tasks(n, 300)).await;
-    let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
-
-    assert!(
-        eventually(Duration::from_secs(90), || async { receiver.executed() >= n }).await,
-        "{} of {n} calls made",
-        receiver.executed()
-    );
-    pipeline.stop().await.unwrap();
+    call_all(&config, &receiver, &tasks(n, 300), Duration::from_secs(90)).await;
     let most = receiver.most_in_flight();
     assert!((1_000..=1_024).contains(&most), "{most} calls in flight at once (bound: concurrency 1024)");
     let calls = receiver.calls();
@@ -105,14 +111,7 @@ async fn the_memory_bound_holds_calls_back_before_the_count_bound_does() {
     let n = 120;
     let tasks = tasks(n, 40);
     assert!(tasks.iter().all(|t| serde_json::to_vec(t).unwrap().len() <= 1024));
-    produce(&config, &tasks).await;
-    let pipeline = Pipeline::start(config.clone(), &[StageName::Execute]).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(60), || async { receiver.executed() >= n }).await,
-        "{} of {n} calls made",
-        receiver.executed()
-    );
-    pipeline.stop().await.unwrap();
+    call_all(&config, &receiver, &tasks, Duration::from_secs(60)).await;
     assert_eq!(receiver.most_in_flight(), 6, "calls at once: what the memory holds, not concurrency (1024)");
     assert_eq!(receiver.calls().len(), n);
 }

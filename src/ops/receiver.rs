@@ -182,6 +182,15 @@ impl Drop for Receiver {
     }
 }
 
+/// What a handler got of a request.
+struct Request {
+    method: Method,
+    version: Version,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Bytes,
+}
+
 /// Runs [`answer_call`] in a task of its own, so it completes when the client disconnects.
 async fn handle(
     State(inner): State<Arc<Inner>>,
@@ -191,20 +200,14 @@ async fn handle(
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
-    match tokio::spawn(answer_call(inner, method, version, uri, headers, raw)).await {
+    match tokio::spawn(answer_call(inner, Request { method, version, uri, headers, raw })).await {
         Ok(response) => response,
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("the receiver's handler failed: {e}")).into_response(),
     }
 }
 
-async fn answer_call(
-    inner: Arc<Inner>,
-    method: Method,
-    version: Version,
-    uri: Uri,
-    headers: HeaderMap,
-    raw: Bytes,
-) -> Response {
+async fn answer_call(inner: Arc<Inner>, request: Request) -> Response {
+    let Request { method, version, uri, headers, raw } = request;
     use std::sync::atomic::Ordering::SeqCst;
     let at = Instant::now();
     let now = inner.in_flight.fetch_add(1, SeqCst) + 1;
