@@ -44,7 +44,7 @@ use rdkafka::{
 };
 use serde_json::json;
 
-pub use super::noisy_report::{Group, NoisyReport, OneTenant, Phase, QuietTenant, TenantPhase};
+pub use super::noisy_report::{Group, Leg, NoisyReport, OneTenant, Phase, QuietTenant, Split, TenantPhase};
 use super::{
     load::{self, Mix, Progress},
     measure::{self, CpuSample, Meter},
@@ -138,6 +138,48 @@ pub fn quiet_tenants(count: usize, partitions: i32) -> Vec<String> {
         .collect()
 }
 
+/// Where one quiet event's time went: produced by the generator, its task made by the evaluator
+/// (the task's `created_at`, taken when the evaluator starts planning the event's runs), its
+/// call arrived at the receiver. Written to `noisy-<phase>-calls.csv` beside `bench.json`, and
+/// summed up in [`Phase::quiet_split`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Traced {
+    tenant: u32,
+    seq: u64,
+    produced_us: u64,
+    created_us: Option<u64>,
+    arrived_us: u64,
+}
+
+impl Traced {
+    const CSV_HEADER: &'static str = "tenant,seq,produced_us,created_us,arrived_us\n";
+
+    fn csv_line(&self, tenants: &[String]) -> String {
+        let created = self.created_us.map_or(String::new(), |c| c.to_string());
+        let tenant = &tenants[self.tenant as usize];
+        format!("{tenant},{},{},{created},{}\n", self.seq, self.produced_us, self.arrived_us)
+    }
+}
+
+/// The quiet events' latency in two legs: event produced → task made (the generator's producer,
+/// the broker, the evaluator's consumer and its batch), task made → call arrived (the rest of
+/// the evaluator's batch, its producer, the broker, the executor). Clocks are the same machine's.
+fn split(traced: &[Traced]) -> Split {
+    let (mut to_task, mut to_call) = (measure::histogram(3), measure::histogram(3));
+    for t in traced {
+        if let Some(created) = t.created_us {
+            to_task.saturating_record(created.saturating_sub(t.produced_us).max(1));
+            to_call.saturating_record(t.arrived_us.saturating_sub(created).max(1));
+        }
+    }
+    let leg = |h: &Histogram<u64>| Leg {
+        p50_ms: h.value_at_quantile(0.5) as f64 / 1e3,
+        p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
+        max_ms: h.max() as f64 / 1e3,
+    };
+    Split { events: to_task.len(), to_task: leg(&to_task), task_to_call: leg(&to_call) }
+}
+
 /// Per tenant: latencies (µs) of its first calls, and how many came in the window.
 struct TenantStats {
     latency: Histogram<u64>,
@@ -174,6 +216,8 @@ pub(super) struct Shared {
     /// Per tenant: events produced in the window.
     produced: Vec<AtomicU64>,
     stats: Mutex<(Vec<u64>, Vec<TenantStats>)>,
+    /// Every quiet event of the window called, with where its time went (see [`Traced`]).
+    traced: Mutex<Vec<Traced>>,
     progress: Arc<Progress>,
     /// While set, the window stays open past `--duration` (a replay that has not finished).
     pub(super) hold: std::sync::atomic::AtomicBool,
@@ -192,6 +236,7 @@ impl Shared {
             closed: Default::default(),
             produced: (0..n).map(|_| AtomicU64::new(0)).collect(),
             stats: Mutex::new((Vec::new(), (0..n).map(|_| TenantStats::new()).collect())),
+            traced: Mutex::new(Vec::new()),
             progress,
             hold: Default::default(),
         }
@@ -199,7 +244,8 @@ impl Shared {
 
     /// A call for `tenant` of event `seq` produced at `produced_us` arrived at `at_us`: counted
     /// once per event (a retried call is not a second event), if produced in the window.
-    fn record(&self, tenant: usize, seq: u64, produced_us: u64, at_us: u64) {
+    /// `created_us`: when the evaluator made the call's task (its `created_at`), if it parses.
+    fn record(&self, tenant: usize, seq: u64, produced_us: u64, created_us: Option<u64>, at_us: u64) {
         if seq < self.window_first_seq.load(Ordering::Acquire) {
             return;
         }
@@ -223,6 +269,10 @@ impl Shared {
         s.called += 1;
         if end == 0 || at_us <= end {
             s.called_in_window += 1;
+        }
+        if tenant < self.quiet() {
+            let traced = Traced { tenant: tenant as u32, seq, produced_us, created_us, arrived_us: at_us };
+            self.traced.lock().expect("traced lock").push(traced);
         }
     }
 
@@ -260,6 +310,8 @@ pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow
     let uncontended =
         phase(base, options, quiet_rate, NoisyLoad::Off, None, "uncontended").await.context("uncontended phase")?;
     let contended = phase(base, options, quiet_rate, noisy, None, "contended").await.context("contended phase")?;
+    uncontended.write_calls(&options.out, "uncontended")?;
+    contended.write_calls(&options.out, "contended")?;
 
     let quiet = contended.tenants.len() - 1;
     let noisy_partition = kafka::partitioner::partition_for_key(NOISY_TENANT.as_bytes(), contended.partitions);
@@ -346,6 +398,7 @@ pub(super) struct PhaseOutcome {
     partitions: i32,
     produced: Vec<u64>,
     stats: Vec<TenantStats>,
+    traced: Vec<Traced>,
     pub summary: Phase,
     /// The whole traffic's row (throughput, latency, series, CPU), for the table and the plot.
     pub report: ScenarioReport,
@@ -354,6 +407,17 @@ pub(super) struct PhaseOutcome {
 }
 
 impl PhaseOutcome {
+    /// Writes every quiet call of the phase, with its legs' times, to `dir/noisy-<name>-calls.csv`.
+    fn write_calls(&self, dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+        let mut text = String::from(Traced::CSV_HEADER);
+        for t in &self.traced {
+            text += &t.csv_line(&self.tenants);
+        }
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("noisy-{name}-calls.csv"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
     pub(super) fn tenant(&self, i: usize) -> TenantPhase {
         self.stats[i].phase(self.produced[i])
     }
@@ -472,7 +536,8 @@ async fn drive(
     let shared = Arc::into_inner(shared).context("the observer still holds the phase's counters")?;
     let produced = shared.produced.iter().map(|p| p.load(Ordering::Relaxed)).collect();
     let (_, stats) = shared.stats.into_inner().expect("stats lock");
-    Ok(PhaseOutcome { tenants: shared.tenants, partitions, produced, stats, summary, report, replay })
+    let traced = shared.traced.into_inner().expect("traced lock");
+    Ok(PhaseOutcome { tenants: shared.tenants, partitions, produced, stats, traced, summary, report, replay })
 }
 
 /// Warm-up, window and drain of a phase; returns its totals and the whole traffic's row.
@@ -564,6 +629,7 @@ async fn measure(
         drain_s,
         drained: all_quiet.len() == quiet_produced,
         stopped_cleanly: false,
+        quiet_split: split(&shared.traced.lock().expect("traced lock")),
     };
     Ok((summary, report))
 }
@@ -586,8 +652,12 @@ fn observe(receiver: Arc<Receiver>, shared: Arc<Shared>, meter: Arc<Meter>) -> t
                 } else {
                     anchor_us - (anchor - call.at).as_micros() as u64
                 };
+                let created_us = call.body["created_at"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .and_then(|t| u64::try_from(t.timestamp_micros()).ok());
                 meter.record(seq, produced_us, at_us);
-                shared.record(tenant, seq, produced_us, at_us);
+                shared.record(tenant, seq, produced_us, created_us, at_us);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
