@@ -74,6 +74,12 @@ pub const DEFAULT_RATE: u64 = 4_000;
 pub const DEFAULT_QUIET_TENANTS: usize = 20;
 /// How long the consumer groups may take to show the first call.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(90);
+/// After the first call, how long the quiet load runs before the window opens. The first call
+/// comes as soon as one executor reader has its partitions; the others, the connection pool and
+/// the result sink are still starting then. Opening the window at that call measured the start:
+/// the window's first 150–200 ms of quiet events took 100–220 ms (p50 12 ms) in *both* phases,
+/// up to two of each tenant's six slowest, i.e. its p99 (2026-12-07, `noisy-<phase>-calls.csv`).
+const SETTLE: Duration = Duration::from_secs(3);
 /// How long stopping the stages may take: on a build that waits inline for a tenant's run
 /// permits, the evaluator's in-flight events of the noisy tenant would hold the stop for minutes.
 /// Past it the phase moves on and says so (`stopped_cleanly: false`); the stages' tasks end with
@@ -556,6 +562,13 @@ async fn measure(
         }
         if warm_up.elapsed() > WARM_UP_LIMIT {
             bail!("no call within {}s of starting (are the stages running?)", WARM_UP_LIMIT.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let settled = Instant::now();
+    while settled.elapsed() < SETTLE {
+        if let Some(e) = failed() {
+            bail!(e);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
