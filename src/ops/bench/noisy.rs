@@ -82,8 +82,9 @@ const WARM_UP_LIMIT: Duration = Duration::from_secs(90);
 const SETTLE: Duration = Duration::from_secs(3);
 /// How long stopping the stages may take: on a build that waits inline for a tenant's run
 /// permits, the evaluator's in-flight events of the noisy tenant would hold the stop for minutes.
-/// Past it the phase moves on and says so (`stopped_cleanly: false`); the stages' tasks end with
-/// the process (the contended phase is the last, so they take no other phase's CPU).
+/// Past it the phase moves on and says so (`stopped_cleanly: false`); a `weir run` child is then
+/// killed, stages in this process (`--in-process`) end with it (the contended phase is the last,
+/// so they take no other phase's CPU).
 pub const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// The noisy tenant's name (the quiet ones are chosen around its partition: [`quiet_tenants`]).
 pub const NOISY_TENANT: &str = "noisy";
@@ -494,7 +495,10 @@ async fn drive(
         Some(r) => r.prepare(config).await?,
         None => None,
     };
-    let pipeline = Pipeline::start(Arc::new(config.clone()), &Pipeline::ALL).await?;
+    // In a `weir run` child unless `--in-process`, like the other scenarios' stages: in this
+    // process they would share its runtime threads with the receiver, which stands for a remote
+    // service, and the observer, so a busy stage would delay the very timestamps that measure it.
+    let under_test = scenario::start_stages(config, options, &Pipeline::ALL, workdir).await?;
 
     let progress = Arc::new(Progress::default());
     let shared = Arc::new(Shared::new(tenants, progress.clone()));
@@ -511,14 +515,14 @@ async fn drive(
         )
     });
 
-    let measured = measure(options, &shared, &meter, name).await;
+    let measured = measure(options, &shared, &meter, name, under_test.pid()).await;
     let replay = match replaying {
         Some(task) => Some(task.await.context("the replay task")?),
         None => None,
     };
     progress.stop.cancel();
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
-    let stopped_cleanly = match tokio::time::timeout(STOP_LIMIT, pipeline.stop()).await {
+    let stopped_cleanly = match tokio::time::timeout(STOP_LIMIT, under_test.stop()).await {
         Ok(stopped) => {
             stopped?;
             true
@@ -552,6 +556,7 @@ async fn measure(
     shared: &Shared,
     meter: &Meter,
     name: &str,
+    child: Option<u32>,
 ) -> anyhow::Result<(Phase, ScenarioReport)> {
     let progress = &shared.progress;
     let failed = || progress.error.lock().expect("error lock").clone();
@@ -572,8 +577,9 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    measure::reset_peak_rss();
-    let cpu = CpuSample::now();
+    let rss_of = child.map_or_else(|| "self".to_string(), |pid| pid.to_string());
+    measure::reset_peak_rss_of(&rss_of);
+    let cpu = CpuSample::of(child);
     let start_us = load::now_us();
     meter.open(start_us, true);
     shared.window_start_us.store(start_us, Ordering::Release);
@@ -596,9 +602,9 @@ async fn measure(
     let end_us = load::now_us();
     shared.window_end_us.store(end_us, Ordering::Release);
     progress.stop.cancel();
-    let cpu = CpuSample::now().since(&cpu);
+    let cpu = CpuSample::of(child).since(&cpu);
     let m = meter.close(window.as_secs_f64().ceil() as usize);
-    let mut report = ScenarioReport::new(Scenario::Noisy, cpu, measure::peak_rss_mb());
+    let mut report = ScenarioReport::new(Scenario::Noisy, cpu, measure::peak_rss_mb_of(&rss_of));
     report.fill(&m, window);
     let window = window.as_secs_f64();
 
