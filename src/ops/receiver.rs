@@ -174,14 +174,23 @@ impl Drop for Receiver {
 
 /// Runs [`answer_call`] in a task of its own, so it completes when the client disconnects.
 async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, headers: HeaderMap, raw: Bytes) -> Response {
-    match tokio::spawn(answer_call(inner, method, uri, headers, raw)).await {
+    // The arrival, before the spawned task waits for a runtime thread: on a busy runtime that
+    // wait (milliseconds) would be counted as the caller's latency.
+    let at = Instant::now();
+    match tokio::spawn(answer_call(inner, at, method, uri, headers, raw)).await {
         Ok(response) => response,
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("the receiver's handler failed: {e}")).into_response(),
     }
 }
 
-async fn answer_call(inner: Arc<Inner>, method: Method, uri: Uri, headers: HeaderMap, raw: Bytes) -> Response {
-    let at = Instant::now();
+async fn answer_call(
+    inner: Arc<Inner>,
+    at: Instant,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Response {
     let body = serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into()));
     inner.arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mode = inner.mode.lock().expect("mode lock").clone();
