@@ -768,6 +768,25 @@ mod tests {
     }
 
     #[test]
+    fn a_call_splits_at_its_task_made_and_untimed_tasks_are_left_out() {
+        let call =
+            |produced_us, created_us, arrived_us| Traced { tenant: 0, seq: 0, produced_us, created_us, arrived_us };
+        // 99 calls: 2 ms to the evaluator, 3 ms on to the receiver; one slow in each leg.
+        let mut traced: Vec<Traced> =
+            (0..98).map(|i| call(i * 1_000, Some(i * 1_000 + 2_000), i * 1_000 + 5_000)).collect();
+        traced.push(call(0, Some(80_000), 81_000));
+        traced.push(call(0, Some(1_000), 90_000));
+        traced.push(call(0, None, 1_000_000));
+        let s = split(&traced);
+        assert_eq!(s.events, 100, "the call without a created_at is not in the legs");
+        assert!((s.to_task.p50_ms - 2.0).abs() < 0.01 && (s.task_to_call.p50_ms - 3.0).abs() < 0.01, "{s:?}");
+        assert!((s.to_task.max_ms - 80.0).abs() < 0.1 && (s.task_to_call.max_ms - 89.0).abs() < 0.1, "{s:?}");
+        let line = call(1, Some(2), 3).csv_line(&["quiet-1".to_string()]);
+        assert_eq!(line, "quiet-1,0,1,2,3\n");
+        assert_eq!(call(1, None, 3).csv_line(&["quiet-1".to_string()]), "quiet-1,0,1,,3\n");
+    }
+
+    #[test]
     fn quiet_tenants_fill_both_groups_and_are_distinct() {
         for (count, partitions) in [(2, 8), (20, 8), (3, 1), (20, 3)] {
             let names = quiet_tenants(count, partitions);
