@@ -123,6 +123,10 @@ enum Command {
         /// did; for an A/B against one).
         #[arg(long)]
         in_process: bool,
+        /// The weir binary the `weir run` children run [default: this one]: the stages of another
+        /// build under this bench's load and measurement, for an A/B of the stages alone.
+        #[arg(long, value_name = "PATH")]
+        stages_binary: Option<std::path::PathBuf>,
     },
     /// Where each stage stands: its consumer groups' members, partitions, lag and oldest
     /// unprocessed record, each service's breaker and throttle wait, the dead letters
@@ -437,7 +441,18 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { scenario, duration, rate, tenants, out, events, body_bytes, stages, in_process } => {
+        Command::Bench {
+            scenario,
+            duration,
+            rate,
+            tenants,
+            out,
+            events,
+            body_bytes,
+            stages,
+            in_process,
+            stages_binary,
+        } => {
             use weir::ops::bench::{noisy, replay, RateArg, Scenario};
             let scenarios = scenario.scenarios();
             // The noisy and replay scenarios' defaults are the issues' measurements (20 quiet
@@ -451,7 +466,8 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 _ => RateArg::FlatOut,
             };
             let events = events.unwrap_or(if is_replay { replay::DEFAULT_EVENTS } else { 10_000_000 });
-            let backlog = weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: None };
+            let backlog =
+                weir::ops::bench::backlog::BacklogOptions { events, body_bytes, stages, binary: stages_binary };
             let options = weir::ops::bench::Options {
                 scenarios,
                 duration,

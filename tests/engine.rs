@@ -351,20 +351,19 @@ async fn a_worker_killed_mid_run_is_replaced_and_every_step_runs_once() {
     }
 }
 
-/// `evaluator.workers: 4`: batches of a backlog are evaluated on four threads, each taking whole
-/// partitions; every tenant's tasks still come out in its events' order, each exactly once.
+/// A backlog of many tenants: the evaluator takes the batches waiting together and evaluates the
+/// light (partition, tenant) groups first (`light_first`); every tenant's tasks still come out in
+/// its events' order, each exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_evaluator_on_four_threads_keeps_each_tenants_order() {
+async fn a_backlog_of_many_tenants_keeps_each_tenants_order() {
     const TENANTS: usize = 24;
     const EVENTS: usize = 6_000;
     let all = "{id: all, version: 1, trigger: {type: member.created}, steps: [{id: s, service: webhook, input: {n: '{{ data.n }}'}}]}";
     let receiver = Receiver::start().await.unwrap();
-    let (mut config, _dir) = test_config(&receiver, &[all]).await;
-    config.evaluator.workers = Some(4);
-    config.validate().unwrap();
+    let (config, _dir) = test_config(&receiver, &[all]).await;
     let config = Arc::new(config);
     // Event i is tenant i % 24's (i / 24)th: its `n`. All of them wait in the topic before the
-    // evaluator starts, so it takes them in big batches (the parallel path).
+    // evaluator starts, so it takes them in big batches of many groups, reordered.
     let events = (0..EVENTS).map(|i| {
         let mut e = event(&format!("e{i}"), "member.created", json!({"n": i / TENANTS}));
         e.tenant = format!("t{:02}", i % TENANTS);

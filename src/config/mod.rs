@@ -243,22 +243,11 @@ pub struct EvaluatorConfig {
     pub max_inflight: usize,
     /// Largest event payload accepted; bigger ones go to the dead-letter topic.
     pub max_event_bytes: usize,
-    /// Threads a batch of events is evaluated on, each taking whole partitions so that each
-    /// partition's events keep their order (`src/stages/evaluate.rs`, "Cores"). Default: the
-    /// cores the process may use; 1 evaluates on the stage's own task.
-    pub workers: Option<usize>,
 }
 
 impl Default for EvaluatorConfig {
     fn default() -> Self {
-        EvaluatorConfig { max_inflight: 2_000, max_event_bytes: 1 << 20, workers: None }
-    }
-}
-
-impl EvaluatorConfig {
-    /// `workers`, or the cores this process may use.
-    pub fn workers(&self) -> usize {
-        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        EvaluatorConfig { max_inflight: 2_000, max_event_bytes: 1 << 20 }
     }
 }
 
@@ -467,9 +456,6 @@ impl Config {
         if self.evaluator.max_inflight == 0 || self.executor.concurrency == 0 || self.executor.max_buffered == 0 {
             bail!("evaluator.max_inflight, executor.concurrency and executor.max_buffered must be at least 1");
         }
-        if self.evaluator.workers.is_some_and(|w| !(1..=256).contains(&w)) {
-            bail!("evaluator.workers: must be between 1 and 256 (absent: the cores this process may use)");
-        }
         if self.executor.partition_max_buffered == 0 || self.executor.tenant_max_buffered == 0 {
             bail!("executor.partition_max_buffered and executor.tenant_max_buffered must be at least 1");
         }
@@ -561,11 +547,6 @@ mod tests {
         assert!(service("url: http://x/\nbreaker: {failure_ratio: 2}").contains("services.ai.breaker.failure_ratio"));
         assert!(service("url: http://x/\ntenant_concurrency: 0").contains("services.ai.tenant_concurrency"));
         assert!(service("url: http://x/\nmax_response_bytes: 0").contains("services.ai.max_response_bytes"));
-        let mut c =
-            Config { evaluator: EvaluatorConfig { workers: Some(0), ..Default::default() }, ..Default::default() };
-        assert!(format!("{:#}", c.validate().unwrap_err()).contains("evaluator.workers"));
-        c.evaluator.workers = None;
-        assert!(c.evaluator.workers() >= 1, "the cores this process may use");
         assert!(service("url: http://x/\nhttp: {pools: 0}").contains("services.ai.http.pools"));
         assert!(service("url: http://x/\nhttp: {max_idle_per_host: 0}").contains("services.ai.http.max_idle_per_host"));
         assert_eq!(service("url: http://x/\nhttp: {version: http2, pools: 2, idle_timeout: 5s}"), "");

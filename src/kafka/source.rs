@@ -342,18 +342,36 @@ impl Source {
     /// offset, so handing the old copies over would do them twice).
     pub async fn recv(&mut self) -> Option<Vec<Delivery>> {
         loop {
-            let mut batch = self.rx.recv().await?;
-            self.shared.received.fetch_add(1, Ordering::Relaxed);
-            self.shared.progressed();
-            self.shared.wake_poll_thread();
-            {
-                let tracker = self.shared.tracker.lock().expect("tracker lock");
-                batch.retain(|d| tracker.is_current(d.ticket.partition, d.ticket.generation));
-            }
-            if !batch.is_empty() {
+            let batch = self.rx.recv().await?;
+            if let Some(batch) = self.accept(batch) {
                 return Some(batch);
             }
         }
+    }
+
+    /// The next batch if one is already handed over, without waiting: `None` when none is (or
+    /// the source is closed, which [`recv`](Self::recv) tells). A stage that orders its work
+    /// across batches (the evaluator) takes what is waiting together.
+    pub fn try_recv(&mut self) -> Option<Vec<Delivery>> {
+        loop {
+            let batch = self.rx.try_recv().ok()?;
+            if let Some(batch) = self.accept(batch) {
+                return Some(batch);
+            }
+        }
+    }
+
+    /// Books a batch taken from the poll thread, and keeps what is still current (see
+    /// [`recv`](Self::recv)); `None` if nothing is.
+    fn accept(&self, mut batch: Vec<Delivery>) -> Option<Vec<Delivery>> {
+        self.shared.received.fetch_add(1, Ordering::Relaxed);
+        self.shared.progressed();
+        self.shared.wake_poll_thread();
+        {
+            let tracker = self.shared.tracker.lock().expect("tracker lock");
+            batch.retain(|d| tracker.is_current(d.ticket.partition, d.ticket.generation));
+        }
+        (!batch.is_empty()).then_some(batch)
     }
 
     /// The work for `ticket` is durable: its offset may be committed once all before it are.

@@ -16,17 +16,6 @@
 //! stage stores like any other outcome. Which steps start is [`plan::start`]'s decision: the
 //! same planner the record stage uses for a run's later steps.
 //!
-//! # Cores
-//!
-//! Evaluating is pure CPU work, and one task evaluating batch after batch used ~1.2 of the
-//! machine's cores flat out (the rest was librdkafka's threads). A batch of at least
-//! [`PARALLEL_BATCH`] events is split by partition over `evaluator.workers` threads (default:
-//! the cores the process may use): the stage's own task evaluates one share, the blocking pool
-//! the others, and the loop goes on once all are done. A partition's events are always
-//! evaluated by one thread, in order, and their outputs are started partition by partition in
-//! that order, so what they produce keeps each partition's order, as do the `runs_per_minute`
-//! clocks of its tenants (a tenant's events share a partition: they are keyed by tenant).
-//!
 //! # A workflow's `limits.runs_per_minute`: deferred, never waited for
 //!
 //! Each run with a task to start reserves a start time on its workflow's clock for its tenant
@@ -81,7 +70,7 @@ use crate::{
     kafka::dead_letter::DeadLetters,
     kafka::deferral,
     kafka::limits::{self, Limits},
-    kafka::source::{Delivery, Source, Ticket},
+    kafka::source::{Source, Ticket},
     shutdown::CancellationToken,
     telemetry::{Event, Stage},
 };
@@ -108,6 +97,10 @@ struct Deferred {
     /// The task's priority: the delay tier sends it back to that priority's action topic.
     priority: Priority,
 }
+
+/// Events evaluated between two yields to the runtime (see the main loop): about a millisecond of
+/// work for events that start runs, a few microseconds' cost for the yield.
+const YIELD_EVERY: usize = 64;
 
 /// How long after a deferred run is due, and its tier's delay has passed, it is taken to be back
 /// on the action topic: the tier consumer's poll, its produce and the broker's acknowledgement
@@ -182,7 +175,6 @@ pub async fn run(
         limits: config.limits.clone(),
     });
     let max_inflight = config.evaluator.max_inflight;
-    let workers = config.evaluator.workers();
     let mut inflight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
     let result = loop {
         tokio::select! {
@@ -192,14 +184,43 @@ pub async fn run(
                 source.done(&ticket);
             }
             batch = source.recv(), if inflight.len() < max_inflight => match batch {
-                Some(batch) => {
+                Some(mut batch) => {
+                    // Batches already handed over are taken with it (while in-flight room lasts),
+                    // so that the order below covers them: a quiet tenant's event in the next
+                    // batch need not wait for the flood in this one.
+                    while batch.len() + inflight.len() < max_inflight {
+                        match source.try_recv() {
+                            Some(more) => batch.extend(more),
+                            None => break,
+                        }
+                    }
                     // Most events start nothing: they are done as soon as they are evaluated, and
                     // are marked done together, one tracker lock per batch.
                     let mut finished = Vec::new();
-                    for (ticket, work) in evaluate_batch(&evaluator, batch, workers).await {
-                        match work {
-                            Some(work) => inflight.push(work.map(move |r| (ticket, r)).boxed()),
-                            None => finished.push(ticket),
+                    let order = light_first(batch.iter().map(|d| (d.message.partition(), d.message.key())));
+                    let mut batch: Vec<Option<_>> = batch.into_iter().map(Some).collect();
+                    for (n, i) in order.into_iter().enumerate() {
+                        // A batch is CPU work without an await: the stages share the process's
+                        // few runtime threads, and a whole flood's batch (1,000 events, tens of
+                        // ms) would hold one from every other stage's tasks, the executor's calls
+                        // among them. So the evaluator lets them run every YIELD_EVERY events.
+                        if n > 0 && n % YIELD_EVERY == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        let Some(d) = batch[i].take() else { continue };
+                        match evaluator.clone().evaluate(d.message) {
+                            Some(work) => {
+                                // Polled once at once: that hands the event's records to the
+                                // producer now, so they leave with its next request instead of
+                                // after the whole batch has been evaluated. The set polls it again
+                                // (a pushed future is ready to run) with its own waker.
+                                let mut work = work.map(move |r| (d.ticket, r)).boxed();
+                                match (&mut work).now_or_never() {
+                                    Some(outcome) => inflight.push(futures::future::ready(outcome).boxed()),
+                                    None => inflight.push(work),
+                                }
+                            }
+                            None => finished.push(d.ticket),
                         }
                     }
                     source.done_all(&finished);
@@ -216,47 +237,6 @@ pub async fn run(
     }
     source.close();
     result.map_err(|e| kafka::produce_lost("evaluator: producing failed", e))
-}
-
-/// Batches smaller than this are evaluated on the stage's task: handing them to other threads
-/// costs more than it saves.
-const PARALLEL_BATCH: usize = 64;
-
-/// The work each event of `batch` needs ([`Evaluator::evaluate`]), evaluated on up to `workers`
-/// threads; see the module docs, "Cores". Each thread takes whole partitions and the results
-/// come back partition by partition, each partition's events in their order, so the records
-/// they produce are sent in event order per partition, as when evaluated one by one.
-async fn evaluate_batch(
-    evaluator: &Arc<Evaluator>,
-    batch: Vec<Delivery>,
-    workers: usize,
-) -> Vec<(Ticket, Option<BoxFuture<'static, Produced>>)> {
-    let evaluate_all = |evaluator: Arc<Evaluator>, batch: Vec<Delivery>| {
-        batch.into_iter().map(|d| (d.ticket, evaluator.clone().evaluate(d.message))).collect::<Vec<_>>()
-    };
-    if workers <= 1 || batch.len() < PARALLEL_BATCH {
-        return evaluate_all(evaluator.clone(), batch);
-    }
-    let mut groups: Vec<Vec<Delivery>> = (0..workers).map(|_| Vec::new()).collect();
-    for d in batch {
-        groups[d.ticket.partition.unsigned_abs() as usize % workers].push(d);
-    }
-    let mut groups = groups.into_iter().filter(|g| !g.is_empty());
-    // The first group on this thread, the others on the blocking pool: evaluation is pure CPU
-    // work with no await, which must not hold the runtime's other worker threads.
-    let first = groups.next();
-    let others: Vec<_> = groups
-        .map(|group| {
-            let evaluator = evaluator.clone();
-            tokio::task::spawn_blocking(move || evaluate_all(evaluator, group))
-        })
-        .collect();
-    let mut out = first.map(|g| evaluate_all(evaluator.clone(), g)).unwrap_or_default();
-    for other in others {
-        // A panic in an evaluation is a bug; it is the stage's to report, as it would be inline.
-        out.extend(other.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())));
-    }
-    out
 }
 
 impl Evaluator {
@@ -439,6 +419,33 @@ fn task_failed(task: ActionTask, reason: String) -> ActionResult {
     }
 }
 
+/// The order a batch's events are evaluated in (indices into it): the events of the (partition,
+/// key) groups with the fewest events in the batch first, each group's in offset order.
+///
+/// A batch is evaluated in one go, and an event's tasks go out only once it is evaluated, so an
+/// event waits for every event evaluated before it. A tenant that floods fills most of a batch
+/// (the events topic is keyed by tenant, and librdkafka hands over a partition's fetched records
+/// together): in offset order, a quiet tenant's event behind its share waits for the evaluation of
+/// all of it, whatever its partition. Light groups first, a quiet event waits only for the other
+/// light groups, and the flooding tenant only for them. A key's events keep their order (on the
+/// events topic the key is the tenant, whose order the run limits rely on); events of different
+/// keys were never ordered with each other (they are on different partitions as often as not).
+pub(crate) fn light_first<'a>(keys: impl Iterator<Item = (i32, Option<&'a [u8]>)>) -> Vec<usize> {
+    let keys: Vec<_> = keys.collect();
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    // One group (a single tenant, the flat-out case): offset order, without counting.
+    if keys.windows(2).all(|w| w[0] == w[1]) {
+        return order;
+    }
+    let mut sizes: HashMap<(i32, Option<&[u8]>), usize> = HashMap::new();
+    for k in &keys {
+        *sizes.entry(*k).or_default() += 1;
+    }
+    // Stable: within a group (and among groups of one size), offset order holds.
+    order.sort_by_key(|&i| sizes[&keys[i]]);
+    order
+}
+
 /// The parts of an event's body that `candidates` read to decide and start their runs
 /// ([`CompiledWorkflow::start_paths`]): an event parsed with only these plans exactly as the
 /// whole event would.
@@ -479,6 +486,43 @@ mod tests {
             .into_iter()
             .map(|(wf, p)| (wf.def.id.clone(), format!("{p:?}")))
             .collect()
+    }
+
+    #[test]
+    fn light_groups_are_evaluated_first_and_each_key_keeps_its_order() {
+        let noisy: &[u8] = b"noisy";
+        let (q1, q2): (&[u8], &[u8]) = (b"quiet-1", b"quiet-2");
+        // Partition 0: the noisy tenant with a quiet one among its records; partition 1: another
+        // quiet tenant behind them in the batch.
+        let batch = [
+            (0, Some(noisy)),
+            (0, Some(noisy)),
+            (0, Some(q1)),
+            (0, Some(noisy)),
+            (1, Some(q2)),
+            (0, Some(noisy)),
+            (1, Some(q2)),
+            (0, None),
+        ];
+        let order = light_first(batch.iter().copied());
+        assert_eq!(order, vec![2, 7, 4, 6, 0, 1, 3, 5]);
+        // Every index once, and each group's in batch order.
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..batch.len()).collect::<Vec<_>>());
+        for group in [(0, Some(noisy)), (1, Some(q2))] {
+            let positions: Vec<usize> = order.iter().copied().filter(|&i| batch[i] == group).collect();
+            assert!(positions.windows(2).all(|w| w[0] < w[1]), "{group:?}: {positions:?}");
+        }
+        // The same key on two partitions is two groups.
+        assert_eq!(light_first([(0, Some(q1)), (0, Some(q1)), (1, Some(q1))].into_iter()), vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn a_batch_of_one_group_is_evaluated_in_offset_order() {
+        let one: &[u8] = b"t";
+        assert_eq!(light_first([(3, Some(one)); 5].into_iter()), vec![0, 1, 2, 3, 4]);
+        assert!(light_first(std::iter::empty()).is_empty());
     }
 
     #[test]

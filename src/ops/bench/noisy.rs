@@ -44,7 +44,7 @@ use rdkafka::{
 };
 use serde_json::json;
 
-pub use super::noisy_report::{Group, NoisyReport, OneTenant, Phase, QuietTenant, TenantPhase};
+pub use super::noisy_report::{Group, Leg, NoisyReport, OneTenant, Phase, QuietTenant, Split, TenantPhase};
 use super::{
     load::{self, Mix, Progress},
     measure::{self, CpuSample, Meter},
@@ -74,10 +74,17 @@ pub const DEFAULT_RATE: u64 = 4_000;
 pub const DEFAULT_QUIET_TENANTS: usize = 20;
 /// How long the consumer groups may take to show the first call.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(90);
+/// After the first call, how long the quiet load runs before the window opens. The first call
+/// comes as soon as one executor reader has its partitions; the others, the connection pool and
+/// the result sink are still starting then. Opening the window at that call measured the start:
+/// the window's first 150–200 ms of quiet events took 100–220 ms (p50 12 ms) in *both* phases,
+/// up to two of each tenant's six slowest, i.e. its p99 (2026-12-07, `noisy-<phase>-calls.csv`).
+const SETTLE: Duration = Duration::from_secs(3);
 /// How long stopping the stages may take: on a build that waits inline for a tenant's run
 /// permits, the evaluator's in-flight events of the noisy tenant would hold the stop for minutes.
-/// Past it the phase moves on and says so (`stopped_cleanly: false`); the stages' tasks end with
-/// the process (the contended phase is the last, so they take no other phase's CPU).
+/// Past it the phase moves on and says so (`stopped_cleanly: false`); a `weir run` child is then
+/// killed, stages in this process (`--in-process`) end with it (the contended phase is the last,
+/// so they take no other phase's CPU).
 pub const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// The noisy tenant's name (the quiet ones are chosen around its partition: [`quiet_tenants`]).
 pub const NOISY_TENANT: &str = "noisy";
@@ -138,6 +145,48 @@ pub fn quiet_tenants(count: usize, partitions: i32) -> Vec<String> {
         .collect()
 }
 
+/// Where one quiet event's time went: produced by the generator, its task made by the evaluator
+/// (the task's `created_at`, taken when the evaluator starts planning the event's runs), its
+/// call arrived at the receiver. Written to `noisy-<phase>-calls.csv` beside `bench.json`, and
+/// summed up in [`Phase::quiet_split`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Traced {
+    tenant: u32,
+    seq: u64,
+    produced_us: u64,
+    created_us: Option<u64>,
+    arrived_us: u64,
+}
+
+impl Traced {
+    const CSV_HEADER: &'static str = "tenant,seq,produced_us,created_us,arrived_us\n";
+
+    fn csv_line(&self, tenants: &[String]) -> String {
+        let created = self.created_us.map_or(String::new(), |c| c.to_string());
+        let tenant = &tenants[self.tenant as usize];
+        format!("{tenant},{},{},{created},{}\n", self.seq, self.produced_us, self.arrived_us)
+    }
+}
+
+/// The quiet events' latency in two legs: event produced → task made (the generator's producer,
+/// the broker, the evaluator's consumer and its batch), task made → call arrived (the rest of
+/// the evaluator's batch, its producer, the broker, the executor). Clocks are the same machine's.
+fn split(traced: &[Traced]) -> Split {
+    let (mut to_task, mut to_call) = (measure::histogram(3), measure::histogram(3));
+    for t in traced {
+        if let Some(created) = t.created_us {
+            to_task.saturating_record(created.saturating_sub(t.produced_us).max(1));
+            to_call.saturating_record(t.arrived_us.saturating_sub(created).max(1));
+        }
+    }
+    let leg = |h: &Histogram<u64>| Leg {
+        p50_ms: h.value_at_quantile(0.5) as f64 / 1e3,
+        p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
+        max_ms: h.max() as f64 / 1e3,
+    };
+    Split { events: to_task.len(), to_task: leg(&to_task), task_to_call: leg(&to_call) }
+}
+
 /// Per tenant: latencies (µs) of its first calls, and how many came in the window.
 struct TenantStats {
     latency: Histogram<u64>,
@@ -174,6 +223,8 @@ pub(super) struct Shared {
     /// Per tenant: events produced in the window.
     produced: Vec<AtomicU64>,
     stats: Mutex<(Vec<u64>, Vec<TenantStats>)>,
+    /// Every quiet event of the window called, with where its time went (see [`Traced`]).
+    traced: Mutex<Vec<Traced>>,
     progress: Arc<Progress>,
     /// While set, the window stays open past `--duration` (a replay that has not finished).
     pub(super) hold: std::sync::atomic::AtomicBool,
@@ -192,6 +243,7 @@ impl Shared {
             closed: Default::default(),
             produced: (0..n).map(|_| AtomicU64::new(0)).collect(),
             stats: Mutex::new((Vec::new(), (0..n).map(|_| TenantStats::new()).collect())),
+            traced: Mutex::new(Vec::new()),
             progress,
             hold: Default::default(),
         }
@@ -199,7 +251,8 @@ impl Shared {
 
     /// A call for `tenant` of event `seq` produced at `produced_us` arrived at `at_us`: counted
     /// once per event (a retried call is not a second event), if produced in the window.
-    fn record(&self, tenant: usize, seq: u64, produced_us: u64, at_us: u64) {
+    /// `created_us`: when the evaluator made the call's task (its `created_at`), if it parses.
+    fn record(&self, tenant: usize, seq: u64, produced_us: u64, created_us: Option<u64>, at_us: u64) {
         if seq < self.window_first_seq.load(Ordering::Acquire) {
             return;
         }
@@ -223,6 +276,10 @@ impl Shared {
         s.called += 1;
         if end == 0 || at_us <= end {
             s.called_in_window += 1;
+        }
+        if tenant < self.quiet() {
+            let traced = Traced { tenant: tenant as u32, seq, produced_us, created_us, arrived_us: at_us };
+            self.traced.lock().expect("traced lock").push(traced);
         }
     }
 
@@ -260,6 +317,8 @@ pub async fn run(base: &Config, options: &Options, scenario: Scenario) -> anyhow
     let uncontended =
         phase(base, options, quiet_rate, NoisyLoad::Off, None, "uncontended").await.context("uncontended phase")?;
     let contended = phase(base, options, quiet_rate, noisy, None, "contended").await.context("contended phase")?;
+    uncontended.write_calls(&options.out, "uncontended")?;
+    contended.write_calls(&options.out, "contended")?;
 
     let quiet = contended.tenants.len() - 1;
     let noisy_partition = kafka::partitioner::partition_for_key(NOISY_TENANT.as_bytes(), contended.partitions);
@@ -346,6 +405,7 @@ pub(super) struct PhaseOutcome {
     partitions: i32,
     produced: Vec<u64>,
     stats: Vec<TenantStats>,
+    traced: Vec<Traced>,
     pub summary: Phase,
     /// The whole traffic's row (throughput, latency, series, CPU), for the table and the plot.
     pub report: ScenarioReport,
@@ -354,6 +414,17 @@ pub(super) struct PhaseOutcome {
 }
 
 impl PhaseOutcome {
+    /// Writes every quiet call of the phase, with its legs' times, to `dir/noisy-<name>-calls.csv`.
+    fn write_calls(&self, dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+        let mut text = String::from(Traced::CSV_HEADER);
+        for t in &self.traced {
+            text += &t.csv_line(&self.tenants);
+        }
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("noisy-{name}-calls.csv"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
     pub(super) fn tenant(&self, i: usize) -> TenantPhase {
         self.stats[i].phase(self.produced[i])
     }
@@ -424,7 +495,10 @@ async fn drive(
         Some(r) => r.prepare(config).await?,
         None => None,
     };
-    let pipeline = Pipeline::start(Arc::new(config.clone()), &Pipeline::ALL).await?;
+    // In a `weir run` child unless `--in-process`, like the other scenarios' stages: in this
+    // process they would share its runtime threads with the receiver, which stands for a remote
+    // service, and the observer, so a busy stage would delay the very timestamps that measure it.
+    let under_test = scenario::start_stages(config, options, &Pipeline::ALL, workdir).await?;
 
     let progress = Arc::new(Progress::default());
     let shared = Arc::new(Shared::new(tenants, progress.clone()));
@@ -441,14 +515,14 @@ async fn drive(
         )
     });
 
-    let measured = measure(options, &shared, &meter, name).await;
+    let measured = measure(options, &shared, &meter, name, under_test.pid()).await;
     let replay = match replaying {
         Some(task) => Some(task.await.context("the replay task")?),
         None => None,
     };
     progress.stop.cancel();
     let _ = tokio::task::spawn_blocking(move || generator.join()).await;
-    let stopped_cleanly = match tokio::time::timeout(STOP_LIMIT, pipeline.stop()).await {
+    let stopped_cleanly = match tokio::time::timeout(STOP_LIMIT, under_test.stop()).await {
         Ok(stopped) => {
             stopped?;
             true
@@ -472,7 +546,8 @@ async fn drive(
     let shared = Arc::into_inner(shared).context("the observer still holds the phase's counters")?;
     let produced = shared.produced.iter().map(|p| p.load(Ordering::Relaxed)).collect();
     let (_, stats) = shared.stats.into_inner().expect("stats lock");
-    Ok(PhaseOutcome { tenants: shared.tenants, partitions, produced, stats, summary, report, replay })
+    let traced = shared.traced.into_inner().expect("traced lock");
+    Ok(PhaseOutcome { tenants: shared.tenants, partitions, produced, stats, traced, summary, report, replay })
 }
 
 /// Warm-up, window and drain of a phase; returns its totals and the whole traffic's row.
@@ -481,6 +556,7 @@ async fn measure(
     shared: &Shared,
     meter: &Meter,
     name: &str,
+    child: Option<u32>,
 ) -> anyhow::Result<(Phase, ScenarioReport)> {
     let progress = &shared.progress;
     let failed = || progress.error.lock().expect("error lock").clone();
@@ -494,8 +570,16 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    measure::reset_peak_rss();
-    let cpu = CpuSample::now();
+    let settled = Instant::now();
+    while settled.elapsed() < SETTLE {
+        if let Some(e) = failed() {
+            bail!(e);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_of = child.map_or_else(|| "self".to_string(), |pid| pid.to_string());
+    measure::reset_peak_rss_of(&rss_of);
+    let cpu = CpuSample::of(child);
     let start_us = load::now_us();
     meter.open(start_us, true);
     shared.window_start_us.store(start_us, Ordering::Release);
@@ -518,9 +602,9 @@ async fn measure(
     let end_us = load::now_us();
     shared.window_end_us.store(end_us, Ordering::Release);
     progress.stop.cancel();
-    let cpu = CpuSample::now().since(&cpu);
+    let cpu = CpuSample::of(child).since(&cpu);
     let m = meter.close(window.as_secs_f64().ceil() as usize);
-    let mut report = ScenarioReport::new(Scenario::Noisy, cpu, measure::peak_rss_mb());
+    let mut report = ScenarioReport::new(Scenario::Noisy, cpu, measure::peak_rss_mb_of(&rss_of));
     report.fill(&m, window);
     let window = window.as_secs_f64();
 
@@ -564,6 +648,7 @@ async fn measure(
         drain_s,
         drained: all_quiet.len() == quiet_produced,
         stopped_cleanly: false,
+        quiet_split: split(&shared.traced.lock().expect("traced lock")),
     };
     Ok((summary, report))
 }
@@ -586,8 +671,12 @@ fn observe(receiver: Arc<Receiver>, shared: Arc<Shared>, meter: Arc<Meter>) -> t
                 } else {
                     anchor_us - (anchor - call.at).as_micros() as u64
                 };
+                let created_us = call.body["created_at"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .and_then(|t| u64::try_from(t.timestamp_micros()).ok());
                 meter.record(seq, produced_us, at_us);
-                shared.record(tenant, seq, produced_us, at_us);
+                shared.record(tenant, seq, produced_us, created_us, at_us);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -676,6 +765,25 @@ mod tests {
         assert_eq!(burst.due(10.5), 1_500);
         assert_eq!(burst.due(20.0), NoisyLoad::Steady(100.0).due(20.0), "the same mean as the steady load");
         assert_eq!(NoisyLoad::Off.due(100.0), 0);
+    }
+
+    #[test]
+    fn a_call_splits_at_its_task_made_and_untimed_tasks_are_left_out() {
+        let call =
+            |produced_us, created_us, arrived_us| Traced { tenant: 0, seq: 0, produced_us, created_us, arrived_us };
+        // 99 calls: 2 ms to the evaluator, 3 ms on to the receiver; one slow in each leg.
+        let mut traced: Vec<Traced> =
+            (0..98).map(|i| call(i * 1_000, Some(i * 1_000 + 2_000), i * 1_000 + 5_000)).collect();
+        traced.push(call(0, Some(80_000), 81_000));
+        traced.push(call(0, Some(1_000), 90_000));
+        traced.push(call(0, None, 1_000_000));
+        let s = split(&traced);
+        assert_eq!(s.events, 100, "the call without a created_at is not in the legs");
+        assert!((s.to_task.p50_ms - 2.0).abs() < 0.01 && (s.task_to_call.p50_ms - 3.0).abs() < 0.01, "{s:?}");
+        assert!((s.to_task.max_ms - 80.0).abs() < 0.1 && (s.task_to_call.max_ms - 89.0).abs() < 0.1, "{s:?}");
+        let line = call(1, Some(2), 3).csv_line(&["quiet-1".to_string()]);
+        assert_eq!(line, "quiet-1,0,1,2,3\n");
+        assert_eq!(call(1, None, 3).csv_line(&["quiet-1".to_string()]), "quiet-1,0,1,,3\n");
     }
 
     #[test]

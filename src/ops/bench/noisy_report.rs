@@ -55,6 +55,27 @@ pub struct Phase {
     pub drained: bool,
     /// The stages stopped within the scenario's stop limit (30 s).
     pub stopped_cleanly: bool,
+    /// Where the called quiet events' time went.
+    pub quiet_split: Split,
+}
+
+/// The called quiet events' latency in two legs (see `noisy::split`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Split {
+    /// Called events whose task's `created_at` was read.
+    pub events: u64,
+    /// Event produced → its task made by the evaluator.
+    pub to_task: Leg,
+    /// Task made → its call arriving at the receiver.
+    pub task_to_call: Leg,
+}
+
+/// Quantiles of one leg, over the called events (ms).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Leg {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 /// One tenant in one phase: events produced in the window and called by the phase's end.
@@ -157,6 +178,11 @@ impl NoisyReport {
                 p.noisy_calls_per_s,
                 p.total_calls_per_s,
                 if p.stopped_cleanly { "" } else { "; stages did not stop in time" },
+            );
+            let (a, b) = (&p.quiet_split.to_task, &p.quiet_split.task_to_call);
+            t += &format!(
+                "  {:<11}  quiet legs, p50 / p99 / max: event → task {:.1} / {:.1} / {:.1} ms, task → call {:.1} / {:.1} / {:.1} ms\n",
+                "", a.p50_ms, a.p99_ms, a.max_ms, b.p50_ms, b.p99_ms, b.max_ms
             );
         }
         for (label, g) in [("same partition", &self.same_partition), ("other partitions", &self.other_partitions)] {

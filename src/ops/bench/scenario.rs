@@ -126,7 +126,7 @@ impl Setting {
 }
 
 /// What runs under test, to stop once measured.
-enum UnderTest {
+pub(super) enum UnderTest {
     Passthrough(std::thread::JoinHandle<anyhow::Result<()>>),
     /// The stages in this process (`--in-process`).
     Stages(Pipeline),
@@ -137,7 +137,7 @@ enum UnderTest {
 
 impl UnderTest {
     /// The process whose CPU and memory are the scenario's: the child, or this one.
-    fn pid(&self) -> Option<u32> {
+    pub(super) fn pid(&self) -> Option<u32> {
         match self {
             UnderTest::Child(c) => Some(c.pid()),
             _ => None,
@@ -151,10 +151,21 @@ impl UnderTest {
             _ => "this process",
         }
     }
+
+    /// Stops it: the stages drain (in this process or the child, SIGTERM), the passthrough ends.
+    pub(super) async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            UnderTest::Passthrough(t) => tokio::task::spawn_blocking(move || t.join())
+                .await?
+                .unwrap_or_else(|_| bail!("the passthrough panicked")),
+            UnderTest::Stages(p) => p.stop().await,
+            UnderTest::Child(c) => c.stop().await,
+        }
+    }
 }
 
 /// Starts `stages` as `options` say: in a `weir run` child (the default), or in this process.
-async fn start_stages(
+pub(super) async fn start_stages(
     config: &Config,
     options: &Options,
     stages: &[StageName],
@@ -287,13 +298,7 @@ async fn drive(
         (UnderTest::Child(c), Err(_)) => Some(c.log_tail()),
         _ => None,
     };
-    let stopped = match under_test {
-        UnderTest::Passthrough(t) => {
-            tokio::task::spawn_blocking(move || t.join()).await?.unwrap_or_else(|_| bail!("the passthrough panicked"))
-        }
-        UnderTest::Stages(p) => p.stop().await,
-        UnderTest::Child(c) => c.stop().await,
-    };
+    let stopped = under_test.stop().await;
     if let Some(feeder) = feeder {
         feeder.stop().await?;
     }
