@@ -97,6 +97,7 @@ async fn run_with_kills(
         weir.kill();
         killed += 1;
         started_at = receiver.arrived();
+        eprintln!("kill {killed} after {started_at} arrivals");
         weir = WeirProcess::start(&file, &["run"]);
     }
     finish(&receiver, &config, expected as usize, Duration::from_secs(300), &[&weir]).await;

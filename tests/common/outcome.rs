@@ -23,6 +23,10 @@ pub struct Outcome {
     pub succeeded_rows: i64,
     /// Tenants whose first calls (of `ordered_step`, when given) did not follow their events' order.
     pub order_violations: usize,
+    /// Keys called more than twice (at most 5), each with its step and the positions of its calls
+    /// in the receiver's arrival order, to set beside the tests' kill points (also counted in
+    /// arrivals): what a failure of "no key called more than twice" needs to be explained.
+    pub thrice: Vec<String>,
 }
 
 impl Outcome {
@@ -33,6 +37,16 @@ impl Outcome {
         let calls = receiver.calls();
         let mut per_key: HashMap<String, usize> = HashMap::new();
         let mut per_tenant: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut positions: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, c) in calls.iter().enumerate() {
+            positions.entry(c.idempotency_key.clone().unwrap_or_default()).or_default().push(i);
+        }
+        let thrice = positions
+            .iter()
+            .filter(|(_, at)| at.len() > 2)
+            .take(5)
+            .map(|(key, at)| format!("{key} (step {}) called at arrivals {at:?}", calls[at[0]].body["step_id"]))
+            .collect();
         for c in &calls {
             let count = per_key.entry(c.idempotency_key.clone().unwrap_or_default()).or_default();
             *count += 1;
@@ -51,6 +65,7 @@ impl Outcome {
             rows: scalar(url, "select count(*) from action_results").await,
             succeeded_rows: scalar(url, "select count(*) from action_results where status = 'succeeded'").await,
             order_violations: per_tenant.values().filter(|s| s.windows(2).any(|w| w[0] > w[1])).count(),
+            thrice,
         }
     }
 
