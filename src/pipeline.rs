@@ -96,14 +96,16 @@ impl Pipeline {
                     tokio::spawn(evaluate::run(config.clone(), definitions.clone(), cancel.clone())),
                 )),
                 StageName::Execute => {
-                    // One budget for the calls in flight of all the process's services.
-                    let memory = execute::memory::CallMemory::new(config.executor.max_in_flight_bytes);
-                    let ours = config.services.iter().filter(|(s, _)| services.is_empty() || services.contains(s));
-                    crate::connectors::raise_open_files(&config, ours);
-                    for service in config.services.keys().filter(|s| services.is_empty() || services.contains(s)) {
+                    let ours: Vec<_> =
+                        config.services.iter().filter(|(s, _)| services.is_empty() || services.contains(s)).collect();
+                    crate::connectors::raise_open_files(&config, ours.iter().copied());
+                    // Each service its share of the calls' memory: a slow one holds only its own.
+                    let share = config.executor.memory_share(ours.len());
+                    for (service, _) in ours {
+                        let memory = execute::memory::CallMemory::new(service, share);
                         tasks.push((
                             format!("execute-{service}"),
-                            tokio::spawn(execute::run(config.clone(), service.clone(), memory.clone(), cancel.clone())),
+                            tokio::spawn(execute::run(config.clone(), service.clone(), memory, cancel.clone())),
                         ));
                     }
                 }

@@ -197,12 +197,14 @@ pub enum Event<'a> {
         service: &'a str,
         state: &'static str,
     },
-    /// Bytes the process's calls in flight hold now (`executor.max_in_flight_bytes`).
+    /// Bytes a service's calls in flight hold now (of its share of `executor.max_in_flight_bytes`).
     CallMemory {
+        service: &'a str,
         reserved: usize,
     },
-    /// A call waits for room in `executor.max_in_flight_bytes` before it starts.
+    /// A call waits for room in its service's share of `executor.max_in_flight_bytes`.
     CallMemoryFull {
+        service: &'a str,
         budget: usize,
     },
     /// A delay tier's head, not due within the tier's delay, went to the tail of its partition.
@@ -423,11 +425,13 @@ impl Event<'_> {
                 counter!("weir_deferred_total", "stage" => stage.as_str(), "service" => service.to_string())
                     .increment(1)
             }
-            Event::CallMemory { reserved } => gauge!("weir_executor_call_memory_bytes").set(reserved as f64),
-            Event::CallMemoryFull { budget } => {
-                tracing::debug!(budget, "calls in flight hold all of executor.max_in_flight_bytes: a call waits");
-                gauge!("weir_executor_call_memory_budget_bytes").set(budget as f64);
-                counter!("weir_executor_call_memory_waits_total").increment(1)
+            Event::CallMemory { service, reserved } => {
+                gauge!("weir_executor_call_memory_bytes", "service" => service.to_string()).set(reserved as f64)
+            }
+            Event::CallMemoryFull { service, budget } => {
+                tracing::debug!(service, budget, "calls in flight hold all of the service's call memory: a call waits");
+                gauge!("weir_executor_call_memory_budget_bytes", "service" => service.to_string()).set(budget as f64);
+                counter!("weir_executor_call_memory_waits_total", "service" => service.to_string()).increment(1)
             }
             Event::Breaker { service, state } => {
                 tracing::warn!(service, state, "circuit breaker");

@@ -258,9 +258,10 @@ pub struct ExecutorConfig {
     /// at 200 ms a call is ~5,000 calls/s). What bounds them first when tasks or answers are
     /// big is `max_in_flight_bytes`. `services.<name>.concurrency` overrides it per service.
     pub concurrency: usize,
-    /// Memory for calls in flight, shared by all services of a process: each call holds its
-    /// task record's size plus its service's `max_response_bytes` (the most of an answer it
-    /// reads) from before the call until its outcome is durable, and a call waits for room
+    /// Memory for calls in flight, split in equal shares between the services a process runs
+    /// (so a slow service cannot take the others' room): each call holds its task record's size
+    /// plus its service's `max_response_bytes` (the most of an answer it reads) from before the
+    /// call until its outcome is durable, and a call waits for room in its service's share
     /// before it starts. Default 256 MiB: ~4,000 calls of small tasks with the 64 KiB answer
     /// bound, ~250 with the `openai` connector's 1 MiB.
     pub max_in_flight_bytes: usize,
@@ -283,6 +284,14 @@ pub struct ExecutorConfig {
     /// How the priorities of workflows share a service's call slots (`docs/executor.md`,
     /// "Priorities"): default `{high: 6, normal: 3, low: 1}`.
     pub priorities: PriorityWeights,
+}
+
+impl ExecutorConfig {
+    /// The part of `max_in_flight_bytes` each of `services` executors of one process may hold:
+    /// an equal share, so that one slow service's calls cannot take the memory the others need.
+    pub fn memory_share(&self, services: usize) -> usize {
+        self.max_in_flight_bytes / services.max(1)
+    }
 }
 
 impl Default for ExecutorConfig {
@@ -459,14 +468,18 @@ impl Config {
         if self.executor.partition_max_buffered == 0 || self.executor.tenant_max_buffered == 0 {
             bail!("executor.partition_max_buffered and executor.tenant_max_buffered must be at least 1");
         }
+        // Each service's share of the calls' memory (all of them in one process, the worst case)
+        // must hold the most one of its calls can take, or that call could never start.
+        let share = self.executor.memory_share(self.services.len());
         for (name, service) in &self.services {
-            // The most one call can hold must fit, or a call of that service could never start.
             let most = self.limits.max_record_bytes + service.response_limit();
-            if most > self.executor.max_in_flight_bytes {
+            if most > share {
                 bail!(
-                    "executor.max_in_flight_bytes: {} bytes cannot hold one call of service {name}, which may \
-                     take up to {most} bytes (limits.max_record_bytes + services.{name}.max_response_bytes)",
-                    self.executor.max_in_flight_bytes
+                    "executor.max_in_flight_bytes: {} bytes, shared by {} services ({share} each), cannot hold one \
+                     call of service {name}, which may take up to {most} bytes (limits.max_record_bytes + \
+                     services.{name}.max_response_bytes)",
+                    self.executor.max_in_flight_bytes,
+                    self.services.len()
                 );
             }
         }
@@ -551,6 +564,9 @@ mod tests {
         assert!(service("url: http://x/\nhttp: {max_idle_per_host: 0}").contains("services.ai.http.max_idle_per_host"));
         assert_eq!(service("url: http://x/\nhttp: {version: http2, pools: 2, idle_timeout: 5s}"), "");
         // One call of the service must fit in the calls' memory, or none could ever start.
+        let executor = ExecutorConfig::default();
+        assert_eq!(executor.memory_share(4), executor.max_in_flight_bytes / 4, "each service its equal share");
+        assert_eq!(executor.memory_share(0), executor.max_in_flight_bytes);
         let too_big = service("url: http://x/\nmax_response_bytes: 300000000");
         assert!(too_big.contains("executor.max_in_flight_bytes") && too_big.contains("service ai"), "{too_big}");
         let err = serde_yaml_ng::from_str::<ServiceConfig>("url: http://x/\nhttp: {version: http3}").unwrap_err();

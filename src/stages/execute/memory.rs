@@ -1,5 +1,6 @@
-//! The memory calls in flight may hold: `executor.max_in_flight_bytes`, shared by every service
-//! of a process.
+//! The memory calls in flight may hold: a service's equal share of `executor.max_in_flight_bytes`
+//! ([`ExecutorConfig::memory_share`](crate::config::ExecutorConfig::memory_share)), so that one
+//! slow service's calls never take the room another service's calls need.
 //!
 //! A call holds its task (the record, and the request rendered from it) and, once the service
 //! answers, up to `max_response_bytes` of the answer, until its outcome is durable. Counting
@@ -32,9 +33,11 @@ pub(crate) const CALL_OVERHEAD: usize = 16 << 10;
 /// cap one call at 4 GiB but the whole budget at 4 GiB too; in KiB neither can be reached.
 const UNIT: usize = 1 << 10;
 
-/// The budget of one process; cheap to clone.
+/// The budget of one service's executor; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct CallMemory {
+    /// The service whose calls these are, for the metrics.
+    service: Arc<str>,
     permits: Arc<Semaphore>,
     /// Bytes reserved now, for the gauge.
     reserved: Arc<AtomicUsize>,
@@ -47,13 +50,19 @@ pub(crate) struct Reservation {
     _permit: OwnedSemaphorePermit,
     bytes: usize,
     reserved: Arc<AtomicUsize>,
+    service: Arc<str>,
 }
 
 impl CallMemory {
-    /// A budget of `bytes` (rounded up to whole KiB).
-    pub fn new(bytes: usize) -> CallMemory {
+    /// A budget of `bytes` (rounded up to whole KiB) for the calls of `service`.
+    pub fn new(service: &str, bytes: usize) -> CallMemory {
         let units = bytes.div_ceil(UNIT).max(1);
-        CallMemory { permits: Arc::new(Semaphore::new(units)), reserved: Arc::default(), budget: units * UNIT }
+        CallMemory {
+            service: service.into(),
+            permits: Arc::new(Semaphore::new(units)),
+            reserved: Arc::default(),
+            budget: units * UNIT,
+        }
     }
 
     /// What a call of a task of `task_bytes` to a service reading answers of up to
@@ -70,15 +79,15 @@ impl CallMemory {
         let permit = match self.permits.clone().try_acquire_many_owned(units) {
             Ok(permit) => permit,
             Err(_) => {
-                Event::CallMemoryFull { budget: self.budget }.emit();
+                Event::CallMemoryFull { service: &self.service, budget: self.budget }.emit();
                 // The semaphore is never closed, so acquiring only fails if it were.
                 self.permits.clone().acquire_many_owned(units).await.expect("the call memory semaphore is never closed")
             }
         };
         let bytes = units as usize * UNIT;
         let now = self.reserved.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        Event::CallMemory { reserved: now }.emit();
-        Reservation { _permit: permit, bytes, reserved: self.reserved.clone() }
+        Event::CallMemory { service: &self.service, reserved: now }.emit();
+        Reservation { _permit: permit, bytes, reserved: self.reserved.clone(), service: self.service.clone() }
     }
 
     /// Bytes reserved by calls now.
@@ -90,29 +99,28 @@ impl CallMemory {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let now = self.reserved.fetch_sub(self.bytes, Ordering::Relaxed) - self.bytes;
-        Event::CallMemory { reserved: now }.emit();
+        Event::CallMemory { service: &self.service, reserved: now }.emit();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use futures::FutureExt as _;
 
     use super::*;
 
     #[tokio::test]
     async fn calls_wait_for_room_and_get_it_back_when_done() {
-        let memory = CallMemory::new(100 * UNIT);
+        let memory = CallMemory::new("s", 100 * UNIT);
         let a = memory.reserve(60 * UNIT).await;
         let b = memory.reserve(30 * UNIT).await;
         assert_eq!(memory.reserved(), 90 * UNIT);
         // 20 KiB does not fit beside 90: the third call waits until one of the others is done.
+        assert!(memory.reserve(20 * UNIT).now_or_never().is_none(), "a call started without room for it");
         let waiting = tokio::spawn({
             let memory = memory.clone();
             async move { memory.reserve(20 * UNIT).await }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiting.is_finished(), "a call started without room for it");
         drop(b);
         let c = waiting.await.unwrap();
         assert_eq!(memory.reserved(), 80 * UNIT);
@@ -122,7 +130,7 @@ mod tests {
 
     #[tokio::test]
     async fn sizes_round_up_to_whole_kib_and_an_oversized_ask_takes_the_whole_budget() {
-        let memory = CallMemory::new(10 * UNIT);
+        let memory = CallMemory::new("s", 10 * UNIT);
         let one = memory.reserve(1).await;
         assert_eq!(memory.reserved(), UNIT);
         drop(one);

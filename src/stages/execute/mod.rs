@@ -156,7 +156,7 @@ struct Executor {
     throttle: Arc<Throttle>,
     breaker: Arc<Breaker>,
     slots: Arc<FairSlots>,
-    /// The process's memory for calls in flight, shared by all its services ([`memory`]).
+    /// The service's share of the process's memory for calls in flight ([`memory`]).
     memory: CallMemory,
     /// Runs cancelled with `weir runs cancel`: their tasks are recorded `cancelled`, not called.
     cancelled: Arc<Cancelled>,
@@ -179,7 +179,7 @@ struct Executor {
 }
 
 /// Runs the executor of `service` with its configured connector until `shutdown`. `memory` is
-/// the process's budget for calls in flight, shared with its other services' executors.
+/// the service's share of the process's budget for calls in flight.
 pub async fn run(
     config: Arc<Config>,
     service: String,
@@ -213,7 +213,7 @@ pub async fn run_with(
     connector: Arc<dyn Connector>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let memory = CallMemory::new(config.executor.max_in_flight_bytes);
+    let memory = CallMemory::new(&service, config.executor.max_in_flight_bytes);
     run_shared(config, service, connector, memory, shutdown).await
 }
 
